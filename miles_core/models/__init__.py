@@ -1,0 +1,1 @@
+"""Native model definitions shared by the rollout engine and the trainer (single device)."""

@@ -1,0 +1,170 @@
+"""Building blocks shared by every model family: RMSNorm, RoPE, GQA attention, gated MLP.
+
+The math follows `transformers` exactly (fp32 norm statistics, fp32 RoPE tables cast to the
+activation dtype) so native logits match HF's on the same weights.
+
+Shape legend: B batch, T query tokens, S key tokens, H query heads, K key/value heads,
+D head dim, E hidden size, F MLP intermediate size.
+
+Positions are explicit: every token carries its position id. Without a KV cache a row is one
+sequence starting at position 0 (right padding), so attention is plainly causal. With a cache,
+keys live at their position index and a query at position p attends to keys 0..p; the same code
+serves prefill, decode and any mix of lengths in one batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from miles_core.errors import MilesError
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (D/2,) and the attention scaling factor for a HF rope config."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type == "default":
+        return inv_freq, 1.0
+    if rope_type == "linear":
+        return inv_freq / scaling["factor"], 1.0
+    if rope_type == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling), 1.0
+    raise MilesError(f"unsupported rope_type '{rope_type}'; expected default, linear or llama3")
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1 frequency-dependent scaling: long wavelengths slowed by `factor`, smooth band."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None) -> None:
+        super().__init__()
+        inv_freq, self.attention_scaling = rope_inv_freq(head_dim, theta, scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids_BT[..., None].float() * self.inv_freq.float()  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
+
+
+def apply_rotary(x_BHTD: torch.Tensor, cos_BTD: torch.Tensor, sin_BTD: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos_BTD.unsqueeze(1), sin_BTD.unsqueeze(1)
+    half = x_BHTD.shape[-1] // 2
+    rotated = torch.cat((-x_BHTD[..., half:], x_BHTD[..., :half]), dim=-1)
+    return x_BHTD * cos + rotated * sin
+
+
+class KVCache:
+    """Per-layer key/value tensors (B, K, S_max, D), indexed by token position.
+
+    The engine owns one cache per batch of sequences; attention writes each token's k/v at
+    its position and reads keys 0..max(position).
+    """
+
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    def update(self, layer: int, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor,
+               position_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new k/v at their positions; return keys/values for positions 0..max."""
+        rows = torch.arange(k_BKTD.shape[0], device=k_BKTD.device)[:, None]  # (B, 1)
+        keys, values = self.keys[layer], self.values[layer]
+        keys.permute(0, 2, 1, 3)[rows, position_ids_BT] = k_BKTD.transpose(1, 2)
+        values.permute(0, 2, 1, 3)[rows, position_ids_BT] = v_BKTD.transpose(1, 2)
+        length = int(position_ids_BT.max()) + 1
+        return keys[:, :, :length], values[:, :, :length]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep (and reorder/duplicate) batch rows, e.g. to drop finished sequences."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+
+
+def attention(q_BHTD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor,
+              position_ids_BT: torch.Tensor, cached: bool) -> torch.Tensor:
+    """Causal GQA attention. Cached: a query at position p sees keys at positions <= p."""
+    if not cached:
+        return F.scaled_dot_product_attention(q_BHTD, k_BKSD, v_BKSD, is_causal=True, enable_gqa=True)
+    key_pos_S = torch.arange(k_BKSD.shape[2], device=k_BKSD.device)
+    mask_BTS = key_pos_S[None, None, :] <= position_ids_BT[:, :, None]
+    return F.scaled_dot_product_attention(q_BHTD, k_BKSD, v_BKSD, attn_mask=mask_BTS[:, None], enable_gqa=True)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with optional q/k/v bias (Qwen2) and per-head q/k RMSNorm (Qwen3)."""
+
+    def __init__(self, *, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 qkv_bias: bool, qk_norm: bool, norm_eps: float, layer_idx: int) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.layer_idx = layer_idx
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+
+    def forward(self, x_BTE: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                position_ids_BT: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x_BTE.shape
+        q = self.q_proj(x_BTE).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x_BTE).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x_BTE).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, D)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v, position_ids_BT)
+        out = attention(q, k, v, position_ids_BT, cached=kv_cache is not None)  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

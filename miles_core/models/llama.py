@@ -1,0 +1,129 @@
+"""The Llama family: Llama 3/3.1, Qwen2/2.5, Qwen3 and SmolLM2 share one definition.
+
+The differences are flags read from the HF config: q/k/v bias (Qwen2), per-head q/k RMSNorm
+(Qwen3), Llama 3.1 RoPE scaling, tied embeddings (SmolLM2, small Qwen). Module and parameter
+names are HF's, so a HF state dict loads without renaming.
+
+Shape legend: B batch, T tokens, E hidden size, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from miles_core.errors import MilesError
+from miles_core.models.layers import Attention, GatedMLP, KVCache, RMSNorm, RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class LlamaArgs:
+    """Model hyper-parameters, read from a HF `config.json`."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    qk_norm: bool
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> LlamaArgs:
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise MilesError(f"hidden_act '{cfg['hidden_act']}' is not supported; expected silu")
+        heads = cfg["num_attention_heads"]
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        model_type = cfg["model_type"]
+        return cls(
+            model_type=model_type,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=rope or None,
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            # Qwen2 always has q/k/v bias and no flag for it; Llama and Qwen3 read the flag.
+            attention_bias=True if model_type == "qwen2" else cfg.get("attention_bias", False),
+            qk_norm=model_type == "qwen3",
+        )
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, args: LlamaArgs, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(
+            hidden_size=args.hidden_size, num_heads=args.num_attention_heads,
+            num_kv_heads=args.num_key_value_heads, head_dim=args.head_dim,
+            qkv_bias=args.attention_bias, qk_norm=args.qk_norm, norm_eps=args.rms_norm_eps,
+            layer_idx=layer_idx,
+        )
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size)
+
+    def forward(self, x_BTE, rope, position_ids_BT, kv_cache):
+        x_BTE = x_BTE + self.self_attn(self.input_layernorm(x_BTE), rope, position_ids_BT, kv_cache)
+        return x_BTE + self.mlp(self.post_attention_layernorm(x_BTE))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling)
+
+    def forward(self, input_ids_BT, position_ids_BT, kv_cache=None):
+        x_BTE = self.embed_tokens(input_ids_BT)
+        rope = self.rotary_emb(position_ids_BT, x_BTE.dtype)
+        for layer in self.layers:
+            x_BTE = layer(x_BTE, rope, position_ids_BT, kv_cache)
+        return self.norm(x_BTE)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Causal LM. `forward` returns final hidden states; `lm_head` turns chosen ones into logits.
+
+    Keeping logits out of `forward` lets the trainer compute log-probs in vocab chunks and the
+    engine compute logits only for the last token of each sequence.
+    """
+
+    # HF checkpoints store q/k/v and gate/up separately, as our modules do: nothing is fused.
+    packed_modules_mapping: dict[str, list[str]] = {}
+
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model = LlamaModel(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        return self.model(input_ids_BT, position_ids_BT, kv_cache)
+
+    def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
+        weight = self.lm_head.weight
+        return KVCache(self.args.num_hidden_layers, batch, self.args.num_key_value_heads, max_len,
+                       self.args.head_dim, weight.dtype, weight.device)

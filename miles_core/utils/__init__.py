@@ -1,0 +1,1 @@
+"""Small shared helpers (file IO, devices) with no ML logic."""
