@@ -9,7 +9,7 @@ KV block counts, devices actually chosen) lives elsewhere, not here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from miles_core import config_tree
 
@@ -55,12 +55,15 @@ class ArithmeticConfig:
     num_prompts: int = 256
     """How many problems the task generates."""
     min_operand: int = 0
+    """Smallest operand (inclusive)."""
     max_operand: int = 9
+    """Largest operand (inclusive)."""
     operators: str = "+"
     """Characters from `+-*`; each problem picks one."""
     split: Literal["train", "test"] = "train"
     """`test` draws from problems disjoint from `train` (held-out evaluation)."""
     seed: int = 0
+    """Seed of the problem draw."""
 
     def __post_init__(self) -> None:
         _check(self.num_prompts >= 1, f"num_prompts must be >= 1, got {self.num_prompts}")
@@ -79,16 +82,21 @@ class DataConfig:
     input_key: str = "prompt"
     """Record key holding the prompt: text, or a list of chat messages."""
     label_key: str = "label"
+    """Record key of the reference answer handed to the reward function (absent -> None)."""
     metadata_key: str = "metadata"
+    """Record key of a dict of extra fields copied into `Sample.metadata`."""
     apply_chat_template: bool = True
     """Render prompts with the tokenizer's chat template (text becomes one user message)."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra chat-template variables, e.g. `{enable_thinking = false}` for Qwen3."""
     system_prompt: str = ""
     """System message put before text prompts when the chat template is applied."""
     prompt_template: str = "{prompt}"
-    """Format string applied to text prompts before templating, e.g. to add an instruction."""
+    """Text around a text prompt; the literal `{prompt}` is replaced (e.g. to add an instruction)."""
     shuffle: bool = True
     """Shuffle prompt order (with `seed`) when the training loop draws batches."""
     seed: int = 0
+    """Seed of the prompt shuffle."""
     max_prompts: int = 0
     """Use only the first N prompts; 0 uses all."""
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
@@ -138,6 +146,101 @@ class RolloutConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RewardConfig:
+    type: str = "math"
+    """Registry name (`math`, `boxed`, `f1`, `last_number`) or a `module:function` path."""
+    key: str = ""
+    """When the reward function returns a dict, the entry used as the scalar reward."""
+    max_concurrency: int = 16
+    """Most async reward calls in flight at once."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.type), "type must name a reward function, got ''")
+        _check(self.max_concurrency >= 1, f"max_concurrency must be >= 1, got {self.max_concurrency}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlgoConfig:
+    advantage_estimator: Literal["grpo", "dr_grpo"] = "grpo"
+    """`grpo`: (r - mean) / (std + 1e-6) per group (DeepSeekMath); `dr_grpo`: r - mean (Dr. GRPO)."""
+    eps_clip: float = 0.2
+    """PPO lower clip: ratio >= 1 - eps_clip (Schulman et al. 2017)."""
+    eps_clip_high: float = 0.2
+    """PPO upper clip: ratio <= 1 + eps_clip_high; > eps_clip is DAPO's clip-higher."""
+    eps_clip_c: float = 0.0
+    """Dual-clip bound c > 1 for negative advantages (Ye et al. 2020); 0 disables."""
+    loss_agg_mode: Literal["token_mean", "seq_mean_token_mean"] = "token_mean"
+    """How per-token losses become one number: mean over all tokens, or mean of per-sequence means."""
+    use_kl_loss: bool = False
+    """Add kl_loss_coef * KL(policy || reference) to the loss; needs a frozen reference model."""
+    kl_loss_coef: float = 0.0
+    kl_loss_type: Literal["k1", "k2", "k3", "low_var_kl"] = "low_var_kl"
+    """KL estimator (Schulman 2020 k1/k2/k3; low_var_kl is k3 clamped to [-10, 10] as in verl)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus: loss -= entropy_coef * mean entropy."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.eps_clip < 1, f"eps_clip must be in [0, 1), got {self.eps_clip}")
+        _check(self.eps_clip_high >= 0, f"eps_clip_high must be >= 0, got {self.eps_clip_high}")
+        _check(self.eps_clip_c == 0 or self.eps_clip_c > 1, f"eps_clip_c must be 0 (off) or > 1, got {self.eps_clip_c}")
+        _check(self.kl_loss_coef >= 0, f"kl_loss_coef must be >= 0, got {self.kl_loss_coef}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    backend: Literal["native"] = "native"
+    """Trainer: `native` (PyTorch, same model code as the engine)."""
+    lr: float = 1e-6
+    """Peak AdamW learning rate."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """`constant` after warmup, or cosine decay from `lr` to `min_lr` over the run."""
+    lr_warmup_steps: int = 0
+    """Optimizer steps of linear warmup from 0 to `lr`."""
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    num_steps_per_rollout: int = 1
+    """Optimizer steps per rollout; the rollout's samples are split evenly between them."""
+    max_tokens_per_micro_batch: int = 4096
+    """Token budget (prompt + response, padded) of one forward/backward; gradients accumulate."""
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Forward/backward dtype; weights and optimizer state stay fp32 (autocast for bf16)."""
+    logprob_chunk_size: int = 1024
+    """Tokens per chunk when turning hidden states into log-probs (bounds logits memory)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(0 <= self.min_lr <= self.lr, f"min_lr must be in [0, lr], got {self.min_lr}")
+        _check(self.lr_warmup_steps >= 0, f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+        _check(self.clip_grad >= 0, f"clip_grad must be >= 0, got {self.clip_grad}")
+        _check(self.num_steps_per_rollout >= 1, f"num_steps_per_rollout must be >= 1, got {self.num_steps_per_rollout}")
+        _check(self.max_tokens_per_micro_batch >= 1,
+               f"max_tokens_per_micro_batch must be >= 1, got {self.max_tokens_per_micro_batch}")
+        _check(self.logprob_chunk_size >= 1, f"logprob_chunk_size must be >= 1, got {self.logprob_chunk_size}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoopConfig:
+    num_rollout: int = 10
+    """Rollout steps (generate -> reward -> train -> sync) in the run."""
+    save_interval: int = 0
+    """Write a HF checkpoint every N rollout steps; 0 saves only at the end."""
+    output_dir: str = ""
+    """Run folder; empty means `runs/<recipe>-<date>-<time>`."""
+    save_rollout_data: bool = False
+    """Also write each step's samples to `rollouts/step_NNNNNN.jsonl` in the run folder."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_rollout >= 1, f"num_rollout must be >= 1, got {self.num_rollout}")
+        _check(self.save_interval >= 0, f"save_interval must be >= 0, got {self.save_interval}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class MilesConfig:
     """The whole recipe. Sections are handed to their components one by one."""
 
@@ -148,6 +251,10 @@ class MilesConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(task="arithmetic"))
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
 
 
 def load_config(recipe: str, overrides: list[str] | None = None) -> MilesConfig:

@@ -66,8 +66,14 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.T
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None) -> None:
         super().__init__()
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
         inv_freq, self.attention_scaling = rope_inv_freq(head_dim, theta, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def reset_buffers(self) -> None:
+        """Recompute `inv_freq` in place (after the model was built on the meta device)."""
+        inv_freq, _ = rope_inv_freq(self.head_dim, self.theta, self.scaling)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
 
     def forward(self, position_ids_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids_BT[..., None].float() * self.inv_freq.float()  # (B, T, D/2)

@@ -116,7 +116,12 @@ class LlamaForCausalLM(nn.Module):
         self.args = args
         self.model = LlamaModel(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        if args.tie_word_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the output layer when the config ties them (again after
+        `to_empty`, which creates new parameter objects)."""
+        if self.args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor,

@@ -1,0 +1,45 @@
+"""Root of the `miles` CLI: global options and one sub-app per subcommand.
+
+Only subcommands that work end to end are registered here.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from miles_cli import recipes, rollout, train
+from miles_cli.common import State, console
+
+app = typer.Typer(
+    name="miles",
+    no_args_is_help=True,
+    add_completion=False,
+    help="RL post-training for LLMs: rollout, GRPO training, checkpoints.",
+    pretty_exceptions_show_locals=False,
+)
+app.add_typer(train.app, name="train")
+app.add_typer(rollout.app, name="rollout")
+app.add_typer(recipes.app, name="recipes")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from miles_core import __version__
+
+        console.print(f"miles {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
+) -> None:
+    """miles: RL post-training toolkit for LLMs."""
+    State.debug = debug
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,42 @@
+"""`miles recipes list|show NAME`: browse the built-in recipes."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.syntax import Syntax
+from rich.table import Table
+
+from miles_cli.common import cli_errors, console
+
+app = typer.Typer(no_args_is_help=True, help="List and show built-in recipes.")
+
+
+@app.command("list")
+def list_command() -> None:
+    """List built-in recipes with their descriptions."""
+    from miles_core.config_tree import list_recipes, load_recipe
+
+    with cli_errors():
+        table = Table("recipe", "description", title="built-in recipes")
+        for name in list_recipes():
+            table.add_row(name, str(load_recipe(name).get("description", "")))
+        console.print(table)
+
+
+@app.command("show")
+def show_command(
+    name: Annotated[str, typer.Argument(help="Recipe name or path.")],
+    resolved: Annotated[bool, typer.Option(help="Show the fully resolved config with every default.")] = False,
+) -> None:
+    """Print a recipe's TOML (or, with --resolved, every value after defaults and `extends`)."""
+    from miles_core import config_tree
+    from miles_core.config import load_config
+
+    with cli_errors():
+        if resolved:
+            text = config_tree.dump_toml(load_config(name))
+        else:
+            text = config_tree.find_recipe(name).read_text(encoding="utf-8")
+        console.print(Syntax(text, "toml", theme="ansi_dark", background_color="default", word_wrap=True))

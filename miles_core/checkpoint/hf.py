@@ -1,0 +1,245 @@
+"""HF checkpoint directories: `config.json`, safetensors weights (one file or shards + index)
+and the tokenizer / chat / generation files that travel with them.
+
+Reading streams tensor by tensor so a model never needs two full copies in memory. Writing
+builds the whole directory in a temp sibling and renames it into place, so a crash never leaves
+a half checkpoint under the final name. Tensor names are HF's, as are the native models'.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from miles_core.errors import MilesError
+from miles_core.utils.io import atomic_dir
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+
+# Everything besides weights and config that a HF model directory needs to be used as-is.
+SIDE_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+    "chat_template.json", "generation_config.json",
+)
+
+# Non-persistent buffers some exporters still write; the model recomputes them from the config.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+_MAX_LISTED_KEYS = 5
+
+
+def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
+    """The parsed `config.json` of a HF model directory."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise MilesError(f"model directory '{model_dir}' does not exist")
+    path = model_dir / CONFIG_NAME
+    if not path.is_file():
+        raise MilesError(f"'{path}' not found; expected a HF model directory with config.json")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MilesError(f"'{path}' is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise MilesError(f"'{path}' must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a directory, in index order; every one is checked to exist."""
+    index = model_dir / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise MilesError(f"'{index}' is not a valid safetensors index ({err!r})") from None
+        files = [model_dir / name for name in dict.fromkeys(weight_map.values())]
+        for file in files:
+            if not file.is_file():
+                raise MilesError(f"shard '{file.name}' named in '{index}' does not exist")
+        return files
+    single = model_dir / WEIGHTS_NAME
+    if single.is_file():
+        return [single]
+    raise MilesError(f"no weights in '{model_dir}': expected {WEIGHTS_NAME} or {INDEX_NAME}")
+
+
+def iter_state_dict(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, CPU tensor) one at a time from a directory's safetensors files."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise MilesError(f"model directory '{model_dir}' does not exist")
+    for file in _weight_files(model_dir):
+        yield from _iter_file(file)
+
+
+def _iter_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    # safetensors reports corruption as a multi-line Rust error without the path: say which file.
+    try:
+        with safe_open(file, framework="pt") as handle:
+            for name in handle.keys():
+                yield name, handle.get_tensor(name)
+    except (SafetensorError, OSError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MilesError(f"cannot read safetensors file '{file}': {reason}") from None
+
+
+def load_state_dict(model_dir: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a HF directory, moved to `device` and cast to `dtype` (if given)."""
+    return {name: tensor.to(device=device, dtype=dtype or tensor.dtype)
+            for name, tensor in iter_state_dict(model_dir)}
+
+
+def load_weights_into(model: nn.Module, model_dir: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Load a HF directory into a native model whose parameter names are HF's.
+
+    Each parameter's storage is replaced by the checkpoint tensor (cast to `dtype`, else to the
+    parameter's dtype), so tied parameters stay tied and nothing is copied twice. A tied
+    `lm_head.weight` may be absent; any other missing, unexpected or mis-shaped key is an error.
+    """
+    targets = model.state_dict(keep_vars=True)
+    if any(t.is_meta for t in targets.values()):
+        raise ValueError("load_weights_into needs a materialised model, not one on the meta device")
+    loaded: set[int] = set()
+    unexpected: list[str] = []
+    for name, tensor in iter_state_dict(model_dir):
+        if name.endswith(_IGNORED_SUFFIXES):
+            continue
+        target = targets.get(name)
+        if target is None:
+            unexpected.append(name)
+            continue
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise MilesError(f"shape mismatch for '{name}' in '{model_dir}': model expects "
+                             f"{tuple(target.shape)}, checkpoint has {tuple(tensor.shape)}")
+        target.data = tensor.to(device=target.device, dtype=dtype or target.dtype)
+        loaded.add(id(target))
+    # Identity, not names: a tied lm_head is the embedding's own Parameter, loaded under its name.
+    missing = [name for name, target in targets.items() if id(target) not in loaded]
+    if missing or unexpected:
+        raise MilesError(f"checkpoint '{model_dir}' does not match the model: "
+                         f"missing keys {_first(missing)}, unexpected keys {_first(unexpected)}")
+
+
+def _first(names: list[str]) -> str:
+    shown = ", ".join(names[:_MAX_LISTED_KEYS]) or "none"
+    more = len(names) - _MAX_LISTED_KEYS
+    return f"[{shown}{f' and {more} more' if more > 0 else ''}]"
+
+
+def save_hf_checkpoint(out_dir: str | Path, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                       hf_config: dict[str, Any], *, source_dir: str | Path | None = None,
+                       max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None) -> Path:
+    """Write a HF directory atomically: weights (sharded past `max_shard_bytes`), config, and
+    the tokenizer / chat / generation files found in `source_dir`.
+
+    Tensors are consumed one at a time and buffered only up to one shard. With
+    `tie_word_embeddings` the redundant `lm_head.weight` is dropped, as HF does.
+    """
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    out_dir = Path(out_dir)
+    config = _config_for_dtype(hf_config, dtype)
+    skip = {"lm_head.weight"} if config.get("tie_word_embeddings") else set()
+    with atomic_dir(out_dir) as tmp:
+        shards = _write_shards(tmp, ((n, t) for n, t in named_tensors if n not in skip),
+                               max_shard_bytes, dtype)
+        _name_shards(tmp, shards)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n",
+                                       encoding="utf-8")
+        if source_dir is not None:
+            _copy_side_files(Path(source_dir), tmp)
+    return out_dir
+
+
+def _config_for_dtype(hf_config: dict[str, Any], dtype: torch.dtype | None) -> dict[str, Any]:
+    config = dict(hf_config)
+    if dtype is not None:
+        name = str(dtype).removeprefix("torch.")
+        config["torch_dtype"] = name
+        if "dtype" in config:  # transformers 5 spelling; keep both in agreement
+            config["dtype"] = name
+    return config
+
+
+def _write_shards(tmp: Path, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                  max_shard_bytes: int, dtype: torch.dtype | None) -> list[tuple[Path, list[str], int]]:
+    """Write numbered temp shards; return (path, names, bytes) for each."""
+    shards = []
+    for shard in _group_shards(_unique_standalone(named_tensors, dtype), max_shard_bytes):
+        path = tmp / f"shard-{len(shards):05d}.tmp"
+        save_file(shard, path, metadata={"format": "pt"})
+        shards.append((path, list(shard), sum(t.nbytes for t in shard.values())))
+    if not shards:
+        raise MilesError("no tensors to save: the checkpoint would be empty")
+    return shards
+
+
+def _unique_standalone(named_tensors: Iterable[tuple[str, torch.Tensor]],
+                       dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    seen: set[str] = set()
+    for name, tensor in named_tensors:
+        if name in seen:
+            raise MilesError(f"tensor '{name}' is given twice; checkpoint names must be unique")
+        seen.add(name)
+        yield name, _standalone(tensor, dtype)
+
+
+def _group_shards(named_tensors: Iterator[tuple[str, torch.Tensor]],
+                  max_shard_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Consecutive tensors, cut before a shard would pass the limit (a lone larger tensor is
+    its own shard, as in HF)."""
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
+    for name, tensor in named_tensors:
+        if shard and size + tensor.nbytes > max_shard_bytes:
+            yield shard
+            shard, size = {}, 0
+        shard[name] = tensor
+        size += tensor.nbytes
+    if shard:
+        yield shard
+
+
+def _standalone(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A contiguous CPU tensor that owns its storage: safetensors refuses shared or strided
+    tensors, and a buffered view would keep its whole base alive."""
+    tensor = tensor.detach()
+    converted = tensor.to(device="cpu", dtype=dtype or tensor.dtype)
+    if converted.data_ptr() == tensor.data_ptr() or not converted.is_contiguous():
+        converted = converted.clone(memory_format=torch.contiguous_format)
+    return converted
+
+
+def _name_shards(tmp: Path, shards: list[tuple[Path, list[str], int]]) -> None:
+    """Rename temp shards to HF names; more than one gets `model-0000i-of-0000N` and an index."""
+    if len(shards) == 1:
+        shards[0][0].rename(tmp / WEIGHTS_NAME)
+        return
+    weight_map: dict[str, str] = {}
+    for number, (path, names, _) in enumerate(shards, start=1):
+        final = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        path.rename(tmp / final)
+        weight_map.update(dict.fromkeys(names, final))
+    index = {"metadata": {"total_size": sum(size for *_, size in shards)},
+             "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def _copy_side_files(source_dir: Path, out_dir: Path) -> None:
+    if not source_dir.is_dir():
+        raise MilesError(f"source directory '{source_dir}' does not exist")
+    for name in SIDE_FILES:
+        if (source_dir / name).is_file():
+            shutil.copy2(source_dir / name, out_dir / name)

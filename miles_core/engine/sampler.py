@@ -1,0 +1,48 @@
+"""Next-token sampling: temperature, top-k, top-p, and the logprob of the token drawn.
+
+The logprob returned is that of the distribution actually sampled from (after temperature,
+top-k and top-p, renormalised); greedy rows (temperature 0) report the unscaled distribution.
+Each row draws with one uniform number from its own seeded stream (inverse-CDF sampling), so a
+sequence's samples do not depend on which other sequences share its batch.
+
+Shape legend: B rows, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def process_logits(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor,
+                   top_p_B: torch.Tensor) -> torch.Tensor:
+    """Temperature-scaled, top-k/top-p filtered logits (filtered entries are -inf), in fp32."""
+    greedy = temperature_B == 0
+    scale = torch.where(greedy, torch.ones_like(temperature_B), temperature_B)
+    logits = logits_BV.float() / scale[:, None]
+    use_k = (top_k_B > 0) & ~greedy
+    use_p = (top_p_B < 1) & ~greedy
+    if not bool(use_k.any() or use_p.any()):
+        return logits
+    sorted_vals, sorted_idx = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    k = torch.where(use_k, top_k_B, torch.full_like(top_k_B, vocab))
+    drop = ranks >= k[:, None]
+    probs = torch.softmax(sorted_vals.masked_fill(drop, float("-inf")), dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop |= use_p[:, None] & (mass_before >= top_p_B[:, None])  # keeps the top token always
+    return logits.scatter(-1, sorted_idx, sorted_vals.masked_fill(drop, float("-inf")))
+
+
+def sample_tokens(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor,
+                  top_p_B: torch.Tensor, uniform_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row. Returns (token ids (B,), their logprobs (B,))."""
+    logprobs_BV = torch.log_softmax(process_logits(logits_BV, temperature_B, top_k_B, top_p_B), dim=-1)
+    cdf_BV = logprobs_BV.exp().cumsum(dim=-1)
+    target_B = uniform_B.to(cdf_BV) * cdf_BV[:, -1]
+    # right=True: the first index whose cumulative mass exceeds the target, so tokens with
+    # zero probability (zero-width bins) are never chosen.
+    sampled = torch.searchsorted(cdf_BV, target_B[:, None], right=True).squeeze(1)
+    sampled = sampled.clamp_(max=logits_BV.shape[-1] - 1)
+    tokens = torch.where(temperature_B == 0, logprobs_BV.argmax(dim=-1), sampled)
+    return tokens, logprobs_BV.gather(-1, tokens[:, None]).squeeze(1)

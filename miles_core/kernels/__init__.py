@@ -1,0 +1,1 @@
+"""Numerical kernels with a plain-PyTorch reference next to every fast path (DESIGN principle 6)."""

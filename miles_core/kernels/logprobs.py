@@ -1,0 +1,84 @@
+"""Per-token log-probabilities and entropies from hidden states, in vocab-sized chunks.
+
+Math: for hidden h (E,), output weight W (V, E) and temperature tau, logits z = W h / tau,
+logprob(y) = z_y - logsumexp(z), entropy H = logsumexp(z) - sum_j p_j z_j with p = softmax(z).
+Gradients: d logprob / dz = onehot(y) - p; dH / dz = -p * (log p + H).
+
+Memory: the reference materialises fp32 logits (N, V) for all N tokens, and autograd keeps
+them for backward. `chunked_logprobs_entropy` computes chunks of `chunk_size` tokens at a time
+and recomputes each chunk's logits in backward, so at most (chunk_size, V) fp32 logits exist
+at once, whatever N is. Logits are always computed and reduced in fp32.
+
+Shape legend: N tokens, E hidden size, V vocab, C chunk tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def reference_logprobs_entropy(hidden_NE: torch.Tensor, weight_VE: torch.Tensor, targets_N: torch.Tensor,
+                               temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain autograd version: full (N, V) fp32 logits."""
+    logits = (hidden_NE @ weight_VE.T).to(_acc_dtype(hidden_NE)) / temperature
+    logp_NV = torch.log_softmax(logits, dim=-1)
+    entropy = -(logp_NV.exp() * logp_NV).sum(-1)
+    return logp_NV.gather(-1, targets_N[:, None]).squeeze(1), entropy
+
+
+def _acc_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """fp32 for half types, fp64 stays fp64 (so gradcheck can run in double)."""
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
+def _chunk_stats(h_CE, weight_VE, targets_C, temperature):
+    logits = (h_CE @ weight_VE.T).to(_acc_dtype(h_CE)) / temperature  # (C, V)
+    lse = torch.logsumexp(logits, dim=-1)
+    logp_CV = logits - lse[:, None]
+    probs = logp_CV.exp()
+    entropy = -(probs * logp_CV).sum(-1)
+    return logp_CV, probs, entropy
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden_NE, weight_VE, targets_N, temperature, chunk_size):
+        logprobs, entropies = [], []
+        for start in range(0, hidden_NE.shape[0], chunk_size):
+            sl = slice(start, start + chunk_size)
+            logp_CV, _, entropy = _chunk_stats(hidden_NE[sl], weight_VE, targets_N[sl], temperature)
+            logprobs.append(logp_CV.gather(-1, targets_N[sl, None]).squeeze(1))
+            entropies.append(entropy)
+        ctx.save_for_backward(hidden_NE, weight_VE, targets_N)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return torch.cat(logprobs), torch.cat(entropies)
+
+    @staticmethod
+    def backward(ctx, grad_logp_N, grad_entropy_N):
+        hidden_NE, weight_VE, targets_N = ctx.saved_tensors
+        grad_hidden = torch.zeros_like(hidden_NE) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight_VE, dtype=_acc_dtype(weight_VE)) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden_NE.shape[0], ctx.chunk_size):
+            sl = slice(start, start + ctx.chunk_size)
+            h_CE = hidden_NE[sl]
+            logp_CV, probs, entropy = _chunk_stats(h_CE, weight_VE, targets_N[sl], ctx.temperature)
+            grad_z = -probs * (logp_CV + entropy[:, None]) * grad_entropy_N[sl, None]
+            grad_z -= probs * grad_logp_N[sl, None]
+            grad_z.scatter_add_(-1, targets_N[sl, None], grad_logp_N[sl, None])
+            grad_z /= ctx.temperature
+            if grad_hidden is not None:
+                grad_hidden[sl] = (grad_z.to(weight_VE.dtype) @ weight_VE).to(hidden_NE.dtype)
+            if grad_weight is not None:
+                grad_weight += grad_z.T @ h_CE.to(grad_z.dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight_VE.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def chunked_logprobs_entropy(hidden_NE: torch.Tensor, weight_VE: torch.Tensor, targets_N: torch.Tensor,
+                             temperature: float = 1.0, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of `targets` and entropies, (N,) each, never holding more than
+    (chunk_size, V) logits. Differentiable w.r.t. hidden and weight."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return _ChunkedLogprobs.apply(hidden_NE, weight_VE, targets_N, float(temperature), int(chunk_size))

@@ -1,0 +1,63 @@
+"""Run metrics: per-step JSONL records with slime's names, and summaries of a rollout.
+
+Names: `rollout/*` (what the engine produced and how it was rewarded), `train/*` (losses,
+clip fractions, KL, entropy, grad norm, train/rollout log-prob gap), `perf/*` (times, tok/s).
+One JSON object per rollout step goes to `metrics.jsonl`; the file is flushed after every line
+so a crashed run keeps every finished step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from miles_core.sample import Sample, Status
+
+
+class MetricsWriter:
+    """Append-only JSONL sink, one record per step."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._handle = path.open("a", encoding="utf-8")
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        self._handle.write(json.dumps(record) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def rollout_metrics(samples: Sequence[Sample], rewards: Sequence[float], group_size: int) -> dict[str, float]:
+    """`rollout/*` metrics of one rollout step."""
+    lengths = [s.response_length for s in samples]
+    groups = [rewards[i : i + group_size] for i in range(0, len(rewards), group_size)]
+    flat_groups = sum(1 for g in groups if max(g) - min(g) < 1e-8)
+    return {
+        "rollout/raw_reward": _mean(rewards),
+        "rollout/response_len": _mean(lengths),
+        "rollout/response_len_max": float(max(lengths, default=0)),
+        "rollout/truncated": _mean([float(s.status == Status.TRUNCATED) for s in samples]),
+        "rollout/zero_std_groups": flat_groups / max(len(groups), 1),
+        "rollout/num_samples": float(len(samples)),
+    }

@@ -1,0 +1,98 @@
+"""Training batches: ragged per-sample tensors, token-budget micro-batches, padded forwards.
+
+A sample of length L with R response tokens is trained on positions P-1 .. L-2 (P = L - R),
+whose next tokens are the response. Sequences are right-padded in a micro-batch, so every row
+starts at position 0 exactly as in the engine's prefill.
+
+Shape legend: B samples in a micro-batch, T padded length, R padded response length, E hidden.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import nn
+
+from miles_core.kernels.logprobs import chunked_logprobs_entropy
+from miles_core.sample import Sample
+
+
+@dataclass
+class TrainBatch:
+    """Per-sample training data, one list entry per sample."""
+
+    tokens: list[torch.Tensor]
+    response_lengths: list[int]
+    loss_masks: list[torch.Tensor]
+    advantages: list[torch.Tensor]
+    rollout_log_probs: list[torch.Tensor] | None = None
+    old_log_probs: list[torch.Tensor] | None = None
+    ref_log_probs: list[torch.Tensor] | None = None
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[Sample], advantages: Sequence[torch.Tensor]) -> TrainBatch:
+        def mask(s: Sample) -> torch.Tensor:
+            values = s.loss_mask if s.loss_mask is not None else [1] * s.response_length
+            return torch.tensor(values, dtype=torch.float32)
+
+        has_rollout_lp = all(s.rollout_log_probs is not None for s in samples)
+        return cls(
+            tokens=[torch.tensor(s.tokens, dtype=torch.long) for s in samples],
+            response_lengths=[s.response_length for s in samples],
+            loss_masks=[mask(s) for s in samples],
+            advantages=[a.float() for a in advantages],
+            rollout_log_probs=[torch.tensor(s.rollout_log_probs, dtype=torch.float32) for s in samples]
+            if has_rollout_lp else None,
+        )
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def select(self, indices: Sequence[int]) -> TrainBatch:
+        picked = {}
+        for f in fields(self):
+            values = getattr(self, f.name)
+            picked[f.name] = None if values is None else [values[i] for i in indices]
+        return replace(self, **picked)
+
+    @property
+    def num_loss_tokens(self) -> float:
+        return float(sum(m.sum() for m in self.loss_masks))
+
+
+def micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Group sample indices so each group's padded size (count x longest) fits `max_tokens`.
+
+    Longest first, so similar lengths share a group and padding stays small; a sample longer
+    than the budget gets a group of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for index in order:
+        if groups and lengths[groups[-1][0]] * (len(groups[-1]) + 1) <= max_tokens:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups
+
+
+def pad_ragged(values: Sequence[torch.Tensor], pad: float = 0.0) -> torch.Tensor:
+    """List of 1-D tensors -> right-padded (B, R)."""
+    return torch.nn.utils.rnn.pad_sequence(list(values), batch_first=True, padding_value=pad)
+
+
+def response_log_probs(model: nn.Module, tokens: Sequence[torch.Tensor], response_lengths: Sequence[int], *,
+                       temperature: float, chunk_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-sample (log-probs, entropies) of the response tokens under `model` at `temperature`."""
+    device = model.lm_head.weight.device
+    ids_BT = pad_ragged(tokens).to(device)
+    B, T = ids_BT.shape
+    positions_BT = torch.arange(T, device=device)[None, :].expand(B, T)
+    hidden_BTE = model(ids_BT, positions_BT)
+    rows = torch.cat([torch.full((r,), i) for i, r in enumerate(response_lengths)]).to(device)
+    cols = torch.cat([torch.arange(len(t) - r - 1, len(t) - 1) for t, r in zip(tokens, response_lengths)]).to(device)
+    logp, entropy = chunked_logprobs_entropy(hidden_BTE[rows, cols], model.lm_head.weight, ids_BT[rows, cols + 1],
+                                             temperature, chunk_size)
+    return list(logp.split(list(response_lengths))), list(entropy.split(list(response_lengths)))

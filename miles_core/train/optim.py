@@ -1,0 +1,28 @@
+"""AdamW and the learning-rate schedule (linear warmup, then constant or cosine to `min_lr`)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from miles_core.config import TrainConfig
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based) of `total_steps`."""
+    if step < cfg.lr_warmup_steps:
+        return cfg.lr * (step + 1) / cfg.lr_warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    decay_steps = max(total_steps - cfg.lr_warmup_steps, 1)
+    progress = min((step - cfg.lr_warmup_steps) / decay_steps, 1.0)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(params, cfg: TrainConfig, total_steps: int):
+    """AdamW whose lr follows `lr_at` (a LambdaLR over a base lr of 1)."""
+    optimizer = torch.optim.AdamW(params, lr=1.0, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg, total_steps))
+    return optimizer, scheduler

@@ -1,0 +1,27 @@
+"""The `TrainBackend` protocol: what the GRPO loop needs from a trainer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from miles_core.train.batch import TrainBatch
+
+
+class TrainBackend(Protocol):
+    def compute_log_probs(self, batch: TrainBatch, *, reference: bool = False) -> list[torch.Tensor]:
+        """Per-sample log-probs of the response tokens (no gradient)."""
+
+    def train_rollout(self, batch: TrainBatch) -> dict[str, float]:
+        """All optimizer steps for one rollout; returns `train/*` metrics."""
+
+    def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Current weights with HF names (tied weights once), for sync and checkpoints."""
+
+    def save(self, directory: Path) -> None:
+        """Trainer state (weights, optimizer, schedule) for resuming."""
+
+    def load(self, directory: Path) -> None: ...
