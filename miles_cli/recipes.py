@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.syntax import Syntax
 from rich.table import Table
 
 from miles_cli.common import cli_errors, console
@@ -39,4 +38,5 @@ def show_command(
             text = config_tree.dump_toml(load_config(name))
         else:
             text = config_tree.find_recipe(name).read_text(encoding="utf-8")
-        console.print(Syntax(text, "toml", theme="ansi_dark", background_color="default", word_wrap=True))
+        # Plain text, never wrapped: the output must stay valid TOML when redirected to a file.
+        typer.echo(text.rstrip("\n"))

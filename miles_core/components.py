@@ -38,12 +38,12 @@ class RunComponents:
 
         if mode == "train_only" and not rollout_data:
             raise MilesError("--debug-train-only needs --load-debug-rollout-data PATH (a file, or a template with {rollout_id})")
+        records = load_prompts(cfg.data) if mode != "train_only" else None  # bad data fails fast
         _prepare_output_dir(cfg, output_dir)
         loaded = load_model(cfg.model)
         engine = prompts = trainer = None
-        if mode != "train_only":
+        if records is not None:
             engine = build_engine(cfg.engine, loaded)
-            records = load_prompts(cfg.data)
             prompts = PromptStream(records, render_prompts(records, loaded.tokenizer, cfg.data),
                                    shuffle=cfg.data.shuffle, seed=cfg.data.seed, first_request_seed=cfg.sampling.seed)
         if mode != "rollout_only":
@@ -67,7 +67,7 @@ class RunComponents:
         return samples
 
     def _load_rollout(self, step: int) -> list[Sample]:
-        path = Path(self.rollout_data.format(rollout_id=step) if "{rollout_id}" in self.rollout_data else self.rollout_data)
+        path = Path(rollout_data_path(self.rollout_data, step))
         samples = list(read_samples_jsonl(path))
         group = self.cfg.sampling.n_samples_per_prompt
         if not samples or len(samples) % group:
@@ -88,8 +88,20 @@ class RunComponents:
         return path
 
 
+def rollout_data_path(template: str, step: int) -> str:
+    """A fixed file, or a template such as `rollouts/step_{rollout_id:06d}.jsonl`."""
+    if "{rollout_id" not in template:
+        return template
+    try:
+        return template.format(rollout_id=step)
+    except (KeyError, IndexError, ValueError) as err:
+        raise MilesError(f"bad rollout data template '{template}': {err!r}; expected e.g. "
+                         "'rollouts/step_{rollout_id:06d}.jsonl'") from None
+
+
 def _prepare_output_dir(cfg: MilesConfig, output_dir: Path) -> None:
-    if (output_dir / "metrics.jsonl").exists():
+    metrics = output_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
         raise MilesError(f"output dir '{output_dir}' already holds a run (metrics.jsonl); choose another --output-dir")
     output_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(output_dir / "config.toml") as handle:

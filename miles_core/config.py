@@ -102,8 +102,8 @@ class DataConfig:
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
 
     def __post_init__(self) -> None:
-        _check(bool(self.path) != bool(self.task),
-               f"set exactly one of path or task (got path='{self.path}', task='{self.task}')")
+        _check(not (self.path and self.task),
+               f"set only one of path or task (got path='{self.path}', task='{self.task}')")
         _check(self.max_prompts >= 0, f"max_prompts must be >= 0, got {self.max_prompts}")
         _check("{prompt}" in self.prompt_template,
                f"prompt_template must contain '{{prompt}}', got '{self.prompt_template}'")
@@ -248,7 +248,7 @@ class MilesConfig:
     """One line shown by `miles recipes list`."""
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
-    data: DataConfig = field(default_factory=lambda: DataConfig(task="arithmetic"))
+    data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)

@@ -66,8 +66,15 @@ def load_recipe(name_or_path: str, _seen: tuple[Path, ...] = ()) -> dict[str, An
     parent = data.pop("extends", None)
     if parent is None:
         return data
-    base_name = str(path.parent / f"{parent}.toml") if (path.parent / f"{parent}.toml").is_file() else parent
-    return deep_merge(load_recipe(base_name, _seen + (path,)), data)
+    return deep_merge(load_recipe(_resolve_parent(path, str(parent)), _seen + (path,)), data)
+
+
+def _resolve_parent(recipe: Path, parent: str) -> str:
+    """`extends` names a file next to the recipe (with or without `.toml`) or a built-in recipe."""
+    for candidate in (recipe.parent / parent, recipe.parent / f"{parent}.toml"):
+        if candidate.is_file():
+            return str(candidate)
+    return parent
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

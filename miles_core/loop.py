@@ -60,7 +60,7 @@ def _rollout_step(cfg: MilesConfig, parts, step: int) -> dict[str, float]:
     times: dict[str, float] = {}
     start = time.perf_counter()
     samples = parts.rollout(step)
-    times["rollout_time"] = time.perf_counter() - start
+    times["rollout_time" if parts.engine is not None else "load_rollout_time"] = time.perf_counter() - start
 
     reward_stats = compute_rewards([s for s in samples if s.reward is None], cfg.reward)
     rewards = [scalar_reward(s, cfg.reward) for s in samples]
@@ -88,8 +88,9 @@ def _rollout_step(cfg: MilesConfig, parts, step: int) -> dict[str, float]:
 def _perf_metrics(samples: list[Sample], times: dict[str, float]) -> dict[str, float]:
     out = {f"perf/{k}": v for k, v in times.items()}
     out["perf/step_time"] = sum(times.values())
-    response_tokens = sum(s.response_length for s in samples)
-    out["perf/rollout_tokens_per_s"] = response_tokens / max(times["rollout_time"], 1e-9)
+    if "rollout_time" in times:
+        response_tokens = sum(s.response_length for s in samples)
+        out["perf/rollout_tokens_per_s"] = response_tokens / max(times["rollout_time"], 1e-9)
     if "train_time" in times:
         out["perf/train_tokens_per_s"] = sum(len(s.tokens) for s in samples) / max(times["train_time"], 1e-9)
     return out

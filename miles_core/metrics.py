@@ -20,17 +20,20 @@ class MetricsWriter:
     """Append-only JSONL sink, one record per step."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._handle = path.open("a", encoding="utf-8")
+        self._handle = None  # opened on the first record: a run that fails earlier leaves no file
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
+        if self._handle is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = self.path.open("a", encoding="utf-8")
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         self._handle.write(json.dumps(record) + "\n")
         self._handle.flush()
 
     def close(self) -> None:
-        self._handle.close()
+        if self._handle is not None:
+            self._handle.close()
 
 
 def _clean(value: Any) -> Any:

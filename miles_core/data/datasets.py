@@ -41,6 +41,9 @@ def load_prompts(cfg: DataConfig) -> list[Sample]:
     """The prompts of `cfg.path` or `cfg.task`, in order, the first `cfg.max_prompts` if > 0."""
     if cfg.path:
         source, records, keys = f"'{cfg.path}'", _read_file(Path(cfg.path)), _file_keys(cfg)
+    elif not cfg.task:
+        raise MilesError("no prompt source: set data.path (a .jsonl or .parquet file) or data.task "
+                         f"(one of: {', '.join(sorted(TASKS))})")
     else:
         source, records, keys = f"task '{cfg.task}'", _generate(cfg), _TASK_KEYS
     # islice stops reading a large file once enough prompts are in.

@@ -67,15 +67,16 @@ class NativeEngine:
     # -- control ---------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> None:
         params = dict(self.model.named_parameters(remove_duplicate=False))
+        updates = list(named_tensors)  # references, not copies: all are checked before any is written
+        for name, tensor in updates:
+            if name not in params:
+                raise MilesError(f"update_weights: unknown parameter '{name}'")
+            if params[name].shape != tensor.shape:
+                raise MilesError(f"update_weights: '{name}' has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(params[name].shape)}")
         with torch.no_grad():
-            for name, tensor in named_tensors:
-                if name not in params:
-                    raise MilesError(f"update_weights: unknown parameter '{name}'")
-                target = params[name]
-                if target.shape != tensor.shape:
-                    raise MilesError(f"update_weights: '{name}' has shape {tuple(tensor.shape)}, "
-                                     f"expected {tuple(target.shape)}")
-                target.copy_(tensor)
+            for name, tensor in updates:
+                params[name].copy_(tensor)
         self._weight_version = str(version)
 
     def pause(self) -> None:
@@ -197,7 +198,9 @@ class NativeEngine:
             return {"type": "stop", "matched": token}
         stops = seq.request.sampling.stop
         if stops:
-            window = max(len(s) for s in stops) + 2
+            # Every token decodes to at least one byte, so a stop string of b UTF-8 bytes lies
+            # within the last b + 1 tokens (the first may carry bytes before the match).
+            window = max(len(s.encode("utf-8")) for s in stops) + 1
             tail = self.tokenizer.decode(seq.output_ids[-window:], skip_special_tokens=False)
             for stop in stops:
                 if stop in tail:
@@ -207,8 +210,11 @@ class NativeEngine:
         return None
 
     def _to_generation(self, seq: _Sequence) -> Generation:
-        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        # Like SGLang (no_stop_trim off): the text leaves out a matched stop token or string;
+        # output_ids keep the stop token, which training must see.
         matched = seq.finish_reason.get("matched")
+        shown = seq.output_ids[:-1] if isinstance(matched, int) else seq.output_ids
+        text = self.tokenizer.decode(shown, skip_special_tokens=True)
         if isinstance(matched, str) and matched in text:
             text = text[: text.index(matched)]
         return Generation(

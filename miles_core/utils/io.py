@@ -24,6 +24,7 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _apply_umask(tmp, 0o666)
     try:
         encoding = None if "b" in mode else "utf-8"
         with os.fdopen(fd, mode, encoding=encoding) as handle:
@@ -43,6 +44,7 @@ def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
         raise MilesError(f"output '{path}' already exists; remove it or choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _apply_umask(tmp, 0o777)
     try:
         yield tmp
         if path.exists():
@@ -51,6 +53,14 @@ def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _apply_umask(path: str | Path, mode: int) -> None:
+    """Temp files and folders are created private (0600/0700); give the final ones the
+    permissions a plain open()/mkdir() would, so others (an inference server) can read them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
