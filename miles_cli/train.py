@@ -59,7 +59,9 @@ def _default_run_dir(recipe: str) -> str:
 
 
 def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.3f}"
+    if value is None:
+        return "-"
+    return f"{value:.2e}" if 0 < abs(value) < 1e-3 else f"{value:.3f}"
 
 
 def _progress() -> Progress:
@@ -69,9 +71,10 @@ def _progress() -> Progress:
 
 
 def _summary_table(history: list[dict]) -> Table:
-    columns = ["rollout/raw_reward", "rollout/response_len", "train/pg_loss", "train/grad_norm",
-               "train/train_rollout_logprob_abs_diff", "perf/step_time"]
-    table = Table("step", *[c.split("/", 1)[1] for c in columns], title="training")
+    columns = {"rollout/raw_reward": "reward", "rollout/response_len": "resp_len", "train/pg_loss": "pg_loss",
+               "train/grad_norm": "grad_norm", "train/train_rollout_logprob_abs_diff": "logp_diff",
+               "perf/step_time": "step_s"}
+    table = Table("step", *columns.values(), title="training")
     for step, metrics in enumerate(history):
-        table.add_row(str(step), *[_fmt(metrics.get(c)) for c in columns])
+        table.add_row(str(step), *[_fmt(metrics.get(key)) for key in columns])
     return table

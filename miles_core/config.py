@@ -207,6 +207,9 @@ class TrainConfig:
     """Optimizer steps per rollout; the rollout's samples are split evenly between them."""
     max_tokens_per_micro_batch: int = 4096
     """Token budget (prompt + response, padded) of one forward/backward; gradients accumulate."""
+    share_prompt_prefix: bool = True
+    """Run each distinct prompt once per micro-batch and let its samples attend to it (same
+    result, less work: GRPO's n samples of a prompt share it)."""
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     """Forward/backward dtype; weights and optimizer state stay fp32 (autocast for bf16)."""
     logprob_chunk_size: int = 1024

@@ -51,6 +51,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
             entropies.append(entropy)
         ctx.save_for_backward(hidden_NE, weight_VE, targets_N)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        # An output the loss does not use (entropy, when it is only a metric) gets grad None
+        # instead of zeros, and backward skips its term: three fewer passes over (C, V).
+        ctx.set_materialize_grads(False)
         return torch.cat(logprobs), torch.cat(entropies)
 
     @staticmethod
@@ -58,14 +61,18 @@ class _ChunkedLogprobs(torch.autograd.Function):
         hidden_NE, weight_VE, targets_N = ctx.saved_tensors
         grad_hidden = torch.zeros_like(hidden_NE) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight_VE, dtype=_acc_dtype(weight_VE)) if ctx.needs_input_grad[1] else None
+        inv_t = 1.0 / ctx.temperature  # dz/dlogits of z = logits / T, folded into the (N,) grads
         for start in range(0, hidden_NE.shape[0], ctx.chunk_size):
             sl = slice(start, start + ctx.chunk_size)
             h_CE = hidden_NE[sl]
             logp_CV, probs, entropy = _chunk_stats(h_CE, weight_VE, targets_N[sl], ctx.temperature)
-            grad_z = -probs * (logp_CV + entropy[:, None]) * grad_entropy_N[sl, None]
-            grad_z -= probs * grad_logp_N[sl, None]
-            grad_z.scatter_add_(-1, targets_N[sl, None], grad_logp_N[sl, None])
-            grad_z /= ctx.temperature
+            grad_z = torch.zeros_like(probs)
+            if grad_entropy_N is not None:
+                grad_z -= probs * (logp_CV + entropy[:, None]) * (grad_entropy_N[sl, None] * inv_t)
+            if grad_logp_N is not None:
+                g_C1 = grad_logp_N[sl, None] * inv_t
+                grad_z -= probs * g_C1
+                grad_z.scatter_add_(-1, targets_N[sl, None], g_C1)
             if grad_hidden is not None:
                 grad_hidden[sl] = (grad_z.to(weight_VE.dtype) @ weight_VE).to(hidden_NE.dtype)
             if grad_weight is not None:

@@ -111,8 +111,9 @@ class KVCache:
         """Store new k/v at their positions; return keys/values for positions 0..max."""
         rows = torch.arange(k_BKTD.shape[0], device=k_BKTD.device)[:, None]  # (B, 1)
         keys, values = self.keys[layer], self.values[layer]
-        keys.permute(0, 2, 1, 3)[rows, position_ids_BT] = k_BKTD.transpose(1, 2)
-        values.permute(0, 2, 1, 3)[rows, position_ids_BT] = v_BKTD.transpose(1, 2)
+        # Under autocast the new k/v may be bf16 while the cache is in the weights' dtype.
+        keys.permute(0, 2, 1, 3)[rows, position_ids_BT] = k_BKTD.transpose(1, 2).to(keys.dtype)
+        values.permute(0, 2, 1, 3)[rows, position_ids_BT] = v_BKTD.transpose(1, 2).to(values.dtype)
         length = int(position_ids_BT.max()) + 1
         return keys[:, :, :length], values[:, :, :length]
 

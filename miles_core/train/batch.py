@@ -96,3 +96,70 @@ def response_log_probs(model: nn.Module, tokens: Sequence[torch.Tensor], respons
     logp, entropy = chunked_logprobs_entropy(hidden_BTE[rows, cols], model.lm_head.weight, ids_BT[rows, cols + 1],
                                              temperature, chunk_size)
     return list(logp.split(list(response_lengths))), list(entropy.split(list(response_lengths)))
+
+
+def prompt_groups(tokens: Sequence[torch.Tensor], response_lengths: Sequence[int]) -> list[list[int]]:
+    """Indices of samples that share the same prompt tokens, in order of first appearance."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (t, r) in enumerate(zip(tokens, response_lengths)):
+        groups.setdefault(tuple(t[: len(t) - r].tolist()), []).append(i)
+    return list(groups.values())
+
+
+def shared_prefix_micro_batches(tokens: Sequence[torch.Tensor], response_lengths: Sequence[int],
+                                max_tokens: int) -> list[list[int]]:
+    """Micro-batches for `shared_prefix_log_probs`: whole prompt groups where they fit.
+
+    The cost of a micro-batch is what its two passes process: (distinct prompts x longest
+    prompt) + (samples x longest response). A group too big for the budget is split.
+    """
+    def cost(indices: list[int]) -> int:
+        prompts = {tuple(tokens[i][: len(tokens[i]) - response_lengths[i]].tolist()) for i in indices}
+        longest_prompt = max(len(tokens[i]) - response_lengths[i] for i in indices)
+        return len(prompts) * longest_prompt + len(indices) * max(response_lengths[i] for i in indices)
+
+    batches: list[list[int]] = [[]]
+    for group in prompt_groups(tokens, response_lengths):
+        for index in group:
+            if batches[-1] and cost(batches[-1] + [index]) > max_tokens:
+                batches.append([])
+            batches[-1].append(index)
+    return [b for b in batches if b]
+
+
+def shared_prefix_log_probs(model: nn.Module, tokens: Sequence[torch.Tensor], response_lengths: Sequence[int], *,
+                            temperature: float, chunk_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Same result as `response_log_probs`, computing each distinct prompt once.
+
+    GRPO samples come in groups that share a prompt. The prompts are run once (U rows) into a
+    KV cache, whose rows are then copied per sample (index_select, differentiable), and the
+    responses run as a second pass attending to it. Gradients flow back through the copies
+    into the shared prompt computation, so nothing changes but the work: with n samples per
+    prompt the prompt tokens are processed once instead of n times.
+    """
+    device = model.lm_head.weight.device
+    prompts = [t[: len(t) - r] for t, r in zip(tokens, response_lengths)]
+    slots: dict[tuple[int, ...], int] = {}
+    slot_of = [slots.setdefault(tuple(p.tolist()), len(slots)) for p in prompts]
+    unique = [None] * len(slots)
+    for p, s in zip(prompts, slot_of):
+        unique[s] = p
+    prompt_len = torch.tensor([len(p) for p in prompts], device=device)
+    R = max(response_lengths)
+    prefix_ids = pad_ragged(unique).to(device)  # (U, P)
+    U, P = prefix_ids.shape
+    cache = model.new_kv_cache(U, P + R)
+    prefix_hidden = model(prefix_ids, torch.arange(P, device=device)[None, :].expand(U, P), cache)  # (U, P, E)
+    rows = torch.tensor(slot_of, device=device)
+    cache.select(rows)
+    response_ids = pad_ragged([t[len(t) - r :] for t, r in zip(tokens, response_lengths)]).to(device)  # (B, R)
+    positions = prompt_len[:, None] + torch.arange(R, device=device)[None, :]
+    response_hidden = model(response_ids, positions, cache)  # (B, R, E)
+    # The hidden state that predicts response token j: the last prompt position for j = 0,
+    # response position j - 1 after that.
+    first = prefix_hidden[rows, prompt_len - 1]  # (B, E)
+    hidden = torch.cat([first[:, None], response_hidden[:, :-1]], dim=1)  # (B, R, E)
+    mask = torch.arange(R, device=device)[None, :] < torch.tensor(list(response_lengths), device=device)[:, None]
+    logp, entropy = chunked_logprobs_entropy(hidden[mask], model.lm_head.weight, response_ids[mask],
+                                             temperature, chunk_size)
+    return list(logp.split(list(response_lengths))), list(entropy.split(list(response_lengths)))

@@ -20,7 +20,14 @@ from torch import nn
 from miles_core.algo import policy_loss
 from miles_core.config import AlgoConfig, TrainConfig
 from miles_core.models.loading import DTYPES
-from miles_core.train.batch import TrainBatch, micro_batches, pad_ragged, response_log_probs
+from miles_core.train.batch import (
+    TrainBatch,
+    micro_batches,
+    pad_ragged,
+    response_log_probs,
+    shared_prefix_log_probs,
+    shared_prefix_micro_batches,
+)
 from miles_core.train.optim import build_optimizer
 
 
@@ -43,13 +50,16 @@ class NativeTrainer:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def _forward(self, model: nn.Module, batch: TrainBatch, indices: list[int]):
+        forward = shared_prefix_log_probs if self.cfg.share_prompt_prefix else response_log_probs
         with self._autocast():
-            return response_log_probs(
+            return forward(
                 model, [batch.tokens[i] for i in indices], [batch.response_lengths[i] for i in indices],
                 temperature=self.temperature, chunk_size=self.cfg.logprob_chunk_size,
             )
 
     def _micro_batches(self, batch: TrainBatch) -> list[list[int]]:
+        if self.cfg.share_prompt_prefix:
+            return shared_prefix_micro_batches(batch.tokens, batch.response_lengths, self.cfg.max_tokens_per_micro_batch)
         return micro_batches([len(t) for t in batch.tokens], self.cfg.max_tokens_per_micro_batch)
 
     @torch.no_grad()
