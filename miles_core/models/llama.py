@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from miles_core.errors import MilesError
-from miles_core.models.layers import Attention, GatedMLP, KVCache, RMSNorm, RotaryEmbedding
+from miles_core.models.layers import Attention, GatedMLP, KVCache, Linear, RMSNorm, RotaryEmbedding
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.args = args
         self.model = LlamaModel(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
