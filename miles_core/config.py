@@ -8,6 +8,7 @@ KV block counts, devices actually chosen) lives elsewhere, not here.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -244,6 +245,43 @@ class LoopConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EvalDatasetConfig:
+    """One held-out set. In a recipe, keys left out of its `data`, `sampling` and `reward` tables
+    are taken from the top-level sections (see `inherit_eval_defaults`)."""
+
+    name: str = ""
+    """Metric prefix: results are logged as `eval/<name>/...`; letters, digits, `_`, `-`, `.`."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The prompts, all of them in file order (`shuffle` is ignored)."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """How responses are drawn; `n_samples_per_prompt` is the largest k of pass@k. The same
+    seeds are used at every evaluation, so two evaluations differ only by the weights."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    correct_threshold: float = 1.0
+    """A sample counts as correct (`accuracy`, `pass@k`) when its reward is >= this."""
+
+    def __post_init__(self) -> None:
+        _check(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name)),
+               f"name must be non-empty letters, digits, '_', '-' or '.', got '{self.name}'")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    datasets: tuple[EvalDatasetConfig, ...] = ()
+    """Held-out sets (`[[eval.datasets]]` tables in a recipe); none disables evaluation."""
+    eval_interval: int = 0
+    """Also evaluate every N rollout steps; 0 evaluates only before training and after the last step."""
+    skip_eval_before_train: bool = False
+    """Do not evaluate the starting weights."""
+
+    def __post_init__(self) -> None:
+        _check(self.eval_interval >= 0, f"eval_interval must be >= 0, got {self.eval_interval}")
+        names = [d.name for d in self.datasets]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        _check(not twice, f"dataset names must be unique, got {', '.join(map(repr, twice))} more than once")
+
+
+@dataclass(frozen=True, kw_only=True)
 class MilesConfig:
     """The whole recipe. Sections are handed to their components one by one."""
 
@@ -258,10 +296,40 @@ class MilesConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def load_config(recipe: str, overrides: list[str] | None = None) -> MilesConfig:
     """Recipe name or path + `section.key=value` overrides -> validated `MilesConfig`."""
     raw = config_tree.load_recipe(recipe)
     raw = config_tree.apply_overrides(raw, list(overrides or []), MilesConfig)
+    raw = inherit_eval_defaults(raw)
     return config_tree.build(MilesConfig, raw)
+
+
+_DATA_SOURCE_KEYS = ("path", "task", "max_prompts")
+
+
+def inherit_eval_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """Fill every `[[eval.datasets]]` entry's `data`, `sampling` and `reward` tables with the keys
+    it leaves out from the top-level sections, so a held-out set is formatted, sampled and scored
+    like training unless it says otherwise. The data source (`path`, `task`, `max_prompts`) is
+    taken as one unit: a dataset that names `path` or `task` inherits none of the three.
+    Idempotent, so a resolved config reloads unchanged."""
+    section = raw.get("eval")
+    if not isinstance(section, dict) or not isinstance(section.get("datasets"), list):
+        return raw  # absent, or a type error that `build` reports with its key
+    datasets = [_inherit(d, raw) if isinstance(d, dict) else d for d in section["datasets"]]
+    return {**raw, "eval": {**section, "datasets": datasets}}
+
+
+def _inherit(dataset: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
+    out = dict(dataset)
+    for name in ("data", "sampling", "reward"):
+        base, own = raw.get(name, {}), dataset.get(name, {})
+        if not isinstance(base, dict) or not isinstance(own, dict):
+            continue
+        if name == "data" and ("path" in own or "task" in own):
+            base = {k: v for k, v in base.items() if k not in _DATA_SOURCE_KEYS}
+        out[name] = config_tree.deep_merge(base, own)
+    return out

@@ -160,6 +160,8 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise MilesError(f"config key '{key}' expects a list, got {value!r}")
+        if _is_dataclass_type(args[0]):  # a list of tables: errors name the entry
+            return tuple(build(args[0], item, f"{key}[{i}].") for i, item in enumerate(value))
         return tuple(_coerce(item, args[0], key) for item in value)
     if origin is dict:
         if not isinstance(value, dict):
@@ -205,7 +207,7 @@ def to_dict(config: Any) -> dict[str, Any]:
         if dataclasses.is_dataclass(value):
             value = to_dict(value)
         elif isinstance(value, tuple):
-            value = list(value)
+            value = [to_dict(v) if dataclasses.is_dataclass(v) else v for v in value]
         out[f.name] = value
     return out
 

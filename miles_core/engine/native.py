@@ -21,6 +21,7 @@ from miles_core.config import EngineConfig
 from miles_core.engine.protocol import GenerateRequest, Generation
 from miles_core.engine.sampler import sample_tokens
 from miles_core.errors import MilesError
+from miles_core.kernels import model_ops
 
 
 @dataclass
@@ -134,7 +135,8 @@ class NativeEngine:
             rows = [batch[i] for i in active]
             uniform = torch.tensor([float(torch.rand(1, generator=s.generator)) for s in rows])
             take = torch.tensor(active, device=logits_BV.device)
-            tokens, logprobs = sample_tokens(logits_BV, *(p.index_select(0, take) for p in params), uniform)
+            tokens, logprobs = sample_tokens(logits_BV, *(p.index_select(0, take) for p in params), uniform,
+                                             log_softmax=model_ops(self.model).log_softmax)
             finished = self._append(rows, tokens.tolist(), logprobs.tolist())
             if finished and on_progress:
                 on_progress(finished)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from miles_core.kernels.norms import log_softmax_reference
+
 
 def process_logits(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor,
                    top_p_B: torch.Tensor) -> torch.Tensor:
@@ -35,9 +37,11 @@ def process_logits(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B
 
 
 def sample_tokens(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor,
-                  top_p_B: torch.Tensor, uniform_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row. Returns (token ids (B,), their logprobs (B,))."""
-    logprobs_BV = torch.log_softmax(process_logits(logits_BV, temperature_B, top_k_B, top_p_B), dim=-1)
+                  top_p_B: torch.Tensor, uniform_B: torch.Tensor,
+                  log_softmax=log_softmax_reference) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row. Returns (token ids (B,), their logprobs (B,)). `log_softmax` is
+    the trainer's kernel in invariant mode, so both sides compute the same bits."""
+    logprobs_BV = log_softmax(process_logits(logits_BV, temperature_B, top_k_B, top_p_B))
     cdf_BV = logprobs_BV.exp().cumsum(dim=-1)
     target_B = uniform_B.to(cdf_BV) * cdf_BV[:, -1]
     # right=True: the first index whose cumulative mass exceeds the target, so tokens with

@@ -1,1 +1,55 @@
-"""Numerical kernels with a plain-PyTorch reference next to every fast path (DESIGN principle 6)."""
+"""Numerical kernels: a plain-PyTorch reference next to every fast and batch-invariant path.
+
+`Ops` bundles the four operations whose reduction order decides whether the rollout engine and
+the trainer compute bitwise-identical log-probs: linear layers, attention, RMSNorm and
+log-softmax. `fast` uses vendor kernels (small train/inference mismatch, corrected by TIS/MIS);
+`invariant` uses kernels whose per-row result does not depend on batch size, padding or
+prefill vs decode, so engine and trainer agree exactly (KL = 0). The mode is set per model
+instance with `set_alignment_mode`, and both the engine's and the trainer's models get it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from miles_core.kernels.attention import attention_invariant, attention_reference
+from miles_core.kernels.matmul import linear_invariant, linear_reference
+from miles_core.kernels.norms import (
+    log_softmax_invariant,
+    log_softmax_reference,
+    rms_norm_invariant,
+    rms_norm_reference,
+)
+
+AlignmentMode = Literal["fast", "invariant"]
+
+
+@dataclass(frozen=True)
+class Ops:
+    name: str
+    linear: Callable
+    attention: Callable
+    rms_norm: Callable
+    log_softmax: Callable
+
+
+FAST_OPS = Ops("fast", linear_reference, attention_reference, rms_norm_reference, log_softmax_reference)
+INVARIANT_OPS = Ops("invariant", linear_invariant, attention_invariant, rms_norm_invariant, log_softmax_invariant)
+OPS = {"fast": FAST_OPS, "invariant": INVARIANT_OPS}
+
+
+def set_alignment_mode(model: nn.Module, mode: AlignmentMode) -> None:
+    """Route every matmul, attention, norm and log-softmax of `model` through `mode`'s kernels."""
+    ops = OPS[mode]
+    for module in model.modules():
+        if hasattr(type(module), "ops"):
+            module.ops = ops
+
+
+def model_ops(model: nn.Module) -> Ops:
+    """The kernels a model was set to (fast unless `set_alignment_mode` said otherwise)."""
+    return getattr(model, "ops", FAST_OPS)

@@ -31,10 +31,12 @@ def _acc_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.promote_types(tensor.dtype, torch.float32)
 
 
-def _chunk_stats(h_CE, weight_VE, targets_C, temperature):
-    logits = (h_CE @ weight_VE.T).to(_acc_dtype(h_CE)) / temperature  # (C, V)
-    lse = torch.logsumexp(logits, dim=-1)
-    logp_CV = logits - lse[:, None]
+def _chunk_stats(h_CE, weight_VE, temperature, ops):
+    logits = ops.linear(h_CE, weight_VE).to(_acc_dtype(h_CE))  # (C, V)
+    # Divide by a tensor, exactly as the engine's sampler does: a Python-scalar divisor may be
+    # turned into a multiply by its reciprocal, which rounds differently.
+    logits = logits / torch.full_like(logits[:, :1], temperature)
+    logp_CV = ops.log_softmax(logits)
     probs = logp_CV.exp()
     entropy = -(probs * logp_CV).sum(-1)
     return logp_CV, probs, entropy
@@ -42,15 +44,15 @@ def _chunk_stats(h_CE, weight_VE, targets_C, temperature):
 
 class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden_NE, weight_VE, targets_N, temperature, chunk_size):
+    def forward(ctx, hidden_NE, weight_VE, targets_N, temperature, chunk_size, ops):
         logprobs, entropies = [], []
         for start in range(0, hidden_NE.shape[0], chunk_size):
             sl = slice(start, start + chunk_size)
-            logp_CV, _, entropy = _chunk_stats(hidden_NE[sl], weight_VE, targets_N[sl], temperature)
+            logp_CV, _, entropy = _chunk_stats(hidden_NE[sl], weight_VE, temperature, ops)
             logprobs.append(logp_CV.gather(-1, targets_N[sl, None]).squeeze(1))
             entropies.append(entropy)
         ctx.save_for_backward(hidden_NE, weight_VE, targets_N)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.temperature, ctx.chunk_size, ctx.ops = temperature, chunk_size, ops
         # An output the loss does not use (entropy, when it is only a metric) gets grad None
         # instead of zeros, and backward skips its term: three fewer passes over (C, V).
         ctx.set_materialize_grads(False)
@@ -65,7 +67,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         for start in range(0, hidden_NE.shape[0], ctx.chunk_size):
             sl = slice(start, start + ctx.chunk_size)
             h_CE = hidden_NE[sl]
-            logp_CV, probs, entropy = _chunk_stats(h_CE, weight_VE, targets_N[sl], ctx.temperature)
+            logp_CV, probs, entropy = _chunk_stats(h_CE, weight_VE, ctx.temperature, ctx.ops)
             grad_z = torch.zeros_like(probs)
             if grad_entropy_N is not None:
                 grad_z -= probs * (logp_CV + entropy[:, None]) * (grad_entropy_N[sl, None] * inv_t)
@@ -79,13 +81,16 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 grad_weight += grad_z.T @ h_CE.to(grad_z.dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight_VE.dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def chunked_logprobs_entropy(hidden_NE: torch.Tensor, weight_VE: torch.Tensor, targets_N: torch.Tensor,
-                             temperature: float = 1.0, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                             temperature: float = 1.0, chunk_size: int = 1024, ops=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of `targets` and entropies, (N,) each, never holding more than
-    (chunk_size, V) logits. Differentiable w.r.t. hidden and weight."""
+    (chunk_size, V) logits. Differentiable w.r.t. hidden and weight. `ops` picks the matmul and
+    log-softmax kernels (`kernels.FAST_OPS` by default; the invariant ones for zero-KL)."""
+    from miles_core.kernels import FAST_OPS
+
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return _ChunkedLogprobs.apply(hidden_NE, weight_VE, targets_N, float(temperature), int(chunk_size))
+    return _ChunkedLogprobs.apply(hidden_NE, weight_VE, targets_N, float(temperature), int(chunk_size), ops or FAST_OPS)

@@ -22,24 +22,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from miles_core.errors import MilesError
+from miles_core.kernels import FAST_OPS, Ops
 
 
 class Linear(nn.Linear):
     """`nn.Linear` with HF parameter names; the one place model matmuls go through, so the
     kernel behind them (fast or batch-invariant) can be chosen per model."""
 
+    ops: Ops = FAST_OPS
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.linear(x, self.weight, self.bias)
+
 
 class RMSNorm(nn.Module):
+    ops: Ops = FAST_OPS
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> tuple[torch.Tensor, float]:
@@ -52,7 +57,57 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
         return inv_freq / scaling["factor"], 1.0
     if rope_type == "llama3":
         return _llama3_inv_freq(inv_freq, scaling), 1.0
-    raise MilesError(f"unsupported rope_type '{rope_type}'; expected default, linear or llama3")
+    if rope_type == "yarn":
+        return _yarn_inv_freq(head_dim, theta, scaling)
+    raise MilesError(f"unsupported rope_type '{rope_type}'; expected default, linear, llama3 or yarn")
+
+
+def hf_rope_parameters(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(theta, scaling) from a HF config in either spelling (`rope_parameters` or the older
+    `rope_scaling` + `rope_theta`), with the defaults `transformers` fills in for YaRN."""
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+    if rope.get("rope_type", rope.get("type")) == "yarn":
+        # HF prefers a top-level `original_max_position_embeddings` (Phi-3 style) to the dict's.
+        original = cfg.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+        rope["original_max_position_embeddings"] = original or cfg["max_position_embeddings"]
+        if rope.get("factor") is None:
+            rope["factor"] = cfg["max_position_embeddings"] / rope["original_max_position_embeddings"]
+    return theta, rope or None
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN attention temperature 0.1 * mscale * ln(factor) + 1 (1 when not extending)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """YaRN (Peng et al. 2023) as `transformers` computes it: frequencies blend from
+    extrapolated (fast dims) to interpolated by `factor` (slow dims) over a linear ramp between
+    the `beta_fast` / `beta_slow` rotation counts; cos/sin are scaled by the attention factor."""
+    factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(num_rotations: float) -> float:
+        return head_dim * math.log(old_len / (num_rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    high = high + 0.001 if low == high else high  # avoid a zero-width ramp
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention_factor)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
@@ -98,14 +153,16 @@ class KVCache:
     """Per-layer key/value tensors (B, K, S_max, D), indexed by token position.
 
     The engine owns one cache per batch of sequences; attention writes each token's k/v at
-    its position and reads keys 0..max(position).
+    its position and reads keys 0..max(position). Values may have their own head dim
+    (`v_head_dim`, e.g. DeepSeek MLA); by default it is `head_dim`.
     """
 
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, *, v_head_dim: int | None = None) -> None:
         shape = (batch, num_kv_heads, max_len, head_dim)
+        v_shape = (batch, num_kv_heads, max_len, v_head_dim or head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(v_shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     @property
     def max_len(self) -> int:
@@ -128,18 +185,10 @@ class KVCache:
         self.values = [v.index_select(0, rows) for v in self.values]
 
 
-def attention(q_BHTD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor,
-              position_ids_BT: torch.Tensor, cached: bool) -> torch.Tensor:
-    """Causal GQA attention. Cached: a query at position p sees keys at positions <= p."""
-    if not cached:
-        return F.scaled_dot_product_attention(q_BHTD, k_BKSD, v_BKSD, is_causal=True, enable_gqa=True)
-    key_pos_S = torch.arange(k_BKSD.shape[2], device=k_BKSD.device)
-    mask_BTS = key_pos_S[None, None, :] <= position_ids_BT[:, :, None]
-    return F.scaled_dot_product_attention(q_BHTD, k_BKSD, v_BKSD, attn_mask=mask_BTS[:, None], enable_gqa=True)
-
-
 class Attention(nn.Module):
     """Grouped-query attention with optional q/k/v bias (Qwen2) and per-head q/k RMSNorm (Qwen3)."""
+
+    ops: Ops = FAST_OPS
 
     def __init__(self, *, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  qkv_bias: bool, qk_norm: bool, norm_eps: float, layer_idx: int) -> None:
@@ -165,7 +214,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v, position_ids_BT)
-        out = attention(q, k, v, position_ids_BT, cached=kv_cache is not None)  # (B, H, T, D)
+        out = self.ops.attention(q, k, v, position_ids_BT, kv_cache is not None)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from miles_core.errors import MilesError
+from miles_core.kernels import FAST_OPS, Ops
 from miles_core.models.layers import Attention, GatedMLP, KVCache, Linear, RMSNorm, RotaryEmbedding
 
 
@@ -110,6 +111,7 @@ class LlamaForCausalLM(nn.Module):
 
     # HF checkpoints store q/k/v and gate/up separately, as our modules do: nothing is fused.
     packed_modules_mapping: dict[str, list[str]] = {}
+    ops: Ops = FAST_OPS  # the kernels chosen by kernels.set_alignment_mode (read by engine/trainer)
 
     def __init__(self, args: LlamaArgs) -> None:
         super().__init__()

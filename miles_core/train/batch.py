@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import nn
 
+from miles_core.kernels import model_ops
 from miles_core.kernels.logprobs import chunked_logprobs_entropy
 from miles_core.sample import Sample
 
@@ -94,7 +95,7 @@ def response_log_probs(model: nn.Module, tokens: Sequence[torch.Tensor], respons
     rows = torch.cat([torch.full((r,), i) for i, r in enumerate(response_lengths)]).to(device)
     cols = torch.cat([torch.arange(len(t) - r - 1, len(t) - 1) for t, r in zip(tokens, response_lengths)]).to(device)
     logp, entropy = chunked_logprobs_entropy(hidden_BTE[rows, cols], model.lm_head.weight, ids_BT[rows, cols + 1],
-                                             temperature, chunk_size)
+                                             temperature, chunk_size, model_ops(model))
     return list(logp.split(list(response_lengths))), list(entropy.split(list(response_lengths)))
 
 
@@ -161,5 +162,5 @@ def shared_prefix_log_probs(model: nn.Module, tokens: Sequence[torch.Tensor], re
     hidden = torch.cat([first[:, None], response_hidden[:, :-1]], dim=1)  # (B, R, E)
     mask = torch.arange(R, device=device)[None, :] < torch.tensor(list(response_lengths), device=device)[:, None]
     logp, entropy = chunked_logprobs_entropy(hidden[mask], model.lm_head.weight, response_ids[mask],
-                                             temperature, chunk_size)
+                                             temperature, chunk_size, model_ops(model))
     return list(logp.split(list(response_lengths))), list(entropy.split(list(response_lengths)))
