@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from miles_cli import recipes, rollout, train
+from miles_cli import align_check, recipes, rollout, train
 from miles_cli.common import State, console
 
 app = typer.Typer(
@@ -22,6 +22,7 @@ app = typer.Typer(
 )
 app.add_typer(train.app, name="train")
 app.add_typer(rollout.app, name="rollout")
+app.add_typer(align_check.app, name="align-check")
 app.add_typer(recipes.app, name="recipes")
 
 

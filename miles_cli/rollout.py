@@ -1,7 +1,9 @@
-"""`miles rollout`: generate samples from a prompt set into a JSONL file."""
+"""`miles rollout`: generate samples from a prompt set into a JSONL file, or (`--eval`) evaluate
+checkpoints on the recipe's eval datasets and print the metrics side by side."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,20 +13,35 @@ from rich.table import Table
 
 from miles_cli.common import RecipeOption, SetOption, cli_errors, console, load_cli_config
 
-app = typer.Typer(no_args_is_help=True, help="Generate samples (tokens, logprobs) from prompts to JSONL.")
+app = typer.Typer(no_args_is_help=True, help="Generate samples (tokens, logprobs) from prompts to JSONL, or --eval checkpoints.")
 
 
 @app.callback(invoke_without_command=True)
 def rollout(
     recipe: RecipeOption,
-    output: Annotated[Path, typer.Option("--output", "-o", help="JSONL file to write (one Sample per line).")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="JSONL file to write (one Sample per line).")] = None,
     prompt_data: Annotated[Optional[str], typer.Option(help="Prompt file (.jsonl/.parquet); replaces the recipe's data source.")] = None,
     overrides: SetOption = None,
+    eval_: Annotated[bool, typer.Option("--eval", help="Evaluate on the recipe's eval datasets and print metrics instead.")] = False,
+    checkpoint: Annotated[Optional[str], typer.Option(help="With --eval: model to evaluate (HF dir, .gguf or built-in name; default model.source).")] = None,
+    compare: Annotated[Optional[str], typer.Option(help="With --eval: a second model, evaluated on the same prompts and seeds.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="With --eval: print the metrics as JSON instead of tables.")] = False,
 ) -> None:
-    """Generate `n_samples_per_prompt` responses for every prompt and write them as JSONL."""
+    """Generate `n_samples_per_prompt` responses for every prompt and write them as JSONL; with
+    `--eval`, evaluate one or two checkpoints on the recipe's eval datasets instead."""
     with cli_errors():
+        from miles_core.errors import MilesError
         from miles_core.rollout import run_rollout, with_prompt_data
 
+        if eval_:
+            if output is not None or prompt_data is not None:
+                raise MilesError("--eval uses the recipe's eval datasets and writes no samples; drop --output/--prompt-data")
+            _evaluate(load_cli_config(recipe, overrides), checkpoint, compare, as_json)
+            return
+        if checkpoint or compare or as_json:
+            raise MilesError("--checkpoint, --compare and --json need --eval")
+        if output is None:
+            raise MilesError("--output is required (or pass --eval to evaluate)")
         cfg = with_prompt_data(load_cli_config(recipe, overrides), prompt_data)
         with _progress() as progress:
             task = progress.add_task("generating", total=None)
@@ -34,6 +51,25 @@ def rollout(
                 on_progress=lambda k: progress.advance(task, k),
             )
         console.print(_summary_table(summary))
+
+
+def _evaluate(cfg, checkpoint: str | None, compare: str | None, as_json: bool) -> None:
+    from miles_core.eval import run_eval
+
+    checkpoints = [checkpoint or cfg.model.source, *([compare] if compare else [])]
+    if as_json:
+        typer.echo(json.dumps(run_eval(cfg, checkpoints).to_dict(), indent=2))
+        return
+    from miles_cli.eval_tables import eval_tables
+
+    with _progress() as progress:
+        task = progress.add_task("evaluating", total=None)
+        report = run_eval(cfg, checkpoints, on_start=lambda total: progress.update(task, total=total),
+                          on_progress=lambda k: progress.advance(task, k))
+    for table in eval_tables(list(zip(report.checkpoints, report.metrics))):
+        console.print(table)
+    for name, seconds in zip(report.checkpoints, report.seconds):
+        console.print(f"{name}: {seconds:.1f} s")
 
 
 def _progress() -> Progress:

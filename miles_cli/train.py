@@ -43,11 +43,15 @@ def train(
         out = output_dir or Path(cfg.loop.output_dir or _default_run_dir(recipe))
         mode = "rollout_only" if debug_rollout_only else "train_only" if debug_train_only else "full"
         console.print(f"[bold]miles train[/] recipe={recipe} mode={mode} output={out}")
+        if mode == "train_only" and cfg.eval.datasets:
+            console.print("eval: skipped (--debug-train-only has no rollout engine)")
         with _progress() as progress:
             task = progress.add_task("rollout steps", total=cfg.loop.num_rollout, reward="-")
             result = run_training(cfg, out, mode=mode, rollout_data=load_debug_rollout_data,
                                   on_step=lambda step, m: progress.update(task, advance=1, reward=_fmt(m.get("rollout/raw_reward"))))
         console.print(_summary_table(result.history))
+        for table in _eval_tables(result.evals):
+            console.print(table)
         for path in result.checkpoints[-1:]:
             console.print(f"checkpoint: {path}")
         console.print(f"metrics: {out / 'metrics.jsonl'}")
@@ -68,6 +72,14 @@ def _progress() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("reward {task.fields[reward]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                     console=console)
+
+
+def _eval_tables(evals: list[tuple[int, dict]]) -> list[Table]:
+    """The first and the last evaluation (before and after training) side by side."""
+    from miles_cli.eval_tables import eval_tables
+
+    picked = evals[:1] + evals[1:][-1:]
+    return eval_tables([(f"step {step}", metrics) for step, metrics in picked])
 
 
 def _summary_table(history: list[dict]) -> Table:

@@ -164,14 +164,14 @@ def run_eval(cfg: MilesConfig, checkpoints: Sequence[str] = (), *, on_start: Cal
     from miles_core.models.loading import load_model
 
     if not cfg.eval.datasets:
-        raise MilesError("the recipe has no eval datasets; add an [[eval.datasets]] table (see docs/eval.md)")
+        raise MilesError("the recipe has no eval datasets; add one under eval.datasets (see docs/eval.md)")
     checkpoints = list(checkpoints) or [cfg.model.source]
     eval_sets = load_eval_sets(cfg.eval)
     report = EvalReport(checkpoints, [s.cfg.name for s in eval_sets])
     if on_start:
         on_start(len(checkpoints) * sum(s.num_samples for s in eval_sets))
     for checkpoint in checkpoints:
-        loaded = load_model(replace(cfg.model, source=checkpoint))
+        loaded = load_model(replace(cfg.model, source=checkpoint), alignment_mode=cfg.alignment.mode)
         metrics = evaluate(build_engine(cfg.engine, loaded), loaded.tokenizer, eval_sets, on_progress=on_progress)
         report.seconds.append(metrics.pop("perf/eval_time"))
         report.metrics.append(metrics)

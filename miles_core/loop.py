@@ -3,6 +3,10 @@
 It only wires components together; the math lives in `algo/`, generation in `engine/`,
 training in `train/`. Debug modes mirror slime: `rollout_only` never trains (and saves each
 step's samples), `train_only` trains on samples saved by an earlier run instead of generating.
+
+Evaluation (`eval/*` metrics) is stamped with the number of updates behind the weights: the eval
+at step s scores the weights that generate rollout s, and is logged in step s's record; the eval
+after the last step gets a record of its own, step `num_rollout` (the final checkpoint's number).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 
 from miles_core.config import MilesConfig
 from miles_core.metrics import MetricsWriter, rollout_metrics
+from miles_core.mismatch import check_true_on_policy
 from miles_core.sample import Sample
 
 Mode = Literal["full", "rollout_only", "train_only"]
@@ -27,6 +32,8 @@ StepCallback = Callable[[int, dict[str, float]], None]
 class RunResult:
     output_dir: Path
     history: list[dict[str, float]] = field(default_factory=list)
+    evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    """(step, eval metrics) of every evaluation; step = updates behind the evaluated weights."""
     checkpoints: list[Path] = field(default_factory=list)
 
 
@@ -40,16 +47,28 @@ def run_training(cfg: MilesConfig, output_dir: Path, *, mode: Mode = "full", rol
     writer = MetricsWriter(output_dir / "metrics.jsonl")
     try:
         for step in range(cfg.loop.num_rollout):
-            metrics = _rollout_step(cfg, parts, step)
+            metrics = _evaluate(parts, step, result)
+            metrics.update(_rollout_step(cfg, parts, step))
             writer.write(step, metrics)
             result.history.append(metrics)
             if on_step:
                 on_step(step, metrics)
             if parts.trainer and _should_save(cfg, step):
                 result.checkpoints.append(parts.save_checkpoint(step))
+        if final := _evaluate(parts, cfg.loop.num_rollout, result):
+            writer.write(cfg.loop.num_rollout, final)
     finally:
         writer.close()
     return result
+
+
+def _evaluate(parts, step: int, result: RunResult) -> dict[str, float]:
+    """Held-out metrics of the weights after `step` updates, when that step is due for them."""
+    if not parts.should_eval(step):
+        return {}
+    metrics = parts.evaluate()
+    result.evals.append((step, metrics))
+    return dict(metrics)
 
 
 def _rollout_step(cfg: MilesConfig, parts, step: int) -> dict[str, float]:
@@ -77,6 +96,7 @@ def _rollout_step(cfg: MilesConfig, parts, step: int) -> dict[str, float]:
         batch = TrainBatch.from_samples(samples, [advantages[i, : len(m)] for i, m in enumerate(masks)])
         metrics.update({f"train/{k}": v for k, v in parts.trainer.train_rollout(batch).items()})
         times["train_time"] = time.perf_counter() - start
+        check_true_on_policy(cfg.alignment, metrics, step)
         if parts.engine is not None:
             start = time.perf_counter()
             parts.engine.update_weights(parts.trainer.export_weights(), version=str(step + 1))

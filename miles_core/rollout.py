@@ -91,7 +91,7 @@ def run_rollout(cfg: MilesConfig, output: Path, *, on_start: Callable[[int], Non
     from miles_core.utils.io import atomic_write
 
     prompts = load_prompts(cfg.data)
-    loaded = load_model(cfg.model)
+    loaded = load_model(cfg.model, alignment_mode=cfg.alignment.mode)
     prompt_ids = render_prompts(prompts, loaded.tokenizer, cfg.data)
     engine = build_engine(cfg.engine, loaded)
     if on_start:

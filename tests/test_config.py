@@ -292,10 +292,11 @@ def test_list_items_are_type_checked():
 
 def test_literal_violation_lists_allowed_values():
     with pytest.raises(MilesError) as err:
-        load_config("tiny", ["algo.advantage_estimator=ppo"])
+        load_config("tiny", ["algo.advantage_estimator=a2c"])
     message = str(err.value)
-    assert "algo.advantage_estimator" in message and "'ppo'" in message
-    assert message.endswith("expected one of: dr_grpo, grpo")
+    assert "algo.advantage_estimator" in message and "'a2c'" in message
+    assert message.endswith("expected one of: dr_grpo, grpo, gspo, ppo, reinforce_plus_plus, "
+                            "reinforce_plus_plus_baseline, rloo")
 
 
 def test_literal_violation_in_recipe_suggests_the_closest(tmp_path):

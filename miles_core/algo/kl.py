@@ -9,6 +9,14 @@ With log_ratio = logp - ref_logp at tokens sampled from the policy (Schulman 202
 For `low_var_kl` the log ratio is also clamped to [-20, 20] before the exp, as verl does: the
 output clamp alone would turn an overflowing exp into a NaN gradient (0 * inf). Plain `k3` is
 left unclamped, as written above.
+
+Unbiased KL (DeepSeek-V3.2, `algo.use_unbiased_kl`): samples come from the old policy, not the
+current one, so the estimate is weighted by the importance ratio pi_theta / pi_old =
+exp(logp - old_logp), gradient included, as slime does; for `low_var_kl` the [-10, 10] clamp
+applies to the weighted value, as in slime.
+
+Reference refresh (`algo.ref_update_interval`): `should_update_reference` says after which
+rollout steps the reference model takes the policy's weights.
 """
 
 from __future__ import annotations
@@ -53,10 +61,25 @@ KL_ESTIMATORS: dict[str, KLEstimator] = {
 }
 
 
-def kl_estimate(log_probs: Tensor, ref_log_probs: Tensor, kind: str) -> Tensor:
-    """Per-token KL estimate of the given `kind` (k1, k2, k3, low_var_kl); same shape as inputs."""
+def kl_estimate(log_probs: Tensor, ref_log_probs: Tensor, kind: str, *,
+                importance_ratio: Tensor | None = None) -> Tensor:
+    """Per-token KL estimate of the given `kind` (k1, k2, k3, low_var_kl); same shape as inputs.
+
+    With `importance_ratio` (pi_theta / pi_old per token) the estimate is the unbiased one.
+    """
     if kind not in KL_ESTIMATORS:
         # Names are checked against AlgoConfig when the recipe loads; reaching here is a bug in
         # the caller, hence ValueError (with the same one-line wording as user errors).
         raise ValueError(str(one_of("KL estimator", kind, KL_ESTIMATORS)))
-    return KL_ESTIMATORS[kind](log_probs - ref_log_probs)
+    log_ratio = log_probs - ref_log_probs
+    if importance_ratio is None:
+        return KL_ESTIMATORS[kind](log_ratio)
+    if kind == "low_var_kl":
+        weighted = importance_ratio * _k3(log_ratio.clamp(-LOW_VAR_LOG_RATIO_BOUND, LOW_VAR_LOG_RATIO_BOUND))
+        return weighted.clamp(-LOW_VAR_KL_BOUND, LOW_VAR_KL_BOUND)
+    return importance_ratio * KL_ESTIMATORS[kind](log_ratio)
+
+
+def should_update_reference(step: int, interval: int) -> bool:
+    """True after rollout `step` (0-based) when the reference should copy the policy; 0 = never."""
+    return interval > 0 and (step + 1) % interval == 0

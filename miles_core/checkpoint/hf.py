@@ -107,8 +107,11 @@ def load_weights_into(model: nn.Module, model_dir: str | Path, dtype: torch.dtyp
     Each parameter's storage is replaced by the checkpoint tensor (cast to `dtype`, else to the
     parameter's dtype), so tied parameters stay tied and nothing is copied twice. A tied
     `lm_head.weight` may be absent; any other missing, unexpected or mis-shaped key is an error.
+    Names ending with one of the model's `keep_in_fp32` suffixes load in fp32 whatever `dtype`
+    (HF's `_keep_in_fp32_modules_strict`, e.g. the DeepSeek-V3 router).
     """
     targets = model.state_dict(keep_vars=True)
+    fp32_suffixes = tuple(getattr(model, "keep_in_fp32", ()))
     if any(t.is_meta for t in targets.values()):
         raise ValueError("load_weights_into needs a materialised model, not one on the meta device")
     loaded: set[int] = set()
@@ -123,7 +126,8 @@ def load_weights_into(model: nn.Module, model_dir: str | Path, dtype: torch.dtyp
         if tuple(target.shape) != tuple(tensor.shape):
             raise MilesError(f"shape mismatch for '{name}' in '{model_dir}': model expects "
                              f"{tuple(target.shape)}, checkpoint has {tuple(tensor.shape)}")
-        target.data = tensor.to(device=target.device, dtype=dtype or target.dtype)
+        keep_fp32 = bool(fp32_suffixes) and name.endswith(fp32_suffixes)
+        target.data = tensor.to(device=target.device, dtype=torch.float32 if keep_fp32 else dtype or target.dtype)
         loaded.add(id(target))
     # Identity, not names: a tied lm_head is the embedding's own Parameter, loaded under its name.
     missing = [name for name, target in targets.items() if id(target) not in loaded]

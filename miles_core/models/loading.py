@@ -67,10 +67,12 @@ def eos_token_ids(path: Path, hf_config: dict[str, Any], tokenizer) -> frozenset
     return frozenset(ids)
 
 
-def load_model(cfg: ModelConfig, *, with_weights: bool = True) -> LoadedModel:
-    """Resolve `cfg.source`, build the native model and load its weights onto the device."""
+def load_model(cfg: ModelConfig, *, with_weights: bool = True, alignment_mode: str = "fast") -> LoadedModel:
+    """Resolve `cfg.source`, build the native model and load its weights onto the device.
+    `alignment_mode` picks its kernels (`kernels.set_alignment_mode`); copies keep it."""
     from miles_core.checkpoint.hf import load_weights_into, read_hf_config
     from miles_core.checkpoint.sources import resolve_model_source
+    from miles_core.kernels import set_alignment_mode
     from miles_core.models.registry import build_model
 
     path = resolve_model_source(cfg.source)
@@ -82,6 +84,7 @@ def load_model(cfg: ModelConfig, *, with_weights: bool = True) -> LoadedModel:
     model = materialize(model, device, dtype)
     if with_weights:
         load_weights_into(model, path, dtype)
+    set_alignment_mode(model, alignment_mode)
     tokenizer = load_tokenizer(path)
     return LoadedModel(model, tokenizer, hf_config, path, device, eos_token_ids(path, hf_config, tokenizer))
 

@@ -7,12 +7,16 @@ from typing import Any
 from torch import nn
 
 from miles_core.errors import one_of
+from miles_core.models.deepseek_v3 import DeepseekV3Args, DeepseekV3ForCausalLM
 from miles_core.models.llama import LlamaArgs, LlamaForCausalLM
+from miles_core.models.qwen3_moe import Qwen3MoeArgs, Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, tuple[type, type[nn.Module]]] = {
     "llama": (LlamaArgs, LlamaForCausalLM),
     "qwen2": (LlamaArgs, LlamaForCausalLM),
     "qwen3": (LlamaArgs, LlamaForCausalLM),
+    "qwen3_moe": (Qwen3MoeArgs, Qwen3MoeForCausalLM),
+    "deepseek_v3": (DeepseekV3Args, DeepseekV3ForCausalLM),
 }
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from miles_core.algo import kl_estimate
+from miles_core.algo import kl_estimate, should_update_reference
 
 # log_ratio = logp - ref = [0.5, -1.0]
 LOGP = torch.tensor([-1.0, -2.0])
@@ -60,3 +60,21 @@ def test_k3_gradient():
 def test_unknown_kind():
     with pytest.raises(ValueError, match="unknown KL estimator 'k4'"):
         kl_estimate(LOGP, REF, "k4")
+
+
+def test_unbiased_kl_weights_by_importance_ratio():
+    # rho = [2, .5]: k1 [.5, -1] -> [1, -.5]; k2 [.125, .5] -> [.25, .25]
+    rho = torch.tensor([2.0, 0.5])
+    assert kl_estimate(LOGP, REF, "k1", importance_ratio=rho).tolist() == [1.0, -0.5]
+    assert kl_estimate(LOGP, REF, "k2", importance_ratio=rho).tolist() == [0.25, 0.25]
+    # low_var_kl clamps the weighted value: k3 at log ratio -15 is 3269001.4, times .5, clamped to 10;
+    # at log ratio .5 it is .10653, times 2 = .21306 (inside the bounds)
+    out = kl_estimate(torch.tensor([-16.0, -1.0]), torch.tensor([-1.0, -1.5]), "low_var_kl",
+                      importance_ratio=torch.tensor([0.5, 2.0]))
+    torch.testing.assert_close(out, torch.tensor([10.0, 2 * (math.exp(-0.5) - 0.5)]))
+
+
+def test_should_update_reference():
+    # interval 3: after rollout steps 2, 5, 8 (0-based); 0 never
+    assert [s for s in range(9) if should_update_reference(s, 3)] == [2, 5, 8]
+    assert not any(should_update_reference(s, 0) for s in range(9))

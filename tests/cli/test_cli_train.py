@@ -39,6 +39,15 @@ def initial_weights() -> dict[str, torch.Tensor]:
     return load_state_dict(resolve_model_source("tiny-qwen3"))
 
 
+def step_records(path) -> list[dict]:
+    """The records of rollout steps, without the final eval-only record."""
+    return [r for r in read_metrics(path) if "rollout/num_samples" in r]
+
+
+def eval_keys(record: dict) -> set[str]:
+    return {key for key in record if key.startswith("eval/")}
+
+
 def train_keys(records: list[dict]) -> set[str]:
     return {key for record in records for key in record if key.startswith("train/")}
 
@@ -76,8 +85,11 @@ def test_train_writes_the_resolved_config(full_run):
 
 def test_train_writes_one_metrics_record_per_step(full_run):
     records = read_metrics(full_run / "metrics.jsonl")
-    assert [r["step"] for r in records] == [0, 1]
-    for record in records:
+    # One record per rollout step, then one for the eval of the final weights (tiny has an eval set).
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert eval_keys(records[0]) and not eval_keys(records[1])
+    assert set(records[2]) == eval_keys(records[0]) | {"step", "perf/eval_time"}
+    for record in records[:2]:
         assert ROLLOUT_KEYS | TRAIN_KEYS | PERF_KEYS <= set(record)
         assert record["rollout/num_samples"] == 8  # batch_size 4 x 2 samples
         assert record["perf/rollout_tokens_per_s"] > 0
@@ -87,7 +99,7 @@ def test_train_writes_one_metrics_record_per_step(full_run):
 
 def test_zero_rewards_leave_the_weights_unchanged(full_run):
     # The random tiny model never answers right: every group has zero advantage, so no gradient.
-    records = read_metrics(full_run / "metrics.jsonl")
+    records = step_records(full_run / "metrics.jsonl")
     assert all(r["rollout/raw_reward"] == 0 and r["train/grad_norm"] == 0 for r in records)
     trained = load_state_dict(full_run / "checkpoints" / "step_000002")
     initial = initial_weights()
@@ -132,7 +144,7 @@ def test_varying_rewards_produce_gradients_and_new_weights(tmp_path, monkeypatch
     result = train("--output-dir", str(out), "--num-rollout", "1",
                    "--set", "reward.type=miles_test_length_reward:reward")
     assert result.exit_code == 0, result.output
-    [record] = read_metrics(out / "metrics.jsonl")
+    [record] = step_records(out / "metrics.jsonl")
     assert record["rollout/zero_std_groups"] < 1  # the premise: some group has an advantage
     assert record["rollout/reward_failures"] == 0
     assert record["train/grad_norm"] > 0
@@ -156,6 +168,7 @@ def test_rollout_only_saves_samples_and_never_trains(rollout_only_run):
     records = read_metrics(rollout_only_run / "metrics.jsonl")
     assert len(records) == 2
     assert train_keys(records) == set()
+    assert eval_keys(records[0]) and not eval_keys(records[1])  # the weights never change: one eval
     assert all(ROLLOUT_KEYS | PERF_KEYS <= set(r) and "perf/train_time" not in r for r in records)
 
 
@@ -163,6 +176,7 @@ def test_train_only_trains_on_the_saved_samples(train_only_run, rollout_only_run
     records = read_metrics(train_only_run / "metrics.jsonl")
     source = read_metrics(rollout_only_run / "metrics.jsonl")
     assert len(records) == 2
+    assert not any(eval_keys(r) for r in records)  # no engine, no eval
     assert all(TRAIN_KEYS <= set(r) for r in records)
     for mine, theirs in zip(records, source):
         assert mine["rollout/response_len"] == theirs["rollout/response_len"]
@@ -184,6 +198,7 @@ def test_train_only_accepts_a_format_spec_in_the_template(tmp_path, rollout_only
                    "--load-debug-rollout-data", template)
     assert result.exit_code == 0, result.output
     assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 2
+    assert "eval: skipped (--debug-train-only has no rollout engine)" in result.output
 
 
 def test_train_only_without_rollout_data_is_refused(tmp_path):
@@ -223,7 +238,7 @@ def test_num_rollout_and_hf_checkpoint_flags_override_the_recipe(tmp_path):
     resolved = load_config(str(out / "config.toml"))
     assert resolved.loop.num_rollout == 1
     assert resolved.model.source == str(model_dir)
-    assert len(read_metrics(out / "metrics.jsonl")) == 1
+    assert len(step_records(out / "metrics.jsonl")) == 1
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001"]
     saved = json.loads((out / "checkpoints" / "step_000001" / "config.json").read_text())
     assert saved["model_type"] == "qwen3"

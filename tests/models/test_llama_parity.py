@@ -156,8 +156,8 @@ def test_kv_cache_prefill_and_ragged_decode_match_full_forward():
 def test_build_model_rejects_unknown_model_type():
     with pytest.raises(MilesError) as err:
         build_model({**BASE, "model_type": "mistral"})
-    assert str(err.value) == "unknown model_type 'mistral'; expected one of: llama, qwen2, qwen3"
-    with pytest.raises(MilesError, match="unknown model_type '<missing>'; expected one of: llama, qwen2, qwen3"):
+    assert str(err.value) == "unknown model_type 'mistral'; expected one of: deepseek_v3, llama, qwen2, qwen3, qwen3_moe"
+    with pytest.raises(MilesError, match="unknown model_type '<missing>'; expected one of: deepseek_v3, llama, qwen2, qwen3, qwen3_moe"):
         build_model(BASE)
 
 

@@ -1,0 +1,83 @@
+"""`miles align-check`: measure the log-prob gap between the rollout engine and the trainer."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from miles_cli.common import RecipeOption, SetOption, cli_errors, console, load_cli_config
+
+app = typer.Typer(no_args_is_help=True, help="Compare engine and trainer log-probs on the same tokens (KL, bitwise).")
+
+
+def _sizes(text: str) -> list[int]:
+    from miles_core.errors import MilesError
+
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise MilesError(f"--batch-sizes '{text}' must be comma-separated integers, e.g. 1,7,64") from None
+    if not sizes or min(sizes) < 1:
+        raise MilesError(f"--batch-sizes '{text}' must list integers >= 1")
+    return sizes
+
+
+@app.callback(invoke_without_command=True)
+def align_check(
+    recipe: RecipeOption,
+    overrides: SetOption = None,
+    batch_sizes: Annotated[str, typer.Option(help="Engine batch sizes to sweep, comma-separated.")] = "1,7,64",
+    num_prompts: Annotated[int, typer.Option(min=1, help="Prompts from the recipe's data (each sampled n times).")] = 16,
+    engine: Annotated[str, typer.Option(help="Rollout engine: native.")] = "native",
+    trainer: Annotated[str, typer.Option(help="Trainer: native.")] = "native",
+    layers: Annotated[int, typer.Option(min=0, help="Diff every layer's hidden states on this many samples.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON instead of tables.")] = False,
+    max_kl: Annotated[float, typer.Option(help="Exit with code 1 if KL (k3) exceeds this at any batch size.")] = float("inf"),
+    max_abs_diff: Annotated[float, typer.Option(help="Exit with code 1 if max |delta logprob| exceeds this.")] = float("inf"),
+) -> None:
+    """Generate with the engine, recompute log-probs with the trainer, report the mismatch."""
+    with cli_errors():
+        from miles_core.align import run_align_check
+
+        cfg = load_cli_config(recipe, overrides)
+        report = run_align_check(cfg, batch_sizes=_sizes(batch_sizes), num_prompts=num_prompts, engine=engine,
+                                 trainer=trainer, layers=layers,
+                                 on_progress=None if as_json else lambda msg: console.print(f"[dim]{msg}[/]"))
+        if as_json:
+            typer.echo(json.dumps(report.to_dict(), indent=2))
+        else:
+            _print_report(report)
+        failed = report.worst("kl_k3") > max_kl or report.worst("max_abs_diff") > max_abs_diff
+    if failed:
+        console.print(f"[bold red]FAIL[/]: KL {report.worst('kl_k3'):.3e} (limit {max_kl}), "
+                      f"max |delta| {report.worst('max_abs_diff'):.3e} (limit {max_abs_diff})")
+        raise typer.Exit(1)
+
+
+def _print_report(report) -> None:
+    title = f"align-check: engine={report.engine} trainer={report.trainer} mode={report.mode} dtype={report.dtype}"
+    table = Table("batch", "samples", "tokens", "mean |d|", "max |d|", "KL k1", "KL k3", "bitwise =", "mean e^|d|",
+                  title=title)
+    for r in report.results:
+        s = r.stats
+        table.add_row(str(r.batch_size), str(r.num_samples), str(int(s["num_tokens"])), f"{s['mean_abs_diff']:.3e}",
+                      f"{s['max_abs_diff']:.3e}", f"{s['kl_k1']:.3e}", f"{s['kl_k3']:.3e}",
+                      f"{s['bitwise_equal']:.2%}", f"{s['mean_exp_abs_diff']:.6f}")
+    console.print(table)
+    last = report.results[-1]
+    for name, rows in (("response position", last.by_position), ("response length", last.by_length)):
+        sub = Table(name, "tokens", "mean |d|", "max |d|", "bitwise =", title=f"batch {last.batch_size} by {name}")
+        for label, s in rows.items():
+            sub.add_row(label, str(int(s["num_tokens"])), f"{s['mean_abs_diff']:.3e}", f"{s['max_abs_diff']:.3e}",
+                        f"{s['bitwise_equal']:.2%}")
+        console.print(sub)
+    if report.layers:
+        sub = Table("module", "max |d|", "bitwise =", title="hidden states, engine path vs trainer path")
+        for row in report.layers:
+            sub.add_row(row["module"], f"{row['max_abs_diff']:.3e}", f"{row['bitwise_equal']:.2%}")
+        console.print(sub)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}")
