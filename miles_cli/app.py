@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from miles_cli import align_check, recipes, rollout, train
+from miles_cli import align_check, convert, recipes, rollout, train
 from miles_cli.common import State, console
 
 app = typer.Typer(
@@ -24,6 +24,7 @@ app.add_typer(train.app, name="train")
 app.add_typer(rollout.app, name="rollout")
 app.add_typer(align_check.app, name="align-check")
 app.add_typer(recipes.app, name="recipes")
+app.add_typer(convert.app, name="convert")
 
 
 def _version(value: bool) -> None:

@@ -1,8 +1,10 @@
 """The GRPO loop: generate -> reward -> advantages -> train -> sync weights -> log -> save.
 
 It only wires components together; the math lives in `algo/`, generation in `engine/`,
-training in `train/`. Debug modes mirror slime: `rollout_only` never trains (and saves each
-step's samples), `train_only` trains on samples saved by an earlier run instead of generating.
+training in `train/`, and the data path between them (dynamic-sampling rounds, reward shaping,
+the inputs of the advantage estimator) in `step.py`. Debug modes mirror slime: `rollout_only`
+never trains (and saves each step's samples), `train_only` trains on samples saved by an earlier
+run instead of generating.
 
 Evaluation (`eval/*` metrics) is stamped with the number of updates behind the weights: the eval
 at step s scores the weights that generate rollout s, and is logged in step s's record; the eval
@@ -17,12 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from miles_core.config import MilesConfig
-from miles_core.metrics import MetricsWriter, rollout_metrics
+from miles_core.metrics import MetricsWriter, perf_metrics
 from miles_core.mismatch import check_true_on_policy
-from miles_core.sample import Sample
 
 Mode = Literal["full", "rollout_only", "train_only"]
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -40,8 +39,10 @@ class RunResult:
 def run_training(cfg: MilesConfig, output_dir: Path, *, mode: Mode = "full", rollout_data: str | None = None,
                  on_step: StepCallback | None = None) -> RunResult:
     """`miles train`: `cfg.loop.num_rollout` GRPO steps; metrics, samples and checkpoints in `output_dir`."""
+    from miles_core.algo import resolve_hooks
     from miles_core.components import RunComponents
 
+    resolve_hooks(cfg.algo)  # a bad hook path fails now, before any model is loaded
     parts = RunComponents.create(cfg, output_dir, mode=mode, rollout_data=rollout_data)
     result = RunResult(output_dir)
     writer = MetricsWriter(output_dir / "metrics.jsonl")
@@ -72,28 +73,20 @@ def _evaluate(parts, step: int, result: RunResult) -> dict[str, float]:
 
 
 def _rollout_step(cfg: MilesConfig, parts, step: int) -> dict[str, float]:
-    from miles_core.algo import broadcast_to_tokens, compute_advantages
-    from miles_core.rewards import compute_rewards, scalar_reward
-    from miles_core.train.batch import TrainBatch, pad_ragged
+    from miles_core.algo import should_update_reference
+    from miles_core.step import collect_rollout, prepare_train_batch
 
     times: dict[str, float] = {}
     start = time.perf_counter()
-    samples = parts.rollout(step)
+    rollout = collect_rollout(cfg, parts, step)  # generate (dynamic-sampling rounds) and reward
     times["rollout_time" if parts.engine is not None else "load_rollout_time"] = time.perf_counter() - start
+    parts.save_rollout_data(step, rollout.samples)
 
-    reward_stats = compute_rewards([s for s in samples if s.reward is None], cfg.reward)
-    rewards = [scalar_reward(s, cfg.reward) for s in samples]
-    group = cfg.sampling.n_samples_per_prompt
-    masks = [torch.tensor(s.loss_mask or [1] * s.response_length, dtype=torch.float32) for s in samples]
-    per_sample = compute_advantages(cfg.algo.advantage_estimator, torch.tensor(rewards), group)
-    advantages = broadcast_to_tokens(per_sample, pad_ragged(masks))
-    parts.save_rollout_data(step, samples)
-
-    metrics = rollout_metrics(samples, rewards, group)
-    metrics["rollout/reward_failures"] = float(reward_stats.num_failed)
-    if parts.trainer is not None:
+    metrics = dict(rollout.metrics)
+    if parts.trainer is not None and rollout.samples:
         start = time.perf_counter()
-        batch = TrainBatch.from_samples(samples, [advantages[i, : len(m)] for i, m in enumerate(masks)])
+        batch, batch_metrics = prepare_train_batch(cfg, parts.trainer, rollout.samples)  # shape rewards, advantages
+        metrics.update(batch_metrics)
         metrics.update({f"train/{k}": v for k, v in parts.trainer.train_rollout(batch).items()})
         times["train_time"] = time.perf_counter() - start
         check_true_on_policy(cfg.alignment, metrics, step)
@@ -101,19 +94,10 @@ def _rollout_step(cfg: MilesConfig, parts, step: int) -> dict[str, float]:
             start = time.perf_counter()
             parts.engine.update_weights(parts.trainer.export_weights(), version=str(step + 1))
             times["sync_time"] = time.perf_counter() - start
-    metrics.update(_perf_metrics(samples, times))
+    if parts.trainer is not None and should_update_reference(step, cfg.algo.ref_update_interval):
+        parts.trainer.update_reference()
+    metrics.update(perf_metrics(times, generated=rollout.generated, trained=rollout.samples))
     return metrics
-
-
-def _perf_metrics(samples: list[Sample], times: dict[str, float]) -> dict[str, float]:
-    out = {f"perf/{k}": v for k, v in times.items()}
-    out["perf/step_time"] = sum(times.values())
-    if "rollout_time" in times:
-        response_tokens = sum(s.response_length for s in samples)
-        out["perf/rollout_tokens_per_s"] = response_tokens / max(times["rollout_time"], 1e-9)
-    if "train_time" in times:
-        out["perf/train_tokens_per_s"] = sum(len(s.tokens) for s in samples) / max(times["train_time"], 1e-9)
-    return out
 
 
 def _should_save(cfg: MilesConfig, step: int) -> bool:

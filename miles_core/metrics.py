@@ -1,7 +1,9 @@
 """Run metrics: per-step JSONL records with slime's names, and summaries of a rollout.
 
-Names: `rollout/*` (what the engine produced and how it was rewarded), `train/*` (losses,
-clip fractions, KL, entropy, grad norm, train/rollout log-prob gap), `perf/*` (times, tok/s).
+Names: `rollout/*` (what the engine produced and how it was rewarded, over every sample generated
+in the step; then what entered the update: `shaped_reward`, `advantages`, `returns`, `values`,
+`ref_kl`, and DAPO's `dynamic_sampling_*`), `train/*` (losses, clip fractions, KL, entropy, TIS,
+value loss, grad norms, train/rollout log-prob gap), `perf/*` (times, tok/s).
 One JSON object per rollout step goes to `metrics.jsonl`; the file is flushed after every line
 so a crashed run keeps every finished step.
 """
@@ -64,3 +66,22 @@ def rollout_metrics(samples: Sequence[Sample], rewards: Sequence[float], group_s
         "rollout/zero_std_groups": flat_groups / max(len(groups), 1),
         "rollout/num_samples": float(len(samples)),
     }
+
+
+def token_means(loss_mask, **per_token) -> dict[str, float]:
+    """`rollout/<name>`: the mean of each (N, T) tensor over the trained tokens (mask > 0)."""
+    mask = loss_mask > 0
+    count = max(int(mask.sum()), 1)
+    return {f"rollout/{name}": float(values[mask].sum()) / count for name, values in per_token.items()}
+
+
+def perf_metrics(times: dict[str, float], *, generated: Sequence[Sample],
+                 trained: Sequence[Sample]) -> dict[str, float]:
+    """`perf/*`: the step's timed phases (seconds), their sum, and generated / trained tokens per second."""
+    out = {f"perf/{k}": v for k, v in times.items()}
+    out["perf/step_time"] = sum(times.values())
+    if "rollout_time" in times:
+        out["perf/rollout_tokens_per_s"] = sum(s.response_length for s in generated) / max(times["rollout_time"], 1e-9)
+    if "train_time" in times:
+        out["perf/train_tokens_per_s"] = sum(len(s.tokens) for s in trained) / max(times["train_time"], 1e-9)
+    return out

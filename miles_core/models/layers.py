@@ -131,9 +131,16 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def reset_buffers(self) -> None:
-        """Recompute `inv_freq` in place (after the model was built on the meta device)."""
+        """Recompute `inv_freq` in fp32 on its device (after a meta-device build or a cast)."""
         inv_freq, _ = rope_inv_freq(self.head_dim, self.theta, self.scaling)
         self.inv_freq = inv_freq.to(self.inv_freq.device)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bf16) would round the frequencies to bf16 and shift every position's angle;
+        # HF keeps them fp32, and the engine and trainer must agree, so recompute after any cast.
+        super()._apply(fn, recurse)
+        self.reset_buffers()
+        return self
 
     def forward(self, position_ids_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids_BT[..., None].float() * self.inv_freq.float()  # (B, T, D/2)
@@ -163,6 +170,8 @@ class KVCache:
         v_shape = (batch, num_kv_heads, max_len, v_head_dim or head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(v_shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._positions: torch.Tensor | None = None
+        self._length = 0
 
     @property
     def max_len(self) -> int:
@@ -176,8 +185,9 @@ class KVCache:
         # Under autocast the new k/v may be bf16 while the cache is in the weights' dtype.
         keys.permute(0, 2, 1, 3)[rows, position_ids_BT] = k_BKTD.transpose(1, 2).to(keys.dtype)
         values.permute(0, 2, 1, 3)[rows, position_ids_BT] = v_BKTD.transpose(1, 2).to(values.dtype)
-        length = int(position_ids_BT.max()) + 1
-        return keys[:, :, :length], values[:, :, :length]
+        if position_ids_BT is not self._positions:  # one host sync per forward, not per layer
+            self._positions, self._length = position_ids_BT, int(position_ids_BT.max()) + 1
+        return keys[:, :, : self._length], values[:, :, : self._length]
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep (and reorder/duplicate) batch rows, e.g. to drop finished sequences."""

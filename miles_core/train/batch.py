@@ -4,7 +4,13 @@ A sample of length L with R response tokens is trained on positions P-1 .. L-2 (
 whose next tokens are the response. Sequences are right-padded in a micro-batch, so every row
 starts at position 0 exactly as in the engine's prefill.
 
-Shape legend: B samples in a micro-batch, T padded length, R padded response length, E hidden.
+Both forwards are split in two: `*_hidden_states` returns the hidden state before each response
+token (the one that predicts it), and `*_log_probs` turns those into log-probs and entropies. The
+PPO critic (`critic.py`) reads its values from the same hidden states, so values and log-probs are
+taken at exactly the same positions.
+
+Shape legend: B samples in a micro-batch, T padded length, R padded response length, E hidden,
+N response tokens of all samples (sample-major).
 """
 
 from __future__ import annotations
@@ -27,13 +33,21 @@ class TrainBatch:
     tokens: list[torch.Tensor]
     response_lengths: list[int]
     loss_masks: list[torch.Tensor]
-    advantages: list[torch.Tensor]
+    advantages: list[torch.Tensor] | None = None
+    """Per response token; None until the advantages are estimated (they may need the passes below)."""
     rollout_log_probs: list[torch.Tensor] | None = None
+    """The engine's log-probs of the sampled tokens."""
     old_log_probs: list[torch.Tensor] | None = None
+    """The trainer's log-probs under the weights that generated the rollout (no grad)."""
     ref_log_probs: list[torch.Tensor] | None = None
+    """The reference model's log-probs (KL loss, KL reward)."""
+    values: list[torch.Tensor] | None = None
+    """The critic's values at rollout time (PPO's old values, no grad)."""
+    returns: list[torch.Tensor] | None = None
+    """PPO value targets (GAE advantages + old values)."""
 
     @classmethod
-    def from_samples(cls, samples: Sequence[Sample], advantages: Sequence[torch.Tensor]) -> TrainBatch:
+    def from_samples(cls, samples: Sequence[Sample], advantages: Sequence[torch.Tensor] | None = None) -> TrainBatch:
         def mask(s: Sample) -> torch.Tensor:
             values = s.loss_mask if s.loss_mask is not None else [1] * s.response_length
             return torch.tensor(values, dtype=torch.float32)
@@ -43,7 +57,7 @@ class TrainBatch:
             tokens=[torch.tensor(s.tokens, dtype=torch.long) for s in samples],
             response_lengths=[s.response_length for s in samples],
             loss_masks=[mask(s) for s in samples],
-            advantages=[a.float() for a in advantages],
+            advantages=None if advantages is None else [a.float() for a in advantages],
             rollout_log_probs=[torch.tensor(s.rollout_log_probs, dtype=torch.float32) for s in samples]
             if has_rollout_lp else None,
         )
@@ -84,9 +98,9 @@ def pad_ragged(values: Sequence[torch.Tensor], pad: float = 0.0) -> torch.Tensor
     return torch.nn.utils.rnn.pad_sequence(list(values), batch_first=True, padding_value=pad)
 
 
-def response_log_probs(model: nn.Module, tokens: Sequence[torch.Tensor], response_lengths: Sequence[int], *,
-                       temperature: float, chunk_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per-sample (log-probs, entropies) of the response tokens under `model` at `temperature`."""
+def response_hidden_states(model: nn.Module, tokens: Sequence[torch.Tensor],
+                           response_lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, E) hidden states that predict the N response tokens, and those tokens (N,)."""
     device = model.lm_head.weight.device
     ids_BT = pad_ragged(tokens).to(device)
     B, T = ids_BT.shape
@@ -94,9 +108,23 @@ def response_log_probs(model: nn.Module, tokens: Sequence[torch.Tensor], respons
     hidden_BTE = model(ids_BT, positions_BT)
     rows = torch.cat([torch.full((r,), i) for i, r in enumerate(response_lengths)]).to(device)
     cols = torch.cat([torch.arange(len(t) - r - 1, len(t) - 1) for t, r in zip(tokens, response_lengths)]).to(device)
-    logp, entropy = chunked_logprobs_entropy(hidden_BTE[rows, cols], model.lm_head.weight, ids_BT[rows, cols + 1],
-                                             temperature, chunk_size, model_ops(model))
+    return hidden_BTE[rows, cols], ids_BT[rows, cols + 1]
+
+
+def _token_log_probs(model: nn.Module, hidden_NE: torch.Tensor, targets_N: torch.Tensor,
+                     response_lengths: Sequence[int], temperature: float,
+                     chunk_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(N, E) hidden states -> per-sample (log-probs, entropies) of the N target tokens."""
+    logp, entropy = chunked_logprobs_entropy(hidden_NE, model.lm_head.weight, targets_N, temperature, chunk_size,
+                                             model_ops(model))
     return list(logp.split(list(response_lengths))), list(entropy.split(list(response_lengths)))
+
+
+def response_log_probs(model: nn.Module, tokens: Sequence[torch.Tensor], response_lengths: Sequence[int], *,
+                       temperature: float, chunk_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-sample (log-probs, entropies) of the response tokens under `model` at `temperature`."""
+    hidden_NE, targets_N = response_hidden_states(model, tokens, response_lengths)
+    return _token_log_probs(model, hidden_NE, targets_N, response_lengths, temperature, chunk_size)
 
 
 def prompt_groups(tokens: Sequence[torch.Tensor], response_lengths: Sequence[int]) -> list[list[int]]:
@@ -130,7 +158,14 @@ def shared_prefix_micro_batches(tokens: Sequence[torch.Tensor], response_lengths
 
 def shared_prefix_log_probs(model: nn.Module, tokens: Sequence[torch.Tensor], response_lengths: Sequence[int], *,
                             temperature: float, chunk_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Same result as `response_log_probs`, computing each distinct prompt once.
+    """Same result as `response_log_probs`, computing each distinct prompt once."""
+    hidden_NE, targets_N = shared_prefix_hidden_states(model, tokens, response_lengths)
+    return _token_log_probs(model, hidden_NE, targets_N, response_lengths, temperature, chunk_size)
+
+
+def shared_prefix_hidden_states(model: nn.Module, tokens: Sequence[torch.Tensor],
+                                response_lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same result as `response_hidden_states`, computing each distinct prompt once.
 
     GRPO samples come in groups that share a prompt. The prompts are run once (U rows) into a
     KV cache, whose rows are then copied per sample (index_select, differentiable), and the
@@ -161,6 +196,13 @@ def shared_prefix_log_probs(model: nn.Module, tokens: Sequence[torch.Tensor], re
     first = prefix_hidden[rows, prompt_len - 1]  # (B, E)
     hidden = torch.cat([first[:, None], response_hidden[:, :-1]], dim=1)  # (B, R, E)
     mask = torch.arange(R, device=device)[None, :] < torch.tensor(list(response_lengths), device=device)[:, None]
-    logp, entropy = chunked_logprobs_entropy(hidden[mask], model.lm_head.weight, response_ids[mask],
-                                             temperature, chunk_size, model_ops(model))
-    return list(logp.split(list(response_lengths))), list(entropy.split(list(response_lengths)))
+    return hidden[mask], response_ids[mask]
+
+
+def call_in_dtype(module: nn.Module, args: tuple, dtype: torch.dtype):
+    """`module(*args)` with every parameter cast to `dtype` for the call (differentiably, so the
+    gradients reach the fp32 masters); a plain call when the parameters already have it."""
+    if all(p.dtype == dtype for p in module.parameters()):
+        return module(*args)
+    cast = {name: p.to(dtype) for name, p in module.named_parameters()}
+    return torch.func.functional_call(module, cast, args)

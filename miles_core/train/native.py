@@ -5,33 +5,47 @@ bf16 copies of the weights (the cast is differentiable, so gradients reach the f
 as FSDP's mixed precision does: activations are bf16 end to end exactly as in a bf16 inference
 engine, which autocast would not give (it keeps the residual stream in fp32), so batch-invariant
 kernels can make trainer and engine agree bit for bit. Losses use global token/sequence counts
-as denominators, so summing micro-batch losses gives exactly the full-batch loss. With one
-optimizer step per rollout the "old" log-probs equal the current ones, so they are taken
-(detached) from the training forward itself instead of a second pass.
+as denominators, so summing micro-batch losses gives exactly the full-batch loss. Micro-batches
+hold whole sequences, so per-row terms (sequence-level ratios, TIS weights) are exact too.
+
+Old log-probs. With one optimizer step per rollout the "old" log-probs equal the current ones,
+so they are taken (detached) from the training forward itself instead of a second pass. A no-grad
+pass computes them first when something needs them before the update: several optimizer steps
+per rollout, `algo.tis_batch_normalize` (the mean TIS weight of each optimizer step's rows), or
+the KL reward of `algo.kl_coef` (the loop computes them with the advantages).
+
+Optional models: a frozen `reference` (KL loss, KL reward; `update_reference` refreshes it) and
+the PPO `critic` (`critic.py`), trained by the same backward through `policy_loss`'s value term.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from miles_core.algo import policy_loss
+from miles_core.algo import accumulate_metrics, policy_loss, tis_batch_mean
 from miles_core.config import AlgoConfig, TrainConfig
 from miles_core.mismatch import MismatchSums
 from miles_core.models.loading import DTYPES
 from miles_core.train.batch import (
     TrainBatch,
+    call_in_dtype,
     micro_batches,
     pad_ragged,
     response_log_probs,
     shared_prefix_log_probs,
     shared_prefix_micro_batches,
 )
+from miles_core.train.critic import Critic
 from miles_core.train.optim import build_optimizer
+
+# policy_loss also reports this gap (old vs rollout log-probs, per micro-batch); the trainer's
+# own measurement (`mismatch_metrics`, on the weights that generated the rollout) is the one logged.
+_POLICY_LOSS_DUPLICATES = ("train_rollout_logprob_abs_diff",)
 
 
 class _ResponseLogProbs(nn.Module):
@@ -50,9 +64,9 @@ class NativeTrainer:
     """`TrainBackend` for a native model in this process."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, algo: AlgoConfig, *, temperature: float,
-                 total_steps: int, reference: nn.Module | None = None) -> None:
+                 total_steps: int, reference: nn.Module | None = None, critic: Critic | None = None) -> None:
         self.model, self.cfg, self.algo = model.train(), cfg, algo
-        self.reference = reference
+        self.reference, self.critic = reference, critic
         self.temperature = temperature if temperature > 0 else 1.0
         self.optimizer, self.scheduler = build_optimizer(model.parameters(), cfg, total_steps)
         self.device = next(model.parameters()).device
@@ -62,11 +76,7 @@ class NativeTrainer:
         forward = shared_prefix_log_probs if self.cfg.share_prompt_prefix else response_log_probs
         module = _ResponseLogProbs(model, forward, self.temperature, self.cfg.logprob_chunk_size)
         args = ([batch.tokens[i] for i in indices], [batch.response_lengths[i] for i in indices])
-        dtype = DTYPES[self.cfg.compute_dtype]
-        if all(p.dtype == dtype for p in model.parameters()):
-            return module(*args)
-        cast = {f"model.{name}": p.to(dtype) for name, p in model.named_parameters()}
-        return torch.func.functional_call(module, cast, args)
+        return call_in_dtype(module, args, DTYPES[self.cfg.compute_dtype])
 
     def _micro_batches(self, batch: TrainBatch) -> list[list[int]]:
         if self.cfg.share_prompt_prefix:
@@ -77,7 +87,7 @@ class NativeTrainer:
     def compute_log_probs(self, batch: TrainBatch, *, reference: bool = False) -> list[torch.Tensor]:
         model = self.reference if reference else self.model
         if model is None:
-            raise ValueError("no reference model: enable algo.use_kl_loss to keep one")
+            raise ValueError("no reference model: enable algo.use_kl_loss or algo.kl_coef > 0 to keep one")
         out: list[torch.Tensor | None] = [None] * len(batch)
         for indices in self._micro_batches(batch):
             logps, _ = self._forward(model, batch, indices)
@@ -85,60 +95,101 @@ class NativeTrainer:
                 out[i] = logp.float().cpu()
         return out
 
+    def compute_values(self, batch: TrainBatch) -> list[torch.Tensor]:
+        """The critic's per-token values of the current weights (no grad): PPO's old values."""
+        if self.critic is None:
+            raise ValueError("no critic: advantage_estimator 'ppo' keeps one")
+        return self.critic.compute_values(batch, self._micro_batches(batch))
+
+    def update_reference(self) -> None:
+        """Copy the policy's weights into the reference model (`algo.ref_update_interval`)."""
+        if self.reference is None:
+            raise ValueError("no reference model: enable algo.use_kl_loss or algo.kl_coef > 0 to keep one")
+        self.reference.load_state_dict(self.model.state_dict())
+
     def train_rollout(self, batch: TrainBatch) -> dict[str, float]:
-        if self.algo.use_kl_loss:
-            batch.ref_log_probs = self.compute_log_probs(batch, reference=True)
+        """All optimizer steps of one rollout: the rows are split evenly between them."""
+        if batch.advantages is None:
+            raise ValueError("train_rollout needs batch.advantages (estimate them first)")
+        self._fill_missing_inputs(batch)
         # Train/rollout mismatch is measured on the weights that generated the rollout: the old
         # log-probs when computed, else the first (only) optimizer step's own forward.
         mismatch = MismatchSums()
-        if self.cfg.num_steps_per_rollout > 1:
-            batch.old_log_probs = self.compute_log_probs(batch)
-            if batch.rollout_log_probs is not None:
-                for old, rollout, mask in zip(batch.old_log_probs, batch.rollout_log_probs, batch.loss_masks):
-                    mismatch.add(old, rollout, mask)
-        steps = torch.arange(len(batch)).tensor_split(self.cfg.num_steps_per_rollout)
-        totals: dict[str, float] = defaultdict(float)
-        for index, indices in enumerate(steps):
-            measure = mismatch if self.cfg.num_steps_per_rollout == 1 else None
-            for key, value in self.train_step(batch.select(indices.tolist()), measure).items():
-                totals[key] += value / len(steps)
+        if batch.old_log_probs is not None and batch.rollout_log_probs is not None:
+            for old, rollout, mask in zip(batch.old_log_probs, batch.rollout_log_probs, batch.loss_masks):
+                mismatch.add(old, rollout, mask)
+        splits = [s for s in torch.arange(len(batch)).tensor_split(self.cfg.num_steps_per_rollout) if len(s)]
+        measure = mismatch if batch.old_log_probs is None else None
+        per_step = [self.train_step(batch.select(indices.tolist()), measure) for indices in splits]
+        totals = mean_over_steps(per_step)
         if batch.rollout_log_probs is not None:
             totals.update(mismatch_metrics(mismatch))
-        return dict(totals)
+        return totals
+
+    def _fill_missing_inputs(self, batch: TrainBatch) -> None:
+        """No-grad passes for what the update needs and the caller did not provide."""
+        if self.algo.use_kl_loss and batch.ref_log_probs is None:
+            batch.ref_log_probs = self.compute_log_probs(batch, reference=True)
+        need_old = self.cfg.num_steps_per_rollout > 1 or self.algo.tis_batch_normalize
+        if need_old and batch.old_log_probs is None:
+            batch.old_log_probs = self.compute_log_probs(batch)
+        if self.critic is not None and (batch.values is None or batch.returns is None):
+            raise ValueError("the critic trains on batch.values and batch.returns (estimate the PPO advantages first)")
 
     def train_step(self, batch: TrainBatch, mismatch: MismatchSums | None = None) -> dict[str, float]:
         """One optimizer step over `batch`, accumulated over micro-batches; the forward's log-probs
         are compared with the rollout's into `mismatch` when given."""
         self.optimizer.zero_grad(set_to_none=True)
+        if self.critic is not None:
+            self.critic.zero_grad()
         num_tokens, num_seqs = max(batch.num_loss_tokens, 1.0), float(len(batch))
-        metrics: dict[str, float] = defaultdict(float)
+        tis_mean = self._tis_batch_mean(batch)
+        metrics: dict[str, float] = {}
         for indices in self._micro_batches(batch):
-            for key, value in self._micro_step(batch, indices, num_tokens, num_seqs, mismatch).items():
-                metrics[key] += value
+            accumulate_metrics(metrics, self._micro_step(batch, indices, num_tokens, num_seqs, tis_mean, mismatch))
         max_norm = self.cfg.clip_grad if self.cfg.clip_grad > 0 else float("inf")
         metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         metrics["lr"] = self.scheduler.get_last_lr()[0]
+        if tis_mean is not None:
+            metrics["tis_batch_mean"] = tis_mean
         self.optimizer.step()
         self.scheduler.step()
+        if self.critic is not None:
+            metrics["value_grad_norm"] = self.critic.step()
         self.num_optimizer_steps += 1
-        return dict(metrics)
+        return metrics
+
+    def _tis_batch_mean(self, batch: TrainBatch) -> float | None:
+        """The mean TIS weight over this optimizer step's rows (`algo.tis_batch_normalize`)."""
+        if not self.algo.tis_batch_normalize:
+            return None
+        if batch.old_log_probs is None or batch.rollout_log_probs is None:
+            raise ValueError("tis_batch_normalize needs the old and the rollout log-probs of the batch")
+        return tis_batch_mean(self.algo, old_log_probs=pad_ragged(batch.old_log_probs),
+                              rollout_log_probs=pad_ragged(batch.rollout_log_probs),
+                              loss_mask=pad_ragged(batch.loss_masks))
 
     def _micro_step(self, batch: TrainBatch, indices: list[int], num_tokens: float, num_seqs: float,
-                    mismatch: MismatchSums | None) -> dict[str, float]:
+                    tis_mean: float | None, mismatch: MismatchSums | None) -> dict[str, float]:
         logps, entropies = self._forward(self.model, batch, indices)
-        pad = lambda values: pad_ragged([values[i] for i in indices]).to(self.device)  # noqa: E731
+
+        def pad(values: list[torch.Tensor] | None) -> torch.Tensor | None:
+            return None if values is None else pad_ragged([values[i] for i in indices]).to(self.device)
+
         log_probs, mask = pad_ragged(logps).float(), pad(batch.loss_masks)
         old = pad(batch.old_log_probs) if batch.old_log_probs is not None else log_probs.detach()
+        values = self.critic.values(batch, indices).to(self.device) if self.critic is not None else None
         loss, metrics = policy_loss(
             self.algo, log_probs=log_probs, old_log_probs=old, advantages=pad(batch.advantages),
-            loss_mask=mask, num_tokens=num_tokens, num_seqs=num_seqs,
-            entropy=pad_ragged(entropies).float(),
-            ref_log_probs=pad(batch.ref_log_probs) if batch.ref_log_probs is not None else None,
+            loss_mask=mask, num_tokens=num_tokens, num_seqs=num_seqs, entropy=pad_ragged(entropies).float(),
+            ref_log_probs=pad(batch.ref_log_probs), rollout_log_probs=pad(batch.rollout_log_probs),
+            tis_batch_mean=tis_mean, values=values, old_values=pad(batch.values) if values is not None else None,
+            returns=pad(batch.returns) if values is not None else None,
         )
         loss.backward()
         if mismatch is not None and batch.rollout_log_probs is not None:
             mismatch.add(log_probs, pad(batch.rollout_log_probs), mask)
-        return metrics
+        return {k: v for k, v in metrics.items() if k not in _POLICY_LOSS_DUPLICATES}
 
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, param in self.model.named_parameters():  # shared (tied) parameters appear once
@@ -149,6 +200,8 @@ class NativeTrainer:
         torch.save({
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "num_optimizer_steps": self.num_optimizer_steps,
+            "reference": self.reference.state_dict() if self.reference is not None else None,
+            "critic": self.critic.state_dict() if self.critic is not None else None,
         }, directory / "trainer_state.pt")
 
     def load(self, directory: Path) -> None:
@@ -157,6 +210,24 @@ class NativeTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.num_optimizer_steps = state["num_optimizer_steps"]
+        if self.reference is not None and state.get("reference") is not None:
+            self.reference.load_state_dict(state["reference"])
+        if self.critic is not None and state.get("critic") is not None:
+            self.critic.load_state_dict(state["critic"])
+
+
+def mean_over_steps(per_step: list[dict[str, float]]) -> dict[str, float]:
+    """One record for a rollout's optimizer steps: the mean, except `*_min` / `*_max` (min / max)."""
+    out: dict[str, float] = {}
+    for key in sorted({k for m in per_step for k in m}):
+        values = [m[key] for m in per_step if key in m]
+        if key.endswith("_min"):
+            out[key] = min(values)
+        elif key.endswith("_max"):
+            out[key] = max(values)
+        else:
+            out[key] = math.fsum(values) / len(values)
+    return out
 
 
 def mismatch_metrics(sums: MismatchSums) -> dict[str, float]:

@@ -13,10 +13,16 @@ from miles_core.train.batch import TrainBatch
 
 class TrainBackend(Protocol):
     def compute_log_probs(self, batch: TrainBatch, *, reference: bool = False) -> list[torch.Tensor]:
-        """Per-sample log-probs of the response tokens (no gradient)."""
+        """Per-sample log-probs of the response tokens (no gradient), of the policy or the reference."""
+
+    def compute_values(self, batch: TrainBatch) -> list[torch.Tensor]:
+        """Per-sample critic values of the response tokens (no gradient); PPO only."""
 
     def train_rollout(self, batch: TrainBatch) -> dict[str, float]:
         """All optimizer steps for one rollout; returns `train/*` metrics."""
+
+    def update_reference(self) -> None:
+        """Copy the policy's current weights into the reference model."""
 
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Current weights with HF names (tied weights once), for sync and checkpoints."""

@@ -1,0 +1,262 @@
+"""Batch-invariant CUDA kernels in Triton: linear, RMSNorm, log-softmax and causal attention.
+
+Why these are invariant: every kernel runs one fixed configuration (block sizes, warps, stages)
+whatever the problem size, never splits a reduction across programs (no split-K), and computes
+each output row from that row's inputs alone with a fixed loop order. So a token's numbers do
+not depend on how many other tokens share the launch, which is what makes the engine's decode
+and the trainer's forward agree bit for bit. The price against vendor kernels is the loss of
+size-specific tuning (cuBLAS and flash attention pick kernels per shape); `bench/align_overhead.py`
+measures it.
+
+- `linear`: C = A W^T (+ b), tiles of BLOCK_M x BLOCK_N, K walked in BLOCK_K steps from 0.
+  fp32 inputs use IEEE products (no tf32) so fp32 results stay fp32-accurate.
+- `rms_norm`: one program per row, the whole row in one block (hidden sizes up to 16384).
+- `log_softmax`: one program per row, online max / sum-exp over fixed vocab chunks, then z - lse.
+- `attention`: flash-attention forward (online softmax over BLOCK_N keys from position 0) with
+  explicit query positions; keys sit at their index; a query at position p sees keys 0..p.
+  Decode (one query) uses the same kernel and tile shape as prefill.
+
+Backward passes are not invariant and need not be: they recompute with the plain PyTorch
+reference (`matmul`, `norms`, `attention` modules) and differentiate that.
+
+Shape legend: M rows, N out features, K in features, B batch, H heads, T queries, S keys, D head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch invariant paths are used instead
+    triton = None
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). One configuration for every problem size: the
+# row results must not depend on M. `bench/linear_configs.py` compares candidates on H100.
+LINEAR_CONFIG = {"ieee": (64, 64, 32, 4, 2), "half": (128, 128, 64, 8, 3)}
+
+
+@functools.cache
+def available() -> bool:
+    return triton is not None and torch.cuda.is_available()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _linear_kernel(a_ptr, w_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_wn, stride_cm,
+                       HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        pid = tl.program_id(0)
+        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        group = pid // (GROUP_M * num_n)  # grouped order: neighbouring programs share W tiles in L2
+        first_m = group * GROUP_M
+        size_m = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+        pid_n = (pid % (GROUP_M * num_n)) // size_m
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = tl.load(a_ptr + rows[:, None] * stride_am + (k0 + ks)[None, :],
+                        mask=(rows[:, None] < M) & (k0 + ks[None, :] < K), other=0.0)
+            w = tl.load(w_ptr + cols[None, :] * stride_wn + (k0 + ks)[:, None],
+                        mask=(cols[None, :] < N) & (k0 + ks[:, None] < K), other=0.0)
+            if IEEE:
+                acc = tl.dot(a, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w, acc)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, E, stride, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * stride + cols, mask=cols < E, other=0.0).to(tl.float32)
+        inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / E + eps)
+        normed = (x * inv).to(y_ptr.dtype.element_ty)  # HF: cast back before the weight multiply
+        w = tl.load(w_ptr + cols, mask=cols < E, other=0.0)
+        y = (w.to(tl.float32) * normed.to(tl.float32)).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + row * stride + cols, y, mask=cols < E)
+
+    @triton.jit
+    def _log_softmax_kernel(z_ptr, out_ptr, V, stride, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        m_vec = tl.full((BLOCK,), float("-inf"), tl.float32)
+        s_vec = tl.zeros((BLOCK,), tl.float32)
+        for start in range(0, V, BLOCK):  # per-lane online max / sum, fixed chunk order
+            z = tl.load(z_ptr + row * stride + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m_vec, z)
+            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s_vec = s_vec * tl.exp(m_vec - safe) + tl.exp(z - safe)
+            m_vec = m_new
+        m = tl.max(m_vec, axis=0)
+        lse = m + tl.log(tl.sum(s_vec * tl.exp(m_vec - m), axis=0))
+        for start in range(0, V, BLOCK):
+            z = tl.load(z_ptr + row * stride + start + cols, mask=start + cols < V, other=0.0).to(tl.float32)
+            tl.store(out_ptr + row * stride + start + cols, (z - lse).to(out_ptr.dtype.element_ty),
+                     mask=start + cols < V)
+
+    @triton.jit
+    def _attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, T, S, H, G, D, DV, scale,
+                          sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_t, sp_b,
+                          IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_DV: tl.constexpr):
+        pid_m, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // H, bh % H
+        kv = h // G
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        d, dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+        q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_t + d[None, :],
+                    mask=(rows[:, None] < T) & (d[None, :] < D), other=0.0)
+        qpos = tl.load(pos_ptr + b * sp_b + rows, mask=rows < T, other=-1)
+        m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+        last = tl.minimum(tl.max(qpos, axis=0) + 1, S)  # trailing fully-masked blocks change nothing
+        for start in range(0, last, BLOCK_N):
+            keys = start + tl.arange(0, BLOCK_N)
+            k = tl.load(k_ptr + b * sk_b + kv * sk_h + keys[None, :] * sk_s + d[:, None],
+                        mask=(keys[None, :] < S) & (d[:, None] < D), other=0.0)
+            if IEEE:
+                s = tl.dot(q, k, input_precision="ieee") * scale
+            else:
+                s = tl.dot(q, k) * scale
+            s = tl.where((keys[None, :] <= qpos[:, None]) & (keys[None, :] < S), s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - safe)
+            p = tl.exp(s - safe[:, None])
+            l = l * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_ptr + b * sv_b + kv * sv_h + keys[:, None] * sv_s + dv[None, :],
+                        mask=(keys[:, None] < S) & (dv[None, :] < DV), other=0.0)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+        tl.store(o_ptr + b * so_b + h * so_h + rows[:, None] * so_t + dv[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < T) & (dv[None, :] < DV))
+
+
+def _linear_forward(x_MK: torch.Tensor, w_NK: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    x_MK, w_NK = x_MK.contiguous(), w_NK.to(x_MK.dtype).contiguous()
+    M, K = x_MK.shape
+    N = w_NK.shape[0]
+    out = torch.empty(M, N, device=x_MK.device, dtype=x_MK.dtype)
+    ieee = x_MK.dtype == torch.float32
+    block_m, block_n, block_k, warps, stages = LINEAR_CONFIG["ieee" if ieee else "half"]
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    _linear_kernel[grid](x_MK, w_NK, bias if bias is not None else x_MK, out, M, N, K,
+                         x_MK.stride(0), w_NK.stride(0), out.stride(0), HAS_BIAS=bias is not None, IEEE=ieee,
+                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+                         num_warps=warps, num_stages=stages)
+    return out
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight, bias)
+        return _linear_forward(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias = ctx.saved_tensors
+        grad_x = grad @ weight.to(grad.dtype)
+        grad_w = (grad.T @ x).to(weight.dtype)
+        grad_b = grad.sum(0).to(bias.dtype) if bias is not None else None
+        return grad_x, grad_w, grad_b
+
+
+def linear(x_MK: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return _Linear.apply(x_MK, weight, bias)
+
+
+def _with_reference_backward(forward_fn, reference_fn):
+    """An autograd op whose forward is a Triton kernel and whose backward differentiates the
+    PyTorch reference (gradients need no invariance)."""
+
+    class _Op(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            ctx.save_for_backward(*[a for a in args if isinstance(a, torch.Tensor)])
+            ctx.args = args
+            return forward_fn(*args)
+
+        @staticmethod
+        def backward(ctx, grad):
+            args = [a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in ctx.args]
+            with torch.enable_grad():
+                out = reference_fn(*args)
+            inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+            grads = iter(torch.autograd.grad(out, inputs, grad) if inputs else [])
+            return tuple(next(grads) if isinstance(a, torch.Tensor) and a.requires_grad else None for a in args)
+
+    return _Op.apply
+
+
+def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Output in x's dtype (the weight is cast to it: engine and trainer hold the same dtype)."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    E = x2.shape[1]
+    y = torch.empty_like(x2)
+    _rms_norm_kernel[(x2.shape[0],)](x2, weight.to(x.dtype).contiguous(), y, E, x2.stride(0), eps,
+                                     BLOCK=triton.next_power_of_2(E), num_warps=8)
+    return y.view(x.shape)
+
+
+def _rms_norm_reference(x, weight, eps):
+    from miles_core.kernels.norms import rms_norm_reference
+
+    return rms_norm_reference(x, weight, eps)
+
+
+rms_norm = _with_reference_backward(_rms_norm_forward, _rms_norm_reference)
+
+
+def log_softmax(z: torch.Tensor) -> torch.Tensor:
+    """Row-wise log-softmax over the last dim (forward only: used under no-grad / inside
+    autograd Functions that provide their own backward)."""
+    z2 = z.reshape(-1, z.shape[-1]).contiguous()
+    out = torch.empty_like(z2)
+    _log_softmax_kernel[(z2.shape[0],)](z2, out, z2.shape[1], z2.stride(0), BLOCK=4096, num_warps=8)
+    return out.view(z.shape)
+
+
+def _attention_forward(q_BHTD, k_BKSD, v_BKSD, position_ids_BT) -> torch.Tensor:
+    B, H, T, D = q_BHTD.shape
+    K, S, DV = k_BKSD.shape[1], k_BKSD.shape[2], v_BKSD.shape[3]
+    q = q_BHTD.contiguous()
+    k, v = k_BKSD.to(q.dtype).contiguous(), v_BKSD.to(q.dtype).contiguous()
+    pos = position_ids_BT.to(torch.int32).contiguous()
+    out = torch.empty(B, H, T, DV, device=q.device, dtype=q.dtype)
+    block_m, block_n = 64, 64
+    grid = (triton.cdiv(T, block_m), B * H)
+    _attention_kernel[grid](q, k, v, pos, out, T, S, H, H // K, D, DV, 1.0 / math.sqrt(D),
+                            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+                            pos.stride(0), IEEE=q.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
+                            BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(DV)),
+                            num_warps=4, num_stages=2)
+    return out
+
+
+def _attention_reference(q_BHTD, k_BKSD, v_BKSD, position_ids_BT):
+    from miles_core.kernels.attention import attention_reference
+
+    return attention_reference(q_BHTD, k_BKSD.to(q_BHTD.dtype), v_BKSD.to(q_BHTD.dtype), position_ids_BT, True)
+
+
+attention = _with_reference_backward(_attention_forward, _attention_reference)
