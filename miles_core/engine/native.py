@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,6 +23,7 @@ from miles_core.engine.protocol import GenerateRequest, Generation
 from miles_core.engine.sampler import sample_tokens
 from miles_core.errors import MilesError
 from miles_core.kernels import model_ops
+from miles_core.models.routing import RoutingContext
 
 
 @dataclass
@@ -33,6 +35,8 @@ class _Sequence:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: dict | None = None
+    routing: list[np.ndarray] = field(default_factory=list)
+    """MoE: chunks of (tokens, layers, topk) expert ids of the tokens fed so far."""
 
     @property
     def length(self) -> int:
@@ -54,6 +58,8 @@ class NativeEngine:
         self.cfg = cfg
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_context_len = cfg.max_context_len or max_position_embeddings
+        # Routing capture (SGLang's --enable-return-routed-experts): MoE models only.
+        self.capture_routing = cfg.return_routed_experts and getattr(model, "num_moe_layers", 0) > 0
         self._weight_version = weight_version
         self._paused = threading.Event()
 
@@ -150,7 +156,14 @@ class NativeEngine:
                 active = [active[r] for r in still]
                 rows = [rows[r] for r in still]
             positions = torch.tensor([[seq.length - 1] for seq in rows], device=tokens.device)
-            hidden = self.model(tokens[:, None], positions, cache)  # (B, 1, E)
+            routing = self._routing_context()
+            hidden = self.model(tokens[:, None], positions, cache, routing=routing)  # (B, 1, E)
+            if routing is not None:
+                # Only rows still generating need the routing of the token they just fed; a
+                # finished row's last token is never part of a sample's routed experts.
+                for seq, ids_1LK in zip(rows, routing.stacked()):
+                    if seq.finish_reason is None:
+                        seq.routing.append(ids_1LK)
             logits_BV = self.model.lm_head(hidden[:, -1])
 
     def _prefill(self, batch: list[_Sequence]):
@@ -168,11 +181,19 @@ class NativeEngine:
         max_len = max(len(s.request.input_ids) + s.max_new_tokens for s in batch)
         cache = self.model.new_kv_cache(len(unique), max_len)
         positions = torch.arange(width)[None, :].expand(len(unique), -1)
-        hidden = self.model(ids.to(device), positions.to(device), cache)  # (U, T, E)
+        routing = self._routing_context()
+        hidden = self.model(ids.to(device), positions.to(device), cache, routing=routing)  # (U, T, E)
+        if routing is not None:
+            prompt_ids_UTLK = routing.stacked()
+            for seq in batch:
+                seq.routing.append(prompt_ids_UTLK[seq.prompt_slot, : len(seq.request.input_ids)])
         last = hidden[torch.arange(len(unique), device=device), (lengths - 1).to(device)]
         rows = torch.tensor([s.prompt_slot for s in batch], device=device)
         cache.select(rows)
         return self.model.lm_head(last).index_select(0, rows), cache
+
+    def _routing_context(self) -> RoutingContext | None:
+        return RoutingContext("record") if self.capture_routing else None
 
     def _sampling_tensors(self, batch: list[_Sequence]) -> tuple[torch.Tensor, ...]:
         device = self.device
@@ -223,4 +244,5 @@ class NativeEngine:
             output_ids=list(seq.output_ids), output_logprobs=list(seq.logprobs),
             finish_reason=seq.finish_reason, text=text, prompt_tokens=len(seq.request.input_ids),
             weight_version=self._weight_version,
+            routed_experts=np.concatenate(seq.routing) if self.capture_routing else None,
         )

@@ -1,8 +1,8 @@
 """Numerical kernels: a plain-PyTorch reference next to every fast and batch-invariant path.
 
-`Ops` bundles the four operations whose reduction order decides whether the rollout engine and
-the trainer compute bitwise-identical log-probs: linear layers, attention, RMSNorm and
-log-softmax. `fast` uses vendor kernels (small train/inference mismatch, corrected by TIS/MIS);
+`Ops` bundles the operations whose reduction order decides whether the rollout engine and
+the trainer compute bitwise-identical log-probs: linear layers, attention, RMSNorm, log-softmax,
+and the MoE routers' softmax and sigmoid. `fast` uses vendor kernels (small train/inference mismatch, corrected by TIS/MIS);
 `invariant` uses kernels whose per-row result does not depend on batch size, padding or
 prefill vs decode, so engine and trainer agree exactly (KL = 0). The mode is set per model
 instance with `set_alignment_mode`, and both the engine's and the trainer's models get it.
@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import nn
 
 from miles_core.kernels.attention import attention_invariant, attention_reference
@@ -23,6 +24,9 @@ from miles_core.kernels.norms import (
     log_softmax_reference,
     rms_norm_invariant,
     rms_norm_reference,
+    sigmoid_invariant,
+    softmax_invariant,
+    softmax_reference,
 )
 
 AlignmentMode = Literal["fast", "invariant"]
@@ -35,10 +39,14 @@ class Ops:
     attention: Callable
     rms_norm: Callable
     log_softmax: Callable
+    softmax: Callable
+    sigmoid: Callable
 
 
-FAST_OPS = Ops("fast", linear_reference, attention_reference, rms_norm_reference, log_softmax_reference)
-INVARIANT_OPS = Ops("invariant", linear_invariant, attention_invariant, rms_norm_invariant, log_softmax_invariant)
+FAST_OPS = Ops("fast", linear_reference, attention_reference, rms_norm_reference, log_softmax_reference,
+               softmax_reference, torch.sigmoid)
+INVARIANT_OPS = Ops("invariant", linear_invariant, attention_invariant, rms_norm_invariant, log_softmax_invariant,
+                    softmax_invariant, sigmoid_invariant)
 OPS = {"fast": FAST_OPS, "invariant": INVARIANT_OPS}
 
 

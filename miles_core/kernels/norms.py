@@ -3,6 +3,9 @@
 Math (RMSNorm, as `transformers`): y = w * (x / sqrt(mean(x^2) + eps)) computed in fp32 and
 cast back to the input dtype before the weight multiply. Log-softmax: z - (max + log sum exp(z - max)).
 
+Also softmax and sigmoid, used by MoE routers (a router decides which experts run, so it must
+agree between engine and trainer too).
+
 Batch invariance: a vendor reduction may split one long row across threads when there are few
 rows (a batch-1 decode step) and not when there are many. The invariant path sums each row
 with `cumsum`, a sequential scan along the row: the order of additions is fixed by the row
@@ -51,3 +54,22 @@ def log_softmax_invariant(z: torch.Tensor) -> torch.Tensor:
             return triton_ops.log_softmax(z)
     peak = z.amax(-1, keepdim=True)
     return z - (peak + _row_sum(torch.exp(z - peak)).log())
+
+
+def softmax_reference(z: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(z, dim=-1)
+
+
+def softmax_invariant(z: torch.Tensor) -> torch.Tensor:
+    return log_softmax_invariant(z).exp()
+
+
+def sigmoid_invariant(x: torch.Tensor) -> torch.Tensor:
+    """Elementwise, but on CPU a vectorised kernel and a scalar tail loop can round differently,
+    and which elements land in the tail depends on the tensor's length (i.e. the batch). Padding
+    the flat tensor to a multiple of 64 sends every element through the vectorised path."""
+    if x.is_cuda:
+        return torch.sigmoid(x)
+    flat = x.reshape(-1)
+    pad = (-flat.numel()) % 64
+    return torch.sigmoid(torch.nn.functional.pad(flat, (0, pad)))[: flat.numel()].view(x.shape)

@@ -127,7 +127,8 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+                kv_cache: KVCache | None = None, routing=None) -> torch.Tensor:
+        """`routing` is accepted for a uniform interface with MoE families; dense layers ignore it."""
         return self.model(input_ids_BT, position_ids_BT, kv_cache)
 
     def new_kv_cache(self, batch: int, max_len: int) -> KVCache:

@@ -74,9 +74,9 @@ class TopKRouter(Linear):
         # logits in fp32; a Qwen router stays in the activations' dtype, as in HF.
         logits_NX = super().forward(x_NE.to(self.weight.dtype)).float()
         if self.args.scoring == "softmax":
-            probs_NX = logits_NX.softmax(dim=-1)
+            probs_NX = self.ops.softmax(logits_NX)
             return probs_NX, probs_NX.topk(self.args.top_k, dim=-1).indices
-        scores_NX = logits_NX.sigmoid()
+        scores_NX = self.ops.sigmoid(logits_NX)
         biased_NX = scores_NX + self.e_score_correction_bias
         return scores_NX, group_limited_topk(biased_NX, self.args.top_k, self.args.n_group, self.args.topk_group)
 

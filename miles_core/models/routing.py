@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 
 from miles_core.errors import MilesError
@@ -25,14 +26,15 @@ class RoutingContext:
     replay: dict[int, torch.Tensor] = field(default_factory=dict)
     """Replay mode: MoE layer index -> expert ids (B, T, K) to use instead of the router's top-k."""
     recorded: dict[int, torch.Tensor] = field(default_factory=dict)
-    """Record mode: MoE layer index -> the expert ids (B, T, K) the router chose."""
+    """MoE layer index -> the expert ids (B, T, K) the router itself chose (also under replay,
+    so routing agreement can be measured in the same forward)."""
     consumed: set[int] = field(default_factory=set)
     """Replay mode: layers whose replay entry was used (each exactly once per forward)."""
 
     def route(self, layer: int, chosen_BTK: torch.Tensor) -> torch.Tensor:
         """The expert ids a MoE layer must use, given the ids its router chose."""
+        self.recorded[layer] = chosen_BTK.detach()  # the router's own choice, in both modes
         if self.mode == "record":
-            self.recorded[layer] = chosen_BTK.detach()
             return chosen_BTK
         if layer not in self.replay:
             raise MilesError(f"routing replay has no entry for MoE layer {layer}; has {sorted(self.replay)}")
@@ -50,3 +52,11 @@ class RoutingContext:
         unused = sorted(set(self.replay) - self.consumed)
         if unused:
             raise MilesError(f"routing replay entries for MoE layers {unused} were never used")
+
+    def stacked(self) -> np.ndarray:
+        """The routers' own choices of one forward as int32 (B, T, MoE layers, K) on the CPU (one
+        transfer for all layers); under replay, first checks every entry was used once."""
+        if self.mode == "replay":
+            self.check_all_consumed()
+        ids = torch.stack([self.recorded[layer] for layer in sorted(self.recorded)], dim=2)
+        return ids.to(torch.int32).cpu().numpy()

@@ -18,12 +18,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
+import numpy as np
 import torch
 from torch import nn
 
 from miles_core.kernels import model_ops
 from miles_core.kernels.logprobs import chunked_logprobs_entropy
 from miles_core.sample import Sample
+from miles_core.train.routing_replay import RoutingPlan
 
 
 @dataclass
@@ -45,6 +47,10 @@ class TrainBatch:
     """The critic's values at rollout time (PPO's old values, no grad)."""
     returns: list[torch.Tensor] | None = None
     """PPO value targets (GAE advantages + old values)."""
+    routed_experts: list[np.ndarray] | None = None
+    """MoE: the engine's experts per token (len - 1, layers, topk), for R3 and routing agreement."""
+    trainer_routed_experts: list[np.ndarray] | None = None
+    """MoE, `routing_replay = "record"`: the trainer's own choice in the old log-prob pass."""
 
     @classmethod
     def from_samples(cls, samples: Sequence[Sample], advantages: Sequence[torch.Tensor] | None = None) -> TrainBatch:
@@ -53,6 +59,7 @@ class TrainBatch:
             return torch.tensor(values, dtype=torch.float32)
 
         has_rollout_lp = all(s.rollout_log_probs is not None for s in samples)
+        has_routing = bool(samples) and all(s.rollout_routed_experts is not None for s in samples)
         return cls(
             tokens=[torch.tensor(s.tokens, dtype=torch.long) for s in samples],
             response_lengths=[s.response_length for s in samples],
@@ -60,6 +67,7 @@ class TrainBatch:
             advantages=None if advantages is None else [a.float() for a in advantages],
             rollout_log_probs=[torch.tensor(s.rollout_log_probs, dtype=torch.float32) for s in samples]
             if has_rollout_lp else None,
+            routed_experts=[s.rollout_routed_experts for s in samples] if has_routing else None,
         )
 
     def __len__(self) -> int:
@@ -98,14 +106,19 @@ def pad_ragged(values: Sequence[torch.Tensor], pad: float = 0.0) -> torch.Tensor
     return torch.nn.utils.rnn.pad_sequence(list(values), batch_first=True, padding_value=pad)
 
 
-def response_hidden_states(model: nn.Module, tokens: Sequence[torch.Tensor],
-                           response_lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, E) hidden states that predict the N response tokens, and those tokens (N,)."""
+def response_hidden_states(model: nn.Module, tokens: Sequence[torch.Tensor], response_lengths: Sequence[int],
+                           routing: RoutingPlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, E) hidden states that predict the N response tokens, and those tokens (N,).
+    `routing` (MoE) replays and/or records the experts of every token (train/routing_replay.py)."""
     device = model.lm_head.weight.device
     ids_BT = pad_ragged(tokens).to(device)
     B, T = ids_BT.shape
     positions_BT = torch.arange(T, device=device)[None, :].expand(B, T)
-    hidden_BTE = model(ids_BT, positions_BT)
+    ctx = routing.context([(b, 0, len(t) - 1) for b, t in enumerate(tokens)], T, device) if routing else None
+    hidden_BTE = model(ids_BT, positions_BT, None, routing=ctx)
+    if routing:
+        ids_BTLK = ctx.stacked()
+        routing.recorded = [ids_BTLK[b, : len(t) - 1] for b, t in enumerate(tokens)]
     rows = torch.cat([torch.full((r,), i) for i, r in enumerate(response_lengths)]).to(device)
     cols = torch.cat([torch.arange(len(t) - r - 1, len(t) - 1) for t, r in zip(tokens, response_lengths)]).to(device)
     return hidden_BTE[rows, cols], ids_BT[rows, cols + 1]
@@ -121,9 +134,10 @@ def _token_log_probs(model: nn.Module, hidden_NE: torch.Tensor, targets_N: torch
 
 
 def response_log_probs(model: nn.Module, tokens: Sequence[torch.Tensor], response_lengths: Sequence[int], *,
-                       temperature: float, chunk_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                       temperature: float, chunk_size: int,
+                       routing: RoutingPlan | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per-sample (log-probs, entropies) of the response tokens under `model` at `temperature`."""
-    hidden_NE, targets_N = response_hidden_states(model, tokens, response_lengths)
+    hidden_NE, targets_N = response_hidden_states(model, tokens, response_lengths, routing)
     return _token_log_probs(model, hidden_NE, targets_N, response_lengths, temperature, chunk_size)
 
 
@@ -157,14 +171,15 @@ def shared_prefix_micro_batches(tokens: Sequence[torch.Tensor], response_lengths
 
 
 def shared_prefix_log_probs(model: nn.Module, tokens: Sequence[torch.Tensor], response_lengths: Sequence[int], *,
-                            temperature: float, chunk_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                            temperature: float, chunk_size: int,
+                            routing: RoutingPlan | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Same result as `response_log_probs`, computing each distinct prompt once."""
-    hidden_NE, targets_N = shared_prefix_hidden_states(model, tokens, response_lengths)
+    hidden_NE, targets_N = shared_prefix_hidden_states(model, tokens, response_lengths, routing)
     return _token_log_probs(model, hidden_NE, targets_N, response_lengths, temperature, chunk_size)
 
 
-def shared_prefix_hidden_states(model: nn.Module, tokens: Sequence[torch.Tensor],
-                                response_lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def shared_prefix_hidden_states(model: nn.Module, tokens: Sequence[torch.Tensor], response_lengths: Sequence[int],
+                                routing: RoutingPlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Same result as `response_hidden_states`, computing each distinct prompt once.
 
     GRPO samples come in groups that share a prompt. The prompts are run once (U rows) into a
@@ -175,28 +190,48 @@ def shared_prefix_hidden_states(model: nn.Module, tokens: Sequence[torch.Tensor]
     """
     device = model.lm_head.weight.device
     prompts = [t[: len(t) - r] for t, r in zip(tokens, response_lengths)]
-    slots: dict[tuple[int, ...], int] = {}
-    slot_of = [slots.setdefault(tuple(p.tolist()), len(slots)) for p in prompts]
-    unique = [None] * len(slots)
-    for p, s in zip(prompts, slot_of):
-        unique[s] = p
+    slot_of, first_of = _prompt_slots(prompts, routing)
     prompt_len = torch.tensor([len(p) for p in prompts], device=device)
     R = max(response_lengths)
-    prefix_ids = pad_ragged(unique).to(device)  # (U, P)
+    prefix_ids = pad_ragged([prompts[b] for b in first_of]).to(device)  # (U, P)
     U, P = prefix_ids.shape
     cache = model.new_kv_cache(U, P + R)
-    prefix_hidden = model(prefix_ids, torch.arange(P, device=device)[None, :].expand(U, P), cache)  # (U, P, E)
+    prefix_ctx = routing.context([(b, 0, len(prompts[b])) for b in first_of], P, device) if routing else None
+    prefix_hidden = model(prefix_ids, torch.arange(P, device=device)[None, :].expand(U, P), cache,
+                          routing=prefix_ctx)  # (U, P, E)
     rows = torch.tensor(slot_of, device=device)
     cache.select(rows)
     response_ids = pad_ragged([t[len(t) - r :] for t, r in zip(tokens, response_lengths)]).to(device)  # (B, R)
     positions = prompt_len[:, None] + torch.arange(R, device=device)[None, :]
-    response_hidden = model(response_ids, positions, cache)  # (B, R, E)
+    response_ctx = routing.context([(b, len(p), r - 1) for b, (p, r) in enumerate(zip(prompts, response_lengths))],
+                                   R, device) if routing else None
+    response_hidden = model(response_ids, positions, cache, routing=response_ctx)  # (B, R, E)
+    if routing:
+        prefix_ids_ULK, response_ids_BRLK = prefix_ctx.stacked(), response_ctx.stacked()
+        routing.recorded = [np.concatenate([prefix_ids_ULK[slot_of[b], : len(p)], response_ids_BRLK[b, : r - 1]])
+                            for b, (p, r) in enumerate(zip(prompts, response_lengths))]
     # The hidden state that predicts response token j: the last prompt position for j = 0,
     # response position j - 1 after that.
     first = prefix_hidden[rows, prompt_len - 1]  # (B, E)
     hidden = torch.cat([first[:, None], response_hidden[:, :-1]], dim=1)  # (B, R, E)
     mask = torch.arange(R, device=device)[None, :] < torch.tensor(list(response_lengths), device=device)[:, None]
     return hidden[mask], response_ids[mask]
+
+
+def _prompt_slots(prompts: list[torch.Tensor], routing: RoutingPlan | None) -> tuple[list[int], list[int]]:
+    """Slot of each sample's prompt, and the first sample of each slot. Under replay, prompts
+    with different recorded routing (prefilled in different engine batches) get separate slots."""
+    slots: dict[tuple, int] = {}
+    slot_of, first_of = [], []
+    for b, prompt in enumerate(prompts):
+        key: tuple = tuple(prompt.tolist())
+        if routing is not None and routing.replay is not None:
+            key += (routing.replay[b][: len(prompt)].tobytes(),)
+        if key not in slots:
+            slots[key] = len(slots)
+            first_of.append(b)
+        slot_of.append(slots[key])
+    return slot_of, first_of
 
 
 def call_in_dtype(module: nn.Module, args: tuple, dtype: torch.dtype):

@@ -29,6 +29,7 @@ from torch import nn
 
 from miles_core.algo import accumulate_metrics, policy_loss, tis_batch_mean
 from miles_core.config import AlgoConfig, TrainConfig
+from miles_core.errors import MilesError
 from miles_core.mismatch import MismatchSums
 from miles_core.models.loading import DTYPES
 from miles_core.train.batch import (
@@ -42,6 +43,7 @@ from miles_core.train.batch import (
 )
 from miles_core.train.critic import Critic
 from miles_core.train.optim import build_optimizer
+from miles_core.train.routing_replay import RoutingAgreement, RoutingPlan, check_routed_shape, moe_shape
 
 # policy_loss also reports this gap (old vs rollout log-probs, per micro-batch); the trainer's
 # own measurement (`mismatch_metrics`, on the weights that generated the rollout) is the one logged.
@@ -56,8 +58,9 @@ class _ResponseLogProbs(nn.Module):
         super().__init__()
         self.model, self.fn, self.temperature, self.chunk_size = model, forward, temperature, chunk_size
 
-    def forward(self, tokens, response_lengths):
-        return self.fn(self.model, tokens, response_lengths, temperature=self.temperature, chunk_size=self.chunk_size)
+    def forward(self, tokens, response_lengths, routing):
+        return self.fn(self.model, tokens, response_lengths, temperature=self.temperature,
+                       chunk_size=self.chunk_size, routing=routing)
 
 
 class NativeTrainer:
@@ -72,11 +75,36 @@ class NativeTrainer:
         self.device = next(model.parameters()).device
         self.num_optimizer_steps = 0
 
-    def _forward(self, model: nn.Module, batch: TrainBatch, indices: list[int]):
+    def _forward(self, model: nn.Module, batch: TrainBatch, indices: list[int], routing: RoutingPlan | None = None):
         forward = shared_prefix_log_probs if self.cfg.share_prompt_prefix else response_log_probs
         module = _ResponseLogProbs(model, forward, self.temperature, self.cfg.logprob_chunk_size)
-        args = ([batch.tokens[i] for i in indices], [batch.response_lengths[i] for i in indices])
+        args = ([batch.tokens[i] for i in indices], [batch.response_lengths[i] for i in indices], routing)
         return call_in_dtype(module, args, DTYPES[self.cfg.compute_dtype])
+
+    def _routing_plan(self, batch: TrainBatch, indices: list[int]) -> RoutingPlan | None:
+        """What the policy's MoE layers use in this forward (None for dense models)."""
+        layers, topk = moe_shape(self.model)
+        if not layers:
+            return None
+        replay = None
+        if self.cfg.routing_replay == "rollout":
+            if batch.routed_experts is None:
+                raise MilesError("train.routing_replay = 'rollout' needs the engine's routed experts in every "
+                                 "sample (set engine.return_routed_experts = true)")
+            replay = [batch.routed_experts[i] for i in indices]
+        elif self.cfg.routing_replay == "record" and batch.trainer_routed_experts is not None:
+            replay = [batch.trainer_routed_experts[i] for i in indices]
+        for i, routed in zip(indices, replay or []):
+            check_routed_shape(routed, len(batch.tokens[i]), layers, topk, f"sample {i}")
+        return RoutingPlan(layers, topk, replay)
+
+    def _measure_routing(self, batch: TrainBatch, indices: list[int], plan: RoutingPlan | None,
+                         agreement: RoutingAgreement | None) -> None:
+        if plan is None or agreement is None or batch.routed_experts is None:
+            return
+        for i, recorded in zip(indices, plan.recorded):
+            check_routed_shape(batch.routed_experts[i], len(batch.tokens[i]), plan.layers, plan.topk, f"sample {i}")
+            agreement.add(recorded, batch.routed_experts[i])
 
     def _micro_batches(self, batch: TrainBatch) -> list[list[int]]:
         if self.cfg.share_prompt_prefix:
@@ -84,15 +112,24 @@ class NativeTrainer:
         return micro_batches([len(t) for t in batch.tokens], self.cfg.max_tokens_per_micro_batch)
 
     @torch.no_grad()
-    def compute_log_probs(self, batch: TrainBatch, *, reference: bool = False) -> list[torch.Tensor]:
+    def compute_log_probs(self, batch: TrainBatch, *, reference: bool = False,
+                          agreement: RoutingAgreement | None = None) -> list[torch.Tensor]:
+        """Per-sample log-probs (no grad). The policy pass keeps its own MoE routing in
+        `batch.trainer_routed_experts` for `routing_replay = "record"`; the reference routes itself."""
         model = self.reference if reference else self.model
         if model is None:
             raise ValueError("no reference model: enable algo.use_kl_loss or algo.kl_coef > 0 to keep one")
         out: list[torch.Tensor | None] = [None] * len(batch)
+        recorded: list = [None] * len(batch)
         for indices in self._micro_batches(batch):
-            logps, _ = self._forward(model, batch, indices)
-            for i, logp in zip(indices, logps):
+            plan = None if reference else self._routing_plan(batch, indices)
+            logps, _ = self._forward(model, batch, indices, plan)
+            self._measure_routing(batch, indices, plan, agreement)
+            for j, (i, logp) in enumerate(zip(indices, logps)):
                 out[i] = logp.float().cpu()
+                recorded[i] = plan.recorded[j] if plan else None
+        if not reference and self.cfg.routing_replay == "record" and moe_shape(self.model)[0]:
+            batch.trainer_routed_experts = recorded
         return out
 
     def compute_values(self, batch: TrainBatch) -> list[torch.Tensor]:
@@ -120,10 +157,15 @@ class NativeTrainer:
                 mismatch.add(old, rollout, mask)
         splits = [s for s in torch.arange(len(batch)).tensor_split(self.cfg.num_steps_per_rollout) if len(s)]
         measure = mismatch if batch.old_log_probs is None else None
-        per_step = [self.train_step(batch.select(indices.tolist()), measure) for indices in splits]
+        # MoE routing agreement: the first step's forward runs on the rollout's weights.
+        agreement = RoutingAgreement()
+        per_step = [self.train_step(batch.select(indices.tolist()), measure, agreement if k == 0 else None)
+                    for k, indices in enumerate(splits)]
         totals = mean_over_steps(per_step)
         if batch.rollout_log_probs is not None:
             totals.update(mismatch_metrics(mismatch))
+        if agreement.total:
+            totals["routing_agreement"] = agreement.fraction
         return totals
 
     def _fill_missing_inputs(self, batch: TrainBatch) -> None:
@@ -136,7 +178,8 @@ class NativeTrainer:
         if self.critic is not None and (batch.values is None or batch.returns is None):
             raise ValueError("the critic trains on batch.values and batch.returns (estimate the PPO advantages first)")
 
-    def train_step(self, batch: TrainBatch, mismatch: MismatchSums | None = None) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch, mismatch: MismatchSums | None = None,
+                   agreement: RoutingAgreement | None = None) -> dict[str, float]:
         """One optimizer step over `batch`, accumulated over micro-batches; the forward's log-probs
         are compared with the rollout's into `mismatch` when given."""
         self.optimizer.zero_grad(set_to_none=True)
@@ -146,7 +189,8 @@ class NativeTrainer:
         tis_mean = self._tis_batch_mean(batch)
         metrics: dict[str, float] = {}
         for indices in self._micro_batches(batch):
-            accumulate_metrics(metrics, self._micro_step(batch, indices, num_tokens, num_seqs, tis_mean, mismatch))
+            accumulate_metrics(metrics, self._micro_step(batch, indices, num_tokens, num_seqs, tis_mean, mismatch,
+                                                         agreement))
         max_norm = self.cfg.clip_grad if self.cfg.clip_grad > 0 else float("inf")
         metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         metrics["lr"] = self.scheduler.get_last_lr()[0]
@@ -170,8 +214,11 @@ class NativeTrainer:
                               loss_mask=pad_ragged(batch.loss_masks))
 
     def _micro_step(self, batch: TrainBatch, indices: list[int], num_tokens: float, num_seqs: float,
-                    tis_mean: float | None, mismatch: MismatchSums | None) -> dict[str, float]:
-        logps, entropies = self._forward(self.model, batch, indices)
+                    tis_mean: float | None, mismatch: MismatchSums | None,
+                    agreement: RoutingAgreement | None) -> dict[str, float]:
+        plan = self._routing_plan(batch, indices)
+        logps, entropies = self._forward(self.model, batch, indices, plan)
+        self._measure_routing(batch, indices, plan, agreement)
 
         def pad(values: list[torch.Tensor] | None) -> torch.Tensor | None:
             return None if values is None else pad_ragged([values[i] for i in indices]).to(self.device)

@@ -35,7 +35,7 @@ def test_unknown_source_suggests_builtin(miles_cache):
     with pytest.raises(MilesError) as err:
         resolve_model_source("tiny-qwen")
     assert str(err.value) == ("model source 'tiny-qwen' is not a directory, a .gguf file or a built-in "
-                              "name (smollm2-135m, tiny-qwen3) (did you mean 'tiny-qwen3'?)")
+                              "name (smollm2-135m, tiny-qwen3, tiny-qwen3-moe, tiny-deepseek-v3) (did you mean 'tiny-qwen3'?)")
     with pytest.raises(MilesError, match="GGUF file '.*nope.gguf' does not exist"):
         resolve_model_source("nope.gguf")
 
