@@ -162,15 +162,21 @@ def _add(slots: dict, scope: str, layers: list[tuple[int, tuple[int, ...]]], nam
 
 # ---- writing ---------------------------------------------------------------------------------
 
+def _unused(step: str) -> RuntimeError:
+    return RuntimeError(f"DCP planner step '{step}' is not part of miles' direct read/write path")
+
+
 class _Resolver(SavePlanner):
     """Hands the storage writer the buffered data of each write item."""
 
     def __init__(self, data: dict[MetadataIndex, Any]) -> None:
         self._data = data
 
+    # DCP's planning steps are not used: DistWriter builds each plan itself and calls the
+    # storage writer directly, so only `resolve_data` is ever called.
     def set_up_planner(self, *args: Any, **kwargs: Any) -> None: ...
-    def create_local_plan(self) -> SavePlan: raise NotImplementedError
-    def create_global_plan(self, plans: list[SavePlan]) -> Any: raise NotImplementedError
+    def create_local_plan(self) -> SavePlan: raise _unused("create_local_plan")
+    def create_global_plan(self, plans: list[SavePlan]) -> Any: raise _unused("create_global_plan")
     def finish_plan(self, plan: SavePlan) -> SavePlan: return plan
 
     def resolve_data(self, write_item: WriteItem) -> Any:
@@ -242,11 +248,12 @@ class _Target(LoadPlanner):
     def __init__(self, target: torch.Tensor) -> None:
         self._target = target
 
+    # As above: the reader builds its plans itself; only tensor resolution is called.
     def set_up_planner(self, *args: Any, **kwargs: Any) -> None: ...
-    def create_local_plan(self) -> LoadPlan: raise NotImplementedError
-    def create_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]: raise NotImplementedError
+    def create_local_plan(self) -> LoadPlan: raise _unused("create_local_plan")
+    def create_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]: raise _unused("create_global_plan")
     def finish_plan(self, plan: LoadPlan) -> LoadPlan: return plan
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None: raise NotImplementedError
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None: raise _unused("load_bytes")
     def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None: ...
 
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:

@@ -29,14 +29,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from miles_core.errors import MilesError
-from miles_core.models.layers import GatedMLP, KVCache, Linear, RMSNorm, RotaryEmbedding, hf_rope_parameters
+from miles_core.models.base import CausalLM
+from miles_core.models.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, hf_rope_parameters
 from miles_core.models.mla import MLAttention
 from miles_core.models.moe import MoEDecoderLayer, RouterArgs, SparseMoE
-from miles_core.models.routing import RoutingContext
 
 # What transformers implements (and DeepSeek-V3 uses); other values only exist in remote code.
 _SUPPORTED = {"hidden_act": "silu", "scoring_func": "sigmoid", "topk_method": "noaux_tc"}
@@ -177,45 +176,14 @@ class DeepseekV3Model(nn.Module):
         return self.norm(x_BTE)
 
 
-class DeepseekV3ForCausalLM(nn.Module):
-    """Causal LM. `forward` returns final hidden states; `lm_head` turns chosen ones into logits."""
-
-    # HF checkpoints store every projection and each expert separately, as our modules do.
-    packed_modules_mapping: dict[str, list[str]] = {}
+class DeepseekV3ForCausalLM(CausalLM):
     # Name suffixes the loader keeps in fp32 whatever the model dtype (HF does the same).
     keep_in_fp32: tuple[str, ...] = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
 
     def __init__(self, args: DeepseekV3Args) -> None:
-        super().__init__()
-        self.args = args
-        self.model = DeepseekV3Model(args)
-        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
-        self.tie_weights()
+        super().__init__(args, DeepseekV3Model(args))
 
-    @property
-    def moe_layers(self) -> tuple[int, ...]:
-        """Decoder layer index of MoE layer i (its `RoutingContext` key) at position i."""
-        return self.args.moe_layers
-
-    @property
-    def num_moe_layers(self) -> int:
-        return len(self.args.moe_layers)
-
-    def tie_weights(self) -> None:
-        """Share the embedding with the output layer when the config ties them (again after
-        `to_empty`, which creates new parameter objects)."""
-        if self.args.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(self, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor,
-                kv_cache: KVCache | None = None, routing: RoutingContext | None = None) -> torch.Tensor:
-        """Final hidden states (B, T, E). `routing` records or replays the experts of every MoE
-        layer; use a fresh context per forward call (a replay entry is consumed once)."""
-        return self.model(input_ids_BT, position_ids_BT, kv_cache, routing)
-
-    def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
-        """Per-head k (qk_nope + qk_rope dims) and v (v_head_dim) of the main stack's layers."""
-        args, weight = self.args, self.lm_head.weight
-        return KVCache(args.num_hidden_layers, batch, args.num_attention_heads, max_len,
-                       args.qk_nope_head_dim + args.qk_rope_head_dim, weight.dtype, weight.device,
-                       v_head_dim=args.v_head_dim)
+    def kv_cache_dims(self) -> tuple[int, int, int]:
+        """MLA caches per-head k (qk_nope + qk_rope dims) and v (v_head_dim) of the main stack."""
+        args = self.args
+        return args.num_attention_heads, args.qk_nope_head_dim + args.qk_rope_head_dim, args.v_head_dim

@@ -12,12 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from miles_core.errors import MilesError
-from miles_core.kernels import FAST_OPS, Ops
-from miles_core.models.layers import Attention, GatedMLP, KVCache, Linear, RMSNorm, RotaryEmbedding
+from miles_core.models.base import CausalLM
+from miles_core.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding
 
 
 @dataclass(frozen=True)
@@ -94,7 +93,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling)
 
-    def forward(self, input_ids_BT, position_ids_BT, kv_cache=None):
+    def forward(self, input_ids_BT, position_ids_BT, kv_cache=None, routing=None):  # dense: no routing
         x_BTE = self.embed_tokens(input_ids_BT)
         rope = self.rotary_emb(position_ids_BT, x_BTE.dtype)
         for layer in self.layers:
@@ -102,36 +101,6 @@ class LlamaModel(nn.Module):
         return self.norm(x_BTE)
 
 
-class LlamaForCausalLM(nn.Module):
-    """Causal LM. `forward` returns final hidden states; `lm_head` turns chosen ones into logits.
-
-    Keeping logits out of `forward` lets the trainer compute log-probs in vocab chunks and the
-    engine compute logits only for the last token of each sequence.
-    """
-
-    # HF checkpoints store q/k/v and gate/up separately, as our modules do: nothing is fused.
-    packed_modules_mapping: dict[str, list[str]] = {}
-    ops: Ops = FAST_OPS  # the kernels chosen by kernels.set_alignment_mode (read by engine/trainer)
-
+class LlamaForCausalLM(CausalLM):
     def __init__(self, args: LlamaArgs) -> None:
-        super().__init__()
-        self.args = args
-        self.model = LlamaModel(args)
-        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
-        self.tie_weights()
-
-    def tie_weights(self) -> None:
-        """Share the embedding with the output layer when the config ties them (again after
-        `to_empty`, which creates new parameter objects)."""
-        if self.args.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(self, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor,
-                kv_cache: KVCache | None = None, routing=None) -> torch.Tensor:
-        """`routing` is accepted for a uniform interface with MoE families; dense layers ignore it."""
-        return self.model(input_ids_BT, position_ids_BT, kv_cache)
-
-    def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
-        weight = self.lm_head.weight
-        return KVCache(self.args.num_hidden_layers, batch, self.args.num_key_value_heads, max_len,
-                       self.args.head_dim, weight.dtype, weight.device)
+        super().__init__(args, LlamaModel(args))

@@ -18,15 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from miles_core.errors import MilesError
+from miles_core.models.base import CausalLM
 from miles_core.models.layers import (
-    Attention, GatedMLP, KVCache, Linear, RMSNorm, RotaryEmbedding, hf_rope_parameters,
+    Attention, GatedMLP, Linear, RMSNorm, RotaryEmbedding, hf_rope_parameters,
 )
 from miles_core.models.moe import MoEDecoderLayer, RouterArgs, SparseMoE
-from miles_core.models.routing import RoutingContext
 
 
 @dataclass(frozen=True)
@@ -127,41 +126,6 @@ class Qwen3MoeModel(nn.Module):
         return self.norm(x_BTE)
 
 
-class Qwen3MoeForCausalLM(nn.Module):
-    """Causal LM. `forward` returns final hidden states; `lm_head` turns chosen ones into logits."""
-
-    # HF checkpoints store q/k/v, gate/up and each expert separately, as our modules do.
-    packed_modules_mapping: dict[str, list[str]] = {}
-
+class Qwen3MoeForCausalLM(CausalLM):
     def __init__(self, args: Qwen3MoeArgs) -> None:
-        super().__init__()
-        self.args = args
-        self.model = Qwen3MoeModel(args)
-        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
-        self.tie_weights()
-
-    @property
-    def moe_layers(self) -> tuple[int, ...]:
-        """Decoder layer index of MoE layer i (its `RoutingContext` key) at position i."""
-        return self.args.moe_layers
-
-    @property
-    def num_moe_layers(self) -> int:
-        return len(self.args.moe_layers)
-
-    def tie_weights(self) -> None:
-        """Share the embedding with the output layer when the config ties them (again after
-        `to_empty`, which creates new parameter objects)."""
-        if self.args.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(self, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor,
-                kv_cache: KVCache | None = None, routing: RoutingContext | None = None) -> torch.Tensor:
-        """Final hidden states (B, T, E). `routing` records or replays the experts of every MoE
-        layer; use a fresh context per forward call (a replay entry is consumed once)."""
-        return self.model(input_ids_BT, position_ids_BT, kv_cache, routing)
-
-    def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
-        weight = self.lm_head.weight
-        return KVCache(self.args.num_hidden_layers, batch, self.args.num_key_value_heads, max_len,
-                       self.args.head_dim, weight.dtype, weight.device)
+        super().__init__(args, Qwen3MoeModel(args))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from typing import Any
 
 from miles_core.errors import MilesError
 from miles_core.sample import Sample

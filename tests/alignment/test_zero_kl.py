@@ -15,7 +15,6 @@ import transformers
 from miles_core.config import EngineConfig, ModelConfig, SamplingConfig
 from miles_core.engine.native import NativeEngine
 from miles_core.engine.protocol import GenerateRequest
-from miles_core.kernels import set_alignment_mode
 from miles_core.mismatch import MismatchSums
 from miles_core.models.loading import load_model
 from miles_core.train.batch import micro_batches, response_log_probs, shared_prefix_log_probs
@@ -123,7 +122,6 @@ def test_invariant_mode_on_cuda(model_dirs, dtype):
 def test_triton_kernels_match_the_reference_and_are_row_invariant():
     from miles_core.kernels import triton_ops
     from miles_core.kernels.attention import attention_reference
-    from miles_core.kernels.norms import rms_norm_reference
 
     torch.manual_seed(0)
     x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16)
