@@ -77,9 +77,10 @@ def _print_report(report) -> None:
                         f"{s['bitwise_equal']:.2%}")
         console.print(sub)
     if report.layers:
-        sub = Table("module", "max |d|", "bitwise =", title="hidden states, engine path vs trainer path")
+        sub = Table("module", "max |d|", "bitwise =", "KL", "top-1 =", title="hidden states, engine path vs trainer path")
         for row in report.layers:
-            sub.add_row(row["module"], f"{row['max_abs_diff']:.3e}", f"{row['bitwise_equal']:.2%}")
+            extra = [f"{row['kl']:.3e}", f"{row['top1_agree']:.2%}"] if "kl" in row else ["", ""]
+            sub.add_row(row["module"], f"{row['max_abs_diff']:.3e}", f"{row['bitwise_equal']:.2%}", *extra)
         console.print(sub)
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")

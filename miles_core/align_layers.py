@@ -79,9 +79,13 @@ def _trainer_states(model: nn.Module, compute_dtype: torch.dtype, sample: Sample
 
 def layer_diffs(engine_model: nn.Module, trainer, samples: list[Sample], temperature: float) -> list[dict[str, Any]]:
     """One row per probed module: max |engine - trainer| and the bitwise-equal fraction, over
-    the response positions of `samples`."""
+    the response positions of `samples`; a last row `logits` compares the two paths' next-token
+    distributions with the comparator `miles convert --verify` uses (KL, top-1 agreement)."""
+    from miles_core.compare import compare_logits
+
     compute_dtype = DTYPES[trainer.cfg.compute_dtype]
     totals: dict[str, dict[str, float]] = {}
+    engine_logits, trainer_logits = [], []
     for sample in samples:
         engine = _engine_states(engine_model, sample)
         train = _trainer_states(trainer.model, compute_dtype, sample)
@@ -91,5 +95,12 @@ def layer_diffs(engine_model: nn.Module, trainer, samples: list[Sample], tempera
             row["max_abs_diff"] = max(row["max_abs_diff"], float((a.float() - b.float()).abs().max()))
             row["equal"] += float((a == b).sum())
             row["count"] += a.numel()
-    return [{"module": name, "max_abs_diff": row["max_abs_diff"], "bitwise_equal": row["equal"] / row["count"]}
+        with torch.no_grad():
+            engine_logits.append(engine_model.lm_head(engine["norm"]).float() / temperature)
+            trainer_logits.append(engine_model.lm_head(train["norm"].to(engine["norm"])).float() / temperature)
+    rows = [{"module": name, "max_abs_diff": row["max_abs_diff"], "bitwise_equal": row["equal"] / row["count"]}
             for name, row in totals.items()]
+    stats = compare_logits(torch.cat(engine_logits), torch.cat(trainer_logits))
+    rows.append({"module": "logits", "max_abs_diff": stats["max_abs"], "bitwise_equal": stats["bitwise"],
+                 "kl": stats["kl"], "top1_agree": stats["top1_agree"]})
+    return rows

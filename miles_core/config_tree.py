@@ -26,6 +26,12 @@ else:  # pragma: no cover
 T = typing.TypeVar("T")
 
 
+def check(condition: bool, message: str) -> None:
+    """Validation helper for `__post_init__`: a ValueError that `build` turns into a MilesError."""
+    if not condition:
+        raise ValueError(message)
+
+
 def recipe_dirs() -> list[Path]:
     """Where built-in recipes live: the source checkout, then the installed package copy."""
     package = Path(__file__).resolve().parent
