@@ -1,0 +1,71 @@
+"""`miles align-check` end to end: tables and JSON, exact zero in invariant mode, thresholds
+setting the exit code, MoE routing agreement, the per-layer diff, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from miles_cli.app import app
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache(tmp_path_factory):
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MILES_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    patch.undo()
+
+
+def run(*args: str):
+    return CliRunner().invoke(app, ["align-check", "--recipe", "tiny", "--num-prompts", "6", *args])
+
+
+def test_invariant_mode_reports_exact_zero_and_passes_zero_thresholds():
+    result = run("--batch-sizes", "1,4,12", "--json", "--max-kl", "0", "--max-abs-diff", "0",
+                 "--set", "alignment.mode=invariant")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["mode"] == "invariant" and [r["batch_size"] for r in report["results"]] == [1, 4, 12]
+    for row in report["results"]:
+        assert row["num_samples"] == 12 and row["stats"]["num_tokens"] == 96
+        assert row["stats"]["kl_k1"] == 0.0 and row["stats"]["kl_k3"] == 0.0
+        assert row["stats"]["max_abs_diff"] == 0.0 and row["stats"]["bitwise_equal"] == 1.0
+        assert row["routing_agreement"] is None  # dense model
+
+
+def test_fast_mode_mismatch_fails_a_zero_threshold_with_exit_code_1():
+    result = run("--batch-sizes", "1,12", "--max-abs-diff", "0")
+    assert result.exit_code == 1, result.output
+    assert "FAIL" in result.output and "max |delta|" in result.output
+    assert "bitwise =" in result.output and "by response position" in result.output
+
+
+def test_layers_table_and_the_shared_logits_comparator():
+    result = run("--batch-sizes", "6", "--layers", "2", "--json")
+    assert result.exit_code == 0, result.output
+    layers = json.loads(result.stdout)["layers"]
+    assert [row["module"] for row in layers] == ["embed_tokens", "layers.0", "layers.1", "norm", "logits"]
+    assert layers[0]["bitwise_equal"] == 1.0  # the embedding lookup is exact on both paths
+    assert 0.0 <= layers[-1]["kl"] < 1e-9 and layers[-1]["top1_agree"] == 1.0
+
+
+def test_moe_recipe_reports_routing_agreement():
+    result = CliRunner().invoke(app, ["align-check", "--recipe", "tiny-moe", "--num-prompts", "4",
+                                      "--batch-sizes", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["results"][0]["routing_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-sizes", "1,x"], "--batch-sizes '1,x' must be comma-separated integers"),
+    (["--batch-sizes", "0"], "--batch-sizes '0' must list integers >= 1"),
+    (["--engine", "sglang"], "unknown engine 'sglang'"),
+    (["--trainer", "megatron"], "unknown trainer 'megatron'"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(args, message):
+    result = run(*args)
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
