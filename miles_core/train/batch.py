@@ -236,8 +236,12 @@ def _prompt_slots(prompts: list[torch.Tensor], routing: RoutingPlan | None) -> t
 
 def call_in_dtype(module: nn.Module, args: tuple, dtype: torch.dtype):
     """`module(*args)` with every parameter cast to `dtype` for the call (differentiably, so the
-    gradients reach the fp32 masters); a plain call when the parameters already have it."""
-    if all(p.dtype == dtype for p in module.parameters()):
+    gradients reach the fp32 masters), except those a model keeps in fp32 whatever its dtype
+    (`keep_in_fp32`, e.g. the DeepSeek-V3 router, as the engine holds them); a plain call when
+    nothing needs a cast."""
+    keep = tuple(suffix for m in module.modules() for suffix in getattr(type(m), "keep_in_fp32", ()))
+    cast = {name: p.to(dtype) for name, p in module.named_parameters()
+            if p.dtype != dtype and not name.endswith(keep)}
+    if not cast:
         return module(*args)
-    cast = {name: p.to(dtype) for name, p in module.named_parameters()}
-    return torch.func.functional_call(module, cast, args)
+    return torch.func.functional_call(module, cast, args, strict=False)

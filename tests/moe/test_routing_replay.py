@@ -211,3 +211,15 @@ def test_moe_recipes_train_with_r3(cache, tmp_path, monkeypatch, recipe):
     assert len(trained) == 2
     assert all(r["train/routing_agreement"] == 1.0 and r["train/grad_norm"] > 0 for r in trained)
     assert (out / "checkpoints" / "step_000002" / "config.json").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("source", SOURCES)
+def test_invariant_mode_gives_zero_kl_for_moe_on_cuda(cache, source):
+    loaded = load_model(ModelConfig(source=source, device="cuda", dtype="bfloat16"), alignment_mode="invariant")
+    for batch_size in (1, 16):
+        samples = _rollout(loaded, batch_size=batch_size)
+        trainer = NativeTrainer(copy.deepcopy(loaded.model), TrainConfig(compute_dtype="bfloat16"), AlgoConfig(),
+                                temperature=1.0, total_steps=1)
+        stats, agreement = _gap(trainer, samples)
+        assert stats["kl_k3"] == 0.0 and stats["bitwise_equal"] == 1.0 and agreement == 1.0, (batch_size, stats)
