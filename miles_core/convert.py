@@ -36,7 +36,7 @@ from torch import nn
 
 from miles_core.checkpoint import mapping
 from miles_core.checkpoint.hf import _weight_files, iter_state_dict, read_hf_config, save_hf_checkpoint
-from miles_core.checkpoint.mapping.base import TRANSFORMS, Plan
+from miles_core.checkpoint.mapping.base import GLOBAL_MAP, TRANSFORMS, Plan
 from miles_core.checkpoint.torch_dist import (
     TRACKER, DistReader, DistWriter, extra_state_keys, find_checkpoint, megatron_common,
     parse_keys, slot_key, write_layout,
@@ -189,6 +189,7 @@ class _Job:
         return report
 
     def _write_dist(self, folder: Path, plan: Plan, hf: HFTensors, report: ConvertReport) -> None:
+        _check_shared_mtp(plan, hf)
         writer = DistWriter(folder, MAX_FILE_BYTES)
         for done, link in enumerate(plan.links, 1):
             parts = [hf.get(name) for name in link.hf_names]
@@ -343,6 +344,20 @@ def _export(reader: DistReader, plan: Plan, slots: dict) -> Iterator[tuple[str, 
         yield from zip(link.hf_names, TRANSFORMS[link.transform].split(reader.read(key, index), plan.heads, key))
     for name, slot in plan.shared:
         yield name, reader.read(*slots[slot])
+
+
+def _check_shared_mtp(plan: Plan, hf: HFTensors) -> None:
+    """Megatron's MTP layers share the main embedding and output layer, so an HF checkpoint whose
+    MTP copies differ from them cannot be represented: refuse rather than drop the difference."""
+    main = {mcore: name for name, mcore in GLOBAL_MAP.keys.items()}
+    for name, slot in plan.shared:
+        if name not in hf.names:
+            continue
+        source = main[slot.name] if main[slot.name] in hf.names else "model.embed_tokens.weight"
+        if not torch.equal(hf.get(name), hf.get(source)):
+            raise MilesError(f"'{name}' differs from '{source}': Megatron's MTP layers share the main model's "
+                             "embedding and output layer, so this checkpoint cannot be converted to torch_dist "
+                             "as is (convert with --mtp-num-layers 0 to drop the MTP layers)")
 
 
 def _raise_unless_ok(report: BitwiseReport) -> None:

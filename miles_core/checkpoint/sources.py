@@ -202,6 +202,13 @@ def _tiny_model(config: dict[str, Any]) -> nn.Module:
                 module.e_score_correction_bias.normal_(0.0, 0.05, generator=generator)
             if isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
+        # DeepSeek-V3's MTP layers hold copies of the main embedding and output layer (Megatron
+        # shares them), so the tiny model's copies equal the main ones too.
+        for name, param in model.named_parameters():
+            if name.endswith(".embed_tokens.weight") and name != "model.embed_tokens.weight":
+                param.copy_(model.model.embed_tokens.weight)
+            if name.endswith(".shared_head.head.weight"):
+                param.copy_(model.lm_head.weight)
     return model
 
 

@@ -124,3 +124,27 @@ def test_common_pt_is_read_without_running_code(tiny_hf, tmp_path):
     torch.save(state, common)
     assert convert(tmp_path / "dist", tmp_path / "hf", to="hf").bitwise is None
     assert not (tmp_path / "touched").exists()
+
+
+def test_mtp_copies_that_differ_from_the_main_embedding_are_refused(tmp_path, monkeypatch):
+    """Megatron's MTP layers share the main embedding/output layer; a checkpoint whose MTP copies
+    differ cannot be represented, so conversion stops before writing anything."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from miles_core.checkpoint.sources import resolve_model_source
+    from miles_core.convert import convert
+    from miles_core.errors import MilesError
+
+    monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "dsv3"
+    shutil.copytree(resolve_model_source("tiny-deepseek-v3"), src)
+    state = load_file(src / "model.safetensors")
+    state["model.layers.3.embed_tokens.weight"] = state["model.layers.3.embed_tokens.weight"] + 1
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MilesError, match="'model.layers.3.embed_tokens.weight' differs from 'model.embed_tokens.weight'"):
+        convert(src, tmp_path / "out", to="torch_dist")
+    assert not (tmp_path / "out").exists()
+    convert(src, tmp_path / "no_mtp", to="torch_dist", mtp_num_layers=0)  # dropping the MTP layers works
+    assert (tmp_path / "no_mtp" / "latest_checkpointed_iteration.txt").exists()
