@@ -22,7 +22,6 @@ only when conversion and verification succeeded.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -31,11 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from miles_core.checkpoint import mapping
-from miles_core.checkpoint.hf import _weight_files, iter_state_dict, read_hf_config, save_hf_checkpoint
+from miles_core.checkpoint.hf import HFTensors, iter_state_dict, read_hf_config, save_hf_checkpoint
 from miles_core.checkpoint.mapping.base import GLOBAL_MAP, TRANSFORMS, Plan
 from miles_core.checkpoint.torch_dist import (
     TRACKER, DistReader, DistWriter, extra_state_keys, find_checkpoint, megatron_common,
@@ -394,30 +392,3 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def _first(names: list[str], limit: int = 5) -> str:
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return f"[{', '.join(names[:limit]) or 'none'}{more}]"
-
-
-class HFTensors(contextlib.ExitStack):
-    """Random access by name to the tensors of a HF directory (one open handle per file)."""
-
-    def __init__(self, model_dir: Path) -> None:
-        super().__init__()
-        self._file_of: dict[str, Path] = {}
-        self._handles: dict[Path, Any] = {}
-        for file in _weight_files(Path(model_dir)):
-            for name in self._handle(file).keys():
-                self._file_of[name] = file
-        self.names = set(self._file_of)
-
-    def _handle(self, file: Path) -> Any:
-        if file not in self._handles:
-            try:
-                self._handles[file] = self.enter_context(safe_open(file, framework="pt"))
-            except (SafetensorError, OSError) as err:
-                raise MilesError(f"cannot read safetensors file '{file}': {str(err).splitlines()[0]}") from None
-        return self._handles[file]
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._handle(self._file_of[name]).get_tensor(name)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(self._file_of[name]).get_slice(name).get_shape())

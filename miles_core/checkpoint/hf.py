@@ -8,6 +8,7 @@ a half checkpoint under the final name. Tensor names are HF's, as are the native
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Iterable, Iterator
@@ -247,3 +248,30 @@ def _copy_side_files(source_dir: Path, out_dir: Path) -> None:
     for name in SIDE_FILES:
         if (source_dir / name).is_file():
             shutil.copy2(source_dir / name, out_dir / name)
+
+
+class HFTensors(contextlib.ExitStack):
+    """Random access by name to the tensors of a HF directory (one open handle per file)."""
+
+    def __init__(self, model_dir: Path) -> None:
+        super().__init__()
+        self._file_of: dict[str, Path] = {}
+        self._handles: dict[Path, Any] = {}
+        for file in _weight_files(Path(model_dir)):
+            for name in self._handle(file).keys():
+                self._file_of[name] = file
+        self.names = set(self._file_of)
+
+    def _handle(self, file: Path) -> Any:
+        if file not in self._handles:
+            try:
+                self._handles[file] = self.enter_context(safe_open(file, framework="pt"))
+            except (SafetensorError, OSError) as err:
+                raise MilesError(f"cannot read safetensors file '{file}': {str(err).splitlines()[0]}") from None
+        return self._handles[file]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle(self._file_of[name]).get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(self._file_of[name]).get_slice(name).get_shape())
