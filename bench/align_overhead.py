@@ -56,6 +56,18 @@ def build(device: str) -> torch.nn.Module:
     return model
 
 
+def median_seconds(run, repeats: int = 3) -> float:
+    """Median wall time of `run()` over `repeats` calls, the GPU drained before and after each."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def time_engine(model, mode: str, prompts, new_tokens: int) -> float:
     set_alignment_mode(model, mode)
     engine = NativeEngine(model, _NoText(), EngineConfig(max_batch_size=64), eos_token_ids=(),
@@ -63,14 +75,7 @@ def time_engine(model, mode: str, prompts, new_tokens: int) -> float:
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=new_tokens)
     requests = [GenerateRequest(input_ids=p, sampling=sampling, seed=i) for i, p in enumerate(prompts)]
     engine.generate(requests[:8])  # warm-up (compilation, allocator)
-    times = []
-    for _ in range(3):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        engine.generate(requests)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return len(prompts) * new_tokens / statistics.median(times)
+    return len(prompts) * new_tokens / median_seconds(lambda: engine.generate(requests))
 
 
 def time_trainer(master, mode: str, batch: TrainBatch) -> float:
@@ -79,16 +84,10 @@ def time_trainer(master, mode: str, batch: TrainBatch) -> float:
     trainer = NativeTrainer(model, TrainConfig(lr=1e-6, compute_dtype="bfloat16", max_tokens_per_micro_batch=8192),
                             AlgoConfig(), temperature=1.0, total_steps=10)
     trainer.train_step(batch)  # warm-up
-    times = []
-    for _ in range(3):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        trainer.train_step(batch)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    del trainer, model
+    seconds = median_seconds(lambda: trainer.train_step(batch))
+    trainer = model = None  # free the GPU memory before the next mode
     torch.cuda.empty_cache()
-    return sum(len(t) for t in batch.tokens) / statistics.median(times)
+    return sum(len(t) for t in batch.tokens) / seconds
 
 
 def invariant_gap(master) -> dict[str, float]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from miles_core.errors import MilesError
 from miles_core.models.base import CausalLM
-from miles_core.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding
+from miles_core.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding, hf_rope_parameters
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,7 @@ class LlamaArgs:
         if cfg.get("hidden_act", "silu") != "silu":
             raise MilesError(f"hidden_act '{cfg['hidden_act']}' is not supported; expected silu")
         heads = cfg["num_attention_heads"]
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        theta, scaling = hf_rope_parameters(cfg)
         model_type = cfg["model_type"]
         return cls(
             model_type=model_type,
@@ -57,8 +56,8 @@ class LlamaArgs:
             num_key_value_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
-            rope_scaling=rope or None,
+            rope_theta=theta,
+            rope_scaling=scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             # Qwen2 always has q/k/v bias and no flag for it; Llama and Qwen3 read the flag.

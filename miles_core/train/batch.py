@@ -154,20 +154,26 @@ def shared_prefix_micro_batches(tokens: Sequence[torch.Tensor], response_lengths
     """Micro-batches for `shared_prefix_log_probs`: whole prompt groups where they fit.
 
     The cost of a micro-batch is what its two passes process: (distinct prompts x longest
-    prompt) + (samples x longest response). A group too big for the budget is split.
+    prompt) + (samples x longest response). A group too big for the budget is split. Costs are
+    kept as running totals, so packing is linear in the number of samples.
     """
-    def cost(indices: list[int]) -> int:
-        prompts = {tuple(tokens[i][: len(tokens[i]) - response_lengths[i]].tolist()) for i in indices}
-        longest_prompt = max(len(tokens[i]) - response_lengths[i] for i in indices)
-        return len(prompts) * longest_prompt + len(indices) * max(response_lengths[i] for i in indices)
-
-    batches: list[list[int]] = [[]]
+    prompt_len = [len(t) - r for t, r in zip(tokens, response_lengths)]
+    batches: list[list[int]] = []
+    state = (0, 0, 0)  # last batch: (distinct prompts, longest prompt, longest response)
     for group in prompt_groups(tokens, response_lengths):
+        new_prompt = 1  # the first sample of a group adds its prompt to the batch
         for index in group:
-            if batches[-1] and cost(batches[-1] + [index]) > max_tokens:
-                batches.append([])
-            batches[-1].append(index)
-    return [b for b in batches if b]
+            prompts, longest_prompt, longest_response = state
+            grown = (prompts + new_prompt, max(longest_prompt, prompt_len[index]),
+                     max(longest_response, response_lengths[index]))
+            if batches and grown[0] * grown[1] + (len(batches[-1]) + 1) * grown[2] <= max_tokens:
+                batches[-1].append(index)
+                state = grown
+            else:
+                batches.append([index])
+                state = (1, prompt_len[index], response_lengths[index])
+            new_prompt = 0
+    return batches
 
 
 def shared_prefix_log_probs(model: nn.Module, tokens: Sequence[torch.Tensor], response_lengths: Sequence[int], *,

@@ -8,22 +8,11 @@ import copy
 import pytest
 import torch
 
-from miles_core.config import AlgoConfig, ModelConfig, TrainConfig
-from miles_core.models.loading import load_model
+from miles_core.config import AlgoConfig, TrainConfig
 from miles_core.train import build_trainer
 from miles_core.train.batch import TrainBatch
 from miles_core.train.critic import ValueModel
 from miles_core.train.native import mean_over_steps
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    patch = pytest.MonkeyPatch()
-    patch.setenv("MILES_CACHE", str(tmp_path_factory.mktemp("cache")))
-    try:
-        return load_model(ModelConfig(source="tiny-qwen3", device="cpu")).model
-    finally:
-        patch.undo()
 
 
 def _batch(seed: int = 0) -> TrainBatch:

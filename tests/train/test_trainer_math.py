@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from miles_core.config import AlgoConfig, ModelConfig, TrainConfig
-from miles_core.models.loading import load_model
+from miles_core.config import AlgoConfig, TrainConfig
 from miles_core.train.batch import (
     TrainBatch,
     micro_batches,
@@ -19,16 +18,6 @@ from miles_core.train.batch import (
 )
 from miles_core.train.native import NativeTrainer
 from miles_core.train.optim import lr_at
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    patch = pytest.MonkeyPatch()
-    patch.setenv("MILES_CACHE", str(tmp_path_factory.mktemp("cache")))
-    try:
-        return load_model(ModelConfig(source="tiny-qwen3", device="cpu")).model
-    finally:
-        patch.undo()
 
 
 def _grpo_batch(seed: int = 0) -> TrainBatch:
