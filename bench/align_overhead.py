@@ -24,8 +24,8 @@ from miles_core.config import AlgoConfig, EngineConfig, SamplingConfig, TrainCon
 from miles_core.engine.native import NativeEngine
 from miles_core.engine.protocol import GenerateRequest
 from miles_core.kernels import set_alignment_mode
-from miles_core.mismatch import MismatchSums
-from miles_core.models.loading import materialize
+from miles_core.algo.mismatch import MismatchSums
+from miles_core.checkpoint.loading import materialize
 from miles_core.models.registry import build_model
 from miles_core.train.batch import TrainBatch
 from miles_core.train.native import NativeTrainer

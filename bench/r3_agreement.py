@@ -20,12 +20,11 @@ import torch
 from miles_core.config import AlgoConfig, EngineConfig, ModelConfig, SamplingConfig, TrainConfig
 from miles_core.engine.native import NativeEngine
 from miles_core.engine.protocol import GenerateRequest
-from miles_core.mismatch import MismatchSums
-from miles_core.models.loading import load_model
+from miles_core.algo.mismatch import MismatchSums
+from miles_core.checkpoint.loading import load_model
 from miles_core.sample import Sample
 from miles_core.train.batch import TrainBatch
 from miles_core.train.native import NativeTrainer
-from miles_core.train.routing_replay import RoutingAgreement
 
 
 def rollout(loaded) -> list[Sample]:
@@ -43,10 +42,10 @@ def measure(model, samples, replay: str) -> tuple[float, dict]:
     trainer = NativeTrainer(copy.deepcopy(model), TrainConfig(routing_replay=replay), AlgoConfig(),
                             temperature=1.0, total_steps=1)
     batch = TrainBatch.from_samples(samples, [torch.zeros(s.response_length) for s in samples])
-    agreement, sums = RoutingAgreement(), MismatchSums()
-    for logp, s in zip(trainer.compute_log_probs(batch, agreement=agreement), samples):
+    sums = MismatchSums()
+    for logp, s in zip(trainer.compute_log_probs(batch), samples):
         sums.add(logp, torch.tensor(s.rollout_log_probs))
-    return agreement.fraction, sums.metrics()
+    return trainer.last_pass_metrics()["routing_agreement"], sums.metrics()
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ def align_check(
 ) -> None:
     """Generate with the engine, recompute log-probs with the trainer, report the mismatch."""
     with cli_errors():
-        from miles_core.align import run_align_check
+        from miles_core.checks.align import run_align_check
 
         cfg = load_cli_config(recipe, overrides)
         report = run_align_check(cfg, batch_sizes=_sizes(batch_sizes), num_prompts=num_prompts, engine=engine,

@@ -28,7 +28,7 @@ def convert(
 ) -> None:
     """Convert SRC into DST, tensor by tensor; nothing is left at DST if anything fails."""
     with cli_errors():
-        from miles_core.convert import convert as run_convert
+        from miles_core.checkpoint.convert import convert as run_convert
 
         with _progress() as progress:
             tasks: dict[str, int] = {}

@@ -15,7 +15,7 @@ app = typer.Typer(no_args_is_help=True, help="List and show built-in recipes.")
 @app.command("list")
 def list_command() -> None:
     """List built-in recipes with their descriptions."""
-    from miles_core.config_tree import list_recipes, load_recipe
+    from miles_core.config.tree import list_recipes, load_recipe
 
     with cli_errors():
         table = Table("recipe", "description", title="built-in recipes")
@@ -30,7 +30,7 @@ def show_command(
     resolved: Annotated[bool, typer.Option(help="Show the fully resolved config with every default.")] = False,
 ) -> None:
     """Print a recipe's TOML (or, with --resolved, every value after defaults and `extends`)."""
-    from miles_core import config_tree
+    from miles_core.config import tree as config_tree
     from miles_core.config import load_config
 
     with cli_errors():

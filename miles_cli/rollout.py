@@ -31,7 +31,7 @@ def rollout(
     `--eval`, evaluate one or two checkpoints on the recipe's eval datasets instead."""
     with cli_errors():
         from miles_core.errors import MilesError
-        from miles_core.rollout import run_rollout, with_prompt_data
+        from miles_core.rl.rollout_job import run_rollout, with_prompt_data
 
         if eval_:
             if output is not None or prompt_data is not None:
@@ -54,7 +54,7 @@ def rollout(
 
 
 def _evaluate(cfg, checkpoint: str | None, compare: str | None, as_json: bool) -> None:
-    from miles_core.eval import run_eval
+    from miles_core.rl.eval import run_eval
 
     checkpoints = [checkpoint or cfg.model.source, *([compare] if compare else [])]
     if as_json:

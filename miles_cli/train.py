@@ -30,7 +30,7 @@ def train(
     """Run `loop.num_rollout` GRPO steps and write metrics, checkpoints and the resolved config."""
     with cli_errors():
         from miles_core.errors import MilesError
-        from miles_core.loop import run_training
+        from miles_core.rl.loop import run_training
 
         if debug_rollout_only and debug_train_only:
             raise MilesError("--debug-rollout-only and --debug-train-only exclude each other")

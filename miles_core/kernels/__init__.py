@@ -17,12 +17,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from miles_core.kernels.attention import attention_invariant, attention_reference
-from miles_core.kernels.matmul import linear_invariant, linear_reference
+from miles_core.kernels import invariant
+from miles_core.kernels.attention import attention_reference
+from miles_core.kernels.matmul import linear_reference
 from miles_core.kernels.norms import (
-    log_softmax_invariant,
     log_softmax_reference,
-    rms_norm_invariant,
     rms_norm_reference,
     sigmoid_invariant,
     softmax_invariant,
@@ -45,7 +44,7 @@ class Ops:
 
 FAST_OPS = Ops("fast", linear_reference, attention_reference, rms_norm_reference, log_softmax_reference,
                softmax_reference, torch.sigmoid)
-INVARIANT_OPS = Ops("invariant", linear_invariant, attention_invariant, rms_norm_invariant, log_softmax_invariant,
+INVARIANT_OPS = Ops("invariant", invariant.linear, invariant.attention, invariant.rms_norm, invariant.log_softmax,
                     softmax_invariant, sigmoid_invariant)
 OPS = {"fast": FAST_OPS, "invariant": INVARIANT_OPS}
 

@@ -35,11 +35,6 @@ def attention_reference(q_BHTD, k_BKSD, v_BKSD, position_ids_BT, cached: bool) -
 
 
 def attention_invariant(q_BHTD, k_BKSD, v_BKSD, position_ids_BT, cached: bool) -> torch.Tensor:
-    if q_BHTD.is_cuda:
-        from miles_core.kernels import triton_ops
-
-        if triton_ops.available():
-            return triton_ops.attention(q_BHTD, k_BKSD, v_BKSD, position_ids_BT)
     return blockwise_attention(q_BHTD, k_BKSD, v_BKSD, position_ids_BT)
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from miles_core.kernels import FAST_OPS
+
 
 def reference_logprobs_entropy(hidden_NE: torch.Tensor, weight_VE: torch.Tensor, targets_N: torch.Tensor,
                                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,8 +91,6 @@ def chunked_logprobs_entropy(hidden_NE: torch.Tensor, weight_VE: torch.Tensor, t
     """Log-probs of `targets` and entropies, (N,) each, never holding more than
     (chunk_size, V) logits. Differentiable w.r.t. hidden and weight. `ops` picks the matmul and
     log-softmax kernels (`kernels.FAST_OPS` by default; the invariant ones for zero-KL)."""
-    from miles_core.kernels import FAST_OPS
-
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     return _ChunkedLogprobs.apply(hidden_NE, weight_VE, targets_N, float(temperature), int(chunk_size), ops or FAST_OPS)

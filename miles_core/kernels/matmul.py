@@ -38,9 +38,4 @@ def linear_invariant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """Batch-invariant F.linear for inputs of any leading shape."""
     lead = x.shape[:-1]
     x_MK = x.reshape(-1, x.shape[-1])
-    if x_MK.is_cuda:
-        from miles_core.kernels import triton_ops
-
-        if triton_ops.available():
-            return triton_ops.linear(x_MK, weight, bias).view(*lead, weight.shape[0])
     return linear_tiled(x_MK, weight, bias).view(*lead, weight.shape[0])

@@ -29,6 +29,9 @@ import math
 
 import torch
 
+from miles_core.kernels.attention import attention_reference
+from miles_core.kernels.norms import rms_norm_reference
+
 try:
     import triton
     import triton.language as tl
@@ -217,13 +220,7 @@ def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
     return y.view(x.shape)
 
 
-def _rms_norm_reference(x, weight, eps):
-    from miles_core.kernels.norms import rms_norm_reference
-
-    return rms_norm_reference(x, weight, eps)
-
-
-rms_norm = _with_reference_backward(_rms_norm_forward, _rms_norm_reference)
+rms_norm = _with_reference_backward(_rms_norm_forward, rms_norm_reference)
 
 
 def log_softmax(z: torch.Tensor) -> torch.Tensor:
@@ -254,8 +251,6 @@ def _attention_forward(q_BHTD, k_BKSD, v_BKSD, position_ids_BT) -> torch.Tensor:
 
 
 def _attention_reference(q_BHTD, k_BKSD, v_BKSD, position_ids_BT):
-    from miles_core.kernels.attention import attention_reference
-
     return attention_reference(q_BHTD, k_BKSD.to(q_BHTD.dtype), v_BKSD.to(q_BHTD.dtype), position_ids_BT, True)
 
 

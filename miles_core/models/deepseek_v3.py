@@ -33,7 +33,7 @@ from torch import nn
 
 from miles_core.errors import MilesError
 from miles_core.models.base import CausalLM
-from miles_core.models.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, hf_rope_parameters
+from miles_core.models.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, hf_common_args
 from miles_core.models.mla import MLAttention
 from miles_core.models.moe import MoEDecoderLayer, RouterArgs, SparseMoE
 
@@ -79,27 +79,15 @@ class DeepseekV3Args:
         for key, expected in _SUPPORTED.items():
             if cfg.get(key, expected) != expected:
                 raise MilesError(f"deepseek_v3 {key} '{cfg[key]}' is not supported; expected {expected}")
-        theta, scaling = hf_rope_parameters(cfg)
         return cls(
-            model_type=cfg["model_type"],
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
+            **hf_common_args(cfg),
             moe_intermediate_size=cfg["moe_intermediate_size"],
-            num_hidden_layers=cfg["num_hidden_layers"],
-            num_attention_heads=cfg["num_attention_heads"],
             q_lora_rank=cfg.get("q_lora_rank"),
             kv_lora_rank=cfg["kv_lora_rank"],
             qk_nope_head_dim=cfg["qk_nope_head_dim"],
             qk_rope_head_dim=cfg["qk_rope_head_dim"],
             v_head_dim=cfg["v_head_dim"],
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=theta,
-            rope_scaling=scaling,
             rope_interleave=cfg.get("rope_interleave", True),
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            attention_bias=cfg.get("attention_bias", False),
             n_routed_experts=cfg.get("n_routed_experts", cfg.get("num_local_experts", 256)),
             num_experts_per_tok=cfg["num_experts_per_tok"],
             n_shared_experts=cfg.get("n_shared_experts") or 0,

@@ -76,6 +76,35 @@ def hf_rope_parameters(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | Non
     return theta, rope or None
 
 
+def hf_common_args(cfg: dict[str, Any], *, default_max_positions: int = 4096) -> dict[str, Any]:
+    """The hyper-parameters every family reads the same way from a HF `config.json` (SwiGLU MLPs
+    only: another `hidden_act` is refused)."""
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise MilesError(f"{cfg.get('model_type')} hidden_act '{cfg['hidden_act']}' is not supported; expected silu")
+    theta, scaling = hf_rope_parameters(cfg)
+    return dict(
+        model_type=cfg["model_type"],
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"],
+        num_attention_heads=cfg["num_attention_heads"],
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=cfg.get("max_position_embeddings", default_max_positions),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+        attention_bias=cfg.get("attention_bias", False),
+    )
+
+
+def hf_gqa_args(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Key/value heads and head size of grouped-query attention (HF defaults: MHA, hidden / heads)."""
+    heads = cfg["num_attention_heads"]
+    return dict(num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+                head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads)
+
+
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     """YaRN attention temperature 0.1 * mscale * ln(factor) + 1 (1 when not extending)."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0

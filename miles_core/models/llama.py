@@ -14,9 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from miles_core.errors import MilesError
 from miles_core.models.base import CausalLM
-from miles_core.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding, hf_rope_parameters
+from miles_core.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding, hf_common_args, hf_gqa_args
 
 
 @dataclass(frozen=True)
@@ -41,29 +40,11 @@ class LlamaArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> LlamaArgs:
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise MilesError(f"hidden_act '{cfg['hidden_act']}' is not supported; expected silu")
-        heads = cfg["num_attention_heads"]
-        theta, scaling = hf_rope_parameters(cfg)
-        model_type = cfg["model_type"]
-        return cls(
-            model_type=model_type,
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_hidden_layers=cfg["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            # Qwen2 always has q/k/v bias and no flag for it; Llama and Qwen3 read the flag.
-            attention_bias=True if model_type == "qwen2" else cfg.get("attention_bias", False),
-            qk_norm=model_type == "qwen3",
-        )
+        args = hf_common_args(cfg) | hf_gqa_args(cfg)
+        # Qwen2 always has q/k/v bias and no flag for it; Llama and Qwen3 read the flag.
+        if cfg["model_type"] == "qwen2":
+            args["attention_bias"] = True
+        return cls(**args, qk_norm=cfg["model_type"] == "qwen3")
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -22,7 +22,7 @@ V value head dim, C kv_lora_rank, E hidden size.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -30,14 +30,27 @@ from torch import nn
 from miles_core.kernels import FAST_OPS, Ops
 from miles_core.models.layers import KVCache, Linear, RMSNorm, apply_rotary, yarn_mscale
 
-if TYPE_CHECKING:
-    from miles_core.models.deepseek_v3 import DeepseekV3Args
+
+class MLAArgs(Protocol):
+    """The hyper-parameters MLA reads (`deepseek_v3.DeepseekV3Args` has them)."""
+
+    hidden_size: int
+    num_attention_heads: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_scaling: dict[str, Any] | None
+    rope_interleave: bool
+    attention_bias: bool
+
 
 # HF builds q_a_layernorm and kv_a_layernorm with RMSNorm's default eps, not `rms_norm_eps`.
 LORA_NORM_EPS = 1e-6
 
 
-def softmax_scale_factor(args: DeepseekV3Args) -> float:
+def softmax_scale_factor(args: MLAArgs) -> float:
     """mscale^2 by which YaRN multiplies the 1/sqrt(D) softmax scale (1 without YaRN)."""
     scaling = args.rope_scaling or {}
     if scaling.get("rope_type", scaling.get("type", "default")) == "default" or not scaling.get("mscale_all_dim"):
@@ -48,7 +61,7 @@ def softmax_scale_factor(args: DeepseekV3Args) -> float:
 class MLAttention(nn.Module):
     ops: Ops = FAST_OPS
 
-    def __init__(self, args: DeepseekV3Args, layer_idx: int) -> None:
+    def __init__(self, args: MLAArgs, layer_idx: int) -> None:
         super().__init__()
         E, H, C = args.hidden_size, args.num_attention_heads, args.kv_lora_rank
         self.num_heads, self.layer_idx, self.kv_lora_rank = H, layer_idx, C

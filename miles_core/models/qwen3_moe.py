@@ -23,7 +23,7 @@ from torch import nn
 from miles_core.errors import MilesError
 from miles_core.models.base import CausalLM
 from miles_core.models.layers import (
-    Attention, GatedMLP, Linear, RMSNorm, RotaryEmbedding, hf_rope_parameters,
+    Attention, GatedMLP, Linear, RMSNorm, RotaryEmbedding, hf_common_args, hf_gqa_args,
 )
 from miles_core.models.moe import MoEDecoderLayer, RouterArgs, SparseMoE
 
@@ -55,31 +55,15 @@ class Qwen3MoeArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> Qwen3MoeArgs:
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise MilesError(f"hidden_act '{cfg['hidden_act']}' is not supported; expected silu")
         if cfg.get("use_sliding_window"):
             raise MilesError("qwen3_moe with use_sliding_window=true is not supported; expected false")
-        heads, num_layers = cfg["num_attention_heads"], cfg["num_hidden_layers"]
+        num_layers = cfg["num_hidden_layers"]
         # Published configs say `num_experts`; transformers 5 saves its alias `num_local_experts`.
         num_experts = cfg.get("num_experts", cfg.get("num_local_experts", 128))
         step, dense = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or ())
-        theta, scaling = hf_rope_parameters(cfg)
         return cls(
-            model_type=cfg["model_type"],
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
+            **hf_common_args(cfg, default_max_positions=32768), **hf_gqa_args(cfg),
             moe_intermediate_size=cfg["moe_intermediate_size"],
-            num_hidden_layers=num_layers,
-            num_attention_heads=heads,
-            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            max_position_embeddings=cfg.get("max_position_embeddings", 32768),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            attention_bias=cfg.get("attention_bias", False),
             num_experts=num_experts,
             num_experts_per_tok=cfg.get("num_experts_per_tok", 8),
             norm_topk_prob=cfg.get("norm_topk_prob", False),

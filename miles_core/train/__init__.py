@@ -1,16 +1,28 @@
-"""Trainers behind the `TrainBackend` protocol (native PyTorch now; megatron-core later)."""
+"""Trainers behind the `TrainBackend` protocol, looked up by `train.backend`.
+
+`TRAIN_BACKENDS` maps a backend name to a factory with `build_trainer`'s signature. Every caller
+(training, align-check) builds its trainer through `build_trainer`; a new backend (FSDP2,
+megatron-core) registers here and nowhere else.
+"""
 
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
+from typing import Protocol
+
+import torch
+from torch import nn
 
 from miles_core.config import AlgoConfig, TrainConfig
+from miles_core.errors import one_of
+from miles_core.train.critic import Critic
+from miles_core.train.native import NativeTrainer
+from miles_core.train.protocol import TrainBackend
 
-if TYPE_CHECKING:
-    from torch import nn
 
-    from miles_core.train.protocol import TrainBackend
+class TrainerFactory(Protocol):
+    def __call__(self, cfg: TrainConfig, algo: AlgoConfig, model: nn.Module, *, temperature: float,
+                 total_steps: int) -> TrainBackend: ...
 
 
 def needs_reference(algo: AlgoConfig) -> bool:
@@ -23,20 +35,23 @@ def needs_critic(algo: AlgoConfig) -> bool:
     return algo.advantage_estimator == "ppo"
 
 
-def build_trainer(cfg: TrainConfig, algo: AlgoConfig, model: nn.Module, *, temperature: float,
-                  total_steps: int) -> TrainBackend:
-    """The trainer named by `cfg.backend`, taking ownership of `model` (kept in fp32).
-
-    A frozen copy of the initial weights becomes the reference model when the KL loss or the KL
-    reward is on; PPO adds a critic (`critic.py`) initialised from the same weights.
-    """
-    import torch
-
-    from miles_core.train.critic import Critic
-    from miles_core.train.native import NativeTrainer
-
+def _native(cfg: TrainConfig, algo: AlgoConfig, model: nn.Module, *, temperature: float,
+            total_steps: int) -> TrainBackend:
+    """Keeps the model in fp32. A frozen copy of the initial weights becomes the reference model
+    when the KL loss or the KL reward is on; PPO adds a critic (`critic.py`) from the same weights."""
     model = model.to(torch.float32)
     reference = copy.deepcopy(model).requires_grad_(False).eval() if needs_reference(algo) else None
     critic = Critic(model, cfg, total_steps) if needs_critic(algo) else None
     return NativeTrainer(model, cfg, algo, temperature=temperature, total_steps=total_steps,
                          reference=reference, critic=critic)
+
+
+TRAIN_BACKENDS: dict[str, TrainerFactory] = {"native": _native}
+
+
+def build_trainer(cfg: TrainConfig, algo: AlgoConfig, model: nn.Module, *, temperature: float,
+                  total_steps: int) -> TrainBackend:
+    """The trainer named by `cfg.backend`, taking ownership of `model`."""
+    if cfg.backend not in TRAIN_BACKENDS:
+        raise one_of("train.backend", cfg.backend, tuple(TRAIN_BACKENDS))
+    return TRAIN_BACKENDS[cfg.backend](cfg, algo, model, temperature=temperature, total_steps=total_steps)

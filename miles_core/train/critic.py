@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from miles_core.config import TrainConfig
-from miles_core.models.loading import DTYPES
+from miles_core.checkpoint.loading import DTYPES
 from miles_core.train.batch import (
     TrainBatch,
     call_in_dtype,
@@ -36,7 +36,7 @@ from miles_core.train.batch import (
     response_hidden_states,
     shared_prefix_hidden_states,
 )
-from miles_core.train.optim import build_optimizer
+from miles_core.train.optim import build_optimizer, clip_grad_norm
 
 
 class ValueModel(nn.Module):
@@ -85,8 +85,7 @@ class Critic:
 
     def step(self) -> float:
         """Clip, step and schedule; returns the value model's gradient norm before clipping."""
-        max_norm = self.cfg.clip_grad if self.cfg.clip_grad > 0 else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        norm = clip_grad_norm(self.model.parameters(), self.cfg)
         self.optimizer.step()
         self.scheduler.step()
         return norm

@@ -30,8 +30,8 @@ from torch import nn
 from miles_core.algo import accumulate_metrics, policy_loss, tis_batch_mean
 from miles_core.config import AlgoConfig, TrainConfig
 from miles_core.errors import MilesError
-from miles_core.mismatch import MismatchSums
-from miles_core.models.loading import DTYPES
+from miles_core.algo.mismatch import MismatchSums
+from miles_core.checkpoint.loading import DTYPES
 from miles_core.train.batch import (
     TrainBatch,
     call_in_dtype,
@@ -42,7 +42,7 @@ from miles_core.train.batch import (
     shared_prefix_micro_batches,
 )
 from miles_core.train.critic import Critic
-from miles_core.train.optim import build_optimizer
+from miles_core.train.optim import build_optimizer, clip_grad_norm
 from miles_core.train.routing_replay import RoutingAgreement, RoutingPlan, check_routed_shape, moe_shape
 
 # policy_loss also reports this gap (old vs rollout log-probs, per micro-batch); the trainer's
@@ -74,6 +74,7 @@ class NativeTrainer:
         self.optimizer, self.scheduler = build_optimizer(model.parameters(), cfg, total_steps)
         self.device = next(model.parameters()).device
         self.num_optimizer_steps = 0
+        self._pass_metrics: dict[str, float] = {}
 
     def _forward(self, model: nn.Module, batch: TrainBatch, indices: list[int], routing: RoutingPlan | None = None):
         forward = shared_prefix_log_probs if self.cfg.share_prompt_prefix else response_log_probs
@@ -112,13 +113,15 @@ class NativeTrainer:
         return micro_batches([len(t) for t in batch.tokens], self.cfg.max_tokens_per_micro_batch)
 
     @torch.no_grad()
-    def compute_log_probs(self, batch: TrainBatch, *, reference: bool = False,
-                          agreement: RoutingAgreement | None = None) -> list[torch.Tensor]:
+    def compute_log_probs(self, batch: TrainBatch, *, reference: bool = False) -> list[torch.Tensor]:
         """Per-sample log-probs (no grad). The policy pass keeps its own MoE routing in
-        `batch.trainer_routed_experts` for `routing_replay = "record"`; the reference routes itself."""
+        `batch.trainer_routed_experts` for `routing_replay = "record"`; the reference routes itself.
+        A policy pass over samples with the engine's routing measures `routing_agreement`
+        (`last_pass_metrics`)."""
         model = self.reference if reference else self.model
         if model is None:
             raise ValueError("no reference model: enable algo.use_kl_loss or algo.kl_coef > 0 to keep one")
+        agreement = RoutingAgreement()
         out: list[torch.Tensor | None] = [None] * len(batch)
         recorded: list = [None] * len(batch)
         for indices in self._micro_batches(batch):
@@ -130,7 +133,14 @@ class NativeTrainer:
                 recorded[i] = plan.recorded[j] if plan else None
         if not reference and self.cfg.routing_replay == "record" and moe_shape(self.model)[0]:
             batch.trainer_routed_experts = recorded
+        if not reference:
+            self._pass_metrics = {"routing_agreement": agreement.fraction} if agreement.total else {}
         return out
+
+    def last_pass_metrics(self) -> dict[str, float]:
+        """`routing_agreement` of the last policy `compute_log_probs` pass (MoE with the engine's
+        routing in the samples); empty otherwise."""
+        return dict(self._pass_metrics)
 
     def compute_values(self, batch: TrainBatch) -> list[torch.Tensor]:
         """The critic's per-token values of the current weights (no grad): PPO's old values."""
@@ -191,8 +201,7 @@ class NativeTrainer:
         for indices in self._micro_batches(batch):
             accumulate_metrics(metrics, self._micro_step(batch, indices, num_tokens, num_seqs, tis_mean, mismatch,
                                                          agreement))
-        max_norm = self.cfg.clip_grad if self.cfg.clip_grad > 0 else float("inf")
-        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        metrics["grad_norm"] = clip_grad_norm(self.model.parameters(), self.cfg)
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         if tis_mean is not None:
             metrics["tis_batch_mean"] = tis_mean

@@ -26,3 +26,9 @@ def build_optimizer(params, cfg: TrainConfig, total_steps: int):
                                   eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg, total_steps))
     return optimizer, scheduler
+
+
+def clip_grad_norm(params, cfg: TrainConfig) -> float:
+    """Clip the global gradient norm to `cfg.clip_grad` (0: no clipping); returns the norm before."""
+    max_norm = cfg.clip_grad if cfg.clip_grad > 0 else float("inf")
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))

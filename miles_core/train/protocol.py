@@ -21,6 +21,10 @@ class TrainBackend(Protocol):
     def train_rollout(self, batch: TrainBatch) -> dict[str, float]:
         """All optimizer steps for one rollout; returns `train/*` metrics."""
 
+    def last_pass_metrics(self) -> dict[str, float]:
+        """What this backend measured in the last policy `compute_log_probs` pass beyond the
+        log-probs (e.g. MoE `routing_agreement`); metrics only some backends have go here."""
+
     def update_reference(self) -> None:
         """Copy the policy's current weights into the reference model."""
 

@@ -15,8 +15,8 @@ import transformers
 from miles_core.config import EngineConfig, ModelConfig, SamplingConfig
 from miles_core.engine.native import NativeEngine
 from miles_core.engine.protocol import GenerateRequest
-from miles_core.mismatch import MismatchSums
-from miles_core.models.loading import load_model
+from miles_core.algo.mismatch import MismatchSums
+from miles_core.checkpoint.loading import load_model
 from miles_core.train.batch import micro_batches, response_log_probs, shared_prefix_log_probs
 
 BATCH_SIZES = (1, 3, 16, 64)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from miles_cli.app import app
 from miles_core import __version__
 from miles_core.config import load_config
-from miles_core.config_tree import dump_toml, list_recipes
+from miles_core.config.tree import dump_toml, list_recipes
 from miles_core.errors import MilesError
 
 runner = CliRunner()

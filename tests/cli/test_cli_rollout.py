@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from miles_cli.app import app
 from miles_core.checkpoint.sources import resolve_model_source
 from miles_core.config import load_config
-from miles_core.models.loading import load_tokenizer
+from miles_core.checkpoint.loading import load_tokenizer
 from miles_core.sample import Status, read_samples_jsonl
 
 runner = CliRunner()

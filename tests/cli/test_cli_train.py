@@ -15,7 +15,7 @@ from miles_core.checkpoint.hf import load_state_dict
 from miles_core.checkpoint.sources import resolve_model_source
 from miles_core.config import ModelConfig, load_config
 from miles_core.metrics import read_metrics
-from miles_core.models.loading import load_model
+from miles_core.checkpoint.loading import load_model
 from miles_core.sample import read_samples_jsonl
 
 runner = CliRunner()

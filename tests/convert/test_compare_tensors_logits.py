@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from miles_core.compare import BitwiseReport, compare_logits, compare_tensors
+from miles_core.checkpoint.compare import BitwiseReport, compare_logits, compare_tensors
 
 
 def test_compare_tensors_is_bitwise():

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from miles_core.checkpoint.hf import iter_state_dict, read_hf_config, save_hf_checkpoint
-from miles_core.convert import convert
+from miles_core.checkpoint.convert import convert
 from miles_core.errors import MilesError
 
 
@@ -134,7 +134,7 @@ def test_mtp_copies_that_differ_from_the_main_embedding_are_refused(tmp_path, mo
     from safetensors.torch import load_file, save_file
 
     from miles_core.checkpoint.sources import resolve_model_source
-    from miles_core.convert import convert
+    from miles_core.checkpoint.convert import convert
     from miles_core.errors import MilesError
 
     monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))

@@ -13,8 +13,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 import megatron_cpu as mc  # noqa: E402
 
 from miles_core.checkpoint.hf import iter_state_dict, load_weights_into, read_hf_config  # noqa: E402
-from miles_core.convert import convert  # noqa: E402
-from miles_core.models.loading import materialize  # noqa: E402
+from miles_core.checkpoint.convert import convert  # noqa: E402
+from miles_core.checkpoint.loading import materialize  # noqa: E402
 from miles_core.models.registry import build_model  # noqa: E402
 
 IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
-from miles_core import convert as convert_module
+from miles_core.checkpoint import convert as convert_module
 from miles_core.checkpoint.hf import iter_state_dict, read_hf_config
 from miles_core.checkpoint.torch_dist import DistReader
-from miles_core.convert import convert
+from miles_core.checkpoint.convert import convert
 
 
 def assert_same_checkpoint(a_dir, b_dir):

@@ -19,7 +19,7 @@ from miles_core.engine.native import NativeEngine
 from miles_core.engine.protocol import GenerateRequest
 from miles_core.errors import MilesError
 from miles_core.models.layers import KVCache
-from miles_core.models.loading import LoadedModel, load_model
+from miles_core.checkpoint.loading import LoadedModel, load_model
 
 PROMPTS = ["2+3=", "The quick brown fox", "hello there, what is 12*7?", "abc"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from miles_core import config_tree
+from miles_core.config import tree as config_tree
 from miles_core.config import DataConfig, EvalConfig, EvalDatasetConfig, load_config
 from miles_core.errors import MilesError
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from miles_core.eval import group_metrics, k_values, mean_at_k, pass_at_k
+from miles_core.rl.eval import group_metrics, k_values, mean_at_k, pass_at_k
 
 
 @pytest.mark.parametrize("n, c, k, expected", [

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from miles_core.components import RunComponents
+from miles_core.rl.run import RunComponents
 from miles_core.config import ArithmeticConfig, DataConfig, EvalConfig, EvalDatasetConfig, RewardConfig, SamplingConfig, load_config
 from miles_core.engine.protocol import Generation
 from miles_core.errors import MilesError
-from miles_core.eval import evaluate, evaluate_dataset, load_eval_sets
+from miles_core.rl.eval import evaluate, evaluate_dataset, load_eval_sets
 
 
 class ScriptedEngine:
@@ -112,7 +112,7 @@ def eval_steps(num_rollout=6, *, trainer=True, eval_sets=("set",), **eval_kw) ->
     cfg = load_config("tiny", [f"loop.num_rollout={num_rollout}"])
     cfg = replace(cfg, eval=replace(cfg.eval, **eval_kw))
     parts = RunComponents(cfg, Path("."), None, engine=object(), trainer=object() if trainer else None,
-                          prompts=None, rollout_data=None, save_all_rollouts=False, eval_sets=list(eval_sets))
+                          rollouts=None, sync=None, save_all_rollouts=False, eval_sets=list(eval_sets))
     return [step for step in range(num_rollout + 1) if parts.should_eval(step)]
 
 

@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 
 from miles_core.config import ModelConfig
 from miles_core.errors import MilesError
-from miles_core.models.loading import load_model
+from miles_core.checkpoint.loading import load_model
 from miles_core.models.registry import build_model
 
 VOCAB = 128

@@ -24,7 +24,7 @@ from miles_core.config import ModelConfig
 from miles_core.errors import MilesError
 from miles_core.models import moe
 from miles_core.models.layers import rope_inv_freq
-from miles_core.models.loading import load_model
+from miles_core.checkpoint.loading import load_model
 from miles_core.models.qwen3_moe import Qwen3MoeArgs
 from miles_core.models.routing import RoutingContext
 

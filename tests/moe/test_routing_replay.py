@@ -18,13 +18,12 @@ from miles_core.config import AlgoConfig, EngineConfig, ModelConfig, SamplingCon
 from miles_core.engine.native import NativeEngine
 from miles_core.engine.protocol import GenerateRequest
 from miles_core.errors import MilesError
-from miles_core.mismatch import MismatchSums
-from miles_core.models.loading import load_model
+from miles_core.algo.mismatch import MismatchSums
+from miles_core.checkpoint.loading import load_model
 from miles_core.models.routing import RoutingContext
 from miles_core.sample import Sample, read_samples_jsonl, write_samples_jsonl
 from miles_core.train.batch import TrainBatch
 from miles_core.train.native import NativeTrainer
-from miles_core.train.routing_replay import RoutingAgreement
 
 SOURCES = ("tiny-qwen3-moe", "tiny-deepseek-v3")
 
@@ -76,11 +75,10 @@ def _perturbed(model, scale: float = 0.05):
 
 
 def _gap(trainer, samples) -> tuple[dict, float]:
-    agreement = RoutingAgreement()
     sums = MismatchSums()
-    for logp, s in zip(trainer.compute_log_probs(_batch(samples), agreement=agreement), samples):
+    for logp, s in zip(trainer.compute_log_probs(_batch(samples)), samples):
         sums.add(logp, torch.tensor(s.rollout_log_probs))
-    return sums.metrics(), agreement.fraction
+    return sums.metrics(), trainer.last_pass_metrics()["routing_agreement"]
 
 
 @pytest.mark.parametrize("source", SOURCES)

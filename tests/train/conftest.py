@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from miles_core.config import ModelConfig
-from miles_core.models.loading import load_model
+from miles_core.checkpoint.loading import load_model
 
 
 @pytest.fixture(scope="module")

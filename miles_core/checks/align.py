@@ -10,7 +10,8 @@ every layer's hidden states, to find where a mismatch starts. For MoE models the
 its routing and the report adds the fraction of (token, layer, slot) where the trainer's routers
 chose the same experts; `--set train.routing_replay=rollout` measures the log-prob gap with R3.
 
-Engines and trainers are looked up by name; only implementations that work are registered.
+Engines and trainers come from their registries (`engine.backend`, `train.backend`); routing
+agreement comes from the trainer's `last_pass_metrics`.
 """
 
 from __future__ import annotations
@@ -22,13 +23,17 @@ from typing import Any
 
 import torch
 
+from miles_core.algo.mismatch import MismatchSums
+from miles_core.checkpoint.loading import load_model
+from miles_core.checks.layers import layer_diffs
 from miles_core.config import MilesConfig
+from miles_core.data import load_prompts
+from miles_core.engine import ENGINE_BACKENDS, build_engine
 from miles_core.errors import one_of
-from miles_core.mismatch import MismatchSums
-from miles_core.train.routing_replay import RoutingAgreement
+from miles_core.rl.manager import RolloutManager
+from miles_core.train import TRAIN_BACKENDS, build_trainer
+from miles_core.train.batch import TrainBatch
 
-ENGINES = ("native",)
-TRAINERS = ("native",)
 POSITION_BUCKETS = (0, 1, 8, 32, 128, 512)
 LENGTH_BUCKETS = (1, 8, 32, 128)
 
@@ -87,45 +92,34 @@ def run_align_check(cfg: MilesConfig, *, batch_sizes: list[int], num_prompts: in
                     trainer: str = "native", layers: int = 0,
                     on_progress: Callable[[str], None] | None = None) -> AlignReport:
     """Generate with the engine at each batch size, rescore with the trainer, compare."""
-    from miles_core.data import load_prompts
-    from miles_core.engine.native import NativeEngine
-    from miles_core.models.loading import load_model
-    from miles_core.rollout import generate_group_samples, render_prompts
-    from miles_core.train import build_trainer
-    from miles_core.train.batch import TrainBatch
-
-    if engine not in ENGINES:
-        raise one_of("engine", engine, ENGINES)
-    if trainer not in TRAINERS:
-        raise one_of("trainer", trainer, TRAINERS)
+    if engine not in ENGINE_BACKENDS:
+        raise one_of("engine", engine, tuple(ENGINE_BACKENDS))
+    if trainer not in TRAIN_BACKENDS:
+        raise one_of("trainer", trainer, tuple(TRAIN_BACKENDS))
     prompts = load_prompts(replace(cfg.data, max_prompts=num_prompts))
     loaded = load_model(cfg.model, alignment_mode=cfg.alignment.mode)
-    train = build_trainer(cfg.train, cfg.algo, copy.deepcopy(loaded.model),
+    train = build_trainer(replace(cfg.train, backend=trainer), cfg.algo, copy.deepcopy(loaded.model),
                           temperature=cfg.sampling.temperature, total_steps=1)
-    prompt_ids = render_prompts(prompts, loaded.tokenizer, cfg.data)
     report = AlignReport(cfg.alignment.mode, engine, trainer, f"{cfg.model.dtype}/{cfg.train.compute_dtype}",
                          notes=_notes(cfg))
     for batch_size in batch_sizes:
         if on_progress:
             on_progress(f"batch size {batch_size}")
-        engine_cfg = replace(cfg.engine, max_batch_size=batch_size, return_routed_experts=True)  # MoE only
-        native = NativeEngine(loaded.model, loaded.tokenizer, engine_cfg,
-                              eos_token_ids=loaded.eos_token_ids, max_position_embeddings=loaded.max_position_embeddings)
-        groups = generate_group_samples(native, prompts, prompt_ids, cfg.sampling, first_seed=cfg.sampling.seed)
-        samples = [s for g in groups for s in g]
+        engine_cfg = replace(cfg.engine, backend=engine, max_batch_size=batch_size,
+                             return_routed_experts=True)  # MoE only
+        manager = RolloutManager(build_engine(engine_cfg, loaded), loaded.tokenizer, data=cfg.data,
+                                 sampling=cfg.sampling, reward=cfg.reward)
+        samples = [s for g in manager.generate_all(prompts) for s in g]
         batch = TrainBatch.from_samples(samples, [torch.zeros(s.response_length) for s in samples])
-        agreement = RoutingAgreement()
-        trainer_lps = train.compute_log_probs(batch, agreement=agreement)
+        trainer_lps = train.compute_log_probs(batch)
         pairs = [(t, torch.tensor(s.rollout_log_probs)) for t, s in zip(trainer_lps, samples)]
         total = MismatchSums()
         for t, r in pairs:
             total.add(t, r)
         report.results.append(BatchResult(batch_size, len(samples), total.metrics(), breakdown(pairs, "position"),
                                           breakdown(pairs, "length"),
-                                          agreement.fraction if agreement.total else None))
+                                          train.last_pass_metrics().get("routing_agreement")))
     if layers:
-        from miles_core.align_layers import layer_diffs
-
         report.layers = layer_diffs(loaded.model, train, samples[:layers], cfg.sampling.temperature)
     return report
 

@@ -13,8 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from miles_core.models.loading import DTYPES
+from miles_core.checkpoint.compare import compare_logits
+from miles_core.checkpoint.loading import DTYPES
 from miles_core.sample import Sample
+from miles_core.train.batch import call_in_dtype
 
 
 def _probe_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -66,11 +68,7 @@ def _trainer_states(model: nn.Module, compute_dtype: torch.dtype, sample: Sample
     positions = torch.arange(tokens.shape[1], device=device)[None]
     recorder = _Recorder(model)
     try:
-        if all(p.dtype == compute_dtype for p in model.parameters()):
-            model(tokens, positions)
-        else:
-            cast = {name: p.to(compute_dtype) for name, p in model.named_parameters()}
-            torch.func.functional_call(model, cast, (tokens, positions))
+        call_in_dtype(model, (tokens, positions), compute_dtype)  # keep_in_fp32 weights stay fp32, as in training
     finally:
         recorder.close()
     span = slice(sample.prompt_length - 1, len(sample.tokens) - 1)
@@ -81,8 +79,6 @@ def layer_diffs(engine_model: nn.Module, trainer, samples: list[Sample], tempera
     """One row per probed module: max |engine - trainer| and the bitwise-equal fraction, over
     the response positions of `samples`; a last row `logits` compares the two paths' next-token
     distributions with the comparator `miles convert --verify` uses (KL, top-1 agreement)."""
-    from miles_core.compare import compare_logits
-
     compute_dtype = DTYPES[trainer.cfg.compute_dtype]
     totals: dict[str, dict[str, float]] = {}
     engine_logits, trainer_logits = [], []

@@ -34,7 +34,7 @@ def check(condition: bool, message: str) -> None:
 
 def recipe_dirs() -> list[Path]:
     """Where built-in recipes live: the source checkout, then the installed package copy."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # miles_core/
     return [p for p in (package.parent / "recipes", package / "_recipes") if p.is_dir()]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from miles_core.config_tree import check as _check
+from miles_core.config.tree import check as _check
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,7 +1,8 @@
-"""Everything one training run is made of, built from the config: model, engine, trainer,
-prompt stream, the run folder, and how a step's samples are obtained and stored.
+"""Everything one training run is made of, built from the config: model, engine, trainer, the
+rollout manager (or saved samples), the weight sync, eval sets, and the run folder.
 
-Kept apart from `loop.py` so the loop reads like the algorithm.
+Kept apart from `loop.py` so the loop reads like the algorithm. Engines, trainers and weight-sync
+transports come from their registries (`engine.backend`, `train.backend`, `sync.transport`).
 """
 
 from __future__ import annotations
@@ -10,10 +11,20 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from miles_core import config_tree
+from miles_core.checkpoint.hf import save_hf_checkpoint
+from miles_core.checkpoint.loading import LoadedModel, load_model
 from miles_core.config import MilesConfig
+from miles_core.config.tree import dump_toml
+from miles_core.data import load_prompts
+from miles_core.engine import build_engine
+from miles_core.engine.protocol import RolloutEngine
 from miles_core.errors import MilesError
-from miles_core.sample import Sample, read_samples_jsonl, write_samples_jsonl
+from miles_core.rl.eval import EvalSet, evaluate, load_eval_sets
+from miles_core.rl.manager import RolloutManager, RolloutSource, SavedRollouts
+from miles_core.sample import Sample, write_samples_jsonl
+from miles_core.sync import WeightSync, build_weight_sync
+from miles_core.train import build_trainer
+from miles_core.train.protocol import TrainBackend
 from miles_core.utils.io import atomic_write
 
 
@@ -21,40 +32,38 @@ from miles_core.utils.io import atomic_write
 class RunComponents:
     cfg: MilesConfig
     output_dir: Path
-    loaded: object  # LoadedModel of the engine side (tokenizer, hf config, source path)
-    engine: object | None
-    trainer: object | None
-    prompts: object | None  # PromptStream
-    rollout_data: str | None
+    loaded: LoadedModel
+    """The engine side's model, tokenizer, HF config and source path."""
+    engine: RolloutEngine | None
+    trainer: TrainBackend | None
+    rollouts: RolloutSource
+    sync: WeightSync | None
     save_all_rollouts: bool
-    eval_sets: list = field(default_factory=list)  # EvalSet per eval dataset; empty without an engine
+    eval_sets: list[EvalSet] = field(default_factory=list)
+    """One per eval dataset; empty without an engine."""
 
     @classmethod
     def create(cls, cfg: MilesConfig, output_dir: Path, *, mode: str, rollout_data: str | None) -> RunComponents:
-        from miles_core.data import load_prompts
-        from miles_core.engine import build_engine
-        from miles_core.eval import load_eval_sets
-        from miles_core.models.loading import load_model
-        from miles_core.rollout import PromptStream, render_prompts
-        from miles_core.train import build_trainer
-
         if mode == "train_only" and not rollout_data:
             raise MilesError("--debug-train-only needs --load-debug-rollout-data PATH (a file, or a template with {rollout_id})")
         records = load_prompts(cfg.data) if mode != "train_only" else None  # bad data fails fast
         eval_sets = load_eval_sets(cfg.eval) if records is not None else []
         _prepare_output_dir(cfg, output_dir)
         loaded = load_model(cfg.model, alignment_mode=cfg.alignment.mode)
-        engine = prompts = trainer = None
+        engine = trainer = sync = None
+        rollouts: RolloutSource = SavedRollouts(rollout_data or "", cfg.sampling, cfg.reward)
         if records is not None:
             engine = build_engine(cfg.engine, loaded)
-            prompts = PromptStream(records, render_prompts(records, loaded.tokenizer, cfg.data),
-                                   shuffle=cfg.data.shuffle, seed=cfg.data.seed, first_request_seed=cfg.sampling.seed)
+            rollouts = RolloutManager(engine, loaded.tokenizer, data=cfg.data, sampling=cfg.sampling, reward=cfg.reward,
+                                      algo=cfg.algo, batch_size=cfg.rollout.batch_size, prompts=records)
         if mode != "rollout_only":
             total = cfg.loop.num_rollout * cfg.train.num_steps_per_rollout
             trainer = build_trainer(cfg.train, cfg.algo, copy.deepcopy(loaded.model),
                                     temperature=cfg.sampling.temperature, total_steps=total)
+        if engine is not None and trainer is not None:
+            sync = build_weight_sync(cfg.sync, engine)
         save_all = cfg.loop.save_rollout_data or mode == "rollout_only"
-        return cls(cfg, output_dir, loaded, engine, trainer, prompts, rollout_data, save_all, eval_sets)
+        return cls(cfg, output_dir, loaded, engine, trainer, rollouts, sync, save_all, eval_sets)
 
     def should_eval(self, step: int) -> bool:
         """Whether the weights after `step` updates are evaluated: before training (step 0),
@@ -71,26 +80,7 @@ class RunComponents:
 
     def evaluate(self) -> dict[str, float]:
         """`eval/<name>/*` metrics of the engine's current weights on every eval dataset."""
-        from miles_core.eval import evaluate
-
         return evaluate(self.engine, self.loaded.tokenizer, self.eval_sets)
-
-    def generate_groups(self, num_prompts: int) -> list[list[Sample]]:
-        """The next `num_prompts` prompts of the stream, a group of `n_samples_per_prompt` samples each."""
-        from miles_core.rollout import generate_group_samples
-
-        batch, ids, first_seed = self.prompts.next_batch(num_prompts)
-        return generate_group_samples(self.engine, batch, ids, self.cfg.sampling, first_seed=first_seed)
-
-    def load_rollout(self, step: int) -> list[Sample]:
-        """This step's samples from saved rollout data (`--debug-train-only`)."""
-        path = Path(rollout_data_path(self.rollout_data, step))
-        samples = list(read_samples_jsonl(path))
-        group = self.cfg.sampling.n_samples_per_prompt
-        if not samples or len(samples) % group:
-            raise MilesError(f"'{path}' holds {len(samples)} samples; expected a non-zero multiple of "
-                             f"sampling.n_samples_per_prompt ({group})")
-        return samples
 
     def save_rollout_data(self, step: int, samples: list[Sample]) -> None:
         if self.save_all_rollouts:
@@ -98,22 +88,9 @@ class RunComponents:
 
     def save_checkpoint(self, step: int) -> Path:
         """HF checkpoint of the trainer's weights (loads in `transformers`), with the tokenizer."""
-        from miles_core.checkpoint.hf import save_hf_checkpoint
-
         path = self.output_dir / "checkpoints" / f"step_{step + 1:06d}"
         save_hf_checkpoint(path, self.trainer.export_weights(), self.loaded.hf_config, source_dir=self.loaded.path)
         return path
-
-
-def rollout_data_path(template: str, step: int) -> str:
-    """A fixed file, or a template such as `rollouts/step_{rollout_id:06d}.jsonl`."""
-    if "{rollout_id" not in template:
-        return template
-    try:
-        return template.format(rollout_id=step)
-    except (KeyError, IndexError, ValueError) as err:
-        raise MilesError(f"bad rollout data template '{template}': {err!r}; expected e.g. "
-                         "'rollouts/step_{rollout_id:06d}.jsonl'") from None
 
 
 def _prepare_output_dir(cfg: MilesConfig, output_dir: Path) -> None:
@@ -122,4 +99,4 @@ def _prepare_output_dir(cfg: MilesConfig, output_dir: Path) -> None:
         raise MilesError(f"output dir '{output_dir}' already holds a run (metrics.jsonl); choose another --output-dir")
     output_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(output_dir / "config.toml") as handle:
-        handle.write(config_tree.dump_toml(cfg))
+        handle.write(dump_toml(cfg))

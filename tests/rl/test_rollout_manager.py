@@ -1,4 +1,4 @@
-"""`generate_group_samples`: requests built from prompts (seeds, ids, sampling), and every
+"""`RolloutManager.generate`: requests built from prompts (seeds, ids, sampling), and every
 `Sample` field filled from the engine's generations (tokens, lengths, masks, logprobs,
 status, numbering, weight versions, label and metadata). A recording engine gives exact
 control; one run on the tiny-qwen3 native engine checks the logprobs against the tokens."""
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from miles_core.config import EngineConfig, ModelConfig, SamplingConfig
+from miles_core.config import DataConfig, EngineConfig, ModelConfig, RewardConfig, SamplingConfig
 from miles_core.engine import build_engine
 from miles_core.engine.protocol import GenerateRequest, Generation
-from miles_core.models.loading import load_model
-from miles_core.rollout import generate_group_samples
+from miles_core.checkpoint.loading import load_model
+from miles_core.rl.manager import RolloutManager
 from miles_core.sample import Sample, Status
 
 FINISH = [
@@ -45,6 +45,11 @@ class RecordingEngine:
         return Generation(output_ids=ids, output_logprobs=[-0.5 * (k + 1) for k in range(len(ids))],
                           finish_reason=FINISH[(2 * i + j) % 4], text=f"text-{i}-{j}",
                           prompt_tokens=0, weight_version=self.weight_version, routed_experts=experts)
+
+
+def generate_group_samples(engine, samples, ids, sampling, *, first_seed, on_progress=None):
+    manager = RolloutManager(engine, None, data=DataConfig(), sampling=sampling, reward=RewardConfig())
+    return manager.generate(samples, ids, first_seed=first_seed, on_progress=on_progress)
 
 
 def prompts() -> tuple[list[Sample], list[list[int]]]:

@@ -39,7 +39,7 @@ from miles_core.checkpoint.torch_dist import (
     TRACKER, DistReader, DistWriter, extra_state_keys, find_checkpoint, megatron_common,
     parse_keys, slot_key, write_layout,
 )
-from miles_core.compare import BitwiseReport, compare_logits
+from miles_core.checkpoint.compare import BitwiseReport, compare_logits
 from miles_core.errors import MilesError, one_of
 from miles_core.utils.io import atomic_dir
 
@@ -365,7 +365,7 @@ def _raise_unless_ok(report: BitwiseReport) -> None:
 
 def _native_model(cfg: dict[str, Any], tensors: Iterable[tuple[str, torch.Tensor]]) -> nn.Module:
     """The native float32 model of `cfg` holding `tensors` (names it lacks, e.g. MTP, are skipped)."""
-    from miles_core.models.loading import materialize
+    from miles_core.checkpoint.loading import materialize
     from miles_core.models.registry import build_model
 
     with torch.device("meta"):

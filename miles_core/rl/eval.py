@@ -30,9 +30,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+from miles_core.checkpoint.loading import load_model
 from miles_core.config import EvalConfig, EvalDatasetConfig, MilesConfig
+from miles_core.data import load_prompts
+from miles_core.engine import build_engine
 from miles_core.engine.protocol import RolloutEngine
 from miles_core.errors import MilesError
+from miles_core.metrics import mean
+from miles_core.rewards import scalar_reward
+from miles_core.rl.manager import RolloutManager
 from miles_core.sample import Sample, Status
 
 Progress = Callable[[int], None]
@@ -70,15 +76,11 @@ def group_metrics(rewards: Sequence[Sequence[float]], correct_threshold: float) 
     n = sizes.pop()
     correct = [sum(r >= correct_threshold for r in group) for group in rewards]
     flat = [r for group in rewards for r in group]
-    out = {"reward": _mean(flat), "accuracy": sum(correct) / len(flat)}
+    out = {"reward": mean(flat), "accuracy": sum(correct) / len(flat)}
     for k in k_values(n):
-        out[f"pass@{k}"] = _mean([pass_at_k(n, c, k) for c in correct])
-    out[f"mean@{n}"] = _mean([mean_at_k(group, n) for group in rewards])
+        out[f"pass@{k}"] = mean([pass_at_k(n, c, k) for c in correct])
+    out[f"mean@{n}"] = mean([mean_at_k(group, n) for group in rewards])
     return out
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
 
 
 # -- runner ----------------------------------------------------------------------------------------
@@ -97,8 +99,6 @@ class EvalSet:
 
 def load_eval_sets(cfg: EvalConfig) -> list[EvalSet]:
     """The prompts of every eval dataset; bad files fail here, before any model is loaded."""
-    from miles_core.data import load_prompts
-
     sets = []
     for dataset in cfg.datasets:
         try:
@@ -122,19 +122,15 @@ def evaluate(engine: RolloutEngine, tokenizer, eval_sets: Sequence[EvalSet], *,
 def evaluate_dataset(engine: RolloutEngine, tokenizer, eval_set: EvalSet, *,
                      on_progress: Progress | None = None) -> tuple[dict[str, float], list[list[Sample]]]:
     """(`eval/<name>/*` metrics, the scored samples grouped by prompt) of one dataset."""
-    from miles_core.rewards import compute_rewards, scalar_reward
-    from miles_core.rollout import generate_group_samples, render_prompts
-
     ds = eval_set.cfg
-    ids = render_prompts(eval_set.prompts, tokenizer, ds.data)
-    groups = generate_group_samples(engine, eval_set.prompts, ids, ds.sampling, first_seed=ds.sampling.seed,
-                                    on_progress=on_progress)
+    manager = RolloutManager(engine, tokenizer, data=ds.data, sampling=ds.sampling, reward=ds.reward)
+    groups = manager.generate_all(eval_set.prompts, on_progress=on_progress)
     samples = [s for group in groups for s in group]
-    stats = compute_rewards(samples, ds.reward)
+    num_failed = manager.score(samples)
     metrics = group_metrics([[scalar_reward(s, ds.reward) for s in g] for g in groups], ds.correct_threshold)
-    metrics["response_len"] = _mean([s.response_length for s in samples])
-    metrics["truncated"] = _mean([float(s.status == Status.TRUNCATED) for s in samples])
-    metrics["reward_failures"] = float(stats.num_failed)
+    metrics["response_len"] = mean([s.response_length for s in samples])
+    metrics["truncated"] = mean([float(s.status == Status.TRUNCATED) for s in samples])
+    metrics["reward_failures"] = float(num_failed)
     return {f"eval/{ds.name}/{k}": v for k, v in metrics.items()}, groups
 
 
@@ -160,9 +156,6 @@ def run_eval(cfg: MilesConfig, checkpoints: Sequence[str] = (), *, on_start: Cal
              on_progress: Progress | None = None) -> EvalReport:
     """Evaluate each checkpoint (a `model.source`; none = the recipe's model) on the recipe's eval
     datasets, one after another on a fresh engine, with the same prompts and seeds."""
-    from miles_core.engine import build_engine
-    from miles_core.models.loading import load_model
-
     if not cfg.eval.datasets:
         raise MilesError("the recipe has no eval datasets; add one under eval.datasets (see docs/eval.md)")
     checkpoints = list(checkpoints) or [cfg.model.source]

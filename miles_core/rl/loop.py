@@ -1,10 +1,10 @@
 """The GRPO loop: generate -> reward -> advantages -> train -> sync weights -> log -> save.
 
-It only wires components together; the math lives in `algo/`, generation in `engine/`,
-training in `train/`, and the data path between them (dynamic-sampling rounds, reward shaping,
-the inputs of the advantage estimator) in `step.py`. Debug modes mirror slime: `rollout_only`
-never trains (and saves each step's samples), `train_only` trains on samples saved by an earlier
-run instead of generating.
+It only wires components together; the math lives in `algo/`, the rollout side (prompts,
+generation, rewards, dynamic sampling) in the rollout manager (`manager.py`), the trainer's
+inputs (reward shaping, advantages) in `train_batch.py`, and weight transport in `sync/`. Debug
+modes mirror slime: `rollout_only` never trains (and saves each step's samples), `train_only`
+trains on samples saved by an earlier run instead of generating.
 
 Evaluation (`eval/*` metrics) is stamped with the number of updates behind the weights: the eval
 at step s scores the weights that generate rollout s, and is logged in step s's record; the eval
@@ -19,9 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from miles_core.algo import resolve_hooks, should_update_reference
+from miles_core.algo.mismatch import check_true_on_policy
 from miles_core.config import MilesConfig
 from miles_core.metrics import MetricsWriter, perf_metrics
-from miles_core.mismatch import check_true_on_policy
+from miles_core.rl.run import RunComponents
+from miles_core.rl.train_batch import prepare_train_batch
 
 Mode = Literal["full", "rollout_only", "train_only"]
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -39,9 +42,6 @@ class RunResult:
 def run_training(cfg: MilesConfig, output_dir: Path, *, mode: Mode = "full", rollout_data: str | None = None,
                  on_step: StepCallback | None = None) -> RunResult:
     """`miles train`: `cfg.loop.num_rollout` GRPO steps; metrics, samples and checkpoints in `output_dir`."""
-    from miles_core.algo import resolve_hooks
-    from miles_core.components import RunComponents
-
     resolve_hooks(cfg.algo)  # a bad hook path fails now, before any model is loaded
     parts = RunComponents.create(cfg, output_dir, mode=mode, rollout_data=rollout_data)
     result = RunResult(output_dir)
@@ -63,7 +63,7 @@ def run_training(cfg: MilesConfig, output_dir: Path, *, mode: Mode = "full", rol
     return result
 
 
-def _evaluate(parts, step: int, result: RunResult) -> dict[str, float]:
+def _evaluate(parts: RunComponents, step: int, result: RunResult) -> dict[str, float]:
     """Held-out metrics of the weights after `step` updates, when that step is due for them."""
     if not parts.should_eval(step):
         return {}
@@ -72,13 +72,10 @@ def _evaluate(parts, step: int, result: RunResult) -> dict[str, float]:
     return dict(metrics)
 
 
-def _rollout_step(cfg: MilesConfig, parts, step: int) -> dict[str, float]:
-    from miles_core.algo import should_update_reference
-    from miles_core.step import collect_rollout, prepare_train_batch
-
+def _rollout_step(cfg: MilesConfig, parts: RunComponents, step: int) -> dict[str, float]:
     times: dict[str, float] = {}
     start = time.perf_counter()
-    rollout = collect_rollout(cfg, parts, step)  # generate (dynamic-sampling rounds) and reward
+    rollout = parts.rollouts.collect(step)  # generate (dynamic-sampling rounds) and reward
     times["rollout_time" if parts.engine is not None else "load_rollout_time"] = time.perf_counter() - start
     parts.save_rollout_data(step, rollout.samples)
 
@@ -90,10 +87,8 @@ def _rollout_step(cfg: MilesConfig, parts, step: int) -> dict[str, float]:
         metrics.update({f"train/{k}": v for k, v in parts.trainer.train_rollout(batch).items()})
         times["train_time"] = time.perf_counter() - start
         check_true_on_policy(cfg.alignment, metrics, step)
-        if parts.engine is not None:
-            start = time.perf_counter()
-            parts.engine.update_weights(parts.trainer.export_weights(), version=str(step + 1))
-            times["sync_time"] = time.perf_counter() - start
+        if parts.sync is not None:
+            times["sync_time"] = parts.sync.push(parts.trainer.export_weights(), version=str(step + 1)).seconds
     if parts.trainer is not None and should_update_reference(step, cfg.algo.ref_update_interval):
         parts.trainer.update_reference()
     metrics.update(perf_metrics(times, generated=rollout.generated, trained=rollout.samples))

@@ -1,4 +1,4 @@
-"""Typed configuration: one frozen, keyword-only dataclass per component.
+"""The component config sections: one frozen, keyword-only dataclass per component.
 
 Each component receives only its own section (the engine gets `EngineConfig`, never the whole
 recipe). `MilesConfig` is the root that a recipe TOML file mirrors. Values are validated in
@@ -12,13 +12,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from miles_core import config_tree
-from miles_core.config_algo import AlgoConfig  # noqa: F401  (re-exported: one import site for configs)
+from miles_core.config.tree import check as _check
 
 DType = Literal["float32", "bfloat16", "float16"]
 
-
-_check = config_tree.check
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -270,73 +267,13 @@ class AlignmentConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class MilesConfig:
-    """The whole recipe. Sections are handed to their components one by one."""
-
-    description: str = ""
-    """One line shown by `miles recipes list`."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    algo: AlgoConfig = field(default_factory=AlgoConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    loop: LoopConfig = field(default_factory=LoopConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+class SyncConfig:
+    transport: Literal["inprocess"] = "inprocess"
+    """How the trainer's weights reach the engine after each step: `inprocess` (the engine lives in
+    this process and copies the tensors; later: `disk`, `cuda_ipc`, `nccl`)."""
+    bucket_mb: int = 512
+    """Most MiB of tensors handed over in one bucket (a larger tensor goes alone); bounds the
+    transient memory of transports that stage a bucket."""
 
     def __post_init__(self) -> None:
-        if self.alignment.true_on_policy:
-            self._check_true_on_policy()
-        _check(self.train.routing_replay != "rollout" or self.engine.return_routed_experts,
-               "train.routing_replay = 'rollout' replays the engine's routing: set engine.return_routed_experts = true")
-
-    def _check_true_on_policy(self) -> None:
-        """Bitwise-equal log-probs need the same kernels, the same dtype on both sides and an
-        unfiltered sampling distribution (the trainer scores the full softmax)."""
-        _check(self.alignment.mode == "invariant",
-               f"alignment.true_on_policy needs alignment.mode = 'invariant', got '{self.alignment.mode}'")
-        _check(self.train.compute_dtype == self.model.dtype,
-               f"alignment.true_on_policy needs train.compute_dtype == model.dtype, got "
-               f"'{self.train.compute_dtype}' and '{self.model.dtype}'")
-        _check(self.sampling.top_k == -1 and self.sampling.top_p == 1.0,
-               f"alignment.true_on_policy needs sampling.top_k = -1 and top_p = 1, got {self.sampling.top_k} "
-               f"and {self.sampling.top_p}")
-
-
-def load_config(recipe: str, overrides: list[str] | None = None) -> MilesConfig:
-    """Recipe name or path + `section.key=value` overrides -> validated `MilesConfig`."""
-    raw = config_tree.load_recipe(recipe)
-    raw = config_tree.apply_overrides(raw, list(overrides or []), MilesConfig)
-    raw = inherit_eval_defaults(raw)
-    return config_tree.build(MilesConfig, raw)
-
-
-_DATA_SOURCE_KEYS = ("path", "task", "max_prompts")
-
-
-def inherit_eval_defaults(raw: dict[str, Any]) -> dict[str, Any]:
-    """Fill every `[[eval.datasets]]` entry's `data`, `sampling` and `reward` tables with the keys
-    it leaves out from the top-level sections, so a held-out set is formatted, sampled and scored
-    like training unless it says otherwise. The data source (`path`, `task`, `max_prompts`) is
-    taken as one unit: a dataset that names `path` or `task` inherits none of the three.
-    Idempotent, so a resolved config reloads unchanged."""
-    section = raw.get("eval")
-    if not isinstance(section, dict) or not isinstance(section.get("datasets"), list):
-        return raw  # absent, or a type error that `build` reports with its key
-    datasets = [_inherit(d, raw) if isinstance(d, dict) else d for d in section["datasets"]]
-    return {**raw, "eval": {**section, "datasets": datasets}}
-
-
-def _inherit(dataset: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
-    out = dict(dataset)
-    for name in ("data", "sampling", "reward"):
-        base, own = raw.get(name, {}), dataset.get(name, {})
-        if not isinstance(base, dict) or not isinstance(own, dict):
-            continue
-        if name == "data" and ("path" in own or "task" in own):
-            base = {k: v for k, v in base.items() if k not in _DATA_SOURCE_KEYS}
-        out[name] = config_tree.deep_merge(base, own)
-    return out
+        _check(self.bucket_mb >= 1, f"bucket_mb must be >= 1, got {self.bucket_mb}")

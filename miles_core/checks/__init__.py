@@ -1,0 +1,1 @@
+"""Alignment checks between the rollout engine and the trainer (`miles align-check`)."""

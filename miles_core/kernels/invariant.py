@@ -1,0 +1,39 @@
+"""The batch-invariant ops, chosen per call: the Triton kernels (`triton_ops`) for CUDA tensors
+when Triton is installed, else the plain-PyTorch invariant variants (`matmul`, `attention`,
+`norms`). Both give a row's result independent of the batch; they are not bitwise equal to each
+other, so engine and trainer must run on the same kind of device to agree.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from miles_core.kernels import triton_ops
+from miles_core.kernels.attention import attention_invariant
+from miles_core.kernels.matmul import linear_invariant
+from miles_core.kernels.norms import log_softmax_invariant, rms_norm_invariant
+
+
+def _triton(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda and triton_ops.available()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if _triton(x):
+        lead = x.shape[:-1]
+        return triton_ops.linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*lead, weight.shape[0])
+    return linear_invariant(x, weight, bias)
+
+
+def attention(q_BHTD, k_BKSD, v_BKSD, position_ids_BT, cached: bool) -> torch.Tensor:
+    if _triton(q_BHTD):
+        return triton_ops.attention(q_BHTD, k_BKSD, v_BKSD, position_ids_BT)
+    return attention_invariant(q_BHTD, k_BKSD, v_BKSD, position_ids_BT, cached)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return triton_ops.rms_norm(x, weight, eps) if _triton(x) else rms_norm_invariant(x, weight, eps)
+
+
+def log_softmax(z: torch.Tensor) -> torch.Tensor:
+    return triton_ops.log_softmax(z) if _triton(z) else log_softmax_invariant(z)

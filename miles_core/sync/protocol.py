@@ -1,0 +1,44 @@
+"""The `WeightSync` protocol: how the trainer's weights reach the rollout engine after a step.
+
+`push` takes `TrainBackend.export_weights()` (HF-named tensors) and the new weight version, and
+returns when every engine serves the new weights under that version. Transports differ in how
+tensors travel (in-process copy now; disk, CUDA IPC, NCCL later) but share the bucketing and the
+pause -> update -> flush -> continue sequence, so no request is answered by half-updated weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class SyncStats:
+    num_tensors: int
+    num_buckets: int
+    num_bytes: int
+    seconds: float
+
+
+class WeightSync(Protocol):
+    def push(self, weights: Iterable[tuple[str, torch.Tensor]], version: str) -> SyncStats:
+        """Deliver `weights` to the engine(s) and stamp `version`; raise on any failure."""
+
+
+def buckets(weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Consecutive groups of named tensors of at most `bucket_bytes` each (a larger tensor goes
+    alone), in the order given."""
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in weights:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
