@@ -21,6 +21,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from miles_core.errors import MilesError
+from miles_core.utils.io import atomic_write, iter_jsonl
 
 
 class Status(str, enum.Enum):
@@ -113,8 +114,6 @@ def _decode_array(data: dict[str, Any] | None) -> np.ndarray | None:
 
 def write_samples_jsonl(samples: Iterable[Sample], path: str | Path) -> int:
     """Write samples to `path` atomically (temp file, then rename). Returns the count."""
-    from miles_core.utils.io import atomic_write
-
     count = 0
     with atomic_write(path) as handle:
         for sample in samples:
@@ -125,8 +124,6 @@ def write_samples_jsonl(samples: Iterable[Sample], path: str | Path) -> int:
 
 def read_samples_jsonl(path: str | Path) -> Iterator[Sample]:
     """Read samples written by `write_samples_jsonl`; a bad line is reported as file:line."""
-    from miles_core.utils.io import iter_jsonl
-
     for where, record in iter_jsonl(path):
         try:
             yield Sample.from_dict(record)

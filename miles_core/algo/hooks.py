@@ -24,12 +24,10 @@ from __future__ import annotations
 import importlib
 import inspect
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
+from miles_core.config import AlgoConfig
 from miles_core.errors import MilesError, did_you_mean, one_of
-
-if TYPE_CHECKING:
-    from miles_core.config import AlgoConfig
 
 
 @dataclass(frozen=True)

@@ -33,14 +33,17 @@ import torch
 from torch import nn
 
 from miles_core.checkpoint import mapping
+from miles_core.checkpoint.compare import BitwiseReport, compare_logits
 from miles_core.checkpoint.hf import HFTensors, iter_state_dict, read_hf_config, save_hf_checkpoint
+from miles_core.checkpoint.loading import materialize
 from miles_core.checkpoint.mapping.base import GLOBAL_MAP, TRANSFORMS, Plan
+from miles_core.checkpoint.sources import resolve_model_source
 from miles_core.checkpoint.torch_dist import (
     TRACKER, DistReader, DistWriter, extra_state_keys, find_checkpoint, megatron_common,
     parse_keys, slot_key, write_layout,
 )
-from miles_core.checkpoint.compare import BitwiseReport, compare_logits
 from miles_core.errors import MilesError, one_of
+from miles_core.models.registry import MODEL_REGISTRY, build_model
 from miles_core.utils.io import atomic_dir
 
 FORMATS = ("hf", "torch_dist")
@@ -122,8 +125,6 @@ def _check_dst(src: Path, dst: Path) -> None:
 
 def _hf_dir(kind: str, path: Path) -> Path:
     """A GGUF file is dequantised once into a cached HF directory (`checkpoint/sources.py`)."""
-    from miles_core.checkpoint.sources import resolve_model_source
-
     return resolve_model_source(str(path)) if kind == "gguf" else path
 
 
@@ -276,8 +277,6 @@ class _Job:
 
     def _check_logits(self, report: ConvertReport, cfg: dict[str, Any], out_dir: Path,
                       source_tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]]) -> None:
-        from miles_core.models.registry import MODEL_REGISTRY
-
         if cfg["model_type"] not in MODEL_REGISTRY:
             report.notes.append(f"logits: skipped, no native model for model_type '{cfg['model_type']}' yet")
             return
@@ -365,9 +364,6 @@ def _raise_unless_ok(report: BitwiseReport) -> None:
 
 def _native_model(cfg: dict[str, Any], tensors: Iterable[tuple[str, torch.Tensor]]) -> nn.Module:
     """The native float32 model of `cfg` holding `tensors` (names it lacks, e.g. MTP, are skipped)."""
-    from miles_core.checkpoint.loading import materialize
-    from miles_core.models.registry import build_model
-
     with torch.device("meta"):
         model = build_model(cfg)
     model = materialize(model, torch.device("cpu"), torch.float32)

@@ -24,6 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
+from transformers import AutoTokenizer
 
 from miles_core.checkpoint.hf import save_hf_checkpoint
 from miles_core.errors import MilesError
@@ -65,8 +68,6 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
 
 
 def _open(gguf_path: Path) -> Any:
-    from gguf import GGUFReader
-
     if not gguf_path.is_file():
         raise MilesError(f"GGUF file '{gguf_path}' does not exist")
     try:
@@ -173,8 +174,6 @@ def _special_token_ids(reader: Any) -> dict[str, int]:
 def _iter_hf_tensors(reader: Any, arch: str, config: dict[str, Any],
                      names: dict[str, str]) -> Iterator[tuple[str, torch.Tensor]]:
     """Dequantise one tensor at a time, in file order, as (HF name, float32 tensor)."""
-    from gguf.quants import dequantize
-
     for tensor in reader.tensors:
         values = dequantize(tensor.data, tensor.tensor_type)
         if arch == "llama":
@@ -208,8 +207,6 @@ def unpermute_rotary(values: np.ndarray, num_heads: int) -> np.ndarray:
 
 def _save_tokenizer(gguf_path: Path, out_dir: Path, config: dict[str, Any]) -> None:
     """Tokenizer files (chat template included) and `generation_config.json` into `out_dir`."""
-    from transformers import AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     except (ValueError, KeyError) as err:

@@ -13,9 +13,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoTokenizer
 
+from miles_core.checkpoint.hf import load_weights_into, read_hf_config
+from miles_core.checkpoint.sources import resolve_model_source
 from miles_core.config import ModelConfig
 from miles_core.errors import MilesError
+from miles_core.kernels import set_alignment_mode
+from miles_core.models.registry import build_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,8 +49,6 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as err:
@@ -70,11 +73,6 @@ def eos_token_ids(path: Path, hf_config: dict[str, Any], tokenizer) -> frozenset
 def load_model(cfg: ModelConfig, *, with_weights: bool = True, alignment_mode: str = "fast") -> LoadedModel:
     """Resolve `cfg.source`, build the native model and load its weights onto the device.
     `alignment_mode` picks its kernels (`kernels.set_alignment_mode`); copies keep it."""
-    from miles_core.checkpoint.hf import load_weights_into, read_hf_config
-    from miles_core.checkpoint.sources import resolve_model_source
-    from miles_core.kernels import set_alignment_mode
-    from miles_core.models.registry import build_model
-
     path = resolve_model_source(cfg.source)
     hf_config = read_hf_config(path)
     device = resolve_device(cfg.device)

@@ -25,6 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
 from miles_core.checkpoint.gguf import gguf_to_hf
 from miles_core.checkpoint.hf import CONFIG_NAME, save_hf_checkpoint
 from miles_core.errors import MilesError, did_you_mean
@@ -146,10 +150,6 @@ def _write_tiny_qwen3(out_dir: str | Path) -> Path:
 
 def _tiny_tokenizer() -> Any:
     """Byte-level BPE over the 256 byte symbols, no merges, ChatML special tokens."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
     vocab = {symbol: byte for byte, symbol in bytes_to_unicode().items()}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

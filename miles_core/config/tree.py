@@ -16,6 +16,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Union
 
+import tomli_w
+
 from miles_core.errors import MilesError, did_you_mean, one_of
 
 if sys.version_info >= (3, 11):
@@ -220,6 +222,4 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def dump_toml(config: Any) -> str:
     """The resolved config as TOML text (scalars first so tables nest correctly)."""
-    import tomli_w
-
     return tomli_w.dumps(to_dict(config))

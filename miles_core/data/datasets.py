@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from miles_core.config import DataConfig
 from miles_core.data.chat import prompt_problem, type_name
 from miles_core.data.tasks import TASKS
@@ -70,10 +73,6 @@ def _read_file(path: Path) -> Located:
 
 
 def _iter_parquet(path: Path) -> Located:
-    # pyarrow is imported here: it is only needed for parquet and takes a while to import.
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     if not path.is_file():
         raise MilesError(f"file not found: '{path}'")
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from miles_core.algo.hooks import resolve_hook
 from miles_core.rewards.exact import boxed_reward, last_number_reward
 from miles_core.rewards.f1 import f1_reward
 from miles_core.rewards.math_answer import math_reward
@@ -30,6 +31,4 @@ REWARDS: dict[str, RewardFn] = {
 def resolve_reward(type_str: str) -> RewardFn:
     """A registry name or a dotted path -> the reward function, checked to take one argument
     (the dotted-path resolver is the one every user hook goes through)."""
-    from miles_core.algo.hooks import resolve_hook
-
     return resolve_hook(type_str, "reward", registry=REWARDS)

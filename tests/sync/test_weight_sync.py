@@ -1,0 +1,92 @@
+"""The weight-sync seam: buckets partition the named tensors in order within the byte budget; the
+in-process transport pauses the engine, hands every bucket over, flushes and resumes (also when a
+bucket is refused), and leaves the engine's weights bitwise equal to the trainer's."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from miles_core.config import EngineConfig, ModelConfig, SyncConfig
+from miles_core.checkpoint.loading import load_model
+from miles_core.engine import build_engine
+from miles_core.errors import MilesError
+from miles_core.sync import SYNC_TRANSPORTS, build_weight_sync, buckets
+
+
+def _named(*sizes: int) -> list[tuple[str, torch.Tensor]]:
+    return [(f"t{i}", torch.zeros(n, dtype=torch.float32)) for i, n in enumerate(sizes)]  # 4 bytes each
+
+
+def test_buckets_keep_order_and_budget():
+    # 40-byte budget: t0 (8 B) + t1 (24 B) = 32; t2 (16 B) would make 48: new bucket; t3 (80 B) is over
+    # the budget and goes alone, never split or dropped; t4 (4 B) cannot join it
+    groups = list(buckets(_named(2, 6, 4, 20, 1), bucket_bytes=40))
+    assert [[name for name, _ in g] for g in groups] == [["t0", "t1"], ["t2"], ["t3"], ["t4"]]
+
+
+def test_one_bucket_when_everything_fits():
+    assert [[n for n, _ in g] for g in buckets(_named(1, 2, 3), bucket_bytes=1 << 20)] == [["t0", "t1", "t2"]]
+    assert list(buckets([], bucket_bytes=8)) == []
+
+
+class RecordingEngine:
+    def __init__(self, fail_on: str | None = None) -> None:
+        self.calls: list[tuple] = []
+        self.fail_on = fail_on
+
+    def pause(self) -> None:
+        self.calls.append(("pause",))
+
+    def resume(self) -> None:
+        self.calls.append(("resume",))
+
+    def flush_cache(self) -> None:
+        self.calls.append(("flush",))
+
+    def update_weights(self, named, version: str) -> None:
+        names = [n for n, _ in named]
+        if self.fail_on in names:
+            raise MilesError(f"update_weights: unknown parameter '{self.fail_on}'")
+        self.calls.append(("update", tuple(names), version))
+
+
+def test_inprocess_sequence_and_stats(monkeypatch):
+    engine = RecordingEngine()
+    sync = build_weight_sync(SyncConfig(bucket_mb=1), engine)
+    big = torch.zeros(1 << 18)  # exactly 1 MiB: fills a bucket
+    stats = sync.push([("a", big), ("b", torch.zeros(3)), ("c", big)], version="7")
+    assert engine.calls == [("pause",), ("update", ("a",), "7"), ("update", ("b",), "7"), ("update", ("c",), "7"),
+                            ("flush",), ("resume",)]
+    assert (stats.num_tensors, stats.num_buckets, stats.num_bytes) == (3, 3, 2 * (1 << 20) + 12)
+
+
+def test_inprocess_resumes_the_engine_when_a_bucket_is_refused():
+    engine = RecordingEngine(fail_on="t1")
+    with pytest.raises(MilesError, match="unknown parameter 't1'"):
+        build_weight_sync(SyncConfig(), engine).push(_named(1, 1), version="2")
+    assert engine.calls == [("pause",), ("resume",)]
+
+
+def test_unknown_transport_is_refused():
+    cfg = SyncConfig()
+    object.__setattr__(cfg, "transport", "nccl")  # the recipe schema lists only shipped transports
+    with pytest.raises(MilesError, match="unknown sync.transport 'nccl'; expected one of: inprocess"):
+        build_weight_sync(cfg, RecordingEngine())
+    assert set(SYNC_TRANSPORTS) == {"inprocess"}
+
+
+def test_native_engine_holds_the_trainer_weights_bitwise_after_a_push(tmp_path, monkeypatch):
+    monkeypatch.setenv("MILES_CACHE", str(tmp_path))
+    loaded = load_model(ModelConfig(source="tiny-qwen3", device="cpu"))
+    engine = build_engine(EngineConfig(), loaded)
+    trained = copy.deepcopy(loaded.model)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(torch.randn_like(p))
+    build_weight_sync(SyncConfig(bucket_mb=1), engine).push(trained.named_parameters(), version="3")
+    assert engine.weight_version == "3" and engine.health()
+    for (name, a), (_, b) in zip(loaded.model.named_parameters(), trained.named_parameters()):
+        assert torch.equal(a, b), name
