@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from miles_cli.common import RecipeOption, SetOption, cli_errors, console, load_cli_config
+from miles_cli.common import DebugOption, RecipeOption, SetOption, cli_errors, console, load_cli_config
 
 app = typer.Typer(no_args_is_help=True, help="Compare engine and trainer log-probs on the same tokens (KL, bitwise).")
 
@@ -25,7 +25,8 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
-@app.callback(invoke_without_command=True)
+# Usage shows the options, not `COMMAND [ARGS]...`: the sub-app has no subcommands.
+@app.callback(invoke_without_command=True, subcommand_metavar="")
 def align_check(
     recipe: RecipeOption,
     overrides: SetOption = None,
@@ -37,6 +38,7 @@ def align_check(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON instead of tables.")] = False,
     max_kl: Annotated[float, typer.Option(help="Exit with code 1 if KL (k3) exceeds this at any batch size.")] = float("inf"),
     max_abs_diff: Annotated[float, typer.Option(help="Exit with code 1 if max |delta logprob| exceeds this.")] = float("inf"),
+    _debug: DebugOption = False,
 ) -> None:
     """Generate with the engine, recompute log-probs with the trainer, report the mismatch."""
     with cli_errors():

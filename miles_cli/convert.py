@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from miles_cli.common import cli_errors, console
+from miles_cli.common import DebugOption, cli_errors, console
 
 app = typer.Typer(no_args_is_help=True, help="Convert checkpoints: HF <-> Megatron torch_dist (GGUF in).")
 
@@ -25,6 +25,7 @@ def convert(
     model_type: Annotated[Optional[str], typer.Option(help="HF model_type; needed for torch_dist checkpoints that carry no HF config.")] = None,
     verify: Annotated[bool, typer.Option("--verify", help="Read the output back: bitwise tensor check, and logits for HF outputs.")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
+    _debug: DebugOption = False,
 ) -> None:
     """Convert SRC into DST, tensor by tensor; nothing is left at DST if anything fails."""
     with cli_errors():
