@@ -139,11 +139,15 @@ def check_output(path: str | Path, *, overwrite: bool, inputs: list[str | Path] 
 
 
 def check_output_dir(path: str | Path, flag: str = "--output-dir") -> None:
-    """`MilesError` unless `path` is, or can be made, a folder we can write in."""
+    """`MilesError` unless `path` is, or can be made, a folder we can write in. Stale temporaries
+    in it and its subfolders (a checkpoint save killed with -9) are removed first."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise MilesError(f"{flag} '{path}' is a file; expected a folder")
     check_parent(path / "x")
+    if path.is_dir():
+        for folder in [path, *(p for p in path.iterdir() if p.is_dir() and not _TMP.match(p.name))]:
+            remove_stale_temporaries(folder)
 
 
 def _same_or_inside(path: Path, source: Path) -> bool:

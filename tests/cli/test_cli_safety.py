@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 from typer.testing import CliRunner
@@ -140,3 +144,47 @@ def test_debug_after_the_subcommand_keeps_exit_code_2(tmp_path):
     assert result.exit_code == 2
     assert "Traceback" in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+# `miles train` in a child whose training loop has written a metrics line and then blocks.
+SLOW_TRAIN = textwrap.dedent("""
+    import sys, time
+    import miles_core.loop as loop
+    def slow(cfg, out, **kwargs):
+        out.mkdir(parents=True)
+        (out / "metrics.jsonl").write_text("{}\\n")
+        print("ready", flush=True)
+        time.sleep(60)
+    loop.run_training = slow
+    from miles_cli.app import main
+    sys.argv = ["miles", "train", "-r", "tiny", "--output-dir", sys.argv[1]]
+    main()
+""")
+
+
+@pytest.mark.parametrize("signum, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_signal_during_train_names_the_partial_run(tmp_path, signum, code, word):
+    out = tmp_path / "run"
+    child = subprocess.Popen([sys.executable, "-c", SLOW_TRAIN, str(out)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "300"})
+    for line in child.stdout:
+        if line.strip() == "ready":
+            break
+    child.send_signal(signum)
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode == code, stderr
+    assert stderr.strip() == f"{word}; partial output in '{out}'"
+
+
+def test_train_on_a_killed_run_folder_removes_its_stale_checkpoint_temp(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = run / "checkpoints" / f".step_000002.miles-{int(done.stdout)}-x1.tmp"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 1024)
+    result = invoke("train", "-r", "tiny", "--output-dir", str(run))
+    assert result.exit_code == 2  # the folder holds a run: refused, but the stale temp is gone
+    assert not stale.exists() and (run / "metrics.jsonl").read_text() == "{}\n"
+    assert f"note: removed '{stale}'" in " ".join(result.stderr.split())
