@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated
 
 import typer
@@ -25,6 +26,18 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
+def _check_limit(flag: str, value: float) -> None:
+    from miles_core.errors import MilesError
+
+    if math.isnan(value) or value < 0:
+        raise MilesError(f"{flag} must be a number >= 0 (inf disables the check), got {value}")
+
+
+def _exceeds(worst: float, limit: float) -> bool:
+    """A finite limit fails on anything not <= it, NaN included; inf is no gate."""
+    return limit != math.inf and not worst <= limit
+
+
 # Usage shows the options, not `COMMAND [ARGS]...`: the sub-app has no subcommands.
 @app.callback(invoke_without_command=True, subcommand_metavar="")
 def align_check(
@@ -44,6 +57,8 @@ def align_check(
     with cli_errors():
         from miles_core.align import run_align_check
 
+        _check_limit("--max-kl", max_kl)
+        _check_limit("--max-abs-diff", max_abs_diff)
         cfg = load_cli_config(recipe, overrides)
         report = run_align_check(cfg, batch_sizes=_sizes(batch_sizes), num_prompts=num_prompts, engine=engine,
                                  trainer=trainer, layers=layers,
@@ -52,7 +67,7 @@ def align_check(
             typer.echo(json.dumps(report.to_dict(), indent=2))
         else:
             _print_report(report)
-        failed = report.worst("kl_k3") > max_kl or report.worst("max_abs_diff") > max_abs_diff
+        failed = _exceeds(report.worst("kl_k3"), max_kl) or _exceeds(report.worst("max_abs_diff"), max_abs_diff)
     if failed:
         console.print(f"[bold red]FAIL[/]: KL {report.worst('kl_k3'):.3e} (limit {max_kl}), "
                       f"max |delta| {report.worst('max_abs_diff'):.3e} (limit {max_abs_diff})")
