@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from miles_cli.common import DebugOption, RecipeOption, SetOption, cli_errors, console, load_cli_config
+from miles_cli.common import DebugOption, RecipeOption, SetOption, cli_errors, console, load_cli_config, print_table
 
 app = typer.Typer(no_args_is_help=True, help="Compare engine and trainer log-probs on the same tokens (KL, bitwise).")
 
@@ -85,19 +85,19 @@ def _print_report(report) -> None:
                  f"{s['max_abs_diff']:.3e}", f"{s['kl_k1']:.3e}", f"{s['kl_k3']:.3e}",
                  f"{s['bitwise_equal']:.2%}", f"{s['mean_exp_abs_diff']:.6f}"]
         table.add_row(*cells, *([f"{r.routing_agreement:.2%}"] if moe else []))
-    console.print(table)
+    print_table(table)
     last = report.results[-1]
     for name, rows in (("response position", last.by_position), ("response length", last.by_length)):
         sub = Table(name, "tokens", "mean |d|", "max |d|", "bitwise =", title=f"batch {last.batch_size} by {name}")
         for label, s in rows.items():
             sub.add_row(label, str(int(s["num_tokens"])), f"{s['mean_abs_diff']:.3e}", f"{s['max_abs_diff']:.3e}",
                         f"{s['bitwise_equal']:.2%}")
-        console.print(sub)
+        print_table(sub)
     if report.layers:
         sub = Table("module", "max |d|", "bitwise =", "KL", "top-1 =", title="hidden states, engine path vs trainer path")
         for row in report.layers:
             extra = [f"{row['kl']:.3e}", f"{row['top1_agree']:.2%}"] if "kl" in row else ["", ""]
             sub.add_row(row["module"], f"{row['max_abs_diff']:.3e}", f"{row['bitwise_equal']:.2%}", *extra)
-        console.print(sub)
+        print_table(sub)
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")

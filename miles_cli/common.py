@@ -132,6 +132,14 @@ if not any(isinstance(h, _NoteHandler) for h in _logger.handlers):
     _logger.propagate = False
 
 
+def print_table(table) -> None:
+    """Print a rich table whose cells wrap onto more lines when the terminal is narrow, never
+    cut with an ellipsis: a number such as 1.118e-03 must not read as 1.118."""
+    for column in table.columns:
+        column.overflow = "fold"
+    console.print(table)
+
+
 def load_cli_config(recipe: str, overrides: list[str] | None):
     from miles_core.config import load_config
 

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from miles_cli.common import DebugOption, cli_errors, console
+from miles_cli.common import DebugOption, cli_errors, print_table
 
 app = typer.Typer(no_args_is_help=True, help="List and show built-in recipes.")
 
@@ -21,7 +21,7 @@ def list_command(_debug: DebugOption = False) -> None:
         table = Table("recipe", "description", title="built-in recipes")
         for name in list_recipes():
             table.add_row(name, str(load_recipe(name).get("description", "")))
-        console.print(table)
+        print_table(table)
 
 
 @app.command("show")

@@ -11,7 +11,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from miles_cli.common import DebugOption, RecipeOption, SetOption, cli_errors, console, load_cli_config
+from miles_cli.common import DebugOption, RecipeOption, SetOption, cli_errors, console, load_cli_config, print_table
 
 app = typer.Typer(no_args_is_help=True, help="Generate samples (tokens, logprobs) from prompts to JSONL, or --eval checkpoints.")
 
@@ -54,7 +54,7 @@ def rollout(
                 on_start=lambda total: progress.update(task, total=total),
                 on_progress=lambda k: progress.advance(task, k),
             )
-        console.print(_summary_table(summary))
+        print_table(_summary_table(summary))
 
 
 def _check_outputs(recipe: str, cfg, output: Path, overwrite: bool) -> None:
@@ -82,7 +82,7 @@ def _evaluate(cfg, checkpoint: str | None, compare: str | None, as_json: bool) -
         report = run_eval(cfg, checkpoints, on_start=lambda total: progress.update(task, total=total),
                           on_progress=lambda k: progress.advance(task, k))
     for table in eval_tables(list(zip(report.checkpoints, report.metrics))):
-        console.print(table)
+        print_table(table)
     for name, seconds in zip(report.checkpoints, report.seconds):
         console.print(f"{name}: {seconds:.1f} s")
 

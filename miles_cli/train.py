@@ -11,7 +11,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from miles_cli.common import DebugOption, RecipeOption, SetOption, cli_errors, console, load_cli_config
+from miles_cli.common import DebugOption, RecipeOption, SetOption, cli_errors, console, load_cli_config, print_table
 
 app = typer.Typer(no_args_is_help=True, help="Train with GRPO: rollout, reward, policy update, weight sync.")
 
@@ -54,9 +54,9 @@ def train(
             task = progress.add_task("rollout steps", total=cfg.loop.num_rollout, reward="-")
             result = run_training(cfg, out, mode=mode, rollout_data=load_debug_rollout_data,
                                   on_step=lambda step, m: progress.update(task, advance=1, reward=_fmt(m.get("rollout/raw_reward"))))
-        console.print(_summary_table(result.history))
+        print_table(_summary_table(result.history))
         for table in _eval_tables(result.evals):
-            console.print(table)
+            print_table(table)
         for path in result.checkpoints[-1:]:
             console.print(f"checkpoint: {path}")
         console.print(f"metrics: {out / 'metrics.jsonl'}")

@@ -108,3 +108,12 @@ def test_batch_size_larger_than_the_sequences_is_reported_as_run():
     report = json.loads(result.stdout)
     assert [r["batch_size"] for r in report["results"]] == [4, 12]
     assert "batch size 100000000 ran as 12: there are only 12 sequences (prompts x n_samples_per_prompt)" in report["notes"]
+
+
+def test_tables_never_cut_numbers_at_80_columns():
+    result = run("--batch-sizes", "100000000")  # CliRunner output is 80 columns wide
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+    cells = "".join(line.replace("│", "").replace(" ", "") for line in result.output.splitlines())
+    assert "e-0" in cells  # exponents are shown (folded onto a second line at this width)
