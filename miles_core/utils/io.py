@@ -105,9 +105,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _tree_size(path: Path) -> int:
-    if not path.is_dir():
-        return path.lstat().st_size
-    return sum(p.lstat().st_size for p in path.rglob("*"))
+    try:
+        if not path.is_dir():
+            return path.lstat().st_size
+        return sum(p.lstat().st_size for p in path.rglob("*"))
+    except OSError:  # removed meanwhile, or unreadable: the size is only for the note
+        return 0
 
 
 def check_parent(path: str | Path) -> None:
