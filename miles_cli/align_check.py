@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from miles_cli.common import RecipeOption, SetOption, cli_errors, console, load_cli_config
+from miles_cli.common import DebugOption, RecipeOption, SetOption, cli_errors, console, load_cli_config, print_table
 
 app = typer.Typer(no_args_is_help=True, help="Compare engine and trainer log-probs on the same tokens (KL, bitwise).")
 
@@ -25,7 +26,20 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
-@app.callback(invoke_without_command=True)
+def _check_limit(flag: str, value: float) -> None:
+    from miles_core.errors import MilesError
+
+    if math.isnan(value) or value < 0:
+        raise MilesError(f"{flag} must be a number >= 0 (inf disables the check), got {value}")
+
+
+def _exceeds(worst: float, limit: float) -> bool:
+    """A finite limit fails on anything not <= it, NaN included; inf is no gate."""
+    return limit != math.inf and not worst <= limit
+
+
+# Usage shows the options, not `COMMAND [ARGS]...`: the sub-app has no subcommands.
+@app.callback(invoke_without_command=True, subcommand_metavar="")
 def align_check(
     recipe: RecipeOption,
     overrides: SetOption = None,
@@ -37,11 +51,14 @@ def align_check(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON instead of tables.")] = False,
     max_kl: Annotated[float, typer.Option(help="Exit with code 1 if KL (k3) exceeds this at any batch size.")] = float("inf"),
     max_abs_diff: Annotated[float, typer.Option(help="Exit with code 1 if max |delta logprob| exceeds this.")] = float("inf"),
+    _debug: DebugOption = False,
 ) -> None:
     """Generate with the engine, recompute log-probs with the trainer, report the mismatch."""
     with cli_errors():
         from miles_core.checks.align import run_align_check
 
+        _check_limit("--max-kl", max_kl)
+        _check_limit("--max-abs-diff", max_abs_diff)
         cfg = load_cli_config(recipe, overrides)
         report = run_align_check(cfg, batch_sizes=_sizes(batch_sizes), num_prompts=num_prompts, engine=engine,
                                  trainer=trainer, layers=layers,
@@ -50,7 +67,7 @@ def align_check(
             typer.echo(json.dumps(report.to_dict(), indent=2))
         else:
             _print_report(report)
-        failed = report.worst("kl_k3") > max_kl or report.worst("max_abs_diff") > max_abs_diff
+        failed = _exceeds(report.worst("kl_k3"), max_kl) or _exceeds(report.worst("max_abs_diff"), max_abs_diff)
     if failed:
         console.print(f"[bold red]FAIL[/]: KL {report.worst('kl_k3'):.3e} (limit {max_kl}), "
                       f"max |delta| {report.worst('max_abs_diff'):.3e} (limit {max_abs_diff})")
@@ -68,19 +85,19 @@ def _print_report(report) -> None:
                  f"{s['max_abs_diff']:.3e}", f"{s['kl_k1']:.3e}", f"{s['kl_k3']:.3e}",
                  f"{s['bitwise_equal']:.2%}", f"{s['mean_exp_abs_diff']:.6f}"]
         table.add_row(*cells, *([f"{r.routing_agreement:.2%}"] if moe else []))
-    console.print(table)
+    print_table(table)
     last = report.results[-1]
     for name, rows in (("response position", last.by_position), ("response length", last.by_length)):
         sub = Table(name, "tokens", "mean |d|", "max |d|", "bitwise =", title=f"batch {last.batch_size} by {name}")
         for label, s in rows.items():
             sub.add_row(label, str(int(s["num_tokens"])), f"{s['mean_abs_diff']:.3e}", f"{s['max_abs_diff']:.3e}",
                         f"{s['bitwise_equal']:.2%}")
-        console.print(sub)
+        print_table(sub)
     if report.layers:
         sub = Table("module", "max |d|", "bitwise =", "KL", "top-1 =", title="hidden states, engine path vs trainer path")
         for row in report.layers:
             extra = [f"{row['kl']:.3e}", f"{row['top1_agree']:.2%}"] if "kl" in row else ["", ""]
             sub.add_row(row["module"], f"{row['max_abs_diff']:.3e}", f"{row['bitwise_equal']:.2%}", *extra)
-        console.print(sub)
+        print_table(sub)
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")

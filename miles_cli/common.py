@@ -1,13 +1,21 @@
 """What every subcommand shares: recipe + `--set` loading, error mapping, rich console.
 
-Errors: a `MilesError` (bad input) prints one red line and exits with code 2; `--debug` shows
-the traceback instead. Heavy libraries are imported inside commands, never here.
+Errors: a `MilesError` (bad input) prints one red line and exits with code 2; so does an
+`OSError` naming a path (permission, not a folder, disk full). `--debug` (before or after the
+subcommand) prints the traceback first and keeps the exit code. Ctrl-C exits 130 and SIGTERM 143,
+each with one line, whatever exception the interrupted code turned the signal into; writers
+clean their temporaries on the way out. Heavy libraries are imported inside commands, never here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import signal
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -18,10 +26,16 @@ from miles_core.errors import MilesError
 
 console = Console()
 err_console = Console(stderr=True)
+_PATH_ERRNOS = {"EACCES", "EPERM", "EROFS", "EISDIR", "ENOTDIR", "EEXIST", "ENOENT", "ENAMETOOLONG", "ELOOP"}
 
 
 class State:
     debug = False
+
+
+def _set_debug(value: bool) -> None:
+    if value:
+        State.debug = True
 
 
 RecipeOption = Annotated[str, typer.Option("--recipe", "-r", help="Recipe name (see `miles recipes list`) or path to a .toml file.")]
@@ -29,21 +43,101 @@ SetOption = Annotated[
     Optional[list[str]],
     typer.Option("--set", "-s", help="Override a recipe value: section.key=value (TOML literal). Repeatable."),
 ]
+DebugOption = Annotated[bool, typer.Option("--debug", callback=_set_debug, expose_value=False, is_eager=True,
+                                           help="Show full tracebacks for errors.")]
+
+
+@dataclass
+class Run:
+    """What a command tells the error handler: where its partial output is, if anywhere."""
+
+    partial: Path | None = None
 
 
 @contextlib.contextmanager
-def cli_errors() -> Iterator[None]:
-    """Map user errors to one line + exit code 2; keep tracebacks for `--debug`."""
-    try:
-        yield
-    except MilesError as err:
-        if State.debug:
+def cli_errors() -> Iterator[Run]:
+    """Map user errors to one line + exit code 2, Ctrl-C to 130, SIGTERM to 143."""
+    run, signals = Run(), []
+    with _catch_signals(signals):
+        try:
+            yield run
+        except BaseException as err:  # noqa: BLE001 - every exit path is mapped below
+            if isinstance(err, typer.Exit) and not signals:
+                raise
+            _report(err, signals, run)
             raise
-        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
+
+
+def _report(err: BaseException, signals: list[int], run: Run) -> None:
+    if signals:  # whatever the code turned the signal into (KeyboardInterrupt, ValueError, ...)
+        term = signals[0] == signal.SIGTERM
+        where = f"; partial output in '{run.partial}'" if run.partial is not None and run.partial.exists() else ""
+        err_console.print(f"[yellow]{'terminated' if term else 'interrupted'}[/]{escape(where)}", highlight=False)
+        raise typer.Exit(143 if term else 130) from None
+    if isinstance(err, KeyboardInterrupt):
         err_console.print("[yellow]interrupted[/]")
         raise typer.Exit(130) from None
+    if isinstance(err, MilesError):
+        _fail(str(err), 2)
+    if isinstance(err, OSError) and err.filename is not None:
+        code = 2 if err.errno is not None and _errno_name(err.errno) in _PATH_ERRNOS else 1
+        _fail(f"{err.strerror or err}: '{err.filename}'", code)
+
+
+def _fail(message: str, code: int) -> None:
+    if State.debug:
+        err_console.print_exception(show_locals=False)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code) from None
+
+
+def _errno_name(number: int) -> str:
+    import errno
+
+    return errno.errorcode.get(number, "")
+
+
+@contextlib.contextmanager
+def _catch_signals(signals: list[int]) -> Iterator[None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt once and are recorded; repeats are ignored so
+    that cleanup (removing a half-written temp folder) can finish."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if not signals:
+            signals.append(signum)
+            raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class _NoteHandler(logging.Handler):
+    """Notes from the core (e.g. a stale temporary removed) as one yellow line on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err_console.print(f"[yellow]note:[/] {escape(record.getMessage())}", highlight=False, soft_wrap=True)
+
+
+_logger = logging.getLogger("miles")
+if not any(isinstance(h, _NoteHandler) for h in _logger.handlers):
+    _logger.addHandler(_NoteHandler(logging.INFO))
+    _logger.setLevel(logging.INFO)
+    _logger.propagate = False
+
+
+def print_table(table) -> None:
+    """Print a rich table whose cells wrap onto more lines when the terminal is narrow, never
+    cut with an ellipsis: a number such as 1.118e-03 must not read as 1.118."""
+    for column in table.columns:
+        column.overflow = "fold"
+    console.print(table)
 
 
 def load_cli_config(recipe: str, overrides: list[str] | None):

@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from miles_cli.common import cli_errors, console
+from miles_cli.common import DebugOption, cli_errors, console, print_table
 
 app = typer.Typer(no_args_is_help=True, help="Convert checkpoints: HF <-> Megatron torch_dist (GGUF in).")
 
@@ -25,6 +25,7 @@ def convert(
     model_type: Annotated[Optional[str], typer.Option(help="HF model_type; needed for torch_dist checkpoints that carry no HF config.")] = None,
     verify: Annotated[bool, typer.Option("--verify", help="Read the output back: bitwise tensor check, and logits for HF outputs.")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
+    _debug: DebugOption = False,
 ) -> None:
     """Convert SRC into DST, tensor by tensor; nothing is left at DST if anything fails."""
     with cli_errors():
@@ -40,7 +41,7 @@ def convert(
 
             report = run_convert(src, dst, to=to, mtp_num_layers=mtp_num_layers, model_type=model_type,
                                  verify=verify, on_progress=on_progress)
-        console.print(_summary_table(report))
+        print_table(_summary_table(report))
         if json_out is not None:
             json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
 

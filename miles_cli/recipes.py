@@ -7,13 +7,13 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from miles_cli.common import cli_errors, console
+from miles_cli.common import DebugOption, cli_errors, print_table
 
 app = typer.Typer(no_args_is_help=True, help="List and show built-in recipes.")
 
 
 @app.command("list")
-def list_command() -> None:
+def list_command(_debug: DebugOption = False) -> None:
     """List built-in recipes with their descriptions."""
     from miles_core.config.tree import list_recipes, load_recipe
 
@@ -21,22 +21,24 @@ def list_command() -> None:
         table = Table("recipe", "description", title="built-in recipes")
         for name in list_recipes():
             table.add_row(name, str(load_recipe(name).get("description", "")))
-        console.print(table)
+        print_table(table)
 
 
 @app.command("show")
 def show_command(
     name: Annotated[str, typer.Argument(help="Recipe name or path.")],
     resolved: Annotated[bool, typer.Option(help="Show the fully resolved config with every default.")] = False,
+    _debug: DebugOption = False,
 ) -> None:
     """Print a recipe's TOML (or, with --resolved, every value after defaults and `extends`)."""
     from miles_core.config import tree as config_tree
     from miles_core.config import load_config
+    from miles_core.utils.io import read_text
 
     with cli_errors():
         if resolved:
             text = config_tree.dump_toml(load_config(name))
         else:
-            text = config_tree.find_recipe(name).read_text(encoding="utf-8")
+            text = read_text(config_tree.find_recipe(name), "recipe")
         # Plain text, never wrapped: the output must stay valid TOML when redirected to a file.
         typer.echo(text.rstrip("\n"))

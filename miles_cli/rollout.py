@@ -11,21 +11,24 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from miles_cli.common import RecipeOption, SetOption, cli_errors, console, load_cli_config
+from miles_cli.common import DebugOption, RecipeOption, SetOption, cli_errors, console, load_cli_config, print_table
 
 app = typer.Typer(no_args_is_help=True, help="Generate samples (tokens, logprobs) from prompts to JSONL, or --eval checkpoints.")
 
 
-@app.callback(invoke_without_command=True)
+# Usage shows the options, not `COMMAND [ARGS]...`: the sub-app has no subcommands.
+@app.callback(invoke_without_command=True, subcommand_metavar="")
 def rollout(
     recipe: RecipeOption,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="JSONL file to write (one Sample per line).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="JSONL file to write (one Sample per line); required unless --eval. The resolved recipe goes beside it as <stem>.config.toml.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output (never an input: prompts, recipe, checkpoint).")] = False,
     prompt_data: Annotated[Optional[str], typer.Option(help="Prompt file (.jsonl/.parquet); replaces the recipe's data source.")] = None,
     overrides: SetOption = None,
     eval_: Annotated[bool, typer.Option("--eval", help="Evaluate on the recipe's eval datasets and print metrics instead.")] = False,
     checkpoint: Annotated[Optional[str], typer.Option(help="With --eval: model to evaluate (HF dir, .gguf or built-in name; default model.source).")] = None,
     compare: Annotated[Optional[str], typer.Option(help="With --eval: a second model, evaluated on the same prompts and seeds.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="With --eval: print the metrics as JSON instead of tables.")] = False,
+    _debug: DebugOption = False,
 ) -> None:
     """Generate `n_samples_per_prompt` responses for every prompt and write them as JSONL; with
     `--eval`, evaluate one or two checkpoints on the recipe's eval datasets instead."""
@@ -43,6 +46,7 @@ def rollout(
         if output is None:
             raise MilesError("--output is required (or pass --eval to evaluate)")
         cfg = with_prompt_data(load_cli_config(recipe, overrides), prompt_data)
+        _check_outputs(recipe, cfg, output, overwrite)
         with _progress() as progress:
             task = progress.add_task("generating", total=None)
             summary = run_rollout(
@@ -50,7 +54,18 @@ def rollout(
                 on_start=lambda total: progress.update(task, total=total),
                 on_progress=lambda k: progress.advance(task, k),
             )
-        console.print(_summary_table(summary))
+        print_table(_summary_table(summary))
+
+
+def _check_outputs(recipe: str, cfg, output: Path, overwrite: bool) -> None:
+    """Refuse, before any generation, to write over an existing file or over an input."""
+    from miles_core.config.tree import find_recipe
+    from miles_core.utils.io import check_output
+
+    inputs = [find_recipe(recipe), *([cfg.data.path] if cfg.data.path else []), cfg.model.source]
+    check_output(output, overwrite=overwrite, inputs=inputs)
+    check_output(output.with_name(output.stem + ".config.toml"), overwrite=overwrite, inputs=inputs,
+                 flag="--output's recipe copy")
 
 
 def _evaluate(cfg, checkpoint: str | None, compare: str | None, as_json: bool) -> None:
@@ -67,7 +82,7 @@ def _evaluate(cfg, checkpoint: str | None, compare: str | None, as_json: bool) -
         report = run_eval(cfg, checkpoints, on_start=lambda total: progress.update(task, total=total),
                           on_progress=lambda k: progress.advance(task, k))
     for table in eval_tables(list(zip(report.checkpoints, report.metrics))):
-        console.print(table)
+        print_table(table)
     for name, seconds in zip(report.checkpoints, report.seconds):
         console.print(f"{name}: {seconds:.1f} s")
 

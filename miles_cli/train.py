@@ -11,12 +11,13 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from miles_cli.common import RecipeOption, SetOption, cli_errors, console, load_cli_config
+from miles_cli.common import DebugOption, RecipeOption, SetOption, cli_errors, console, load_cli_config, print_table
 
 app = typer.Typer(no_args_is_help=True, help="Train with GRPO: rollout, reward, policy update, weight sync.")
 
 
-@app.callback(invoke_without_command=True)
+# Usage shows the options, not `COMMAND [ARGS]...`: the sub-app has no subcommands.
+@app.callback(invoke_without_command=True, subcommand_metavar="")
 def train(
     recipe: RecipeOption,
     overrides: SetOption = None,
@@ -26,11 +27,13 @@ def train(
     debug_rollout_only: Annotated[bool, typer.Option(help="Generate and reward only; save each step's samples; no training.")] = False,
     debug_train_only: Annotated[bool, typer.Option(help="Train on saved samples (see --load-debug-rollout-data); no generation.")] = False,
     load_debug_rollout_data: Annotated[Optional[str], typer.Option(help="Samples for --debug-train-only: a JSONL file or a template with {rollout_id}.")] = None,
+    _debug: DebugOption = False,
 ) -> None:
     """Run `loop.num_rollout` GRPO steps and write metrics, checkpoints and the resolved config."""
-    with cli_errors():
+    with cli_errors() as run:
         from miles_core.errors import MilesError
         from miles_core.rl.loop import run_training
+        from miles_core.utils.io import check_output_dir
 
         if debug_rollout_only and debug_train_only:
             raise MilesError("--debug-rollout-only and --debug-train-only exclude each other")
@@ -41,6 +44,8 @@ def train(
             extra.append(f"model.source={json.dumps(hf_checkpoint)}")
         cfg = load_cli_config(recipe, extra)
         out = output_dir or Path(cfg.loop.output_dir or _default_run_dir(recipe))
+        check_output_dir(out)
+        run.partial = out
         mode = "rollout_only" if debug_rollout_only else "train_only" if debug_train_only else "full"
         console.print(f"[bold]miles train[/] recipe={recipe} mode={mode} output={out}")
         if mode == "train_only" and cfg.eval.datasets:
@@ -49,9 +54,9 @@ def train(
             task = progress.add_task("rollout steps", total=cfg.loop.num_rollout, reward="-")
             result = run_training(cfg, out, mode=mode, rollout_data=load_debug_rollout_data,
                                   on_step=lambda step, m: progress.update(task, advance=1, reward=_fmt(m.get("rollout/raw_reward"))))
-        console.print(_summary_table(result.history))
+        print_table(_summary_table(result.history))
         for table in _eval_tables(result.evals):
-            console.print(table)
+            print_table(table)
         for path in result.checkpoints[-1:]:
             console.print(f"checkpoint: {path}")
         console.print(f"metrics: {out / 'metrics.jsonl'}")

@@ -12,6 +12,7 @@ Sums are kept separately from counts so micro-batches and batches can be merged 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,7 @@ class MismatchSums:
             return
         self.num_tokens += delta.numel()
         self.abs_sum += float(delta.abs().sum())
-        self.max_abs = max(self.max_abs, float(delta.abs().max()))
+        self.max_abs = nan_max(self.max_abs, float(delta.abs().max()))
         self.equal += float((trainer_lp.detach()[keep] == rollout_lp.detach().to(trainer_lp.device)[keep]).sum())
         self.k1_sum += float((-delta).sum())
         self.k3_sum += float((delta.exp() - 1 - delta).sum())
@@ -47,7 +48,7 @@ class MismatchSums:
     def merge(self, other: MismatchSums) -> None:
         for name in ("num_tokens", "abs_sum", "equal", "k1_sum", "k3_sum", "exp_abs_sum"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.max_abs = max(self.max_abs, other.max_abs)
+        self.max_abs = nan_max(self.max_abs, other.max_abs)
 
     def metrics(self) -> dict[str, float]:
         n = max(self.num_tokens, 1.0)
@@ -60,6 +61,11 @@ class MismatchSums:
             "mean_exp_abs_diff": self.exp_abs_sum / n,
             "num_tokens": self.num_tokens,
         }
+
+
+def nan_max(*values: float) -> float:
+    """`max` that returns NaN when any value is NaN (builtin `max(0.0, nan)` is 0.0)."""
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
 
 
 def check_true_on_policy(cfg, metrics: dict[str, float], step: int) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from miles_core.algo.mismatch import MismatchSums
+from miles_core.algo.mismatch import MismatchSums, nan_max
 from miles_core.checkpoint.loading import load_model
 from miles_core.checks.layers import layer_diffs
 from miles_core.config import MilesConfig
@@ -59,7 +59,8 @@ class AlignReport:
     notes: list[str] = field(default_factory=list)
 
     def worst(self, key: str) -> float:
-        return max(abs(r.stats[key]) for r in self.results)
+        """Largest |value| over batch sizes; NaN if any is NaN (a NaN must fail a gate)."""
+        return nan_max(*(abs(r.stats[key]) for r in self.results))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,7 +103,7 @@ def run_align_check(cfg: MilesConfig, *, batch_sizes: list[int], num_prompts: in
                           temperature=cfg.sampling.temperature, total_steps=1)
     report = AlignReport(cfg.alignment.mode, engine, trainer, f"{cfg.model.dtype}/{cfg.train.compute_dtype}",
                          notes=_notes(cfg))
-    for batch_size in batch_sizes:
+    for batch_size in _effective_batch_sizes(batch_sizes, len(prompts) * cfg.sampling.n_samples_per_prompt, report):
         if on_progress:
             on_progress(f"batch size {batch_size}")
         engine_cfg = replace(cfg.engine, backend=engine, max_batch_size=batch_size,
@@ -122,6 +123,19 @@ def run_align_check(cfg: MilesConfig, *, batch_sizes: list[int], num_prompts: in
     if layers:
         report.layers = layer_diffs(loaded.model, train, samples[:layers], cfg.sampling.temperature)
     return report
+
+
+def _effective_batch_sizes(requested: list[int], num_sequences: int, report: AlignReport) -> list[int]:
+    """A batch cannot hold more sequences than there are: report the size that actually runs."""
+    sizes: list[int] = []
+    for size in requested:
+        ran = min(size, num_sequences)
+        if ran != size:
+            report.notes.append(f"batch size {size} ran as {ran}: there are only {num_sequences} sequences "
+                                "(prompts x n_samples_per_prompt)")
+        if ran not in sizes:
+            sizes.append(ran)
+    return sizes
 
 
 def _notes(cfg: MilesConfig) -> list[str]:

@@ -19,6 +19,7 @@ from typing import Any, Literal, Union
 import tomli_w
 
 from miles_core.errors import MilesError, did_you_mean, one_of
+from miles_core.utils.io import read_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -68,7 +69,7 @@ def load_recipe(name_or_path: str, _seen: tuple[Path, ...] = ()) -> dict[str, An
     if path in _seen:
         raise MilesError(f"recipe '{path}' extends itself (cycle: {' -> '.join(map(str, _seen))})")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(read_text(path, "recipe"))
     except tomllib.TOMLDecodeError as err:
         raise MilesError(f"recipe '{path}' is not valid TOML: {err}") from None
     parent = data.pop("extends", None)

@@ -69,3 +69,51 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message):
     result = run(*args)
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
+
+
+@pytest.fixture
+def nan_trainer(monkeypatch):
+    """The trainer's log-probs of the first sequence are all NaN (a model with NaN weights)."""
+    from miles_core.train.native import NativeTrainer
+
+    real = NativeTrainer.compute_log_probs
+
+    def nan_first(self, batch, **kwargs):
+        out = real(self, batch, **kwargs)
+        return [lp.clone().fill_(float("nan")) if i == 0 else lp for i, lp in enumerate(out)]
+
+    monkeypatch.setattr(NativeTrainer, "compute_log_probs", nan_first)
+
+
+def test_nan_log_probs_fail_every_finite_gate(nan_trainer):
+    result = run("--batch-sizes", "4", "--max-kl", "1e-3", "--max-abs-diff", "1e-3")
+    assert result.exit_code == 1, result.output
+    assert "FAIL: KL nan (limit 0.001), max |delta| nan (limit 0.001)" in result.output
+    result = run("--batch-sizes", "4", "--json", "--max-abs-diff", "1e-3")
+    assert result.exit_code == 1
+    assert json.loads(result.stdout.split("\nFAIL")[0])["results"][0]["stats"]["max_abs_diff"] != 0.0  # NaN != 0.0; it was reported as 0
+
+
+@pytest.mark.parametrize("flag, value", [("--max-kl", "nan"), ("--max-abs-diff", "-1"), ("--max-kl", "-inf")])
+def test_bad_threshold_is_one_line_and_exit_code_2(flag, value):
+    result = run(flag, value)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().startswith(f"error: {flag} must be a number >= 0 (inf disables the check), got ")
+
+
+def test_batch_size_larger_than_the_sequences_is_reported_as_run():
+    # 6 prompts x 2 samples = 12 sequences: 100000000 and 64 both run as 12, once.
+    result = run("--batch-sizes", "4,100000000,64", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [r["batch_size"] for r in report["results"]] == [4, 12]
+    assert "batch size 100000000 ran as 12: there are only 12 sequences (prompts x n_samples_per_prompt)" in report["notes"]
+
+
+def test_tables_never_cut_numbers_at_80_columns():
+    result = run("--batch-sizes", "100000000")  # CliRunner output is 80 columns wide
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+    cells = "".join(line.replace("│", "").replace(" ", "") for line in result.output.splitlines())
+    assert "e-0" in cells  # exponents are shown (folded onto a second line at this width)

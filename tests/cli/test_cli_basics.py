@@ -14,7 +14,6 @@ from miles_cli.app import app
 from miles_core import __version__
 from miles_core.config import load_config
 from miles_core.config.tree import dump_toml, list_recipes
-from miles_core.errors import MilesError
 
 runner = CliRunner()
 
@@ -129,13 +128,15 @@ def test_unknown_recipe_is_one_line_and_exit_code_2(args):
     assert "quickstart" in lines[0] and "tiny" in lines[0]
 
 
-def test_debug_raises_the_miles_error_instead():
-    result = invoke("--debug", "recipes", "show", "nosuch")
-    assert result.exit_code != 0
-    assert isinstance(result.exception, MilesError)
-    assert "nosuch" in str(result.exception)
+@pytest.mark.parametrize("args", [("--debug", "recipes", "show", "nosuch"), ("recipes", "show", "--debug", "nosuch")])
+def test_debug_shows_the_traceback_and_keeps_exit_code_2(args):
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert "Traceback" in result.stderr and "MilesError" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: unknown recipe 'nosuch'")
     # The flag lives for one invocation only.
-    assert invoke("recipes", "show", "nosuch").exit_code == 2
+    plain = invoke("recipes", "show", "nosuch")
+    assert plain.exit_code == 2 and "Traceback" not in plain.output
 
 
 def test_unknown_key_in_recipe_on_resolved_show_is_one_line(tmp_path):
