@@ -1,4 +1,8 @@
-"""`miles train`: the GRPO loop (rollout -> reward -> advantages -> update -> weight sync)."""
+"""`miles train`: the GRPO loop (rollout -> reward -> advantages -> update -> weight sync).
+
+It also takes slime/miles launch flags (`--rollout-batch-size 512 ...`, see
+`miles_core/launch/slime_flags.py` and docs/slime_flags.md): they arrive as extra arguments, which the
+group below leaves to the command instead of reading them as a subcommand name."""
 
 from __future__ import annotations
 
@@ -7,19 +11,40 @@ import json
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
-from miles_cli.common import DebugOption, RecipeOption, SetOption, cli_errors, console, load_cli_config, print_table
+from miles_cli.common import DebugOption, SetOption, cli_errors, console, print_table
 
-app = typer.Typer(no_args_is_help=True, help="Train with GRPO: rollout, reward, policy update, weight sync.")
+
+class _SlimeFlagsGroup(TyperGroup):
+    """`miles train` has no subcommands: leftover arguments are slime flags, not a command name."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args and self.no_args_is_help and not ctx.resilient_parsing:
+            raise click.exceptions.NoArgsIsHelpError(ctx)
+        return click.Command.parse_args(self, ctx, args)
+
+
+app = typer.Typer(no_args_is_help=True, cls=_SlimeFlagsGroup,
+                  help="Train with GRPO: rollout, reward, policy update, weight sync. Also takes slime launch "
+                       "flags (--rollout-batch-size 512 ...; docs/slime_flags.md).")
+
+OptionalRecipe = Annotated[Optional[str], typer.Option(
+    "--recipe", "-r", help="Recipe name (see `miles recipes list`) or .toml path; optional when slime flags "
+                           "give --hf-checkpoint and --prompt-data.")]
 
 
 # Usage shows the options, not `COMMAND [ARGS]...`: the sub-app has no subcommands.
-@app.callback(invoke_without_command=True, subcommand_metavar="")
+@app.callback(invoke_without_command=True, subcommand_metavar="[SLIME FLAGS]",
+              context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                "allow_interspersed_args": True})
 def train(
-    recipe: RecipeOption,
+    ctx: typer.Context,
+    recipe: OptionalRecipe = None,
     overrides: SetOption = None,
     output_dir: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<recipe>-<date>-<time>).")] = None,
     num_rollout: Annotated[Optional[int], typer.Option(help="Number of rollout steps (loop.num_rollout).")] = None,
@@ -27,39 +52,72 @@ def train(
     debug_rollout_only: Annotated[bool, typer.Option(help="Generate and reward only; save each step's samples; no training.")] = False,
     debug_train_only: Annotated[bool, typer.Option(help="Train on saved samples (see --load-debug-rollout-data); no generation.")] = False,
     load_debug_rollout_data: Annotated[Optional[str], typer.Option(help="Samples for --debug-train-only: a JSONL file or a template with {rollout_id}.")] = None,
+    print_config: Annotated[bool, typer.Option(help="Print the resolved recipe (TOML) and exit without training.")] = False,
+    save_recipe: Annotated[Optional[Path], typer.Option(help="Write the resolved recipe (e.g. from slime flags) to this .toml file and exit.")] = None,
     _debug: DebugOption = False,
 ) -> None:
     """Run `loop.num_rollout` GRPO steps and write metrics, checkpoints and the resolved config."""
     with cli_errors() as run:
         from miles_core.errors import MilesError
-        from miles_core.rl.loop import run_training
-        from miles_core.utils.io import check_output_dir
+        from miles_core.launch.slime_flags import resolve_config
 
         if debug_rollout_only and debug_train_only:
             raise MilesError("--debug-rollout-only and --debug-train-only exclude each other")
-        extra = list(overrides or [])
+        options = []
         if num_rollout is not None:
-            extra.append(f"loop.num_rollout={num_rollout}")
+            options.append(f"loop.num_rollout={num_rollout}")
         if hf_checkpoint is not None:
-            extra.append(f"model.source={json.dumps(hf_checkpoint)}")
-        cfg = load_cli_config(recipe, extra)
-        out = output_dir or Path(cfg.loop.output_dir or _default_run_dir(recipe))
-        check_output_dir(out)
-        run.partial = out
-        mode = "rollout_only" if debug_rollout_only else "train_only" if debug_train_only else "full"
-        console.print(f"[bold]miles train[/] recipe={recipe} mode={mode} output={out}")
-        if mode == "train_only" and cfg.eval.datasets:
-            console.print("eval: skipped (--debug-train-only has no rollout engine)")
-        with _progress() as progress:
-            task = progress.add_task("rollout steps", total=cfg.loop.num_rollout, reward="-")
-            result = run_training(cfg, out, mode=mode, rollout_data=load_debug_rollout_data,
-                                  on_step=lambda step, m: progress.update(task, advance=1, reward=_fmt(m.get("rollout/raw_reward"))))
-        print_table(_summary_table(result.history))
-        for table in _eval_tables(result.evals):
-            print_table(table)
-        for path in result.checkpoints[-1:]:
-            console.print(f"checkpoint: {path}")
-        console.print(f"metrics: {out / 'metrics.jsonl'}")
+            options.append(f"model.source={json.dumps(hf_checkpoint)}")
+        cfg, launch, defaults = resolve_config(recipe, list(ctx.args), options + list(overrides or []))
+        if output_dir is not None and "--save" in launch.given:
+            raise MilesError("--output-dir and --save both name the run folder; keep one")
+        for note in launch.notes:
+            console.print(f"note: {note}", highlight=False)
+        if defaults:
+            console.print(f"slime defaults (unset in the recipe): {', '.join(defaults)}", highlight=False)
+        if print_config or save_recipe:
+            _show_or_save(cfg, save_recipe, list(ctx.args), recipe)
+            return
+        _run(cfg, recipe or "slime", output_dir, debug_rollout_only, debug_train_only, load_debug_rollout_data, run)
+
+
+def _show_or_save(cfg, path: Optional[Path], flags: list[str], recipe: Optional[str]) -> None:
+    from miles_core.config.tree import dump_toml, find_recipe
+    from miles_core.utils.io import atomic_write, check_output
+
+    text = dump_toml(cfg)
+    if path is None:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+        return
+    header = f"# Written by `miles train --save-recipe` from: {' '.join(flags) or '(no slime flags)'}\n"
+    check_output(path, overwrite=True, inputs=[find_recipe(recipe)] if recipe else [], flag="--save-recipe")
+    with atomic_write(path) as handle:
+        handle.write(header + text)
+    console.print(f"recipe: {path}")
+
+
+def _run(cfg, recipe: str, output_dir: Optional[Path], debug_rollout_only: bool, debug_train_only: bool,
+         load_debug_rollout_data: Optional[str], run) -> None:
+    from miles_core.rl.loop import run_training
+    from miles_core.utils.io import check_output_dir
+
+    out = output_dir or Path(cfg.loop.output_dir or _default_run_dir(recipe))
+    check_output_dir(out)
+    run.partial = out
+    mode = "rollout_only" if debug_rollout_only else "train_only" if debug_train_only else "full"
+    console.print(f"[bold]miles train[/] recipe={recipe} mode={mode} output={out}")
+    if mode == "train_only" and cfg.eval.datasets:
+        console.print("eval: skipped (--debug-train-only has no rollout engine)")
+    with _progress() as progress:
+        task = progress.add_task("rollout steps", total=cfg.loop.num_rollout, reward="-")
+        result = run_training(cfg, out, mode=mode, rollout_data=load_debug_rollout_data,
+                              on_step=lambda step, m: progress.update(task, advance=1, reward=_fmt(m.get("rollout/raw_reward"))))
+    print_table(_summary_table(result.history))
+    for table in _eval_tables(result.evals):
+        print_table(table)
+    for path in result.checkpoints[-1:]:
+        console.print(f"checkpoint: {path}")
+    console.print(f"metrics: {out / 'metrics.jsonl'}")
 
 
 def _default_run_dir(recipe: str) -> str:

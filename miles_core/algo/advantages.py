@@ -17,7 +17,10 @@ Estimators (`algo.advantage_estimator`), r = scalar reward of a response:
              values (Schulman et al. 2017, 2016); see `gae.py`.
 `normalize_advantages` whitens over the trained tokens of the whole batch (mean 0, unbiased
 variance 1, as slime's `distributed_masked_whiten`); `algo.normalize_advantages` applies it to any
-estimator's output (REINFORCE++ variants already whiten, a second pass changes nothing).
+estimator's output except the REINFORCE++ variants, which whiten once already: a second pass is
+not a no-op (it removes the 1e-8 variance damping, turning +-0.05 into +-0.71 on near-constant
+returns). Deviation from slime: its REINFORCE++ whitens only with `normalize_advantages`; ours
+always does, as the paper.
 
 Registry contract: every entry of `ADVANTAGE_ESTIMATORS` (and a custom advantage hook) is
 `(rewards (N,), group_size, **inputs) -> (N,) or (N, T)` and ignores inputs it has no use for.
@@ -148,6 +151,9 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
     "reinforce_plus_plus_baseline": _reinforce_plus_plus_baseline,
     "ppo": _ppo,
 }
+# Estimators whose output is already whitened: `normalize_advantages` must not whiten them again
+# (a second pass rescales to unit variance and undoes the 1e-8 damping of near-constant returns).
+SELF_WHITENING = ("reinforce_plus_plus", "reinforce_plus_plus_baseline")
 # Estimators that read `kl_coef` (KL as a token reward, "reward shaping").
 KL_REWARD_ESTIMATORS = ("ppo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
 
@@ -198,7 +204,7 @@ def estimate_advantages(
     returns = None
     if cfg.advantage_estimator == "ppo":
         returns = (advantages + _need(inputs, "values", "ppo", "(N, T) critic values")) * (loss_mask > 0)
-    if cfg.normalize_advantages:
+    if cfg.normalize_advantages and (cfg.custom_advantage_function or cfg.advantage_estimator not in SELF_WHITENING):
         advantages = normalize_advantages(advantages, loss_mask)
     return advantages, returns
 

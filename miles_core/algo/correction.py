@@ -28,7 +28,12 @@ sequences otherwise. A micro-batch cannot see that mean, so the trainer computes
 
 The multiplier applied to the per-token policy-gradient loss is w / mean * keep (detached).
 Rejected tokens keep their place in the loss denominators (slime's decoupling): rejection
-removes a token's gradient, not its count. All reductions are per row, so micro-batches of
+removes a token's gradient, not its count. `policy_loss` applies `keep` to every term it
+reduces (pg, KL loss, entropy) and to the training metrics (pg_clipfrac, ppo_kl,
+train_rollout_logprob_abs_diff), as slime's reducer rebuilt with the rejection mask does; the
+TIS/MIS statistics themselves are reduced over all trained tokens (slime's pre-rejection
+reducer), so a rejected fraction is not driven to 0. In the sequence-level batch mean an
+all-masked row counts as weight 0 (slime). All reductions are per row, so micro-batches of
 whole sequences give exactly the full batch's result.
 """
 
@@ -129,10 +134,10 @@ def mean_weight(weights: Tensor, loss_mask: Tensor, level: str) -> float:
     mask = (loss_mask > 0).to(weights.dtype)
     if level == "token":
         return float((weights * mask).sum() / mask.sum().clamp(min=1))
-    counts = mask.sum(dim=-1)
-    rows = counts > 0
-    row_means = (weights * mask).sum(dim=-1)[rows] / counts[rows]
-    return float(row_means.mean()) if rows.any() else 1.0
+    # An all-masked row counts as weight 0, as slime's per-sample mean does (and as the loss
+    # denominators count it): leaving it out would make the mean of the other rows' weights.
+    row_means = (weights * mask).sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)
+    return float(row_means.mean()) if row_means.numel() else 1.0
 
 
 def tis_batch_mean(cfg: AlgoConfig, *, old_log_probs: Tensor, rollout_log_probs: Tensor, loss_mask: Tensor) -> float:
@@ -145,7 +150,10 @@ def tis_batch_mean(cfg: AlgoConfig, *, old_log_probs: Tensor, rollout_log_probs:
 
 def correction_weights(cfg: AlgoConfig, *, old_log_probs: Tensor, rollout_log_probs: Tensor, loss_mask: Tensor,
                        batch_mean: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """The detached (B, T) multiplier of the per-token pg loss, and per-token stats for metrics."""
+    """The detached (B, T) multiplier of the per-token pg loss, and per-token stats for metrics.
+
+    The stat `keep` (0/1) is the rejection mask itself; `policy_loss` applies it to every loss
+    term and to the training metrics, not only to the pg loss (see the module docstring)."""
     weights, keep, stats = _call_weight_fn(cfg, old_log_probs=old_log_probs.detach(),
                                            rollout_log_probs=rollout_log_probs, loss_mask=loss_mask)
     if cfg.tis_batch_normalize:
@@ -154,7 +162,7 @@ def correction_weights(cfg: AlgoConfig, *, old_log_probs: Tensor, rollout_log_pr
                              "(compute it once per optimizer step with correction.tis_batch_mean)")
         weights = weights / batch_mean
     multiplier = (weights * keep).detach()
-    return multiplier, {**stats, "tis_weight": multiplier}
+    return multiplier, {**stats, "tis_weight": multiplier, "keep": keep.detach()}
 
 
 def ratio_extrema(old_log_probs: Tensor, rollout_log_probs: Tensor, loss_mask: Tensor) -> dict[str, float]:

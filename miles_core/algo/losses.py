@@ -24,7 +24,9 @@ gives a large finite loss rather than inf * 0 = NaN through the mask.
 
 Order in `policy_loss`: pg per token -> * TIS/MIS weights (`correction.py`) -> * OPSM mask ->
 reduce; + kl_loss_coef * KL (times rho with `use_unbiased_kl`), - entropy_coef * entropy,
-+ value_loss_coef * value loss.
++ value_loss_coef * value loss. A token rejected by MIS, rejection sampling or the veto drops out
+of the pg, KL and entropy terms and of pg_clipfrac, ppo_kl and train_rollout_logprob_abs_diff,
+but stays in the denominators (slime's reducer rebuilt with the rejection mask).
 
 Reductions (`algo.loss_agg_mode`) divide by counts over the WHOLE optimizer-step batch
 (`num_tokens` = sum of the loss mask, `num_seqs` rows) or by a constant, never by counts of the
@@ -219,13 +221,16 @@ def policy_loss(
                   entropy=entropy, ref_log_probs=ref_log_probs, rollout_log_probs=rollout_log_probs,
                   values=values, old_values=old_values, returns=returns)
     counts = dict(loss_mask=loss_mask, num_tokens=num_tokens, num_seqs=num_seqs, norm_len=cfg.loss_scale_factor)
-    reduce = functools.partial(aggregate, mode=cfg.loss_agg_mode, **counts)
     metric_mode = "seq_mean_token_mean" if cfg.loss_agg_mode == "seq_mean_token_sum_norm" else cfg.loss_agg_mode
-    reduce_metric = functools.partial(aggregate, mode=metric_mode, **counts)
-
     pg_per_token, stats = _corrected_pg_loss(cfg, log_probs=log_probs, old_log_probs=old_log_probs,
                                              advantages=advantages, loss_mask=loss_mask,
                                              rollout_log_probs=rollout_log_probs, tis_batch_mean=tis_batch_mean)
+    keep = stats.pop("keep", None)  # MIS / RS / veto rejection (B, T); None without correction
+    # A rejected token leaves every policy term and training metric (slime rebuilds its reducer
+    # with the rejection mask), but keeps its place in the denominators.
+    reduce = _reducer(cfg.loss_agg_mode, counts, keep)
+    reduce_metric = _reducer(metric_mode, counts, keep)
+    reduce_all = _reducer(cfg.loss_agg_mode, counts, None)
     terms = {"pg_loss": reduce(pg_per_token)}
     loss = terms["pg_loss"]
     if cfg.use_kl_loss:
@@ -240,12 +245,13 @@ def policy_loss(
             loss = loss - cfg.entropy_coef * terms["entropy_loss"]
     if values is not None:
         v_per_token, v_stats = value_loss(values, old_values, returns, value_clip=cfg.value_clip)
-        terms["value_loss"] = reduce(v_per_token)
+        terms["value_loss"] = reduce_all(v_per_token)  # the critic's loss: no rejection (slime)
         loss = loss + cfg.value_loss_coef * terms["value_loss"]
         stats = {**stats, "value_clipfrac": v_stats["clipped"]}
     with torch.no_grad():
         metrics = {key: value.item() for key, value in terms.items()}
-        metrics.update(_diagnostics(cfg, reduce_metric, stats, log_probs=log_probs, old_log_probs=old_log_probs,
+        metrics.update(_diagnostics(cfg, reduce_metric, _reducer(metric_mode, counts, None), stats,
+                                    log_probs=log_probs, old_log_probs=old_log_probs,
                                     rollout_log_probs=rollout_log_probs, loss_mask=loss_mask))
         metrics["loss"] = loss.item()
     return loss, metrics
@@ -269,12 +275,20 @@ def _corrected_pg_loss(cfg: AlgoConfig, *, log_probs: Tensor, old_log_probs: Ten
     return pg_per_token, stats
 
 
-def _diagnostics(cfg: AlgoConfig, reduce_metric, stats: dict[str, Tensor], *, log_probs: Tensor,
+def _reducer(mode: str, counts: dict, keep: Tensor | None) -> Callable[[Tensor], Tensor]:
+    """`aggregate` with fixed counts; with `keep`, rejected tokens add 0 to the numerator only."""
+    reduce = functools.partial(aggregate, mode=mode, **counts)
+    return reduce if keep is None else (lambda x: reduce(x * keep))
+
+
+def _diagnostics(cfg: AlgoConfig, reduce_metric, reduce_all, stats: dict[str, Tensor], *, log_probs: Tensor,
                  old_log_probs: Tensor, rollout_log_probs: Tensor | None, loss_mask: Tensor) -> dict[str, float]:
+    """Training metrics skip rejected tokens (`reduce_metric`); TIS/MIS, OPSM and value stats are
+    over all trained tokens (`reduce_all`), as slime reports them."""
     metrics = {"ppo_kl": reduce_metric(old_log_probs - log_probs).item()}
     if "clipped" in stats:
         metrics["pg_clipfrac"] = reduce_metric(stats["clipped"]).item()
-    metrics.update({k: reduce_metric(v).item() for k, v in stats.items() if k not in ("clipped", "ratio")})
+    metrics.update({k: reduce_all(v).item() for k, v in stats.items() if k not in ("clipped", "ratio")})
     if rollout_log_probs is not None:
         metrics["train_rollout_logprob_abs_diff"] = reduce_metric((old_log_probs - rollout_log_probs).abs()).item()
         if cfg.use_tis or cfg.use_rs:

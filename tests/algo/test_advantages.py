@@ -194,3 +194,17 @@ def test_estimate_advantages_kl_reward_needs_log_probs():
     cfg = AlgoConfig(advantage_estimator="reinforce_plus_plus", kl_coef=0.1)
     with pytest.raises(ValueError, match="kl_coef is 0.1: pass log_probs and ref_log_probs"):
         estimate_advantages(cfg, torch.tensor([1.0]), 1, loss_mask=torch.ones(1, 2))
+
+
+@pytest.mark.parametrize("name", ["reinforce_plus_plus", "reinforce_plus_plus_baseline"])
+def test_reinforce_plus_plus_is_whitened_once_with_normalize_advantages(name):
+    # Issue 19, case 2. Group size 1, rewards [1, 1], one token each; k1 KL = logp - ref =
+    # [.001, .002], kl_coef .01 -> returns [1 - 1e-5, 1 - 2e-5] (baseline: [-1e-5, -2e-5]).
+    # One whitening: deviations +-5e-6, unbiased var 2 * 25e-12 / 1 = 5e-11,
+    # (+-5e-6) / sqrt(5e-11 + 1e-8) = +-.049875 (slime). A second whitening (the bug) rescaled
+    # these to unit variance: +-1 / sqrt(2) = +-.70711.
+    cfg = AlgoConfig(advantage_estimator=name, normalize_advantages=True, kl_coef=0.01, kl_loss_type="k1")
+    adv, _ = estimate_advantages(cfg, torch.tensor([1.0, 1.0]), 1, loss_mask=torch.ones(2, 1),
+                                 log_probs=torch.tensor([[-1.0], [-1.0]]),
+                                 ref_log_probs=torch.tensor([[-1.001], [-1.002]]))
+    torch.testing.assert_close(adv, torch.tensor([[0.049875], [-0.049875]]), atol=2e-4, rtol=0)

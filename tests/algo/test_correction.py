@@ -113,3 +113,20 @@ def test_log_weights_are_clamped_before_exp():
     _, _, stats = is_weights(AlgoConfig(use_tis=True, tis_level="sequence"), old_log_probs=old,
                              rollout_log_probs=torch.zeros(1, 3, dtype=torch.float64), loss_mask=torch.ones(1, 3))
     assert stats["tis"][0, 0].item() == pytest.approx(math.exp(20))
+
+
+def test_sequence_batch_mean_counts_an_all_masked_row_as_zero():
+    # Issue 19, case 3. B=2, T=2; row 1 old - rollout = [.1, .1] -> sequence weight e^.2 = 1.2214
+    # (below the truncation at 2); row 2 all masked -> weight 0 in the mean, as slime's
+    # per-sample mean counts it. Batch mean (1.2214 + 0) / 2 = .6107; row 1's effective
+    # weight 1.2214 / .6107 = 2.0 (before the fix row 2 was left out: mean 1.2214, weight 1.0).
+    cfg = AlgoConfig(use_tis=True, tis_level="sequence", tis_mode="truncate", tis_clip_high=2.0,
+                     tis_batch_normalize=True)
+    old = torch.tensor([[0.1, 0.1], [0.0, 0.0]])
+    rollout = torch.zeros(2, 2)
+    mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    mean = tis_batch_mean(cfg, old_log_probs=old, rollout_log_probs=rollout, loss_mask=mask)
+    assert mean == pytest.approx(math.exp(0.2) / 2)
+    multiplier, _ = correction_weights(cfg, old_log_probs=old, rollout_log_probs=rollout, loss_mask=mask,
+                                       batch_mean=mean)
+    torch.testing.assert_close(multiplier[0], torch.tensor([2.0, 2.0]))

@@ -368,3 +368,58 @@ def test_micro_batches_sum_to_full_batch(name):
     assert micro_metrics.keys() == full_metrics.keys()
     for key, value in full_metrics.items():
         assert micro_metrics[key] == pytest.approx(value, abs=1e-6), key
+
+
+# Issue 19, case 1: a token rejected by MIS (mask mode) or rejection sampling leaves the KL and
+# entropy terms and the training metrics too, as in slime, not only the pg term.
+# B=1, T=2; logp [-1, -1.5], old [-1, -1], rollout [-1, 2], A = 1, per-sample mean (divide by 2).
+# Token 2: old - rollout = -3, ratio e^-3 = .0498 outside [0.5, 2] -> rejected; token 1 ratio 1 kept.
+# pg: token 1 ratio 1 -> -1; token 2 rejected -> 0; pg_loss = -1 / 2 = -.5
+_REJECT = dict(log_probs=[[-1.0, -1.5]], old_log_probs=[[-1.0, -1.0]], rollout_log_probs=[[-1.0, 2.0]],
+               advantages=[[1.0, 1.0]], loss_mask=[[1.0, 1.0]])
+_REJECTING = {
+    "mis_mask": dict(use_tis=True, tis_mode="mask", tis_clip_low=0.5, tis_clip_high=2.0),
+    "rejection_sampling": dict(use_rs=True, rs_clip_low=0.5, rs_clip_high=2.0),
+}
+
+
+def _rejected_loss(extra_cfg, **extra):
+    cfg = AlgoConfig(eps_clip=0.2, eps_clip_high=0.2, loss_agg_mode="seq_mean_token_mean", **extra_cfg)
+    t = {k: torch.tensor(v) for k, v in {**_REJECT, **extra}.items()}
+    logp = t.pop("log_probs").requires_grad_(True)
+    loss, metrics = policy_loss(cfg, log_probs=logp, num_tokens=2, num_seqs=1, **t)
+    loss.backward()
+    return loss.item(), logp.grad, metrics
+
+
+@pytest.mark.parametrize("rejecting", _REJECTING.values(), ids=_REJECTING.keys())
+def test_rejected_token_gets_no_kl_gradient(rejecting):
+    # k1 KL = logp - ref = [-1 + 1.5, -1.5 + 2] = [.5, .5]; only token 1 counts: .5 / 2 = .25
+    # loss = -.5 + .1 * .25 = -.475 (before the fix: KL over both tokens, -.5 + .1 * .5 = -.45)
+    # d loss / d logp_2 = 0 (before: .1 * 1 / 2 = .05)
+    loss, grad, metrics = _rejected_loss(dict(rejecting, use_kl_loss=True, kl_loss_coef=0.1, kl_loss_type="k1"),
+                                         ref_log_probs=[[-1.5, -2.0]])
+    assert loss == pytest.approx(-0.475)
+    assert grad[0, 1].item() == 0.0
+    # d loss / d logp_1 = (-A * ratio + .1 * 1) / 2 = (-1 + .1) / 2 = -.45
+    assert grad[0, 0].item() == pytest.approx(-0.45)
+    # ppo_kl = old - logp = [0, .5]; token 2 rejected -> 0 / 2 = 0 (before: .25)
+    assert metrics["ppo_kl"] == pytest.approx(0.0)
+    assert metrics["kl_loss"] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("rejecting", _REJECTING.values(), ids=_REJECTING.keys())
+def test_rejected_token_gets_no_entropy_bonus(rejecting):
+    # entropy [1, 2]; only token 1 counts: 1 / 2 = .5; loss = -.5 - .01 * .5 = -.505
+    # (before the fix: -.5 - .01 * (1 + 2) / 2 = -.515)
+    loss, grad, metrics = _rejected_loss(dict(rejecting, entropy_coef=0.01), entropy=[[1.0, 2.0]])
+    assert loss == pytest.approx(-0.505)
+    assert metrics["entropy_loss"] == pytest.approx(0.5)
+    assert grad[0, 1].item() == 0.0
+
+
+def test_rejection_statistics_stay_over_all_tokens():
+    # tis_masked_frac counts the rejected token over both trained tokens: 1 / 2 (slime reports
+    # mismatch statistics with its pre-rejection reducer, else this fraction would read 0).
+    _, _, metrics = _rejected_loss(_REJECTING["mis_mask"])
+    assert metrics["tis_masked_frac"] == pytest.approx(0.5)
