@@ -144,3 +144,13 @@ def load_cli_config(recipe: str, overrides: list[str] | None):
     from miles_core.config import load_config
 
     return load_config(recipe, overrides or [])
+
+
+def progress_bar(*extra_columns, remaining: bool = False):
+    """The rich progress bar every long command shows: description, bar, done/total, elapsed
+    (and `remaining`), with `extra_columns` (e.g. the last reward) before the times."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    times = (TimeElapsedColumn(), TimeRemainingColumn()) if remaining else (TimeElapsedColumn(),)
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *extra_columns,
+                    *times, console=console)

@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from miles_cli.common import DebugOption, cli_errors, console, print_table
+from miles_cli.common import DebugOption, cli_errors, console, print_table, progress_bar
 
 app = typer.Typer(no_args_is_help=True, help="Convert checkpoints: HF <-> Megatron torch_dist (GGUF in).")
 
@@ -31,7 +30,7 @@ def convert(
     with cli_errors():
         from miles_core.checkpoint.convert import convert as run_convert
 
-        with _progress() as progress:
+        with progress_bar() as progress:
             tasks: dict[str, int] = {}
 
             def on_progress(stage: str, done: int, total: int) -> None:
@@ -44,11 +43,6 @@ def convert(
         print_table(_summary_table(report))
         if json_out is not None:
             json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console)
 
 
 def _summary_table(report) -> Table:

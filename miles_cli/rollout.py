@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from miles_cli.common import DebugOption, RecipeOption, SetOption, cli_errors, console, load_cli_config, print_table
+from miles_cli.common import DebugOption, RecipeOption, SetOption, cli_errors, console, load_cli_config, print_table, progress_bar
 
 app = typer.Typer(no_args_is_help=True, help="Generate samples (tokens, logprobs) from prompts to JSONL, or --eval checkpoints.")
 
@@ -47,7 +46,7 @@ def rollout(
             raise MilesError("--output is required (or pass --eval to evaluate)")
         cfg = with_prompt_data(load_cli_config(recipe, overrides), prompt_data)
         _check_outputs(recipe, cfg, output, overwrite)
-        with _progress() as progress:
+        with progress_bar() as progress:
             task = progress.add_task("generating", total=None)
             summary = run_rollout(
                 cfg, output,
@@ -77,7 +76,7 @@ def _evaluate(cfg, checkpoint: str | None, compare: str | None, as_json: bool) -
         return
     from miles_cli.eval_tables import eval_tables
 
-    with _progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task("evaluating", total=None)
         report = run_eval(cfg, checkpoints, on_start=lambda total: progress.update(task, total=total),
                           on_progress=lambda k: progress.advance(task, k))
@@ -85,11 +84,6 @@ def _evaluate(cfg, checkpoint: str | None, compare: str | None, as_json: bool) -
         print_table(table)
     for name, seconds in zip(report.checkpoints, report.seconds):
         console.print(f"{name}: {seconds:.1f} s")
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, transient=False)
 
 
 def _summary_table(summary) -> Table:

@@ -13,11 +13,11 @@ from typing import Annotated, Optional
 
 import click
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import TextColumn
 from rich.table import Table
 from typer.core import TyperGroup
 
-from miles_cli.common import DebugOption, SetOption, cli_errors, console, print_table
+from miles_cli.common import DebugOption, SetOption, cli_errors, console, print_table, progress_bar
 
 
 class _SlimeFlagsGroup(TyperGroup):
@@ -108,7 +108,7 @@ def _run(cfg, recipe: str, output_dir: Optional[Path], debug_rollout_only: bool,
     console.print(f"[bold]miles train[/] recipe={recipe} mode={mode} output={out}")
     if mode == "train_only" and cfg.eval.datasets:
         console.print("eval: skipped (--debug-train-only has no rollout engine)")
-    with _progress() as progress:
+    with progress_bar(TextColumn("reward {task.fields[reward]}"), remaining=True) as progress:
         task = progress.add_task("rollout steps", total=cfg.loop.num_rollout, reward="-")
         result = run_training(cfg, out, mode=mode, rollout_data=load_debug_rollout_data,
                               on_step=lambda step, m: progress.update(task, advance=1, reward=_fmt(m.get("rollout/raw_reward"))))
@@ -129,12 +129,6 @@ def _fmt(value) -> str:
     if value is None:
         return "-"
     return f"{value:.2e}" if 0 < abs(value) < 1e-3 else f"{value:.3f}"
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("reward {task.fields[reward]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console)
 
 
 def _eval_tables(evals: list[tuple[int, dict]]) -> list[Table]:
