@@ -31,6 +31,7 @@ from miles_core.algo import accumulate_metrics, policy_loss, tis_batch_mean
 from miles_core.config import AlgoConfig, TrainConfig
 from miles_core.errors import MilesError
 from miles_core.mismatch import MismatchSums
+from miles_core.models.base import named_weights
 from miles_core.models.loading import DTYPES
 from miles_core.train.batch import (
     TrainBatch,
@@ -239,8 +240,8 @@ class NativeTrainer:
         return {k: v for k, v in metrics.items() if k not in _POLICY_LOSS_DUPLICATES}
 
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, param in self.model.named_parameters():  # shared (tied) parameters appear once
-            yield name, param.detach()
+        for name, tensor in named_weights(self.model):  # shared (tied) parameters appear once
+            yield name, tensor.detach()
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
