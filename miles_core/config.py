@@ -172,10 +172,15 @@ class TrainConfig:
     lr_warmup_steps: int = 0
     """Optimizer steps of linear warmup from 0 to `lr`."""
     min_lr: float = 0.0
+    """Final learning rate of the cosine schedule, in [0, lr]."""
     weight_decay: float = 0.0
+    """AdamW decoupled weight decay, >= 0."""
     adam_beta1: float = 0.9
+    """AdamW first-moment decay, in [0, 1)."""
     adam_beta2: float = 0.98
+    """AdamW second-moment decay, in [0, 1)."""
     adam_eps: float = 1e-8
+    """AdamW denominator epsilon, > 0."""
     clip_grad: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
     num_steps_per_rollout: int = 1
@@ -200,6 +205,10 @@ class TrainConfig:
         _check(0 <= self.min_lr <= self.lr, f"min_lr must be in [0, lr], got {self.min_lr}")
         _check(self.lr_warmup_steps >= 0, f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
         _check(self.clip_grad >= 0, f"clip_grad must be >= 0, got {self.clip_grad}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("adam_beta1", "adam_beta2"):
+            _check(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}")
+        _check(self.adam_eps > 0, f"adam_eps must be > 0, got {self.adam_eps}")
         _check(self.num_steps_per_rollout >= 1, f"num_steps_per_rollout must be >= 1, got {self.num_steps_per_rollout}")
         _check(self.max_tokens_per_micro_batch >= 1,
                f"max_tokens_per_micro_batch must be >= 1, got {self.max_tokens_per_micro_batch}")

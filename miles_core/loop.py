@@ -22,6 +22,7 @@ from typing import Literal
 from miles_core.config import MilesConfig
 from miles_core.metrics import MetricsWriter, perf_metrics
 from miles_core.mismatch import check_true_on_policy
+from miles_core.train.finite import check_finite_weights
 
 Mode = Literal["full", "rollout_only", "train_only"]
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -90,6 +91,7 @@ def _rollout_step(cfg: MilesConfig, parts, step: int) -> dict[str, float]:
         metrics.update({f"train/{k}": v for k, v in parts.trainer.train_rollout(batch).items()})
         times["train_time"] = time.perf_counter() - start
         check_true_on_policy(cfg.alignment, metrics, step)
+        check_finite_weights(parts.trainer.export_weights(), step)  # never sync or save NaN/Inf
         if parts.engine is not None:
             start = time.perf_counter()
             parts.engine.update_weights(parts.trainer.export_weights(), version=str(step + 1))

@@ -61,7 +61,7 @@ def _dynamic_sampling(cfg: MilesConfig, parts, step: int) -> StepRollout:
         groups = parts.generate_groups(round_size(cfg.algo, target))
         samples = _flatten(groups)
         failures += _score(cfg, samples)
-        keep = keep_groups(cfg.algo, torch.tensor(raw_rewards(cfg, samples)), group, samples=samples)
+        keep = keep_groups(cfg.algo, torch.tensor(raw_rewards(cfg, samples), dtype=torch.float64), group, samples=samples)
         tally = tally.add(keep)
         generated += samples
         kept += [g for g, k in zip(groups, keep.tolist()) if k]
@@ -79,11 +79,12 @@ def prepare_train_batch(cfg: MilesConfig, trainer, samples: list[Sample]):
     """(TrainBatch with advantages, `rollout/*` metrics of what enters the update)."""
     from miles_core.algo import estimate_advantages, post_process_rewards
     from miles_core.train import needs_critic
+    from miles_core.train.finite import finite_float32
     from miles_core.train.batch import TrainBatch, pad_ragged
 
     algo, group = cfg.algo, cfg.sampling.n_samples_per_prompt
     batch = TrainBatch.from_samples(samples)
-    rewards = post_process_rewards(algo, torch.tensor(raw_rewards(cfg, samples)), group, samples=samples,
+    rewards = post_process_rewards(algo, torch.tensor(raw_rewards(cfg, samples), dtype=torch.float64), group, samples=samples,
                                    response_lengths=torch.tensor(batch.response_lengths),
                                    max_response_len=cfg.sampling.max_new_tokens)
     if algo.kl_coef > 0:  # KL reward: the rollout policy's and the reference's log-probs
@@ -96,6 +97,7 @@ def prepare_train_batch(cfg: MilesConfig, trainer, samples: list[Sample]):
     advantages, returns = estimate_advantages(algo, rewards, group, loss_mask=mask, log_probs=pad(batch.old_log_probs),
                                               ref_log_probs=pad(batch.ref_log_probs), values=pad(batch.values),
                                               samples=samples)
+    advantages, returns = finite_float32("advantages", advantages), finite_float32("returns", returns)
     batch.advantages = _unpad(advantages, batch.response_lengths)
     batch.returns = None if returns is None else _unpad(returns, batch.response_lengths)
     return batch, _update_metrics(cfg, batch, rewards, advantages, returns)

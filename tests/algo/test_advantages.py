@@ -194,3 +194,12 @@ def test_estimate_advantages_kl_reward_needs_log_probs():
     cfg = AlgoConfig(advantage_estimator="reinforce_plus_plus", kl_coef=0.1)
     with pytest.raises(ValueError, match="kl_coef is 0.1: pass log_probs and ref_log_probs"):
         estimate_advantages(cfg, torch.tensor([1.0]), 1, loss_mask=torch.ones(1, 2))
+
+
+@pytest.mark.parametrize("big", [3e38, 1e300])
+def test_grpo_advantages_of_huge_float64_rewards(big):
+    # group (0, big): mean big/2, centred -+big/2, unbiased std = sqrt(2 (big/2)^2 / 1) = big/2 * sqrt(2)
+    # -> A = -+1/sqrt(2). 3e38 overflows float32 sums; 1e300 squared overflows even float64.
+    rewards = torch.tensor([0.0, big, big, big], dtype=torch.float64)
+    advantages = group_advantages(rewards, 2, normalize_std=True)
+    torch.testing.assert_close(advantages, torch.tensor([-0.5**0.5, 0.5**0.5, 0.0, 0.0], dtype=torch.float64))

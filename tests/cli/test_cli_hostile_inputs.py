@@ -1,0 +1,112 @@
+"""Issue 22: what a hostile new user feeds `miles` gets one clear line and exit code 2 (or a
+warning), never a traceback, a silent NaN, or a run folder that blocks the next attempt."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from miles_cli.app import app
+from miles_core.checkpoint.hf import iter_state_dict, load_state_dict, save_hf_checkpoint
+from miles_core.checkpoint.sources import resolve_model_source
+
+runner = CliRunner()
+
+REWARDS = '''
+import time
+
+def vast(sample):
+    return 1e300 * (sample.index % 2)
+
+def huge(sample):
+    return 3e38 * (sample.index % 2)
+
+def broken(sample):
+    raise RuntimeError("judge unreachable")
+
+def half_broken(sample):
+    if sample.index % 2:
+        raise RuntimeError("judge unreachable")
+    return 1.0
+
+def hangs(sample):
+    time.sleep(30)
+    return 1.0
+'''
+
+
+def train(tmp_path, *args: str, recipe: str = "tiny"):
+    return runner.invoke(app, ["train", "--recipe", recipe, "--output-dir", str(tmp_path / "run"), *args])
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+@pytest.fixture
+def rewards(tmp_path, monkeypatch):
+    (tmp_path / "miles_test_rewards22.py").write_text(REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "miles_test_rewards22"
+
+
+# -- 2. non-finite values ------------------------------------------------------------------------
+@pytest.mark.parametrize("override", ["train.lr=inf", "train.weight_decay=inf", "train.weight_decay=nan",
+                                      "train.adam_eps=nan", "train.adam_beta1=nan", "algo.eps_clip=inf",
+                                      "sampling.temperature=-inf"])
+def test_non_finite_hyper_parameters_are_refused(tmp_path, override):
+    key, value = override.split("=")
+    line = one_error_line(train(tmp_path, "--set", override))
+    assert f"'{key}' must be a finite number, got {value}" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override, message", [("train.adam_beta1=1.5", "adam_beta1 must be in [0, 1), got 1.5"),
+                                               ("train.adam_eps=0", "adam_eps must be > 0, got 0.0"),
+                                               ("train.weight_decay=-1", "weight_decay must be >= 0, got -1.0")])
+def test_adamw_settings_have_ranges(tmp_path, override, message):
+    assert message in one_error_line(train(tmp_path, "--set", override))
+
+
+def test_huge_rewards_give_finite_advantages_in_float64(tmp_path, rewards):
+    # 1e300 is inf in float32; in float64 the group (0, 1e300) has advantages -+0.707.
+    result = train(tmp_path, "--set", f"reward.type={rewards}:vast", "--num-rollout", "1")
+    assert result.exit_code == 0, result.output
+    trained = load_state_dict(tmp_path / "run" / "checkpoints" / "step_000001")
+    start = load_state_dict(resolve_model_source("tiny-qwen3"))
+    assert all(torch.isfinite(t).all() for t in trained.values())
+    assert any(not torch.equal(trained[n], start[n]) for n in start)
+
+
+def test_advantages_that_overflow_float32_stop_the_run(tmp_path, rewards):
+    # dr_grpo does not divide by the std: 1e300 - 5e299 cannot be a float32 advantage.
+    line = one_error_line(train(tmp_path, "--set", f"reward.type={rewards}:vast",
+                                "--set", "algo.advantage_estimator=dr_grpo"))
+    assert "advantages overflow float32 (largest |value| 5e+299" in line
+
+
+def test_non_finite_weights_are_never_synced_or_saved(tmp_path, rewards):
+    # 3e38 / 2 is a finite float32 advantage, but the loss overflows and AdamW writes NaN.
+    line = one_error_line(train(tmp_path, "--set", f"reward.type={rewards}:huge",
+                                "--set", "algo.advantage_estimator=dr_grpo"))
+    assert line.startswith("error: step 0: weight '") and "holds nan after the update" in line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_nan_starting_checkpoint_is_refused_with_the_tensor_name(tmp_path):
+    source = resolve_model_source("tiny-qwen3")
+    tensors = dict(iter_state_dict(source))
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].clone()
+    tensors["model.norm.weight"][3] = math.nan
+    save_hf_checkpoint(tmp_path / "bad", tensors.items(), json.loads((source / "config.json").read_text()),
+                       source_dir=source)
+    line = one_error_line(train(tmp_path, "--hf-checkpoint", str(tmp_path / "bad")))
+    assert "holds NaN/Inf in 'model.norm.weight'" in line
