@@ -42,7 +42,7 @@ class RunComponents:
             raise MilesError("--debug-train-only needs --load-debug-rollout-data PATH (a file, or a template with {rollout_id})")
         records = load_prompts(cfg.data) if mode != "train_only" else None  # bad data fails fast
         eval_sets = load_eval_sets(cfg.eval) if records is not None else []
-        _prepare_output_dir(cfg, output_dir)
+        _check_output_dir(output_dir)
         loaded = load_model(cfg.model, alignment_mode=cfg.alignment.mode)
         engine = prompts = trainer = None
         if records is not None:
@@ -53,6 +53,7 @@ class RunComponents:
             total = cfg.loop.num_rollout * cfg.train.num_steps_per_rollout
             trainer = build_trainer(cfg.train, cfg.algo, copy.deepcopy(loaded.model),
                                     temperature=cfg.sampling.temperature, total_steps=total)
+        _write_config(cfg, output_dir)  # only once everything is built: a failed start leaves no folder
         save_all = cfg.loop.save_rollout_data or mode == "rollout_only"
         return cls(cfg, output_dir, loaded, engine, trainer, prompts, rollout_data, save_all, eval_sets)
 
@@ -116,10 +117,14 @@ def rollout_data_path(template: str, step: int) -> str:
                          "'rollouts/step_{rollout_id:06d}.jsonl'") from None
 
 
-def _prepare_output_dir(cfg: MilesConfig, output_dir: Path) -> None:
+def _check_output_dir(output_dir: Path) -> None:
+    """A folder is taken once a run wrote metrics; one holding only config.toml is reused."""
     metrics = output_dir / "metrics.jsonl"
     if metrics.is_file() and metrics.stat().st_size > 0:
         raise MilesError(f"output dir '{output_dir}' already holds a run (metrics.jsonl); choose another --output-dir")
+
+
+def _write_config(cfg: MilesConfig, output_dir: Path) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(output_dir / "config.toml") as handle:
         handle.write(config_tree.dump_toml(cfg))

@@ -110,3 +110,22 @@ def test_a_nan_starting_checkpoint_is_refused_with_the_tensor_name(tmp_path):
                        source_dir=source)
     line = one_error_line(train(tmp_path, "--hf-checkpoint", str(tmp_path / "bad")))
     assert "holds NaN/Inf in 'model.norm.weight'" in line
+
+
+# -- 4. a failed start leaves no folder that blocks the next attempt -------------------------------
+def test_a_failed_start_leaves_no_run_folder_and_the_retry_runs(tmp_path):
+    line = one_error_line(train(tmp_path, "--hf-checkpoint", str(tmp_path / "missing-model")))
+    assert "missing-model" in line
+    assert not (tmp_path / "run").exists()
+    result = train(tmp_path, "--num-rollout", "1")
+    assert result.exit_code == 0, result.output
+
+
+def test_a_folder_with_config_but_no_metrics_is_reused(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.toml").write_text("# left by a crashed start\n")
+    result = train(tmp_path, "--num-rollout", "1")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "metrics.jsonl").stat().st_size > 0
+    assert "[model]" in (tmp_path / "run" / "config.toml").read_text()
+    assert "already holds a run" in one_error_line(train(tmp_path, "--num-rollout", "1"))
