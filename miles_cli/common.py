@@ -7,6 +7,7 @@ the traceback instead. Heavy libraries are imported inside commands, never here.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Annotated, Optional
 
@@ -31,9 +32,19 @@ SetOption = Annotated[
 ]
 
 
+class _ConsoleHandler(logging.Handler):
+    """Warnings of the core library (logger `miles`) as one yellow `warning:` line on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err_console.print(f"[yellow]{record.levelname.lower()}:[/] {escape(record.getMessage())}",
+                          highlight=False, soft_wrap=True)
+
+
 @contextlib.contextmanager
 def cli_errors() -> Iterator[None]:
-    """Map user errors to one line + exit code 2; keep tracebacks for `--debug`."""
+    """Map user errors to one line + exit code 2; keep tracebacks for `--debug`; show warnings."""
+    handler = _ConsoleHandler(logging.WARNING)
+    logging.getLogger("miles").addHandler(handler)
     try:
         yield
     except MilesError as err:
@@ -44,6 +55,8 @@ def cli_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
         raise typer.Exit(130) from None
+    finally:
+        logging.getLogger("miles").removeHandler(handler)
 
 
 def load_cli_config(recipe: str, overrides: list[str] | None):

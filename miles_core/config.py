@@ -155,10 +155,19 @@ class RewardConfig:
     """When the reward function returns a dict, the entry used as the scalar reward."""
     max_concurrency: int = 16
     """Most async reward calls in flight at once."""
+    max_failure_fraction: float = 0.5
+    """Stop the run when more than this fraction of a batch's reward calls fail (raise, return a
+    non-number or time out; they score 0); 1 never stops."""
+    timeout: float = 60.0
+    """Seconds per sample for a user (dotted-path) or async reward function; a sample that takes
+    longer scores 0 and counts as failed. 0 waits forever. Built-in rewards run without it."""
 
     def __post_init__(self) -> None:
         _check(bool(self.type), "type must name a reward function, got ''")
         _check(self.max_concurrency >= 1, f"max_concurrency must be >= 1, got {self.max_concurrency}")
+        _check(0 <= self.max_failure_fraction <= 1,
+               f"max_failure_fraction must be in [0, 1], got {self.max_failure_fraction}")
+        _check(self.timeout >= 0, f"timeout must be >= 0 seconds, got {self.timeout}")
 
 
 @dataclass(frozen=True, kw_only=True)

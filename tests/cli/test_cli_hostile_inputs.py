@@ -34,7 +34,7 @@ def half_broken(sample):
     return 1.0
 
 def hangs(sample):
-    time.sleep(30)
+    time.sleep(5)
     return 1.0
 '''
 
@@ -129,3 +129,23 @@ def test_a_folder_with_config_but_no_metrics_is_reused(tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").stat().st_size > 0
     assert "[model]" in (tmp_path / "run" / "config.toml").read_text()
     assert "already holds a run" in one_error_line(train(tmp_path, "--num-rollout", "1"))
+
+
+# -- 5. rewards that fail -----------------------------------------------------------------------------
+def test_a_reward_that_always_fails_stops_the_run_and_says_why(tmp_path, rewards):
+    line = one_error_line(train(tmp_path, "--set", f"reward.type={rewards}:broken"))
+    assert "8 of 8 reward calls failed" in line
+    assert "first: sample 0: RuntimeError: judge unreachable" in line
+    assert "reward.max_failure_fraction = 0.5" in line
+
+
+def test_some_failing_rewards_are_logged_once_per_batch(tmp_path, rewards):
+    result = train(tmp_path, "--set", f"reward.type={rewards}:half_broken", "--num-rollout", "1")
+    assert result.exit_code == 0, result.output
+    assert "4 of 8 reward calls failed" in result.output
+    assert "first: sample 1: RuntimeError: judge unreachable" in result.output
+
+
+def test_a_hanging_reward_times_out(tmp_path, rewards):
+    line = one_error_line(train(tmp_path, "--set", f"reward.type={rewards}:hangs", "--set", "reward.timeout=0.1"))
+    assert "first: sample 0: timed out after 0.1 s (reward.timeout)" in line
