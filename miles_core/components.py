@@ -32,8 +32,9 @@ class RunComponents:
     @classmethod
     def create(cls, cfg: MilesConfig, output_dir: Path, *, mode: str, rollout_data: str | None) -> RunComponents:
         from miles_core.data import load_prompts
+        from miles_core.data.lengths import fit_prompts
         from miles_core.engine import build_engine
-        from miles_core.eval import load_eval_sets
+        from miles_core.eval import fit_eval_sets, load_eval_sets
         from miles_core.models.loading import load_model
         from miles_core.rollout import PromptStream, render_prompts
         from miles_core.train import build_trainer
@@ -47,7 +48,10 @@ class RunComponents:
         engine = prompts = trainer = None
         if records is not None:
             engine = build_engine(cfg.engine, loaded)
-            prompts = PromptStream(records, render_prompts(records, loaded.tokenizer, cfg.data),
+            records, ids = fit_prompts(records, render_prompts(records, loaded.tokenizer, cfg.data), cfg.data,
+                                       engine.max_context_len)
+            eval_sets = fit_eval_sets(eval_sets, loaded.tokenizer, engine.max_context_len)
+            prompts = PromptStream(records, ids,
                                    shuffle=cfg.data.shuffle, seed=cfg.data.seed, first_request_seed=cfg.sampling.seed)
         if mode != "rollout_only":
             total = cfg.loop.num_rollout * cfg.train.num_steps_per_rollout

@@ -101,6 +101,10 @@ class DataConfig:
     """Seed of the prompt shuffle."""
     max_prompts: int = 0
     """Use only the first N prompts; 0 uses all."""
+    on_long_prompt: Literal["error", "skip"] = "error"
+    """A prompt with no room for one generated token in the engine's context (engine.max_context_len
+    or the model's max_position_embeddings), found before the first step: `error` names it and
+    stops; `skip` drops such prompts and prints how many."""
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
 
     def __post_init__(self) -> None:

@@ -108,6 +108,22 @@ def load_eval_sets(cfg: EvalConfig) -> list[EvalSet]:
     return sets
 
 
+def fit_eval_sets(eval_sets: Sequence[EvalSet], tokenizer, context_len: int) -> list[EvalSet]:
+    """Every eval set without its prompts that leave no room in `context_len` (or an error that
+    names the first one; see `data.lengths.fit_prompts`), checked before the first step."""
+    from miles_core.data.lengths import fit_prompts
+    from miles_core.rollout import render_prompts
+
+    out = []
+    for eval_set in eval_sets:
+        ids = render_prompts(eval_set.prompts, tokenizer, eval_set.cfg.data)
+        try:
+            out.append(EvalSet(eval_set.cfg, fit_prompts(eval_set.prompts, ids, eval_set.cfg.data, context_len)[0]))
+        except MilesError as err:
+            raise MilesError(f"eval dataset '{eval_set.cfg.name}': {err}") from None
+    return out
+
+
 def evaluate(engine: RolloutEngine, tokenizer, eval_sets: Sequence[EvalSet], *,
              on_progress: Progress | None = None) -> dict[str, float]:
     """`eval/<name>/*` metrics of the engine's current weights, and `perf/eval_time` (seconds)."""

@@ -85,6 +85,7 @@ def run_rollout(cfg: MilesConfig, output: Path, *, on_start: Callable[[int], Non
     """
     from miles_core import config_tree
     from miles_core.data import load_prompts
+    from miles_core.data.lengths import fit_prompts
     from miles_core.engine import build_engine
     from miles_core.models.loading import load_model
     from miles_core.sample import write_samples_jsonl
@@ -94,6 +95,7 @@ def run_rollout(cfg: MilesConfig, output: Path, *, on_start: Callable[[int], Non
     loaded = load_model(cfg.model, alignment_mode=cfg.alignment.mode)
     prompt_ids = render_prompts(prompts, loaded.tokenizer, cfg.data)
     engine = build_engine(cfg.engine, loaded)
+    prompts, prompt_ids = fit_prompts(prompts, prompt_ids, cfg.data, engine.max_context_len)
     if on_start:
         on_start(len(prompts) * cfg.sampling.n_samples_per_prompt)
     start = time.perf_counter()

@@ -149,3 +149,55 @@ def test_some_failing_rewards_are_logged_once_per_batch(tmp_path, rewards):
 def test_a_hanging_reward_times_out(tmp_path, rewards):
     line = one_error_line(train(tmp_path, "--set", f"reward.type={rewards}:hangs", "--set", "reward.timeout=0.1"))
     assert "first: sample 0: timed out after 0.1 s (reward.timeout)" in line
+
+
+# -- 3. a prompt over the context is found before the first step -----------------------------------
+def prompt_file(tmp_path, long_at: int = 5, num: int = 8):
+    lines = [json.dumps({"prompt": "x" * 200 if i == long_at else f"{i} + 1 =", "label": str(i + 1)})
+             for i in range(num)]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_long_prompt_late_in_the_file_fails_before_training(tmp_path):
+    path = prompt_file(tmp_path)
+    line = one_error_line(train(tmp_path, "--set", "data.task=''", "--set", f"data.path='{path}'",
+                                "--set", "engine.max_context_len=64", "--set", "eval.datasets=[]"))
+    assert f"{path}:6: prompt 'xxxx" in line
+    assert "has 2" in line and "tokens; the limit is 63 (context 64" in line
+    assert "1 of 8 prompts are too long" in line and 'data.on_long_prompt = "skip"' in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_long_prompts_can_be_skipped_with_a_count(tmp_path):
+    path = prompt_file(tmp_path)
+    result = train(tmp_path, "--set", "data.task=''", "--set", f"data.path='{path}'", "--num-rollout", "1",
+                   "--set", "engine.max_context_len=64", "--set", "data.on_long_prompt=skip", "--set", "eval.datasets=[]")
+    assert result.exit_code == 0, result.output
+    assert 'skipped 1 of 8 prompts longer than 63 tokens (data.on_long_prompt = "skip")' in result.output
+
+
+def test_miles_rollout_checks_prompt_lengths_first(tmp_path):
+    path = prompt_file(tmp_path, long_at=0)
+    line = one_error_line(runner.invoke(app, ["rollout", "--recipe", "tiny", "--prompt-data", str(path),
+                                              "--output", str(tmp_path / "out.jsonl"),
+                                              "--set", "engine.max_context_len=64"]))
+    assert f"{path}:1: prompt 'xxxx" in line
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_long_eval_prompt_fails_before_the_first_step(tmp_path):
+    recipe = tmp_path / "long-eval.toml"
+    recipe.write_text(f"""extends = "tiny"
+[[eval.datasets]]
+name = "heldout"
+[eval.datasets.data]
+prompt_template = "{{prompt}} {'y' * 100}"
+[eval.datasets.data.arithmetic]
+split = "test"
+num_prompts = 4
+""")
+    line = one_error_line(train(tmp_path, "--set", "engine.max_context_len=64", recipe=str(recipe)))
+    assert line.startswith("error: eval dataset 'heldout': task 'arithmetic' record 0: prompt ")
+    assert "the limit is 63 (context 64" in line
