@@ -32,7 +32,7 @@ class RunComponents:
     @classmethod
     def create(cls, cfg: MilesConfig, output_dir: Path, *, mode: str, rollout_data: str | None) -> RunComponents:
         from miles_core.data import load_prompts
-        from miles_core.data.lengths import fit_prompts
+        from miles_core.data.lengths import check_batch_fits, fit_prompts
         from miles_core.engine import build_engine
         from miles_core.eval import fit_eval_sets, load_eval_sets
         from miles_core.models.loading import load_model
@@ -50,6 +50,8 @@ class RunComponents:
             engine = build_engine(cfg.engine, loaded)
             records, ids = fit_prompts(records, render_prompts(records, loaded.tokenizer, cfg.data), cfg.data,
                                        engine.max_context_len)
+            check_batch_fits({"rollout.batch_size": cfg.rollout.batch_size,
+                              "algo.over_sampling_batch_size": cfg.algo.over_sampling_batch_size}, records, cfg.data)
             eval_sets = fit_eval_sets(eval_sets, loaded.tokenizer, engine.max_context_len)
             prompts = PromptStream(records, ids,
                                    shuffle=cfg.data.shuffle, seed=cfg.data.seed, first_request_seed=cfg.sampling.seed)

@@ -19,6 +19,9 @@ DType = Literal["float32", "bfloat16", "float16"]
 
 
 _check = config_tree.check
+MAX_BATCH = 1 << 20
+"""Upper bound of batch-size-like counts: far above any real run, low enough that a typo fails
+here with a message instead of being OOM-killed while the batch is built."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,7 +51,7 @@ class EngineConfig:
     """MoE: record every token's top-k experts at every MoE layer into the samples (for R3)."""
 
     def __post_init__(self) -> None:
-        _check(self.max_batch_size >= 1, f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        _check(1 <= self.max_batch_size <= MAX_BATCH, f"max_batch_size must be in [1, {MAX_BATCH}], got {self.max_batch_size}")
         _check(self.max_context_len >= 0, f"max_context_len must be >= 0, got {self.max_context_len}")
 
 
@@ -138,17 +141,18 @@ class SamplingConfig:
         _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         _check(self.top_k == -1 or self.top_k >= 1, f"top_k must be -1 or >= 1, got {self.top_k}")
         _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        _check(self.n_samples_per_prompt >= 1,
-               f"n_samples_per_prompt must be >= 1, got {self.n_samples_per_prompt}")
+        _check(1 <= self.n_samples_per_prompt <= MAX_BATCH,
+               f"n_samples_per_prompt must be in [1, {MAX_BATCH}], got {self.n_samples_per_prompt}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class RolloutConfig:
     batch_size: int = 8
-    """Prompts per rollout step (slime's `rollout_batch_size`); each yields a group of samples."""
+    """Prompts per rollout step (slime's `rollout_batch_size`); each yields a group of samples. At
+    most the number of prompts in the data (a larger batch would repeat prompts within a step)."""
 
     def __post_init__(self) -> None:
-        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(1 <= self.batch_size <= MAX_BATCH, f"batch_size must be in [1, {MAX_BATCH}], got {self.batch_size}")
 
 
 @dataclass(frozen=True, kw_only=True)

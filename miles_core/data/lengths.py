@@ -35,3 +35,14 @@ def fit_prompts(prompts: Sequence[Sample], prompt_ids: Sequence[list[int]], cfg:
     skip = set(too_long)
     keep = [i for i in range(len(prompts)) if i not in skip]
     return [prompts[i] for i in keep], [prompt_ids[i] for i in keep]
+
+
+def check_batch_fits(sizes: dict[str, int], prompts: Sequence[Sample], cfg: DataConfig) -> None:
+    """A step draws its prompts without repeats: a batch size (config key -> value) above the
+    number of prompts is a mistake (the step would repeat prompts; a typo like 100000000 would
+    build a batch until the process is OOM-killed)."""
+    for key, size in sizes.items():
+        if size > len(prompts):
+            source = f"'{cfg.path}'" if cfg.path else f"task '{cfg.task}'"
+            raise MilesError(f"{key} = {size} is more than the {len(prompts)} prompts of {source}; a step would "
+                             f"repeat prompts: set it to at most {len(prompts)} or add prompts")

@@ -201,3 +201,20 @@ num_prompts = 4
     line = one_error_line(train(tmp_path, "--set", "engine.max_context_len=64", recipe=str(recipe)))
     assert line.startswith("error: eval dataset 'heldout': task 'arithmetic' record 0: prompt ")
     assert "the limit is 63 (context 64" in line
+
+
+# -- 6. upper bounds ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("override, message", [
+    ("rollout.batch_size=100000000", "rollout: batch_size must be in [1, 1048576], got 100000000"),
+    ("sampling.n_samples_per_prompt=100000000", "n_samples_per_prompt must be in [1, 1048576], got 100000000"),
+    ("engine.max_batch_size=100000000", "max_batch_size must be in [1, 1048576], got 100000000"),
+])
+def test_batch_sizes_have_an_upper_bound(tmp_path, override, message):
+    assert message in one_error_line(train(tmp_path, "--set", override))
+
+
+def test_a_rollout_batch_larger_than_the_dataset_is_refused(tmp_path):
+    line = one_error_line(train(tmp_path, "--set", "rollout.batch_size=17"))
+    assert line == ("error: rollout.batch_size = 17 is more than the 16 prompts of task 'arithmetic'; a step would "
+                    "repeat prompts: set it to at most 16 or add prompts")
+    assert not (tmp_path / "run").exists()
