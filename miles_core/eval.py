@@ -180,7 +180,7 @@ def run_eval(cfg: MilesConfig, checkpoints: Sequence[str] = (), *, on_start: Cal
     from miles_core.models.loading import load_model
 
     if not cfg.eval.datasets:
-        raise MilesError("the recipe has no eval datasets; add one under eval.datasets (see docs/eval.md)")
+        raise MilesError("the recipe has no eval datasets; add one under eval.datasets (see README.md, section Evaluation > Eval datasets in a recipe)")
     checkpoints = list(checkpoints) or [cfg.model.source]
     eval_sets = load_eval_sets(cfg.eval)
     report = EvalReport(checkpoints, [s.cfg.name for s in eval_sets])

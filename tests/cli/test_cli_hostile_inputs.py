@@ -218,3 +218,30 @@ def test_a_rollout_batch_larger_than_the_dataset_is_refused(tmp_path):
     assert line == ("error: rollout.batch_size = 17 is more than the 16 prompts of task 'arithmetic'; a step would "
                     "repeat prompts: set it to at most 16 or add prompts")
     assert not (tmp_path / "run").exists()
+
+
+# -- 7. misleading messages ---------------------------------------------------------------------------
+def test_a_training_data_path_does_not_become_the_heldout_set(tmp_path):
+    from miles_core.config_tree import tomllib
+
+    path = prompt_file(tmp_path)  # 8 prompts; the recipe's heldout set is 4 arithmetic test problems
+    result = train(tmp_path, "--set", "data.task=''", "--set", f"data.path='{path}'", "--num-rollout", "1",
+                   "--set", "engine.max_context_len=64", "--set", "data.on_long_prompt=skip")
+    assert result.exit_code == 0, result.output
+    heldout = tomllib.loads((tmp_path / "run" / "config.toml").read_text())["eval"]["datasets"][0]["data"]
+    assert (heldout["path"], heldout["task"], heldout["arithmetic"]["split"]) == ("", "arithmetic", "test")
+
+
+def test_a_missing_tokenizer_is_named(tmp_path):
+    source = resolve_model_source("tiny-qwen3")
+    (tmp_path / "model").mkdir()
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        (tmp_path / "model" / name).write_bytes((source / name).read_bytes())
+    line = one_error_line(train(tmp_path, "--hf-checkpoint", str(tmp_path / "model"),
+                                "--set", "data.apply_chat_template=false"))
+    assert line.startswith(f"error: no tokenizer in '{tmp_path / 'model'}': expected one of tokenizer.json")
+
+
+def test_the_no_eval_datasets_message_points_at_the_readme(tmp_path):
+    line = one_error_line(runner.invoke(app, ["rollout", "--recipe", "tiny", "--eval", "--set", "eval.datasets=[]"]))
+    assert "docs/eval.md" not in line and "README.md, section Evaluation" in line
