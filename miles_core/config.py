@@ -51,7 +51,8 @@ class EngineConfig:
     """MoE: record every token's top-k experts at every MoE layer into the samples (for R3)."""
 
     def __post_init__(self) -> None:
-        _check(1 <= self.max_batch_size <= MAX_BATCH, f"max_batch_size must be in [1, {MAX_BATCH}], got {self.max_batch_size}")
+        _check(1 <= self.max_batch_size <= MAX_BATCH,
+               f"max_batch_size must be in [1, {MAX_BATCH}], got {self.max_batch_size}")
         _check(self.max_context_len >= 0, f"max_context_len must be >= 0, got {self.max_context_len}")
 
 

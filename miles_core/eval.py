@@ -180,7 +180,8 @@ def run_eval(cfg: MilesConfig, checkpoints: Sequence[str] = (), *, on_start: Cal
     from miles_core.models.loading import load_model
 
     if not cfg.eval.datasets:
-        raise MilesError("the recipe has no eval datasets; add one under eval.datasets (see README.md, section Evaluation > Eval datasets in a recipe)")
+        raise MilesError("the recipe has no eval datasets; add one under eval.datasets (see README.md, section "
+                         "Evaluation > Eval datasets in a recipe)")
     checkpoints = list(checkpoints) or [cfg.model.source]
     eval_sets = load_eval_sets(cfg.eval)
     report = EvalReport(checkpoints, [s.cfg.name for s in eval_sets])
@@ -188,7 +189,9 @@ def run_eval(cfg: MilesConfig, checkpoints: Sequence[str] = (), *, on_start: Cal
         on_start(len(checkpoints) * sum(s.num_samples for s in eval_sets))
     for checkpoint in checkpoints:
         loaded = load_model(replace(cfg.model, source=checkpoint), alignment_mode=cfg.alignment.mode)
-        metrics = evaluate(build_engine(cfg.engine, loaded), loaded.tokenizer, eval_sets, on_progress=on_progress)
+        engine = build_engine(cfg.engine, loaded)
+        fitted = fit_eval_sets(eval_sets, loaded.tokenizer, engine.max_context_len)  # before any generation
+        metrics = evaluate(engine, loaded.tokenizer, fitted, on_progress=on_progress)
         report.seconds.append(metrics.pop("perf/eval_time"))
         report.metrics.append(metrics)
         del loaded  # one model in memory at a time

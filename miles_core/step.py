@@ -61,7 +61,8 @@ def _dynamic_sampling(cfg: MilesConfig, parts, step: int) -> StepRollout:
         groups = parts.generate_groups(round_size(cfg.algo, target))
         samples = _flatten(groups)
         failures += _score(cfg, samples)
-        keep = keep_groups(cfg.algo, torch.tensor(raw_rewards(cfg, samples), dtype=torch.float64), group, samples=samples)
+        rewards = torch.tensor(raw_rewards(cfg, samples), dtype=torch.float64)  # float32 sums overflow past 1e38
+        keep = keep_groups(cfg.algo, rewards, group, samples=samples)
         tally = tally.add(keep)
         generated += samples
         kept += [g for g, k in zip(groups, keep.tolist()) if k]
@@ -84,7 +85,8 @@ def prepare_train_batch(cfg: MilesConfig, trainer, samples: list[Sample]):
 
     algo, group = cfg.algo, cfg.sampling.n_samples_per_prompt
     batch = TrainBatch.from_samples(samples)
-    rewards = post_process_rewards(algo, torch.tensor(raw_rewards(cfg, samples), dtype=torch.float64), group, samples=samples,
+    rewards = torch.tensor(raw_rewards(cfg, samples), dtype=torch.float64)  # float32 sums overflow past 1e38
+    rewards = post_process_rewards(algo, rewards, group, samples=samples,
                                    response_lengths=torch.tensor(batch.response_lengths),
                                    max_response_len=cfg.sampling.max_new_tokens)
     if algo.kl_coef > 0:  # KL reward: the rollout policy's and the reference's log-probs

@@ -173,7 +173,8 @@ def test_a_long_prompt_late_in_the_file_fails_before_training(tmp_path):
 def test_long_prompts_can_be_skipped_with_a_count(tmp_path):
     path = prompt_file(tmp_path)
     result = train(tmp_path, "--set", "data.task=''", "--set", f"data.path='{path}'", "--num-rollout", "1",
-                   "--set", "engine.max_context_len=64", "--set", "data.on_long_prompt=skip", "--set", "eval.datasets=[]")
+                   "--set", "engine.max_context_len=64", "--set", "data.on_long_prompt=skip",
+                   "--set", "eval.datasets=[]")
     assert result.exit_code == 0, result.output
     assert 'skipped 1 of 8 prompts longer than 63 tokens (data.on_long_prompt = "skip")' in result.output
 
@@ -245,3 +246,10 @@ def test_a_missing_tokenizer_is_named(tmp_path):
 def test_the_no_eval_datasets_message_points_at_the_readme(tmp_path):
     line = one_error_line(runner.invoke(app, ["rollout", "--recipe", "tiny", "--eval", "--set", "eval.datasets=[]"]))
     assert "docs/eval.md" not in line and "README.md, section Evaluation" in line
+
+
+def test_miles_rollout_eval_checks_eval_prompt_lengths_first(tmp_path):
+    line = one_error_line(runner.invoke(app, ["rollout", "--recipe", "tiny", "--eval",
+                                              "--set", "engine.max_context_len=20"]))
+    assert line.startswith("error: eval dataset 'heldout': task 'arithmetic' record 0: prompt ")
+    assert "the limit is 19 (context 20" in line
