@@ -17,6 +17,10 @@ from miles_core.config.tree import check as _check
 DType = Literal["float32", "bfloat16", "float16"]
 
 
+MAX_BATCH = 1 << 20
+"""Upper bound of batch-size-like counts: far above any real run, low enough that a typo fails
+here with a message instead of being OOM-killed while the batch is built."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
@@ -45,7 +49,8 @@ class EngineConfig:
     """MoE: record every token's top-k experts at every MoE layer into the samples (for R3)."""
 
     def __post_init__(self) -> None:
-        _check(self.max_batch_size >= 1, f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        _check(1 <= self.max_batch_size <= MAX_BATCH,
+               f"max_batch_size must be in [1, {MAX_BATCH}], got {self.max_batch_size}")
         _check(self.max_context_len >= 0, f"max_context_len must be >= 0, got {self.max_context_len}")
 
 
@@ -98,6 +103,10 @@ class DataConfig:
     """Seed of the prompt shuffle."""
     max_prompts: int = 0
     """Use only the first N prompts; 0 uses all."""
+    on_long_prompt: Literal["error", "skip"] = "error"
+    """A prompt with no room for one generated token in the engine's context (engine.max_context_len
+    or the model's max_position_embeddings), found before the first step: `error` names it and
+    stops; `skip` drops such prompts and prints how many."""
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
 
     def __post_init__(self) -> None:
@@ -131,17 +140,18 @@ class SamplingConfig:
         _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         _check(self.top_k == -1 or self.top_k >= 1, f"top_k must be -1 or >= 1, got {self.top_k}")
         _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        _check(self.n_samples_per_prompt >= 1,
-               f"n_samples_per_prompt must be >= 1, got {self.n_samples_per_prompt}")
+        _check(1 <= self.n_samples_per_prompt <= MAX_BATCH,
+               f"n_samples_per_prompt must be in [1, {MAX_BATCH}], got {self.n_samples_per_prompt}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class RolloutConfig:
     batch_size: int = 8
-    """Prompts per rollout step (slime's `rollout_batch_size`); each yields a group of samples."""
+    """Prompts per rollout step (slime's `rollout_batch_size`); each yields a group of samples. At
+    most the number of prompts in the data (a larger batch would repeat prompts within a step)."""
 
     def __post_init__(self) -> None:
-        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(1 <= self.batch_size <= MAX_BATCH, f"batch_size must be in [1, {MAX_BATCH}], got {self.batch_size}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,10 +162,19 @@ class RewardConfig:
     """When the reward function returns a dict, the entry used as the scalar reward."""
     max_concurrency: int = 16
     """Most async reward calls in flight at once."""
+    max_failure_fraction: float = 0.5
+    """Stop the run when more than this fraction of a batch's reward calls fail (raise, return a
+    non-number or time out; they score 0); 1 never stops."""
+    timeout: float = 60.0
+    """Seconds per sample for a user (dotted-path) or async reward function; a sample that takes
+    longer scores 0 and counts as failed. 0 waits forever. Built-in rewards run without it."""
 
     def __post_init__(self) -> None:
         _check(bool(self.type), "type must name a reward function, got ''")
         _check(self.max_concurrency >= 1, f"max_concurrency must be >= 1, got {self.max_concurrency}")
+        _check(0 <= self.max_failure_fraction <= 1,
+               f"max_failure_fraction must be in [0, 1], got {self.max_failure_fraction}")
+        _check(self.timeout >= 0, f"timeout must be >= 0 seconds, got {self.timeout}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,10 +188,15 @@ class TrainConfig:
     lr_warmup_steps: int = 0
     """Optimizer steps of linear warmup from 0 to `lr`."""
     min_lr: float = 0.0
+    """Final learning rate of the cosine schedule, in [0, lr]."""
     weight_decay: float = 0.0
+    """AdamW decoupled weight decay, >= 0."""
     adam_beta1: float = 0.9
+    """AdamW first-moment decay, in [0, 1)."""
     adam_beta2: float = 0.98
+    """AdamW second-moment decay, in [0, 1)."""
     adam_eps: float = 1e-8
+    """AdamW denominator epsilon, > 0."""
     clip_grad: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
     num_steps_per_rollout: int = 1
@@ -197,6 +221,10 @@ class TrainConfig:
         _check(0 <= self.min_lr <= self.lr, f"min_lr must be in [0, lr], got {self.min_lr}")
         _check(self.lr_warmup_steps >= 0, f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
         _check(self.clip_grad >= 0, f"clip_grad must be >= 0, got {self.clip_grad}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("adam_beta1", "adam_beta2"):
+            _check(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}")
+        _check(self.adam_eps > 0, f"adam_eps must be > 0, got {self.adam_eps}")
         _check(self.num_steps_per_rollout >= 1, f"num_steps_per_rollout must be >= 1, got {self.num_steps_per_rollout}")
         _check(self.max_tokens_per_micro_batch >= 1,
                f"max_tokens_per_micro_batch must be >= 1, got {self.max_tokens_per_micro_batch}")
