@@ -90,7 +90,7 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
                 os.unlink(entry.path)
         removed.append(Path(entry.path))
         log.info("removed '%s' (%.1f MiB), an unfinished write of '%s' left by process %s, which no longer runs",
-                    entry.path, size / 2**20, match["name"], match["pid"])
+                 entry.path, size / 2**20, match["name"], match["pid"])
     return removed
 
 
