@@ -9,15 +9,14 @@ weight-update and memory routes are refused without a key unless
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
+from miles_core.serve import native_routes, openai_routes
+from miles_core.serve.bodies import error_response
 from miles_core.serve.state import RequestError, ServeState
 
 logger = logging.getLogger("miles.serve")
@@ -29,42 +28,8 @@ PROTECTED_ROUTES = frozenset({
 OPEN_ROUTES = frozenset({"/health"})
 
 
-def error_response(message: str, status: int) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "code": status}}, status_code=status)
-
-
-async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
-    """The request body validated against `model`; `RequestError` (400/413) otherwise."""
-    state: ServeState = request.app.state.serve
-    body = await request.body()
-    if len(body) > state.options.max_request_bytes:
-        raise RequestError(f"request body of {len(body)} bytes exceeds --max-request-bytes "
-                           f"({state.options.max_request_bytes})", 413)
-    if not body.strip():
-        body = b"{}"
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RequestError(f"malformed JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise RequestError(f"the body must be a JSON object, got {type(data).__name__}")
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        raise RequestError(validation_message(err)) from None
-
-
-def validation_message(err: ValidationError) -> str:
-    first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "body"
-    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{where}: {first['msg']}{more}"
-
-
 def create_app(state: ServeState) -> FastAPI:
     """The app over a ready `ServeState` (engine, worker, tokenizer, options)."""
-    from miles_core.serve import native_routes, openai_routes
-
     app = FastAPI(title="miles serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serve = state
     app.include_router(native_routes.router)

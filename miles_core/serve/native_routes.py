@@ -20,7 +20,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from miles_core.serve.app import parse_body
+from miles_core.serve.bodies import parse_body
 from miles_core.serve.schemas import (AbortBody, Empty, GenerateBody, PauseBody, SamplingParams, UpdateFromDiskBody,
                                       UpdateFromTensorBody)
 from miles_core.serve.state import RequestError, ServeState

@@ -16,7 +16,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from miles_core.serve.app import parse_body
+from miles_core.serve.bodies import parse_body
 from miles_core.serve.schemas import ChatBody, CompletionBody, SamplingParams
 from miles_core.serve.state import RequestError, ServeState
 from miles_core.serve.worker import Aborted
