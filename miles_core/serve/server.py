@@ -4,6 +4,7 @@ worker, and serve the app with uvicorn (in the foreground, or in a thread for te
 from __future__ import annotations
 
 import dataclasses
+import json
 import socket
 import threading
 import time
@@ -12,11 +13,19 @@ import uvicorn
 
 from miles_core.checkpoint.loading import load_model
 from miles_core.config import MilesConfig
+from miles_core.config.tree import apply_overrides, build, load_recipe
 from miles_core.engine import build_engine
 from miles_core.errors import MilesError
 from miles_core.serve.app import create_app
 from miles_core.serve.state import ModelFacts, ServeOptions, ServeState
 from miles_core.serve.worker import BatchingWorker
+
+
+def serve_config(model: str, recipe: str | None, overrides: list[str]) -> MilesConfig:
+    """The config `miles serve` runs: defaults (or `recipe`), `--set` overrides, `--model`."""
+    raw = load_recipe(recipe) if recipe else {}
+    raw = apply_overrides(raw, [*overrides, f"model.source={json.dumps(model)}"], MilesConfig)
+    return build(MilesConfig, raw)
 
 
 def build_state(cfg: MilesConfig, options: ServeOptions) -> ServeState:
