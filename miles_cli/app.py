@@ -51,3 +51,7 @@ def main() -> None:
     # little elsewhere; an explicit OMP_WAIT_POLICY in the environment still wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()
+
+
+if __name__ == "__main__":
+    main()
