@@ -39,19 +39,40 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class EngineConfig:
-    backend: Literal["native"] = "native"
-    """Rollout engine: `native` (in-process PyTorch, shares the trainer's model code)."""
+    backend: Literal["native", "sglang"] = "native"
+    """Rollout engine: `native` (in-process PyTorch, shares the trainer's model code) or `sglang`
+    (HTTP client of SGLang's native API: SGLang servers or `miles serve`, at `urls`)."""
     max_batch_size: int = 64
     """Most sequences decoded together in one forward pass."""
     max_context_len: int = 0
     """Prompt + response token limit; 0 uses the model's `max_position_embeddings`."""
     return_routed_experts: bool = False
     """MoE: record every token's top-k experts at every MoE layer into the samples (for R3)."""
+    urls: tuple[str, ...] = ()
+    """`sglang` backend: base URLs of the servers (`http://host:port`); requests go to the one with
+    the fewest outstanding sequences."""
+    api_key: str = ""
+    """`sglang` backend: sent as `Authorization: Bearer KEY` when set."""
+    request_timeout_s: float = 600.0
+    """`sglang` backend: seconds one HTTP call may take before the server counts as failed."""
+    health_retries: int = 5
+    """`sglang` backend: health-check attempts per server at start-up (back-off doubles from 0.5 s)."""
+    launch: bool = False
+    """`sglang` backend: start the servers with `python -m sglang.launch_server` (needs `sglang`)."""
+    sglang_args: tuple[str, ...] = ()
+    """`sglang` backend with `launch`: extra `sglang.launch_server` arguments, e.g. `["--tp", "2"]`."""
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_batch_size <= MAX_BATCH,
                f"max_batch_size must be in [1, {MAX_BATCH}], got {self.max_batch_size}")
         _check(self.max_context_len >= 0, f"max_context_len must be >= 0, got {self.max_context_len}")
+        _check(self.request_timeout_s > 0, f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+        _check(self.health_retries >= 1, f"health_retries must be >= 1, got {self.health_retries}")
+        _check(self.backend != "sglang" or bool(self.urls) or self.launch,
+               "backend 'sglang' needs urls = ['http://host:port', ...] (or launch = true)")
+        for url in self.urls:
+            _check(re.fullmatch(r"https?://[^/\s]+/?", url) is not None,
+                   f"urls entries must look like http://host:port, got '{url}'")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -296,9 +317,14 @@ class AlignmentConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SyncConfig:
-    transport: Literal["inprocess"] = "inprocess"
+    transport: Literal["auto", "inprocess", "disk"] = "auto"
     """How the trainer's weights reach the engine after each step: `inprocess` (the engine lives in
-    this process and copies the tensors; later: `disk`, `cuda_ipc`, `nccl`)."""
+    this process and copies the tensors), `disk` (a HF checkpoint in `disk_dir`, loaded by the
+    servers through `/update_weights_from_disk`), or `auto` (`disk` for engines in other processes,
+    such as the `sglang` backend, else `inprocess`). Later: `cuda_ipc`, `nccl`."""
+    disk_dir: str = ""
+    """`disk` transport: folder for the checkpoints the servers load (must be readable by them at
+    the same path); empty means `weight_sync/` in the run folder."""
     bucket_mb: int = 512
     """Most MiB of tensors handed over in one bucket (a larger tensor goes alone); bounds the
     transient memory of transports that stage a bucket."""

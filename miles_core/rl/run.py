@@ -22,7 +22,7 @@ from miles_core.errors import MilesError
 from miles_core.rl.eval import EvalSet, evaluate, fit_eval_sets, load_eval_sets
 from miles_core.rl.manager import RolloutManager, RolloutSource, SavedRollouts
 from miles_core.sample import Sample, write_samples_jsonl
-from miles_core.sync import WeightSync, build_weight_sync
+from miles_core.sync import SyncContext, WeightSync, build_weight_sync
 from miles_core.train import build_trainer
 from miles_core.train.protocol import TrainBackend
 from miles_core.utils.io import atomic_write
@@ -62,7 +62,8 @@ class RunComponents:
             trainer = build_trainer(cfg.train, cfg.algo, copy.deepcopy(loaded.model),
                                     temperature=cfg.sampling.temperature, total_steps=total)
         if engine is not None and trainer is not None:
-            sync = build_weight_sync(cfg.sync, engine)
+            context = SyncContext(loaded.hf_config, loaded.path, output_dir / "weight_sync")
+            sync = build_weight_sync(cfg.sync, engine, context)
         _write_config(cfg, output_dir)  # only once everything is built: a failed start leaves no folder
         save_all = cfg.loop.save_rollout_data or mode == "rollout_only"
         return cls(cfg, output_dir, loaded, engine, trainer, rollouts, sync, save_all, eval_sets)
