@@ -113,7 +113,7 @@ def _run(cfg, recipe: str, output_dir: Optional[Path], mode: str, load_debug_rol
     from miles_core.rl.loop import run_training
     from miles_core.utils.io import check_output_dir
 
-    out = output_dir or _run_dir_of(resume) or Path(cfg.loop.output_dir or _default_run_dir(recipe))
+    out = output_dir or Path(cfg.loop.output_dir or _run_dir_of(resume) or _default_run_dir(recipe))
     if resume == "auto" and not (output_dir or cfg.loop.output_dir):
         raise MilesError("--resume auto continues the run in --output-dir (or --save): name that folder")
     check_output_dir(out)  # also removes the temp folder of a save that a kill cut short
