@@ -20,6 +20,7 @@ the PPO `critic` (`critic.py`), trained by the same backward through `policy_los
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,6 +45,7 @@ from miles_core.train.batch import (
 )
 from miles_core.train.critic import Critic
 from miles_core.train.optim import build_optimizer, clip_grad_norm
+from miles_core.train.packing import packed_log_probs, packed_micro_batches
 from miles_core.train.routing_replay import RoutingAgreement, RoutingPlan, check_routed_shape, moe_shape
 
 # policy_loss also reports this gap (old vs rollout log-probs, per micro-batch); the trainer's
@@ -78,7 +80,10 @@ class NativeTrainer:
         self._pass_metrics: dict[str, float] = {}
 
     def _forward(self, model: nn.Module, batch: TrainBatch, indices: list[int], routing: RoutingPlan | None = None):
-        forward = shared_prefix_log_probs if self.cfg.share_prompt_prefix else response_log_probs
+        if self.cfg.pack_sequences:
+            forward = functools.partial(packed_log_probs, share_prompt_prefix=self.cfg.share_prompt_prefix)
+        else:
+            forward = shared_prefix_log_probs if self.cfg.share_prompt_prefix else response_log_probs
         module = _ResponseLogProbs(model, forward, self.temperature, self.cfg.logprob_chunk_size)
         args = ([batch.tokens[i] for i in indices], [batch.response_lengths[i] for i in indices], routing)
         return call_in_dtype(module, args, DTYPES[self.cfg.compute_dtype])
@@ -109,6 +114,9 @@ class NativeTrainer:
             agreement.add(recorded, batch.routed_experts[i])
 
     def _micro_batches(self, batch: TrainBatch) -> list[list[int]]:
+        if self.cfg.pack_sequences:
+            return packed_micro_batches(batch.tokens, batch.response_lengths, self.cfg.max_tokens_per_micro_batch,
+                                        self.cfg.share_prompt_prefix)
         if self.cfg.share_prompt_prefix:
             return shared_prefix_micro_batches(batch.tokens, batch.response_lengths, self.cfg.max_tokens_per_micro_batch)
         return micro_batches([len(t) for t in batch.tokens], self.cfg.max_tokens_per_micro_batch)
