@@ -46,6 +46,7 @@ from miles_core.train.batch import (
 from miles_core.train.critic import Critic
 from miles_core.train.optim import build_optimizer, clip_grad_norm
 from miles_core.train.packing import packed_log_probs, packed_micro_batches
+from miles_core.train.speed import CastCache, apply_speed_options
 from miles_core.train.routing_replay import RoutingAgreement, RoutingPlan, check_routed_shape, moe_shape
 
 # policy_loss also reports this gap (old vs rollout log-probs, per micro-batch); the trainer's
@@ -78,6 +79,8 @@ class NativeTrainer:
         self.device = next(model.parameters()).device
         self.num_optimizer_steps = 0
         self._pass_metrics: dict[str, float] = {}
+        self._casts = CastCache()  # the policy's compute-dtype weights, cast once per optimizer step
+        apply_speed_options(model, activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
 
     def _forward(self, model: nn.Module, batch: TrainBatch, indices: list[int], routing: RoutingPlan | None = None):
         if self.cfg.pack_sequences:
@@ -86,7 +89,7 @@ class NativeTrainer:
             forward = shared_prefix_log_probs if self.cfg.share_prompt_prefix else response_log_probs
         module = _ResponseLogProbs(model, forward, self.temperature, self.cfg.logprob_chunk_size)
         args = ([batch.tokens[i] for i in indices], [batch.response_lengths[i] for i in indices], routing)
-        return call_in_dtype(module, args, DTYPES[self.cfg.compute_dtype])
+        return call_in_dtype(module, args, DTYPES[self.cfg.compute_dtype], self._casts if model is self.model else None)
 
     def _routing_plan(self, batch: TrainBatch, indices: list[int]) -> RoutingPlan | None:
         """What the policy's MoE layers use in this forward (None for dense models)."""
@@ -252,6 +255,7 @@ class NativeTrainer:
             returns=pad(batch.returns) if values is not None else None,
         )
         loss.backward()
+        self._casts.fold_grads()
         if mismatch is not None and batch.rollout_log_probs is not None:
             mismatch.add(log_probs, pad(batch.rollout_log_probs), mask)
         return {k: v for k, v in metrics.items() if k not in _POLICY_LOSS_DUPLICATES}
