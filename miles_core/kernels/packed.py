@@ -81,6 +81,9 @@ class PackedSegments:
         return self._block_masks[key]
 
 
+# Not traced by torch.compile (`train.compile`): the segment list changes every micro-batch and
+# would recompile the layer each time; attention runs eagerly between compiled regions.
+@torch.compiler.disable
 def segment_attention(attention: Callable, q_1HTD, k_1KTD, v_1KTD, position_ids_1T,
                       packed: PackedSegments) -> torch.Tensor:
     """Packed attention as one per-row `attention(q, k, v, position_ids, cached)` call per segment."""
@@ -107,6 +110,7 @@ def flex_packed_attention(q_1HTD, k_1KTD, v_1KTD, packed: PackedSegments, compil
               enable_gqa=q_1HTD.shape[1] != k_1KTD.shape[1])
 
 
+@torch.compiler.disable
 def packed_attention_fast(attention: Callable, q_1HTD, k_1KTD, v_1KTD, position_ids_1T,
                           packed: PackedSegments) -> torch.Tensor:
     """Fast mode: FlexAttention on CUDA when enabled (same q/k and v head dims), else the segment loop."""
