@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -74,6 +75,29 @@ def token_means(loss_mask, **per_token) -> dict[str, float]:
     mask = loss_mask > 0
     count = max(int(mask.sum()), 1)
     return {f"rollout/{name}": float(values[mask].sum()) / count for name, values in per_token.items()}
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak for `memory_metrics` (call at the start of a step)."""
+    torch = sys.modules.get("torch")  # no import: a run without torch loaded has no GPU memory
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def memory_metrics() -> dict[str, float]:
+    """`perf/peak_gpu_memory_gb`: the most GPU memory allocated by tensors since the last
+    `reset_peak_memory` (absent without CUDA); `perf/peak_cpu_rss_gb`: the process's peak resident
+    memory so far (the OS keeps one peak per process, so it never goes down between steps)."""
+    out = {}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        out["perf/peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return out
+    out["perf/peak_cpu_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return out
 
 
 def perf_metrics(times: dict[str, float], *, generated: Sequence[Sample],

@@ -235,6 +235,17 @@ class TrainConfig:
     """Forward/backward dtype; weights and optimizer state stay fp32 (autocast for bf16)."""
     logprob_chunk_size: int = 1024
     """Tokens per chunk when turning hidden states into log-probs (bounds logits memory)."""
+    pack_sequences: bool = False
+    """Pack a micro-batch's sequences into one row without padding (attention kept within each
+    sequence; with `share_prompt_prefix` a shared prompt is fed once). Bitwise equal to the padded
+    forward in invariant mode, equal to rounding (~1e-6 in fp32) in fast mode; off by default so
+    recorded runs keep their numbers. `max_tokens_per_micro_batch` then counts real tokens."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward instead of keeping them (less
+    memory, about one more forward of compute); not applied to the KV-cache forward of the padded
+    `share_prompt_prefix` path."""
+    compile: bool = False
+    """`torch.compile` each decoder layer of the trainer's model (CUDA speed; the first steps compile)."""
     seed: int = 0
     max_bad_steps: int = 3
     """Consecutive optimizer steps with a non-finite loss or gradient norm (each one skipped:

@@ -10,6 +10,7 @@ instance with `set_alignment_mode`, and both the engine's and the trainer's mode
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -20,6 +21,7 @@ from torch import nn
 from miles_core.kernels import invariant
 from miles_core.kernels.attention import attention_reference
 from miles_core.kernels.matmul import linear_reference
+from miles_core.kernels.packed import packed_attention_fast, segment_attention
 from miles_core.kernels.norms import (
     log_softmax_reference,
     rms_norm_reference,
@@ -40,12 +42,15 @@ class Ops:
     log_softmax: Callable
     softmax: Callable
     sigmoid: Callable
+    packed_attention: Callable
+    """(q, k, v, position_ids, PackedSegments): attention within the segments of a packed row."""
 
 
 FAST_OPS = Ops("fast", linear_reference, attention_reference, rms_norm_reference, log_softmax_reference,
-               softmax_reference, torch.sigmoid)
+               softmax_reference, torch.sigmoid, functools.partial(packed_attention_fast, attention_reference))
+# Invariant packed attention runs the invariant op per segment: the same bits as a padded row.
 INVARIANT_OPS = Ops("invariant", invariant.linear, invariant.attention, invariant.rms_norm, invariant.log_softmax,
-                    softmax_invariant, sigmoid_invariant)
+                    softmax_invariant, sigmoid_invariant, functools.partial(segment_attention, invariant.attention))
 OPS = {"fast": FAST_OPS, "invariant": INVARIANT_OPS}
 
 

@@ -9,7 +9,9 @@ D head dim, E hidden size, F MLP intermediate size.
 Positions are explicit: every token carries its position id. Without a KV cache a row is one
 sequence starting at position 0 (right padding), so attention is plainly causal. With a cache,
 keys live at their position index and a query at position p attends to keys 0..p; the same code
-serves prefill, decode and any mix of lengths in one batch.
+serves prefill, decode and any mix of lengths in one batch. A `PackedSegments` in the cache's
+place marks a packed row (B = 1, many sequences back to back): attention stays within segments
+(`kernels/packed.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 
 from miles_core.errors import MilesError
 from miles_core.kernels import FAST_OPS, Ops
+from miles_core.kernels.packed import PackedSegments
 
 
 class Linear(nn.Linear):
@@ -251,10 +254,19 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, D)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v, position_ids_BT)
-        out = self.ops.attention(q, k, v, position_ids_BT, kv_cache is not None)  # (B, H, T, D)
+        out = attend(self.ops, q, k, v, position_ids_BT, kv_cache, self.layer_idx)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+def attend(ops: Ops, q_BHTD, k_BKTD, v_BKTD, position_ids_BT, kv_cache: KVCache | PackedSegments | None,
+           layer_idx: int) -> torch.Tensor:
+    """Attention of new q/k/v: against a KV cache (stored first), within the segments of a packed
+    row, or plainly causal per row."""
+    if isinstance(kv_cache, PackedSegments):
+        return ops.packed_attention(q_BHTD, k_BKTD, v_BKTD, position_ids_BT, kv_cache)
+    if kv_cache is not None:
+        k_BKTD, v_BKTD = kv_cache.update(layer_idx, k_BKTD, v_BKTD, position_ids_BT)
+    return ops.attention(q_BHTD, k_BKTD, v_BKTD, position_ids_BT, kv_cache is not None)
 
 
 class GatedMLP(nn.Module):

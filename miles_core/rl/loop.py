@@ -29,7 +29,7 @@ from miles_core.algo import resolve_hooks, should_update_reference
 from miles_core.algo.mismatch import check_true_on_policy
 from miles_core.config import MilesConfig
 from miles_core.errors import RunStopped
-from miles_core.metrics import MetricsWriter, perf_metrics
+from miles_core.metrics import MetricsWriter, memory_metrics, perf_metrics, reset_peak_memory
 from miles_core.rl.resume import find_resume_point, restore_run, save_run_checkpoint
 from miles_core.rl.run import RunComponents
 from miles_core.rl.train_batch import prepare_train_batch
@@ -101,6 +101,7 @@ def _evaluate(parts: RunComponents, step: int, result: RunResult) -> dict[str, f
 
 def _rollout_step(cfg: MilesConfig, parts: RunComponents, step: int) -> dict[str, float]:
     times: dict[str, float] = {}
+    reset_peak_memory()
     start = time.perf_counter()
     rollout = parts.rollouts.collect(step)  # generate (dynamic-sampling rounds) and reward
     times["rollout_time" if parts.engine is not None else "load_rollout_time"] = time.perf_counter() - start
@@ -122,6 +123,7 @@ def _rollout_step(cfg: MilesConfig, parts: RunComponents, step: int) -> dict[str
     if parts.trainer is not None and should_update_reference(step, cfg.algo.ref_update_interval):
         parts.trainer.update_reference()
     metrics.update(perf_metrics(times, generated=rollout.generated, trained=rollout.samples))
+    metrics.update(memory_metrics())
     return metrics
 
 

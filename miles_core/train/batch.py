@@ -240,14 +240,18 @@ def _prompt_slots(prompts: list[torch.Tensor], routing: RoutingPlan | None) -> t
     return slot_of, first_of
 
 
-def call_in_dtype(module: nn.Module, args: tuple, dtype: torch.dtype):
+def call_in_dtype(module: nn.Module, args: tuple, dtype: torch.dtype, cache=None):
     """`module(*args)` with every parameter cast to `dtype` for the call (differentiably, so the
     gradients reach the fp32 masters), except those a model keeps in fp32 whatever its dtype
     (`keep_in_fp32`, e.g. the DeepSeek-V3 router, as the engine holds them); a plain call when
-    nothing needs a cast."""
+    nothing needs a cast. With a `train.speed.CastCache` the casts are leaves reused while the
+    masters are unchanged, and the caller folds their gradients in (`CastCache.fold_grads`)."""
     keep = tuple(suffix for m in module.modules() for suffix in getattr(type(m), "keep_in_fp32", ()))
-    cast = {name: p.to(dtype) for name, p in module.named_parameters()
-            if p.dtype != dtype and not name.endswith(keep)}
+    if cache is not None:
+        cast = cache.get(module, dtype, keep)
+    else:
+        cast = {name: p.to(dtype) for name, p in module.named_parameters()
+                if p.dtype != dtype and not name.endswith(keep)}
     if not cast:
         return module(*args)
     return torch.func.functional_call(module, cast, args, strict=False)

@@ -20,6 +20,7 @@ the PPO `critic` (`critic.py`), trained by the same backward through `policy_los
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,6 +46,8 @@ from miles_core.train.batch import (
 from miles_core.train.critic import Critic
 from miles_core.train.finite import BadStepGuard, nonfinite_rows
 from miles_core.train.optim import build_optimizer, clip_grad_norm
+from miles_core.train.packing import packed_log_probs, packed_micro_batches
+from miles_core.train.speed import CastCache, apply_speed_options
 from miles_core.train.routing_replay import RoutingAgreement, RoutingPlan, check_routed_shape, moe_shape
 
 # policy_loss also reports this gap (old vs rollout log-probs, per micro-batch); the trainer's
@@ -80,12 +83,17 @@ class NativeTrainer:
         self.guard = BadStepGuard(cfg.max_bad_steps)
         self._bad_samples: list[int] = []
         self._positions: list[int] = []
+        self._casts = CastCache()  # the policy's compute-dtype weights, cast once per optimizer step
+        apply_speed_options(model, activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
 
     def _forward(self, model: nn.Module, batch: TrainBatch, indices: list[int], routing: RoutingPlan | None = None):
-        forward = shared_prefix_log_probs if self.cfg.share_prompt_prefix else response_log_probs
+        if self.cfg.pack_sequences:
+            forward = functools.partial(packed_log_probs, share_prompt_prefix=self.cfg.share_prompt_prefix)
+        else:
+            forward = shared_prefix_log_probs if self.cfg.share_prompt_prefix else response_log_probs
         module = _ResponseLogProbs(model, forward, self.temperature, self.cfg.logprob_chunk_size)
         args = ([batch.tokens[i] for i in indices], [batch.response_lengths[i] for i in indices], routing)
-        return call_in_dtype(module, args, DTYPES[self.cfg.compute_dtype])
+        return call_in_dtype(module, args, DTYPES[self.cfg.compute_dtype], self._casts if model is self.model else None)
 
     def _routing_plan(self, batch: TrainBatch, indices: list[int]) -> RoutingPlan | None:
         """What the policy's MoE layers use in this forward (None for dense models)."""
@@ -113,6 +121,9 @@ class NativeTrainer:
             agreement.add(recorded, batch.routed_experts[i])
 
     def _micro_batches(self, batch: TrainBatch) -> list[list[int]]:
+        if self.cfg.pack_sequences:
+            return packed_micro_batches(batch.tokens, batch.response_lengths, self.cfg.max_tokens_per_micro_batch,
+                                        self.cfg.share_prompt_prefix)
         if self.cfg.share_prompt_prefix:
             return shared_prefix_micro_batches(batch.tokens, batch.response_lengths, self.cfg.max_tokens_per_micro_batch)
         return micro_batches([len(t) for t in batch.tokens], self.cfg.max_tokens_per_micro_batch)
@@ -267,6 +278,7 @@ class NativeTrainer:
             self._bad_samples += nonfinite_rows([self._positions[i] for i in indices], mask, log_probs,
                                                 pad(batch.advantages))
         loss.backward()
+        self._casts.fold_grads()
         if mismatch is not None and batch.rollout_log_probs is not None:
             mismatch.add(log_probs, pad(batch.rollout_log_probs), mask)
         return {k: v for k, v in metrics.items() if k not in _POLICY_LOSS_DUPLICATES}

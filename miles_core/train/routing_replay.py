@@ -13,7 +13,8 @@ the routing agreement (fraction of (token, layer, slot) equal, ids sorted within
 
 `RoutingPlan` carries this through a trainer forward: it builds the `RoutingContext` for each
 model call from per-sample arrays, checks that every replay entry was used exactly once, and
-turns the recorded (B, T, K) tensors back into per-sample arrays. Positions that have no
+turns the recorded (B, T, K) tensors back into per-sample arrays; a packed forward (one row of
+many samples, `train/packing.py`) describes where each sample's positions sit in the row. Positions that have no
 recorded routing (a sample's last token, padding) replay experts 0..K-1: they influence no
 log-prob, because attention is causal and those positions predict nothing that is trained.
 
@@ -68,6 +69,16 @@ class RoutingPlan:
         ids = ids.to(device)
         return RoutingContext("replay", replay={layer: ids[:, :, layer] for layer in range(self.layers)})
 
+    def packed_context(self, pieces: list[tuple[int, int, int, int]], width: int, device) -> RoutingContext:
+        """Context for one packed row of `width` tokens, where `pieces[i] = (sample, start, count,
+        offset)` puts positions [start, start + count) of a sample at row offset `offset`."""
+        if self.replay is None:
+            return RoutingContext("record")
+        ids = torch.arange(self.topk).expand(1, width, self.layers, self.topk).clone()
+        for sample, start, count, offset in pieces:
+            ids[0, offset : offset + count] = torch.from_numpy(self.replay[sample][start : start + count].astype(np.int64))
+        ids = ids.to(device)
+        return RoutingContext("replay", replay={layer: ids[:, :, layer] for layer in range(self.layers)})
 
 
 @dataclass

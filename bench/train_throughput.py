@@ -1,0 +1,203 @@
+"""Trainer throughput: tokens/s and MFU of one optimizer step (forward + backward + AdamW), the
+native trainer (fast / invariant, padded / packed) and `transformers` in the same run, same weights.
+
+Workload: Qwen3-0.6B and Qwen3-4B shapes (vocab 151936, tied embeddings), random weights (seed 0),
+16 sequences x 1024 tokens (512 prompt + 512 response, distinct prompts), fp32 master weights,
+bf16 compute, micro-batches of 8192 tokens. Native: `NativeTrainer.train_step` (GRPO loss,
+chunked log-probs, grad clip 1.0). transformers: `AutoModelForCausalLM` (SDPA) under bf16
+autocast, micro-batches of 8 sequences, `labels=` loss, grad clip 1.0, fused AdamW on CUDA.
+The 4B shape runs with activation checkpointing on both sides (fp32 masters + AdamW state of 4B
+parameters take 64 GB). `--ragged` draws response lengths 128..1024 instead (padding matters).
+
+FLOPs per step (model FLOPs, recomputation not counted): 6 * N * tokens + 6 * L * H * D * sum(s^2)
+over sequences of length s, with N the parameter count (the tied embedding counted once, as the
+lm_head matmul) and causal attention as half of the s^2 score and value matmuls.
+MFU = FLOPs / time / peak (`--peak-tflops`, 790 bf16 dense for H100/H200 by the issue's figure).
+
+GPU:  python bench/train_throughput.py --out bench/results/train_throughput.md
+CPU smoke test (seconds):  python bench/train_throughput.py --tiny --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import statistics
+import sys
+import time
+
+import torch
+
+from miles_core.checkpoint.loading import materialize
+from miles_core.config import AlgoConfig, TrainConfig
+from miles_core.kernels import set_alignment_mode
+from miles_core.models.registry import build_model
+from miles_core.train.batch import TrainBatch
+from miles_core.train.native import NativeTrainer
+
+COMMON = dict(model_type="qwen3", vocab_size=151936, head_dim=128, max_position_embeddings=4096, rms_norm_eps=1e-6,
+              rope_theta=1_000_000.0, tie_word_embeddings=True)
+SHAPES = {
+    "0.6B": dict(COMMON, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8),
+    "4B": dict(COMMON, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+               num_key_value_heads=8),
+    "tiny": dict(COMMON, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+}
+NATIVE = [("fast", False), ("fast", True), ("invariant", False), ("invariant", True)]  # (mode, packed)
+
+
+def build(shape: dict, device: str) -> torch.nn.Module:
+    with torch.device("meta"):
+        model = build_model(shape)
+    model = materialize(model, torch.device(device), torch.float32)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02, generator=gen)
+    return model
+
+
+def make_batch(num_seqs: int, seq_len: int, vocab: int, ragged: bool) -> TrainBatch:
+    gen = torch.Generator().manual_seed(0)
+    prompt = seq_len // 2
+    lengths = [int(r) for r in torch.randint(prompt // 4, prompt + 1, (num_seqs,), generator=gen)] if ragged \
+        else [seq_len - prompt] * num_seqs
+    tokens = [torch.randint(0, vocab, (prompt + r,), generator=gen) for r in lengths]
+    advantages = [torch.randn(1, generator=gen).expand(r).clone() for r in lengths]
+    return TrainBatch(tokens=tokens, response_lengths=lengths, loss_masks=[torch.ones(r) for r in lengths],
+                      advantages=advantages)
+
+
+def step_flops(shape: dict, num_params: int, batch: TrainBatch) -> float:
+    tokens = sum(len(t) for t in batch.tokens)
+    attention = 6 * shape["num_hidden_layers"] * shape["num_attention_heads"] * shape["head_dim"] * \
+        sum(len(t) ** 2 for t in batch.tokens)
+    return 6 * num_params * tokens + attention
+
+
+def timed(run, device: str, repeats: int) -> tuple[float, float]:
+    """(median seconds of `run()` after one warm-up call, peak GPU memory in GB or 0)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    run()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+    return statistics.median(times), peak
+
+
+def native_step(master, mode: str, packed: bool, checkpointing: bool, compile_layers: bool):
+    model = copy.deepcopy(master)
+    set_alignment_mode(model, mode)
+    cfg = TrainConfig(lr=1e-6, compute_dtype="bfloat16", max_tokens_per_micro_batch=8192, share_prompt_prefix=packed,
+                      pack_sequences=packed, activation_checkpointing=checkpointing, compile=compile_layers)
+    trainer = NativeTrainer(model, cfg, AlgoConfig(), temperature=1.0, total_steps=100)
+    return lambda batch: trainer.train_step(batch)
+
+
+def hf_step(master, shape: dict, device: str, checkpointing: bool):
+    import transformers
+
+    config = transformers.Qwen3Config(**{k: v for k, v in shape.items() if k != "model_type"})
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device)
+    missing, unexpected = model.load_state_dict(master.state_dict(), strict=False)
+    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device == "cuda" or None)
+
+    def run(batch: TrainBatch):
+        ids = torch.nn.utils.rnn.pad_sequence(batch.tokens, batch_first=True).to(device)
+        for chunk in ids.split(8):
+            with torch.autocast(device, dtype=torch.bfloat16):
+                loss = model(input_ids=chunk, labels=chunk).loss
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return run
+
+
+def measure(args, name: str) -> list[tuple[str, float, float, float]]:
+    """Rows (config, tokens/s, MFU, peak GB) for one shape."""
+    shape = SHAPES[name]
+    master = build(shape, args.device)
+    num_params = sum(p.numel() for p in master.parameters())
+    batch = make_batch(args.num_seqs, args.seq_len, shape["vocab_size"], args.ragged)
+    flops, tokens = step_flops(shape, num_params, batch), sum(len(t) for t in batch.tokens)
+    checkpointing = args.checkpointing or name == "4B"
+    steps = {f"native {mode} {'packed' if packed else 'padded'}": (native_step, (master, mode, packed, checkpointing,
+                                                                                  False))
+             for mode, packed in NATIVE}
+    if args.compile:
+        steps["native fast packed compiled"] = (native_step, (master, "fast", True, checkpointing, True))
+    steps["transformers"] = (hf_step, (master, shape, args.device, checkpointing))
+    rows = []
+    for label, (factory, factory_args) in steps.items():
+        try:
+            run = factory(*factory_args)
+            seconds, peak = timed(lambda: run(batch), args.device, args.repeats)
+            rows.append((label, tokens / seconds, flops / seconds / (args.peak_tflops * 1e12), peak))
+        except torch.OutOfMemoryError:
+            rows.append((label, float("nan"), float("nan"), float("nan")))
+        run = None
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        print(name, rows[-1], flush=True)
+    return rows
+
+
+def report(args, results: dict[str, list]) -> str:
+    card = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    lines = ["# Trainer throughput (train_throughput)", "",
+             f"Card: {card}; date: {datetime.date.today()}; torch {torch.__version__}; "
+             f"command: `python {' '.join(sys.argv)}`.",
+             f"{args.num_seqs} x {args.seq_len} tokens{' (ragged responses)' if args.ragged else ''}, one AdamW step, "
+             f"bf16 compute, fp32 masters; MFU against {args.peak_tflops:g} TFLOP/s.", ""]
+    for name, rows in results.items():
+        hf = next(r[1] for r in rows if r[0] == "transformers")
+        lines += [f"## {name}", "", "| config | tokens/s | MFU | peak GB | vs transformers |", "|---|---|---|---|---|"]
+        lines += [f"| {label} | {tps:,.0f} | {mfu:.1%} | {peak:.1f} | {tps / hf:.2f}x |" for label, tps, mfu, peak in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--shapes", default="0.6B,4B")
+    parser.add_argument("--tiny", action="store_true", help="a tiny shape, 4 x 64 tokens (smoke test)")
+    parser.add_argument("--num-seqs", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--ragged", action="store_true")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing at every shape")
+    parser.add_argument("--compile", action="store_true", help="also time the packed fast trainer with train.compile")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peak-tflops", type=float, default=790.0)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    if args.tiny:
+        args.shapes, args.num_seqs, args.seq_len, args.repeats = "tiny", 4, 64, 1
+    results = {name: measure(args, name) for name in args.shapes.split(",")}
+    text = report(args, results)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as handle:
+            handle.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Attention over packed sequences: several sequences back to back in one row, no padding.
+
+A packed forward runs one row (B = 1) of T tokens holding many sequences. Each token carries its
+own position id (restarting at 0 per sequence), and attention must never cross sequences. The
+row is cut into segments; segment i holds queries [start, end) and attends to the keys of an
+optional earlier `prefix` range of the row followed by its own tokens, causally. So
+
+- plain packing: one segment per sequence, no prefix (a document mask, `cu_seqlens` style);
+- packing with a shared prompt: the prompt is one segment, and each of its samples' responses is
+  a segment whose prefix is that prompt (a tree mask: the responses see the prompt, never each
+  other). The prompt's tokens are computed once for all its samples.
+
+Within a segment's keys (prefix, then own tokens) a key's index equals its position id, exactly
+as in a KV cache, so each segment can be handed to the ordinary per-row attention op with
+`cached = True` (or `False` when it has no prefix: keys are then the queries, a plain causal
+row). That is what `segment_attention` does, one op call per segment: with the batch-invariant
+op it gives the bits of the padded forward and of the engine (a row's result depends on that
+row alone), and with SDPA each plain segment takes the flash path.
+
+`flex_attention` (CUDA, fast mode) instead runs the whole row in one kernel with a block-sparse
+mask built once per forward from per-token (document, branch) ids; it is chosen once at import
+when available (`USE_FLEX`, which tests may override).
+
+Shape legend: H query heads, K kv heads, T tokens of the row, D head dim, DV value head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # older torch: the segment loop serves every device
+    flex_attention = None
+
+USE_FLEX = flex_attention is not None and torch.cuda.is_available()
+"""Use FlexAttention for fast-mode packed attention on CUDA tensors (chosen once; tests override)."""
+
+
+@dataclass
+class PackedSegments:
+    """Segments of one packed row: (start, end, prefix_start, prefix_end) each, tiling [0, T) in
+    order; an empty prefix is (0, 0). Passed to the model where a KV cache would go: the
+    attention layers recognise it and attend within segments."""
+
+    segments: list[tuple[int, int, int, int]]
+    _block_masks: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.segments[-1][1] if self.segments else 0
+
+    def ids(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token (document, branch) ids (T,): a prefix and the segments that attend to it share
+        a document; a segment with a prefix is its own branch, prefix tokens are branch 0."""
+        doc, branch = torch.empty(self.num_tokens, dtype=torch.int32), torch.zeros(self.num_tokens, dtype=torch.int32)
+        owner = {}  # prefix start -> its document id
+        for i, (start, end, p_start, p_end) in enumerate(self.segments):
+            if p_end > p_start:
+                doc[start:end], branch[start:end] = owner[p_start], i + 1
+            else:
+                doc[start:end] = owner.setdefault(start, i)
+        return doc.to(device), branch.to(device)
+
+    def block_mask(self, device):
+        """FlexAttention's block mask, built once per forward and shared by every layer."""
+        key = str(device)
+        if key not in self._block_masks:
+            doc, branch = self.ids(device)
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                same_tree = (doc[q_idx] == doc[kv_idx]) & ((branch[kv_idx] == 0) | (branch[kv_idx] == branch[q_idx]))
+                return (kv_idx <= q_idx) & same_tree
+
+            T = self.num_tokens
+            self._block_masks[key] = create_block_mask(mask_mod, None, None, T, T, device=device)
+        return self._block_masks[key]
+
+
+# Not traced by torch.compile (`train.compile`): the segment list changes every micro-batch and
+# would recompile the layer each time; attention runs eagerly between compiled regions.
+@torch.compiler.disable
+def segment_attention(attention: Callable, q_1HTD, k_1KTD, v_1KTD, position_ids_1T,
+                      packed: PackedSegments) -> torch.Tensor:
+    """Packed attention as one per-row `attention(q, k, v, position_ids, cached)` call per segment."""
+    outs = []
+    for start, end, p_start, p_end in packed.segments:
+        q, k, v = q_1HTD[:, :, start:end], k_1KTD[:, :, start:end], v_1KTD[:, :, start:end]
+        if p_end > p_start:
+            k = torch.cat((k_1KTD[:, :, p_start:p_end], k), dim=2)
+            v = torch.cat((v_1KTD[:, :, p_start:p_end], v), dim=2)
+        outs.append(attention(q, k, v, position_ids_1T[:, start:end], p_end > p_start))
+    return torch.cat(outs, dim=2)  # (1, H, T, DV)
+
+
+@functools.cache
+def _compiled_flex():
+    # FlexAttention is only fast compiled; dynamic shapes because T changes every micro-batch.
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def flex_packed_attention(q_1HTD, k_1KTD, v_1KTD, packed: PackedSegments, compiled: bool = True) -> torch.Tensor:
+    """The whole packed row in one FlexAttention call (same mask as `segment_attention`)."""
+    fn = _compiled_flex() if compiled else flex_attention
+    return fn(q_1HTD, k_1KTD, v_1KTD, block_mask=packed.block_mask(q_1HTD.device),
+              enable_gqa=q_1HTD.shape[1] != k_1KTD.shape[1])
+
+
+@torch.compiler.disable
+def packed_attention_fast(attention: Callable, q_1HTD, k_1KTD, v_1KTD, position_ids_1T,
+                          packed: PackedSegments) -> torch.Tensor:
+    """Fast mode: FlexAttention on CUDA when enabled (same q/k and v head dims), else the segment loop."""
+    if USE_FLEX and q_1HTD.is_cuda and q_1HTD.shape[-1] == v_1KTD.shape[-1]:
+        return flex_packed_attention(q_1HTD, k_1KTD, v_1KTD, packed)
+    return segment_attention(attention, q_1HTD, k_1KTD, v_1KTD, position_ids_1T, packed)

@@ -1,0 +1,99 @@
+"""Trainer speed options applied to the policy model: activation checkpointing, `torch.compile`
+per decoder layer, and bf16 weight casts made once per weight version instead of per micro-batch.
+
+Checkpointing and compilation wrap each decoder layer's `forward` on the instance, so module and
+parameter names (what checkpoints and weight sync see) do not change. A checkpointed layer runs
+its forward again in backward; two things must not run twice: a KV-cache write (the padded
+shared-prompt forward's cache is written in place, so those calls are not checkpointed) and an
+R3 replay entry (each must be used once per forward: the recomputation reuses the ids the first
+run returned).
+
+Casts: in bf16 compute every micro-batch used to cast all fp32 masters to bf16 again. `CastCache`
+keeps one bf16 leaf copy per master for as long as the masters are unchanged (their version
+counters, bumped by the optimizer step, `load_state_dict` or any in-place write, are the key),
+and after each micro-batch's backward `fold_grads` adds the leaves' bf16 gradients to the
+masters' fp32 ones, exactly what autograd's cast backward did (the same upcast and fp32 sum).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from miles_core.models.layers import KVCache
+from miles_core.models.routing import RoutingContext
+
+
+class _RouteOnce:
+    """A `RoutingContext` stand-in for one layer call: the recomputation in backward gets the ids
+    of the first call instead of consuming the replay entry again."""
+
+    def __init__(self, ctx: RoutingContext) -> None:
+        self.ctx, self.ids = ctx, {}
+
+    def route(self, layer: int, chosen: torch.Tensor) -> torch.Tensor:
+        if layer not in self.ids:
+            self.ids[layer] = self.ctx.route(layer, chosen)
+        return self.ids[layer]
+
+
+class _CheckpointedForward:
+    """Set as a decoder layer's `forward`: the class forward under non-reentrant checkpointing."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+
+    def __call__(self, *args):
+        forward = type(self.layer).forward.__get__(self.layer)
+        if not torch.is_grad_enabled() or any(isinstance(a, KVCache) for a in args):
+            return forward(*args)
+        args = tuple(_RouteOnce(a) if isinstance(a, RoutingContext) else a for a in args)
+        return checkpoint(forward, *args, use_reentrant=False)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The main stack's decoder layers (`model.model.layers` in every family)."""
+    return model.model.layers
+
+
+def apply_speed_options(model: nn.Module, *, activation_checkpointing: bool, compile: bool) -> None:
+    """Checkpoint and/or compile every decoder layer of `model` in place."""
+    for layer in decoder_layers(model):
+        if activation_checkpointing:
+            layer.forward = _CheckpointedForward(layer)
+        if compile:
+            layer.compile()
+
+
+class CastCache:
+    """bf16 (or other) copies of a module's fp32 parameters, remade only when the masters change."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._casts: dict[str, torch.Tensor] = {}
+        self._masters: dict[str, nn.Parameter] = {}
+
+    def get(self, module: nn.Module, dtype: torch.dtype, keep: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """name -> cast leaf for every parameter not already `dtype` and not kept in fp32."""
+        masters = {name: p for name, p in module.named_parameters() if p.dtype != dtype and not name.endswith(keep)}
+        key = (dtype, torch.is_grad_enabled(), tuple((id(p), p._version) for p in masters.values()))
+        if key != self._key:
+            grad = torch.is_grad_enabled()
+            self._casts = {name: p.detach().to(dtype).requires_grad_(grad and p.requires_grad)
+                           for name, p in masters.items()}
+            self._masters, self._key = masters, key
+        return self._casts
+
+    def fold_grads(self) -> None:
+        """Add the leaves' gradients into the masters' (fp32) and clear them for the next micro-batch."""
+        with torch.no_grad():
+            for name, leaf in self._casts.items():
+                if leaf.grad is None:
+                    continue
+                master = self._masters[name]
+                if master.grad is None:
+                    master.grad = leaf.grad.to(master.dtype)
+                else:
+                    master.grad.add_(leaf.grad)
+                leaf.grad = None

@@ -1,0 +1,25 @@
+"""The GPU benchmarks run end to end on CPU with tiny shapes (`--tiny --device cpu`): they must
+not rot between GPU sessions. Their numbers on CPU mean nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("script", ["train_throughput.py", "grpo_step.py"])
+def test_benchmark_runs_tiny_on_cpu(script, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MILES_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "result.md"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--tiny", "--device", "cpu", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = out.read_text()
+    assert "Card: CPU" in text and "command:" in text
+    assert ("transformers" in text) if script == "train_throughput.py" else ("TRL GRPOTrainer" in text)
