@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils.checkpoint import checkpoint
 
 from miles_core.models.layers import KVCache
@@ -49,7 +50,16 @@ class _CheckpointedForward:
         if not torch.is_grad_enabled() or any(isinstance(a, KVCache) for a in args):
             return forward(*args)
         args = tuple(_RouteOnce(a) if isinstance(a, RoutingContext) else a for a in args)
-        return checkpoint(forward, *args, use_reentrant=False)
+        # The weights this call sees (the bf16 casts that `call_in_dtype` swaps in) are inputs of the
+        # checkpointed function: the recomputation in backward runs after the swap has ended and
+        # must see the same tensors, not the fp32 masters.
+        names, weights = zip(*self.layer.named_parameters()) if any(True for _ in self.layer.parameters()) else ((), ())
+
+        def run(*flat):
+            with _reparametrize_module(self.layer, dict(zip(names, flat[: len(names)]))):
+                return forward(*flat[len(names):])
+
+        return checkpoint(run, *weights, *args, use_reentrant=False)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
