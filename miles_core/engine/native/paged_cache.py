@@ -1,0 +1,68 @@
+"""`PagedKVCache`: one forward's view of the KV pool, behind the interface models already use.
+
+Models call `kv_cache.update(layer, k_BKTD, v_BKTD, position_ids_BT) -> (keys, values)` and hand
+the result to their attention op with the query positions (`layers.KVCache` does the same on a
+dense cache). Here `update` writes the new tokens' k/v into the pool at their slots and returns
+dense keys/values (B, K, S, D) gathered through each row's block table, where key s of a row is
+the token at position s. S is the step's largest position + 1 (pads included). A query at
+position p attends to keys 0..p only (the attention ops' position rule), so a row's keys past
+its own length (a block's unwritten tail, or padding blocks pointing at block 0) never count;
+the pool only holds finite numbers, so those masked keys add exact zeros. The attention op sees
+the same key values as with the dense cache: invariant mode stays bitwise exact.
+
+The seam for a fused paged-attention kernel (and for CUDA graphs, which need fixed addresses
+instead of a fresh gathered tensor per step) is `gather`: a kernel that reads the pool through
+the block table replaces it and the dense copy it makes.
+
+Shape legend: B rows, T new tokens per row, K kv heads, D head dim, N blocks per row,
+P block size, S <= N * P keys.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from miles_core.engine.native.kv_pool import KVPool
+
+
+class PagedKVCache:
+    def __init__(self, pool: KVPool, block_tables_BN: torch.Tensor, slots: torch.Tensor,
+                 token_index: torch.Tensor | None, num_keys: int) -> None:
+        self.pool = pool
+        self.block_tables_BN = block_tables_BN
+        self.num_keys = num_keys
+        """S: keys returned per row, the step's largest position + 1 (as the dense cache does:
+        SDPA's fast path sums in an order that depends on S, so more masked keys would change
+        the low bits of fast-mode log-probs against the previous engine)."""
+        self.slots = slots
+        """Flat pool slot (block * P + row) of each real new token, in row-major (B, T) order."""
+        self.token_index = token_index
+        """Indices of the real tokens among the B * T fed (None: all are real, no padding)."""
+
+    def update(self, layer: int, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor,
+               position_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new k/v at their slots; return the rows' dense keys/values (B, K, S, D)."""
+        self._write(self.pool.keys[layer], k_BKTD)
+        self._write(self.pool.values[layer], v_BKTD)
+        return self.gather(layer)
+
+    def _write(self, pool_NPKD: torch.Tensor, new_BKTD: torch.Tensor) -> None:
+        B, K, T, D = new_BKTD.shape
+        flat = new_BKTD.transpose(1, 2).reshape(B * T, K, D)
+        if self.token_index is not None:
+            flat = flat.index_select(0, self.token_index)
+        # Under autocast the new k/v may be bf16 while the pool is in the weights' dtype.
+        pool_NPKD.view(-1, K, D).index_copy_(0, self.slots, flat.to(pool_NPKD.dtype))
+
+    def gather(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense keys and values (B, K, S, D) of every row (the fused-kernel seam)."""
+        return self._dense(self.pool.keys[layer]), self._dense(self.pool.values[layer])
+
+    def _dense(self, pool_NPKD: torch.Tensor) -> torch.Tensor:
+        B, N = self.block_tables_BN.shape
+        P, K, D = pool_NPKD.shape[1:]
+        blocks_BNPKD = pool_NPKD.index_select(0, self.block_tables_BN.reshape(-1)).view(B, N, P, K, D)
+        # Contiguous (B, K, S', D) like the dense cache: SDPA's CPU kernels round differently
+        # for other strides of the same values (a strided view gave 1-ulp fast-mode changes).
+        dense_BKSD = blocks_BNPKD.permute(0, 3, 1, 2, 4).contiguous().view(B, K, N * P, D)
+        return dense_BKSD[:, :, : self.num_keys]
