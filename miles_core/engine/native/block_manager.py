@@ -52,6 +52,8 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[int, int] = {}  # hash -> block id
+        self.num_hits = 0
+        """Blocks found in the prefix cache so far (a statistic)."""
 
     @property
     def num_blocks(self) -> int:
@@ -110,6 +112,7 @@ class BlockManager:
                 del self._free[block_id]
             block.ref_count += 1
             matched.append(block_id)
+            self.num_hits += 1
             parent_hash, parent = h, (block_id, block.epoch)
         return matched
 

@@ -97,6 +97,7 @@ class Scheduler:
         need = self.blocks.blocks_for(seq.length) - len(cached)
         if need > self.blocks.num_free:
             self.blocks.free(cached)
+            self.blocks.num_hits -= len(cached)
             return False
         seq.block_table = cached + [self.blocks.allocate() for _ in range(need)]
         seq.num_computed = seq.num_registered = len(cached)
