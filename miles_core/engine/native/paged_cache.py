@@ -30,10 +30,12 @@ class PagedKVCache:
                  token_index: torch.Tensor | None, num_keys: int) -> None:
         self.pool = pool
         self.block_tables_BN = block_tables_BN
-        self.num_keys = num_keys
-        """S: keys returned per row, the step's largest position + 1 (as the dense cache does:
-        SDPA's fast path sums in an order that depends on S, so more masked keys would change
-        the low bits of fast-mode log-probs against the previous engine)."""
+        # S = the step's largest position + 1, as the dense cache returns (SDPA's fast path sums
+        # in an order that depends on S: more masked keys would change fast-mode low bits).
+        # Key s of row b is pool slot table[s // P] * P + s % P, computed once for all layers.
+        P = pool.block_size
+        key_pos_S = torch.arange(num_keys, device=block_tables_BN.device)
+        self.key_slots_BS = block_tables_BN[:, key_pos_S // P] * P + key_pos_S % P
         self.slots = slots
         """Flat pool slot (block * P + row) of each real new token, in row-major (B, T) order."""
         self.token_index = token_index
@@ -59,10 +61,9 @@ class PagedKVCache:
         return self._dense(self.pool.keys[layer]), self._dense(self.pool.values[layer])
 
     def _dense(self, pool_NPKD: torch.Tensor) -> torch.Tensor:
-        B, N = self.block_tables_BN.shape
-        P, K, D = pool_NPKD.shape[1:]
-        blocks_BNPKD = pool_NPKD.index_select(0, self.block_tables_BN.reshape(-1)).view(B, N, P, K, D)
-        # Contiguous (B, K, S', D) like the dense cache: SDPA's CPU kernels round differently
+        B, S = self.key_slots_BS.shape
+        K, D = pool_NPKD.shape[2:]
+        keys_BSKD = pool_NPKD.view(-1, K, D).index_select(0, self.key_slots_BS.view(-1)).view(B, S, K, D)
+        # Contiguous (B, K, S, D) like the dense cache: SDPA's CPU kernels round differently
         # for other strides of the same values (a strided view gave 1-ulp fast-mode changes).
-        dense_BKSD = blocks_BNPKD.permute(0, 3, 1, 2, 4).contiguous().view(B, K, N * P, D)
-        return dense_BKSD[:, :, : self.num_keys]
+        return keys_BSKD.transpose(1, 2).contiguous()
