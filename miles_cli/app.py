@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from miles_cli import align_check, convert, recipes, rollout, train
+from miles_cli import align_check, convert, recipes, rollout, serve, train
 from miles_cli.common import State, console
 
 app = typer.Typer(
@@ -25,6 +25,7 @@ app.add_typer(rollout.app, name="rollout")
 app.add_typer(align_check.app, name="align-check")
 app.add_typer(recipes.app, name="recipes")
 app.add_typer(convert.app, name="convert")
+app.add_typer(serve.app, name="serve")
 
 
 def _version(value: bool) -> None:
@@ -50,3 +51,7 @@ def main() -> None:
     # little elsewhere; an explicit OMP_WAIT_POLICY in the environment still wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()
+
+
+if __name__ == "__main__":
+    main()

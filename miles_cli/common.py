@@ -54,10 +54,24 @@ class Run:
     partial: Path | None = None
 
 
+class _ConsoleHandler(logging.Handler):
+    """Messages of the core library (logger `miles`) as one yellow line on stderr: `note:` for
+    information (a stale temporary removed), `warning:` for warnings (prompts skipped)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        kind = "note" if record.levelno < logging.WARNING else record.levelname.lower()
+        err_console.print(f"[yellow]{kind}:[/] {escape(record.getMessage())}", highlight=False, soft_wrap=True)
+
+
 @contextlib.contextmanager
 def cli_errors() -> Iterator[Run]:
-    """Map user errors to one line + exit code 2, Ctrl-C to 130, SIGTERM to 143."""
+    """Map user errors to one line + exit code 2, Ctrl-C to 130, SIGTERM to 143; show the core
+    library's warnings (logger `miles`) as `warning:` lines."""
     run, signals = Run(), []
+    handler, logger = _ConsoleHandler(logging.INFO), logging.getLogger("miles")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     with _catch_signals(signals):
         try:
             yield run
@@ -66,6 +80,9 @@ def cli_errors() -> Iterator[Run]:
                 raise
             _report(err, signals, run)
             raise
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
 
 
 def _report(err: BaseException, signals: list[int], run: Run) -> None:
@@ -116,20 +133,6 @@ def _catch_signals(signals: list[int]) -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-
-
-class _NoteHandler(logging.Handler):
-    """Notes from the core (e.g. a stale temporary removed) as one yellow line on stderr."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        err_console.print(f"[yellow]note:[/] {escape(record.getMessage())}", highlight=False, soft_wrap=True)
-
-
-_logger = logging.getLogger("miles")
-if not any(isinstance(h, _NoteHandler) for h in _logger.handlers):
-    _logger.addHandler(_NoteHandler(logging.INFO))
-    _logger.setLevel(logging.INFO)
-    _logger.propagate = False
 
 
 def print_table(table) -> None:

@@ -128,7 +128,7 @@ def _default_run_dir(recipe: str) -> str:
 def _fmt(value) -> str:
     if value is None:
         return "-"
-    return f"{value:.2e}" if 0 < abs(value) < 1e-3 else f"{value:.3f}"
+    return f"{value:.2e}" if 0 < abs(value) < 1e-3 or abs(value) >= 1e6 else f"{value:.3f}"
 
 
 def _eval_tables(evals: list[tuple[int, dict]]) -> list[Table]:

@@ -57,8 +57,18 @@ def group_advantages(rewards: Tensor, group_size: int, *, normalize_std: bool, e
     grouped = rewards.view(-1, group_size)  # (G, group_size)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
     if normalize_std:
-        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
+        centred = centred / (_group_std(grouped) + eps)
     return centred.view(-1)
+
+
+def _group_std(grouped: Tensor) -> Tensor:
+    """(G, group_size) -> (G, 1) unbiased std; for rewards whose squares overflow (past ~1e19 in
+    float32, ~1e154 in float64) computed on rewards scaled by the group's largest |reward|."""
+    std = grouped.std(dim=1, keepdim=True)
+    if bool(torch.isfinite(std).all()) or not bool(torch.isfinite(grouped).all()):
+        return std
+    scale = grouped.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(grouped.dtype).tiny)
+    return (grouped / scale).std(dim=1, keepdim=True) * scale
 
 
 def normalize_advantages(advantages: Tensor, loss_mask: Tensor, eps: float = WHITEN_EPS) -> Tensor:

@@ -43,8 +43,9 @@ def overlong_penalty(response_lengths: Tensor, max_len: int, buffer_len: int, fa
 
 def post_process_rewards(cfg: AlgoConfig, rewards: Tensor, group_size: int, *, response_lengths: Tensor,
                          max_response_len: int, **inputs) -> Tensor:
-    """(N,) task rewards -> (N,) rewards for the advantage estimator: overlong penalty, then hook."""
-    rewards = rewards.float()
+    """(N,) task rewards -> (N,) rewards for the advantage estimator: overlong penalty, then hook.
+    float64 rewards stay float64 (large rewards overflow float32 in group sums)."""
+    rewards = rewards if rewards.dtype == torch.float64 else rewards.float()
     if cfg.overlong_buffer_len > 0:
         rewards = rewards + overlong_penalty(response_lengths, max_response_len, cfg.overlong_buffer_len,
                                              cfg.overlong_penalty_factor).to(rewards.device)

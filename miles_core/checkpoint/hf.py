@@ -127,6 +127,8 @@ def load_weights_into(model: nn.Module, model_dir: str | Path, dtype: torch.dtyp
         if tuple(target.shape) != tuple(tensor.shape):
             raise MilesError(f"shape mismatch for '{name}' in '{model_dir}': model expects "
                              f"{tuple(target.shape)}, checkpoint has {tuple(tensor.shape)}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise MilesError(f"checkpoint '{model_dir}' holds NaN/Inf in '{name}'; refusing to load it")
         keep_fp32 = bool(fp32_suffixes) and name.endswith(fp32_suffixes)
         target.data = tensor.to(device=target.device, dtype=torch.float32 if keep_fp32 else dtype or target.dtype)
         loaded.add(id(target))

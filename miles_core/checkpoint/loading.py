@@ -48,11 +48,22 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+# Without any of these, transformers builds an empty tokenizer from config.json's model_type.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 def load_tokenizer(path: Path):
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise MilesError(f"no tokenizer in '{path}': expected one of {', '.join(TOKENIZER_FILES)} next to "
+                         "config.json (copy the tokenizer files of the base model there)")
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as err:
         raise MilesError(f"cannot load the tokenizer from '{path}': {str(err).splitlines()[0]}") from None
+    if len(tokenizer) <= 1:
+        raise MilesError(f"the tokenizer loaded from '{path}' is empty ({len(tokenizer)} token); expected the "
+                         f"model's tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    return tokenizer
 
 
 def eos_token_ids(path: Path, hf_config: dict[str, Any], tokenizer) -> frozenset[int]:

@@ -154,6 +154,8 @@ class AlgoConfig:
     def _check_sampling(self) -> None:
         for name in ("over_sampling_batch_size", "overlong_buffer_len", "overlong_penalty_factor"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        _check(self.over_sampling_batch_size <= 1 << 20,
+               f"over_sampling_batch_size must be <= {1 << 20}, got {self.over_sampling_batch_size}")
         _check(self.max_dynamic_sampling_rounds >= 1,
                f"max_dynamic_sampling_rounds must be >= 1, got {self.max_dynamic_sampling_rounds}")
         _check(self.dynamic_sampling or not self.dynamic_filter, "dynamic_filter needs dynamic_sampling = true")

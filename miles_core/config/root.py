@@ -74,13 +74,17 @@ def load_config(recipe: str, overrides: list[str] | None = None) -> MilesConfig:
 
 
 _DATA_SOURCE_KEYS = ("path", "task", "max_prompts")
+_TASK_TABLES = ("arithmetic",)
+"""`DataConfig` tables of built-in tasks: an eval dataset that fills one defines that task."""
 
 
 def inherit_eval_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     """Fill every `[[eval.datasets]]` entry's `data`, `sampling` and `reward` tables with the keys
     it leaves out from the top-level sections, so a held-out set is formatted, sampled and scored
     like training unless it says otherwise. The data source (`path`, `task`, `max_prompts`) is
-    taken as one unit: a dataset that names `path` or `task` inherits none of the three.
+    taken as one unit: a dataset that names `path` or `task` inherits none of the three; one that
+    fills a task's table (`[eval.datasets.data.arithmetic]`) names that task and never inherits
+    `path` (it would read the training file).
     Idempotent, so a resolved config reloads unchanged."""
     section = raw.get("eval")
     if not isinstance(section, dict) or not isinstance(section.get("datasets"), list):
@@ -97,5 +101,8 @@ def _inherit(dataset: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
             continue
         if name == "data" and ("path" in own or "task" in own):
             base = {k: v for k, v in base.items() if k not in _DATA_SOURCE_KEYS}
+        elif name == "data" and (tables := [t for t in _TASK_TABLES if t in own]):
+            base = {k: v for k, v in base.items() if k != "path"}  # never the training file
+            own = {**own, "task": tables[0]}
         out[name] = deep_merge(base, own)
     return out

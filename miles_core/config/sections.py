@@ -17,6 +17,10 @@ from miles_core.config.tree import check as _check
 DType = Literal["float32", "bfloat16", "float16"]
 
 
+MAX_BATCH = 1 << 20
+"""Upper bound of batch-size-like counts: far above any real run, low enough that a typo fails
+here with a message instead of being OOM-killed while the batch is built."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
@@ -35,8 +39,9 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class EngineConfig:
-    backend: Literal["native"] = "native"
-    """Rollout engine: `native` (in-process PyTorch, shares the trainer's model code)."""
+    backend: Literal["native", "sglang"] = "native"
+    """Rollout engine: `native` (in-process PyTorch, shares the trainer's model code) or `sglang`
+    (HTTP client of SGLang's native API: SGLang servers or `miles serve`, at `urls`)."""
     max_batch_size: int = 64
     """Most sequences decoded together in one forward pass."""
     max_context_len: int = 0
@@ -53,9 +58,23 @@ class EngineConfig:
     """Tokens per KV block; 64 equals the invariant attention kernel's key tile (BLOCK_N)."""
     max_num_batched_tokens: int = 8192
     """Most prompt tokens prefilled in one step; longer prompts are prefilled in chunks."""
+    urls: tuple[str, ...] = ()
+    """`sglang` backend: base URLs of the servers (`http://host:port`); requests go to the one with
+    the fewest outstanding sequences."""
+    api_key: str = ""
+    """`sglang` backend: sent as `Authorization: Bearer KEY` when set."""
+    request_timeout_s: float = 600.0
+    """`sglang` backend: seconds one HTTP call may take before the server counts as failed."""
+    health_retries: int = 5
+    """`sglang` backend: health-check attempts per server at start-up (back-off doubles from 0.5 s)."""
+    launch: bool = False
+    """`sglang` backend: start the servers with `python -m sglang.launch_server` (needs `sglang`)."""
+    sglang_args: tuple[str, ...] = ()
+    """`sglang` backend with `launch`: extra `sglang.launch_server` arguments, e.g. `["--tp", "2"]`."""
 
     def __post_init__(self) -> None:
-        _check(self.max_batch_size >= 1, f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        _check(1 <= self.max_batch_size <= MAX_BATCH,
+               f"max_batch_size must be in [1, {MAX_BATCH}], got {self.max_batch_size}")
         _check(self.max_context_len >= 0, f"max_context_len must be >= 0, got {self.max_context_len}")
         _check(0 < self.mem_fraction <= 1, f"mem_fraction must be in (0, 1], got {self.mem_fraction}")
         _check(self.num_kv_blocks >= 0, f"num_kv_blocks must be >= 0, got {self.num_kv_blocks}")
@@ -63,6 +82,13 @@ class EngineConfig:
                f"block_size must be a power of two >= 16, got {self.block_size}")
         _check(self.max_num_batched_tokens >= 1,
                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        _check(self.request_timeout_s > 0, f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+        _check(self.health_retries >= 1, f"health_retries must be >= 1, got {self.health_retries}")
+        _check(self.backend != "sglang" or bool(self.urls) or self.launch,
+               "backend 'sglang' needs urls = ['http://host:port', ...] (or launch = true)")
+        for url in self.urls:
+            _check(re.fullmatch(r"https?://[^/\s]+/?", url) is not None,
+                   f"urls entries must look like http://host:port, got '{url}'")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,6 +140,10 @@ class DataConfig:
     """Seed of the prompt shuffle."""
     max_prompts: int = 0
     """Use only the first N prompts; 0 uses all."""
+    on_long_prompt: Literal["error", "skip"] = "error"
+    """A prompt with no room for one generated token in the engine's context (engine.max_context_len
+    or the model's max_position_embeddings), found before the first step: `error` names it and
+    stops; `skip` drops such prompts and prints how many."""
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
 
     def __post_init__(self) -> None:
@@ -147,17 +177,18 @@ class SamplingConfig:
         _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         _check(self.top_k == -1 or self.top_k >= 1, f"top_k must be -1 or >= 1, got {self.top_k}")
         _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        _check(self.n_samples_per_prompt >= 1,
-               f"n_samples_per_prompt must be >= 1, got {self.n_samples_per_prompt}")
+        _check(1 <= self.n_samples_per_prompt <= MAX_BATCH,
+               f"n_samples_per_prompt must be in [1, {MAX_BATCH}], got {self.n_samples_per_prompt}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class RolloutConfig:
     batch_size: int = 8
-    """Prompts per rollout step (slime's `rollout_batch_size`); each yields a group of samples."""
+    """Prompts per rollout step (slime's `rollout_batch_size`); each yields a group of samples. At
+    most the number of prompts in the data (a larger batch would repeat prompts within a step)."""
 
     def __post_init__(self) -> None:
-        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(1 <= self.batch_size <= MAX_BATCH, f"batch_size must be in [1, {MAX_BATCH}], got {self.batch_size}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,10 +199,19 @@ class RewardConfig:
     """When the reward function returns a dict, the entry used as the scalar reward."""
     max_concurrency: int = 16
     """Most async reward calls in flight at once."""
+    max_failure_fraction: float = 0.5
+    """Stop the run when more than this fraction of a batch's reward calls fail (raise, return a
+    non-number or time out; they score 0); 1 never stops."""
+    timeout: float = 60.0
+    """Seconds per sample for a user (dotted-path) or async reward function; a sample that takes
+    longer scores 0 and counts as failed. 0 waits forever. Built-in rewards run without it."""
 
     def __post_init__(self) -> None:
         _check(bool(self.type), "type must name a reward function, got ''")
         _check(self.max_concurrency >= 1, f"max_concurrency must be >= 1, got {self.max_concurrency}")
+        _check(0 <= self.max_failure_fraction <= 1,
+               f"max_failure_fraction must be in [0, 1], got {self.max_failure_fraction}")
+        _check(self.timeout >= 0, f"timeout must be >= 0 seconds, got {self.timeout}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,10 +225,15 @@ class TrainConfig:
     lr_warmup_steps: int = 0
     """Optimizer steps of linear warmup from 0 to `lr`."""
     min_lr: float = 0.0
+    """Final learning rate of the cosine schedule, in [0, lr]."""
     weight_decay: float = 0.0
+    """AdamW decoupled weight decay, >= 0."""
     adam_beta1: float = 0.9
+    """AdamW first-moment decay, in [0, 1)."""
     adam_beta2: float = 0.98
+    """AdamW second-moment decay, in [0, 1)."""
     adam_eps: float = 1e-8
+    """AdamW denominator epsilon, > 0."""
     clip_grad: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
     num_steps_per_rollout: int = 1
@@ -213,6 +258,10 @@ class TrainConfig:
         _check(0 <= self.min_lr <= self.lr, f"min_lr must be in [0, lr], got {self.min_lr}")
         _check(self.lr_warmup_steps >= 0, f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
         _check(self.clip_grad >= 0, f"clip_grad must be >= 0, got {self.clip_grad}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("adam_beta1", "adam_beta2"):
+            _check(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}")
+        _check(self.adam_eps > 0, f"adam_eps must be > 0, got {self.adam_eps}")
         _check(self.num_steps_per_rollout >= 1, f"num_steps_per_rollout must be >= 1, got {self.num_steps_per_rollout}")
         _check(self.max_tokens_per_micro_batch >= 1,
                f"max_tokens_per_micro_batch must be >= 1, got {self.max_tokens_per_micro_batch}")
@@ -284,9 +333,14 @@ class AlignmentConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SyncConfig:
-    transport: Literal["inprocess"] = "inprocess"
+    transport: Literal["auto", "inprocess", "disk"] = "auto"
     """How the trainer's weights reach the engine after each step: `inprocess` (the engine lives in
-    this process and copies the tensors; later: `disk`, `cuda_ipc`, `nccl`)."""
+    this process and copies the tensors), `disk` (a HF checkpoint in `disk_dir`, loaded by the
+    servers through `/update_weights_from_disk`), or `auto` (`disk` for engines in other processes,
+    such as the `sglang` backend, else `inprocess`). Later: `cuda_ipc`, `nccl`."""
+    disk_dir: str = ""
+    """`disk` transport: folder for the checkpoints the servers load (must be readable by them at
+    the same path); empty means `weight_sync/` in the run folder."""
     bucket_mb: int = 512
     """Most MiB of tensors handed over in one bucket (a larger tensor goes alone); bounds the
     transient memory of transports that stage a bucket."""

@@ -10,6 +10,7 @@ This module knows nothing about miles' sections; `config.py` declares them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -184,6 +185,9 @@ def _coerce_scalar(value: Any, kind: Any, key: str) -> Any:
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, float) and not math.isfinite(value):
+        # No float setting of miles means anything at inf or nan (limits say "0 disables").
+        raise MilesError(f"config key '{key}' must be a finite number, got {value}")
     if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
         raise MilesError(f"config key '{key}' expects {kind.__name__}, got {value!r} ({type(value).__name__})")
     return value

@@ -57,6 +57,12 @@ def load_prompts(cfg: DataConfig) -> list[Sample]:
     return samples
 
 
+def prompt_location(cfg: DataConfig, index: int) -> str:
+    """Where prompt `index` of `load_prompts(cfg)` comes from (`file:line`), for error messages."""
+    records = _read_file(Path(cfg.path)) if cfg.path else _generate(cfg)
+    return next(itertools.islice(records, index, None))[0]
+
+
 def _file_keys(cfg: DataConfig) -> _Keys:
     return _Keys(input=cfg.input_key, label=cfg.label_key, metadata=cfg.metadata_key)
 

@@ -50,6 +50,10 @@ class RolloutEngine(Protocol):
     @property
     def weight_version(self) -> str: ...
 
+    @property
+    def max_context_len(self) -> int:
+        """Prompt + response token limit; prompts are checked against it before a run starts."""
+
     def generate(self, requests: Sequence[GenerateRequest],
                  on_progress: Callable[[int], None] | None = None) -> list[list[Generation]]:
         """Answer every request; returns one list of n generations per request, in order.

@@ -60,3 +60,14 @@ class CausalLM(nn.Module):
     def kv_cache_dims(self) -> tuple[int, int, int]:
         """(kv heads, key head dim, value head dim) per layer."""
         return self.args.num_key_value_heads, self.args.head_dim, self.args.head_dim
+
+
+def named_weights(model: nn.Module, *, remove_duplicate: bool = True):
+    """(HF name, tensor) of everything a checkpoint holds: parameters, then persistent buffers
+    (DeepSeek-V3's `e_score_correction_bias`). Non-persistent buffers (RoPE frequencies) are
+    recomputed from the config and left out, as in HF's state dict."""
+    yield from model.named_parameters(remove_duplicate=remove_duplicate)
+    for module_name, module in model.named_modules(remove_duplicate=remove_duplicate):
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                yield (f"{module_name}.{name}" if module_name else name), buffer

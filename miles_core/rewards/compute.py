@@ -1,28 +1,35 @@
 """Scoring a batch of samples: call the configured reward function once per sample.
 
-Synchronous functions run one after another in the calling thread: the built-ins are cheap, and
-it keeps math-verify in the main thread where its timeouts work. `async def` functions (remote
-judges, sandboxes) run concurrently, at most `RewardConfig.max_concurrency` in flight.
+Built-in synchronous functions run one after another in the calling thread: they are cheap, and
+it keeps math-verify in the main thread where its own timeouts work. A user (dotted-path)
+synchronous function runs one sample at a time in a daemon worker thread bounded by
+`RewardConfig.timeout`; a Python thread cannot be killed, so a call that times out is left
+running in the background (never waited for) and its sample scores 0. `async def` functions
+(remote judges, sandboxes) run concurrently, at most `RewardConfig.max_concurrency` in flight,
+each bounded by the same timeout.
 
-A reward function that raises, or returns something that is not a finite number (or a dict
-holding one under the configured key), never stops training: that sample gets reward 0.0 and
-`metadata["reward_error"]`, and the failure is counted in `RewardStats` with the first message
-kept for the log.
+A reward function that raises, times out, or returns something that is not a finite number (or
+a dict holding one under the configured key) gets reward 0.0 and `metadata["reward_error"]`;
+the failure is counted in `RewardStats`, the first one is logged as one line with its sample
+index, and more than `RewardConfig.max_failure_fraction` of a batch failing stops the run.
 """
-
 from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import math
 import numbers
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 from miles_core.config import RewardConfig
 from miles_core.errors import MilesError
-from miles_core.rewards.registry import RewardFn, resolve_reward
+from miles_core.rewards.registry import REWARDS, RewardFn, resolve_reward
 from miles_core.sample import Sample
+
+log = logging.getLogger("miles")
 
 Outcome = tuple[Any, str | None]
 """(what the function returned, None) or (None, one-line description of what it raised)."""
@@ -43,20 +50,31 @@ def compute_rewards(samples: list[Sample], cfg: RewardConfig) -> RewardStats:
     """Set `sample.reward` on every sample. From synchronous code only (see the async twin)."""
     fn = resolve_reward(cfg.type)
     if _is_async(fn):
-        outcomes = asyncio.run(_call_all_async(fn, samples, cfg.max_concurrency))
+        outcomes = asyncio.run(_call_all_async(fn, samples, cfg.max_concurrency, cfg.timeout))
     else:
-        outcomes = [_call(fn, sample) for sample in samples]
-    return _apply(samples, outcomes, cfg.key)
+        outcomes = _call_all(fn, samples, cfg)
+    return check_failures(_apply(samples, outcomes, cfg.key), cfg)
 
 
 async def compute_rewards_async(samples: list[Sample], cfg: RewardConfig) -> RewardStats:
     """`compute_rewards` for callers already inside a running event loop."""
     fn = resolve_reward(cfg.type)
     if _is_async(fn):
-        outcomes = await _call_all_async(fn, samples, cfg.max_concurrency)
+        outcomes = await _call_all_async(fn, samples, cfg.max_concurrency, cfg.timeout)
     else:
-        outcomes = [_call(fn, sample) for sample in samples]
-    return _apply(samples, outcomes, cfg.key)
+        outcomes = _call_all(fn, samples, cfg)
+    return check_failures(_apply(samples, outcomes, cfg.key), cfg)
+
+
+def check_failures(stats: RewardStats, cfg: RewardConfig) -> RewardStats:
+    """Log the batch's first failure; stop when more than `cfg.max_failure_fraction` failed."""
+    if not stats.num_failed:
+        return stats
+    summary = f"{stats.num_failed} of {stats.num_samples} reward calls failed ({cfg.type}); first: {stats.first_error}"
+    if stats.num_failed > cfg.max_failure_fraction * stats.num_samples:
+        raise MilesError(f"{summary}; more than reward.max_failure_fraction = {cfg.max_failure_fraction:g}")
+    log.warning("%s", summary)
+    return stats
 
 
 def scalar_reward(sample: Sample, cfg: RewardConfig) -> float:
@@ -95,13 +113,35 @@ def _call(fn: RewardFn, sample: Sample) -> Outcome:
         return None, _describe(err)
 
 
-async def _call_all_async(fn: RewardFn, samples: list[Sample], max_concurrency: int) -> list[Outcome]:
+def _call_all(fn: RewardFn, samples: list[Sample], cfg: RewardConfig) -> list[Outcome]:
+    if cfg.timeout <= 0 or cfg.type in REWARDS:
+        return [_call(fn, sample) for sample in samples]
+    return [_call_in_thread(fn, sample, cfg.timeout) for sample in samples]
+
+
+def _call_in_thread(fn: RewardFn, sample: Sample, timeout: float) -> Outcome:
+    """`_call` in a daemon thread; after `timeout` seconds the thread is abandoned, not joined."""
+    box: list[Outcome] = []
+    worker = threading.Thread(target=lambda: box.append(_call(fn, sample)), daemon=True, name="miles-reward")
+    worker.start()
+    worker.join(timeout)
+    return box[0] if box else (None, _timed_out(timeout))
+
+
+def _timed_out(timeout: float) -> str:
+    return f"timed out after {timeout:g} s (reward.timeout)"
+
+
+async def _call_all_async(fn: RewardFn, samples: list[Sample], max_concurrency: int,
+                          timeout: float = 0.0) -> list[Outcome]:
     semaphore = asyncio.Semaphore(max_concurrency)
 
     async def call_one(sample: Sample) -> Outcome:
         async with semaphore:
             try:
-                return await fn(sample), None
+                return await asyncio.wait_for(fn(sample), timeout if timeout > 0 else None), None
+            except asyncio.TimeoutError:
+                return None, _timed_out(timeout)
             except Exception as err:  # as in `_call`
                 return None, _describe(err)
 

@@ -108,6 +108,20 @@ def load_eval_sets(cfg: EvalConfig) -> list[EvalSet]:
     return sets
 
 
+def fit_eval_sets(eval_sets: Sequence[EvalSet], engine: RolloutEngine, tokenizer) -> list[EvalSet]:
+    """Every eval set without its prompts that leave no room in the engine's context (or an error
+    naming the first one; see `data.lengths.fit_prompts`), checked before the first step."""
+    out = []
+    for eval_set in eval_sets:
+        ds = eval_set.cfg
+        manager = RolloutManager(engine, tokenizer, data=ds.data, sampling=ds.sampling, reward=ds.reward)
+        try:
+            out.append(EvalSet(ds, manager.fit(eval_set.prompts)[0]))
+        except MilesError as err:
+            raise MilesError(f"eval dataset '{ds.name}': {err}") from None
+    return out
+
+
 def evaluate(engine: RolloutEngine, tokenizer, eval_sets: Sequence[EvalSet], *,
              on_progress: Progress | None = None) -> dict[str, float]:
     """`eval/<name>/*` metrics of the engine's current weights, and `perf/eval_time` (seconds)."""
@@ -157,7 +171,8 @@ def run_eval(cfg: MilesConfig, checkpoints: Sequence[str] = (), *, on_start: Cal
     """Evaluate each checkpoint (a `model.source`; none = the recipe's model) on the recipe's eval
     datasets, one after another on a fresh engine, with the same prompts and seeds."""
     if not cfg.eval.datasets:
-        raise MilesError("the recipe has no eval datasets; add one under eval.datasets (see docs/eval.md)")
+        raise MilesError("the recipe has no eval datasets; add one under eval.datasets (see README.md, section "
+                         "Evaluation > Eval datasets in a recipe)")
     checkpoints = list(checkpoints) or [cfg.model.source]
     eval_sets = load_eval_sets(cfg.eval)
     report = EvalReport(checkpoints, [s.cfg.name for s in eval_sets])
@@ -165,7 +180,9 @@ def run_eval(cfg: MilesConfig, checkpoints: Sequence[str] = (), *, on_start: Cal
         on_start(len(checkpoints) * sum(s.num_samples for s in eval_sets))
     for checkpoint in checkpoints:
         loaded = load_model(replace(cfg.model, source=checkpoint), alignment_mode=cfg.alignment.mode)
-        metrics = evaluate(build_engine(cfg.engine, loaded), loaded.tokenizer, eval_sets, on_progress=on_progress)
+        engine = build_engine(cfg.engine, loaded)
+        fitted = fit_eval_sets(eval_sets, engine, loaded.tokenizer)  # before any generation
+        metrics = evaluate(engine, loaded.tokenizer, fitted, on_progress=on_progress)
         report.seconds.append(metrics.pop("perf/eval_time"))
         report.metrics.append(metrics)
         del loaded  # one model in memory at a time

@@ -25,6 +25,7 @@ from miles_core.config import MilesConfig
 from miles_core.metrics import MetricsWriter, perf_metrics
 from miles_core.rl.run import RunComponents
 from miles_core.rl.train_batch import prepare_train_batch
+from miles_core.train.finite import check_finite_weights
 
 Mode = Literal["full", "rollout_only", "train_only"]
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -87,6 +88,7 @@ def _rollout_step(cfg: MilesConfig, parts: RunComponents, step: int) -> dict[str
         metrics.update({f"train/{k}": v for k, v in parts.trainer.train_rollout(batch).items()})
         times["train_time"] = time.perf_counter() - start
         check_true_on_policy(cfg.alignment, metrics, step)
+        check_finite_weights(parts.trainer.export_weights(), step)  # never sync or save NaN/Inf
         if parts.sync is not None:
             times["sync_time"] = parts.sync.push(parts.trainer.export_weights(), version=str(step + 1)).seconds
     if parts.trainer is not None and should_update_reference(step, cfg.algo.ref_update_interval):

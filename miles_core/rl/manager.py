@@ -27,6 +27,7 @@ import torch
 from miles_core.algo import DynamicSamplingTally, keep_groups, round_size
 from miles_core.config import AlgoConfig, DataConfig, RewardConfig, SamplingConfig
 from miles_core.data import render_prompt
+from miles_core.data.lengths import check_batch_fits, fit_prompts
 from miles_core.engine.protocol import GenerateRequest, Generation, RolloutEngine
 from miles_core.errors import MilesError
 from miles_core.metrics import rollout_metrics
@@ -89,12 +90,27 @@ class RolloutManager:
         self.data, self.sampling, self.reward, self.algo = data, sampling, reward, algo
         self.batch_size = batch_size
         """Prompts per training step (`rollout.batch_size`); 0 for a manager that only evaluates."""
-        self.stream = PromptStream(prompts, self.render(prompts), shuffle=data.shuffle, seed=data.seed,
-                                   first_request_seed=sampling.seed) if prompts else None
+        self.stream = self._training_stream(prompts) if prompts else None
+
+    def _training_stream(self, prompts: Sequence[Sample]) -> PromptStream:
+        """Every prompt checked against the context (and the batch sizes against the prompt
+        count) before the first step, not when a long one is drawn late in a run."""
+        prompts, ids = self.fit(prompts)
+        sizes = {"rollout.batch_size": self.batch_size}
+        if self.algo is not None:
+            sizes["algo.over_sampling_batch_size"] = self.algo.over_sampling_batch_size
+        check_batch_fits(sizes, prompts, self.data)
+        return PromptStream(prompts, ids, shuffle=self.data.shuffle, seed=self.data.seed,
+                            first_request_seed=self.sampling.seed)
 
     # -- generation ------------------------------------------------------------------------
     def render(self, prompts: Sequence[Sample]) -> list[list[int]]:
         return [render_prompt(p.prompt, self.tokenizer, self.data) for p in prompts]
+
+    def fit(self, prompts: Sequence[Sample]) -> tuple[list[Sample], list[list[int]]]:
+        """(prompts, token ids) of the prompts that leave room for one generated token in the
+        engine's context; a longer one is an error or skipped (`data.on_long_prompt`)."""
+        return fit_prompts(prompts, self.render(prompts), self.data, self.engine.max_context_len)
 
     def generate_all(self, prompts: Sequence[Sample], *, on_progress: Progress | None = None) -> list[list[Sample]]:
         """One group per prompt, in order, request seeds `sampling.seed + position` (the same at
@@ -147,7 +163,8 @@ class RolloutManager:
             groups = self._next_groups(round_size(self.algo, target))
             samples = _flatten(groups)
             failures += self.score(samples)
-            keep = keep_groups(self.algo, torch.tensor(self.raw_rewards(samples)), group, samples=samples)
+            rewards = torch.tensor(self.raw_rewards(samples), dtype=torch.float64)  # float32 sums overflow past 1e38
+            keep = keep_groups(self.algo, rewards, group, samples=samples)
             tally = tally.add(keep)
             generated += samples
             kept += [g for g, k in zip(groups, keep.tolist()) if k]

@@ -19,10 +19,10 @@ from miles_core.data import load_prompts
 from miles_core.engine import build_engine
 from miles_core.engine.protocol import RolloutEngine
 from miles_core.errors import MilesError
-from miles_core.rl.eval import EvalSet, evaluate, load_eval_sets
+from miles_core.rl.eval import EvalSet, evaluate, fit_eval_sets, load_eval_sets
 from miles_core.rl.manager import RolloutManager, RolloutSource, SavedRollouts
 from miles_core.sample import Sample, write_samples_jsonl
-from miles_core.sync import WeightSync, build_weight_sync
+from miles_core.sync import SyncContext, WeightSync, build_weight_sync
 from miles_core.train import build_trainer
 from miles_core.train.protocol import TrainBackend
 from miles_core.utils.io import atomic_write
@@ -48,7 +48,7 @@ class RunComponents:
             raise MilesError("--debug-train-only needs --load-debug-rollout-data PATH (a file, or a template with {rollout_id})")
         records = load_prompts(cfg.data) if mode != "train_only" else None  # bad data fails fast
         eval_sets = load_eval_sets(cfg.eval) if records is not None else []
-        _prepare_output_dir(cfg, output_dir)
+        _check_output_dir(output_dir)
         loaded = load_model(cfg.model, alignment_mode=cfg.alignment.mode)
         engine = trainer = sync = None
         rollouts: RolloutSource = SavedRollouts(rollout_data or "", cfg.sampling, cfg.reward)
@@ -56,12 +56,15 @@ class RunComponents:
             engine = build_engine(cfg.engine, loaded)
             rollouts = RolloutManager(engine, loaded.tokenizer, data=cfg.data, sampling=cfg.sampling, reward=cfg.reward,
                                       algo=cfg.algo, batch_size=cfg.rollout.batch_size, prompts=records)
+            eval_sets = fit_eval_sets(eval_sets, engine, loaded.tokenizer)  # long prompts fail before step 0
         if mode != "rollout_only":
             total = cfg.loop.num_rollout * cfg.train.num_steps_per_rollout
             trainer = build_trainer(cfg.train, cfg.algo, copy.deepcopy(loaded.model),
                                     temperature=cfg.sampling.temperature, total_steps=total)
         if engine is not None and trainer is not None:
-            sync = build_weight_sync(cfg.sync, engine)
+            context = SyncContext(loaded.hf_config, loaded.path, output_dir / "weight_sync")
+            sync = build_weight_sync(cfg.sync, engine, context)
+        _write_config(cfg, output_dir)  # only once everything is built: a failed start leaves no folder
         save_all = cfg.loop.save_rollout_data or mode == "rollout_only"
         return cls(cfg, output_dir, loaded, engine, trainer, rollouts, sync, save_all, eval_sets)
 
@@ -93,10 +96,14 @@ class RunComponents:
         return path
 
 
-def _prepare_output_dir(cfg: MilesConfig, output_dir: Path) -> None:
+def _check_output_dir(output_dir: Path) -> None:
+    """A folder is taken once a run wrote metrics; one holding only config.toml is reused."""
     metrics = output_dir / "metrics.jsonl"
     if metrics.is_file() and metrics.stat().st_size > 0:
         raise MilesError(f"output dir '{output_dir}' already holds a run (metrics.jsonl); choose another --output-dir")
+
+
+def _write_config(cfg: MilesConfig, output_dir: Path) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(output_dir / "config.toml") as handle:
         handle.write(dump_toml(cfg))

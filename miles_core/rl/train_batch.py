@@ -18,6 +18,7 @@ from miles_core.rewards import scalar_reward
 from miles_core.sample import Sample
 from miles_core.train import needs_critic
 from miles_core.train.batch import TrainBatch, pad_ragged
+from miles_core.train.finite import finite_float32
 from miles_core.train.protocol import TrainBackend
 
 
@@ -25,7 +26,7 @@ def prepare_train_batch(cfg: MilesConfig, trainer: TrainBackend, samples: list[S
     """(TrainBatch with advantages, `rollout/*` metrics of what enters the update)."""
     algo, group = cfg.algo, cfg.sampling.n_samples_per_prompt
     batch = TrainBatch.from_samples(samples)
-    raw = torch.tensor([scalar_reward(s, cfg.reward) for s in samples])
+    raw = torch.tensor([scalar_reward(s, cfg.reward) for s in samples], dtype=torch.float64)  # float32 sums overflow past 1e38
     rewards = post_process_rewards(algo, raw, group, samples=samples,
                                    response_lengths=torch.tensor(batch.response_lengths),
                                    max_response_len=cfg.sampling.max_new_tokens)
@@ -39,6 +40,7 @@ def prepare_train_batch(cfg: MilesConfig, trainer: TrainBackend, samples: list[S
     advantages, returns = estimate_advantages(algo, rewards, group, loss_mask=mask, log_probs=pad(batch.old_log_probs),
                                               ref_log_probs=pad(batch.ref_log_probs), values=pad(batch.values),
                                               samples=samples)
+    advantages, returns = finite_float32("advantages", advantages), finite_float32("returns", returns)
     batch.advantages = _unpad(advantages, batch.response_lengths)
     batch.returns = None if returns is None else _unpad(returns, batch.response_lengths)
     return batch, _update_metrics(cfg, batch, rewards, advantages, returns)

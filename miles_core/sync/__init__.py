@@ -1,8 +1,9 @@
 """Weight sync between trainer and rollout engines, behind the `WeightSync` protocol.
 
-`SYNC_TRANSPORTS` maps `sync.transport` to a factory `(engine, SyncConfig) -> WeightSync`;
-transports for engines in other processes or on other machines (disk, CUDA IPC, NCCL) register
-here.
+`SYNC_TRANSPORTS` maps `sync.transport` to a factory `(engine, SyncConfig, SyncContext) ->
+WeightSync`: `inprocess` (copy into an engine of this process) and `disk` (a HF checkpoint the
+engine or its servers load by path); CUDA IPC and NCCL register here later. `auto` picks `disk`
+for engines in other processes (`engine.is_remote`, the sglang backend), else `inprocess`.
 """
 
 from __future__ import annotations
@@ -11,17 +12,34 @@ from collections.abc import Callable
 
 from miles_core.config import SyncConfig
 from miles_core.engine.protocol import RolloutEngine
-from miles_core.errors import one_of
+from miles_core.errors import MilesError, one_of
+from miles_core.sync.disk import DiskSync
 from miles_core.sync.inprocess import InProcessSync
-from miles_core.sync.protocol import SyncStats, WeightSync, buckets
+from miles_core.sync.protocol import SyncContext, SyncStats, WeightSync, buckets
 
-SYNC_TRANSPORTS: dict[str, Callable[[RolloutEngine, SyncConfig], WeightSync]] = {"inprocess": InProcessSync}
-
-
-def build_weight_sync(cfg: SyncConfig, engine: RolloutEngine) -> WeightSync:
-    if cfg.transport not in SYNC_TRANSPORTS:
-        raise one_of("sync.transport", cfg.transport, tuple(SYNC_TRANSPORTS))
-    return SYNC_TRANSPORTS[cfg.transport](engine, cfg)
+SyncFactory = Callable[[RolloutEngine, SyncConfig, SyncContext | None], WeightSync]
+SYNC_TRANSPORTS: dict[str, SyncFactory] = {
+    "inprocess": lambda engine, cfg, context: InProcessSync(engine, cfg),
+    "disk": DiskSync,
+}
 
 
-__all__ = ["SYNC_TRANSPORTS", "SyncStats", "WeightSync", "buckets", "build_weight_sync"]
+def transport_name(cfg: SyncConfig, engine: RolloutEngine) -> str:
+    """`cfg.transport`, with `auto` resolved for this engine."""
+    if cfg.transport != "auto":
+        return cfg.transport
+    return "disk" if getattr(engine, "is_remote", False) else "inprocess"
+
+
+def build_weight_sync(cfg: SyncConfig, engine: RolloutEngine, context: SyncContext | None = None) -> WeightSync:
+    name = transport_name(cfg, engine)
+    if name not in SYNC_TRANSPORTS:
+        raise one_of("sync.transport", name, tuple(SYNC_TRANSPORTS))
+    if name == "inprocess" and getattr(engine, "is_remote", False):
+        raise MilesError("sync.transport = 'inprocess' cannot reach an engine in other processes "
+                         "(engine.backend = 'sglang'); use 'disk' or 'auto'")
+    return SYNC_TRANSPORTS[name](engine, cfg, context)
+
+
+__all__ = ["SYNC_TRANSPORTS", "SyncContext", "SyncStats", "WeightSync", "buckets", "build_weight_sync",
+           "transport_name"]

@@ -9,8 +9,9 @@ pause -> update -> flush -> continue sequence, so no request is answered by half
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
@@ -21,6 +22,16 @@ class SyncStats:
     num_buckets: int
     num_bytes: int
     seconds: float
+
+
+@dataclass
+class SyncContext:
+    """What transports that write checkpoints need besides the engine: the model's HF config,
+    the folder its tokenizer files come from, and a folder of the run to write into."""
+
+    hf_config: dict[str, Any] = field(default_factory=dict)
+    source_dir: Path | None = None
+    work_dir: Path | None = None
 
 
 class WeightSync(Protocol):

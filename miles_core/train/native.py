@@ -32,6 +32,7 @@ from miles_core.config import AlgoConfig, TrainConfig
 from miles_core.errors import MilesError
 from miles_core.algo.mismatch import MismatchSums
 from miles_core.checkpoint.loading import DTYPES
+from miles_core.models.base import named_weights
 from miles_core.train.batch import (
     TrainBatch,
     call_in_dtype,
@@ -248,8 +249,8 @@ class NativeTrainer:
         return {k: v for k, v in metrics.items() if k not in _POLICY_LOSS_DUPLICATES}
 
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, param in self.model.named_parameters():  # shared (tied) parameters appear once
-            yield name, param.detach()
+        for name, tensor in named_weights(self.model):  # shared (tied) parameters appear once
+            yield name, tensor.detach()
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)

@@ -89,8 +89,8 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)
         removed.append(Path(entry.path))
-        log.warning("removed '%s' (%.1f MiB), an unfinished write of '%s' left by process %s, which no longer runs",
-                    entry.path, size / 2**20, match["name"], match["pid"])
+        log.info("removed '%s' (%.1f MiB), an unfinished write of '%s' left by process %s, which no longer runs",
+                 entry.path, size / 2**20, match["name"], match["pid"])
     return removed
 
 

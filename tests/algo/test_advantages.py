@@ -208,3 +208,12 @@ def test_reinforce_plus_plus_is_whitened_once_with_normalize_advantages(name):
                                  log_probs=torch.tensor([[-1.0], [-1.0]]),
                                  ref_log_probs=torch.tensor([[-1.001], [-1.002]]))
     torch.testing.assert_close(adv, torch.tensor([[0.049875], [-0.049875]]), atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("big", [3e38, 1e300])
+def test_grpo_advantages_of_huge_float64_rewards(big):
+    # group (0, big): mean big/2, centred -+big/2, unbiased std = sqrt(2 (big/2)^2 / 1) = big/2 * sqrt(2)
+    # -> A = -+1/sqrt(2). 3e38 overflows float32 sums; 1e300 squared overflows even float64.
+    rewards = torch.tensor([0.0, big, big, big], dtype=torch.float64)
+    advantages = group_advantages(rewards, 2, normalize_std=True)
+    torch.testing.assert_close(advantages, torch.tensor([-0.5**0.5, 0.5**0.5, 0.0, 0.0], dtype=torch.float64))

@@ -62,7 +62,7 @@ def test_moe_recipe_reports_routing_agreement():
 @pytest.mark.parametrize("args, message", [
     (["--batch-sizes", "1,x"], "--batch-sizes '1,x' must be comma-separated integers"),
     (["--batch-sizes", "0"], "--batch-sizes '0' must list integers >= 1"),
-    (["--engine", "sglang"], "unknown engine 'sglang'"),
+    (["--engine", "vllm"], "unknown engine 'vllm'"),
     (["--trainer", "megatron"], "unknown trainer 'megatron'"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, message):

@@ -183,7 +183,7 @@ def test_nonexistent_prompt_file(tmp_path):
 def test_prompt_longer_than_the_context(tmp_path):
     out = tmp_path / "out.jsonl"
     assert_refused(rollout("-o", str(out), "--set", "engine.max_context_len=8"), out,
-                   "prompt of request", "the context holds 8")
+                   "task 'arithmetic' record 0: prompt", "has 33 tokens; the limit is 7 (context 8")
 
 
 def test_unknown_model_source(tmp_path):

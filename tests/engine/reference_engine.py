@@ -26,6 +26,7 @@ from miles_core.engine.protocol import GenerateRequest, Generation
 from miles_core.engine.sampler import sample_tokens
 from miles_core.errors import MilesError
 from miles_core.kernels import model_ops
+from miles_core.models.base import named_weights
 from miles_core.models.routing import RoutingContext
 
 
@@ -74,7 +75,7 @@ class ReferenceEngine:
 
     # -- control ---------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> None:
-        params = dict(self.model.named_parameters(remove_duplicate=False))
+        params = dict(named_weights(self.model, remove_duplicate=False))  # and persistent buffers
         updates = list(named_tensors)  # references, not copies: all are checked before any is written
         for name, tensor in updates:
             if name not in params:

@@ -133,7 +133,7 @@ def test_programmatic_configs_need_no_recipe():
     ('[[eval.datasets]]\nname = "a"\n[[eval.datasets]]\nname = "a"\n', "eval: dataset names must be unique, got 'a'"),
     ('[[eval.datasets]]\nname = "a"\nsamples = 3\n', "unknown config key 'eval.datasets[0].samples'"),
     ('[[eval.datasets]]\nname = "a"\n[eval.datasets.sampling]\nn_samples_per_prompt = 0\n',
-     "eval.datasets[0].sampling: n_samples_per_prompt must be >= 1, got 0"),
+     "eval.datasets[0].sampling: n_samples_per_prompt must be in [1, 1048576], got 0"),
     ('[[eval.datasets]]\nname = "a"\n[eval.datasets.data]\npath = "x.jsonl"\ntask = "arithmetic"\n',
      "eval.datasets[0].data: set only one of path or task"),
     ('[eval]\ndatasets = ["a"]\n', "config section 'eval.datasets[0]' must be a table, got 'a'"),

@@ -88,10 +88,10 @@ def test_dict_rewards(plugin):
 def test_dict_without_usable_key_is_a_failure(plugin):
     plugin.scores = lambda sample: {"acc": 1.0, "format": 0.0}
     samples = _samples("a")
-    stats = compute_rewards(samples, RewardConfig(type="reward_fns:scores"))
+    stats = compute_rewards(samples, RewardConfig(type="reward_fns:scores", max_failure_fraction=1.0))
     assert stats.num_failed == 1 and samples[0].reward == 0.0
     assert stats.first_error == "sample 0: reward dict has no 'reward' entry; set reward.key to one of ['acc', 'format']"
-    stats = compute_rewards(samples, RewardConfig(type="reward_fns:scores", key="accuracy"))
+    stats = compute_rewards(samples, RewardConfig(type="reward_fns:scores", key="accuracy", max_failure_fraction=1.0))
     assert "reward dict has no key 'accuracy' (reward.key); its keys are ['acc', 'format']" in stats.first_error
 
 
@@ -103,7 +103,7 @@ def test_dict_without_usable_key_is_a_failure(plugin):
 def test_unusable_values_are_failures(plugin, value, message):
     plugin.weird = lambda sample: value
     samples = _samples("a")
-    stats = compute_rewards(samples, RewardConfig(type="reward_fns:weird"))
+    stats = compute_rewards(samples, RewardConfig(type="reward_fns:weird", max_failure_fraction=1.0))
     assert stats.num_failed == 1 and stats.first_error == f"sample 0: {message}" and samples[0].reward == 0.0
 
 
@@ -124,3 +124,44 @@ def test_empty_batch():
 def test_unknown_reward_type_is_an_error_not_a_failure():
     with pytest.raises(MilesError, match="unknown reward 'f2'"):
         compute_rewards(_samples("a"), RewardConfig(type="f2"))
+
+
+def test_a_hanging_sync_reward_times_out_without_being_waited_for(plugin):
+    import threading
+    import time
+
+    release = threading.Event()
+    plugin.hangs = lambda sample: release.wait() if sample.index == 1 else 1.0
+    start = time.perf_counter()
+    samples = _samples("a", "b", "c")
+    stats = compute_rewards(samples, RewardConfig(type="reward_fns:hangs", timeout=0.2))
+    release.set()
+    assert time.perf_counter() - start < 2
+    assert (stats.num_failed, stats.first_error) == (1, "sample 1: timed out after 0.2 s (reward.timeout)")
+    assert [s.reward for s in samples] == [1.0, 0.0, 1.0]
+
+
+def test_a_hanging_async_reward_times_out(plugin):
+    async def hangs(sample):
+        await asyncio.sleep(30 if sample.index == 0 else 0)
+        return 1.0
+
+    plugin.hangs = hangs
+    stats = compute_rewards(_samples("a", "b", "c"), RewardConfig(type="reward_fns:hangs", timeout=0.1))
+    assert (stats.num_failed, stats.first_error) == (1, "sample 0: timed out after 0.1 s (reward.timeout)")
+
+
+def test_too_many_failures_stop_with_the_first_message(plugin, caplog):
+    def broken(sample):
+        if sample.index != 2:
+            raise RuntimeError("judge unreachable")
+        return 1.0
+
+    plugin.broken = broken
+    with pytest.raises(MilesError) as err:
+        compute_rewards(_samples("a", "b", "c"), RewardConfig(type="reward_fns:broken"))
+    assert str(err.value) == ("2 of 3 reward calls failed (reward_fns:broken); first: sample 0: RuntimeError: judge "
+                              "unreachable; more than reward.max_failure_fraction = 0.5")
+    stats = compute_rewards(_samples("a", "b", "c"), RewardConfig(type="reward_fns:broken", max_failure_fraction=0.7))
+    assert stats.num_failed == 2
+    assert "2 of 3 reward calls failed (reward_fns:broken); first: sample 0: RuntimeError" in caplog.text

@@ -73,9 +73,9 @@ def test_inprocess_resumes_the_engine_when_a_bucket_is_refused():
 def test_unknown_transport_is_refused():
     cfg = SyncConfig()
     object.__setattr__(cfg, "transport", "nccl")  # the recipe schema lists only shipped transports
-    with pytest.raises(MilesError, match="unknown sync.transport 'nccl'; expected one of: inprocess"):
+    with pytest.raises(MilesError, match="unknown sync.transport 'nccl'; expected one of: disk, inprocess"):
         build_weight_sync(cfg, RecordingEngine())
-    assert set(SYNC_TRANSPORTS) == {"inprocess"}
+    assert set(SYNC_TRANSPORTS) == {"disk", "inprocess"}
 
 
 def test_native_engine_holds_the_trainer_weights_bitwise_after_a_push(tmp_path, monkeypatch):

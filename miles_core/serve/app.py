@@ -1,0 +1,76 @@
+"""The `miles serve` FastAPI app: auth, body limits and error shapes around the SGLang-native and
+OpenAI routes; `serve()` loads a model and runs it under uvicorn.
+
+Security: with an api key every route but `/health` needs `Authorization: Bearer KEY`; the
+weight-update and memory routes are refused without a key unless
+`allow_unauthenticated_weight_updates`. Every error is JSON `{"error": {"message", "code"}}`
+(SGLang's `ErrorBody`); nothing answers a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException
+
+from miles_core.serve import native_routes, openai_routes
+from miles_core.serve.bodies import error_response
+from miles_core.serve.state import RequestError, ServeState
+
+logger = logging.getLogger("miles.serve")
+
+PROTECTED_ROUTES = frozenset({
+    "/update_weights_from_disk", "/update_weights_from_tensor",
+    "/release_memory_occupation", "/resume_memory_occupation",
+})
+OPEN_ROUTES = frozenset({"/health"})
+
+
+def create_app(state: ServeState) -> FastAPI:
+    """The app over a ready `ServeState` (engine, worker, tokenizer, options)."""
+    app = FastAPI(title="miles serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.serve = state
+    app.include_router(native_routes.router)
+    app.include_router(openai_routes.router)
+    _add_guards(app, state)
+    _add_error_handlers(app)
+    return app
+
+
+def _add_guards(app: FastAPI, state: ServeState) -> None:
+    options = state.options
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        path = request.url.path
+        if path not in OPEN_ROUTES and options.api_key and not _authorized(request, options.api_key):
+            return error_response("missing or wrong api key (Authorization: Bearer KEY)", 401)
+        if path in PROTECTED_ROUTES and not options.api_key and not options.allow_unauthenticated_weight_updates:
+            return error_response(f"{path} needs --api-key (or --allow-unauthenticated-weight-updates)", 403)
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > options.max_request_bytes:
+            return error_response(f"request body of {length} bytes exceeds --max-request-bytes "
+                                  f"({options.max_request_bytes})", 413)
+        return await call_next(request)
+
+
+def _authorized(request: Request, key: str) -> bool:
+    header = request.headers.get("authorization", "")
+    return secrets.compare_digest(header.encode(), f"Bearer {key}".encode())
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestError)
+    async def bad_request(request: Request, err: RequestError):
+        return error_response(str(err), err.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException):
+        return error_response(str(err.detail), err.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, err: Exception):
+        logger.exception("miles serve: %s failed", request.url.path)
+        return error_response(f"internal error ({type(err).__name__}): {err}", 500)

@@ -1,0 +1,44 @@
+"""Request bodies in, error bodies out: JSON parsing with size and schema checks for the routes of
+`miles serve`, and the one error shape `{"error": {"message": ..., "code": status}}`."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+
+from miles_core.serve.state import RequestError, ServeState
+
+
+def error_response(message: str, status: int) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "code": status}}, status_code=status)
+
+
+async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
+    """The request body validated against `model`; `RequestError` (400/413) otherwise."""
+    state: ServeState = request.app.state.serve
+    body = await request.body()
+    if len(body) > state.options.max_request_bytes:
+        raise RequestError(f"request body of {len(body)} bytes exceeds --max-request-bytes "
+                           f"({state.options.max_request_bytes})", 413)
+    if not body.strip():
+        body = b"{}"
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RequestError(f"malformed JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise RequestError(f"the body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise RequestError(validation_message(err)) from None
+
+
+def validation_message(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "body"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{where}: {first['msg']}{more}"

@@ -1,0 +1,155 @@
+"""OpenAI-compatible routes: `/v1/models`, `/v1/completions`, `/v1/chat/completions`.
+
+Chat prompts go through the tokenizer's chat template (with `add_generation_prompt`). Streaming
+answers are server-sent `chat.completion.chunk` / `text_completion` events ending in
+`data: [DONE]`; as on the native route, each choice's text arrives in one chunk because the
+engine has no per-token callback. `logprobs` (chat: true; completions: 0) return the sampled
+tokens' log-probs; top alternatives are not computed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from miles_core.serve.bodies import parse_body
+from miles_core.serve.schemas import ChatBody, CompletionBody, SamplingParams
+from miles_core.serve.state import RequestError, ServeState
+from miles_core.serve.worker import Aborted
+
+router = APIRouter()
+
+
+def _finish(gen) -> str:
+    return {"stop": "stop", "length": "length"}.get(gen.finish_reason.get("type"), "abort")
+
+
+def _params(state: ServeState, body, max_tokens: int | None) -> SamplingParams:
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop
+    return SamplingParams(max_new_tokens=max_tokens or state.facts.max_context_len, stop=stop,
+                          temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, n=body.n,
+                          no_stop_trim=body.no_stop_trim, skip_special_tokens=body.skip_special_tokens,
+                          sampling_seed=body.seed)
+
+
+def _usage(prompts: list[list[int]], outputs) -> dict:
+    prompt = sum(len(p) for p in prompts)
+    completion = sum(len(g.output_ids) for gens in outputs for g in gens)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _run(state: ServeState, prompts: list[list[int]], params: SamplingParams, prefix: str):
+    requests = [state.request(ids, params, rid=f"{prefix}-{uuid.uuid4().hex}") for ids in prompts]
+    try:
+        return await state.worker.generate(requests)
+    except Aborted as err:
+        raise RequestError(f"request aborted: {err}", 503) from None
+
+
+def _sse(events) -> StreamingResponse:
+    async def body():
+        for event in events:
+            yield f"data: {json.dumps(event)}\n\n"
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+# -- models --------------------------------------------------------------------------------------
+@router.get("/v1/models")
+async def list_models(request: Request):
+    state: ServeState = request.app.state.serve
+    card = {"id": state.model_name, "object": "model", "created": 0, "owned_by": "miles",
+            "root": state.facts.model_path, "max_model_len": state.facts.max_context_len}
+    return {"object": "list", "data": [card]}
+
+
+# -- completions ---------------------------------------------------------------------------------
+def _completion_prompts(state: ServeState, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [state.encode(prompt)]
+    if prompt and all(isinstance(p, str) for p in prompt):
+        return [state.encode(p) for p in prompt]
+    if prompt and isinstance(prompt[0], list):
+        return [list(p) for p in prompt]
+    return [list(prompt)]
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    state: ServeState = request.app.state.serve
+    body = await parse_body(request, CompletionBody)
+    prompts = _completion_prompts(state, body.prompt)
+    outputs = await _run(state, prompts, _params(state, body, body.max_tokens), "cmpl")
+    choices = []
+    for gens in outputs:
+        for gen in gens:
+            params = _params(state, body, body.max_tokens)
+            logprobs = None
+            if body.logprobs is not None:
+                tokens = [state.tokenizer.decode([t]) for t in gen.output_ids]
+                logprobs = {"tokens": tokens, "token_logprobs": list(gen.output_logprobs),
+                            "top_logprobs": [None] * len(tokens), "text_offset": []}
+            choices.append({"index": len(choices), "text": state.text_of(gen, params), "logprobs": logprobs,
+                            "finish_reason": _finish(gen)})
+    base = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
+    if body.stream:
+        return _sse([{**base, "object": "text_completion", "choices": [c]} for c in choices])
+    return {**base, "object": "text_completion", "choices": choices, "usage": _usage(prompts, outputs)}
+
+
+# -- chat ----------------------------------------------------------------------------------------
+def _chat_prompt(state: ServeState, body: ChatBody) -> list[int]:
+    messages = []
+    for message in body.messages:
+        content = message.content
+        if isinstance(content, list):
+            content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
+        messages.append({**message.model_dump(exclude_none=True), "content": content or ""})
+    if not getattr(state.tokenizer, "chat_template", None):
+        raise RequestError("the served model's tokenizer has no chat template; use /v1/completions")
+    encoded = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True, **(body.chat_template_kwargs or {}))
+    return [int(i) for i in encoded["input_ids"]]
+
+
+def _chat_logprobs(state: ServeState, gen) -> dict:
+    content = []
+    for token, logprob in zip(gen.output_ids, gen.output_logprobs):
+        text = state.tokenizer.decode([token])
+        content.append({"token": text, "logprob": logprob, "bytes": list(text.encode()), "top_logprobs": []})
+    return {"content": content}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    state: ServeState = request.app.state.serve
+    body = await parse_body(request, ChatBody)
+    prompt = _chat_prompt(state, body)
+    params = _params(state, body, body.max_completion_tokens or body.max_tokens)
+    outputs = await _run(state, [prompt], params, "chatcmpl")
+    base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
+    choices = [{"index": j, "message": {"role": "assistant", "content": state.text_of(gen, params)},
+                "logprobs": _chat_logprobs(state, gen) if body.logprobs else None, "finish_reason": _finish(gen)}
+               for j, gen in enumerate(outputs[0])]
+    usage = _usage([prompt], outputs)
+    if body.stream:
+        return _sse(_chat_chunks(base, choices, usage, include_usage=bool((body.stream_options or {}).get("include_usage"))))
+    return {**base, "object": "chat.completion", "choices": choices, "usage": usage}
+
+
+def _chat_chunks(base: dict, choices: list[dict], usage: dict, *, include_usage: bool) -> list[dict]:
+    chunk = {**base, "object": "chat.completion.chunk"}
+    events = []
+    for c in choices:
+        delta = {"role": "assistant", "content": c["message"]["content"]}
+        events.append({**chunk, "choices": [{"index": c["index"], "delta": delta, "logprobs": c["logprobs"],
+                                             "finish_reason": None}]})
+        events.append({**chunk, "choices": [{"index": c["index"], "delta": {}, "logprobs": None,
+                                             "finish_reason": c["finish_reason"]}]})
+    if include_usage:
+        events.append({**chunk, "choices": [], "usage": usage})
+    return events

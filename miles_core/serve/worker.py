@@ -1,0 +1,234 @@
+"""The batching worker: concurrent HTTP requests in, one `RolloutEngine.generate` call out.
+
+Route handlers (on the asyncio loop) `submit` a job (a list of `GenerateRequest`s) and await its
+future. One worker thread owns the engine: it takes the first waiting job, keeps collecting jobs
+for `window_s` (or until `max_batch_size` sequences are gathered), runs them through a single
+`engine.generate` call and hands each job its slice of the results. Control operations (weight
+updates, flush, pause) run on the same thread between batches, so they never interleave with a
+generation. Only the `RolloutEngine` protocol is used, so this works with today's engine and with
+one that schedules continuously.
+
+Abort (by rid, or a client that disconnects): a job still waiting is dropped before it reaches the
+engine. A job whose batch already runs is answered at once as aborted, but its sequences keep
+decoding until the batch ends (the protocol has no per-sequence cancel); the result is discarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Any
+
+from miles_core.engine.protocol import GenerateRequest, Generation, RolloutEngine
+
+
+class Aborted(Exception):
+    """The job was aborted (by rid, by a disconnected client, or by shutdown) before it ran."""
+
+
+@dataclass
+class _Job:
+    requests: list[GenerateRequest]
+    future: Future
+    num_sequences: int = 0
+    aborted: bool = False
+
+    def __post_init__(self) -> None:
+        self.num_sequences = sum(r.sampling.n_samples_per_prompt for r in self.requests)
+
+
+@dataclass
+class _Control:
+    fn: Callable[[], Any]
+    future: Future
+
+
+@dataclass
+class WorkerStats:
+    num_batches: int = 0
+    num_jobs: int = 0
+    num_sequences: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+class BatchingWorker:
+    """One thread that owns the engine and batches concurrent jobs into `generate` calls."""
+
+    def __init__(self, engine: RolloutEngine, *, max_batch_size: int, window_s: float = 0.005) -> None:
+        self.engine, self.max_batch_size, self.window_s = engine, max_batch_size, window_s
+        self.stats = WorkerStats()
+        self._queue: queue.Queue = queue.Queue()
+        self._pending: list[_Job] = []
+        self._running: list[_Job] = []
+        self._lock = threading.Lock()
+        self._unpaused = threading.Event()
+        self._unpaused.set()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="miles-serve-worker", daemon=True)
+        self._thread.start()
+
+    # -- called from route handlers ----------------------------------------------------------
+    async def generate(self, requests: list[GenerateRequest]) -> list[list[Generation]]:
+        """Answer `requests` (one list of n generations each); raises `Aborted` if aborted first."""
+        job = _Job(list(requests), Future())
+        with self._lock:
+            self._pending.append(job)
+        self._queue.put(None)  # wake the loop
+        try:
+            return await asyncio.wrap_future(job.future)
+        except asyncio.CancelledError:  # the client went away: free its place in the queue
+            self._abort_jobs(lambda j: j is job)
+            raise
+
+    async def control(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the worker thread between batches (weight updates, flush)."""
+        item = _Control(fn, Future())
+        self._queue.put(item)
+        return await asyncio.wrap_future(item.future)
+
+    def abort(self, rid: str = "", abort_all: bool = False) -> int:
+        """Abort waiting jobs holding a request with this rid (or all); returns how many."""
+        return self._abort_jobs(lambda j: abort_all or any(r.rid == rid for r in j.requests))
+
+    def pause(self) -> None:
+        """Stop starting new batches (requests wait); control operations still run."""
+        self._unpaused.clear()
+        self._queue.put(None)  # wake the loop
+
+    def resume(self) -> None:
+        self._unpaused.set()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def paused(self) -> bool:
+        return not self._unpaused.is_set()
+
+    def close(self) -> None:
+        self._stop = True
+        self._unpaused.set()
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+        self.abort(abort_all=True)
+
+    # -- the worker thread -------------------------------------------------------------------
+    def _abort_jobs(self, match: Callable[[_Job], bool]) -> int:
+        count = 0
+        with self._lock:
+            jobs = [j for j in self._pending + self._running if match(j) and not j.aborted]
+            for job in jobs:
+                job.aborted = True
+                count += 1
+        for job in jobs:
+            _resolve(job.future, error=Aborted("aborted"))
+        return count
+
+    def _loop(self) -> None:
+        while not self._stop:
+            self._drain(block=not self._pending_jobs())
+            if self._stop:
+                break
+            if not self._pending_jobs() or not self._unpaused.is_set():
+                continue
+            if self.window_s > 0:
+                self._collect_window()
+            self._run_batch(self._take_batch())
+
+    def _pending_jobs(self) -> list[_Job]:
+        with self._lock:
+            self._pending = [j for j in self._pending if not j.aborted]
+            return list(self._pending)
+
+    def _drain(self, *, block: bool, timeout: float | None = None) -> None:
+        """Move queued items into the pending list; run control items right away."""
+        try:
+            item = self._queue.get(block=block, timeout=timeout)
+        except queue.Empty:
+            return
+        while True:
+            if isinstance(item, _Control):
+                _settle(item.future, item.fn)
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def _collect_window(self) -> None:
+        deadline = time.monotonic() + self.window_s
+        while sum(j.num_sequences for j in self._pending_jobs()) < self.max_batch_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._drain(block=True, timeout=left)
+
+    def _take_batch(self) -> list[_Job]:
+        """Jobs in arrival order up to `max_batch_size` sequences (at least one job)."""
+        with self._lock:
+            batch, size = [], 0
+            for job in self._pending:
+                if batch and size + job.num_sequences > self.max_batch_size:
+                    break
+                batch.append(job)
+                size += job.num_sequences
+            self._pending = self._pending[len(batch):]
+            self._running = batch
+        return batch
+
+    def _run_batch(self, jobs: list[_Job]) -> None:
+        try:
+            self._generate(jobs)
+        finally:
+            with self._lock:
+                self._running = []
+
+    def _generate(self, jobs: list[_Job]) -> None:
+        jobs = [j for j in jobs if not j.aborted]
+        if not jobs:
+            return
+        requests = [r for job in jobs for r in job.requests]
+        try:
+            outputs = self.engine.generate(requests)
+        except Exception as err:  # noqa: BLE001 - one bad job must not fail its neighbours
+            if len(jobs) == 1:
+                _resolve(jobs[0].future, error=err)
+            else:
+                for job in jobs:
+                    self._generate([job])
+            return
+        self._record(jobs)
+        start = 0
+        for job in jobs:
+            _resolve(job.future, outputs[start:start + len(job.requests)])
+            start += len(job.requests)
+
+    def _record(self, jobs: list[_Job]) -> None:
+        size = sum(j.num_sequences for j in jobs)
+        self.stats.num_batches += 1
+        self.stats.num_jobs += len(jobs)
+        self.stats.num_sequences += size
+        self.stats.batch_sizes.append(size)
+
+
+def _settle(future: Future, fn: Callable[[], Any]) -> None:
+    try:
+        _resolve(future, fn())
+    except Exception as err:  # noqa: BLE001 - handed to the awaiting route
+        _resolve(future, error=err)
+
+
+def _resolve(future: Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Settle a future unless an abort (another thread) settled it first."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass

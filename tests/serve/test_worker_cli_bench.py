@@ -1,0 +1,138 @@
+"""The batching worker (concurrent jobs batched, a bad job isolated, waiting jobs aborted), the
+`disk` sync transport with the native engine, the `miles serve` command in a subprocess, and the
+throughput bench's CPU smoke run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from miles_core.config import SamplingConfig, SyncConfig, load_config
+from miles_core.engine.protocol import GenerateRequest, Generation
+from miles_core.errors import MilesError
+from miles_core.serve.worker import Aborted, BatchingWorker
+from miles_core.sync import SyncContext, build_weight_sync
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class EchoEngine:
+    """Answers each request with its own prompt; refuses prompts starting with 0."""
+
+    weight_version = "0"
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def generate(self, requests, on_progress=None):
+        self.calls.append(len(requests))
+        time.sleep(0.05)
+        if any(r.input_ids[0] == 0 for r in requests):
+            raise MilesError("bad prompt")
+        return [[Generation(list(r.input_ids), [0.0] * len(r.input_ids), {"type": "length", "length": 1}, "",
+                            len(r.input_ids), "0")] for r in requests]
+
+
+def _request(first: int) -> GenerateRequest:
+    return GenerateRequest(input_ids=[first, 1], sampling=SamplingConfig(max_new_tokens=1))
+
+
+def test_worker_batches_concurrent_jobs_and_isolates_a_bad_one():
+    engine = EchoEngine()
+    worker = BatchingWorker(engine, max_batch_size=8, window_s=0.05)
+
+    async def run():
+        return await asyncio.gather(*(worker.generate([_request(k)]) for k in range(6)), return_exceptions=True)
+
+    try:
+        results = asyncio.run(run())
+    finally:
+        worker.close()
+    assert isinstance(results[0], MilesError)
+    assert [r[0][0].output_ids[0] for r in results[1:]] == [1, 2, 3, 4, 5]
+    assert engine.calls[0] == 6 and sorted(engine.calls[1:]) == [1] * 6  # one batch, then each alone
+
+
+def test_worker_aborts_waiting_jobs_by_rid():
+    worker = BatchingWorker(EchoEngine(), max_batch_size=8, window_s=0.0)
+    worker.pause()
+
+    async def run():
+        job = asyncio.ensure_future(worker.generate([GenerateRequest([5], SamplingConfig(), rid="x")]))
+        await asyncio.sleep(0.05)
+        assert worker.abort("x") == 1
+        with pytest.raises(Aborted):
+            await job
+
+    try:
+        asyncio.run(run())
+    finally:
+        worker.close()
+
+
+def test_disk_transport_writes_a_checkpoint_the_engine_loads(tmp_path):
+    from miles_core.checkpoint.loading import load_model
+    from miles_core.engine import build_engine
+
+    cfg = load_config("tiny")
+    loaded = load_model(cfg.model)
+    engine = build_engine(cfg.engine, loaded)
+    sync = build_weight_sync(SyncConfig(transport="disk"), engine, SyncContext(loaded.hf_config, loaded.path, tmp_path))
+    halved = [(n, p.detach() * 0.5) for n, p in loaded.model.named_parameters()]
+    stats = sync.push(halved, version="3")
+    assert engine.weight_version == "3" and stats.num_tensors == len(halved)
+    assert all(torch.equal(p, t) for (_, t), p in zip(halved, loaded.model.parameters()))
+    sync.push(halved, version="4")
+    assert [p.name for p in tmp_path.iterdir()] == ["v4"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_miles_serve_command_serves_and_stops_on_sigterm():
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-m", "miles_cli.app", "serve", "--model", "tiny-qwen3", "--port", str(port),
+                                "--api-key", "k", "--set", 'model.device="cpu"'],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+            time.sleep(0.3)
+        answer = httpx.post(f"http://127.0.0.1:{port}/generate", headers={"Authorization": "Bearer k"},
+                            json={"text": "hi", "sampling_params": {"max_new_tokens": 2}}, timeout=30)
+        assert answer.status_code == 200 and answer.json()["meta_info"]["completion_tokens"] == 2
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=30)[0]
+    assert f"at http://127.0.0.1:{port}" in output
+
+
+def test_serve_throughput_bench_runs_on_cpu(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import serve_throughput
+    finally:
+        sys.path.pop(0)
+    rows = serve_throughput.main(["--device", "cpu", "--tiny", "--out", str(tmp_path / "r.md")])
+    assert rows[0]["serve"]["errors"] == 0 and rows[0]["serve"]["requests"] == rows[0]["in_process"]["requests"]
+    assert "| 8 | serve |" in (tmp_path / "r.md").read_text()
