@@ -4,7 +4,9 @@ Errors: a `MilesError` (bad input) prints one red line and exits with code 2; so
 `OSError` naming a path (permission, not a folder, disk full). `--debug` (before or after the
 subcommand) prints the traceback first and keeps the exit code. Ctrl-C exits 130 and SIGTERM 143,
 each with one line, whatever exception the interrupted code turned the signal into; writers
-clean their temporaries on the way out. Heavy libraries are imported inside commands, never here.
+clean their temporaries on the way out. A `graceful` command (`miles train`) is only asked to
+stop by the first signal (`Run.stop_requested`: it finishes the step and saves); a second one
+interrupts at once. Heavy libraries are imported inside commands, never here.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 import signal
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -52,6 +54,13 @@ class Run:
     """What a command tells the error handler: where its partial output is, if anywhere."""
 
     partial: Path | None = None
+    resume_hint: str | None = None
+    """The command line that continues the run, printed after a signal."""
+    signals: list[int] = field(default_factory=list)
+
+    def stop_requested(self) -> bool:
+        """Whether a signal asked the command to stop (graceful mode)."""
+        return bool(self.signals)
 
 
 class _ConsoleHandler(logging.Handler):
@@ -64,15 +73,16 @@ class _ConsoleHandler(logging.Handler):
 
 
 @contextlib.contextmanager
-def cli_errors() -> Iterator[Run]:
+def cli_errors(graceful: bool = False) -> Iterator[Run]:
     """Map user errors to one line + exit code 2, Ctrl-C to 130, SIGTERM to 143; show the core
-    library's warnings (logger `miles`) as `warning:` lines."""
-    run, signals = Run(), []
+    library's warnings (logger `miles`) as `warning:` lines. `graceful`: see the module doc."""
+    run = Run()
+    signals = run.signals
     handler, logger = _ConsoleHandler(logging.INFO), logging.getLogger("miles")
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    with _catch_signals(signals):
+    with _catch_signals(signals, graceful):
         try:
             yield run
         except BaseException as err:  # noqa: BLE001 - every exit path is mapped below
@@ -89,6 +99,7 @@ def _report(err: BaseException, signals: list[int], run: Run) -> None:
     if signals:  # whatever the code turned the signal into (KeyboardInterrupt, ValueError, ...)
         term = signals[0] == signal.SIGTERM
         where = f"; partial output in '{run.partial}'" if run.partial is not None and run.partial.exists() else ""
+        where += f"; resume with: {run.resume_hint}" if run.resume_hint and where else ""
         err_console.print(f"[yellow]{'terminated' if term else 'interrupted'}[/]{escape(where)}", highlight=False)
         raise typer.Exit(143 if term else 130) from None
     if isinstance(err, KeyboardInterrupt):
@@ -115,16 +126,24 @@ def _errno_name(number: int) -> str:
 
 
 @contextlib.contextmanager
-def _catch_signals(signals: list[int]) -> Iterator[None]:
+def _catch_signals(signals: list[int], graceful: bool = False) -> Iterator[None]:
     """SIGINT and SIGTERM raise KeyboardInterrupt once and are recorded; repeats are ignored so
-    that cleanup (removing a half-written temp folder) can finish."""
+    that cleanup (removing a half-written temp folder) can finish. `graceful`: the first signal
+    is only recorded (the command polls it), the second raises."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
+        if graceful and len(signals) == 1:
+            signals.append(signum)
+            raise KeyboardInterrupt
         if not signals:
             signals.append(signum)
+            if graceful:
+                err_console.print("[yellow]stopping after the current step, with a checkpoint; a second signal "
+                                  "stops at once[/]", highlight=False)
+                return
             raise KeyboardInterrupt
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import shlex
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -54,10 +56,14 @@ def train(
     load_debug_rollout_data: Annotated[Optional[str], typer.Option(help="Samples for --debug-train-only: a JSONL file or a template with {rollout_id}.")] = None,
     print_config: Annotated[bool, typer.Option(help="Print the resolved recipe (TOML) and exit without training.")] = False,
     save_recipe: Annotated[Optional[Path], typer.Option(help="Write the resolved recipe (e.g. from slime flags) to this .toml file and exit.")] = None,
+    save_interval: Annotated[Optional[int], typer.Option(help="Full checkpoint every N rollout steps (loop.save_interval).")] = None,
+    keep_last: Annotated[Optional[int], typer.Option(help="Keep only the newest K checkpoints (loop.keep_last).")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="'auto': continue the run in --output-dir from its latest checkpoint (or start it); or a checkpoint / run folder.")] = None,
+    load: Annotated[Optional[str], typer.Option(help="slime's --load: resume from DIR's latest checkpoint when it has one, else start fresh.")] = None,
     _debug: DebugOption = False,
 ) -> None:
     """Run `loop.num_rollout` GRPO steps and write metrics, checkpoints and the resolved config."""
-    with cli_errors() as run:
+    with cli_errors(graceful=True) as run:
         from miles_core.errors import MilesError
         from miles_core.launch.slime_flags import resolve_config
 
@@ -68,6 +74,10 @@ def train(
             options.append(f"loop.num_rollout={num_rollout}")
         if hf_checkpoint is not None:
             options.append(f"model.source={json.dumps(hf_checkpoint)}")
+        if resume is not None and load is not None:
+            raise MilesError("--resume and --load both name a checkpoint to continue from; keep one")
+        options += [f"loop.{key}={value}" for key, value in (("save_interval", save_interval), ("keep_last", keep_last))
+                    if value is not None]
         cfg, launch, defaults = resolve_config(recipe, list(ctx.args), options + list(overrides or []))
         if output_dir is not None and "--save" in launch.given:
             raise MilesError("--output-dir and --save both name the run folder; keep one")
@@ -78,7 +88,8 @@ def train(
         if print_config or save_recipe:
             _show_or_save(cfg, save_recipe, list(ctx.args), recipe)
             return
-        _run(cfg, recipe or "slime", output_dir, debug_rollout_only, debug_train_only, load_debug_rollout_data, run)
+        mode = "rollout_only" if debug_rollout_only else "train_only" if debug_train_only else "full"
+        _run(cfg, recipe or "slime", output_dir, mode, load_debug_rollout_data, run, resume or load, resume is not None)
 
 
 def _show_or_save(cfg, path: Optional[Path], flags: list[str], recipe: Optional[str]) -> None:
@@ -96,28 +107,55 @@ def _show_or_save(cfg, path: Optional[Path], flags: list[str], recipe: Optional[
     console.print(f"recipe: {path}")
 
 
-def _run(cfg, recipe: str, output_dir: Optional[Path], debug_rollout_only: bool, debug_train_only: bool,
-         load_debug_rollout_data: Optional[str], run) -> None:
+def _run(cfg, recipe: str, output_dir: Optional[Path], mode: str, load_debug_rollout_data: Optional[str], run,
+         resume: Optional[str], resume_required: bool) -> None:
+    from miles_core.errors import MilesError
     from miles_core.rl.loop import run_training
     from miles_core.utils.io import check_output_dir
 
-    out = output_dir or Path(cfg.loop.output_dir or _default_run_dir(recipe))
-    check_output_dir(out)
-    run.partial = out
-    mode = "rollout_only" if debug_rollout_only else "train_only" if debug_train_only else "full"
+    out = output_dir or Path(cfg.loop.output_dir or _run_dir_of(resume) or _default_run_dir(recipe))
+    if resume == "auto" and not (output_dir or cfg.loop.output_dir):
+        raise MilesError("--resume auto continues the run in --output-dir (or --save): name that folder")
+    check_output_dir(out)  # also removes the temp folder of a save that a kill cut short
+    run.partial, run.resume_hint = out, _resume_hint(out)
     console.print(f"[bold]miles train[/] recipe={recipe} mode={mode} output={out}")
     if mode == "train_only" and cfg.eval.datasets:
         console.print("eval: skipped (--debug-train-only has no rollout engine)")
     with progress_bar(TextColumn("reward {task.fields[reward]}"), remaining=True) as progress:
         task = progress.add_task("rollout steps", total=cfg.loop.num_rollout, reward="-")
-        result = run_training(cfg, out, mode=mode, rollout_data=load_debug_rollout_data,
+        result = run_training(cfg, out, mode=mode, rollout_data=load_debug_rollout_data, resume=resume,
+                              resume_required=resume_required, should_stop=run.stop_requested,
                               on_step=lambda step, m: progress.update(task, advance=1, reward=_fmt(m.get("rollout/raw_reward"))))
+        progress.update(task, completed=cfg.loop.num_rollout)
     print_table(_summary_table(result.history))
     for table in _eval_tables(result.evals):
         print_table(table)
     for path in result.checkpoints[-1:]:
         console.print(f"checkpoint: {path}")
     console.print(f"metrics: {out / 'metrics.jsonl'}")
+
+
+def _run_dir_of(resume: Optional[str]) -> Optional[Path]:
+    """The run folder a `--resume PATH` / `--load DIR` checkpoint belongs to (None: none there)."""
+    from miles_core.checkpoint.training import find_checkpoint
+
+    if resume is None or resume == "auto" or not Path(resume).exists():
+        return None
+    checkpoint = find_checkpoint(Path(resume))
+    return checkpoint.parent.parent if checkpoint is not None else None
+
+
+def _resume_hint(out: Path) -> str:
+    """This command line with `--resume auto` (and the run folder) in place of any resume flag."""
+    args, skip = [], False
+    for arg in sys.argv[1:] if sys.argv[1:2] == ["train"] else ["train", "..."]:
+        if skip or arg.split("=")[0] in ("--resume", "--load"):
+            skip = not skip and "=" not in arg
+            continue
+        args.append(arg)
+    if not any(a.split("=")[0] in ("--output-dir", "--save") for a in args):
+        args += ["--output-dir", str(out)]
+    return shlex.join(["miles", *args, "--resume", "auto"])
 
 
 def _default_run_dir(recipe: str) -> str:

@@ -15,6 +15,15 @@ class MilesError(Exception):
     """A bad input, reported to the user as one line (exit code 2 in the CLI)."""
 
 
+class RunStopped(Exception):
+    """A run stopped between steps because it was asked to (a signal); `checkpoint` is where it
+    can resume from (None when no step had finished since the last one)."""
+
+    def __init__(self, step: int, checkpoint: object | None) -> None:
+        super().__init__(f"stopped before step {step}")
+        self.step, self.checkpoint = step, checkpoint
+
+
 def did_you_mean(value: str, choices: Iterable[str]) -> str:
     """Suffix like " (did you mean 'temperature'?)" or "" when nothing is close."""
     close = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.6)

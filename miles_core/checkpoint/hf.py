@@ -154,20 +154,27 @@ def save_hf_checkpoint(out_dir: str | Path, named_tensors: Iterable[tuple[str, t
     Tensors are consumed one at a time and buffered only up to one shard. With
     `tie_word_embeddings` the redundant `lm_head.weight` is dropped, as HF does.
     """
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        write_hf_files(tmp, named_tensors, hf_config, source_dir=source_dir, max_shard_bytes=max_shard_bytes,
+                       dtype=dtype)
+    return out_dir
+
+
+def write_hf_files(folder: Path, named_tensors: Iterable[tuple[str, torch.Tensor]], hf_config: dict[str, Any], *,
+                   source_dir: str | Path | None = None, max_shard_bytes: int = 5 * 2**30,
+                   dtype: torch.dtype | None = None) -> None:
+    """`save_hf_checkpoint`'s files, written into `folder` (an existing temp folder that the
+    caller renames into place, e.g. a full training checkpoint with more beside the export)."""
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    out_dir = Path(out_dir)
     config = _config_for_dtype(hf_config, dtype)
     skip = {"lm_head.weight"} if config.get("tie_word_embeddings") else set()
-    with atomic_dir(out_dir) as tmp:
-        shards = _write_shards(tmp, ((n, t) for n, t in named_tensors if n not in skip),
-                               max_shard_bytes, dtype)
-        _name_shards(tmp, shards)
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n",
-                                       encoding="utf-8")
-        if source_dir is not None:
-            _copy_side_files(Path(source_dir), tmp)
-    return out_dir
+    shards = _write_shards(folder, ((n, t) for n, t in named_tensors if n not in skip), max_shard_bytes, dtype)
+    _name_shards(folder, shards)
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if source_dir is not None:
+        _copy_side_files(Path(source_dir), folder)
 
 
 def _config_for_dtype(hf_config: dict[str, Any], dtype: torch.dtype | None) -> dict[str, Any]:

@@ -252,8 +252,12 @@ class TrainConfig:
     logprob_chunk_size: int = 1024
     """Tokens per chunk when turning hidden states into log-probs (bounds logits memory)."""
     seed: int = 0
+    max_bad_steps: int = 3
+    """Consecutive optimizer steps with a non-finite loss or gradient norm (each one skipped:
+    no update, no scheduler step) before the run stops with an error."""
 
     def __post_init__(self) -> None:
+        _check(self.max_bad_steps >= 1, f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         _check(0 <= self.min_lr <= self.lr, f"min_lr must be in [0, lr], got {self.min_lr}")
         _check(self.lr_warmup_steps >= 0, f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
@@ -273,7 +277,10 @@ class LoopConfig:
     num_rollout: int = 10
     """Rollout steps (generate -> reward -> train -> sync) in the run."""
     save_interval: int = 0
-    """Write a HF checkpoint every N rollout steps; 0 saves only at the end."""
+    """Write a full checkpoint (HF export + trainer and loop state, resumable) every N rollout
+    steps; 0 saves only at the end (and when a signal stops the run)."""
+    keep_last: int = 0
+    """Keep only the newest K checkpoints (older ones are removed after a successful save); 0 keeps all."""
     output_dir: str = ""
     """Run folder; empty means `runs/<recipe>-<date>-<time>`."""
     save_rollout_data: bool = False
@@ -282,6 +289,7 @@ class LoopConfig:
     def __post_init__(self) -> None:
         _check(self.num_rollout >= 1, f"num_rollout must be >= 1, got {self.num_rollout}")
         _check(self.save_interval >= 0, f"save_interval must be >= 0, got {self.save_interval}")
+        _check(self.keep_last >= 0, f"keep_last must be >= 0, got {self.keep_last}")
 
 
 @dataclass(frozen=True, kw_only=True)

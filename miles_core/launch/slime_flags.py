@@ -134,11 +134,9 @@ FLAGS: dict[str, Flag] = {
     "--clip-grad": Flag(("train.clip_grad",), float),
     "--seed": Flag(("train.seed",), int),
     # checkpoints
-    "--save": Flag(("loop.output_dir",), str, "the run folder: HF checkpoints (weights, no optimizer state, not "
-                   "resumable) in DIR/checkpoints/step_NNNNNN, plus metrics and config; slime writes "
-                   "torch_dist to DIR/iter_NNNNNNN"),
-    "--save-interval": Flag(("loop.save_interval",), int, "every N rollouts and after the last (as slime); "
-                            "without it miles still saves after the last rollout, slime never"),
+    "--save": Flag(("loop.output_dir",), str, "the run folder: full checkpoints (HF export + trainer and loop "
+                   "state, resumable with --load DIR or --resume auto) in DIR/checkpoints/step_NNNNNN, plus "
+                   "metrics and config; slime writes torch_dist to DIR/iter_NNNNNNN"),
 }
 
 ONE_DEVICE = ("miles trains in one process on one device today (train.backend = native); multi-GPU "
@@ -161,8 +159,6 @@ ONLY_ONE = {
 }
 
 REJECTED: dict[str, str] = {
-    "--load": "full-state resume (weights + optimizer) is not implemented; to start from weights use "
-              "--hf-checkpoint DIR (e.g. a checkpoints/step_NNNNNN folder of an earlier run)",
     "--ref-load": "miles' reference model is the starting weights (--hf-checkpoint); a separate reference "
                   "checkpoint is not supported: drop the flag when it is the same model",
     "--micro-batch-size": "miles forms micro-batches by token budget, not sample count: use --max-tokens-per-gpu N "
@@ -205,6 +201,11 @@ TYPER_FLAGS = {
     "--debug-rollout-only": "generate and reward only; samples saved to <run>/rollouts/",
     "--debug-train-only": "train on saved samples, no generation",
     "--load-debug-rollout-data": "miles JSONL samples (a file or a {rollout_id} template), not slime's .pt",
+    "--save-interval": "loop.save_interval: a full checkpoint every N rollouts and after the last (as slime); "
+                       "without it miles still saves after the last rollout, slime never",
+    "--load": "resume from DIR's latest full checkpoint (a miles run folder, its checkpoints/ or one "
+              "step_NNNNNN folder); starts fresh when DIR holds none yet, as slime does. Only a miles checkpoint; "
+              "to start from other weights use --hf-checkpoint",
 }
 
 

@@ -9,10 +9,16 @@ trains on samples saved by an earlier run instead of generating.
 Evaluation (`eval/*` metrics) is stamped with the number of updates behind the weights: the eval
 at step s scores the weights that generate rollout s, and is logged in step s's record; the eval
 after the last step gets a record of its own, step `num_rollout` (the final checkpoint's number).
+
+Checkpoints are full (resumable, `resume.py`). `resume` continues from one; `should_stop` is
+polled between steps (a signal handler sets it): the run saves what it finished and raises
+`RunStopped`, never stopping inside a step. A skipped optimizer step (non-finite loss or gradient
+norm) is logged with the offending samples; non-finite weights still stop the run.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,13 +28,16 @@ from typing import Literal
 from miles_core.algo import resolve_hooks, should_update_reference
 from miles_core.algo.mismatch import check_true_on_policy
 from miles_core.config import MilesConfig
+from miles_core.errors import RunStopped
 from miles_core.metrics import MetricsWriter, perf_metrics
+from miles_core.rl.resume import find_resume_point, restore_run, save_run_checkpoint
 from miles_core.rl.run import RunComponents
 from miles_core.rl.train_batch import prepare_train_batch
 from miles_core.train.finite import check_finite_weights
 
 Mode = Literal["full", "rollout_only", "train_only"]
 StepCallback = Callable[[int, dict[str, float]], None]
+log = logging.getLogger("miles")
 
 
 @dataclass
@@ -38,17 +47,26 @@ class RunResult:
     evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     """(step, eval metrics) of every evaluation; step = updates behind the evaluated weights."""
     checkpoints: list[Path] = field(default_factory=list)
+    start_step: int = 0
+    """The first step this process ran (> 0 when resumed)."""
 
 
 def run_training(cfg: MilesConfig, output_dir: Path, *, mode: Mode = "full", rollout_data: str | None = None,
-                 on_step: StepCallback | None = None) -> RunResult:
-    """`miles train`: `cfg.loop.num_rollout` GRPO steps; metrics, samples and checkpoints in `output_dir`."""
+                 on_step: StepCallback | None = None, resume: str | Path | None = None, resume_required: bool = True,
+                 should_stop: Callable[[], bool] = lambda: False) -> RunResult:
+    """`miles train`: `cfg.loop.num_rollout` GRPO steps; metrics, samples and checkpoints in
+    `output_dir`. `resume`: "auto" or a checkpoint path (`resume_required`: error when it holds
+    none, else start at step 0)."""
     resolve_hooks(cfg.algo)  # a bad hook path fails now, before any model is loaded
-    parts = RunComponents.create(cfg, output_dir, mode=mode, rollout_data=rollout_data)
-    result = RunResult(output_dir)
+    point = find_resume_point(resume, cfg, output_dir, required=resume_required) if resume is not None else None
+    parts = RunComponents.create(cfg, output_dir, mode=mode, rollout_data=rollout_data, resuming=point is not None)
+    start = restore_run(parts, point) if point is not None else 0
+    result = RunResult(output_dir, start_step=start)
     writer = MetricsWriter(output_dir / "metrics.jsonl")
     try:
-        for step in range(cfg.loop.num_rollout):
+        for step in range(start, cfg.loop.num_rollout):
+            if should_stop():
+                _stop(parts, result, step)
             metrics = _evaluate(parts, step, result)
             metrics.update(_rollout_step(cfg, parts, step))
             writer.write(step, metrics)
@@ -56,12 +74,20 @@ def run_training(cfg: MilesConfig, output_dir: Path, *, mode: Mode = "full", rol
             if on_step:
                 on_step(step, metrics)
             if parts.trainer and _should_save(cfg, step):
-                result.checkpoints.append(parts.save_checkpoint(step))
+                result.checkpoints.append(save_run_checkpoint(parts, step))
         if final := _evaluate(parts, cfg.loop.num_rollout, result):
             writer.write(cfg.loop.num_rollout, final)
     finally:
         writer.close()
     return result
+
+
+def _stop(parts: RunComponents, result: RunResult, step: int) -> None:
+    """Save the steps finished since the last checkpoint, then raise `RunStopped`."""
+    done = step > result.start_step and parts.trainer is not None
+    if done and not (result.checkpoints and result.checkpoints[-1].name == f"step_{step:06d}"):
+        result.checkpoints.append(save_run_checkpoint(parts, step - 1))
+    raise RunStopped(step, result.checkpoints[-1] if result.checkpoints else None)
 
 
 def _evaluate(parts: RunComponents, step: int, result: RunResult) -> dict[str, float]:
@@ -86,6 +112,8 @@ def _rollout_step(cfg: MilesConfig, parts: RunComponents, step: int) -> dict[str
         batch, batch_metrics = prepare_train_batch(cfg, parts.trainer, rollout.samples)  # shape rewards, advantages
         metrics.update(batch_metrics)
         metrics.update({f"train/{k}": v for k, v in parts.trainer.train_rollout(batch).items()})
+        for note in parts.trainer.skipped_notes():
+            log.warning("step %d: optimizer step skipped, non-finite %s", step, note)
         times["train_time"] = time.perf_counter() - start
         check_true_on_policy(cfg.alignment, metrics, step)
         check_finite_weights(parts.trainer.export_weights(), step)  # never sync or save NaN/Inf

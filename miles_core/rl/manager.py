@@ -52,6 +52,11 @@ class RolloutSource(Protocol):
 
     def collect(self, step: int) -> StepRollout: ...
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps to continue exactly (JSON-able)."""
+
+    def load_state_dict(self, state: dict) -> None: ...
+
 
 class PromptStream:
     """Endless prompt batches for training: the prompt set in a fresh shuffled order each epoch.
@@ -66,6 +71,22 @@ class PromptStream:
         self.shuffle, self._rng = shuffle, random.Random(seed)
         self._order: list[int] = []
         self._next_seed = first_request_seed
+        self.epoch = 0
+        """Passes over the prompt set started so far."""
+
+    def state_dict(self) -> dict:
+        """What continues the stream exactly: the epoch's remaining order, the shuffle RNG, the
+        next request seed (JSON-able)."""
+        version, internal, gauss = self._rng.getstate()
+        return {"order": list(self._order), "rng": [version, list(internal), gauss], "next_seed": self._next_seed,
+                "epoch": self.epoch, "position": len(self.prompts) - len(self._order) if self._order else 0}
+
+    def load_state_dict(self, state: dict) -> None:
+        if any(not 0 <= i < len(self.prompts) for i in state["order"]):
+            raise MilesError(f"the checkpoint's prompt order does not fit the {len(self.prompts)} prompts of this run")
+        version, internal, gauss = state["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+        self._order, self._next_seed, self.epoch = list(state["order"]), state["next_seed"], state["epoch"]
 
     def next_batch(self, size: int) -> tuple[list[Sample], list[list[int]], int]:
         """(prompts, their token ids, the request seed of the first one)."""
@@ -73,6 +94,7 @@ class PromptStream:
         while len(picked) < size:
             if not self._order:
                 self._order = list(range(len(self.prompts)))
+                self.epoch += 1
                 if self.shuffle:
                     self._rng.shuffle(self._order)
             picked.append(self._order.pop(0))
@@ -102,6 +124,16 @@ class RolloutManager:
         check_batch_fits(sizes, prompts, self.data)
         return PromptStream(prompts, ids, shuffle=self.data.shuffle, seed=self.data.seed,
                             first_request_seed=self.sampling.seed)
+
+    def state_dict(self) -> dict:
+        """The training stream's state for a checkpoint (empty for a manager that only evaluates).
+        Dynamic sampling keeps no groups across steps (surplus kept groups are dropped), so the
+        stream is the whole rollout-side state."""
+        return {"prompt_stream": self.stream.state_dict()} if self.stream is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.stream is not None and "prompt_stream" in state:
+            self.stream.load_state_dict(state["prompt_stream"])
 
     # -- generation ------------------------------------------------------------------------
     def render(self, prompts: Sequence[Sample]) -> list[list[int]]:
@@ -188,6 +220,12 @@ class SavedRollouts:
 
     def __init__(self, template: str, sampling: SamplingConfig, reward: RewardConfig) -> None:
         self.template, self.sampling, self.reward = template, sampling, reward
+
+    def state_dict(self) -> dict:
+        return {}  # the step number picks the file
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def collect(self, step: int) -> StepRollout:
         path = Path(rollout_data_path(self.template, step))

@@ -11,7 +11,6 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from miles_core.checkpoint.hf import save_hf_checkpoint
 from miles_core.checkpoint.loading import LoadedModel, load_model
 from miles_core.config import MilesConfig
 from miles_core.config.tree import dump_toml
@@ -43,12 +42,17 @@ class RunComponents:
     """One per eval dataset; empty without an engine."""
 
     @classmethod
-    def create(cls, cfg: MilesConfig, output_dir: Path, *, mode: str, rollout_data: str | None) -> RunComponents:
+    def create(cls, cfg: MilesConfig, output_dir: Path, *, mode: str, rollout_data: str | None,
+               resuming: bool = False) -> RunComponents:
+        """Everything the run needs. `resuming`: `output_dir` may hold the run being continued."""
+        if mode == "rollout_only" and resuming:
+            raise MilesError("--debug-rollout-only writes no checkpoints, so there is nothing to resume")
         if mode == "train_only" and not rollout_data:
             raise MilesError("--debug-train-only needs --load-debug-rollout-data PATH (a file, or a template with {rollout_id})")
         records = load_prompts(cfg.data) if mode != "train_only" else None  # bad data fails fast
         eval_sets = load_eval_sets(cfg.eval) if records is not None else []
-        _check_output_dir(output_dir)
+        if not resuming:
+            _check_output_dir(output_dir)
         loaded = load_model(cfg.model, alignment_mode=cfg.alignment.mode)
         engine = trainer = sync = None
         rollouts: RolloutSource = SavedRollouts(rollout_data or "", cfg.sampling, cfg.reward)
@@ -88,12 +92,6 @@ class RunComponents:
     def save_rollout_data(self, step: int, samples: list[Sample]) -> None:
         if self.save_all_rollouts:
             write_samples_jsonl(samples, self.output_dir / "rollouts" / f"step_{step:06d}.jsonl")
-
-    def save_checkpoint(self, step: int) -> Path:
-        """HF checkpoint of the trainer's weights (loads in `transformers`), with the tokenizer."""
-        path = self.output_dir / "checkpoints" / f"step_{step + 1:06d}"
-        save_hf_checkpoint(path, self.trainer.export_weights(), self.loaded.hf_config, source_dir=self.loaded.path)
-        return path
 
 
 def _check_output_dir(output_dir: Path) -> None:

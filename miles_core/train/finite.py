@@ -1,7 +1,10 @@
-"""Guards that stop a run before non-finite numbers leave the trainer: weights before they are
-synced to the engine or saved, advantages before they enter the float32 loss."""
+"""Guards against non-finite numbers in the trainer: a skipped optimizer step for a NaN/Inf loss
+or gradient norm (`BadStepGuard`), and, as the last line of defence, a stop before non-finite
+weights are synced to the engine or saved, or non-finite advantages enter the float32 loss."""
 
 from __future__ import annotations
+
+import math
 
 from collections.abc import Iterable
 
@@ -29,3 +32,39 @@ def finite_float32(name: str, values: torch.Tensor | None) -> torch.Tensor | Non
         raise MilesError(f"{name} overflow float32 (largest |value| {largest:.3g}, float32 max 3.4e38); "
                          "scale the rewards down")
     return out
+
+
+class BadStepGuard:
+    """Skip-step guard: an optimizer step whose loss or gradient norm is NaN/Inf is skipped (the
+    caller zeroes the gradients and steps neither optimizer nor scheduler); after
+    `max_bad_steps` such steps in a row the run stops. One bad batch (a NaN reward that slipped
+    through a hook, an overflowing loss) then costs one step, not the run."""
+
+    def __init__(self, max_bad_steps: int) -> None:
+        self.max_bad_steps, self.in_row = max_bad_steps, 0
+        self.notes: list[str] = []
+        """One line per step skipped since `notes` was last cleared."""
+
+    def should_skip(self, loss: float, grad_norm: float, samples: list[int]) -> bool:
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.in_row = 0
+            return False
+        self.in_row += 1
+        where = f"samples {', '.join(map(str, samples))}" if samples else "not traced to a sample (finite loss)"
+        note = f"loss {loss}, grad norm {grad_norm}; {where}"
+        if self.in_row >= self.max_bad_steps:
+            raise MilesError(f"{self.in_row} optimizer steps in a row had a non-finite loss or gradient norm "
+                             f"(train.max_bad_steps = {self.max_bad_steps}); last: {note}. Check the rewards and "
+                             "advantages, lower train.lr, or resume from an earlier checkpoint")
+        self.notes.append(note)
+        return True
+
+
+def nonfinite_rows(positions: list[int], mask: torch.Tensor, *per_token: torch.Tensor | None) -> list[int]:
+    """The `positions` whose trained tokens hold NaN/Inf in any of the (N, T) tensors; all of
+    them when none does (the micro-batch's loss was bad as a whole)."""
+    bad = torch.zeros(len(positions), dtype=torch.bool)
+    for values in per_token:
+        if values is not None:
+            bad |= (~torch.isfinite(values.detach().float()) & (mask > 0)).any(dim=1).cpu()
+    return [p for p, b in zip(positions, bad.tolist()) if b] or list(positions)

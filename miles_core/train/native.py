@@ -43,6 +43,7 @@ from miles_core.train.batch import (
     shared_prefix_micro_batches,
 )
 from miles_core.train.critic import Critic
+from miles_core.train.finite import BadStepGuard, nonfinite_rows
 from miles_core.train.optim import build_optimizer, clip_grad_norm
 from miles_core.train.routing_replay import RoutingAgreement, RoutingPlan, check_routed_shape, moe_shape
 
@@ -76,6 +77,9 @@ class NativeTrainer:
         self.device = next(model.parameters()).device
         self.num_optimizer_steps = 0
         self._pass_metrics: dict[str, float] = {}
+        self.guard = BadStepGuard(cfg.max_bad_steps)
+        self._bad_samples: list[int] = []
+        self._positions: list[int] = []
 
     def _forward(self, model: nn.Module, batch: TrainBatch, indices: list[int], routing: RoutingPlan | None = None):
         forward = shared_prefix_log_probs if self.cfg.share_prompt_prefix else response_log_probs
@@ -138,6 +142,11 @@ class NativeTrainer:
             self._pass_metrics = {"routing_agreement": agreement.fraction} if agreement.total else {}
         return out
 
+    def skipped_notes(self) -> list[str]:
+        """One line per optimizer step of the last `train_rollout` that was skipped (non-finite
+        loss or gradient norm): the values and the offending samples."""
+        return list(self.guard.notes)
+
     def last_pass_metrics(self) -> dict[str, float]:
         """`routing_agreement` of the last policy `compute_log_probs` pass (MoE with the engine's
         routing in the samples); empty otherwise."""
@@ -170,8 +179,9 @@ class NativeTrainer:
         measure = mismatch if batch.old_log_probs is None else None
         # MoE routing agreement: the first step's forward runs on the rollout's weights.
         agreement = RoutingAgreement()
-        per_step = [self.train_step(batch.select(indices.tolist()), measure, agreement if k == 0 else None)
-                    for k, indices in enumerate(splits)]
+        self.guard.notes = []
+        per_step = [self.train_step(batch.select(indices.tolist()), measure, agreement if k == 0 else None,
+                                    positions=indices.tolist()) for k, indices in enumerate(splits)]
         totals = mean_over_steps(per_step)
         if batch.rollout_log_probs is not None:
             totals.update(mismatch_metrics(mismatch))
@@ -190,9 +200,12 @@ class NativeTrainer:
             raise ValueError("the critic trains on batch.values and batch.returns (estimate the PPO advantages first)")
 
     def train_step(self, batch: TrainBatch, mismatch: MismatchSums | None = None,
-                   agreement: RoutingAgreement | None = None) -> dict[str, float]:
+                   agreement: RoutingAgreement | None = None, *, positions: list[int] | None = None) -> dict[str, float]:
         """One optimizer step over `batch`, accumulated over micro-batches; the forward's log-probs
-        are compared with the rollout's into `mismatch` when given."""
+        are compared with the rollout's into `mismatch` when given. A non-finite loss or gradient
+        norm skips the step (`skipped_step` = 1; `positions`, the rows' places in the rollout,
+        name the offending samples in `skipped_notes()`)."""
+        self._positions, self._bad_samples = positions or list(range(len(batch))), []
         self.optimizer.zero_grad(set_to_none=True)
         if self.critic is not None:
             self.critic.zero_grad()
@@ -206,6 +219,13 @@ class NativeTrainer:
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         if tis_mean is not None:
             metrics["tis_batch_mean"] = tis_mean
+        metrics["skipped_step"] = float(self.guard.should_skip(metrics.get("loss", 0.0), metrics["grad_norm"],
+                                                               self._bad_samples))
+        if metrics["skipped_step"]:
+            self.optimizer.zero_grad(set_to_none=True)  # nothing of this batch may reach the weights
+            if self.critic is not None:
+                self.critic.zero_grad()
+            return metrics
         self.optimizer.step()
         self.scheduler.step()
         if self.critic is not None:
@@ -243,6 +263,9 @@ class NativeTrainer:
             tis_batch_mean=tis_mean, values=values, old_values=pad(batch.values) if values is not None else None,
             returns=pad(batch.returns) if values is not None else None,
         )
+        if not math.isfinite(metrics.get("loss", 0.0)):
+            self._bad_samples += nonfinite_rows([self._positions[i] for i in indices], mask, log_probs,
+                                                pad(batch.advantages))
         loss.backward()
         if mismatch is not None and batch.rollout_log_probs is not None:
             mismatch.add(log_probs, pad(batch.rollout_log_probs), mask)
@@ -254,12 +277,18 @@ class NativeTrainer:
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
+        # Through a Python file: a full disk is an OSError naming the file, not torch's RuntimeError.
+        with (directory / "trainer_state.pt").open("wb") as handle:
+            self._save_to(handle)
+
+    def _save_to(self, handle) -> None:
         torch.save({
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "num_optimizer_steps": self.num_optimizer_steps,
             "reference": self.reference.state_dict() if self.reference is not None else None,
             "critic": self.critic.state_dict() if self.critic is not None else None,
-        }, directory / "trainer_state.pt")
+            "bad_steps_in_row": self.guard.in_row,
+        }, handle)
 
     def load(self, directory: Path) -> None:
         state = torch.load(directory / "trainer_state.pt", map_location=self.device, weights_only=True)
@@ -267,6 +296,7 @@ class NativeTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.num_optimizer_steps = state["num_optimizer_steps"]
+        self.guard.in_row = state.get("bad_steps_in_row", 0)
         if self.reference is not None and state.get("reference") is not None:
             self.reference.load_state_dict(state["reference"])
         if self.critic is not None and state.get("critic") is not None:

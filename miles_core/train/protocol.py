@@ -25,6 +25,10 @@ class TrainBackend(Protocol):
         """What this backend measured in the last policy `compute_log_probs` pass beyond the
         log-probs (e.g. MoE `routing_agreement`); metrics only some backends have go here."""
 
+    def skipped_notes(self) -> list[str]:
+        """One line per optimizer step of the last `train_rollout` skipped for a non-finite loss
+        or gradient norm (values and offending samples); empty when none was."""
+
     def update_reference(self) -> None:
         """Copy the policy's current weights into the reference model."""
 
@@ -32,6 +36,8 @@ class TrainBackend(Protocol):
         """Current weights with HF names (tied weights once), for sync and checkpoints."""
 
     def save(self, directory: Path) -> None:
-        """Trainer state (weights, optimizer, schedule) for resuming."""
+        """Trainer state for resuming: weights, optimizer, schedule, reference and critic
+        models, the bad-step count. `directory` is new; write errors raise `OSError`."""
 
-    def load(self, directory: Path) -> None: ...
+    def load(self, directory: Path) -> None:
+        """Restore what `save` wrote into this (identically configured) trainer."""

@@ -28,8 +28,9 @@ _TMP = re.compile(r"^\.(?P<name>.+)\.miles-(?P<pid>\d+)-[^.]*\.tmp$")
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
-    """Open a temp file next to `path`; rename it onto `path` only if the block succeeds."""
+def atomic_write(path: str | Path, mode: str = "w", *, durable: bool = False) -> Iterator[IO[Any]]:
+    """Open a temp file next to `path`; rename it onto `path` only if the block succeeds.
+    `durable`: fsync the file before the rename and the folder after it (survives power loss)."""
     path = Path(path)
     _make_parent(path)
     fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
@@ -38,7 +39,12 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
         encoding = None if "b" in mode else "utf-8"
         with os.fdopen(fd, mode, encoding=encoding) as handle:
             yield handle
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
+        if durable:
+            fsync_path(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -46,8 +52,9 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temp directory that replaces `path` only if the block succeeds."""
+def atomic_dir(path: str | Path, overwrite: bool = True, *, durable: bool = False) -> Iterator[Path]:
+    """Yield a temp directory that replaces `path` only if the block succeeds. `durable`: fsync
+    every file and folder in it before the rename, and the parent after it."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise MilesError(f"output '{path}' already exists; remove it or choose another path")
@@ -56,12 +63,36 @@ def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     _apply_umask(tmp, 0o777)
     try:
         yield tmp
+        if durable:
+            fsync_tree(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
+        if durable:
+            fsync_path(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's or a folder's entries to disk (a rename is durable once its folder is)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under `root`, then every folder, deepest first."""
+    folders = [root]
+    for dirpath, dirnames, filenames in os.walk(root):
+        folders += [Path(dirpath) / d for d in dirnames]
+        for name in filenames:
+            fsync_path(Path(dirpath) / name)
+    for folder in reversed(folders):
+        fsync_path(folder)
 
 
 def _tmp_prefix(path: Path) -> str:

@@ -33,6 +33,9 @@ def half_broken(sample):
         raise RuntimeError("judge unreachable")
     return 1.0
 
+def nan_one(sample):
+    return float("nan") if sample.index == 1 else 1.0
+
 def hangs(sample):
     time.sleep(5)
     return 1.0
@@ -93,12 +96,25 @@ def test_advantages_that_overflow_float32_stop_the_run(tmp_path, rewards):
     assert "advantages overflow float32 (largest |value| 5e+299" in line
 
 
-def test_non_finite_weights_are_never_synced_or_saved(tmp_path, rewards):
-    # 3e38 / 2 is a finite float32 advantage, but the loss overflows and AdamW writes NaN.
-    line = one_error_line(train(tmp_path, "--set", f"reward.type={rewards}:huge",
-                                "--set", "algo.advantage_estimator=dr_grpo"))
-    assert line.startswith("error: step 0: weight '") and "holds nan after the update" in line
+def test_a_nan_gradient_skips_the_steps_then_stops_after_max_bad_steps(tmp_path, rewards):
+    # 3e38 / 2 is a finite float32 advantage, but the backward overflows: the gradient norm is NaN.
+    # Each step is skipped (weights untouched, logged); the third in a row stops the run (issue 21).
+    result = train(tmp_path, "--set", f"reward.type={rewards}:huge", "--set", "algo.advantage_estimator=dr_grpo",
+                   "--num-rollout", "3")
+    line = one_error_line(result)
+    assert "3 optimizer steps in a row had a non-finite loss or gradient norm (train.max_bad_steps = 3)" in line
+    output = " ".join(result.output.split())
+    assert "warning: step 0: optimizer step skipped, non-finite loss" in output and "grad norm nan" in output
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_nan_reward_is_a_counted_failure_and_never_reaches_the_update(tmp_path, rewards):
+    result = train(tmp_path, "--set", f"reward.type={rewards}:nan_one", "--num-rollout", "1")
+    assert result.exit_code == 0, result.output
+    assert "first: sample 1: reward must be finite, got nan" in " ".join(result.output.split())
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["rollout/reward_failures"] == 1.0 and record["train/skipped_step"] == 0.0
+    assert math.isfinite(record["train/grad_norm"])
 
 
 def test_a_nan_starting_checkpoint_is_refused_with_the_tensor_name(tmp_path):

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -146,15 +147,20 @@ def test_debug_after_the_subcommand_keeps_exit_code_2(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
-# `miles train` in a child whose training loop has written a metrics line and then blocks.
+# `miles train` in a child whose training loop has written a metrics line and then waits to be
+# asked to stop (the loop polls `should_stop` between steps).
 SLOW_TRAIN = textwrap.dedent("""
     import sys, time
     import miles_core.rl.loop as loop
-    def slow(cfg, out, **kwargs):
+    from miles_core.errors import RunStopped
+    def slow(cfg, out, *, should_stop, **kwargs):
         out.mkdir(parents=True)
         (out / "metrics.jsonl").write_text("{}\\n")
         print("ready", flush=True)
-        time.sleep(60)
+        while not should_stop():
+            time.sleep(0.02)
+        print("stopping", flush=True)
+        raise RunStopped(1, None)
     loop.run_training = slow
     from miles_cli.app import main
     sys.argv = ["miles", "train", "-r", "tiny", "--output-dir", sys.argv[1]]
@@ -162,18 +168,41 @@ SLOW_TRAIN = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("signum, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
-def test_signal_during_train_names_the_partial_run(tmp_path, signum, code, word):
-    out = tmp_path / "run"
+def _signal_child(out, signals: list[int]):
     child = subprocess.Popen([sys.executable, "-c", SLOW_TRAIN, str(out)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "300"})
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "400"})
     for line in child.stdout:
         if line.strip() == "ready":
             break
-    child.send_signal(signum)
+    child.send_signal(signals[0])
+    for line in child.stdout:
+        if line.strip() == "stopping":
+            break
+    for signum in signals[1:]:
+        child.send_signal(signum)
     _, stderr = child.communicate(timeout=60)
-    assert child.returncode == code, stderr
-    assert stderr.strip() == f"{word}; partial output in '{out}'"
+    return child.returncode, stderr
+
+
+@pytest.mark.parametrize("signum, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_signal_during_train_stops_between_steps_and_says_how_to_resume(tmp_path, signum, code, word):
+    out = tmp_path / "run"
+    returncode, stderr = _signal_child(out, [signum])
+    assert returncode == code, stderr
+    assert stderr.strip().splitlines()[-1] == (f"{word}; partial output in '{out}'; resume with: miles train -r tiny "
+                                               f"--output-dir {out} --resume auto")
+
+
+def test_the_first_signal_asks_to_stop_and_a_second_aborts_at_once():
+    from miles_cli.common import _catch_signals
+
+    signals: list[int] = []
+    with pytest.raises(KeyboardInterrupt), _catch_signals(signals, graceful=True):
+        os.kill(os.getpid(), signal.SIGTERM)  # recorded only: the loop finishes its step
+        assert signals == [signal.SIGTERM]
+        os.kill(os.getpid(), signal.SIGINT)  # raises here
+        time.sleep(5)
+    assert signals == [signal.SIGTERM, signal.SIGINT]
 
 
 def test_train_on_a_killed_run_folder_removes_its_stale_checkpoint_temp(tmp_path):

@@ -111,7 +111,7 @@ def test_checkpoint_loads_in_transformers_with_the_native_logits(full_run):
     from transformers import AutoModelForCausalLM
 
     checkpoint = full_run / "checkpoints" / "step_000002"
-    assert sorted(p.name for p in (full_run / "checkpoints").iterdir()) == ["step_000002"]
+    assert sorted(p.name for p in (full_run / "checkpoints").iterdir()) == ["latest", "step_000002"]
     hf_model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
     native = load_model(ModelConfig(source=str(checkpoint), device="cpu"))
     ids = torch.tensor([native.tokenizer("What is 2 + 3?")["input_ids"]])
@@ -132,7 +132,7 @@ def test_existing_run_folder_is_refused_and_left_alone(full_run):
     assert result.stderr.strip() == (f"error: output dir '{full_run}' already holds a run (metrics.jsonl); "
                                      "choose another --output-dir")
     assert {p: p.read_bytes() for p in before} == before
-    assert sorted(p.name for p in (full_run / "checkpoints").iterdir()) == ["step_000002"]
+    assert sorted(p.name for p in (full_run / "checkpoints").iterdir()) == ["latest", "step_000002"]
 
 
 # -- training moves weights ------------------------------------------------------------------------
@@ -239,7 +239,7 @@ def test_num_rollout_and_hf_checkpoint_flags_override_the_recipe(tmp_path):
     assert resolved.loop.num_rollout == 1
     assert resolved.model.source == str(model_dir)
     assert len(step_records(out / "metrics.jsonl")) == 1
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000001"]
     saved = json.loads((out / "checkpoints" / "step_000001" / "config.json").read_text())
     assert saved["model_type"] == "qwen3"
 

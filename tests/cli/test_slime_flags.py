@@ -171,7 +171,6 @@ def test_global_batch_size_must_divide():
 @pytest.mark.parametrize("line, message", [
     ("--rm-type deepscaler", "--rm-type deepscaler: miles has no deepscaler grader yet"),
     ("--rm-type remote_rm --rm-url http://x", "--rm-type remote_rm: miles has no HTTP reward client yet"),
-    ("--load /ckpt", "--load: full-state resume (weights + optimizer) is not implemented"),
     ("--ref-load /ref", "--ref-load: miles' reference model is the starting weights"),
     ("--micro-batch-size 1", "--micro-batch-size: miles forms micro-batches by token budget"),
     ("--save-debug-rollout-data /d/{rollout_id}.pt", "--save-debug-rollout-data: miles writes each step's samples"),

@@ -45,6 +45,8 @@ def test_metrics_equal_the_recording(name, tmp_path):
     run_training(load_config(recipe, ["loop.num_rollout=3", *overrides]), tmp_path / "run")
     expected = [json.loads(line) for line in (GOLDEN / f"{name}.jsonl").read_text().splitlines()]
     got = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # train/skipped_step (the NaN guard, issue 21) is newer than the recording: always 0 here.
+    assert all(record.pop("train/skipped_step", 0.0) == 0.0 for record in got)
     got = [{k: v for k, v in record.items() if not k.startswith("perf/")} for record in got]
     assert [sorted(r) for r in got] == [sorted(r) for r in expected]
     for step, (g, e) in enumerate(zip(got, expected)):
