@@ -224,6 +224,19 @@ class KVCache:
         self.values = [v.index_select(0, rows) for v in self.values]
 
 
+def cached_attention(module: nn.Module, kv_cache, q_BHTD: torch.Tensor, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor,
+                     position_ids_BT: torch.Tensor) -> torch.Tensor:
+    """Attention of `module` (its `layer_idx` and `ops`) with or without a KV cache. A cache with
+    an `attend` method (the engine's paged cache) stores k/v and runs attention itself, so it can
+    read keys in place (a paged kernel) instead of handing back a dense copy."""
+    if kv_cache is None:
+        return module.ops.attention(q_BHTD, k_BKTD, v_BKTD, position_ids_BT, False)
+    if hasattr(kv_cache, "attend"):
+        return kv_cache.attend(module.layer_idx, q_BHTD, k_BKTD, v_BKTD, position_ids_BT, module.ops)
+    k_BKSD, v_BKSD = kv_cache.update(module.layer_idx, k_BKTD, v_BKTD, position_ids_BT)
+    return module.ops.attention(q_BHTD, k_BKSD, v_BKSD, position_ids_BT, True)
+
+
 class Attention(nn.Module):
     """Grouped-query attention with optional q/k/v bias (Qwen2) and per-head q/k RMSNorm (Qwen3)."""
 
@@ -251,9 +264,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, D)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v, position_ids_BT)
-        out = self.ops.attention(q, k, v, position_ids_BT, kv_cache is not None)  # (B, H, T, D)
+        out = cached_attention(self, kv_cache, q, k, v, position_ids_BT)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from miles_core.kernels import FAST_OPS, Ops
-from miles_core.models.layers import KVCache, Linear, RMSNorm, apply_rotary, yarn_mscale
+from miles_core.models.layers import KVCache, Linear, RMSNorm, apply_rotary, cached_attention, yarn_mscale
 
 
 class MLAArgs(Protocol):
@@ -104,7 +104,5 @@ class MLAttention(nn.Module):
         k_BHTD = torch.cat((k_nope, k_rope_B1TR.expand(B, H, T, R)), dim=-1)
         if self.scale_factor != 1.0:
             q_BHTD = q_BHTD * self.scale_factor
-        if kv_cache is not None:
-            k_BHTD, v_BHTV = kv_cache.update(self.layer_idx, k_BHTD, v_BHTV, position_ids_BT)
-        out_BHTV = self.ops.attention(q_BHTD, k_BHTD, v_BHTV, position_ids_BT, kv_cache is not None)
+        out_BHTV = cached_attention(self, kv_cache, q_BHTD, k_BHTD, v_BHTV, position_ids_BT)
         return self.o_proj(out_BHTV.transpose(1, 2).reshape(B, T, H * V))

@@ -18,7 +18,7 @@ never wrong keys.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,8 +47,10 @@ class Block:
 class BlockManager:
     """Reference-counted blocks, a LRU free list and the hash -> block prefix cache."""
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, on_first_use: Callable[[int], None] | None = None) -> None:
         self.block_size = block_size
+        self.on_first_use = on_first_use
+        """Called with a block id the first time it is allocated (the pool zeroes it)."""
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[int, int] = {}  # hash -> block id
@@ -77,6 +79,8 @@ class BlockManager:
         block_id, _ = self._free.popitem(last=False)
         block = self.blocks[block_id]
         self._forget(block)
+        if block.epoch == 0 and self.on_first_use is not None:
+            self.on_first_use(block_id)
         block.ref_count, block.epoch = 1, block.epoch + 1
         return block_id
 

@@ -49,7 +49,7 @@ class NativeEngine:
         self.capture_routing = cfg.return_routed_experts and getattr(model, "num_moe_layers", 0) > 0
         self._weight_version = weight_version
         self.pool = self._new_pool()
-        self.blocks = BlockManager(self.pool.num_blocks, cfg.block_size)
+        self.blocks = BlockManager(self.pool.num_blocks, cfg.block_size, on_first_use=self.pool.zero_block)
         self.scheduler = Scheduler(self.blocks, self.pool.copy_block, max_batch_size=cfg.max_batch_size,
                                    max_num_batched_tokens=cfg.max_num_batched_tokens,
                                    cache_routing=self.capture_routing)

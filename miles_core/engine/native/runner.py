@@ -19,6 +19,7 @@ from torch import nn
 from miles_core.engine.native.kv_pool import KVPool
 from miles_core.engine.native.paged_cache import PagedKVCache
 from miles_core.engine.native.scheduler import Row
+from miles_core.kernels import paged_attention
 from miles_core.models.routing import RoutingContext
 
 
@@ -52,7 +53,7 @@ class ModelRunner:
         positions = torch.empty(B, T, dtype=torch.long)
         num_keys = max(row.start for row in rows) + T  # largest position fed (pads included) + 1
         num_blocks = -(-num_keys // size)
-        tables = torch.zeros(B, num_blocks, dtype=torch.long)  # padding points at block 0 (finite)
+        tables = torch.full((B, num_blocks), self.pool.null_block, dtype=torch.long)  # padding: finite zeros
         slots, token_index = [], []
         for b, row in enumerate(rows):
             seq, end = row.seq, row.start + row.num_tokens
@@ -64,8 +65,10 @@ class ModelRunner:
             token_index += range(b * T, b * T + row.num_tokens)
         device = self.device
         padded = len(token_index) < B * T
+        decode = T == 1 and paged_attention.usable(device, size)  # one query per row: the paged kernel
         cache = PagedKVCache(self.pool, tables.to(device), torch.tensor(slots, device=device),
-                             torch.tensor(token_index, device=device) if padded else None, num_keys)
+                             torch.tensor(token_index, device=device) if padded else None, num_keys,
+                             decode_positions_B=positions[:, 0].to(device) if decode else None)
         return ids.to(device), positions.to(device), cache
 
     def _record_routing(self, rows: list[Row], routing: RoutingContext) -> None:
