@@ -48,6 +48,16 @@ class EngineConfig:
     """Prompt + response token limit; 0 uses the model's `max_position_embeddings`."""
     return_routed_experts: bool = False
     """MoE: record every token's top-k experts at every MoE layer into the samples (for R3)."""
+    mem_fraction: float = 0.85
+    """CUDA: fraction of the GPU memory free after loading the weights that the KV pool takes
+    (like SGLang's `mem_fraction_static`); used when `num_kv_blocks` is 0."""
+    num_kv_blocks: int = 0
+    """KV pool size in blocks; 0 sizes it from `mem_fraction` (CUDA) or, on CPU, for
+    `max_batch_size` sequences of `max_context_len` tokens, at most 1 GiB."""
+    block_size: int = 64
+    """Tokens per KV block; 64 equals the invariant attention kernel's key tile (BLOCK_N)."""
+    max_num_batched_tokens: int = 8192
+    """Most prompt tokens prefilled in one step; longer prompts are prefilled in chunks."""
     urls: tuple[str, ...] = ()
     """`sglang` backend: base URLs of the servers (`http://host:port`); requests go to the one with
     the fewest outstanding sequences."""
@@ -66,6 +76,12 @@ class EngineConfig:
         _check(1 <= self.max_batch_size <= MAX_BATCH,
                f"max_batch_size must be in [1, {MAX_BATCH}], got {self.max_batch_size}")
         _check(self.max_context_len >= 0, f"max_context_len must be >= 0, got {self.max_context_len}")
+        _check(0 < self.mem_fraction <= 1, f"mem_fraction must be in (0, 1], got {self.mem_fraction}")
+        _check(self.num_kv_blocks >= 0, f"num_kv_blocks must be >= 0, got {self.num_kv_blocks}")
+        _check(self.block_size >= 16 and self.block_size & (self.block_size - 1) == 0,
+               f"block_size must be a power of two >= 16, got {self.block_size}")
+        _check(self.max_num_batched_tokens >= 1,
+               f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         _check(self.request_timeout_s > 0, f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         _check(self.health_retries >= 1, f"health_retries must be >= 1, got {self.health_retries}")
         _check(self.backend != "sglang" or bool(self.urls) or self.launch,

@@ -261,9 +261,13 @@ class Attention(nn.Module):
 def attend(ops: Ops, q_BHTD, k_BKTD, v_BKTD, position_ids_BT, kv_cache: KVCache | PackedSegments | None,
            layer_idx: int) -> torch.Tensor:
     """Attention of new q/k/v: against a KV cache (stored first), within the segments of a packed
-    row, or plainly causal per row."""
+    row, or plainly causal per row. A cache with an `attend` method (the engine's paged cache)
+    stores k/v and runs attention itself, so it can read keys in place (a paged kernel) instead
+    of handing back a dense copy."""
     if isinstance(kv_cache, PackedSegments):
         return ops.packed_attention(q_BHTD, k_BKTD, v_BKTD, position_ids_BT, kv_cache)
+    if hasattr(kv_cache, "attend"):
+        return kv_cache.attend(layer_idx, q_BHTD, k_BKTD, v_BKTD, position_ids_BT, ops)
     if kv_cache is not None:
         k_BKTD, v_BKTD = kv_cache.update(layer_idx, k_BKTD, v_BKTD, position_ids_BT)
     return ops.attention(q_BHTD, k_BKTD, v_BKTD, position_ids_BT, kv_cache is not None)

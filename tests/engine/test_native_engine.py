@@ -7,6 +7,7 @@ check on CUDA."""
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +19,6 @@ from miles_core.engine import build_engine
 from miles_core.engine.native import NativeEngine
 from miles_core.engine.protocol import GenerateRequest
 from miles_core.errors import MilesError
-from miles_core.models.layers import KVCache
 from miles_core.checkpoint.loading import LoadedModel, load_model
 
 PROMPTS = ["2+3=", "The quick brown fox", "hello there, what is 12*7?", "abc"]
@@ -152,6 +152,7 @@ class ScriptedModel(nn.Module):
     def __init__(self, script: list[int], vocab: int = 320, max_len: int = 64) -> None:
         super().__init__()
         self.max_len = max_len
+        self.args = SimpleNamespace(num_hidden_layers=1)
         self.lm_head = nn.Linear(max_len, vocab, bias=False)
         with torch.no_grad():
             self.lm_head.weight.zero_()
@@ -161,8 +162,8 @@ class ScriptedModel(nn.Module):
     def forward(self, input_ids_BT, position_ids_BT, kv_cache=None, routing=None):
         return F.one_hot(position_ids_BT, self.max_len).float()
 
-    def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache(1, batch, 1, max_len, 1, torch.float32, torch.device("cpu"))
+    def kv_cache_dims(self) -> tuple[int, int, int]:
+        return 1, 1, 1  # one layer (`args`) of one head of size 1: the engine's pool is tiny
 
 
 def scripted_engine(loaded: LoadedModel, prompt_ids: list[int], output_ids: list[int]) -> NativeEngine:

@@ -6,6 +6,12 @@ and `tiny-dapo` exercises dynamic sampling with non-zero rewards.
 
 On the machine that recorded them the metrics were bitwise equal; the comparison allows a
 relative 1e-6 so another CPU's kernels cannot fail it while any change of the math does.
+
+Re-recorded on 2026-11-27 (paged engine, issue 12), only the `train/train_rollout_*` values of
+`tiny-moe-ent`, `tiny-deepseek-ent` and `tiny-deepseek`: in fast mode finished rows now leave
+the decode batch at once, so MoE expert matmuls sum over different row sets, and the engine
+hands CPU SDPA a strided key view instead of a contiguous copy (different low bits); tokens,
+rewards and losses are unchanged.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""The native in-process rollout engine: batched generation with a KV cache, CPU or GPU.
+"""The previous native engine (static batches, dense KV cache), kept verbatim as the reference
+that the paged engine must reproduce. Its original docstring:
+
+The native in-process rollout engine: batched generation with a KV cache, CPU or GPU.
 
 It runs the same model class the trainer trains (DESIGN principle 3). Requests are expanded
 into `n` sequences each and processed in batches of at most `max_batch_size` sequences; the
@@ -44,12 +47,10 @@ class _Sequence:
         return len(self.request.input_ids) + len(self.output_ids)
 
 
-def sample_seed(request_seed: int, sample_index: int) -> int:
-    """Seed of sample j of a request: distinct per (seed, j), stable across runs."""
-    return (request_seed * 1_000_003 + sample_index * 7919 + 12345) % (2**63 - 1)
+from miles_core.engine.native import sample_seed  # noqa: E402  (the same streams)
 
 
-class NativeEngine:
+class ReferenceEngine:
     """`RolloutEngine` over a native model in this process."""
 
     def __init__(self, model: nn.Module, tokenizer, cfg: EngineConfig, *, eos_token_ids: Iterable[int],

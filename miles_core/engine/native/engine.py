@@ -1,0 +1,257 @@
+"""`NativeEngine`: the in-process `RolloutEngine`, a facade over pool, scheduler and runner.
+
+It runs the same model class the trainer trains (DESIGN principle 3) with continuous batching
+over a paged KV cache (vLLM / nano-vllm design; see `scheduler` for the policy). Requests come
+in through `submit` (thread-safe: a server thread may call it while another thread drives
+`step`, or while `start()`'s background loop does); `generate` submits a batch and steps until
+it is answered. Each `step` drains the inbox (submissions, aborts), schedules one forward,
+samples one token for every sequence that finished its prompt or decoded, and retires finished
+sequences, freeing their blocks.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from miles_core.config import EngineConfig
+from miles_core.engine.native.block_manager import BlockManager
+from miles_core.engine.native.kv_pool import KVPool, block_bytes, num_kv_blocks
+from miles_core.engine.native.outputs import finish_reason, to_generation
+from miles_core.engine.native.runner import ModelRunner
+from miles_core.engine.native.scheduler import Row, Scheduler
+from miles_core.engine.native.sequence import RequestHandle
+from miles_core.engine.native.sequence import Sequence as Seq
+from miles_core.engine.native.sequence import sample_seed
+from miles_core.engine.protocol import GenerateRequest, Generation
+from miles_core.engine.sampler import sample_tokens
+from miles_core.errors import MilesError
+from miles_core.kernels import model_ops
+from miles_core.models.base import named_weights
+
+ABORTED = {"type": "abort", "message": "aborted by request"}
+
+
+class NativeEngine:
+    """`RolloutEngine` over a native model in this process."""
+
+    def __init__(self, model: nn.Module, tokenizer, cfg: EngineConfig, *, eos_token_ids: Iterable[int],
+                 max_position_embeddings: int, weight_version: str = "0") -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_context_len = cfg.max_context_len or max_position_embeddings
+        # Routing capture (SGLang's --enable-return-routed-experts): MoE models only.
+        self.capture_routing = cfg.return_routed_experts and getattr(model, "num_moe_layers", 0) > 0
+        self._weight_version = weight_version
+        self.pool = self._new_pool()
+        self.blocks = BlockManager(self.pool.num_blocks, cfg.block_size, on_first_use=self.pool.zero_block)
+        self.scheduler = Scheduler(self.blocks, self.pool.copy_block, max_batch_size=cfg.max_batch_size,
+                                   max_num_batched_tokens=cfg.max_num_batched_tokens,
+                                   cache_routing=self.capture_routing)
+        self.runner = ModelRunner(self.model, self.pool, capture_routing=self.capture_routing)
+        self._paused = threading.Event()
+        self._inbox: list[tuple[str, object]] = []
+        self._inbox_lock = threading.Lock()
+        self._step_lock = threading.Lock()
+        self._handles: dict[int, RequestHandle] = {}
+        self._wake = threading.Condition()
+        self._loop: threading.Thread | None = None
+        self._stop = False
+
+    def _new_pool(self) -> KVPool:
+        num_kv_heads, head_dim, v_head_dim = self.model.kv_cache_dims()
+        num_layers, weight = self.model.args.num_hidden_layers, self.model.lm_head.weight
+        per_block = block_bytes(num_layers, self.cfg.block_size, num_kv_heads, head_dim, v_head_dim, weight.dtype)
+        count = num_kv_blocks(requested=self.cfg.num_kv_blocks, mem_fraction=self.cfg.mem_fraction,
+                              per_block=per_block, device=weight.device, max_batch_size=self.cfg.max_batch_size,
+                              max_context_len=self.max_context_len, block_size=self.cfg.block_size)
+        return KVPool(num_layers, count, self.cfg.block_size, num_kv_heads, head_dim, v_head_dim, weight.dtype,
+                      weight.device)
+
+    @property
+    def weight_version(self) -> str:
+        return self._weight_version
+
+    @property
+    def device(self) -> torch.device:
+        return self.pool.keys[0].device
+
+    # -- control ---------------------------------------------------------------------------
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> None:
+        params = dict(named_weights(self.model, remove_duplicate=False))  # and persistent buffers
+        updates = list(named_tensors)  # references, not copies: all are checked before any is written
+        for name, tensor in updates:
+            if name not in params:
+                raise MilesError(f"update_weights: unknown parameter '{name}'")
+            if params[name].shape != tensor.shape:
+                raise MilesError(f"update_weights: '{name}' has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(params[name].shape)}")
+        with self._step_lock, torch.no_grad():
+            for name, tensor in updates:
+                params[name].copy_(tensor)
+            self.blocks.flush()  # cached K/V were computed by the old weights
+        self._weight_version = str(version)
+
+    def pause(self) -> None:
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
+        self._notify()
+
+    def flush_cache(self) -> None:
+        """Drop the prefix cache (blocks in use stay with their sequences)."""
+        with self._step_lock:
+            self.blocks.flush()
+
+    def health(self) -> bool:
+        return not self._paused.is_set()
+
+    # -- submission ------------------------------------------------------------------------
+    def submit(self, request: GenerateRequest, on_progress: Callable[[int], None] | None = None) -> RequestHandle:
+        """Queue a request (thread-safe); the handle's `result()` gives its n generations."""
+        handle = self._new_handle(request, on_progress)
+        self._post("submit", handle)
+        return handle
+
+    def abort(self, rid: str) -> None:
+        """Finish every sequence of the requests with this rid (finish reason `abort`)."""
+        self._post("abort", rid)
+
+    def _post(self, kind: str, item: object) -> None:
+        with self._inbox_lock:
+            self._inbox.append((kind, item))
+        self._notify()
+
+    def _new_handle(self, request: GenerateRequest, on_progress) -> RequestHandle:
+        prompt_len = len(request.input_ids)
+        if prompt_len == 0:
+            raise MilesError(f"request '{request.rid}' has an empty prompt")
+        if prompt_len >= self.max_context_len:
+            raise MilesError(f"prompt of request '{request.rid}' has {prompt_len} tokens; the context "
+                             f"holds {self.max_context_len} (engine.max_context_len or the model's limit)")
+        budget = min(request.sampling.max_new_tokens, self.max_context_len - prompt_len)
+        need = self.blocks.blocks_for(prompt_len + budget - 1)
+        if need > self.blocks.num_blocks:
+            raise MilesError(f"request '{request.rid}' needs {need} KV blocks of {self.cfg.block_size} tokens "
+                             f"({prompt_len} prompt + {budget} new); the pool has {self.blocks.num_blocks} "
+                             "(raise engine.num_kv_blocks or engine.mem_fraction)")
+        handle = RequestHandle(request, on_progress)
+        handle.sequences = [
+            Seq(request, handle, j, budget, torch.Generator().manual_seed(sample_seed(request.seed, j)),
+                list(request.input_ids), prompt_len)
+            for j in range(request.sampling.n_samples_per_prompt)
+        ]
+        return handle
+
+    # -- generation ------------------------------------------------------------------------
+    def generate(self, requests: Sequence[GenerateRequest],
+                 on_progress: Callable[[int], None] | None = None) -> list[list[Generation]]:
+        if self._paused.is_set():
+            raise MilesError("the engine is paused; call resume() before generate()")
+        handles = [self._new_handle(request, on_progress) for request in requests]  # all checked first
+        for handle in handles:
+            self._post("submit", handle)
+        if self._loop is None:
+            while not all(handle.done for handle in handles):
+                self.step()
+        return [handle.result() for handle in handles]
+
+    def step(self) -> bool:
+        """Run one scheduled forward; False when paused or idle."""
+        with self._step_lock:
+            self._drain_inbox()
+            if self._paused.is_set():
+                return False
+            rows = self.scheduler.schedule()
+            if not rows:
+                return False
+            with torch.inference_mode():
+                self._run(rows)
+            return True
+
+    def _drain_inbox(self) -> None:
+        with self._inbox_lock:
+            inbox, self._inbox = self._inbox, []
+        for kind, item in inbox:
+            if kind == "submit":
+                self._handles[id(item)] = item
+                leader, *forks = item.sequences
+                leader.forks = forks
+                self.scheduler.add(leader)
+            else:
+                self._abort(item)
+
+    def _abort(self, rid: str) -> None:
+        for handle in [h for h in self._handles.values() if h.request.rid == rid]:
+            for seq in handle.sequences:
+                if not seq.done:
+                    seq.finish_reason = dict(ABORTED)
+                    self._retire(seq)
+
+    def _run(self, rows: list[Row]) -> None:
+        logits_RV = self.runner.forward(rows)
+        self.scheduler.computed(rows)
+        sampled, logit_rows = [], []
+        for index, row in enumerate(r for r in rows if r.completes):  # logits row `index`
+            group = [row.seq, *self.scheduler.fork(row.seq)]  # a fresh prompt's n samples share it
+            sampled += group
+            logit_rows += [index] * len(group)
+        if sampled:
+            self._sample(sampled, logits_RV.index_select(0, torch.tensor(logit_rows, device=logits_RV.device)))
+
+    def _sample(self, seqs: list[Seq], logits_BV: torch.Tensor) -> None:
+        device = logits_BV.device
+        params = [seq.request.sampling for seq in seqs]
+        uniform = torch.tensor([float(torch.rand(1, generator=seq.generator)) for seq in seqs])
+        tokens, logprobs = sample_tokens(
+            logits_BV, torch.tensor([p.temperature for p in params], device=device),
+            torch.tensor([p.top_k for p in params], device=device), torch.tensor([p.top_p for p in params], device=device),
+            uniform, log_softmax=model_ops(self.model).log_softmax)
+        for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist()):
+            seq.token_ids.append(token)
+            seq.logprobs.append(logprob)
+            seq.finish_reason = finish_reason(seq, token, self.eos_token_ids, self.tokenizer)
+            if seq.done:
+                self._retire(seq)
+
+    def _retire(self, seq: Seq) -> None:
+        """Free a finished sequence; answer its request when it was the last one."""
+        self.scheduler.finish(seq)
+        handle = seq.handle
+        if handle.on_progress:
+            handle.on_progress(1)
+        if all(s.done for s in handle.sequences) and not handle.done:
+            del self._handles[id(handle)]
+            handle.finish([to_generation(s, self.tokenizer, self._weight_version, self.capture_routing)
+                           for s in handle.sequences])
+
+    # -- background loop -------------------------------------------------------------------
+    def start(self) -> None:
+        """Step in a background thread whenever there is work (for a server)."""
+        if self._loop is None:
+            self._stop = False
+            self._loop = threading.Thread(target=self._serve, name="miles-engine", daemon=True)
+            self._loop.start()
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._stop = True
+            self._notify()
+            self._loop.join()
+            self._loop = None
+
+    def _serve(self) -> None:
+        while not self._stop:
+            if not self.step():
+                with self._wake:
+                    self._wake.wait(timeout=0.05)
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake.notify_all()

@@ -1,0 +1,81 @@
+"""The model runner: one forward over a scheduled step, on the paged KV pool.
+
+Rows are right-padded to the step's longest chunk (B, T) with explicit positions (a pad
+continues its row's positions; its k/v are not stored and its outputs are dropped). Routing
+capture records, per sequence, the experts of each token fed that it has not recorded yet, so
+prefill chunks and decode steps concatenate in token order and a recompute after preemption
+records nothing twice. Logits are computed only for rows that sample this step.
+
+`forward` is where CUDA graphs of the decode step will be captured and replayed.
+
+Shape legend: B rows, T tokens per row, E hidden size, V vocab, N blocks per row.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from miles_core.engine.native.kv_pool import KVPool
+from miles_core.engine.native.paged_cache import PagedKVCache
+from miles_core.engine.native.scheduler import Row
+from miles_core.kernels import paged_attention
+from miles_core.models.routing import RoutingContext
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, pool: KVPool, *, capture_routing: bool) -> None:
+        self.model = model
+        self.pool = pool
+        self.capture_routing = capture_routing
+
+    @property
+    def device(self) -> torch.device:
+        return self.pool.keys[0].device
+
+    def forward(self, rows: list[Row]) -> torch.Tensor:
+        """Run the step; returns logits (R, V) of the rows that complete, in row order."""
+        ids_BT, positions_BT, cache = self._inputs(rows)
+        routing = RoutingContext("record") if self.capture_routing else None
+        hidden_BTE = self.model(ids_BT, positions_BT, cache, routing=routing)
+        if routing is not None:
+            self._record_routing(rows, routing)
+        sampling = [(b, row.num_tokens - 1) for b, row in enumerate(rows) if row.completes]
+        if not sampling:
+            return hidden_BTE.new_empty(0)
+        index = torch.tensor(sampling, device=hidden_BTE.device)
+        return self.model.lm_head(hidden_BTE[index[:, 0], index[:, 1]])
+
+    def _inputs(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor, PagedKVCache]:
+        B, T = len(rows), max(row.num_tokens for row in rows)
+        size = self.pool.block_size
+        ids = torch.zeros(B, T, dtype=torch.long)
+        positions = torch.empty(B, T, dtype=torch.long)
+        num_keys = max(row.start for row in rows) + T  # largest position fed (pads included) + 1
+        num_blocks = -(-num_keys // size)
+        tables = torch.full((B, num_blocks), self.pool.null_block, dtype=torch.long)  # padding: finite zeros
+        slots, token_index = [], []
+        for b, row in enumerate(rows):
+            seq, end = row.seq, row.start + row.num_tokens
+            ids[b, : row.num_tokens] = torch.tensor(seq.token_ids[row.start : end])
+            positions[b] = torch.arange(row.start, row.start + T)
+            table = seq.block_table[: -(-end // size)]
+            tables[b, : len(table)] = torch.tensor(table)
+            slots += [table[p // size] * size + p % size for p in range(row.start, end)]
+            token_index += range(b * T, b * T + row.num_tokens)
+        device = self.device
+        padded = len(token_index) < B * T
+        decode = T == 1 and paged_attention.usable(device, size)  # one query per row: the paged kernel
+        cache = PagedKVCache(self.pool, tables.to(device), torch.tensor(slots, device=device),
+                             torch.tensor(token_index, device=device) if padded else None, num_keys,
+                             decode_positions_B=positions[:, 0].to(device) if decode else None)
+        return ids.to(device), positions.to(device), cache
+
+    def _record_routing(self, rows: list[Row], routing: RoutingContext) -> None:
+        ids_BTLK = routing.stacked()
+        for b, row in enumerate(rows):
+            seq = row.seq
+            first = max(seq.num_routed, row.start) - row.start
+            if first < row.num_tokens:
+                seq.routing.append(ids_BTLK[b, first : row.num_tokens])
+                seq.num_routed = row.start + row.num_tokens

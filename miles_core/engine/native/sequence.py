@@ -1,0 +1,85 @@
+"""One generated sequence's state in the native engine, and the handle of a submitted request.
+
+A request asks for `n` samples; each sample is a `Sequence` with its own token list, block
+table, logprobs, routed experts and sampling stream (`sample_seed(request seed, j)`, one uniform
+per generated token), so its tokens do not depend on which sequences share its steps, on
+preemption, or on prefix-cache hits.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from miles_core.engine.protocol import GenerateRequest, Generation
+
+
+def sample_seed(request_seed: int, sample_index: int) -> int:
+    """Seed of sample j of a request: distinct per (seed, j), stable across runs."""
+    return (request_seed * 1_000_003 + sample_index * 7919 + 12345) % (2**63 - 1)
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: GenerateRequest
+    handle: RequestHandle
+    sample_index: int
+    max_new_tokens: int
+    generator: torch.Generator
+    token_ids: list[int]
+    """Prompt then output tokens."""
+    prompt_len: int
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: dict | None = None
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    """Tokens whose K/V are in the pool (all but the last sampled one while decoding)."""
+    num_registered: int = 0
+    """Leading blocks entered into the prefix cache (or found there)."""
+    routing: list[np.ndarray] = field(default_factory=list)
+    """MoE: chunks of (tokens, layers, topk) expert ids of the tokens fed so far."""
+    num_routed: int = 0
+    """Tokens whose routing is recorded; a recompute after preemption records none twice."""
+    forks: list[Sequence] = field(default_factory=list)
+    """The request's other samples, waiting for this one's prompt prefill to share it."""
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    @property
+    def length(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class RequestHandle:
+    """A submitted request: its n sequences, finished when all of them are."""
+
+    def __init__(self, request: GenerateRequest, on_progress: Callable[[int], None] | None = None) -> None:
+        self.request = request
+        self.on_progress = on_progress
+        self.sequences: list[Sequence] = []
+        self.generations: list[Generation] | None = None
+        self._done = threading.Event()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def finish(self, generations: list[Generation]) -> None:
+        self.generations = generations
+        self._done.set()
+
+    def result(self, timeout: float | None = None) -> list[Generation]:
+        """The request's n generations, waiting for them (when a background loop runs)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request '{self.request.rid}' did not finish in {timeout} s")
+        return self.generations
