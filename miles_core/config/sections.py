@@ -48,9 +48,11 @@ class EngineConfig:
     """Prompt + response token limit; 0 uses the model's `max_position_embeddings`."""
     return_routed_experts: bool = False
     """MoE: record every token's top-k experts at every MoE layer into the samples (for R3)."""
-    mem_fraction: float = 0.85
-    """CUDA: fraction of the GPU memory free after loading the weights that the KV pool takes
-    (like SGLang's `mem_fraction_static`); used when `num_kv_blocks` is 0."""
+    mem_fraction: float = 0.5
+    """CUDA: most of the GPU memory free after loading the weights that the KV pool takes (like
+    SGLang's `mem_fraction_static`), capped at `max_batch_size` sequences of `max_context_len`
+    tokens; used when `num_kv_blocks` is 0. Below SGLang's 0.85 because the embedded trainer
+    shares the GPU."""
     num_kv_blocks: int = 0
     """KV pool size in blocks; 0 sizes it from `mem_fraction` (CUDA) or, on CPU, for
     `max_batch_size` sequences of `max_context_len` tokens, at most 1 GiB."""

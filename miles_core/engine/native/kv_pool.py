@@ -15,7 +15,8 @@ Block size must be the invariant attention kernel's key tile (`triton_ops` BLOCK
 future paged kernel walks one block per tile and reduces keys in the same order as today.
 
 Sizing: `engine.num_kv_blocks` when set; else on CUDA `engine.mem_fraction` of the free GPU
-memory after the weights are loaded (SGLang's `mem_fraction_static`, applied to what is left);
+memory after the weights are loaded (SGLang's `mem_fraction_static`, applied to what is left),
+capped at what `max_batch_size` sequences of `max_context_len` tokens can use;
 on CPU enough for `max_batch_size` sequences of `max_context_len` tokens, capped at
 `CPU_KV_BYTES` (set `num_kv_blocks` for more).
 
@@ -90,8 +91,9 @@ def num_kv_blocks(*, requested: int, mem_fraction: float, per_block: int, device
         budget, where = int(free * mem_fraction), f"{mem_fraction} of {free / 2**30:.2f} GiB free GPU memory"
     else:
         budget, where = CPU_KV_BYTES, f"the CPU default of {CPU_KV_BYTES / 2**30:.0f} GiB"
-    # One block of the budget is the null block (see above).
-    count = min(budget // per_block - 1, max_batch_size * per_seq) if device.type != "cuda" else budget // per_block - 1
+    # One block of the budget is the null block (see above). Never more than `max_batch_size` full
+    # sequences can use: on a GPU shared with the trainer the rest of the budget stays free.
+    count = min(budget // per_block - 1, max_batch_size * per_seq)
     if count < 1:
         raise MilesError(f"KV cache: {where} holds no block of {block_size} tokens "
                          f"({per_block / 2**20:.1f} MiB each); raise engine.mem_fraction or set engine.num_kv_blocks")
