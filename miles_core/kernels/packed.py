@@ -19,7 +19,7 @@ row alone), and with SDPA each plain segment takes the flash path.
 
 `flex_attention` (CUDA, fast mode) instead runs the whole row in one kernel with a block-sparse
 mask built once per forward from per-token (document, branch) ids; it is chosen once at import
-when available (`USE_FLEX`, which tests may override).
+when enabled (`USE_FLEX`, off by default: see below; tests override it).
 
 Shape legend: H query heads, K kv heads, T tokens of the row, D head dim, DV value head dim.
 """
@@ -37,8 +37,10 @@ try:
 except ImportError:  # older torch: the segment loop serves every device
     flex_attention = None
 
-USE_FLEX = flex_attention is not None and torch.cuda.is_available()
-"""Use FlexAttention for fast-mode packed attention on CUDA tensors (chosen once; tests override)."""
+USE_FLEX = False
+"""Use FlexAttention for fast-mode packed attention on CUDA tensors. Off: on an H100 with torch
+2.11 its compiled kernel failed to lower (inductor `NoValidChoicesError`, 2026-11-27), and the
+per-segment SDPA loop runs instead; tests override it."""
 
 
 @dataclass

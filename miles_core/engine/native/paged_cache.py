@@ -28,6 +28,10 @@ import torch
 from miles_core.engine.native.kv_pool import KVPool
 from miles_core.kernels import paged_attention
 
+USE_PAGED_DECODE_KERNEL = True
+"""Decode steps on CUDA read keys in place with the Triton paged kernel; False gathers them and runs
+the model's own attention op (tests and diagnosis flip it)."""
+
 
 class PagedKVCache:
     def __init__(self, pool: KVPool, block_tables_BN: torch.Tensor, slots: torch.Tensor,
@@ -59,7 +63,7 @@ class PagedKVCache:
         """Store new k/v, then attention (B, H, T, V) of the queries over their rows' keys."""
         self._write(self.pool.keys[layer], k_BKTD)
         self._write(self.pool.values[layer], v_BKTD)
-        if self.decode_positions_B is not None:
+        if self.decode_positions_B is not None and USE_PAGED_DECODE_KERNEL:
             out_BHV = paged_attention.paged_decode(q_BHTD[:, :, 0], self.pool.keys[layer], self.pool.values[layer],
                                                    self.block_tables_BN, self.decode_positions_B,
                                                    invariant=ops.name == "invariant")
