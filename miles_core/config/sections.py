@@ -178,7 +178,8 @@ class RolloutConfig:
 @dataclass(frozen=True, kw_only=True)
 class RewardConfig:
     type: str = "math"
-    """Registry name (`math`, `boxed`, `f1`, `last_number`) or a `module:function` path."""
+    """Registry name (`math`, `boxed`, `f1`, `last_number`, `deepscaler`, `dapo`, `remote_rm`) or a
+    `module:function` path."""
     key: str = ""
     """When the reward function returns a dict, the entry used as the scalar reward."""
     max_concurrency: int = 16
@@ -189,6 +190,8 @@ class RewardConfig:
     timeout: float = 60.0
     """Seconds per sample for a user (dotted-path) or async reward function; a sample that takes
     longer scores 0 and counts as failed. 0 waits forever. Built-in rewards run without it."""
+    remote_url: str = ""
+    """`remote_rm`: the URL each sample is POSTed to (slime's `--rm-url`), e.g. `http://host:8000/reward`."""
 
     def __post_init__(self) -> None:
         _check(bool(self.type), "type must name a reward function, got ''")
@@ -196,6 +199,8 @@ class RewardConfig:
         _check(0 <= self.max_failure_fraction <= 1,
                f"max_failure_fraction must be in [0, 1], got {self.max_failure_fraction}")
         _check(self.timeout >= 0, f"timeout must be >= 0 seconds, got {self.timeout}")
+        _check(self.type != "remote_rm" or re.fullmatch(r"https?://\S+", self.remote_url) is not None,
+               f"type 'remote_rm' needs remote_url = 'http://host:port/path', got '{self.remote_url}'")
 
 
 @dataclass(frozen=True, kw_only=True)
