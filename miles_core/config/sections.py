@@ -229,6 +229,9 @@ class TrainConfig:
     """Optimizer steps per rollout; the rollout's samples are split evenly between them."""
     max_tokens_per_micro_batch: int = 4096
     """Token budget (prompt + response, padded) of one forward/backward; gradients accumulate."""
+    micro_batch_size: int = 0
+    """Most samples in one forward/backward (slime's `--micro-batch-size`), a cap on top of the
+    token budget; 0: the token budget alone. Gradients accumulate, so the loss does not depend on it."""
     routing_replay: Literal["off", "rollout", "record"] = "off"
     """MoE experts used by the trainer: `off` its own router; `rollout` the engine's recorded choice
     (Rollout Routing Replay, R3; needs engine.return_routed_experts); `record` its own choice in the
@@ -269,6 +272,7 @@ class TrainConfig:
         _check(self.num_steps_per_rollout >= 1, f"num_steps_per_rollout must be >= 1, got {self.num_steps_per_rollout}")
         _check(self.max_tokens_per_micro_batch >= 1,
                f"max_tokens_per_micro_batch must be >= 1, got {self.max_tokens_per_micro_batch}")
+        _check(self.micro_batch_size >= 0, f"micro_batch_size must be >= 0, got {self.micro_batch_size}")
         _check(self.logprob_chunk_size >= 1, f"logprob_chunk_size must be >= 1, got {self.logprob_chunk_size}")
 
 
