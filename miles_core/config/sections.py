@@ -30,6 +30,9 @@ class ModelConfig:
     """Parameter and compute dtype of the native model."""
     device: str = "auto"
     """`auto` (CUDA if present, else CPU), `cpu`, `cuda` or `cuda:N`."""
+    ref_source: str = ""
+    """The reference model for the KL loss / KL reward (slime's `--ref-load`), in any `source` form;
+    empty: a frozen copy of the starting weights (`source`). It must share the tokenizer (same vocab)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.source), "source must name a checkpoint, got ''")
@@ -200,7 +203,7 @@ class RewardConfig:
                f"max_failure_fraction must be in [0, 1], got {self.max_failure_fraction}")
         _check(self.timeout >= 0, f"timeout must be >= 0 seconds, got {self.timeout}")
         _check(self.type != "remote_rm" or re.fullmatch(r"https?://\S+", self.remote_url) is not None,
-               f"type 'remote_rm' needs remote_url = 'http://host:port/path', got '{self.remote_url}'")
+               f"type 'remote_rm' needs remote_url (slime's --rm-url) = 'http://host:port/path', got '{self.remote_url}'")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -289,11 +292,26 @@ class LoopConfig:
     """Run folder; empty means `runs/<recipe>-<date>-<time>`."""
     save_rollout_data: bool = False
     """Also write each step's samples to `rollouts/step_NNNNNN.jsonl` in the run folder."""
+    save_rollout_data_path: str = ""
+    """Write each step's samples (JSONL) to this path instead, relative to the working directory;
+    `{rollout_id}` (format spec allowed, e.g. `{rollout_id:06d}`) becomes the 0-based step, as
+    `--load-debug-rollout-data` reads it (slime's `--save-debug-rollout-data`). Setting it saves."""
 
     def __post_init__(self) -> None:
         _check(self.num_rollout >= 1, f"num_rollout must be >= 1, got {self.num_rollout}")
         _check(self.save_interval >= 0, f"save_interval must be >= 0, got {self.save_interval}")
         _check(self.keep_last >= 0, f"keep_last must be >= 0, got {self.keep_last}")
+        _check(_formats(self.save_rollout_data_path),
+               f"save_rollout_data_path must be a path whose only field is {{rollout_id}}, "
+               f"got '{self.save_rollout_data_path}'")
+
+
+def _formats(template: str) -> bool:
+    try:
+        template.format(rollout_id=0)
+    except (KeyError, IndexError, ValueError):
+        return False
+    return True
 
 
 @dataclass(frozen=True, kw_only=True)
