@@ -41,7 +41,8 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 # it writes, and how patient it is with rewards and bad steps. Every other key (model, data,
 # sampling, rollout, algo, optimizer, engine, alignment) changes what the next step computes.
 RESUMABLE_CHANGES = ("description", "loop.num_rollout", "loop.save_interval", "loop.keep_last", "loop.output_dir",
-                     "loop.save_rollout_data", "eval.", "reward.timeout", "reward.max_concurrency",
+                     "loop.save_rollout_data",
+                     "loop.save_rollout_data_path", "eval.", "reward.timeout", "reward.max_concurrency",
                      "reward.max_failure_fraction", "train.max_bad_steps")
 
 

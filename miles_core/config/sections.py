@@ -30,6 +30,9 @@ class ModelConfig:
     """Parameter and compute dtype of the native model."""
     device: str = "auto"
     """`auto` (CUDA if present, else CPU), `cpu`, `cuda` or `cuda:N`."""
+    ref_source: str = ""
+    """The reference model for the KL loss / KL reward (slime's `--ref-load`), in any `source` form;
+    empty: a frozen copy of the starting weights (`source`). It must share the tokenizer (same vocab)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.source), "source must name a checkpoint, got ''")
@@ -196,7 +199,8 @@ class RolloutConfig:
 @dataclass(frozen=True, kw_only=True)
 class RewardConfig:
     type: str = "math"
-    """Registry name (`math`, `boxed`, `f1`, `last_number`) or a `module:function` path."""
+    """Registry name (`math`, `boxed`, `f1`, `last_number`, `deepscaler`, `dapo`, `remote_rm`) or a
+    `module:function` path."""
     key: str = ""
     """When the reward function returns a dict, the entry used as the scalar reward."""
     max_concurrency: int = 16
@@ -207,6 +211,8 @@ class RewardConfig:
     timeout: float = 60.0
     """Seconds per sample for a user (dotted-path) or async reward function; a sample that takes
     longer scores 0 and counts as failed. 0 waits forever. Built-in rewards run without it."""
+    remote_url: str = ""
+    """`remote_rm`: the URL each sample is POSTed to (slime's `--rm-url`), e.g. `http://host:8000/reward`."""
 
     def __post_init__(self) -> None:
         _check(bool(self.type), "type must name a reward function, got ''")
@@ -214,6 +220,8 @@ class RewardConfig:
         _check(0 <= self.max_failure_fraction <= 1,
                f"max_failure_fraction must be in [0, 1], got {self.max_failure_fraction}")
         _check(self.timeout >= 0, f"timeout must be >= 0 seconds, got {self.timeout}")
+        _check(self.type != "remote_rm" or re.fullmatch(r"https?://\S+", self.remote_url) is not None,
+               f"type 'remote_rm' needs remote_url (slime's --rm-url) = 'http://host:port/path', got '{self.remote_url}'")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -242,6 +250,9 @@ class TrainConfig:
     """Optimizer steps per rollout; the rollout's samples are split evenly between them."""
     max_tokens_per_micro_batch: int = 4096
     """Token budget (prompt + response, padded) of one forward/backward; gradients accumulate."""
+    micro_batch_size: int = 0
+    """Most samples in one forward/backward (slime's `--micro-batch-size`), a cap on top of the
+    token budget; 0: the token budget alone. Gradients accumulate, so the loss does not depend on it."""
     routing_replay: Literal["off", "rollout", "record"] = "off"
     """MoE experts used by the trainer: `off` its own router; `rollout` the engine's recorded choice
     (Rollout Routing Replay, R3; needs engine.return_routed_experts); `record` its own choice in the
@@ -282,6 +293,7 @@ class TrainConfig:
         _check(self.num_steps_per_rollout >= 1, f"num_steps_per_rollout must be >= 1, got {self.num_steps_per_rollout}")
         _check(self.max_tokens_per_micro_batch >= 1,
                f"max_tokens_per_micro_batch must be >= 1, got {self.max_tokens_per_micro_batch}")
+        _check(self.micro_batch_size >= 0, f"micro_batch_size must be >= 0, got {self.micro_batch_size}")
         _check(self.logprob_chunk_size >= 1, f"logprob_chunk_size must be >= 1, got {self.logprob_chunk_size}")
 
 
@@ -298,11 +310,26 @@ class LoopConfig:
     """Run folder; empty means `runs/<recipe>-<date>-<time>`."""
     save_rollout_data: bool = False
     """Also write each step's samples to `rollouts/step_NNNNNN.jsonl` in the run folder."""
+    save_rollout_data_path: str = ""
+    """Write each step's samples (JSONL) to this path instead, relative to the working directory;
+    `{rollout_id}` (format spec allowed, e.g. `{rollout_id:06d}`) becomes the 0-based step, as
+    `--load-debug-rollout-data` reads it (slime's `--save-debug-rollout-data`). Setting it saves."""
 
     def __post_init__(self) -> None:
         _check(self.num_rollout >= 1, f"num_rollout must be >= 1, got {self.num_rollout}")
         _check(self.save_interval >= 0, f"save_interval must be >= 0, got {self.save_interval}")
         _check(self.keep_last >= 0, f"keep_last must be >= 0, got {self.keep_last}")
+        _check(_formats(self.save_rollout_data_path),
+               f"save_rollout_data_path must be a path whose only field is {{rollout_id}}, "
+               f"got '{self.save_rollout_data_path}'")
+
+
+def _formats(template: str) -> bool:
+    try:
+        template.format(rollout_id=0)
+    except (KeyError, IndexError, ValueError):
+        return False
+    return True
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -8,7 +8,7 @@ table is refused with a did-you-mean. Nothing is silently ignored.
 
 A slime-flag launch also takes slime's defaults where they differ from ours (`SLIME_DEFAULTS`),
 for every key that the recipe leaves unset: slime reduces losses per sample and uses k1 KL.
-`docs/slime_flags.md` is `render_markdown()` of these tables (a test keeps them equal).
+`docs/slime_flags.md` is `slime_flags_doc.render_markdown()` of these tables (a test keeps them equal).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Callable
 from miles_core.config import MilesConfig, inherit_eval_defaults
 from miles_core.config.tree import apply_overrides, build, load_recipe
 from miles_core.errors import MilesError, did_you_mean
-from miles_core.rewards.registry import REWARDS
+from miles_core.rewards.registry import CONFIGURED_REWARDS, REWARDS
 
 
 @dataclass(frozen=True)
@@ -44,20 +44,11 @@ def _estimator(name: str) -> dict[str, Any]:
 
 
 def _rm_type(name: str) -> dict[str, Any]:
-    if name in UNSUPPORTED_RM_TYPES:
-        raise _Refused(f"--rm-type {name}: {UNSUPPORTED_RM_TYPES[name]}")
-    if name not in REWARDS:
-        raise _Refused(f"--rm-type {name}: not in miles' reward registry ({', '.join(sorted(REWARDS))}); "
-                       "use --custom-rm-path module.function")
+    if name not in REWARDS and name not in CONFIGURED_REWARDS:
+        known = ", ".join(sorted([*REWARDS, *CONFIGURED_REWARDS]))
+        raise _Refused(f"--rm-type {name}: not in miles' reward registry ({known}); use --custom-rm-path module.function")
     return {"reward.type": name}
 
-
-UNSUPPORTED_RM_TYPES = {
-    "deepscaler": "miles has no deepscaler grader yet (answer after `</think>`, graded 0/1); use --rm-type math "
-                  "(boxed answer checked with math-verify) or --custom-rm-path",
-    "dapo": "miles has no DAPO grader yet ('Answer:' line, reward +1/-1); use --rm-type math or --custom-rm-path",
-    "remote_rm": "miles has no HTTP reward client yet; use --custom-rm-path module.function that posts to your server",
-}
 
 FLAGS: dict[str, Flag] = {
     # batch shape
@@ -70,6 +61,9 @@ FLAGS: dict[str, Flag] = {
                                 to=lambda v: {}),
     "--max-tokens-per-gpu": Flag(("train.max_tokens_per_micro_batch",), int,
                                  "miles always packs micro-batches by tokens (slime only with --use-dynamic-batch-size)"),
+    "--micro-batch-size": Flag(("train.micro_batch_size",), int,
+                               "a cap of N samples per micro-batch on top of the token budget (slime ignores it "
+                               "under --use-dynamic-batch-size, which miles always has); the loss does not change"),
     # data
     "--prompt-data": Flag(("data.path", "data.task"), str, "a .jsonl or .parquet file; clears the recipe's data.task",
                           to=lambda v: {"data.path": v, "data.task": ""}),
@@ -118,7 +112,12 @@ FLAGS: dict[str, Flag] = {
     "--opsm-delta": Flag(("algo.opsm_delta",), float),
     # rewards
     "--rm-type": Flag(("reward.type",), str, "math, f1 (ours: boxed answer graded with math-verify; slime "
-                      "grades the whole response); deepscaler, dapo, remote_rm are refused", to=_rm_type),
+                      "grades the whole response); deepscaler as slime (answer after `</think>`, boxed, 0/1) but "
+                      "compared with math-verify, not deepscaler's sympy checker; dapo as slime (`Answer:` line, "
+                      "+1/-1) returning the score, not {score, acc, pred}; remote_rm with --rm-url", to=_rm_type),
+    "--rm-url": Flag(("reward.remote_url",), str, "remote_rm POSTs {prompt, response, label}, reads the JSON answer; "
+                     "each call bounded by reward.timeout, reward.max_concurrency in flight; no retries (slime: "
+                     "10 with back-off): a failed call scores 0 and counts in reward.max_failure_fraction"),
     "--custom-rm-path": Flag(("reward.type",), str, "miles calls fn(sample), slime fn(args, sample): a "
                              "two-argument function is refused when the run starts"),
     "--reward-key": Flag(("reward.key",), str),
@@ -134,6 +133,13 @@ FLAGS: dict[str, Flag] = {
     "--clip-grad": Flag(("train.clip_grad",), float),
     "--seed": Flag(("train.seed",), int),
     # checkpoints
+    "--ref-load": Flag(("model.ref_source",), str, "the reference model (KL loss / KL reward) from this checkpoint "
+                       "(HF dir, .gguf or built-in name; same tokenizer), else a copy of --hf-checkpoint. slime also "
+                       "starts the policy from it when --load is absent (a Megatron torch_dist dir); miles starts the "
+                       "policy from --hf-checkpoint"),
+    "--save-debug-rollout-data": Flag(("loop.save_rollout_data_path",), str,
+                                      "each step's samples as miles JSONL (slime: .pt) at the path with `{rollout_id}` "
+                                      "= the 0-based step; --load-debug-rollout-data reads it back"),
     "--save": Flag(("loop.output_dir",), str, "the run folder: full checkpoints (HF export + trainer and loop "
                    "state, resumable with --load DIR or --resume auto) in DIR/checkpoints/step_NNNNNN, plus "
                    "metrics and config; slime writes torch_dist to DIR/iter_NNNNNNN"),
@@ -159,14 +165,7 @@ ONLY_ONE = {
 }
 
 REJECTED: dict[str, str] = {
-    "--ref-load": "miles' reference model is the starting weights (--hf-checkpoint); a separate reference "
-                  "checkpoint is not supported: drop the flag when it is the same model",
-    "--micro-batch-size": "miles forms micro-batches by token budget, not sample count: use --max-tokens-per-gpu N "
-                          "(train.max_tokens_per_micro_batch); the loss does not depend on it",
-    "--save-debug-rollout-data": "miles writes each step's samples as JSONL to <run>/rollouts/step_NNNNNN.jsonl: "
-                                 "use --set loop.save_rollout_data=true (always on with --debug-rollout-only)",
     "--tis-threshold": "an older slime spelling with no meaning today; use --tis-clip HIGH and --tis-clip-low LOW",
-    "--rm-url": "belongs to --rm-type remote_rm, which miles does not have yet; use --custom-rm-path",
     "--sequence-parallel": PARALLEL,
     "--offload": ONE_DEVICE, "--offload-train": ONE_DEVICE, "--offload-rollout": ONE_DEVICE,
     "--mtp-num-layers": MTP, "--enable-mtp-training": MTP, "--mtp-loss-scaling-factor": MTP,
@@ -380,34 +379,3 @@ def raw_value(raw: dict[str, Any], dotted: str) -> Any:
     for part in dotted.split("."):
         node = node[part]
     return node
-
-
-def render_markdown() -> str:
-    """docs/slime_flags.md: the tables above as Markdown (kept equal by a test)."""
-    rows = ["| slime flag | miles recipe key(s) | how miles differs |", "|---|---|---|"]
-    rows += [f"| `{name}` | {', '.join(f'`{k}`' for k in flag.keys)} | {flag.note} |" for name, flag in FLAGS.items()]
-    rows += [f"| `{name}` | (a `miles train` option) | {what} |" for name, what in TYPER_FLAGS.items()]
-    noted = [f"| `{name}` | {why} |" for name, (_, why) in NOTED.items()]
-    noted += [f"| `{name}` | accepted only as 1; otherwise refused: {why} |" for name, why in ONLY_ONE.items()]
-    refused = [f"| `{name}` | {why} |" for name, why in REJECTED.items()]
-    refused += [f"| `{prefix}*` | {why} |" for prefix, why in REJECTED_PREFIXES.items()]
-    refused += [f"| `--rm-type {name}` | {why} |" for name, why in UNSUPPORTED_RM_TYPES.items()]
-    defaults = [f"| `{key}` | `{json.dumps(value)}` |" for key, value in {**SLIME_DEFAULTS, **SLIME_DATA_DEFAULTS}.items()]
-    return "\n".join([
-        "# slime launch flags in `miles train`",
-        "",
-        "Generated from `miles_core/slime_flags.py` (`render_markdown()`); edit the table there.",
-        "`miles train` takes these flags as slime spells them; `--print-config` shows the recipe they",
-        "resolve to and `--save-recipe F.toml` writes it. Order: recipe (or miles' defaults when",
-        "`--hf-checkpoint` and `--prompt-data` are given without `--recipe`) < slime defaults where",
-        "the recipe is silent < slime flags < `--hf-checkpoint`/`--num-rollout` < `--set`.",
-        "",
-        "## Mapped flags", "", *rows, "",
-        "## slime defaults used by a slime-flag launch (where the recipe leaves the key unset)", "",
-        "The data defaults apply only with `--prompt-data`.", "",
-        "| recipe key | slime's default |", "|---|---|", *defaults, "",
-        "## Accepted without effect (a note is printed)", "", "| flag | why |", "|---|---|", *noted, "",
-        "## Refused (the run does not start; every refused flag is listed)", "",
-        "A flag in none of these tables is refused too, with a did-you-mean.", "",
-        "| flag | why, and what to use instead |", "|---|---|", *refused, "",
-    ])

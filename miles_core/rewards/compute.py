@@ -26,7 +26,7 @@ from typing import Any
 
 from miles_core.config import RewardConfig
 from miles_core.errors import MilesError
-from miles_core.rewards.registry import REWARDS, RewardFn, resolve_reward
+from miles_core.rewards.registry import REWARDS, RewardFn, reward_function
 from miles_core.sample import Sample
 
 log = logging.getLogger("miles")
@@ -48,7 +48,7 @@ class RewardStats:
 
 def compute_rewards(samples: list[Sample], cfg: RewardConfig) -> RewardStats:
     """Set `sample.reward` on every sample. From synchronous code only (see the async twin)."""
-    fn = resolve_reward(cfg.type)
+    fn = reward_function(cfg)
     if _is_async(fn):
         outcomes = asyncio.run(_call_all_async(fn, samples, cfg.max_concurrency, cfg.timeout))
     else:
@@ -58,7 +58,7 @@ def compute_rewards(samples: list[Sample], cfg: RewardConfig) -> RewardStats:
 
 async def compute_rewards_async(samples: list[Sample], cfg: RewardConfig) -> RewardStats:
     """`compute_rewards` for callers already inside a running event loop."""
-    fn = resolve_reward(cfg.type)
+    fn = reward_function(cfg)
     if _is_async(fn):
         outcomes = await _call_all_async(fn, samples, cfg.max_concurrency, cfg.timeout)
     else:

@@ -8,8 +8,10 @@ transports come from their registries (`engine.backend`, `train.backend`, `sync.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from torch import nn
 
 from miles_core.checkpoint.loading import LoadedModel, load_model
 from miles_core.config import MilesConfig
@@ -19,10 +21,10 @@ from miles_core.engine import build_engine
 from miles_core.engine.protocol import RolloutEngine
 from miles_core.errors import MilesError
 from miles_core.rl.eval import EvalSet, evaluate, fit_eval_sets, load_eval_sets
-from miles_core.rl.manager import RolloutManager, RolloutSource, SavedRollouts
+from miles_core.rl.manager import RolloutManager, RolloutSource, SavedRollouts, rollout_data_path
 from miles_core.sample import Sample, write_samples_jsonl
 from miles_core.sync import SyncContext, WeightSync, build_weight_sync
-from miles_core.train import build_trainer
+from miles_core.train import build_trainer, needs_reference
 from miles_core.train.protocol import TrainBackend
 from miles_core.utils.io import atomic_write
 
@@ -63,13 +65,13 @@ class RunComponents:
             eval_sets = fit_eval_sets(eval_sets, engine, loaded.tokenizer)  # long prompts fail before step 0
         if mode != "rollout_only":
             total = cfg.loop.num_rollout * cfg.train.num_steps_per_rollout
-            trainer = build_trainer(cfg.train, cfg.algo, copy.deepcopy(loaded.model),
+            trainer = build_trainer(cfg.train, cfg.algo, copy.deepcopy(loaded.model), reference=_reference(cfg, loaded),
                                     temperature=cfg.sampling.temperature, total_steps=total)
         if engine is not None and trainer is not None:
             context = SyncContext(loaded.hf_config, loaded.path, output_dir / "weight_sync")
             sync = build_weight_sync(cfg.sync, engine, context)
         _write_config(cfg, output_dir)  # only once everything is built: a failed start leaves no folder
-        save_all = cfg.loop.save_rollout_data or mode == "rollout_only"
+        save_all = cfg.loop.save_rollout_data or bool(cfg.loop.save_rollout_data_path) or mode == "rollout_only"
         return cls(cfg, output_dir, loaded, engine, trainer, rollouts, sync, save_all, eval_sets)
 
     def should_eval(self, step: int) -> bool:
@@ -90,8 +92,26 @@ class RunComponents:
         return evaluate(self.engine, self.loaded.tokenizer, self.eval_sets)
 
     def save_rollout_data(self, step: int, samples: list[Sample]) -> None:
-        if self.save_all_rollouts:
-            write_samples_jsonl(samples, self.output_dir / "rollouts" / f"step_{step:06d}.jsonl")
+        """Each step's samples as JSONL: `loop.save_rollout_data_path` (templated like
+        `--load-debug-rollout-data`) or `<run>/rollouts/step_NNNNNN.jsonl`."""
+        if not self.save_all_rollouts:
+            return
+        template = self.cfg.loop.save_rollout_data_path
+        path = Path(rollout_data_path(template, step)) if template else \
+            self.output_dir / "rollouts" / f"step_{step:06d}.jsonl"
+        write_samples_jsonl(samples, path)
+
+
+def _reference(cfg: MilesConfig, loaded: LoadedModel) -> nn.Module | None:
+    """The reference model from `model.ref_source` (None: the trainer copies the starting weights)."""
+    if not cfg.model.ref_source or not needs_reference(cfg.algo):
+        return None
+    reference = load_model(replace(cfg.model, source=cfg.model.ref_source), alignment_mode=cfg.alignment.mode).model
+    ours, theirs = loaded.model.lm_head.weight.shape[0], reference.lm_head.weight.shape[0]
+    if ours != theirs:
+        raise MilesError(f"model.ref_source '{cfg.model.ref_source}' has a vocabulary of {theirs} tokens, the policy "
+                         f"'{cfg.model.source}' {ours}: the reference must share the policy's tokenizer")
+    return reference
 
 
 def _check_output_dir(output_dir: Path) -> None:

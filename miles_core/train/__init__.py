@@ -22,7 +22,7 @@ from miles_core.train.protocol import TrainBackend
 
 class TrainerFactory(Protocol):
     def __call__(self, cfg: TrainConfig, algo: AlgoConfig, model: nn.Module, *, temperature: float,
-                 total_steps: int) -> TrainBackend: ...
+                 total_steps: int, reference: nn.Module | None = None) -> TrainBackend: ...
 
 
 def needs_reference(algo: AlgoConfig) -> bool:
@@ -36,11 +36,17 @@ def needs_critic(algo: AlgoConfig) -> bool:
 
 
 def _native(cfg: TrainConfig, algo: AlgoConfig, model: nn.Module, *, temperature: float,
-            total_steps: int) -> TrainBackend:
-    """Keeps the model in fp32. A frozen copy of the initial weights becomes the reference model
-    when the KL loss or the KL reward is on; PPO adds a critic (`critic.py`) from the same weights."""
+            total_steps: int, reference: nn.Module | None = None) -> TrainBackend:
+    """Keeps the model in fp32. When the KL loss or the KL reward is on, the reference model is
+    `reference` (`model.ref_source`) or else a frozen copy of the initial weights; PPO adds a
+    critic (`critic.py`) from the same weights."""
     model = model.to(torch.float32)
-    reference = copy.deepcopy(model).requires_grad_(False).eval() if needs_reference(algo) else None
+    if not needs_reference(algo):
+        reference = None
+    elif reference is None:
+        reference = copy.deepcopy(model)
+    if reference is not None:
+        reference = reference.to(torch.float32).requires_grad_(False).eval()
     critic = Critic(model, cfg, total_steps) if needs_critic(algo) else None
     return NativeTrainer(model, cfg, algo, temperature=temperature, total_steps=total_steps,
                          reference=reference, critic=critic)
@@ -50,8 +56,10 @@ TRAIN_BACKENDS: dict[str, TrainerFactory] = {"native": _native}
 
 
 def build_trainer(cfg: TrainConfig, algo: AlgoConfig, model: nn.Module, *, temperature: float,
-                  total_steps: int) -> TrainBackend:
-    """The trainer named by `cfg.backend`, taking ownership of `model`."""
+                  total_steps: int, reference: nn.Module | None = None) -> TrainBackend:
+    """The trainer named by `cfg.backend`, taking ownership of `model` (and of `reference`, the
+    reference model when it is not the starting weights)."""
     if cfg.backend not in TRAIN_BACKENDS:
         raise one_of("train.backend", cfg.backend, tuple(TRAIN_BACKENDS))
-    return TRAIN_BACKENDS[cfg.backend](cfg, algo, model, temperature=temperature, total_steps=total_steps)
+    return TRAIN_BACKENDS[cfg.backend](cfg, algo, model, temperature=temperature, total_steps=total_steps,
+                                       reference=reference)

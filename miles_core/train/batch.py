@@ -85,8 +85,9 @@ class TrainBatch:
         return float(sum(m.sum() for m in self.loss_masks))
 
 
-def micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Group sample indices so each group's padded size (count x longest) fits `max_tokens`.
+def micro_batches(lengths: Sequence[int], max_tokens: int, max_samples: int = 0) -> list[list[int]]:
+    """Group sample indices so each group's padded size (count x longest) fits `max_tokens`
+    and, when `max_samples` > 0, it holds at most `max_samples` samples.
 
     Longest first, so similar lengths share a group and padding stays small; a sample longer
     than the budget gets a group of its own.
@@ -94,11 +95,16 @@ def micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     groups: list[list[int]] = []
     for index in order:
-        if groups and lengths[groups[-1][0]] * (len(groups[-1]) + 1) <= max_tokens:
+        if groups and has_room(groups[-1], max_samples) and lengths[groups[-1][0]] * (len(groups[-1]) + 1) <= max_tokens:
             groups[-1].append(index)
         else:
             groups.append([index])
     return groups
+
+
+def has_room(batch: list[int], max_samples: int) -> bool:
+    """Whether one more sample may join `batch` under the sample cap (0: no cap)."""
+    return max_samples <= 0 or len(batch) < max_samples
 
 
 def pad_ragged(values: Sequence[torch.Tensor], pad: float = 0.0) -> torch.Tensor:
@@ -150,8 +156,9 @@ def prompt_groups(tokens: Sequence[torch.Tensor], response_lengths: Sequence[int
 
 
 def shared_prefix_micro_batches(tokens: Sequence[torch.Tensor], response_lengths: Sequence[int],
-                                max_tokens: int) -> list[list[int]]:
-    """Micro-batches for `shared_prefix_log_probs`: whole prompt groups where they fit.
+                                max_tokens: int, max_samples: int = 0) -> list[list[int]]:
+    """Micro-batches for `shared_prefix_log_probs`: whole prompt groups where they fit (in
+    `max_tokens`, and in `max_samples` samples when that is > 0).
 
     The cost of a micro-batch is what its two passes process: (distinct prompts x longest
     prompt) + (samples x longest response). A group too big for the budget is split. Costs are
@@ -166,7 +173,8 @@ def shared_prefix_micro_batches(tokens: Sequence[torch.Tensor], response_lengths
             prompts, longest_prompt, longest_response = state
             grown = (prompts + new_prompt, max(longest_prompt, prompt_len[index]),
                      max(longest_response, response_lengths[index]))
-            if batches and grown[0] * grown[1] + (len(batches[-1]) + 1) * grown[2] <= max_tokens:
+            if (batches and has_room(batches[-1], max_samples)
+                    and grown[0] * grown[1] + (len(batches[-1]) + 1) * grown[2] <= max_tokens):
                 batches[-1].append(index)
                 state = grown
             else:

@@ -121,12 +121,12 @@ class NativeTrainer:
             agreement.add(recorded, batch.routed_experts[i])
 
     def _micro_batches(self, batch: TrainBatch) -> list[list[int]]:
+        budget, cap = self.cfg.max_tokens_per_micro_batch, self.cfg.micro_batch_size
         if self.cfg.pack_sequences:
-            return packed_micro_batches(batch.tokens, batch.response_lengths, self.cfg.max_tokens_per_micro_batch,
-                                        self.cfg.share_prompt_prefix)
+            return packed_micro_batches(batch.tokens, batch.response_lengths, budget, self.cfg.share_prompt_prefix, cap)
         if self.cfg.share_prompt_prefix:
-            return shared_prefix_micro_batches(batch.tokens, batch.response_lengths, self.cfg.max_tokens_per_micro_batch)
-        return micro_batches([len(t) for t in batch.tokens], self.cfg.max_tokens_per_micro_batch)
+            return shared_prefix_micro_batches(batch.tokens, batch.response_lengths, budget, cap)
+        return micro_batches([len(t) for t in batch.tokens], budget, cap)
 
     @torch.no_grad()
     def compute_log_probs(self, batch: TrainBatch, *, reference: bool = False) -> list[torch.Tensor]:

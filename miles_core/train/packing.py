@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from miles_core.kernels.packed import PackedSegments
-from miles_core.train.batch import _prompt_slots, _token_log_probs, prompt_groups
+from miles_core.train.batch import _prompt_slots, _token_log_probs, has_room, prompt_groups
 from miles_core.train.routing_replay import RoutingPlan
 
 
@@ -125,9 +125,9 @@ def packed_log_probs(model: nn.Module, tokens: Sequence[torch.Tensor], response_
 
 
 def packed_micro_batches(tokens: Sequence[torch.Tensor], response_lengths: Sequence[int], max_tokens: int,
-                         share_prompt_prefix: bool) -> list[list[int]]:
+                         share_prompt_prefix: bool, max_samples: int = 0) -> list[list[int]]:
     """Whole samples, in order, so each packed row holds at most `max_tokens` tokens (a sample
-    longer than that gets a row of its own). With `share_prompt_prefix` prompt groups stay
+    longer than that gets a row of its own) and, when `max_samples` > 0, at most that many samples. With `share_prompt_prefix` prompt groups stay
     together and a group's prompt counts once per row (under R3 a prompt whose samples carry
     different recorded routing is fed once per routing, so a row may then exceed the budget)."""
     groups = prompt_groups(tokens, response_lengths) if share_prompt_prefix else [[i] for i in range(len(tokens))]
@@ -137,7 +137,7 @@ def packed_micro_batches(tokens: Sequence[torch.Tensor], response_lengths: Seque
         prompt_in_row = False
         for i in group:
             cost = response_lengths[i] - 1 + (0 if prompt_in_row else len(tokens[i]) - response_lengths[i])
-            if batches and used + cost <= max_tokens:
+            if batches and has_room(batches[-1], max_samples) and used + cost <= max_tokens:
                 batches[-1].append(i)
                 used += cost
             else:

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from miles_cli.app import app
 from miles_core.config import load_config
-from miles_core.launch.slime_flags import ARCH, ONE_DEVICE, PARALLEL, SGLANG, SPECULATIVE, render_markdown
+from miles_core.launch.slime_flags import ARCH, ONE_DEVICE, PARALLEL, SGLANG, SPECULATIVE
+from miles_core.launch.slime_flags_doc import render_markdown
 
 runner = CliRunner()
 REFUSED = "error: slime flags miles cannot run:\n  "
@@ -169,17 +170,36 @@ def test_global_batch_size_must_divide():
 
 
 @pytest.mark.parametrize("line, message", [
-    ("--rm-type deepscaler", "--rm-type deepscaler: miles has no deepscaler grader yet"),
-    ("--rm-type remote_rm --rm-url http://x", "--rm-type remote_rm: miles has no HTTP reward client yet"),
-    ("--ref-load /ref", "--ref-load: miles' reference model is the starting weights"),
-    ("--micro-batch-size 1", "--micro-batch-size: miles forms micro-batches by token budget"),
-    ("--save-debug-rollout-data /d/{rollout_id}.pt", "--save-debug-rollout-data: miles writes each step's samples"),
+    ("--rm-type gpqa", "--rm-type gpqa: not in miles' reward registry (boxed, dapo, deepscaler, f1, last_number, "
+                       "math, remote_rm); use --custom-rm-path module.function"),
     ("--num-layers 28", f"--num-layers: {ARCH}"),
     ("--rollout-batch-sise 4", "--rollout-batch-sise: neither a miles train option nor a slime flag miles knows "
                                "(did you mean '--rollout-batch-size'?)"),
 ])
 def test_refused_flags_name_themselves_and_the_alternative(line, message):
     assert refused(f"--recipe tiny {line}").startswith(REFUSED + message)
+
+
+@pytest.mark.parametrize("name", ["deepscaler", "dapo"])
+def test_slime_graders(tmp_path, name):
+    cfg, _ = resolve(tmp_path, f"--recipe tiny --rm-type {name}")
+    assert cfg.reward.type == name
+
+
+def test_remote_rm_with_its_url(tmp_path):
+    cfg, _ = resolve(tmp_path, "--recipe tiny --rm-type remote_rm --rm-url http://127.0.0.1:8000/reward")
+    assert (cfg.reward.type, cfg.reward.remote_url) == ("remote_rm", "http://127.0.0.1:8000/reward")
+    assert refused("--recipe tiny --rm-type remote_rm") == (
+        "error: reward: type 'remote_rm' needs remote_url (slime's --rm-url) = 'http://host:port/path', got ''")
+
+
+def test_micro_batch_ref_load_and_debug_data_flags(tmp_path):
+    cfg, _ = resolve(tmp_path, "--recipe tiny --micro-batch-size 2 --ref-load /ckpt/ref "
+                               "--save-debug-rollout-data '/d/rollout_{rollout_id}.jsonl'")
+    assert cfg.train.micro_batch_size == 2 and cfg.model.ref_source == "/ckpt/ref"
+    assert cfg.loop.save_rollout_data_path == "/d/rollout_{rollout_id}.jsonl"
+    assert refused("--recipe tiny --save-debug-rollout-data '/d/{step}.jsonl'").startswith(
+        "error: loop: save_rollout_data_path must be a path whose only field is {rollout_id}")
 
 
 def test_print_config_shows_the_resolved_recipe():

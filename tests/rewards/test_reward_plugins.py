@@ -42,7 +42,7 @@ def plugin_dir(tmp_path, monkeypatch):
 
 
 def test_registry_names():
-    assert set(REWARDS) == {"math", "boxed", "f1", "last_number"}
+    assert set(REWARDS) == {"math", "boxed", "f1", "last_number", "deepscaler", "dapo"}
     assert resolve_reward("boxed") is REWARDS["boxed"]
 
 
@@ -74,7 +74,7 @@ def test_callable_object_plugin(plugin_dir):
     ("broken_rewards:f", "reward 'broken_rewards:f': cannot import module 'broken_rewards' "
                          "(ModuleNotFoundError: No module named 'not_a_real_dependency_xyz')"),
     ("my_rewards:", "reward path 'my_rewards:' must look like 'package.module:function'"),
-    ("mathh", "unknown reward 'mathh' (did you mean 'math'?); expected one of: boxed, f1, last_number, math, "
+    ("mathh", "unknown reward 'mathh' (did you mean 'math'?); expected one of: boxed, dapo, deepscaler, f1, last_number, math, "
               "or a 'package.module:function' path"),
 ])
 def test_malformed_plugins(plugin_dir, path, message):
