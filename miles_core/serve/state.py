@@ -65,6 +65,8 @@ class ServeState:
         return [Path(self.facts.model_path).resolve(), *(Path(r).resolve() for r in self.options.allowed_model_roots)]
 
     def check_weights_path(self, raw: str) -> Path:
+        if "\x00" in raw:
+            raise RequestError(f"model_path {raw!a} holds a NUL byte; expected a folder path")
         path = Path(raw).resolve()
         if not any(path == root or path.is_relative_to(root) for root in self.allowed_roots()):
             raise RequestError(f"model_path '{raw}' is outside the allowed model roots (--allowed-model-root)", 403)
