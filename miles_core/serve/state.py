@@ -4,6 +4,7 @@ and the checks that turn bad input into a 4xx before it reaches the engine."""
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 from miles_core.config import SamplingConfig
 from miles_core.engine.protocol import GenerateRequest, RolloutEngine
+from miles_core.errors import MilesError
 from miles_core.serve.worker import BatchingWorker
 
 
@@ -38,6 +40,14 @@ class ServeOptions:
     batch_window_ms: float = 5.0
     """How long the worker waits for more concurrent requests before it starts a batch."""
     served_model_name: str = ""
+
+    def __post_init__(self) -> None:  # checked before the model loads: a typo costs no wait
+        if not 0 <= self.port <= 65535:
+            raise MilesError(f"--port must be in [0, 65535] (0 picks a free one), got {self.port}")
+        if self.max_request_bytes < 1:
+            raise MilesError(f"--max-request-bytes must be >= 1, got {self.max_request_bytes}")
+        if not 0 <= self.batch_window_ms < math.inf:
+            raise MilesError(f"--batch-window-ms must be a finite number >= 0, got {self.batch_window_ms}")
 
 
 @dataclass
