@@ -39,6 +39,7 @@ def show_command(
         if resolved:
             text = config_tree.dump_toml(load_config(name))
         else:
+            config_tree.load_recipe(name)  # malformed TOML is one error line with its line, not shown as is
             text = read_text(config_tree.find_recipe(name), "recipe")
         # Plain text, never wrapped: the output must stay valid TOML when redirected to a file.
         typer.echo(text.rstrip("\n"))

@@ -1,7 +1,7 @@
 """Fuzz (issue 21, item 8): random JSONL records and recipe overrides fed to the loaders give
 a result or a documented error (`MilesError`: one line, the CLI's exit code 2), never another
-exception. Bounded (examples, deadline) so the suite stays fast. Random bodies for the HTTP
-routes wait for `miles serve`, which is not merged yet."""
+exception. Bounded (examples, deadline) so the suite stays fast. Random bodies for every HTTP
+route of `miles serve` are in tests/serve/test_serve_fuzz.py."""
 
 from __future__ import annotations
 

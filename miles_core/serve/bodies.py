@@ -31,6 +31,11 @@ async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
         raise RequestError(f"malformed JSON: {err}") from None
     if not isinstance(data, dict):
         raise RequestError(f"the body must be a JSON object, got {type(data).__name__}")
+    try:  # JSON may escape lone UTF-16 surrogates ("\\ud800"), which no tokenizer or encoder accepts
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RequestError(f"the body holds a lone UTF-16 surrogate {err.object[err.start]!a}; expected valid "
+                           "Unicode text") from None
     try:
         return model.model_validate(data)
     except ValidationError as err:

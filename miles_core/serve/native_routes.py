@@ -20,7 +20,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from miles_core.serve.bodies import parse_body
+from miles_core.serve.bodies import error_response, parse_body
 from miles_core.serve.schemas import (AbortBody, Empty, GenerateBody, PauseBody, SamplingParams, UpdateFromDiskBody,
                                       UpdateFromTensorBody)
 from miles_core.serve.state import RequestError, ServeState
@@ -138,7 +138,9 @@ async def _stream(state: ServeState, body: GenerateBody):
 # -- health and info -----------------------------------------------------------------------------
 @router.get("/health")
 async def health(request: Request):
-    return Response(status_code=200 if _state(request).worker.alive else 503)
+    if not _state(request).worker.alive:
+        return error_response("the engine worker has stopped", 503)
+    return Response(status_code=200)
 
 
 @router.get("/health_generate")
@@ -149,8 +151,8 @@ async def health_generate(request: Request):
     request_ = state.request([0], SamplingParams(max_new_tokens=1, temperature=0.0), rid="health")
     try:
         await asyncio.wait_for(state.worker.generate([request_]), timeout=30)
-    except (TimeoutError, asyncio.TimeoutError, Aborted):
-        return Response(status_code=503)
+    except (TimeoutError, asyncio.TimeoutError, Aborted) as err:
+        return error_response(f"one-token generation failed ({type(err).__name__}: {err})", 503)
     return Response(status_code=200)
 
 
@@ -233,7 +235,9 @@ async def _update(state: ServeState, load, abort_all: bool, extra: dict | None =
     try:
         message = await state.worker.control(load)
     except RequestError as err:
-        return JSONResponse({"success": False, "message": str(err), **(extra or {})}, status_code=err.status)
+        # SGLang's shape (success, message) plus the error shape every other route answers
+        return JSONResponse({"success": False, "message": str(err), **(extra or {}),
+                             "error": {"message": str(err), "code": err.status}}, status_code=err.status)
     return {"success": True, "message": message, **(extra or {})}
 
 

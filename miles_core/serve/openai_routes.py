@@ -9,6 +9,7 @@ tokens' log-probs; top alternatives are not computed.
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 import uuid
@@ -102,17 +103,29 @@ async def completions(request: Request):
 
 
 # -- chat ----------------------------------------------------------------------------------------
+def _text_of(content, number: int) -> str:
+    if not isinstance(content, list):
+        return content or ""
+    parts = [part.get("text", "") for part in content if part.get("type") == "text"]
+    if not all(isinstance(text, str) for text in parts):
+        raise RequestError(f"messages.{number}.content: a text part's 'text' must be a string")
+    return "".join(parts)
+
+
 def _chat_prompt(state: ServeState, body: ChatBody) -> list[int]:
-    messages = []
-    for message in body.messages:
-        content = message.content
-        if isinstance(content, list):
-            content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
-        messages.append({**message.model_dump(exclude_none=True), "content": content or ""})
+    messages = [{**m.model_dump(exclude_none=True), "content": _text_of(m.content, k)} for k, m in enumerate(body.messages)]
     if not getattr(state.tokenizer, "chat_template", None):
         raise RequestError("the served model's tokenizer has no chat template; use /v1/completions")
-    encoded = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=True, **(body.chat_template_kwargs or {}))
+    kwargs = body.chat_template_kwargs or {}
+    reserved = sorted(set(kwargs) & (set(inspect.signature(state.tokenizer.apply_chat_template).parameters) | {"messages"}))
+    if reserved:
+        raise RequestError(f"chat_template_kwargs may not set {reserved[0]!r}; expected template variables "
+                           "such as enable_thinking")
+    try:  # the template is code run on user input: it may raise anything (jinja's raise_exception, TypeError)
+        encoded = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=True, **kwargs)
+    except Exception as err:  # noqa: BLE001 - any template failure is a bad request, not a server error
+        raise RequestError(f"the chat template cannot render these messages: {type(err).__name__}: {err}") from None
     return [int(i) for i in encoded["input_ids"]]
 
 

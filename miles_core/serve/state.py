@@ -4,6 +4,7 @@ and the checks that turn bad input into a 4xx before it reaches the engine."""
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 from miles_core.config import SamplingConfig
 from miles_core.engine.protocol import GenerateRequest, RolloutEngine
+from miles_core.errors import MilesError
 from miles_core.serve.worker import BatchingWorker
 
 
@@ -39,6 +41,14 @@ class ServeOptions:
     """How long the worker waits for more concurrent requests before it starts a batch."""
     served_model_name: str = ""
 
+    def __post_init__(self) -> None:  # checked before the model loads: a typo costs no wait
+        if not 0 <= self.port <= 65535:
+            raise MilesError(f"--port must be in [0, 65535] (0 picks a free one), got {self.port}")
+        if self.max_request_bytes < 1:
+            raise MilesError(f"--max-request-bytes must be >= 1, got {self.max_request_bytes}")
+        if not 0 <= self.batch_window_ms < math.inf:
+            raise MilesError(f"--batch-window-ms must be a finite number >= 0, got {self.batch_window_ms}")
+
 
 @dataclass
 class ModelFacts:
@@ -65,6 +75,8 @@ class ServeState:
         return [Path(self.facts.model_path).resolve(), *(Path(r).resolve() for r in self.options.allowed_model_roots)]
 
     def check_weights_path(self, raw: str) -> Path:
+        if "\x00" in raw:
+            raise RequestError(f"model_path {raw!a} holds a NUL byte; expected a folder path")
         path = Path(raw).resolve()
         if not any(path == root or path.is_relative_to(root) for root in self.allowed_roots()):
             raise RequestError(f"model_path '{raw}' is outside the allowed model roots (--allowed-model-root)", 403)

@@ -82,3 +82,49 @@ def test_every_bad_input_is_one_clear_line(command, case, args, expected, root, 
     assert len(errors) == 1, result.stderr
     assert expected.format(root=root) in " ".join(result.stderr.split()), result.stderr
     assert not (tmp_path / "run").exists()  # a failed start leaves no run folder
+
+
+# The other commands, through the real CLI (cases already tested elsewhere are not repeated:
+# convert's destination under a file in test_convert_safety.py, align-check's --batch-sizes and
+# thresholds in test_align_check_cli.py, an unknown recipe name in test_cli_basics.py).
+# (case, full argument list, expected part of the error line); {root}: the bad files, {tiny}: tiny-qwen3.
+OTHER_CASES = [
+    ("convert: missing source", ["convert", "{root}/nosuch", "{root}/out", "--to", "hf"], "source '{root}/nosuch' does not exist"),
+    ("convert: not a checkpoint", ["convert", "{root}/a_file", "{root}/out", "--to", "torch_dist"],
+     "'{root}/a_file' is a file but not a .gguf; expected a HF directory, a torch_dist checkpoint or a GGUF file"),
+    ("convert: unsupported model_type", ["convert", "{root}/other_type", "{root}/out", "--to", "torch_dist"],
+     "unknown model_type 'gpt_neox'"),
+    ("convert: truncated safetensors", ["convert", "{root}/trunc", "{root}/out", "--to", "torch_dist"],
+     "cannot read safetensors file '{root}/trunc/model.safetensors'"),
+    ("convert: truncated GGUF", ["convert", "{root}/trunc.gguf", "{root}/out", "--to", "torch_dist"],
+     "cannot read GGUF file '{root}/trunc.gguf' (truncated or not GGUF)"),
+    ("convert: existing destination", ["convert", "{tiny}", "{root}", "--to", "torch_dist"],
+     "output '{root}' already exists; remove it or choose another path"),
+    ("convert: bad --to", ["convert", "{tiny}", "{root}/out", "--to", "onnx"], "unknown output format 'onnx'; expected one of: hf, torch_dist"),
+    ("align-check: malformed recipe", ["align-check", "-r", "{root}/bad.toml"], "is not valid TOML: Expected ']'"),
+    ("align-check: empty batch sizes", ["align-check", "-r", "tiny", "--batch-sizes", ",,"], "--batch-sizes ',,' must list integers >= 1"),
+    ("serve: port out of range", ["serve", "--model", "{tiny}", "--port", "70000"], "--port must be in [0, 65535] (0 picks a free one), got 70000"),
+    ("serve: bad host", ["serve", "--model", "{tiny}", "--host", "999.1.1.1", "--port", "0"], "cannot listen on 999.1.1.1:0"),
+    ("serve: missing model", ["serve", "--model", "{root}/nosuch"], "model source '{root}/nosuch' is not a directory, a .gguf file or a built-in name"),
+    ("serve: bad --set", ["serve", "--model", "{tiny}", "--set", "engine.max_batch_sise=4"], "unknown config key 'engine.max_batch_sise'"),
+    ("serve: zero body limit", ["serve", "--model", "{tiny}", "--max-request-bytes", "0"], "--max-request-bytes must be >= 1, got 0"),
+    ("serve: NaN batch window", ["serve", "--model", "{tiny}", "--batch-window-ms", "nan"], "--batch-window-ms must be a finite number >= 0, got nan"),
+    ("recipes show: did you mean", ["recipes", "show", "tiny-dapoo"], "unknown recipe 'tiny-dapoo' (did you mean 'tiny-dapo'?)"),
+    ("recipes show: malformed TOML", ["recipes", "show", "{root}/bad.toml"], "is not valid TOML: Expected ']' at the end of a table declaration (at line 1"),
+    ("recipes show --resolved: malformed TOML", ["recipes", "show", "--resolved", "{root}/bad.toml"], "(at line 1"),
+]
+
+
+@pytest.mark.parametrize("case, args, expected", OTHER_CASES, ids=[c[0] for c in OTHER_CASES])
+def test_every_command_names_a_bad_input_in_one_line(case, args, expected, root, monkeypatch):
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda *a, **k: pytest.fail("miles serve started serving"))
+    values = {"root": root, "tiny": resolve_model_source("tiny-qwen3")}
+    result = runner.invoke(app, [a.format(**values) for a in args])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert expected.format(**values) in " ".join(result.stderr.split()), result.stderr
+    assert not (root / "out").exists()
