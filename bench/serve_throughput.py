@@ -32,17 +32,7 @@ from miles_core.serve import ServeOptions, ServerThread
 from miles_core.serve.state import ModelFacts, ServeState
 from miles_core.serve.worker import BatchingWorker
 
-QWEN3_0_6B = dict(model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
-                  num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                  max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=1_000_000.0, tie_word_embeddings=True)
-
-
-class _NoText:
-    """Prompts arrive as token ids and the answers' text is not measured."""
-
-    def decode(self, ids, skip_special_tokens=True):
-        return ""
-
+from align_overhead import QWEN3_0_6B, _NoText  # same shape and text stub; bench/ is on sys.path when run
 
 def build_engine(args) -> tuple[NativeEngine, ModelFacts]:
     cfg = EngineConfig(max_batch_size=args.max_batch_size)
