@@ -31,6 +31,7 @@ def serve(
 ) -> None:
     """Serve `--model` until Ctrl-C: SGLang's /generate and control routes, OpenAI /v1 routes."""
     with cli_errors():
+        _require_serve_extra()
         from miles_core.serve import ServeOptions, build_state, serve as run_server
         from miles_core.serve.server import serve_config
 
@@ -40,3 +41,14 @@ def serve(
                                batch_window_ms=batch_window_ms, served_model_name=served_model_name)
         state = build_state(serve_config(model, recipe, overrides or []), options)
         run_server(state, on_ready=lambda url: console.print(f"miles serve: {state.model_name} at {url}", highlight=False))
+
+
+def _require_serve_extra() -> None:
+    """fastapi and uvicorn come with `pip install 'miles[serve]'`, not with the base install."""
+    import importlib.util
+
+    from miles_core.errors import MilesError
+
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MilesError(f"miles serve needs {', '.join(missing)}: pip install -e '.[serve]' (or 'miles[serve]')")
