@@ -150,8 +150,9 @@ ONE_DEVICE = ("miles trains in one process on one device today (train.backend = 
 PARALLEL = ("Megatron parallelism is not in miles yet (train.backend = native, one device): drop the flag "
             "or set it to 1")
 ARCH = ("not needed: miles reads the architecture from --hf-checkpoint's config.json; drop the flag")
-SGLANG = ("applies to an SGLang server; miles train uses its native in-process engine (engine.backend = native), "
-          "which has no such option: drop the flag")
+SGLANG = ("configures an SGLang server that slime launches: with miles' native engine drop it; with SGLang "
+          "servers use --set engine.backend=sglang and pass server flags in engine.sglang_args (engine.launch = "
+          "true) or start the servers yourself (engine.urls)")
 SPECULATIVE = "speculative decoding is not in miles' native engine yet: drop the flag"
 MTP = "MTP training is not in miles yet: drop the flag"
 
