@@ -22,6 +22,7 @@ from miles_core.train.batch import TrainBatch, response_log_probs
 from miles_core.train.native import NativeTrainer
 from miles_core.train.packing import pack_row, packed_log_probs, packed_micro_batches
 from miles_core.train.routing_replay import RoutingPlan, moe_shape
+from tests.train.conftest import grouped_tokens
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +39,7 @@ def models(tmp_path_factory):
 def _batch(seed: int = 0) -> TrainBatch:
     """3 prompts (lengths 5, 9, 3) x 3 samples with response lengths 1..5, plus one lone sample."""
     gen = torch.Generator().manual_seed(seed)
-    tokens, lengths = [], []
-    for i, prompt_len in enumerate((5, 9, 3)):
-        prompt = torch.randint(0, 300, (prompt_len,), generator=gen)
-        for j in range(3):
-            r = 1 + (3 * i + j) % 5
-            tokens.append(torch.cat([prompt, torch.randint(0, 300, (r,), generator=gen)]))
-            lengths.append(r)
+    tokens, lengths = grouped_tokens(gen)
     tokens.append(torch.randint(0, 300, (7,), generator=gen))
     lengths.append(4)
     advantages = [torch.randn(r, generator=gen) for r in lengths]

@@ -18,6 +18,7 @@ from miles_core.train.batch import TrainBatch
 from miles_core.train.native import NativeTrainer
 from miles_core.train.routing_replay import RoutingPlan, moe_shape
 from miles_core.train.batch import response_log_probs
+from tests.train.conftest import grouped_tokens
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +35,7 @@ def _batch(model=None, seed: int = 0) -> TrainBatch:
     """3 prompts x 3 samples, response lengths 1..5, random advantages; with an MoE `model`, the
     routing of a record pass as the 'engine's' routing (for R3)."""
     gen = torch.Generator().manual_seed(seed)
-    tokens, lengths = [], []
-    for i, prompt_len in enumerate((5, 9, 3)):
-        prompt = torch.randint(0, 300, (prompt_len,), generator=gen)
-        for j in range(3):
-            r = 1 + (3 * i + j) % 5
-            tokens.append(torch.cat([prompt, torch.randint(0, 300, (r,), generator=gen)]))
-            lengths.append(r)
+    tokens, lengths = grouped_tokens(gen)
     batch = TrainBatch(tokens=tokens, response_lengths=lengths, loss_masks=[torch.ones(r) for r in lengths],
                        advantages=[torch.randn(r, generator=gen) for r in lengths])
     if model is not None and moe_shape(model)[0]:

@@ -13,19 +13,14 @@ from miles_core.train import build_trainer
 from miles_core.train.batch import TrainBatch
 from miles_core.train.critic import ValueModel
 from miles_core.train.native import mean_over_steps
+from tests.train.conftest import grouped_tokens
 
 
 def _batch(seed: int = 0) -> TrainBatch:
     """3 prompts x 3 samples, response lengths 1..5, per-token advantages, noisy rollout log-probs
     (filled in by `_with_rollout_log_probs`), a masked-out token in sample 4."""
     gen = torch.Generator().manual_seed(seed)
-    tokens, lengths = [], []
-    for i, prompt_len in enumerate((5, 9, 3)):
-        prompt = torch.randint(0, 300, (prompt_len,), generator=gen)
-        for j in range(3):
-            r = 1 + (3 * i + j) % 5
-            tokens.append(torch.cat([prompt, torch.randint(0, 300, (r,), generator=gen)]))
-            lengths.append(r)
+    tokens, lengths = grouped_tokens(gen)
     masks = [torch.ones(r) for r in lengths]
     masks[4][1] = 0.0
     advantages = [torch.randn(r, generator=gen) for r in lengths]
