@@ -5,8 +5,11 @@ prompt-major order (prompt i, sample j at `i * n + j`); `meta_info.finish_reason
 `{"type": "stop", "matched": ...}`, `{"type": "length", "length": N}` or `{"type": "abort", ...}`;
 `output_token_logprobs` holds `[logprob, token_id, text|null]` triples; `routed_experts` is base64
 of int32 `(prompt + completion - 1, num_moe_layers, topk)`. Streaming (`stream: true`) sends
-server-sent events `data: {...}` then `data: [DONE]`; the native engine has no per-token
-callback, so each answer arrives as one event (the last one SGLang would send).
+server-sent events `data: {...}` then `data: [DONE]`. With the native engine (`worker.streaming`)
+an event is sent as tokens arrive, each holding the answer so far like SGLang's default
+(cumulative `text` and `output_ids`, `finish_reason` null until the last event, which equals the
+non-streamed answer); a client that disconnects aborts its requests in the engine. An engine
+without `submit` (HTTP client) sends each answer as one event (the last one SGLang would send).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from miles_core.errors import MilesError
 from miles_core.serve.bodies import error_response, parse_body
 from miles_core.serve.schemas import (AbortBody, Empty, GenerateBody, PauseBody, SamplingParams, UpdateFromDiskBody,
                                       UpdateFromTensorBody)
@@ -118,21 +122,60 @@ async def generate(request: Request):
     body = await parse_body(request, GenerateBody)
     if body.stream:
         build_jobs(state, body)  # bad input answers 400 before the stream starts
-        return StreamingResponse(_stream(state, body), media_type="text/event-stream")
+        return StreamingResponse(_stream(state, body, request), media_type="text/event-stream")
     answers, batch = await run_generate(state, body)
     return JSONResponse(answers if batch or len(answers) > 1 else answers[0])
 
 
-async def _stream(state: ServeState, body: GenerateBody):
+async def _stream(state: ServeState, body: GenerateBody, request: Request):
     try:
-        answers, batch = await run_generate(state, body)
-        for index, answer in enumerate(answers):
-            if batch or len(answers) > 1:
-                answer["index"] = index
-            yield f"data: {json.dumps(answer)}\n\n"
-    except RequestError as err:
-        yield f"data: {json.dumps({'error': {'message': str(err), 'code': err.status}})}\n\n"
+        if state.worker.streaming:
+            async for answer in _token_answers(state, body, request):
+                yield f"data: {json.dumps(answer)}\n\n"
+        else:
+            answers, batch = await run_generate(state, body)
+            for index, answer in enumerate(answers):
+                if batch or len(answers) > 1:
+                    answer["index"] = index
+                yield f"data: {json.dumps(answer)}\n\n"
+    except (RequestError, MilesError) as err:  # MilesError: the engine refused the request (pool too small)
+        yield f"data: {json.dumps({'error': {'message': str(err), 'code': getattr(err, 'status', 400)}})}\n\n"
     yield "data: [DONE]\n\n"
+
+
+async def _token_answers(state: ServeState, body: GenerateBody, request: Request):
+    """SGLang stream events as tokens arrive: the answer so far, then the final answer."""
+    requests, params, rids, batch = build_jobs(state, body)
+    logprob = _per_item(body.return_logprob, len(requests), "return_logprob")
+    indexed = batch or sum(r.sampling.n_samples_per_prompt for r in requests) > 1
+    start = time.perf_counter()
+    async for updates in state.worker.stream(requests, request.is_disconnected):
+        for update in updates:
+            i, latency = update.request_index, time.perf_counter() - start
+            if update.generation is not None:
+                answer = output_json(state, update.generation, params[i], rid=rids[i], logprob=logprob[i],
+                                     text_in_logprobs=body.return_text_in_logprobs,
+                                     experts=body.return_routed_experts, latency=latency)
+            else:
+                answer = _partial_json(state, update, params[i], rid=rids[i], logprob=logprob[i],
+                                       text_in_logprobs=body.return_text_in_logprobs,
+                                       prompt_tokens=len(requests[i].input_ids), latency=latency)
+            if indexed:
+                answer["index"] = update.index
+            yield answer
+
+
+def _partial_json(state: ServeState, update, params, *, rid: str, logprob: bool, text_in_logprobs: bool,
+                  prompt_tokens: int, latency: float) -> dict:
+    """An unfinished answer as SGLang streams it (no finish reason yet; routed experts come last)."""
+    ids = update.output_ids
+    meta = {"id": rid, "finish_reason": None, "prompt_tokens": prompt_tokens, "completion_tokens": len(ids),
+            "cached_tokens": 0, "weight_version": state.engine.weight_version, "e2e_latency": latency}
+    if logprob:
+        texts = [state.tokenizer.decode([t]) for t in ids] if text_in_logprobs else [None] * len(ids)
+        meta["output_token_logprobs"] = [[lp, tok, txt] for lp, tok, txt in zip(update.output_logprobs, ids, texts)]
+    text = state.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
+    return {"text": text, "output_ids": list(ids), "meta_info": meta}
 
 
 # -- health and info -----------------------------------------------------------------------------

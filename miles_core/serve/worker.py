@@ -9,8 +9,15 @@ generation. Only the `RolloutEngine` protocol is used, so this works with today'
 one that schedules continuously.
 
 Abort (by rid, or a client that disconnects): a job still waiting is dropped before it reaches the
-engine. A job whose batch already runs is answered at once as aborted, but its sequences keep
-decoding until the batch ends (the protocol has no per-sequence cancel); the result is discarded.
+engine. A job whose batch already runs is answered at once as aborted; an engine with `abort(rid)`
+(native) also finishes its sequences, freeing their KV blocks, while for any other engine they keep
+decoding until the batch ends and the result is discarded.
+
+Streaming: an engine with `submit` (the native engine) is started in its own background loop, and
+`stream` submits each request to it directly and yields the tokens as they are sampled; the batch
+path above stays for engines with only `generate` (the HTTP client engine), whose answers arrive
+whole. A stream whose consumer goes away (closed generator, cancelled task, disconnected client)
+aborts its requests in the engine.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +56,18 @@ class _Control:
 
 
 @dataclass
+class StreamUpdate:
+    """Progress of one sequence: flat index `i * n + j` (prompt i, sample j), its output ids so far,
+    and its `Generation` once the whole request has finished (then `output_ids` is the final list)."""
+
+    index: int
+    request_index: int
+    output_ids: list[int]
+    output_logprobs: list[float]
+    generation: Generation | None = None
+
+
+@dataclass
 class WorkerStats:
     num_batches: int = 0
     num_jobs: int = 0
@@ -59,8 +78,15 @@ class WorkerStats:
 class BatchingWorker:
     """One thread that owns the engine and batches concurrent jobs into `generate` calls."""
 
-    def __init__(self, engine: RolloutEngine, *, max_batch_size: int, window_s: float = 0.005) -> None:
+    def __init__(self, engine: RolloutEngine, *, max_batch_size: int, window_s: float = 0.005,
+                 poll_s: float = 0.005) -> None:
         self.engine, self.max_batch_size, self.window_s = engine, max_batch_size, window_s
+        self.poll_s = poll_s
+        # Token streaming needs the engine to step on its own while the worker waits on a batch.
+        self.streaming = callable(getattr(engine, "submit", None)) and callable(getattr(engine, "start", None))
+        if self.streaming:
+            engine.start()
+        self._streams: list[Any] = []  # handles of running streams (for abort by rid / all)
         self.stats = WorkerStats()
         self._queue: queue.Queue = queue.Queue()
         self._pending: list[_Job] = []
@@ -92,8 +118,48 @@ class BatchingWorker:
         return await asyncio.wrap_future(item.future)
 
     def abort(self, rid: str = "", abort_all: bool = False) -> int:
-        """Abort waiting jobs holding a request with this rid (or all); returns how many."""
-        return self._abort_jobs(lambda j: abort_all or any(r.rid == rid for r in j.requests))
+        """Abort jobs and streams holding a request with this rid (or all); returns how many."""
+        with self._lock:
+            streams = [h for h in self._streams if abort_all or h.request.rid == rid]
+        for handle in streams:
+            self.engine.abort(handle.request.rid)
+        return len(streams) + self._abort_jobs(lambda j: abort_all or any(r.rid == rid for r in j.requests))
+
+    async def stream(self, requests: list[GenerateRequest],
+                     is_disconnected: Callable[[], Awaitable[bool]] | None = None
+                     ) -> AsyncIterator[list[StreamUpdate]]:
+        """Yield the sequences that moved since the last yield, until every request has finished.
+
+        Only for engines with `submit` (`self.streaming`). The engine has no per-token callback, so
+        the handles are polled every `poll_s`: a token read a few ms late costs nothing next to a
+        forward. Leaving early (consumer gone, `is_disconnected()` true) aborts the unfinished
+        requests so the engine frees their KV blocks at once.
+        """
+        while self.paused and not self._stop:  # a paused server starts nothing new
+            await asyncio.sleep(self.poll_s)
+        handles = []
+        try:
+            for request in requests:
+                handle = self.engine.submit(request)
+                handles.append(handle)
+                with self._lock:
+                    self._streams.append(handle)
+            sent: dict[int, int] = {}  # flat index -> output ids already reported (-1: final sent)
+            while True:
+                updates = _updates(handles, sent)
+                if updates:
+                    yield updates
+                if all(h.done for h in handles):
+                    return
+                if is_disconnected is not None and await is_disconnected():
+                    return
+                await asyncio.sleep(self.poll_s)
+        finally:
+            with self._lock:
+                self._streams = [h for h in self._streams if all(h is not mine for mine in handles)]
+            for handle in handles:
+                if not handle.done:
+                    self.engine.abort(handle.request.rid)
 
     def pause(self) -> None:
         """Stop starting new batches (requests wait); control operations still run."""
@@ -117,6 +183,8 @@ class BatchingWorker:
         self._queue.put(None)
         self._thread.join(timeout=30)
         self.abort(abort_all=True)
+        if self.streaming:
+            self.engine.stop()
 
     # -- the worker thread -------------------------------------------------------------------
     def _abort_jobs(self, match: Callable[[_Job], bool]) -> int:
@@ -126,8 +194,12 @@ class BatchingWorker:
             for job in jobs:
                 job.aborted = True
                 count += 1
+            running = [r.rid for j in jobs if any(j is k for k in self._running) for r in j.requests]
         for job in jobs:
             _resolve(job.future, error=Aborted("aborted"))
+        if self.streaming:  # the engine steps on its own: stop the batch's sequences too
+            for rid in running:
+                self.engine.abort(rid)
         return count
 
     def _loop(self) -> None:
@@ -214,6 +286,29 @@ class BatchingWorker:
         self.stats.num_jobs += len(jobs)
         self.stats.num_sequences += size
         self.stats.batch_sizes.append(size)
+
+
+def _updates(handles: list, sent: dict[int, int]) -> list[StreamUpdate]:
+    """What moved since `sent`: new output ids of running sequences, the final answer of finished
+    requests (each once). Reads lists the engine thread appends to; a copy is a consistent prefix."""
+    updates, flat = [], 0
+    for i, handle in enumerate(handles):
+        done = handle.done  # read first: generations are complete once `done` is seen
+        for j, seq in enumerate(handle.sequences):
+            index, flat = flat, flat + 1
+            if sent.get(index) == -1:
+                continue
+            if done:
+                gen = handle.generations[j]
+                updates.append(StreamUpdate(index, i, list(gen.output_ids), list(gen.output_logprobs), gen))
+                sent[index] = -1
+                continue
+            ids, logprobs = seq.output_ids, list(seq.logprobs)  # a token lands before its logprob
+            ids = ids[:len(logprobs)]
+            if len(ids) > sent.get(index, 0):
+                updates.append(StreamUpdate(index, i, ids, logprobs[:len(ids)]))
+                sent[index] = len(ids)
+    return updates
 
 
 def _settle(future: Future, fn: Callable[[], Any]) -> None:

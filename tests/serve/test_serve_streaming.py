@@ -1,0 +1,69 @@
+"""Token streaming with the native engine: `/generate` and OpenAI chat send events as tokens are
+sampled, the last one equal to the non-streamed answer, and a client that leaves aborts its
+request in the engine (its KV blocks come back) while the server keeps serving."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+
+def _events(response) -> list[str]:
+    return [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_generate_stream_sends_growing_answers_ending_in_the_plain_one(served, client):
+    assert served[1].worker.streaming
+    body = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 12, "sampling_seed": 21}}
+    plain = client.post("/generate", json=body).json()
+    with client.stream("POST", "/generate", json={**body, "stream": True}) as response:
+        events = _events(response)
+    assert events[-1] == "[DONE]"
+    answers = [json.loads(e) for e in events[:-1]]
+    assert len(answers) > 1
+    lengths = [len(a["output_ids"]) for a in answers]
+    assert lengths == sorted(lengths) and lengths[0] < lengths[-1]
+    for earlier, later in zip(answers, answers[1:]):
+        assert later["output_ids"][: len(earlier["output_ids"])] == earlier["output_ids"]
+    assert all(a["meta_info"]["finish_reason"] is None for a in answers[:-1])
+    final = answers[-1]
+    assert final["output_ids"] == plain["output_ids"] and final["text"] == plain["text"]
+    assert final["meta_info"]["finish_reason"] == plain["meta_info"]["finish_reason"] == {"type": "length", "length": 12}
+
+
+def test_generate_stream_of_a_batch_indexes_each_sample(client):
+    body = {"input_ids": [[1, 2], [3, 4]], "sampling_params": {"max_new_tokens": 4, "n": 2, "sampling_seed": 0},
+            "stream": True}
+    plain = client.post("/generate", json={**body, "stream": False}).json()
+    with client.stream("POST", "/generate", json=body) as response:
+        answers = [json.loads(e) for e in _events(response)[:-1]]
+    finals = {a["index"]: a for a in answers if a["meta_info"]["finish_reason"] is not None}
+    assert sorted(finals) == [0, 1, 2, 3]
+    assert [finals[k]["output_ids"] for k in range(4)] == [p["output_ids"] for p in plain]
+
+
+def test_a_client_that_leaves_mid_stream_aborts_its_request(served, client, monkeypatch):
+    _, state = served
+    engine = state.engine
+    aborted = []
+    original = engine.abort
+    monkeypatch.setattr(engine, "abort", lambda rid: (aborted.append(rid), original(rid)))
+    body = {"input_ids": [9, 10, 11], "rid": "leaver", "stream": True,
+            "sampling_params": {"max_new_tokens": 400, "sampling_seed": 5}}
+    with httpx.Client(base_url=served[0], timeout=60) as other:
+        with other.stream("POST", "/generate", json=body) as response:
+            first = next(line for line in response.iter_lines() if line.startswith("data: "))
+            assert json.loads(first[len("data: "):])["meta_info"]["finish_reason"] is None
+    # closing the connection mid-stream: the server notices and aborts
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not (aborted and not engine._handles
+                                               and engine.blocks.num_free == engine.blocks.num_blocks):
+        time.sleep(0.05)
+    assert aborted == ["leaver"]
+    assert not engine._handles  # no request left in the engine
+    assert engine.blocks.num_free == engine.blocks.num_blocks  # every KV block back in the pool
+    assert client.get("/health").status_code == 200
+    assert client.post("/generate", json={"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}}).status_code == 200
