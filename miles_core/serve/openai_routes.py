@@ -2,8 +2,10 @@
 
 Chat prompts go through the tokenizer's chat template (with `add_generation_prompt`). Streaming
 answers are server-sent `chat.completion.chunk` / `text_completion` events ending in
-`data: [DONE]`; as on the native route, each choice's text arrives in one chunk because the
-engine has no per-token callback. `logprobs` (chat: true; completions: 0) return the sampled
+`data: [DONE]`. With the native engine (`worker.streaming`) each choice's text arrives in `delta`
+pieces as tokens are sampled (their concatenation is the non-streamed text; log-probs, when asked,
+come with the choice's last piece); an engine without `submit` sends each choice in one chunk.
+`logprobs` (chat: true; completions: 0) return the sampled
 tokens' log-probs; top alternatives are not computed.
 """
 
@@ -17,6 +19,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from miles_core.errors import MilesError
 from miles_core.serve.bodies import parse_body
 from miles_core.serve.schemas import ChatBody, CompletionBody, SamplingParams
 from miles_core.serve.state import RequestError, ServeState
@@ -84,22 +87,40 @@ async def completions(request: Request):
     state: ServeState = request.app.state.serve
     body = await parse_body(request, CompletionBody)
     prompts = _completion_prompts(state, body.prompt)
+    base = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
+    if body.stream and state.worker.streaming:
+        return _token_sse(state, request, prompts, _params(state, body, body.max_tokens), "cmpl",
+                          _completion_events(state, base, body))
     outputs = await _run(state, prompts, _params(state, body, body.max_tokens), "cmpl")
     choices = []
     for gens in outputs:
         for gen in gens:
-            params = _params(state, body, body.max_tokens)
-            logprobs = None
-            if body.logprobs is not None:
-                tokens = [state.tokenizer.decode([t]) for t in gen.output_ids]
-                logprobs = {"tokens": tokens, "token_logprobs": list(gen.output_logprobs),
-                            "top_logprobs": [None] * len(tokens), "text_offset": []}
-            choices.append({"index": len(choices), "text": state.text_of(gen, params), "logprobs": logprobs,
-                            "finish_reason": _finish(gen)})
-    base = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
+            choices.append(_completion_choice(state, body, gen, len(choices)))
     if body.stream:
         return _sse([{**base, "object": "text_completion", "choices": [c]} for c in choices])
     return {**base, "object": "text_completion", "choices": choices, "usage": _usage(prompts, outputs)}
+
+
+def _completion_choice(state: ServeState, body, gen, index: int, text: str | None = None) -> dict:
+    logprobs = None
+    if body.logprobs is not None:
+        tokens = [state.tokenizer.decode([t]) for t in gen.output_ids]
+        logprobs = {"tokens": tokens, "token_logprobs": list(gen.output_logprobs),
+                    "top_logprobs": [None] * len(tokens), "text_offset": []}
+    if text is None:
+        text = state.text_of(gen, _params(state, body, body.max_tokens))
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": _finish(gen)}
+
+
+def _completion_events(state: ServeState, base: dict, body):
+    """(index, delta, gen|None) -> text_completion chunks; None -> the usage-free end (no events)."""
+    def events(index: int, delta: str, gen, usage: dict | None) -> list[dict]:
+        if usage is not None:
+            return []
+        choice = (_completion_choice(state, body, gen, index, text=delta) if gen is not None else
+                  {"index": index, "text": delta, "logprobs": None, "finish_reason": None})
+        return [{**base, "object": "text_completion", "choices": [choice]}]
+    return events
 
 
 # -- chat ----------------------------------------------------------------------------------------
@@ -143,14 +164,18 @@ async def chat_completions(request: Request):
     body = await parse_body(request, ChatBody)
     prompt = _chat_prompt(state, body)
     params = _params(state, body, body.max_completion_tokens or body.max_tokens)
-    outputs = await _run(state, [prompt], params, "chatcmpl")
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
+    include_usage = bool((body.stream_options or {}).get("include_usage"))
+    if body.stream and state.worker.streaming:
+        return _token_sse(state, request, [prompt], params, "chatcmpl",
+                          _chat_events(state, base, logprobs=bool(body.logprobs), include_usage=include_usage))
+    outputs = await _run(state, [prompt], params, "chatcmpl")
     choices = [{"index": j, "message": {"role": "assistant", "content": state.text_of(gen, params)},
                 "logprobs": _chat_logprobs(state, gen) if body.logprobs else None, "finish_reason": _finish(gen)}
                for j, gen in enumerate(outputs[0])]
     usage = _usage([prompt], outputs)
     if body.stream:
-        return _sse(_chat_chunks(base, choices, usage, include_usage=bool((body.stream_options or {}).get("include_usage"))))
+        return _sse(_chat_chunks(base, choices, usage, include_usage=include_usage))
     return {**base, "object": "chat.completion", "choices": choices, "usage": usage}
 
 
@@ -166,3 +191,61 @@ def _chat_chunks(base: dict, choices: list[dict], usage: dict, *, include_usage:
     if include_usage:
         events.append({**chunk, "choices": [], "usage": usage})
     return events
+
+
+def _chat_events(state: ServeState, base: dict, *, logprobs: bool, include_usage: bool):
+    """(index, delta, gen|None, usage|None) -> chat.completion.chunk events."""
+    chunk = {**base, "object": "chat.completion.chunk"}
+    started: set[int] = set()
+
+    def events(index: int, delta: str, gen, usage: dict | None) -> list[dict]:
+        if usage is not None:
+            return [{**chunk, "choices": [], "usage": usage}] if include_usage else []
+        message = {"content": delta} if index in started else {"role": "assistant", "content": delta}
+        started.add(index)
+        out = [{**chunk, "choices": [{"index": index, "delta": message, "finish_reason": None,
+                                      "logprobs": _chat_logprobs(state, gen) if logprobs and gen else None}]}]
+        if gen is not None:
+            out.append({**chunk, "choices": [{"index": index, "delta": {}, "logprobs": None,
+                                              "finish_reason": _finish(gen)}]})
+        return out
+    return events
+
+
+def _token_sse(state: ServeState, request: Request, prompts: list[list[int]], params: SamplingParams, prefix: str,
+               events) -> StreamingResponse:
+    """Stream `delta` text pieces of every choice as the native engine samples them.
+
+    A piece is only sent once it cannot change: the newest token is held back (it may be a stop
+    token the engine has not marked yet, which the final text leaves out), as are text ending in a
+    partial UTF-8 character and the last characters that could begin a stop string. The rest of
+    the final text follows when the choice finishes, so the pieces add up to the plain answer."""
+    requests = [state.request(ids, params, rid=f"{prefix}-{uuid.uuid4().hex}") for ids in prompts]
+    hold = max((len(s) for s in params.stop or ()), default=0) if not isinstance(params.stop, str) else len(params.stop)
+
+    async def body():
+        shown: dict[int, str] = {}
+        finals = [[] for _ in requests]
+        try:
+            async for updates in state.worker.stream(requests, request.is_disconnected):
+                for u in updates:
+                    sent = shown.get(u.index, "")
+                    if u.generation is not None:
+                        finals[u.request_index].append(u.generation)
+                        text = state.text_of(u.generation, params)
+                    else:
+                        text = state.tokenizer.decode(u.output_ids[:-1], skip_special_tokens=params.skip_special_tokens)
+                        if text.endswith("\ufffd") or not text.startswith(sent):
+                            continue
+                        text = text[:max(len(sent), len(text) - hold)]
+                    delta = text[len(sent):] if text.startswith(sent) else text
+                    if delta or u.generation is not None:
+                        shown[u.index] = text
+                        for event in events(u.index, delta, u.generation, None):
+                            yield f"data: {json.dumps(event)}\n\n"
+            for event in events(0, "", None, _usage(prompts, finals)):
+                yield f"data: {json.dumps(event)}\n\n"
+        except MilesError as err:  # the engine refused the request (e.g. the KV pool is too small)
+            yield f"data: {json.dumps({'error': {'message': str(err), 'code': 400}})}\n\n"
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(body(), media_type="text/event-stream")

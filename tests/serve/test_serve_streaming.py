@@ -17,7 +17,7 @@ def _events(response) -> list[str]:
 
 def test_generate_stream_sends_growing_answers_ending_in_the_plain_one(served, client):
     assert served[1].worker.streaming
-    body = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 12, "sampling_seed": 21}}
+    body = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 32, "sampling_seed": 21}}
     plain = client.post("/generate", json=body).json()
     with client.stream("POST", "/generate", json={**body, "stream": True}) as response:
         events = _events(response)
@@ -31,7 +31,7 @@ def test_generate_stream_sends_growing_answers_ending_in_the_plain_one(served, c
     assert all(a["meta_info"]["finish_reason"] is None for a in answers[:-1])
     final = answers[-1]
     assert final["output_ids"] == plain["output_ids"] and final["text"] == plain["text"]
-    assert final["meta_info"]["finish_reason"] == plain["meta_info"]["finish_reason"] == {"type": "length", "length": 12}
+    assert final["meta_info"]["finish_reason"] == plain["meta_info"]["finish_reason"] == {"type": "length", "length": 32}
 
 
 def test_generate_stream_of_a_batch_indexes_each_sample(client):
@@ -67,3 +67,27 @@ def test_a_client_that_leaves_mid_stream_aborts_its_request(served, client, monk
     assert engine.blocks.num_free == engine.blocks.num_blocks  # every KV block back in the pool
     assert client.get("/health").status_code == 200
     assert client.post("/generate", json={"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}}).status_code == 200
+
+
+def test_chat_stream_sends_deltas_that_add_up_to_the_plain_answer(client):
+    body = {"model": "m", "messages": [{"role": "user", "content": "Count to ten."}], "max_tokens": 48, "seed": 3}
+    plain = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/chat/completions", json=stream) as response:
+        chunks = [json.loads(e) for e in _events(response)[:-1]]
+    deltas = [c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]]
+    assert sum(1 for d in deltas if d) > 1
+    assert "".join(deltas) == plain
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 48
+
+
+@pytest.mark.parametrize("stop", [None, " the"])
+def test_completion_stream_deltas_add_up_to_the_plain_text(client, stop):
+    body = {"model": "m", "prompt": "Once upon a time", "max_tokens": 10, "seed": 8, "stop": stop}
+    plain = client.post("/v1/completions", json=body).json()["choices"][0]
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+        chunks = [json.loads(e) for e in _events(response)[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == plain["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == plain["finish_reason"]
