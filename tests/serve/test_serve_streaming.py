@@ -11,6 +11,20 @@ import httpx
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def paced_engine(served, monkeypatch):
+    """Every engine step takes at least 12 ms, over twice the worker's 5 ms poll, so each token is
+    seen by its own poll and how many events a stream has does not depend on the machine's speed."""
+    engine = served[1].engine
+    step = engine.step
+
+    def paced() -> bool:
+        time.sleep(0.012)
+        return step()
+
+    monkeypatch.setattr(engine, "step", paced)
+
+
 def _events(response) -> list[str]:
     return [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
 
