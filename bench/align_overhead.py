@@ -42,10 +42,12 @@ class _NoText:
         return ""
 
 
-def build(device: str) -> torch.nn.Module:
+def random_model(config: dict, device: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The native model of `config` with N(0, 0.02) weights (seed 0) and unit norms; the other
+    benchmarks build theirs with it too."""
     with torch.device("meta"):
-        model = build_model(QWEN3_0_6B)
-    model = materialize(model, torch.device(device), torch.float32)
+        model = build_model(config)
+    model = materialize(model, torch.device(device), dtype)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -54,6 +56,10 @@ def build(device: str) -> torch.nn.Module:
             else:
                 p.normal_(0.0, 0.02, generator=gen)
     return model
+
+
+def build(device: str) -> torch.nn.Module:
+    return random_model(QWEN3_0_6B, device)
 
 
 def median_seconds(run, repeats: int = 3) -> float:

@@ -32,7 +32,7 @@ from miles_core.serve import ServeOptions, ServerThread
 from miles_core.serve.state import ModelFacts, ServeState
 from miles_core.serve.worker import BatchingWorker
 
-from align_overhead import QWEN3_0_6B, _NoText  # same shape and text stub; bench/ is on sys.path when run
+from align_overhead import QWEN3_0_6B, _NoText, random_model  # bench/ is on sys.path when run
 
 def build_engine(args) -> tuple[NativeEngine, ModelFacts]:
     cfg = EngineConfig(max_batch_size=args.max_batch_size)
@@ -42,24 +42,10 @@ def build_engine(args) -> tuple[NativeEngine, ModelFacts]:
         loaded = load_model(ModelConfig(source="tiny-qwen3", device=args.device))
         model, hf_config = loaded.model, loaded.hf_config
     else:
-        model, hf_config = random_qwen3(args.device), QWEN3_0_6B
+        model, hf_config = random_model(QWEN3_0_6B, args.device, torch.bfloat16), QWEN3_0_6B
     engine = NativeEngine(model, _NoText(), cfg, eos_token_ids=(), max_position_embeddings=4096)
     facts = ModelFacts(model_path="bench", max_context_len=4096, vocab_size=hf_config["vocab_size"], hf_config=hf_config)
     return engine, facts
-
-
-def random_qwen3(device: str) -> torch.nn.Module:
-    from miles_core.checkpoint.loading import materialize
-    from miles_core.models.registry import build_model
-
-    with torch.device("meta"):
-        model = build_model(QWEN3_0_6B)
-    model = materialize(model, torch.device(device), torch.bfloat16)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02, generator=gen)
-    return model
 
 
 def prompts(args, count: int, vocab: int) -> list[list[int]]:

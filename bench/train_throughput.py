@@ -30,12 +30,12 @@ import time
 
 import torch
 
-from miles_core.checkpoint.loading import materialize
 from miles_core.config import AlgoConfig, TrainConfig
 from miles_core.kernels import set_alignment_mode
-from miles_core.models.registry import build_model
 from miles_core.train.batch import TrainBatch
 from miles_core.train.native import NativeTrainer
+
+from align_overhead import random_model  # bench/ is on sys.path when run
 
 COMMON = dict(model_type="qwen3", vocab_size=151936, head_dim=128, max_position_embeddings=4096, rms_norm_eps=1e-6,
               rope_theta=1_000_000.0, tie_word_embeddings=True)
@@ -48,17 +48,6 @@ SHAPES = {
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16),
 }
 NATIVE = [("fast", False), ("fast", True), ("invariant", False), ("invariant", True)]  # (mode, packed)
-
-
-def build(shape: dict, device: str) -> torch.nn.Module:
-    with torch.device("meta"):
-        model = build_model(shape)
-    model = materialize(model, torch.device(device), torch.float32)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02, generator=gen)
-    return model
 
 
 def make_batch(num_seqs: int, seq_len: int, vocab: int, ragged: bool) -> TrainBatch:
@@ -133,7 +122,7 @@ def hf_step(master, shape: dict, device: str, checkpointing: bool):
 def measure(args, name: str) -> list[tuple[str, float, float, float]]:
     """Rows (config, tokens/s, MFU, peak GB) for one shape."""
     shape = SHAPES[name]
-    master = build(shape, args.device)
+    master = random_model(shape, args.device)
     num_params = sum(p.numel() for p in master.parameters())
     batch = make_batch(args.num_seqs, args.seq_len, shape["vocab_size"], args.ragged)
     flops, tokens = step_flops(shape, num_params, batch), sum(len(t) for t in batch.tokens)

@@ -18,19 +18,13 @@ from miles_core.train.batch import (
 )
 from miles_core.train.native import NativeTrainer
 from miles_core.train.optim import lr_at
+from tests.train.conftest import grouped_tokens
 
 
 def _grpo_batch(seed: int = 0) -> TrainBatch:
     """3 prompts (lengths 5, 9, 3) x 3 samples with response lengths 1..5 and fixed advantages."""
-    gen = torch.Generator().manual_seed(seed)
-    tokens, lengths, advantages = [], [], []
-    for i, prompt_len in enumerate((5, 9, 3)):
-        prompt = torch.randint(0, 300, (prompt_len,), generator=gen)
-        for j in range(3):
-            r = 1 + (3 * i + j) % 5
-            tokens.append(torch.cat([prompt, torch.randint(0, 300, (r,), generator=gen)]))
-            lengths.append(r)
-            advantages.append(torch.full((r,), float(j - 1)))
+    tokens, lengths = grouped_tokens(torch.Generator().manual_seed(seed))
+    advantages = [torch.full((r,), float(k % 3 - 1)) for k, r in enumerate(lengths)]  # -1, 0, 1 in each group
     return TrainBatch(tokens=tokens, response_lengths=lengths, loss_masks=[torch.ones(r) for r in lengths],
                       advantages=advantages)
 
