@@ -167,11 +167,11 @@ class RolloutManager:
     # -- rewards ---------------------------------------------------------------------------
     def score(self, samples: Sequence[Sample]) -> int:
         """Reward the samples that have none yet; returns how many reward calls failed."""
-        return compute_rewards([s for s in samples if s.reward is None], self.reward).num_failed
+        return score_unscored(samples, self.reward)
 
     def raw_rewards(self, samples: Sequence[Sample]) -> list[float]:
         """The task rewards (`reward.key` of dict rewards), before any shaping."""
-        return [scalar_reward(s, self.reward) for s in samples]
+        return raw_rewards(samples, self.reward)
 
     # -- a training step -------------------------------------------------------------------
     def collect(self, step: int) -> StepRollout:
@@ -234,10 +234,20 @@ class SavedRollouts:
         if not samples or len(samples) % group:
             raise MilesError(f"'{path}' holds {len(samples)} samples; expected a non-zero multiple of "
                              f"sampling.n_samples_per_prompt ({group})")
-        failures = compute_rewards([s for s in samples if s.reward is None], self.reward).num_failed
-        rewards = [scalar_reward(s, self.reward) for s in samples]
+        failures = score_unscored(samples, self.reward)
+        rewards = raw_rewards(samples, self.reward)
         metrics = {**rollout_metrics(samples, rewards, group), "rollout/reward_failures": float(failures)}
         return StepRollout(samples, samples, metrics)
+
+
+def score_unscored(samples: Sequence[Sample], reward: RewardConfig) -> int:
+    """Reward the samples that have none yet; returns how many reward calls failed."""
+    return compute_rewards([s for s in samples if s.reward is None], reward).num_failed
+
+
+def raw_rewards(samples: Sequence[Sample], reward: RewardConfig) -> list[float]:
+    """The task rewards (`reward.key` of dict rewards), before any shaping."""
+    return [scalar_reward(s, reward) for s in samples]
 
 
 def rollout_data_path(template: str, step: int) -> str:

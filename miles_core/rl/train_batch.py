@@ -14,7 +14,7 @@ import torch
 from miles_core.algo import estimate_advantages, kl_estimate, post_process_rewards
 from miles_core.config import MilesConfig
 from miles_core.metrics import token_means
-from miles_core.rewards import scalar_reward
+from miles_core.rl.manager import raw_rewards
 from miles_core.sample import Sample
 from miles_core.train import needs_critic
 from miles_core.train.batch import TrainBatch, pad_ragged
@@ -26,7 +26,7 @@ def prepare_train_batch(cfg: MilesConfig, trainer: TrainBackend, samples: list[S
     """(TrainBatch with advantages, `rollout/*` metrics of what enters the update)."""
     algo, group = cfg.algo, cfg.sampling.n_samples_per_prompt
     batch = TrainBatch.from_samples(samples)
-    raw = torch.tensor([scalar_reward(s, cfg.reward) for s in samples], dtype=torch.float64)  # float32 sums overflow past 1e38
+    raw = torch.tensor(raw_rewards(samples, cfg.reward), dtype=torch.float64)  # float32 sums overflow past 1e38
     rewards = post_process_rewards(algo, raw, group, samples=samples,
                                    response_lengths=torch.tensor(batch.response_lengths),
                                    max_response_len=cfg.sampling.max_new_tokens)
