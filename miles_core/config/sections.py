@@ -63,6 +63,9 @@ class EngineConfig:
     """Tokens per KV block; 64 equals the invariant attention kernel's key tile (BLOCK_N)."""
     max_num_batched_tokens: int = 8192
     """Most prompt tokens prefilled in one step; longer prompts are prefilled in chunks."""
+    cuda_graphs: bool = True
+    """CUDA, dense models: capture the decode step as CUDA graphs at batch sizes 1, 2, 4, 8, 16, ...
+    `max_batch_size` and replay them (a few seconds of capture at start-up; MoE runs eagerly)."""
     urls: tuple[str, ...] = ()
     """`sglang` backend: base URLs of the servers (`http://host:port`); requests go to the one with
     the fewest outstanding sequences."""

@@ -16,14 +16,16 @@ from miles_core.kernels.norms import log_softmax_reference
 
 
 def process_logits(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor,
-                   top_p_B: torch.Tensor) -> torch.Tensor:
-    """Temperature-scaled, top-k/top-p filtered logits (filtered entries are -inf), in fp32."""
+                   top_p_B: torch.Tensor, *, filtered: bool | None = None) -> torch.Tensor:
+    """Temperature-scaled, top-k/top-p filtered logits (filtered entries are -inf), in fp32.
+    `filtered`: whether any sampled row has top-k or top-p, when the caller knows (else it is
+    read from the tensors, a device-to-host wait)."""
     greedy = temperature_B == 0
     scale = torch.where(greedy, torch.ones_like(temperature_B), temperature_B)
     logits = logits_BV.float() / scale[:, None]
     use_k = (top_k_B > 0) & ~greedy
     use_p = (top_p_B < 1) & ~greedy
-    if not bool(use_k.any() or use_p.any()):
+    if not (filtered if filtered is not None else bool(use_k.any() or use_p.any())):
         return logits
     sorted_vals, sorted_idx = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
@@ -37,11 +39,11 @@ def process_logits(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B
 
 
 def sample_tokens(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor,
-                  top_p_B: torch.Tensor, uniform_B: torch.Tensor,
-                  log_softmax=log_softmax_reference) -> tuple[torch.Tensor, torch.Tensor]:
+                  top_p_B: torch.Tensor, uniform_B: torch.Tensor, log_softmax=log_softmax_reference,
+                  filtered: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row. Returns (token ids (B,), their logprobs (B,)). `log_softmax` is
     the trainer's kernel in invariant mode, so both sides compute the same bits."""
-    logprobs_BV = log_softmax(process_logits(logits_BV, temperature_B, top_k_B, top_p_B))
+    logprobs_BV = log_softmax(process_logits(logits_BV, temperature_B, top_k_B, top_p_B, filtered=filtered))
     cdf_BV = logprobs_BV.exp().cumsum(dim=-1)
     target_B = uniform_B.to(cdf_BV) * cdf_BV[:, -1]
     # right=True: the first index whose cumulative mass exceeds the target, so tokens with

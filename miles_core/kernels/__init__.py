@@ -2,7 +2,8 @@
 
 `Ops` bundles the operations whose reduction order decides whether the rollout engine and
 the trainer compute bitwise-identical log-probs: linear layers, attention, RMSNorm, log-softmax,
-and the MoE routers' softmax and sigmoid. `fast` uses vendor kernels (small train/inference mismatch, corrected by TIS/MIS);
+and the MoE routers' softmax and sigmoid; and the elementwise chains (RoPE, SwiGLU) that fast
+mode fuses on CUDA (`elementwise`). `fast` uses vendor kernels (small train/inference mismatch, corrected by TIS/MIS);
 `invariant` uses kernels whose per-row result does not depend on batch size, padding or
 prefill vs decode, so engine and trainer agree exactly (KL = 0). The mode is set per model
 instance with `set_alignment_mode`, and both the engine's and the trainer's models get it.
@@ -20,11 +21,11 @@ from torch import nn
 
 from miles_core.kernels import invariant
 from miles_core.kernels.attention import attention_reference
+from miles_core.kernels.elementwise import rms_norm_fast, rotary_fast, rotary_reference, silu_mul_fast, silu_mul_reference
 from miles_core.kernels.matmul import linear_reference
 from miles_core.kernels.packed import packed_attention_fast, segment_attention
 from miles_core.kernels.norms import (
     log_softmax_reference,
-    rms_norm_reference,
     sigmoid_invariant,
     softmax_invariant,
     softmax_reference,
@@ -44,13 +45,19 @@ class Ops:
     sigmoid: Callable
     packed_attention: Callable
     """(q, k, v, position_ids, PackedSegments): attention within the segments of a packed row."""
+    rotary: Callable
+    """(x, cos, sin): rotate-half RoPE."""
+    silu_mul: Callable
+    """(gate, up): silu(gate) * up."""
 
 
-FAST_OPS = Ops("fast", linear_reference, attention_reference, rms_norm_reference, log_softmax_reference,
-               softmax_reference, torch.sigmoid, functools.partial(packed_attention_fast, attention_reference))
+FAST_OPS = Ops("fast", linear_reference, attention_reference, rms_norm_fast, log_softmax_reference,
+               softmax_reference, torch.sigmoid, functools.partial(packed_attention_fast, attention_reference),
+               rotary_fast, silu_mul_fast)
 # Invariant packed attention runs the invariant op per segment: the same bits as a padded row.
 INVARIANT_OPS = Ops("invariant", invariant.linear, invariant.attention, invariant.rms_norm, invariant.log_softmax,
-                    softmax_invariant, sigmoid_invariant, functools.partial(segment_attention, invariant.attention))
+                    softmax_invariant, sigmoid_invariant, functools.partial(segment_attention, invariant.attention),
+                    rotary_reference, silu_mul_reference)
 OPS = {"fast": FAST_OPS, "invariant": INVARIANT_OPS}
 
 

@@ -3,17 +3,21 @@
 The engine's pool holds, per layer, keys (N blocks, P = 64 tokens, K heads, D) and values
 (N, P, K, V); a sequence's key at position s lives in block `block_tables[b, s // P]`, row
 `s % P`. The dense path gathers those keys into a fresh (B, K, S, D) tensor per layer and step;
-this kernel walks the block table instead, one block per key tile.
+this kernel walks the block table instead, one block per key tile. One program serves the G
+query heads that share a KV head (GQA), as rows of the query tile, so each key and value is read
+once per KV head, not once per query head.
 
 Invariance: the kernel body is `triton_ops._attention_kernel`'s (flash-attention forward,
 online softmax over BLOCK_N = 64 keys from position 0, one query head per program, the same
 tl.dot shapes, warps and stages); only the key/value addresses differ. With P == BLOCK_N each
 tile is one block, so the tiles, their order and every product are the dense kernel's, and in
-invariant mode (BLOCK_M = 64, the dense kernel's query tile) the output is bitwise identical.
+invariant mode (BLOCK_M = 64, the dense kernel's query tile) the output is bitwise identical:
+a row of `tl.dot` and of the softmax depends only on that row, so the other heads in the
+dense kernel's masked rows change nothing.
 Keys past a row's position (a block's unwritten tail) are masked to -inf before the softmax
 and get weight exactly 0; the pool keeps only finite numbers there (blocks are zeroed on first
 use), so they add exact zeros, as the dense kernel's masked keys do. Fast mode uses a 16-row
-query tile (the smallest tl.dot accepts): a quarter of the wasted MMA rows.
+query tile (the smallest tl.dot accepts, or G rounded up to a power of two).
 
 Shape legend: B sequences, H query heads, K kv heads, G = H / K, D key dim, V value dim,
 N pool blocks, P block size, M blocks per row.
@@ -47,18 +51,18 @@ def usable(device: torch.device, block_size: int) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, pos_ptr, o_ptr, H, G, D, DV, scale,
+    def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, pos_ptr, o_ptr, K, G, D, DV, scale,
                              sq_b, sq_h, sk_n, sk_h, sv_n, sv_h, st_b, so_b, so_h,
                              IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-        bh = tl.program_id(0)
-        b, h = bh // H, bh % H
-        kv = h // G
-        rows = tl.arange(0, BLOCK_M)  # row 0 is the query; the rest are masked like the dense kernel's
+        bk = tl.program_id(0)
+        b, kv = bk // K, bk % K
+        rows = tl.arange(0, BLOCK_M)  # row r < G is query head kv * G + r; the rest are masked
+        heads = kv * G + rows
         d, dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
-        q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * 0 + d[None, :],
-                    mask=(rows[:, None] < 1) & (d[None, :] < D), other=0.0)
-        qpos = tl.load(pos_ptr + b + rows * 0, mask=rows < 1, other=-1)
+        q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :],
+                    mask=(rows[:, None] < G) & (d[None, :] < D), other=0.0)
+        qpos = tl.load(pos_ptr + b + rows * 0, mask=rows < G, other=-1)
         m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
@@ -88,8 +92,8 @@ if triton is not None:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
         out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
-        tl.store(o_ptr + b * so_b + h * so_h + rows[:, None] * 0 + dv[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=(rows[:, None] < 1) & (dv[None, :] < DV))
+        tl.store(o_ptr + b * so_b + heads[:, None] * so_h + dv[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < G) & (dv[None, :] < DV))
 
 
 def paged_decode(q_BHD: torch.Tensor, keys_NPKD: torch.Tensor, values_NPKV: torch.Tensor,
@@ -102,10 +106,11 @@ def paged_decode(q_BHD: torch.Tensor, keys_NPKD: torch.Tensor, values_NPKV: torc
     q = q_BHD.contiguous()
     keys, values = keys_NPKD.view(-1, K, D), values_NPKV.view(-1, K, DV)  # (N * P, K, D): slot-major
     out = torch.empty(B, H, DV, device=q.device, dtype=q.dtype)
-    _paged_decode_kernel[(B * H,)](
-        q, keys, values, block_tables_BM, positions_B, out, H, H // K, D, DV, 1.0 / math.sqrt(D),
+    G = H // K
+    _paged_decode_kernel[(B * K,)](
+        q, keys, values, block_tables_BM, positions_B, out, K, G, D, DV, 1.0 / math.sqrt(D),
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
         block_tables_BM.stride(0), out.stride(0), out.stride(1), IEEE=q.dtype == torch.float32,
-        BLOCK_M=64 if invariant else 16, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_M=64 if invariant else max(16, triton.next_power_of_2(G)), BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)),
         BLOCK_DV=max(16, triton.next_power_of_2(DV)), num_warps=4, num_stages=2)
     return out

@@ -20,11 +20,11 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from miles_core.errors import MilesError
 from miles_core.kernels import FAST_OPS, Ops
+from miles_core.kernels.elementwise import rotary_reference as apply_rotary  # noqa: F401 - MLA's RoPE
 from miles_core.kernels.packed import PackedSegments
 
 
@@ -181,13 +181,6 @@ class RotaryEmbedding(nn.Module):
         return cos.to(dtype), sin.to(dtype)
 
 
-def apply_rotary(x_BHTD: torch.Tensor, cos_BTD: torch.Tensor, sin_BTD: torch.Tensor) -> torch.Tensor:
-    cos, sin = cos_BTD.unsqueeze(1), sin_BTD.unsqueeze(1)
-    half = x_BHTD.shape[-1] // 2
-    rotated = torch.cat((-x_BHTD[..., half:], x_BHTD[..., :half]), dim=-1)
-    return x_BHTD * cos + rotated * sin
-
-
 class KVCache:
     """Per-layer key/value tensors (B, K, S_max, D), indexed by token position.
 
@@ -253,7 +246,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, D)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        q, k = self.ops.rotary(q, *rope), self.ops.rotary(k, *rope)
         out = attend(self.ops, q, k, v, position_ids_BT, kv_cache, self.layer_idx)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
@@ -276,6 +269,8 @@ def attend(ops: Ops, q_BHTD, k_BKTD, v_BKTD, position_ids_BT, kv_cache: KVCache 
 class GatedMLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
+    ops: Ops = FAST_OPS
+
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
@@ -283,4 +278,4 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.ops.silu_mul(self.gate_proj(x), self.up_proj(x)))

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("script", ["train_throughput.py", "grpo_step.py"])
+@pytest.mark.parametrize("script", ["train_throughput.py", "grpo_step.py", "rollout_throughput.py"])
 def test_benchmark_runs_tiny_on_cpu(script, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MILES_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "result.md"
@@ -22,4 +22,6 @@ def test_benchmark_runs_tiny_on_cpu(script, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     text = out.read_text()
     assert "Card: CPU" in text and "command:" in text
-    assert ("transformers" in text) if script == "train_throughput.py" else ("TRL GRPOTrainer" in text)
+    peer = {"train_throughput.py": "transformers", "grpo_step.py": "TRL GRPOTrainer",
+            "rollout_throughput.py": "transformers tok/s"}[script]
+    assert peer in text

@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from miles_core.config import EngineConfig
+from miles_core.engine.native import paged_cache
 from miles_core.engine.native.block_manager import BlockManager
+from miles_core.engine.native.cuda_graphs import DecodeGraphs
 from miles_core.engine.native.kv_pool import KVPool, block_bytes, num_kv_blocks
 from miles_core.engine.native.outputs import finish_reason, to_generation
 from miles_core.engine.native.runner import ModelRunner
@@ -29,7 +31,7 @@ from miles_core.engine.native.sequence import sample_seed
 from miles_core.engine.protocol import GenerateRequest, Generation
 from miles_core.engine.sampler import sample_tokens
 from miles_core.errors import MilesError
-from miles_core.kernels import model_ops
+from miles_core.kernels import model_ops, paged_attention
 from miles_core.models.base import named_weights
 
 ABORTED = {"type": "abort", "message": "aborted by request"}
@@ -54,6 +56,9 @@ class NativeEngine:
                                    max_num_batched_tokens=cfg.max_num_batched_tokens,
                                    cache_routing=self.capture_routing)
         self.runner = ModelRunner(self.model, self.pool, capture_routing=self.capture_routing)
+        if self._can_capture():
+            self.runner.graphs = DecodeGraphs(self.model, self.pool, max_batch_size=cfg.max_batch_size,
+                                              max_blocks_per_row=self.blocks.blocks_for(self.max_context_len))
         self._paused = threading.Event()
         self._inbox: list[tuple[str, object]] = []
         self._inbox_lock = threading.Lock()
@@ -72,6 +77,14 @@ class NativeEngine:
                               max_context_len=self.max_context_len, block_size=self.cfg.block_size)
         return KVPool(num_layers, count, self.cfg.block_size, num_kv_heads, head_dim, v_head_dim, weight.dtype,
                       weight.device)
+
+    def _can_capture(self) -> bool:
+        """Decode steps go through CUDA graphs: on CUDA with the paged kernel, dense models only
+        (MoE expert grouping syncs with the host), no routing capture."""
+        device = self.pool.keys[0].device
+        return (self.cfg.cuda_graphs and paged_attention.usable(device, self.cfg.block_size)
+                and paged_cache.USE_PAGED_DECODE_KERNEL and not self.capture_routing
+                and getattr(self.model, "num_moe_layers", 0) == 0)
 
     @property
     def weight_version(self) -> str:
@@ -202,23 +215,39 @@ class NativeEngine:
             group = [row.seq, *self.scheduler.fork(row.seq)]  # a fresh prompt's n samples share it
             sampled += group
             logit_rows += [index] * len(group)
-        if sampled:
+        if not sampled:
+            return
+        if len(logit_rows) == len(logits_RV) and logit_rows[-1] == len(logit_rows) - 1:
+            self._sample(sampled, logits_RV)  # no forks (every decode step): the rows as they are
+        else:
             self._sample(sampled, logits_RV.index_select(0, torch.tensor(logit_rows, device=logits_RV.device)))
 
     def _sample(self, seqs: list[Seq], logits_BV: torch.Tensor) -> None:
-        device = logits_BV.device
-        params = [seq.request.sampling for seq in seqs]
         uniform = torch.tensor([float(torch.rand(1, generator=seq.generator)) for seq in seqs])
-        tokens, logprobs = sample_tokens(
-            logits_BV, torch.tensor([p.temperature for p in params], device=device),
-            torch.tensor([p.top_k for p in params], device=device), torch.tensor([p.top_p for p in params], device=device),
-            uniform, log_softmax=model_ops(self.model).log_softmax)
+        temperature, top_k, top_p = self._sampling_params(seqs, logits_BV.device)
+        filtered = any(s.request.sampling.temperature > 0 and (s.request.sampling.top_k > 0 or s.request.sampling.top_p < 1)
+                       for s in seqs)
+        tokens, logprobs = sample_tokens(logits_BV, temperature, top_k, top_p, uniform, filtered=filtered,
+                                         log_softmax=model_ops(self.model).log_softmax)
         for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist()):
             seq.token_ids.append(token)
             seq.logprobs.append(logprob)
             seq.finish_reason = finish_reason(seq, token, self.eos_token_ids, self.tokenizer)
             if seq.done:
                 self._retire(seq)
+
+    @staticmethod
+    def _sampling_params(seqs: list[Seq], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-row temperature, top-k, top-p. One setting for all rows (an RL batch) is filled on
+        the device: no host-to-device copy, which would wait for the forward to finish."""
+        first = seqs[0].request.sampling
+        if all(s.request.sampling is first for s in seqs):
+            B = len(seqs)
+            return (torch.full((B,), first.temperature, device=device), torch.full((B,), first.top_k, device=device),
+                    torch.full((B,), first.top_p, device=device))
+        params = [seq.request.sampling for seq in seqs]
+        return (torch.tensor([p.temperature for p in params], device=device),
+                torch.tensor([p.top_k for p in params], device=device), torch.tensor([p.top_p for p in params], device=device))
 
     def _retire(self, seq: Seq) -> None:
         """Free a finished sequence; answer its request when it was the last one."""

@@ -25,8 +25,9 @@ def finish_reason(seq: Sequence, token: int, eos_token_ids: frozenset[int], toke
         for stop in sampling.stop:
             if stop in tail:
                 return {"type": "stop", "matched": stop}
-    if len(seq.output_ids) >= seq.max_new_tokens:
-        return {"type": "length", "length": len(seq.output_ids)}
+    num_output = seq.length - seq.prompt_len  # not len(seq.output_ids): a copy per row and step
+    if num_output >= seq.max_new_tokens:
+        return {"type": "length", "length": num_output}
     return None
 
 

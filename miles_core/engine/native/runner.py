@@ -6,7 +6,8 @@ capture records, per sequence, the experts of each token fed that it has not rec
 prefill chunks and decode steps concatenate in token order and a recompute after preemption
 records nothing twice. Logits are computed only for rows that sample this step.
 
-`forward` is where CUDA graphs of the decode step will be captured and replayed.
+On CUDA, decode steps of dense models replay captured graphs (`cuda_graphs`) when the runner
+was given them; prefill and mixed steps, MoE models and routing capture run eagerly.
 
 Shape legend: B rows, T tokens per row, E hidden size, V vocab, N blocks per row.
 """
@@ -16,7 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from miles_core.engine.native.cuda_graphs import DecodeGraphs
 from miles_core.engine.native.kv_pool import KVPool
+from miles_core.engine.native import paged_cache
 from miles_core.engine.native.paged_cache import PagedKVCache
 from miles_core.engine.native.scheduler import Row
 from miles_core.kernels import paged_attention
@@ -28,6 +31,8 @@ class ModelRunner:
         self.model = model
         self.pool = pool
         self.capture_routing = capture_routing
+        self.graphs: DecodeGraphs | None = None
+        """Set by the engine when decode steps can be captured (`cuda_graphs`)."""
 
     @property
     def device(self) -> torch.device:
@@ -35,6 +40,8 @@ class ModelRunner:
 
     def forward(self, rows: list[Row]) -> torch.Tensor:
         """Run the step; returns logits (R, V) of the rows that complete, in row order."""
+        if self.graphs is not None and self._graphable(rows):
+            return self._replay(rows)
         ids_BT, positions_BT, cache = self._inputs(rows)
         routing = RoutingContext("record") if self.capture_routing else None
         hidden_BTE = self.model(ids_BT, positions_BT, cache, routing=routing)
@@ -45,6 +52,19 @@ class ModelRunner:
             return hidden_BTE.new_empty(0)
         index = torch.tensor(sampling, device=hidden_BTE.device)
         return self.model.lm_head(hidden_BTE[index[:, 0], index[:, 1]])
+
+    def _graphable(self, rows: list[Row]) -> bool:
+        """A decode step (every row feeds its last token) the captured graphs can take."""
+        if not paged_cache.USE_PAGED_DECODE_KERNEL:  # diagnosis switched the kernel off
+            return False
+        return len(rows) <= self.graphs.max_batch_size and all(r.num_tokens == 1 and r.completes for r in rows)
+
+    def _replay(self, rows: list[Row]) -> torch.Tensor:
+        size = self.pool.block_size
+        positions = [row.start for row in rows]
+        tables = [row.seq.block_table[: p // size + 1] for row, p in zip(rows, positions)]
+        slots = [table[-1] * size + p % size for table, p in zip(tables, positions)]
+        return self.graphs.run([row.seq.token_ids[row.start] for row in rows], positions, slots, tables)
 
     def _inputs(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor, PagedKVCache]:
         B, T = len(rows), max(row.num_tokens for row in rows)

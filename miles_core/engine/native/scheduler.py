@@ -160,6 +160,8 @@ class Scheduler:
     def fork(self, leader: Sequence) -> list[Sequence]:
         """Start the samples waiting on `leader`'s prompt; returns those that start now (they
         sample from the leader's logits); the others go to `waiting` on their own."""
+        if not leader.forks:  # every decode row: return before the O(batch) index below
+            return []
         forks, leader.forks, started = leader.forks, [], []
         size = self.blocks.block_size
         full, partial = divmod(leader.num_computed, size)
