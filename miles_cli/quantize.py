@@ -22,6 +22,7 @@ def quantize(
     fmt: Annotated[str, typer.Option("--format", help="fp8 (128x128 block e4m3) or int4 (group-wise W4A16, pack-quantized).")],
     group_size: Annotated[int, typer.Option("--group-size", help="INT4 group size along the input features: 32, 64 or 128.")] = 128,
     ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="Module-name glob to keep dense (repeatable); replaces the defaults: lm_head, *embed_tokens, *norm, *.mlp.gate, *shared_expert_gate, *.shared_head.head.")] = None,
+    only: Annotated[Optional[list[str]], typer.Option("--only", help="Quantise only modules matching this glob (repeatable), e.g. '*.mlp.experts.*' as train.qat does.")] = None,
     verify: Annotated[bool, typer.Option("--verify", help="Dequantise the output: per-tensor error and logit KL vs the source.")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
     _debug: DebugOption = False,
@@ -31,7 +32,8 @@ def quantize(
         from miles_core.checkpoint.quantize import quantize_checkpoint
         from miles_core.quant.formats import DEFAULT_IGNORE, QuantSpec
 
-        spec = QuantSpec(format=fmt, group_size=group_size, ignore=tuple(ignore) if ignore else DEFAULT_IGNORE)
+        spec = QuantSpec(format=fmt, group_size=group_size, ignore=tuple(ignore) if ignore else DEFAULT_IGNORE,
+                         include=tuple(only or ()))
         with progress_bar() as progress:
             tasks: dict[str, int] = {}
 

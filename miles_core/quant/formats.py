@@ -15,7 +15,7 @@ Two formats, each the one the serving engines already load:
   dense (and `lm_head` when it is tied to the embedding and absent from the files).
 
 A tensor is quantised when it is a 2-D `.weight` whose module name matches no ignore pattern
-(shell-style globs, `fnmatch`). The defaults keep what quantises badly or is not a matmul
+(shell-style globs, `fnmatch`) and, when `include` globs are given, one of them. The defaults keep what quantises badly or is not a matmul
 weight: the output head, embeddings, norms and MoE routers. Nothing here touches files.
 """
 
@@ -44,6 +44,8 @@ class QuantSpec:
     format: str
     group_size: int = 128
     ignore: tuple[str, ...] = DEFAULT_IGNORE
+    include: tuple[str, ...] = ()
+    """When given, only modules matching one of these globs (and no `ignore` glob) are quantised."""
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -62,6 +64,8 @@ def is_quantized_weight(name: str, shape: tuple[int, ...], spec: QuantSpec) -> b
     if not name.endswith(".weight") or len(shape) != 2:
         return False
     module = module_name(name)
+    if spec.include and not any(fnmatch.fnmatchcase(module, pattern) for pattern in spec.include):
+        return False
     return not any(fnmatch.fnmatchcase(module, pattern) for pattern in spec.ignore)
 
 
@@ -69,8 +73,8 @@ def check_quantizable(shapes: dict[str, tuple[int, ...]], spec: QuantSpec) -> li
     """Names of the tensors `spec` quantises; a clear error for one it cannot (INT4 group size)."""
     chosen = [name for name, shape in shapes.items() if is_quantized_weight(name, shape, spec)]
     if not chosen:
-        raise MilesError(f"nothing to quantise: no 2-D '.weight' tensor is left by the ignore patterns "
-                         f"{list(spec.ignore)}")
+        raise MilesError(f"nothing to quantise: no 2-D '.weight' tensor matches {list(spec.include or ['*'])} "
+                         f"outside the ignore patterns {list(spec.ignore)}")
     if spec.format == "int4":
         for name in chosen:
             try:
