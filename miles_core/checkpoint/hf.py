@@ -98,9 +98,10 @@ def _iter_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def iter_dense_state_dict(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """`iter_state_dict`, with the weights of a quantised checkpoint (block FP8, compressed-tensors
-    INT4: `quant/formats.py`) dequantised to fp32 under their dense names."""
+    INT4: `quant/formats.py`) dequantised to fp32 under their dense names. A folder without
+    config.json is read as dense."""
     model_dir = Path(model_dir)
-    fmt = checkpoint_format(read_hf_config(model_dir))
+    fmt = checkpoint_format(read_hf_config(model_dir)) if (model_dir / CONFIG_NAME).is_file() else None
     if fmt is None:
         yield from iter_state_dict(model_dir)
         return

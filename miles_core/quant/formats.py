@@ -80,7 +80,7 @@ def check_quantizable(shapes: dict[str, tuple[int, ...]], spec: QuantSpec) -> li
             try:
                 check_group_size(shapes[name], spec.group_size, name)
             except ValueError as err:
-                raise MilesError(f"{err}; choose --group-size among {GROUP_SIZES} dividing it or --ignore it") from None
+                raise MilesError(f"{err}; choose a --group-size (32, 64 or 128) that divides it, or --ignore it") from None
     return chosen
 
 
