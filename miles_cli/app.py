@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from miles_cli import align_check, convert, recipes, rollout, serve, train
+from miles_cli import align_check, convert, quantize, recipes, rollout, serve, train
 from miles_cli.common import State, console
 
 app = typer.Typer(
@@ -25,6 +25,7 @@ app.add_typer(rollout.app, name="rollout")
 app.add_typer(align_check.app, name="align-check")
 app.add_typer(recipes.app, name="recipes")
 app.add_typer(convert.app, name="convert")
+app.add_typer(quantize.app, name="quantize")
 app.add_typer(serve.app, name="serve")
 
 

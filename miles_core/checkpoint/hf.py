@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from miles_core.errors import MilesError
+from miles_core.quant.formats import checkpoint_format, iter_dequantized
 from miles_core.utils.io import atomic_dir
 
 WEIGHTS_NAME = "model.safetensors"
@@ -95,6 +96,22 @@ def _iter_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         raise MilesError(f"cannot read safetensors file '{file}': {reason}") from None
 
 
+def iter_dense_state_dict(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """`iter_state_dict`, with the weights of a quantised checkpoint (block FP8, compressed-tensors
+    INT4: `quant/formats.py`) dequantised to fp32 under their dense names. A folder without
+    config.json is read as dense."""
+    model_dir = Path(model_dir)
+    fmt = checkpoint_format(read_hf_config(model_dir)) if (model_dir / CONFIG_NAME).is_file() else None
+    if fmt is None:
+        yield from iter_state_dict(model_dir)
+        return
+    with HFTensors(model_dir) as tensors:
+        try:
+            yield from iter_dequantized(sorted(tensors.names), tensors.get, fmt, torch.float32)
+        except ValueError as err:
+            raise MilesError(f"cannot dequantise checkpoint '{model_dir}': {err}") from None
+
+
 def load_state_dict(model_dir: str | Path, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """All tensors of a HF directory, moved to `device` and cast to `dtype` (if given)."""
@@ -108,6 +125,7 @@ def load_weights_into(model: nn.Module, model_dir: str | Path, dtype: torch.dtyp
     Each parameter's storage is replaced by the checkpoint tensor (cast to `dtype`, else to the
     parameter's dtype), so tied parameters stay tied and nothing is copied twice. A tied
     `lm_head.weight` may be absent; any other missing, unexpected or mis-shaped key is an error.
+    A quantised checkpoint (FP8, INT4) is dequantised on the way in (`iter_dense_state_dict`).
     Names ending with one of the model's `keep_in_fp32` suffixes load in fp32 whatever `dtype`
     (HF's `_keep_in_fp32_modules_strict`, e.g. the DeepSeek-V3 router).
     """
@@ -117,7 +135,7 @@ def load_weights_into(model: nn.Module, model_dir: str | Path, dtype: torch.dtyp
         raise ValueError("load_weights_into needs a materialised model, not one on the meta device")
     loaded: set[int] = set()
     unexpected: list[str] = []
-    for name, tensor in iter_state_dict(model_dir):
+    for name, tensor in iter_dense_state_dict(model_dir):
         if name.endswith(_IGNORED_SUFFIXES):
             continue
         target = targets.get(name)

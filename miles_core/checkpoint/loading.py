@@ -21,6 +21,7 @@ from miles_core.config import ModelConfig
 from miles_core.errors import MilesError
 from miles_core.kernels import set_alignment_mode
 from miles_core.models.registry import build_model
+from miles_core.quant.formats import dense_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -83,9 +84,11 @@ def eos_token_ids(path: Path, hf_config: dict[str, Any], tokenizer) -> frozenset
 
 def load_model(cfg: ModelConfig, *, with_weights: bool = True, alignment_mode: str = "fast") -> LoadedModel:
     """Resolve `cfg.source`, build the native model and load its weights onto the device.
-    `alignment_mode` picks its kernels (`kernels.set_alignment_mode`); copies keep it."""
+    `alignment_mode` picks its kernels (`kernels.set_alignment_mode`); copies keep it. A quantised
+    checkpoint (FP8, INT4) is dequantised into `cfg.dtype` weights; its `quantization_config` is
+    dropped from `hf_config`, which describes the dense model that exports and syncs write."""
     path = resolve_model_source(cfg.source)
-    hf_config = read_hf_config(path)
+    hf_config = dense_config(read_hf_config(path))
     device = resolve_device(cfg.device)
     dtype = DTYPES[cfg.dtype]
     with torch.device("meta"):

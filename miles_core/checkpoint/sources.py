@@ -64,8 +64,10 @@ def resolve_model_source(source: str) -> Path:
         return _from_gguf(path)
     if source in BUILTIN_MODELS:
         return BUILTIN_MODELS[source]()
+    hub = "; download it (e.g. `hf download NAME --local-dir DIR`) and pass --hf-checkpoint DIR" \
+        if source.count("/") == 1 and not source.startswith((".", "/", "~")) else ""
     raise MilesError(f"model source '{source}' is not a directory, a .gguf file or a built-in name "
-                     f"({', '.join(BUILTIN_MODELS)}){did_you_mean(source, BUILTIN_MODELS)}")
+                     f"({', '.join(BUILTIN_MODELS)}){did_you_mean(source, BUILTIN_MODELS)}{hub}")
 
 
 def _build_once(final: Path, build: Callable[[Path], Any]) -> Path:

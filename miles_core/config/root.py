@@ -51,6 +51,10 @@ class MilesConfig:
             self._check_true_on_policy()
         _check(self.train.routing_replay != "rollout" or self.engine.return_routed_experts,
                "train.routing_replay = 'rollout' replays the engine's routing: set engine.return_routed_experts = true")
+        _check(self.train.qat == "off" or self.sync.quantize != "int4"
+               or self.sync.quantize_group_size == self.train.qat_group_size,
+               f"train.qat_group_size ({self.train.qat_group_size}) must equal sync.quantize_group_size "
+               f"({self.sync.quantize_group_size}): the engine must round as the trainer does")
 
     def _check_true_on_policy(self) -> None:
         """Bitwise-equal log-probs need the same kernels, the same dtype on both sides and an

@@ -278,6 +278,13 @@ class TrainConfig:
     `share_prompt_prefix` path."""
     compile: bool = False
     """`torch.compile` each decoder layer of the trainer's model (CUDA speed; the first steps compile)."""
+    qat: Literal["off", "int4"] = "off"
+    """`int4`: quantisation-aware training, the `qat_modules` weights fake-quantised to group INT4 in
+    every forward (straight-through gradient), exactly as `miles quantize --format int4` rounds them."""
+    qat_group_size: Literal[32, 64, 128] = 128
+    """INT4 group size (input features per scale) of `qat`; must equal `sync.quantize_group_size`."""
+    qat_modules: tuple[str, ...] = ("*.mlp.experts.*",)
+    """Module-name globs that `qat` fake-quantises (default: the routed experts of MoE layers)."""
     seed: int = 0
     max_bad_steps: int = 3
     """Consecutive optimizer steps with a non-finite loss or gradient norm (each one skipped:
@@ -395,6 +402,11 @@ class SyncConfig:
     bucket_mb: int = 512
     """Most MiB of tensors handed over in one bucket (a larger tensor goes alone); bounds the
     transient memory of transports that stage a bucket."""
+    quantize: Literal["off", "fp8", "int4"] = "off"
+    """Deliver the weights quantised as `miles quantize` writes them (block FP8 or group INT4; with
+    `train.qat` only its modules): `disk` writes that checkpoint, a CPU engine holds it dequantised."""
+    quantize_group_size: Literal[32, 64, 128] = 128
+    """INT4 group size of `quantize`."""
 
     def __post_init__(self) -> None:
         _check(self.bucket_mb >= 1, f"bucket_mb must be >= 1, got {self.bucket_mb}")

@@ -68,8 +68,11 @@ class RunComponents:
             trainer = build_trainer(cfg.train, cfg.algo, copy.deepcopy(loaded.model), reference=_reference(cfg, loaded),
                                     temperature=cfg.sampling.temperature, total_steps=total)
         if engine is not None and trainer is not None:
-            context = SyncContext(loaded.hf_config, loaded.path, output_dir / "weight_sync")
+            qat_modules = cfg.train.qat_modules if cfg.train.qat != "off" else ()
+            context = SyncContext(loaded.hf_config, loaded.path, output_dir / "weight_sync", qat_modules)
             sync = build_weight_sync(cfg.sync, engine, context)
+            if cfg.sync.quantize != "off" and not resuming:  # the engine starts on the quantised weights too
+                sync.push(trainer.export_weights(), version=engine.weight_version)
         _write_config(cfg, output_dir)  # only once everything is built: a failed start leaves no folder
         save_all = cfg.loop.save_rollout_data or bool(cfg.loop.save_rollout_data_path) or mode == "rollout_only"
         return cls(cfg, output_dir, loaded, engine, trainer, rollouts, sync, save_all, eval_sets)

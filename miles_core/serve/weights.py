@@ -15,15 +15,15 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from miles_core.checkpoint.hf import iter_state_dict
+from miles_core.checkpoint.hf import iter_dense_state_dict
 from miles_core.engine.protocol import RolloutEngine
 from miles_core.errors import MilesError
 from miles_core.serve.state import RequestError
 
 
 def load_disk_weights(engine: RolloutEngine, path: Path, version: str | None, flush: bool) -> str:
-    """Load every tensor of the HF checkpoint at `path` into the engine."""
-    return _apply(engine, lambda: iter_state_dict(path), version, flush, f"'{path}'")
+    """Load every tensor of the HF checkpoint at `path` into the engine (a quantised one dequantised)."""
+    return _apply(engine, lambda: iter_dense_state_dict(path), version, flush, f"'{path}'")
 
 
 def load_tensor_weights(engine: RolloutEngine, blobs: list[str], version: str | None, flush: bool) -> str:

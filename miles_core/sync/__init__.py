@@ -4,6 +4,7 @@
 WeightSync`: `inprocess` (copy into an engine of this process) and `disk` (a HF checkpoint the
 engine or its servers load by path); CUDA IPC and NCCL register here later. `auto` picks `disk`
 for engines in other processes (`engine.is_remote`, the sglang backend), else `inprocess`.
+`sync.quantize` wraps the transport in `QuantizedSync` (FP8 / INT4 on the way).
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from collections.abc import Callable
 from miles_core.config import SyncConfig
 from miles_core.engine.protocol import RolloutEngine
 from miles_core.errors import MilesError, one_of
+from miles_core.quant.formats import QuantSpec
 from miles_core.sync.disk import DiskSync
 from miles_core.sync.inprocess import InProcessSync
 from miles_core.sync.protocol import SyncContext, SyncStats, WeightSync, buckets
+from miles_core.sync.quantized import QuantizedSync
 
 SyncFactory = Callable[[RolloutEngine, SyncConfig, SyncContext | None], WeightSync]
 SYNC_TRANSPORTS: dict[str, SyncFactory] = {
@@ -38,7 +41,12 @@ def build_weight_sync(cfg: SyncConfig, engine: RolloutEngine, context: SyncConte
     if name == "inprocess" and getattr(engine, "is_remote", False):
         raise MilesError("sync.transport = 'inprocess' cannot reach an engine in other processes "
                          "(engine.backend = 'sglang'); use 'disk' or 'auto'")
-    return SYNC_TRANSPORTS[name](engine, cfg, context)
+    sync = SYNC_TRANSPORTS[name](engine, cfg, context)
+    if cfg.quantize == "off":
+        return sync
+    include = context.quantize_include if context is not None else ()
+    spec = QuantSpec(cfg.quantize, cfg.quantize_group_size, include=include)
+    return QuantizedSync(sync, spec, to_disk=name == "disk")
 
 
 __all__ = ["SYNC_TRANSPORTS", "SyncContext", "SyncStats", "WeightSync", "buckets", "build_weight_sync",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from miles_core.checkpoint.hf import iter_state_dict, save_hf_checkpoint
+from miles_core.checkpoint.hf import iter_dense_state_dict, save_hf_checkpoint
 from miles_core.config import SyncConfig
 from miles_core.engine.protocol import RolloutEngine
 from miles_core.errors import MilesError
@@ -53,7 +53,7 @@ class DiskSync:
             return
         self.engine.pause()
         try:
-            self.engine.update_weights(iter_state_dict(path), version=version)
+            self.engine.update_weights(iter_dense_state_dict(path), version=version)
             self.engine.flush_cache()
         finally:
             self.engine.resume()

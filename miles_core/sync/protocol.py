@@ -27,11 +27,13 @@ class SyncStats:
 @dataclass
 class SyncContext:
     """What transports that write checkpoints need besides the engine: the model's HF config,
-    the folder its tokenizer files come from, and a folder of the run to write into."""
+    the folder its tokenizer files come from, a folder of the run to write into, and the module
+    globs `sync.quantize` is limited to (`train.qat_modules` under QAT; empty: every Linear)."""
 
     hf_config: dict[str, Any] = field(default_factory=dict)
     source_dir: Path | None = None
     work_dir: Path | None = None
+    quantize_include: tuple[str, ...] = ()
 
 
 class WeightSync(Protocol):

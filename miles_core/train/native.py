@@ -34,6 +34,8 @@ from miles_core.errors import MilesError
 from miles_core.algo.mismatch import MismatchSums
 from miles_core.checkpoint.loading import DTYPES
 from miles_core.models.base import named_weights
+from miles_core.quant.formats import QuantSpec
+from miles_core.quant.qat import apply_int4_qat
 from miles_core.train.batch import (
     TrainBatch,
     call_in_dtype,
@@ -84,6 +86,7 @@ class NativeTrainer:
         self._bad_samples: list[int] = []
         self._positions: list[int] = []
         self._casts = CastCache()  # the policy's compute-dtype weights, cast once per optimizer step
+        self.qat_modules = _apply_qat(model, cfg)
         apply_speed_options(model, activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
 
     def _forward(self, model: nn.Module, batch: TrainBatch, indices: list[int], routing: RoutingPlan | None = None):
@@ -313,6 +316,16 @@ class NativeTrainer:
             self.reference.load_state_dict(state["reference"])
         if self.critic is not None and state.get("critic") is not None:
             self.critic.load_state_dict(state["critic"])
+
+
+def _apply_qat(model: nn.Module, cfg: TrainConfig) -> list[str]:
+    """`train.qat`: fake-quantise the chosen modules' weights in every forward (`quant/qat.py`)."""
+    if cfg.qat == "off":
+        return []
+    try:
+        return apply_int4_qat(model, QuantSpec("int4", cfg.qat_group_size, include=cfg.qat_modules))
+    except ValueError as err:
+        raise MilesError(str(err)) from None
 
 
 def mean_over_steps(per_step: list[dict[str, float]]) -> dict[str, float]:

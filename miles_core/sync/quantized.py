@@ -1,0 +1,68 @@
+"""Quantised weight sync (`sync.quantize = "fp8" | "int4"`): the engine gets the trainer's weights
+as `miles quantize` would write them.
+
+Each exported tensor goes through `quant.formats.quantize_tensor` (the same function as the
+offline command, so with `train.qat` the engine's INT4 weights equal the trainer's fake-quantised
+ones bit for bit). Then, by transport:
+- `disk`: the quantised tensors and a `quantization_config` are written as the checkpoint the
+  servers load (SGLang / vLLM read block FP8 and compressed-tensors INT4 natively; a server must
+  have been started on a checkpoint of the same format). A native engine reads it back
+  dequantised (`hf.iter_dense_state_dict`).
+- `inprocess`: the engine in this process holds dense weights (CPU has no FP8 / INT4 GEMM here):
+  each tensor is dequantised right after quantisation, one at a time, and handed over dequantised.
+  GPU engines that compute in FP8 / INT4 take the quantised tensors instead, later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from miles_core.quant.formats import (
+    QuantSpec, checkpoint_format, is_quantized_weight, iter_dequantized, module_name, quantization_config,
+    quantize_tensor,
+)
+from miles_core.sync.protocol import SyncContext, SyncStats, WeightSync
+
+
+def quantized(weights: Iterable[tuple[str, torch.Tensor]], spec: QuantSpec) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint tensors of `weights` under `spec`, one source tensor at a time."""
+    for name, tensor in weights:
+        yield from quantize_tensor(name, tensor.detach(), spec)
+
+
+def round_tripped(weights: Iterable[tuple[str, torch.Tensor]], spec: QuantSpec) -> Iterator[tuple[str, torch.Tensor]]:
+    """Dense (name, tensor) pairs holding what the quantised checkpoint dequantises to, in each
+    tensor's own dtype."""
+    fmt = spec.format
+    for name, tensor in weights:
+        parts = dict(quantize_tensor(name, tensor.detach(), spec))
+        for dense_name, dense in iter_dequantized(parts, parts.__getitem__, fmt, torch.float32):
+            yield dense_name, dense.to(tensor.dtype)
+
+
+class QuantizedSync:
+    """`WeightSync` that quantises on the way into another transport (`disk` or `inprocess`)."""
+
+    def __init__(self, inner: WeightSync, spec: QuantSpec, *, to_disk: bool) -> None:
+        self.inner, self.spec, self.to_disk = inner, spec, to_disk
+
+    def push(self, weights: Iterable[tuple[str, torch.Tensor]], version: str) -> SyncStats:
+        if not self.to_disk:
+            return self.inner.push(round_tripped(weights, self.spec), version)
+        weights = list(weights)  # names and shapes first: the config lists the modules left dense
+        dense = [module_name(n) for n, t in weights
+                 if n.endswith(".weight") and t.ndim == 2 and not is_quantized_weight(n, tuple(t.shape), self.spec)]
+        context: SyncContext = self.inner.context
+        hf_config = {k: v for k, v in context.hf_config.items() if k != "quantization_config"}
+        if hf_config.get("tie_word_embeddings"):
+            dense.append("lm_head")
+        hf_config["quantization_config"] = quantization_config(self.spec, dense)
+        checkpoint_format(hf_config)  # what we write must be what we read
+        self.inner.context = dataclasses.replace(context, hf_config=hf_config)
+        try:
+            return self.inner.push(quantized(weights, self.spec), version)
+        finally:
+            self.inner.context = context
