@@ -60,6 +60,7 @@ def train(
     keep_last: Annotated[Optional[int], typer.Option(help="Keep only the newest K checkpoints (loop.keep_last).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="'auto': continue the run in --output-dir from its latest checkpoint (or start it); or a checkpoint / run folder.")] = None,
     load: Annotated[Optional[str], typer.Option(help="slime's --load: resume from DIR's latest checkpoint when it has one, else start fresh.")] = None,
+    async_mode: Annotated[bool, typer.Option("--async", help="Generate the next steps while training (loop.mode = async; needs algo.use_tis or use_rs).")] = False,
     _debug: DebugOption = False,
 ) -> None:
     """Run `loop.num_rollout` GRPO steps and write metrics, checkpoints and the resolved config."""
@@ -72,6 +73,8 @@ def train(
         options = []
         if num_rollout is not None:
             options.append(f"loop.num_rollout={num_rollout}")
+        if async_mode:
+            options.append("loop.mode=async")
         if hf_checkpoint is not None:
             options.append(f"model.source={json.dumps(hf_checkpoint)}")
         if resume is not None and load is not None:
