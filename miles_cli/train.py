@@ -177,13 +177,16 @@ def _eval_tables(evals: list[tuple[int, dict]]) -> list[Table]:
     from miles_cli.eval_tables import eval_tables
 
     picked = evals[:1] + evals[1:][-1:]
-    return eval_tables([(f"step {step}", metrics) for step, metrics in picked])
+    version = lambda m: f" (v{m['eval/weight_version']:.0f})" if "eval/weight_version" in m else ""  # noqa: E731
+    return eval_tables([(f"step {step}{version(metrics)}", metrics) for step, metrics in picked])
 
 
 def _summary_table(history: list[dict]) -> Table:
     columns = {"rollout/raw_reward": "reward", "rollout/response_len": "resp_len", "train/pg_loss": "pg_loss",
                "train/grad_norm": "grad_norm", "train/train_rollout_logprob_abs_diff": "logp_diff",
                "perf/step_time": "step_s"}
+    if any("rollout/staleness_max" in m for m in history):  # async mode or partial rollout
+        columns["rollout/staleness_max"] = "stale"
     table = Table("step", *columns.values(), title="training")
     for step, metrics in enumerate(history):
         table.add_row(str(step), *[_fmt(metrics.get(key)) for key in columns])
