@@ -74,7 +74,8 @@ class MilesConfig:
                f"{what} trains on tokens sampled by older weights: set algo.use_tis = true (TIS; algo.tis_mode = "
                "'mask' for MIS) or algo.use_rs = true")
         if self.loop.mode == "async":
-            steps, carried = self.train.num_steps_per_rollout, self.rollout.partial and not self.rollout.mask_offpolicy_prefix
+            steps = self.train.num_steps_per_rollout
+            carried = self.rollout.partial and not self.rollout.mask_offpolicy_prefix
             why = " and an unmasked partial prefix lags one rollout step more (or set rollout.mask_offpolicy_prefix)"
             _check(self.rollout_lag >= 1,
                    f"loop.mode = 'async' needs loop.max_staleness >= {steps * (1 + carried)}, got "
@@ -83,8 +84,8 @@ class MilesConfig:
         if self.rollout.partial:
             size = self.algo.over_sampling_batch_size
             _check(size > self.rollout.batch_size,
-                   f"rollout.partial needs algo.over_sampling_batch_size > rollout.batch_size = {self.rollout.batch_size} "
-                   f"(more groups in flight than a step trains), got {size}")
+                   f"rollout.partial needs algo.over_sampling_batch_size > rollout.batch_size = "
+                   f"{self.rollout.batch_size} (more groups in flight than a step trains), got {size}")
             _check(self.engine.backend == "native",
                    f"rollout.partial needs engine.backend = 'native' (continuing aborted requests through the "
                    f"'{self.engine.backend}' client is not implemented)")

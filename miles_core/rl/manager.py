@@ -22,7 +22,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 
@@ -35,9 +35,6 @@ from miles_core.errors import MilesError
 from miles_core.metrics import rollout_metrics
 from miles_core.rewards import compute_rewards, scalar_reward
 from miles_core.sample import Sample, Status, read_samples_jsonl
-
-if TYPE_CHECKING:
-    from miles_core.rl.partial import PartialRollouts
 
 Progress = Callable[[int], None]
 
@@ -59,6 +56,17 @@ class RolloutSource(Protocol):
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps to continue exactly (JSON-able)."""
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class StepCollector(Protocol):
+    """Collects a training step in the manager's place, with state of its own: partial rollout's
+    buffer and streaming step (`partial.PartialRollouts`)."""
+
+    def collect(self, manager: RolloutManager, step: int) -> StepRollout: ...
+
+    def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
 
@@ -112,7 +120,7 @@ class RolloutManager:
 
     def __init__(self, engine: RolloutEngine, tokenizer, *, data: DataConfig, sampling: SamplingConfig,
                  reward: RewardConfig, algo: AlgoConfig | None = None, batch_size: int = 0,
-                 prompts: Sequence[Sample] = (), partial: PartialRollouts | None = None) -> None:
+                 prompts: Sequence[Sample] = (), partial: StepCollector | None = None) -> None:
         self.engine, self.tokenizer = engine, tokenizer
         self.partial = partial
         """The partial-rollout buffer and streaming step (`rollout.partial`), else None."""

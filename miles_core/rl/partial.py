@@ -103,7 +103,8 @@ class _Step:
     def _request(self, input_ids: list[int], seed: int, n: int, budget: int) -> object:
         sampling = replace(self.sampling, n_samples_per_prompt=n, max_new_tokens=budget)
         self.num_requests += 1
-        return self.engine.submit(GenerateRequest(list(input_ids), sampling, seed, rid=f"partial-{self.step}-{self.num_requests}"))
+        rid = f"partial-{self.step}-{self.num_requests}"
+        return self.engine.submit(GenerateRequest(list(input_ids), sampling, seed, rid=rid))
 
     def _submit_fresh(self, num_prompts: int) -> None:
         self.num_rounds += 1

@@ -132,8 +132,8 @@ class RunComponents:
 def _partial(cfg: MilesConfig) -> PartialRollouts | None:
     if not cfg.rollout.partial:
         return None
-    return PartialRollouts(mask_offpolicy_prefix=cfg.rollout.mask_offpolicy_prefix, max_staleness=cfg.loop.max_staleness,
-                           steps_per_rollout=cfg.train.num_steps_per_rollout)
+    return PartialRollouts(mask_offpolicy_prefix=cfg.rollout.mask_offpolicy_prefix,
+                           max_staleness=cfg.loop.max_staleness, steps_per_rollout=cfg.train.num_steps_per_rollout)
 
 
 def _reference(cfg: MilesConfig, loaded: LoadedModel) -> nn.Module | None:

@@ -42,7 +42,8 @@ def token_staleness(sample: Sample, trained_by: int) -> list[int]:
 def staleness_metrics(samples: Sequence[Sample], trained_by: int) -> dict[str, float]:
     """`rollout/staleness_mean` and `_max` over the trained tokens of a step's samples."""
     lags = [lag for sample in samples for lag in token_staleness(sample, trained_by)]
-    return {"rollout/staleness_mean": sum(lags) / max(len(lags), 1), "rollout/staleness_max": float(max(lags, default=0))}
+    return {"rollout/staleness_mean": sum(lags) / max(len(lags), 1),
+            "rollout/staleness_max": float(max(lags, default=0))}
 
 
 def too_stale(sample: Sample, trained_by: int, max_staleness: int) -> bool:

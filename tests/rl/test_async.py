@@ -40,7 +40,8 @@ def _samples(out, step):
 def test_staleness_counts_every_optimizer_step(tmp_path, max_staleness, lag):
     """Two optimizer steps per rollout: the versions are exactly the schedule and never lag more
     than loop.max_staleness behind the weights that train them."""
-    result = _run(tmp_path, "loop.num_rollout=4", "train.num_steps_per_rollout=2", f"loop.max_staleness={max_staleness}")
+    result = _run(tmp_path, "loop.num_rollout=4", "train.num_steps_per_rollout=2",
+                  f"loop.max_staleness={max_staleness}")
     for step in range(4):
         generated_by = max(step - lag, 0) * 2
         for sample in _samples(tmp_path, step):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 from dataclasses import replace
 
-import pytest
 import torch
 
 from miles_core.checkpoint.loading import load_model
@@ -83,7 +82,8 @@ def test_a_partial_sample_continues_where_it_stopped(monkeypatch, tmp_path):
         assert new.tokens == old.tokens + alone.output_ids
         assert new.rollout_log_probs == old.rollout_log_probs + alone.output_logprobs
         if alone.finish_reason["type"] == "length":  # the length counts the whole response
-            assert new.metadata["finish_reason"] == {"type": "length", "length": MAX_NEW} and new.response_length == MAX_NEW
+            assert new.metadata["finish_reason"] == {"type": "length", "length": MAX_NEW}
+            assert new.response_length == MAX_NEW
         continued += 1
     assert continued >= 1
     assert second.metrics["rollout/partial_continued_samples"] == float(len(aborted))
