@@ -60,6 +60,7 @@ def train(
     keep_last: Annotated[Optional[int], typer.Option(help="Keep only the newest K checkpoints (loop.keep_last).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="'auto': continue the run in --output-dir from its latest checkpoint (or start it); or a checkpoint / run folder.")] = None,
     load: Annotated[Optional[str], typer.Option(help="slime's --load: resume from DIR's latest checkpoint when it has one, else start fresh.")] = None,
+    async_mode: Annotated[bool, typer.Option("--async", help="Generate the next steps while training (loop.mode = async; needs algo.use_tis or use_rs).")] = False,
     _debug: DebugOption = False,
 ) -> None:
     """Run `loop.num_rollout` GRPO steps and write metrics, checkpoints and the resolved config."""
@@ -72,6 +73,8 @@ def train(
         options = []
         if num_rollout is not None:
             options.append(f"loop.num_rollout={num_rollout}")
+        if async_mode:
+            options.append("loop.mode=async")
         if hf_checkpoint is not None:
             options.append(f"model.source={json.dumps(hf_checkpoint)}")
         if resume is not None and load is not None:
@@ -174,13 +177,16 @@ def _eval_tables(evals: list[tuple[int, dict]]) -> list[Table]:
     from miles_cli.eval_tables import eval_tables
 
     picked = evals[:1] + evals[1:][-1:]
-    return eval_tables([(f"step {step}", metrics) for step, metrics in picked])
+    version = lambda m: f" (v{m['eval/weight_version']:.0f})" if "eval/weight_version" in m else ""  # noqa: E731
+    return eval_tables([(f"step {step}{version(metrics)}", metrics) for step, metrics in picked])
 
 
 def _summary_table(history: list[dict]) -> Table:
     columns = {"rollout/raw_reward": "reward", "rollout/response_len": "resp_len", "train/pg_loss": "pg_loss",
                "train/grad_norm": "grad_norm", "train/train_rollout_logprob_abs_diff": "logp_diff",
                "perf/step_time": "step_s"}
+    if any("rollout/staleness_max" in m for m in history):  # async mode or partial rollout
+        columns["rollout/staleness_max"] = "stale"
     table = Table("step", *columns.values(), title="training")
     for step, metrics in enumerate(history):
         table.add_row(str(step), *[_fmt(metrics.get(key)) for key in columns])

@@ -63,7 +63,9 @@ class Sample:
     rollout_routed_experts: np.ndarray | None = None
     """MoE routing of every token at every MoE layer: int32 (len(tokens) - 1, layers, topk)."""
     weight_versions: list[str] = field(default_factory=list)
-    """Weight version(s) of the engine that generated the response (several if resumed)."""
+    """Per response token, the weight version (optimizer steps, `rl/versions.py`) of the engine that
+    sampled it; a partial rollout continued under newer weights has several. Tokens the engine did
+    not sample (tool output) carry the version of the turn before them."""
     spec_info: dict[str, Any] = field(default_factory=dict)
     """Speculative decoding statistics (draft tokens proposed/accepted)."""
 

@@ -96,7 +96,7 @@ class AlgoConfig:
     dynamic_sampling: bool = False
     """DAPO dynamic sampling: drop groups whose rewards all agree; resample until rollout.batch_size groups are kept."""
     over_sampling_batch_size: int = 0
-    """Prompts generated per dynamic-sampling round; 0 uses rollout.batch_size."""
+    """Prompts generated per dynamic-sampling round (with rollout.partial: groups in flight); 0 uses rollout.batch_size."""
     max_dynamic_sampling_rounds: int = 4
     """Rounds per step at most; after the last the step trains on the groups kept so far."""
     dynamic_filter: str = ""

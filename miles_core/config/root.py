@@ -55,6 +55,44 @@ class MilesConfig:
                or self.sync.quantize_group_size == self.train.qat_group_size,
                f"train.qat_group_size ({self.train.qat_group_size}) must equal sync.quantize_group_size "
                f"({self.sync.quantize_group_size}): the engine must round as the trainer does")
+        if self.loop.mode == "async" or self.rollout.partial:
+            self._check_off_policy()
+
+    @property
+    def rollout_lag(self) -> int:
+        """Rollout steps generation runs ahead of training: 0 in sync mode; in async mode the most
+        that keeps every trained token within `loop.max_staleness` weight versions, where one
+        rollout step is `train.num_steps_per_rollout` versions and a partial prefix carried over
+        unmasked lags one rollout step more."""
+        if self.loop.mode == "sync":
+            return 0
+        carried = int(self.rollout.partial and not self.rollout.mask_offpolicy_prefix)
+        return self.loop.max_staleness // self.train.num_steps_per_rollout - carried
+
+    def _check_off_policy(self) -> None:
+        """Async mode and unmasked partial prefixes train on tokens of older weights: they need
+        an importance-sampling correction, and async mode a staleness bound that allows overlap."""
+        what = "loop.mode = 'async'" if self.loop.mode == "async" else "rollout.partial (prefixes unmasked)"
+        needs_correction = self.loop.mode == "async" or not self.rollout.mask_offpolicy_prefix
+        _check(not needs_correction or self.algo.use_tis or self.algo.use_rs,
+               f"{what} trains on tokens sampled by older weights: set algo.use_tis = true (TIS; algo.tis_mode = "
+               "'mask' for MIS) or algo.use_rs = true")
+        if self.loop.mode == "async":
+            steps = self.train.num_steps_per_rollout
+            carried = self.rollout.partial and not self.rollout.mask_offpolicy_prefix
+            why = " and an unmasked partial prefix lags one rollout step more (or set rollout.mask_offpolicy_prefix)"
+            _check(self.rollout_lag >= 1,
+                   f"loop.mode = 'async' needs loop.max_staleness >= {steps * (1 + carried)}, got "
+                   f"{self.loop.max_staleness}: one rollout step is train.num_steps_per_rollout = {steps} weight "
+                   f"versions{why if carried else ''}")
+        if self.rollout.partial:
+            size = self.algo.over_sampling_batch_size
+            _check(size > self.rollout.batch_size,
+                   f"rollout.partial needs algo.over_sampling_batch_size > rollout.batch_size = "
+                   f"{self.rollout.batch_size} (more groups in flight than a step trains), got {size}")
+            _check(self.engine.backend == "native",
+                   f"rollout.partial needs engine.backend = 'native' (continuing aborted requests through the "
+                   f"'{self.engine.backend}' client is not implemented)")
 
     def _check_true_on_policy(self) -> None:
         """Bitwise-equal log-probs need the same kernels, the same dtype on both sides and an

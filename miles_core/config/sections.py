@@ -194,9 +194,15 @@ class RolloutConfig:
     batch_size: int = 8
     """Prompts per rollout step (slime's `rollout_batch_size`); each yields a group of samples. At
     most the number of prompts in the data (a larger batch would repeat prompts within a step)."""
+    partial: bool = False
+    """Partial rollout: once a step has its groups, abort the unfinished ones and continue them (tokens and
+    log-probs kept) in a later step under the new weights; needs algo.over_sampling_batch_size > batch_size."""
+    mask_offpolicy_prefix: bool = False
+    """With `partial`: response tokens generated in an earlier step (older weights) get loss mask 0."""
 
     def __post_init__(self) -> None:
         _check(1 <= self.batch_size <= MAX_BATCH, f"batch_size must be in [1, {MAX_BATCH}], got {self.batch_size}")
+        _check(self.partial or not self.mask_offpolicy_prefix, "mask_offpolicy_prefix needs partial = true")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -324,9 +330,14 @@ class LoopConfig:
     """Write each step's samples (JSONL) to this path instead, relative to the working directory;
     `{rollout_id}` (format spec allowed, e.g. `{rollout_id:06d}`) becomes the 0-based step, as
     `--load-debug-rollout-data` reads it (slime's `--save-debug-rollout-data`). Setting it saves."""
+    mode: Literal["sync", "async"] = "sync"
+    """`sync`: generate, then train; `async`: generation of later steps overlaps training (needs TIS/MIS)."""
+    max_staleness: int = 1
+    """Most weight versions (optimizer steps, several per rollout) a trained token may lag the trainer."""
 
     def __post_init__(self) -> None:
         _check(self.num_rollout >= 1, f"num_rollout must be >= 1, got {self.num_rollout}")
+        _check(self.max_staleness >= 0, f"max_staleness must be >= 0, got {self.max_staleness}")
         _check(self.save_interval >= 0, f"save_interval must be >= 0, got {self.save_interval}")
         _check(self.keep_last >= 0, f"keep_last must be >= 0, got {self.keep_last}")
         _check(_formats(self.save_rollout_data_path),

@@ -121,6 +121,17 @@ FLAGS: dict[str, Flag] = {
     "--custom-rm-path": Flag(("reward.type",), str, "miles calls fn(sample), slime fn(args, sample): a "
                              "two-argument function is refused when the run starts"),
     "--reward-key": Flag(("reward.key",), str),
+    # asynchronous training and partial rollout
+    "--fully-async": Flag(("loop.mode",), bool, "miles' async mode: generation runs loop.max_staleness / "
+                          "num_steps_per_rollout steps ahead in a background thread on a fixed weight-version "
+                          "schedule (slime: train_async.py with a free-running rollout function); needs --use-tis",
+                          to=lambda v: {"loop.mode": "async"}),
+    "--max-weight-staleness": Flag(("loop.max_staleness",), int,
+                                   "a bound in optimizer steps on every trained token, kept by scheduling "
+                                   "generation (slime: groups over it are recycled)"),
+    "--partial-rollout": Flag(("rollout.partial",), bool, "native engine only"),
+    "--mask-offpolicy-in-partial-rollout": Flag(("rollout.mask_offpolicy_prefix",), bool),
+    "--over-sampling-batch-size": Flag(("algo.over_sampling_batch_size",), int),
     # optimisation
     "--lr": Flag(("train.lr",), float),
     "--min-lr": Flag(("train.min_lr",), float),

@@ -10,6 +10,11 @@ Evaluation (`eval/*` metrics) is stamped with the number of updates behind the w
 at step s scores the weights that generate rollout s, and is logged in step s's record; the eval
 after the last step gets a record of its own, step `num_rollout` (the final checkpoint's number).
 
+Async mode (`loop.mode = "async"`, `async_loop.py`) changes where rollouts come from and where
+weights go, not this loop: the rollout source generates later steps in the background, the sync
+hands weights to it, and evals run there on the weights they name. Weight versions count
+optimizer steps (`versions.py`); they are pushed after every step, trained or not.
+
 Checkpoints are full (resumable, `resume.py`). `resume` continues from one; `should_stop` is
 polled between steps (a signal handler sets it): the run saves what it finished and raises
 `RunStopped`, never stopping inside a step. A skipped optimizer step (non-finite loss or gradient
@@ -33,6 +38,7 @@ from miles_core.metrics import MetricsWriter, memory_metrics, perf_metrics, rese
 from miles_core.rl.resume import find_resume_point, restore_run, save_run_checkpoint
 from miles_core.rl.run import RunComponents
 from miles_core.rl.train_batch import prepare_train_batch
+from miles_core.rl.versions import version_after
 from miles_core.train.finite import check_finite_weights
 
 Mode = Literal["full", "rollout_only", "train_only"]
@@ -63,6 +69,7 @@ def run_training(cfg: MilesConfig, output_dir: Path, *, mode: Mode = "full", rol
     start = restore_run(parts, point) if point is not None else 0
     result = RunResult(output_dir, start_step=start)
     writer = MetricsWriter(output_dir / "metrics.jsonl")
+    parts.start(start)
     try:
         for step in range(start, cfg.loop.num_rollout):
             if should_stop():
@@ -78,6 +85,7 @@ def run_training(cfg: MilesConfig, output_dir: Path, *, mode: Mode = "full", rol
         if final := _evaluate(parts, cfg.loop.num_rollout, result):
             writer.write(cfg.loop.num_rollout, final)
     finally:
+        parts.close()
         writer.close()
     return result
 
@@ -94,7 +102,7 @@ def _evaluate(parts: RunComponents, step: int, result: RunResult) -> dict[str, f
     """Held-out metrics of the weights after `step` updates, when that step is due for them."""
     if not parts.should_eval(step):
         return {}
-    metrics = parts.evaluate()
+    metrics = parts.evaluate(step)
     result.evals.append((step, metrics))
     return dict(metrics)
 
@@ -118,8 +126,9 @@ def _rollout_step(cfg: MilesConfig, parts: RunComponents, step: int) -> dict[str
         times["train_time"] = time.perf_counter() - start
         check_true_on_policy(cfg.alignment, metrics, step)
         check_finite_weights(parts.trainer.export_weights(), step)  # never sync or save NaN/Inf
-        if parts.sync is not None:
-            times["sync_time"] = parts.sync.push(parts.trainer.export_weights(), version=str(step + 1)).seconds
+    if parts.sync is not None:
+        version = version_after(step, cfg.train.num_steps_per_rollout)
+        times["sync_time"] = parts.sync.push(parts.trainer.export_weights(), version=version).seconds
     if parts.trainer is not None and should_update_reference(step, cfg.algo.ref_update_interval):
         parts.trainer.update_reference()
     metrics.update(perf_metrics(times, generated=rollout.generated, trained=rollout.samples))

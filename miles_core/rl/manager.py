@@ -10,7 +10,9 @@ A training run asks `collect(step)` for a step's scored samples: one batch of
 `rollout.batch_size` prompts, or with `algo.dynamic_sampling` (DAPO) rounds of
 `over_sampling_batch_size` prompts until `rollout.batch_size` groups with differing rewards are
 kept or `max_dynamic_sampling_rounds` ran (the kept groups train; none kept means the step does
-not train). Evaluation and `miles rollout` use `generate_all` on a fixed prompt set.
+not train). With `rollout.partial` a `PartialRollouts` (partial.py) collects the step instead,
+streaming groups and carrying the unfinished ones over. Evaluation and `miles rollout` use
+`generate_all` on a fixed prompt set.
 `SavedRollouts` stands in for the manager when a run trains on saved samples.
 """
 
@@ -54,6 +56,17 @@ class RolloutSource(Protocol):
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps to continue exactly (JSON-able)."""
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class StepCollector(Protocol):
+    """Collects a training step in the manager's place, with state of its own: partial rollout's
+    buffer and streaming step (`partial.PartialRollouts`)."""
+
+    def collect(self, manager: RolloutManager, step: int) -> StepRollout: ...
+
+    def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
 
@@ -107,8 +120,10 @@ class RolloutManager:
 
     def __init__(self, engine: RolloutEngine, tokenizer, *, data: DataConfig, sampling: SamplingConfig,
                  reward: RewardConfig, algo: AlgoConfig | None = None, batch_size: int = 0,
-                 prompts: Sequence[Sample] = ()) -> None:
+                 prompts: Sequence[Sample] = (), partial: StepCollector | None = None) -> None:
         self.engine, self.tokenizer = engine, tokenizer
+        self.partial = partial
+        """The partial-rollout buffer and streaming step (`rollout.partial`), else None."""
         self.data, self.sampling, self.reward, self.algo = data, sampling, reward, algo
         self.batch_size = batch_size
         """Prompts per training step (`rollout.batch_size`); 0 for a manager that only evaluates."""
@@ -126,14 +141,19 @@ class RolloutManager:
                             first_request_seed=self.sampling.seed)
 
     def state_dict(self) -> dict:
-        """The training stream's state for a checkpoint (empty for a manager that only evaluates).
-        Dynamic sampling keeps no groups across steps (surplus kept groups are dropped), so the
-        stream is the whole rollout-side state."""
-        return {"prompt_stream": self.stream.state_dict()} if self.stream is not None else {}
+        """The training stream's state for a checkpoint (empty for a manager that only evaluates),
+        and the partial-rollout buffer. Dynamic sampling keeps no groups across steps (surplus kept
+        groups are dropped), so these are the whole rollout-side state."""
+        state = {"prompt_stream": self.stream.state_dict()} if self.stream is not None else {}
+        if self.partial is not None:
+            state["partial"] = self.partial.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if self.stream is not None and "prompt_stream" in state:
             self.stream.load_state_dict(state["prompt_stream"])
+        if self.partial is not None and "partial" in state:
+            self.partial.load_state_dict(state["partial"])
 
     # -- generation ------------------------------------------------------------------------
     def render(self, prompts: Sequence[Sample]) -> list[list[int]]:
@@ -178,6 +198,8 @@ class RolloutManager:
         """The step's scored samples: one batch, or dynamic-sampling rounds."""
         if self.stream is None or self.batch_size < 1:
             raise ValueError("collect() needs a manager built with training prompts and a batch size")
+        if self.partial is not None:
+            return self.partial.collect(self, step)
         if self.algo is not None and self.algo.dynamic_sampling:
             return self._dynamic_sampling(step)
         samples = _numbered(_flatten(self._next_groups(self.batch_size)), self.sampling, step)
@@ -270,7 +292,7 @@ def _to_sample(prompt: Sample, prompt_ids: list[int], gen: Generation, *, index:
         loss_mask=[1] * len(gen.output_ids), status=status,
         metadata={**prompt.metadata, "finish_reason": gen.finish_reason},
         rollout_log_probs=list(gen.output_logprobs), rollout_routed_experts=gen.routed_experts,
-        weight_versions=[gen.weight_version],
+        weight_versions=[gen.weight_version] * len(gen.output_ids),
     )
 
 

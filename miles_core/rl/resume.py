@@ -5,9 +5,12 @@ A checkpoint restores everything the next step reads, so a resumed run computes 
 uninterrupted one would (bitwise on CPU): the trainer (weights, AdamW moments, LR schedule,
 reference and critic models, the count of bad steps in a row), the prompt stream (remaining order
 of the epoch, shuffle RNG, epoch, next request seed; sample streams are seeded from request
-seeds), the global RNG states, and the next rollout id, which is also the metric step and the
-weight version the engine gets the restored weights under. Dynamic sampling carries no groups
-from one step to the next, so there is no buffer to keep.
+seeds), the partial-rollout buffer (aborted groups with their tokens, log-probs and versions),
+the global RNG states, and the next rollout id, which is also the metric step and gives the
+weight version the engine gets the restored weights under (`versions.version_after`). Dynamic
+sampling carries no groups from one step to the next. In async mode the rollout state is the one
+after the last trained step: the prompts generated ahead of it are drawn again after a restart
+(`async_loop.py`), so none is lost or trained twice.
 
 `metrics.jsonl` is cut back to the records before the checkpoint's step (a line torn by the
 crash is dropped) and appended from there.
@@ -38,6 +41,7 @@ from miles_core.checkpoint.training import (
 from miles_core.config import MilesConfig
 from miles_core.config.tree import dump_toml
 from miles_core.errors import MilesError
+from miles_core.rl.versions import version_after
 from miles_core.utils.io import atomic_write
 
 if TYPE_CHECKING:
@@ -61,7 +65,8 @@ def save_run_checkpoint(parts: RunComponents, step: int) -> Path:
     """The full checkpoint after rollout step `step` (`step_{step+1}`), then `keep_last` pruning.
     A failed write (disk full) leaves the previous checkpoint as `latest` and says so."""
     path = step_dir(parts.output_dir, step + 1)
-    state = {"format": 1, "next_step": step + 1, "metric_step": step + 1, "weight_version": str(step + 1),
+    version = version_after(step, parts.cfg.train.num_steps_per_rollout)
+    state = {"format": 1, "next_step": step + 1, "metric_step": step + 1, "weight_version": version,
              "rollouts": parts.rollouts.state_dict(), "rng": rng_state()}
     try:
         with writing_checkpoint(path) as tmp:

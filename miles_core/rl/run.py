@@ -2,7 +2,9 @@
 rollout manager (or saved samples), the weight sync, eval sets, and the run folder.
 
 Kept apart from `loop.py` so the loop reads like the algorithm. Engines, trainers and weight-sync
-transports come from their registries (`engine.backend`, `train.backend`, `sync.transport`).
+transports come from their registries (`engine.backend`, `train.backend`, `sync.transport`). In
+async mode (`loop.mode`) one `AsyncRollouts` is both the rollout source and the weight sync: the
+loop reads the same in both modes.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from miles_core.data import load_prompts
 from miles_core.engine import build_engine
 from miles_core.engine.protocol import RolloutEngine
 from miles_core.errors import MilesError
+from miles_core.rl.async_loop import AsyncRollouts
 from miles_core.rl.eval import EvalSet, evaluate, fit_eval_sets, load_eval_sets
 from miles_core.rl.manager import RolloutManager, RolloutSource, SavedRollouts, rollout_data_path
+from miles_core.rl.partial import PartialRollouts
 from miles_core.sample import Sample, write_samples_jsonl
 from miles_core.sync import SyncContext, WeightSync, build_weight_sync
 from miles_core.train import build_trainer, needs_reference
@@ -61,7 +65,8 @@ class RunComponents:
         if records is not None:
             engine = build_engine(cfg.engine, loaded)
             rollouts = RolloutManager(engine, loaded.tokenizer, data=cfg.data, sampling=cfg.sampling, reward=cfg.reward,
-                                      algo=cfg.algo, batch_size=cfg.rollout.batch_size, prompts=records)
+                                      algo=cfg.algo, batch_size=cfg.rollout.batch_size, prompts=records,
+                                      partial=_partial(cfg))
             eval_sets = fit_eval_sets(eval_sets, engine, loaded.tokenizer)  # long prompts fail before step 0
         if mode != "rollout_only":
             total = cfg.loop.num_rollout * cfg.train.num_steps_per_rollout
@@ -75,7 +80,22 @@ class RunComponents:
                 sync.push(trainer.export_weights(), version=engine.weight_version)
         _write_config(cfg, output_dir)  # only once everything is built: a failed start leaves no folder
         save_all = cfg.loop.save_rollout_data or bool(cfg.loop.save_rollout_data_path) or mode == "rollout_only"
-        return cls(cfg, output_dir, loaded, engine, trainer, rollouts, sync, save_all, eval_sets)
+        parts = cls(cfg, output_dir, loaded, engine, trainer, rollouts, sync, save_all, eval_sets)
+        if cfg.loop.mode == "async" and sync is not None:  # debug modes have nothing to overlap
+            parts.rollouts = parts.sync = AsyncRollouts(
+                rollouts, sync, lag=cfg.rollout_lag, steps_per_rollout=cfg.train.num_steps_per_rollout,
+                num_rollout=cfg.loop.num_rollout, should_eval=parts.should_eval, evaluate=parts.evaluate_now)
+        return parts
+
+    def start(self, first_step: int) -> None:
+        """Start background generation (async mode) at `first_step`, once the run is restored."""
+        if isinstance(self.rollouts, AsyncRollouts):
+            self.rollouts.start(first_step)
+
+    def close(self) -> None:
+        """Stop background generation (async mode)."""
+        if isinstance(self.rollouts, AsyncRollouts):
+            self.rollouts.close()
 
     def should_eval(self, step: int) -> bool:
         """Whether the weights after `step` updates are evaluated: before training (step 0),
@@ -90,7 +110,14 @@ class RunComponents:
             return False
         return step == self.cfg.loop.num_rollout or (cfg.eval_interval > 0 and step % cfg.eval_interval == 0)
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, step: int) -> dict[str, float]:
+        """`eval/<name>/*` metrics of the weights after `step` updates (async mode: evaluated by
+        the rollout thread when it applies them, with `eval/weight_version`)."""
+        if isinstance(self.rollouts, AsyncRollouts):
+            return self.rollouts.evaluation(step)
+        return self.evaluate_now()
+
+    def evaluate_now(self) -> dict[str, float]:
         """`eval/<name>/*` metrics of the engine's current weights on every eval dataset."""
         return evaluate(self.engine, self.loaded.tokenizer, self.eval_sets)
 
@@ -103,6 +130,13 @@ class RunComponents:
         path = Path(rollout_data_path(template, step)) if template else \
             self.output_dir / "rollouts" / f"step_{step:06d}.jsonl"
         write_samples_jsonl(samples, path)
+
+
+def _partial(cfg: MilesConfig) -> PartialRollouts | None:
+    if not cfg.rollout.partial:
+        return None
+    return PartialRollouts(mask_offpolicy_prefix=cfg.rollout.mask_offpolicy_prefix,
+                           max_staleness=cfg.loop.max_staleness, steps_per_rollout=cfg.train.num_steps_per_rollout)
 
 
 def _reference(cfg: MilesConfig, loaded: LoadedModel) -> nn.Module | None:

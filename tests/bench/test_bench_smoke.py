@@ -25,3 +25,16 @@ def test_benchmark_runs_tiny_on_cpu(script, tmp_path):
     peer = {"train_throughput.py": "transformers", "grpo_step.py": "TRL GRPOTrainer",
             "rollout_throughput.py": "transformers tok/s"}[script]
     assert peer in text
+
+
+def test_async_step_runs_quick_on_cpu(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MILES_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "result.md"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "async_step.py"), "--quick", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = out.read_text()
+    assert "Card: CPU" in text and "command:" in text
+    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| sync") or line.startswith("| async")]
+    assert rows == ["| sync", "| async", "| async+partial"]
+    assert "| 2 | " in text  # the reward table has a row per step (3 steps)

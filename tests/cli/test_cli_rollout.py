@@ -78,7 +78,7 @@ def test_rollout_samples_are_self_consistent(tiny_rollout):
         assert len(s.loss_mask) == s.response_length
         assert s.prompt_length > 0
         assert all(lp <= 0 for lp in s.rollout_log_probs)
-        assert s.weight_versions == ["0"]
+        assert s.weight_versions == ["0"] * s.response_length
         reason = s.metadata["finish_reason"]["type"]
         assert s.status == {"length": Status.TRUNCATED, "stop": Status.COMPLETED}[reason]
         assert s.reward is None  # rollout does not score

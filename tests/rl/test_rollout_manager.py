@@ -85,7 +85,7 @@ def test_samples_fill_every_field():
         assert (sample.response_length, sample.prompt_length, sample.response_tokens) == (len(out), len(prompt), out)
         assert sample.loss_mask == [1] * len(out)
         assert sample.rollout_log_probs == [-0.5 * (k + 1) for k in range(len(out))]
-        assert sample.weight_versions == ["v3"]
+        assert sample.weight_versions == ["v3"] * len(out)  # one per response token
         assert sample.reward is None
     assert [s.response for s in flat] == ["text-0-0", "text-0-1", "text-1-0", "text-1-1"]
     # FINISH[(2i + j) % 4]: stop, length, stop (string), abort
@@ -125,7 +125,7 @@ def test_native_engine_samples_match_their_tokens(tiny):
             cut, finish, status = 6, {"type": "length", "length": 6}, Status.TRUNCATED
         assert sample.response_tokens == free_sample.response_tokens[:cut]
         assert (sample.status, sample.response_length, sample.metadata) == (status, cut, {"finish_reason": finish})
-        assert sample.weight_versions == ["0"]
+        assert sample.weight_versions == ["0"] * sample.response_length
         shown = sample.response_tokens[:-1] if status == Status.COMPLETED else sample.response_tokens
         assert sample.response == tiny.tokenizer.decode(shown, skip_special_tokens=True)  # stop token trimmed
         # What the trainer recomputes from `tokens`: the logprob of each response token.

@@ -31,15 +31,18 @@ def finish_reason(seq: Sequence, token: int, eos_token_ids: frozenset[int], toke
     return None
 
 
-def to_generation(seq: Sequence, tokenizer, weight_version: str, capture_routing: bool) -> Generation:
-    # Like SGLang (no_stop_trim off): the text leaves out a matched stop token or string;
-    # output_ids keep the stop token, which training must see.
-    output_ids = seq.output_ids
-    matched = seq.finish_reason.get("matched")
+def response_text(tokenizer, output_ids: list[int], finish_reason: dict) -> str:
+    """Like SGLang (no_stop_trim off): the text leaves out a matched stop token or string;
+    output_ids keep the stop token, which training must see."""
+    matched = finish_reason.get("matched")
     shown = output_ids[:-1] if isinstance(matched, int) else output_ids
     text = tokenizer.decode(shown, skip_special_tokens=True)
-    if isinstance(matched, str) and matched in text:
-        text = text[: text.index(matched)]
+    return text[: text.index(matched)] if isinstance(matched, str) and matched in text else text
+
+
+def to_generation(seq: Sequence, tokenizer, weight_version: str, capture_routing: bool) -> Generation:
+    output_ids = seq.output_ids
+    text = response_text(tokenizer, output_ids, seq.finish_reason)
     routed = None
     if capture_routing:
         # Every token fed has its experts: all but the last one sampled (length - 1 rows).
