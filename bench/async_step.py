@@ -82,6 +82,7 @@ device = "{args.device}"
 [engine]
 max_batch_size = {args.batch_size * 8 * 2}
 max_context_len = {args.prompt_tokens * 2 + args.new_tokens + 64}
+mem_fraction = {args.mem_fraction}
 [data]
 path = "{prompts}"
 input_key = "prompt"
@@ -177,6 +178,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--stop-ids", type=int, default=768, help="token ids that end a response (the tail)")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--micro-batch-tokens", type=int, default=16384)
+    parser.add_argument("--mem-fraction", type=float, default=0.25,
+                        help="engine.mem_fraction: the KV pool's share of free GPU memory (the trainer needs the rest)")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--quick", action="store_true", help="tiny model on CPU, 3 steps: a smoke test")
     parser.add_argument("--tokenizer", default="", help="folder with the SmolLM2 tokenizer (default: the cache)")

@@ -3,7 +3,9 @@
 Eager PyTorch runs each of them as several kernels (RMSNorm 7, RoPE 5 per tensor, SwiGLU 2), and
 a decode step of a small model is bound by how many kernels it launches, not by its math: a
 0.6B model's step was about 1,500 kernels of 1-3 us each, even inside a CUDA graph. In `fast` mode
-on CUDA these chains run `torch.compile`d (dynamic shapes), one fused kernel each. The fused
+on CUDA, under `torch.inference_mode` (the engine's forwards), these chains run `torch.compile`d
+(dynamic shapes), one fused kernel each; the trainer runs them eagerly (compiling them under
+autograd is not measured to help; `train.compile` compiles whole layers instead). The fused
 kernel computes in fp32 and rounds once at the end, so its bits can differ from eager's
 (fast mode promises no bitwise equality). `invariant` mode, CPU, code already being compiled, or
 `USE_COMPILED = False` run the eager references, so the engine and trainer compute the same bits.
@@ -47,7 +49,8 @@ def compiled_on_cuda(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def run(x: torch.Tensor, *args):
         nonlocal compiled, failed
-        if failed or not USE_COMPILED or not x.is_cuda or torch.compiler.is_compiling():
+        if failed or not USE_COMPILED or not x.is_cuda or not torch.is_inference_mode_enabled() \
+                or torch.compiler.is_compiling():
             return fn(x, *args)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=True, fullgraph=True)
