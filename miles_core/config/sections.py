@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from miles_core.config.agent import ToolsConfig
 from miles_core.config.tree import check as _check
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -192,8 +193,30 @@ class RolloutConfig:
     """Prompts per rollout step (slime's `rollout_batch_size`); each yields a group of samples. At
     most the number of prompts in the data (a larger batch would repeat prompts within a step)."""
 
+    generate_function: str = ""
+    """Custom rollout of one sample (slime's `--custom-generate-function-path`): a
+    `package.module:function` path to `async fn(ctx, sample, sampling) -> Sample | list[Sample]`."""
+    environment: str = ""
+    """Multi-turn environment (`reset()`/`step(action)`): `package.module:factory` called with the
+    prompt sample; empty with `tools.names` set: the built-in tool-use environment."""
+    max_turns: int = 4
+    """Multi-turn: most model turns in one sample (each followed by tool results or an observation)."""
+    sample_timeout_s: float = 0.0
+    """Seconds one sample's generate function may take before it is aborted (reward 0, not trained); 0: no limit."""
+    step_timeout_s: float = 0.0
+    """Seconds all samples of one generate call may take; unfinished ones are then aborted; 0: no limit."""
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
+
     def __post_init__(self) -> None:
         _check(1 <= self.batch_size <= MAX_BATCH, f"batch_size must be in [1, {MAX_BATCH}], got {self.batch_size}")
+        _check(1 <= self.max_turns <= 1024, f"max_turns must be in [1, 1024], got {self.max_turns}")
+        for name in ("sample_timeout_s", "step_timeout_s"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0 seconds, got {getattr(self, name)}")
+
+    @property
+    def agentic(self) -> bool:
+        """Whether samples come from a generate function (custom, or the built-in multi-turn one)."""
+        return bool(self.generate_function or self.environment or self.tools.names)
 
 
 @dataclass(frozen=True, kw_only=True)
