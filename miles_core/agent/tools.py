@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from miles_core.agent.calculator import calculator
 from miles_core.agent.tool_calls import ToolCall
 from miles_core.algo.hooks import import_callable
 from miles_core.config import ToolsConfig
+from miles_core.engine.aio import in_thread
 from miles_core.errors import MilesError
 
 TOOLS: dict[str, Callable[..., Any]] = {"calculator": calculator}
@@ -117,7 +120,7 @@ class ToolRunner:
         try:
             if self.cfg.sandbox == "subprocess":
                 return await _run_sandboxed(tool, call.arguments, self.cfg, timeout)
-            result = await asyncio.wait_for(asyncio.to_thread(tool.fn, **call.arguments), timeout)
+            result = await asyncio.wait_for(in_thread(tool.fn, **call.arguments), timeout)
         except asyncio.TimeoutError:
             return f"error: tool '{call.name}' timed out after {self.cfg.timeout_s:g} s"
         except Exception as err:  # noqa: BLE001 - any tool failure is the model's feedback
@@ -138,7 +141,9 @@ async def _run_sandboxed(tool: Tool, arguments: dict[str, Any], cfg: ToolsConfig
     """One call in a fresh Python process with resource limits; killed at the timeout."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-c", _SANDBOX_MAIN, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, preexec_fn=lambda: _limit(cfg.memory_mb, cfg.cpu_s))
+        stderr=asyncio.subprocess.PIPE, preexec_fn=lambda: _limit(cfg.memory_mb, cfg.cpu_s),
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),  # imports as here
+             "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})  # BLAS buffers fit the memory limit
     request = json.dumps({"path": tool.path, "arguments": arguments}).encode()
     try:
         out, err = await asyncio.wait_for(process.communicate(request), timeout)
@@ -149,9 +154,15 @@ async def _run_sandboxed(tool: Tool, arguments: dict[str, Any], cfg: ToolsConfig
     try:
         answer = json.loads(out.decode().strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError, UnicodeDecodeError):
-        tail = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit code {process.returncode}"]
-        return f"error: the tool process failed ({tail[0][:200]})"
+        return f"error: the tool process failed ({_failure(process.returncode, err)})"
     return answer["result"] if "result" in answer else f"error: {answer['error']}"
+
+
+def _failure(returncode: int, stderr: bytes) -> str:
+    if returncode < 0:
+        return f"killed by {signal.Signals(-returncode).name}"  # SIGXCPU: the CPU-time limit
+    tail = stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit code {returncode}"]
+    return tail[0][:200]
 
 
 def _limit(memory_mb: int, cpu_s: int) -> None:
@@ -159,4 +170,4 @@ def _limit(memory_mb: int, cpu_s: int) -> None:
     import resource
 
     resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))  # SIGXCPU at the soft limit

@@ -5,7 +5,7 @@ coroutine, and their requests must still reach the engine together so it batches
 engine with `submit` and a background loop (the native engine) gets each request at once and
 steps over all of them (continuous batching); the coroutine awaits the request handle through
 a done-callback, so no thread waits per request. Any other engine (the HTTP client) is called
-with one request per worker thread and batches on the server side.
+with one request per thread (`in_thread`) and batches on the server side.
 
 `abort(rid)` finishes a request's sequences in the engine (KV blocks freed at once); cancelling a
 `generate` coroutine (a timeout) aborts its request.
@@ -14,10 +14,14 @@ with one request per worker thread and batches on the server side.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 from miles_core.engine.protocol import GenerateRequest, Generation, RolloutEngine
+
+T = TypeVar("T")
 
 
 class AsyncEngine:
@@ -43,11 +47,11 @@ class AsyncEngine:
     async def generate(self, request: GenerateRequest) -> list[Generation]:
         """The request's n generations; cancellation aborts it in the engine."""
         if not self.streaming:
-            return (await asyncio.to_thread(self.engine.generate, [request]))[0]
+            return (await in_thread(self.engine.generate, [request]))[0]
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
         handle = self.engine.submit(request)
-        handle.add_done_callback(lambda h: loop.call_soon_threadsafe(_settle, future, h.generations))
+        handle.add_done_callback(lambda h: _hand_over(loop, future, h.generations))
         try:
             return await future
         except asyncio.CancelledError:
@@ -61,6 +65,37 @@ class AsyncEngine:
             abort(rid)
 
 
-def _settle(future: asyncio.Future, generations: list[Generation]) -> None:
-    if not future.done():  # a cancelled waiter has gone
-        future.set_result(generations)
+async def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)` in a daemon thread of its own. Unlike `asyncio.to_thread`, a call that
+    never returns (a stuck tool) holds no pool slot and does not keep `asyncio.run` or the
+    interpreter from finishing; awaiting it can be cancelled or timed out as usual."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def work() -> None:
+        try:
+            outcome = (fn(*args, **kwargs), None)
+        except BaseException as err:  # noqa: BLE001 - handed to the awaiting coroutine
+            outcome = (None, err)
+        _hand_over(loop, future, *outcome)
+
+    threading.Thread(target=work, name="miles-call", daemon=True).start()
+    return await future
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None = None) -> None:
+    if future.done():  # a cancelled waiter has gone
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _hand_over(loop: asyncio.AbstractEventLoop, future: asyncio.Future, result: Any,
+               error: BaseException | None = None) -> None:
+    """Runs on another thread: wake the waiting coroutine (gone if its loop has closed)."""
+    try:
+        loop.call_soon_threadsafe(_settle, future, result, error)
+    except RuntimeError:  # the loop closed: an aborted request finishing after its rollout ended
+        pass
