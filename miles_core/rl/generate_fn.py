@@ -94,6 +94,9 @@ class AgentRollout:
                 jobs.append((ctx, sample))
         with aio.running():
             rows = asyncio.run(self._run_all(jobs, sampling, tokenizer, on_progress))
+        for row in rows:
+            if isinstance(row, MilesError):
+                raise row
         groups: list[list[Sample]] = [[] for _ in prompts]
         for (_, sample), samples in zip(jobs, rows):
             groups[sample.group_index] += samples
@@ -106,23 +109,27 @@ class AgentRollout:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         return [[aborted(sample, tokenizer, "step_timeout")] if task in pending else task.result()
-                for task, (_, sample) in zip(tasks, jobs)]
+                for task, (_, sample) in zip(tasks, jobs)]  # raises only on a bug of miles itself
 
     async def _one(self, ctx: GenerateContext, sample: Sample, sampling: SamplingConfig, tokenizer,
-                   on_progress) -> list[Sample]:
+                   on_progress) -> list[Sample] | MilesError:
+        """The call's rows, or the error that stops the step (returned, raised once the loop ends)."""
         prompt = replace(sample, metadata=dict(sample.metadata), tokens=list(sample.tokens))  # theirs to change
         try:
             result = await asyncio.wait_for(self.fn(ctx, prompt, sampling), self.cfg.sample_timeout_s or None)
         except asyncio.TimeoutError:
             result = aborted(sample, tokenizer, "sample_timeout")
-        except MilesError:
-            raise
+        except MilesError as err:
+            return err
         except Exception as err:  # noqa: BLE001 - a user function's bug, reported as one line
-            raise MilesError(f"generate function '{self.name}' raised {type(err).__name__}: {err} "
-                             f"(prompt {sample.group_index}, sample {ctx.rid})") from err
+            return MilesError(f"generate function '{self.name}' raised {type(err).__name__}: {err} "
+                              f"(prompt {sample.group_index}, sample {ctx.rid})")
         if on_progress:
             on_progress(1)
-        return checked(result, self.name, sample.group_index)
+        try:
+            return checked(result, self.name, sample.group_index)
+        except MilesError as err:
+            return err
 
 
 def checked(result: Any, name: str, group_index: int) -> list[Sample]:
