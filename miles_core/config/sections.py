@@ -138,6 +138,9 @@ class DataConfig:
     """Extra chat-template variables, e.g. `{enable_thinking = false}` for Qwen3."""
     system_prompt: str = ""
     """System message put before text prompts when the chat template is applied."""
+    fewshot_messages: tuple[dict[str, Any], ...] = ()
+    """Chat messages put after the system prompt and before every prompt's own messages (few-shot
+    turns, e.g. a worked tool call); with the chat template only."""
     prompt_template: str = "{prompt}"
     """Text around a text prompt; the literal `{prompt}` is replaced (e.g. to add an instruction)."""
     shuffle: bool = True
@@ -156,6 +159,9 @@ class DataConfig:
         _check(not (self.path and self.task),
                f"set only one of path or task (got path='{self.path}', task='{self.task}')")
         _check(self.max_prompts >= 0, f"max_prompts must be >= 0, got {self.max_prompts}")
+        bad = [m for m in self.fewshot_messages if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                         and isinstance(m.get("content"), str))]
+        _check(not bad, f"fewshot_messages entries must be {{role = '...', content = '...'}} tables, got {bad[:1]}")
         _check("{prompt}" in self.prompt_template,
                f"prompt_template must contain '{{prompt}}', got '{self.prompt_template}'")
 
