@@ -114,3 +114,10 @@ def test_a_stuck_sample_is_aborted_in_the_engine_and_counted(loaded):
 def test_the_step_timeout_ends_every_unfinished_sample(loaded):
     groups = manager(loaded, generate_function="agent_plugins:stuck", step_timeout_s=0.3).generate_all(PROMPTS)
     assert [s.metadata["abort_reason"] for g in groups for s in g] == ["step_timeout"] * 4
+
+
+def test_slime_flag_names_the_generate_function():
+    from miles_core.launch.slime_flags import parse_slime_flags
+
+    launch = parse_slime_flags(["--custom-generate-function-path", "agent_plugins:one_turn"])
+    assert launch.overrides() == ['rollout.generate_function="agent_plugins:one_turn"']
