@@ -101,3 +101,13 @@ async def multi_turn(ctx: GenerateContext, sample: Sample, sampling: SamplingCon
     out = trajectory.to_sample(sample, ctx.tokenizer, status=status, extra=extra)
     out.reward = reward
     return out
+
+
+def turn_spans(sample: Sample) -> list[dict[str, Any]]:
+    """The response as displayed by `miles rollout --show`: one entry per span with its role,
+    token count, loss mask and text (a single-turn sample is one trained span)."""
+    turns = sample.metadata.get("turns")
+    if not turns:
+        return [{"role": "assistant", "length": sample.response_length, "trained": True, "text": sample.response}]
+    mask = sample.loss_mask or [1] * sample.response_length
+    return [{**t, "trained": bool(mask[t["start"]]) if t["length"] else t["role"] == "assistant"} for t in turns]
