@@ -27,7 +27,7 @@ def rollout(
     checkpoint: Annotated[Optional[str], typer.Option(help="With --eval: model to evaluate (HF dir, .gguf or built-in name; default model.source).")] = None,
     compare: Annotated[Optional[str], typer.Option(help="With --eval: a second model, evaluated on the same prompts and seeds.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="With --eval: print the metrics as JSON instead of tables.")] = False,
-    show: Annotated[int, typer.Option("--show", min=0, help="Print the first N samples turn by turn (tool calls, observations, loss masks).")] = 0,
+    show: Annotated[int, typer.Option("--show", help="Print N samples turn by turn (tool calls, masks).")] = 0,
     _debug: DebugOption = False,
 ) -> None:
     """Generate `n_samples_per_prompt` responses for every prompt and write them as JSONL; with
@@ -45,6 +45,8 @@ def rollout(
             raise MilesError("--checkpoint, --compare and --json need --eval")
         if output is None:
             raise MilesError("--output is required (or pass --eval to evaluate)")
+        if show < 0:
+            raise MilesError(f"--show must be >= 0 samples, got {show}")
         cfg = with_prompt_data(load_cli_config(recipe, overrides), prompt_data)
         _check_outputs(recipe, cfg, output, overwrite)
         with progress_bar() as progress:

@@ -145,6 +145,8 @@ def checked(result: Any, name: str, group_index: int) -> list[Sample]:
         row.group_index = group_index
         if row.status == Status.PENDING:
             row.status = Status.COMPLETED
+        kind = {Status.TRUNCATED: "length", Status.ABORTED: "abort", Status.FAILED: "abort"}.get(row.status, "stop")
+        row.metadata.setdefault("finish_reason", {"type": kind})  # summaries count finish reasons
     return rows
 
 
