@@ -31,8 +31,8 @@ from miles_core.data.lengths import check_batch_fits, fit_prompts
 from miles_core.engine.protocol import GenerateRequest, Generation, RolloutEngine
 from miles_core.errors import MilesError
 from miles_core.metrics import rollout_metrics
-from miles_core.rl.generate_fn import AgentRollout, agent_metrics, check_group_sizes
 from miles_core.rewards import compute_rewards, scalar_reward
+from miles_core.rl.generate_fn import AgentRollout, agent_metrics, check_group_sizes
 from miles_core.sample import Sample, Status, read_samples_jsonl
 
 Progress = Callable[[int], None]
