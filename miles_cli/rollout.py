@@ -27,6 +27,7 @@ def rollout(
     checkpoint: Annotated[Optional[str], typer.Option(help="With --eval: model to evaluate (HF dir, .gguf or built-in name; default model.source).")] = None,
     compare: Annotated[Optional[str], typer.Option(help="With --eval: a second model, evaluated on the same prompts and seeds.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="With --eval: print the metrics as JSON instead of tables.")] = False,
+    show: Annotated[int, typer.Option("--show", help="Print N samples turn by turn (tool calls, masks).")] = 0,
     _debug: DebugOption = False,
 ) -> None:
     """Generate `n_samples_per_prompt` responses for every prompt and write them as JSONL; with
@@ -44,6 +45,8 @@ def rollout(
             raise MilesError("--checkpoint, --compare and --json need --eval")
         if output is None:
             raise MilesError("--output is required (or pass --eval to evaluate)")
+        if show < 0:
+            raise MilesError(f"--show must be >= 0 samples, got {show}")
         cfg = with_prompt_data(load_cli_config(recipe, overrides), prompt_data)
         _check_outputs(recipe, cfg, output, overwrite)
         with progress_bar() as progress:
@@ -54,6 +57,7 @@ def rollout(
                 on_progress=lambda k: progress.advance(task, k),
             )
         print_table(_summary_table(summary))
+        _show_samples(output, show)
 
 
 def _check_outputs(recipe: str, cfg, output: Path, overwrite: bool) -> None:
@@ -84,6 +88,26 @@ def _evaluate(cfg, checkpoint: str | None, compare: str | None, as_json: bool) -
         print_table(table)
     for name, seconds in zip(report.checkpoints, report.seconds):
         console.print(f"{name}: {seconds:.1f} s")
+
+
+def _show_samples(output: Path, count: int) -> None:
+    """The first `count` samples: each span of the response with its role, size and loss mask."""
+    from itertools import islice
+
+    from rich.markup import escape
+
+    from miles_core.agent.multiturn import turn_spans
+    from miles_core.sample import read_samples_jsonl
+
+    for sample in islice(read_samples_jsonl(output), count):
+        meta = sample.metadata
+        console.rule(f"sample {sample.index} (prompt {sample.group_index}): {sample.status.value}, "
+                     f"{meta.get('num_turns', 1)} turn(s), {meta.get('tool_calls', 0)} tool call(s), "
+                     f"{sample.prompt_length} prompt + {sample.response_length} response tokens")
+        for span in turn_spans(sample):
+            style = "green" if span["trained"] else "yellow"
+            label = f"{span['role']}, {span['length']} tokens, loss_mask {int(span['trained'])}"
+            console.print(f"[{style}]\\[{label}][/{style}] {escape(span['text'])}")
 
 
 def _summary_table(summary) -> Table:

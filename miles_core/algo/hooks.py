@@ -15,6 +15,7 @@ Contracts (`HOOKS`), by recipe key:
   algo.custom_tis_function        fn(cfg, *, old_log_probs, rollout_log_probs, loss_mask)
                                   -> (weights (B, T), keep (B, T), stats: dict of (B, T) tensors)
   reward.type                     fn(sample) -> float | dict (the reward registry's contract)
+  rollout.generate_function       async fn(ctx, sample, sampling) -> Sample | list[Sample]
 Hooks that receive `**inputs` must accept keywords they do not use, so new inputs never break
 them. Loss and TIS hooks see one micro-batch of whole sequences: per-row reductions are exact.
 """
@@ -46,6 +47,8 @@ class HookSpec:
 
 HOOKS: dict[str, HookSpec] = {
     "reward": HookSpec("reward", 1, contract="one argument (the Sample)"),
+    "generate": HookSpec("generate function (rollout.generate_function)", 3,
+                         contract="async (ctx, sample, sampling) -> Sample | list[Sample]"),
     "reward_post_process": HookSpec("reward post-process hook (algo.reward_post_process)", 2, var_keyword=True,
                                     contract="(rewards, group_size, **inputs)"),
     "advantage": HookSpec("advantage hook (algo.custom_advantage_function)", 2, var_keyword=True,
@@ -69,7 +72,7 @@ def resolve_hook(path: str, kind: str, registry: dict[str, Any] | None = None) -
         if registry is not None:
             raise MilesError(f"{one_of(spec.name, path, registry)}, or a 'package.module:function' path")
         raise MilesError(f"{spec.name} '{path}' must be a 'package.module:function' path")
-    fn = _import_path(path, spec.name)
+    fn = import_callable(path, spec.name)
     _check_signature(path, fn, spec)
     return fn
 
@@ -108,7 +111,8 @@ def resolve_hooks(cfg: AlgoConfig) -> AlgoHooks:
     return AlgoHooks(**resolved)
 
 
-def _import_path(path: str, name: str) -> Any:
+def import_callable(path: str, name: str) -> Any:
+    """The callable at `package.module:attr` (or `package.module.attr`); `name` says what it is in errors."""
     module_name, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
     if not module_name or not attr:
         raise MilesError(f"{name} path '{path}' must look like 'package.module:function' or 'package.module.function'")

@@ -7,10 +7,12 @@ KV block counts, devices actually chosen) lives elsewhere, not here.
 
   tree.py      recipe files, `extends`, `--set` overrides, dataclass building, TOML dump
   sections.py  the component sections (model, engine, data, sampling, rollout, reward, train, ...)
+  agent.py     the `[rollout.tools]` section (multi-turn tool use)
   algo.py      the `[algo]` section (advantage estimators, losses, corrections, filters)
   root.py      `MilesConfig` and `load_config`
 """
 
+from miles_core.config.agent import ToolsConfig
 from miles_core.config.algo import AlgoConfig
 from miles_core.config.root import MilesConfig, inherit_eval_defaults, load_config
 from miles_core.config.sections import (
@@ -33,5 +35,5 @@ from miles_core.config.sections import (
 __all__ = [
     "AlgoConfig", "AlignmentConfig", "ArithmeticConfig", "DataConfig", "DType", "EngineConfig", "EvalConfig",
     "EvalDatasetConfig", "LoopConfig", "MilesConfig", "ModelConfig", "RewardConfig", "RolloutConfig",
-    "SamplingConfig", "SyncConfig", "TrainConfig", "inherit_eval_defaults", "load_config",
+    "SamplingConfig", "SyncConfig", "ToolsConfig", "TrainConfig", "inherit_eval_defaults", "load_config",
 ]

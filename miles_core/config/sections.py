@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from miles_core.config.agent import ToolsConfig
 from miles_core.config.tree import check as _check
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -140,6 +141,9 @@ class DataConfig:
     """Extra chat-template variables, e.g. `{enable_thinking = false}` for Qwen3."""
     system_prompt: str = ""
     """System message put before text prompts when the chat template is applied."""
+    fewshot_messages: tuple[dict[str, Any], ...] = ()
+    """Chat messages put after the system prompt and before every prompt's own messages (few-shot
+    turns, e.g. a worked tool call); with the chat template only."""
     prompt_template: str = "{prompt}"
     """Text around a text prompt; the literal `{prompt}` is replaced (e.g. to add an instruction)."""
     shuffle: bool = True
@@ -158,6 +162,9 @@ class DataConfig:
         _check(not (self.path and self.task),
                f"set only one of path or task (got path='{self.path}', task='{self.task}')")
         _check(self.max_prompts >= 0, f"max_prompts must be >= 0, got {self.max_prompts}")
+        bad = [m for m in self.fewshot_messages if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                         and isinstance(m.get("content"), str))]
+        _check(not bad, f"fewshot_messages entries must be {{role = '...', content = '...'}} tables, got {bad[:1]}")
         _check("{prompt}" in self.prompt_template,
                f"prompt_template must contain '{{prompt}}', got '{self.prompt_template}'")
 
@@ -200,9 +207,31 @@ class RolloutConfig:
     mask_offpolicy_prefix: bool = False
     """With `partial`: response tokens generated in an earlier step (older weights) get loss mask 0."""
 
+    generate_function: str = ""
+    """Custom rollout of one sample (slime's `--custom-generate-function-path`): a
+    `package.module:function` path to `async fn(ctx, sample, sampling) -> Sample | list[Sample]`."""
+    environment: str = ""
+    """Multi-turn environment (`reset()`/`step(action)`): `package.module:factory` called with the
+    prompt sample; empty with `tools.names` set: the built-in tool-use environment."""
+    max_turns: int = 4
+    """Multi-turn: most model turns in one sample (each followed by tool results or an observation)."""
+    sample_timeout_s: float = 0.0
+    """Seconds one sample's generate function may take before it is aborted (reward 0, not trained); 0: no limit."""
+    step_timeout_s: float = 0.0
+    """Seconds all samples of one generate call may take; unfinished ones are then aborted; 0: no limit."""
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
+
     def __post_init__(self) -> None:
         _check(1 <= self.batch_size <= MAX_BATCH, f"batch_size must be in [1, {MAX_BATCH}], got {self.batch_size}")
         _check(self.partial or not self.mask_offpolicy_prefix, "mask_offpolicy_prefix needs partial = true")
+        _check(1 <= self.max_turns <= 1024, f"max_turns must be in [1, 1024], got {self.max_turns}")
+        for name in ("sample_timeout_s", "step_timeout_s"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0 seconds, got {getattr(self, name)}")
+
+    @property
+    def agentic(self) -> bool:
+        """Whether samples come from a generate function (custom, or the built-in multi-turn one)."""
+        return bool(self.generate_function or self.environment or self.tools.names)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -97,6 +97,9 @@ def _prepare(prompt: Prompt, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
     else:
         messages = list(prompt)
     _require_chat_template(tokenizer)
+    if cfg.fewshot_messages:  # after any system message, before the prompt's own turns
+        system = [m for m in messages[:1] if m["role"] == "system"]
+        messages = [*system, *(dict(m) for m in cfg.fewshot_messages), *messages[len(system):]]
     return _with_system_prompt(messages, cfg.system_prompt)
 
 

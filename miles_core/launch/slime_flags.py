@@ -79,6 +79,10 @@ FLAGS: dict[str, Flag] = {
     "--rollout-top-k": Flag(("sampling.top_k",), int),
     "--rollout-max-response-len": Flag(("sampling.max_new_tokens",), int),
     "--rollout-stop": Flag(("sampling.stop",), list),
+    "--custom-generate-function-path": Flag(("rollout.generate_function",), str,
+                                            "miles calls `async fn(ctx, sample, sampling)` (ctx: token-in/token-out "
+                                            "generate and abort on the engine, the tokenizer, the tools), slime "
+                                            "`fn(args, sample, sampling_params)`: another signature is refused at start"),
     # algorithm
     "--advantage-estimator": Flag(("algo.advantage_estimator", "algo.policy_loss"), str,
                                   "`gspo` also sets algo.policy_loss = gspo, as in slime", to=_estimator),

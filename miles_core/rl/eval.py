@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from miles_core.checkpoint.loading import load_model
-from miles_core.config import EvalConfig, EvalDatasetConfig, MilesConfig
+from miles_core.config import EvalConfig, EvalDatasetConfig, MilesConfig, RolloutConfig
 from miles_core.data import load_prompts
 from miles_core.engine import build_engine
 from miles_core.engine.protocol import RolloutEngine
@@ -108,13 +108,15 @@ def load_eval_sets(cfg: EvalConfig) -> list[EvalSet]:
     return sets
 
 
-def fit_eval_sets(eval_sets: Sequence[EvalSet], engine: RolloutEngine, tokenizer) -> list[EvalSet]:
+def fit_eval_sets(eval_sets: Sequence[EvalSet], engine: RolloutEngine, tokenizer,
+                  rollout: RolloutConfig | None = None) -> list[EvalSet]:
     """Every eval set without its prompts that leave no room in the engine's context (or an error
     naming the first one; see `data.lengths.fit_prompts`), checked before the first step."""
     out = []
     for eval_set in eval_sets:
         ds = eval_set.cfg
-        manager = RolloutManager(engine, tokenizer, data=ds.data, sampling=ds.sampling, reward=ds.reward)
+        manager = RolloutManager(engine, tokenizer, data=ds.data, sampling=ds.sampling, reward=ds.reward,
+                                 rollout=rollout)
         try:
             out.append(EvalSet(ds, manager.fit(eval_set.prompts)[0]))
         except MilesError as err:
@@ -123,21 +125,22 @@ def fit_eval_sets(eval_sets: Sequence[EvalSet], engine: RolloutEngine, tokenizer
 
 
 def evaluate(engine: RolloutEngine, tokenizer, eval_sets: Sequence[EvalSet], *,
-             on_progress: Progress | None = None) -> dict[str, float]:
+             on_progress: Progress | None = None, rollout: RolloutConfig | None = None) -> dict[str, float]:
     """`eval/<name>/*` metrics of the engine's current weights, and `perf/eval_time` (seconds)."""
     start = time.perf_counter()
     metrics: dict[str, float] = {}
     for eval_set in eval_sets:
-        metrics.update(evaluate_dataset(engine, tokenizer, eval_set, on_progress=on_progress)[0])
+        metrics.update(evaluate_dataset(engine, tokenizer, eval_set, on_progress=on_progress, rollout=rollout)[0])
     metrics["perf/eval_time"] = time.perf_counter() - start
     return metrics
 
 
-def evaluate_dataset(engine: RolloutEngine, tokenizer, eval_set: EvalSet, *,
-                     on_progress: Progress | None = None) -> tuple[dict[str, float], list[list[Sample]]]:
-    """(`eval/<name>/*` metrics, the scored samples grouped by prompt) of one dataset."""
+def evaluate_dataset(engine: RolloutEngine, tokenizer, eval_set: EvalSet, *, on_progress: Progress | None = None,
+                     rollout: RolloutConfig | None = None) -> tuple[dict[str, float], list[list[Sample]]]:
+    """(`eval/<name>/*` metrics, the scored samples grouped by prompt) of one dataset; `rollout`:
+    the run's multi-turn settings (tools, generate function), so eval samples are made like training's."""
     ds = eval_set.cfg
-    manager = RolloutManager(engine, tokenizer, data=ds.data, sampling=ds.sampling, reward=ds.reward)
+    manager = RolloutManager(engine, tokenizer, data=ds.data, sampling=ds.sampling, reward=ds.reward, rollout=rollout)
     groups = manager.generate_all(eval_set.prompts, on_progress=on_progress)
     samples = [s for group in groups for s in group]
     num_failed = manager.score(samples)
@@ -181,8 +184,8 @@ def run_eval(cfg: MilesConfig, checkpoints: Sequence[str] = (), *, on_start: Cal
     for checkpoint in checkpoints:
         loaded = load_model(replace(cfg.model, source=checkpoint), alignment_mode=cfg.alignment.mode)
         engine = build_engine(cfg.engine, loaded)
-        fitted = fit_eval_sets(eval_sets, engine, loaded.tokenizer)  # before any generation
-        metrics = evaluate(engine, loaded.tokenizer, fitted, on_progress=on_progress)
+        fitted = fit_eval_sets(eval_sets, engine, loaded.tokenizer, cfg.rollout)  # before any generation
+        metrics = evaluate(engine, loaded.tokenizer, fitted, on_progress=on_progress, rollout=cfg.rollout)
         report.seconds.append(metrics.pop("perf/eval_time"))
         report.metrics.append(metrics)
         del loaded  # one model in memory at a time

@@ -27,13 +27,14 @@ from typing import Protocol
 import torch
 
 from miles_core.algo import DynamicSamplingTally, keep_groups, round_size
-from miles_core.config import AlgoConfig, DataConfig, RewardConfig, SamplingConfig
+from miles_core.config import AlgoConfig, DataConfig, RewardConfig, RolloutConfig, SamplingConfig
 from miles_core.data import render_prompt
 from miles_core.data.lengths import check_batch_fits, fit_prompts
 from miles_core.engine.protocol import GenerateRequest, Generation, RolloutEngine
 from miles_core.errors import MilesError
 from miles_core.metrics import rollout_metrics
 from miles_core.rewards import compute_rewards, scalar_reward
+from miles_core.rl.generate_fn import AgentRollout, agent_metrics, check_group_sizes
 from miles_core.sample import Sample, Status, read_samples_jsonl
 
 Progress = Callable[[int], None]
@@ -120,11 +121,16 @@ class RolloutManager:
 
     def __init__(self, engine: RolloutEngine, tokenizer, *, data: DataConfig, sampling: SamplingConfig,
                  reward: RewardConfig, algo: AlgoConfig | None = None, batch_size: int = 0,
-                 prompts: Sequence[Sample] = (), partial: StepCollector | None = None) -> None:
+                 prompts: Sequence[Sample] = (), partial: StepCollector | None = None,
+                 rollout: RolloutConfig | None = None) -> None:
         self.engine, self.tokenizer = engine, tokenizer
         self.partial = partial
         """The partial-rollout buffer and streaming step (`rollout.partial`), else None."""
         self.data, self.sampling, self.reward, self.algo = data, sampling, reward, algo
+        self.agent = AgentRollout.from_config(rollout) if rollout is not None and rollout.agentic else None
+        """Generate functions (custom, or multi-turn tool use) instead of one engine call."""
+        if self.agent is not None:
+            self.data = self.agent.prompt_data(data)
         self.batch_size = batch_size
         """Prompts per training step (`rollout.batch_size`); 0 for a manager that only evaluates."""
         self.stream = self._training_stream(prompts) if prompts else None
@@ -172,6 +178,9 @@ class RolloutManager:
     def generate(self, prompts: Sequence[Sample], prompt_ids: Sequence[list[int]], *, first_seed: int,
                  on_progress: Progress | None = None) -> list[list[Sample]]:
         """One group of `n_samples_per_prompt` samples per prompt, in prompt order."""
+        if self.agent is not None:
+            return self.agent.generate(self.engine, self.tokenizer, self.data, self.sampling, prompts, prompt_ids,
+                                       first_seed=first_seed, on_progress=on_progress)
         requests = [GenerateRequest(input_ids=ids, sampling=self.sampling, seed=first_seed + i, rid=f"prompt-{p.index}")
                     for i, (p, ids) in enumerate(zip(prompts, prompt_ids))]
         outputs = self.engine.generate(requests, on_progress=on_progress)
@@ -208,7 +217,10 @@ class RolloutManager:
 
     def _next_groups(self, num_prompts: int) -> list[list[Sample]]:
         batch, ids, first_seed = self.stream.next_batch(num_prompts)
-        return self.generate(batch, ids, first_seed=first_seed)
+        groups = self.generate(batch, ids, first_seed=first_seed)
+        if self.agent is not None:
+            check_group_sizes(groups, self.sampling.n_samples_per_prompt)
+        return groups
 
     def _dynamic_sampling(self, step: int) -> StepRollout:
         target, group = self.batch_size, self.sampling.n_samples_per_prompt
@@ -233,6 +245,8 @@ class RolloutManager:
 
     def _described(self, samples: list[Sample], generated: list[Sample], metrics: dict[str, float]) -> StepRollout:
         described = rollout_metrics(generated, self.raw_rewards(generated), self.sampling.n_samples_per_prompt)
+        if self.agent is not None:
+            described.update(agent_metrics(generated))
         return StepRollout(samples, generated, {**described, **metrics})
 
 

@@ -47,7 +47,7 @@ def run_rollout(cfg: MilesConfig, output: Path, *, on_start: Callable[[int], Non
     prompts = load_prompts(cfg.data)
     loaded = load_model(cfg.model, alignment_mode=cfg.alignment.mode)
     manager = RolloutManager(build_engine(cfg.engine, loaded), loaded.tokenizer, data=cfg.data,
-                             sampling=cfg.sampling, reward=cfg.reward)
+                             sampling=cfg.sampling, reward=cfg.reward, rollout=cfg.rollout)
     prompts = manager.fit(prompts)[0]  # long prompts fail (or are skipped) before any generation
     if on_start:
         on_start(len(prompts) * cfg.sampling.n_samples_per_prompt)

@@ -66,8 +66,8 @@ class RunComponents:
             engine = build_engine(cfg.engine, loaded)
             rollouts = RolloutManager(engine, loaded.tokenizer, data=cfg.data, sampling=cfg.sampling, reward=cfg.reward,
                                       algo=cfg.algo, batch_size=cfg.rollout.batch_size, prompts=records,
-                                      partial=_partial(cfg))
-            eval_sets = fit_eval_sets(eval_sets, engine, loaded.tokenizer)  # long prompts fail before step 0
+                                      partial=_partial(cfg), rollout=cfg.rollout)
+            eval_sets = fit_eval_sets(eval_sets, engine, loaded.tokenizer, cfg.rollout)  # long prompts fail before step 0
         if mode != "rollout_only":
             total = cfg.loop.num_rollout * cfg.train.num_steps_per_rollout
             trainer = build_trainer(cfg.train, cfg.algo, copy.deepcopy(loaded.model), reference=_reference(cfg, loaded),
@@ -119,7 +119,7 @@ class RunComponents:
 
     def evaluate_now(self) -> dict[str, float]:
         """`eval/<name>/*` metrics of the engine's current weights on every eval dataset."""
-        return evaluate(self.engine, self.loaded.tokenizer, self.eval_sets)
+        return evaluate(self.engine, self.loaded.tokenizer, self.eval_sets, rollout=self.cfg.rollout)
 
     def save_rollout_data(self, step: int, samples: list[Sample]) -> None:
         """Each step's samples as JSONL: `loop.save_rollout_data_path` (templated like

@@ -268,6 +268,11 @@ class NativeEngine:
             self._loop = threading.Thread(target=self._serve, name="miles-engine", daemon=True)
             self._loop.start()
 
+    @property
+    def is_running(self) -> bool:
+        """Whether `start()`'s background loop is stepping the engine."""
+        return self._loop is not None
+
     def stop(self) -> None:
         if self._loop is not None:
             self._stop = True

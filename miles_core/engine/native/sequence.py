@@ -69,6 +69,8 @@ class RequestHandle:
         self.sequences: list[Sequence] = []
         self.generations: list[Generation] | None = None
         self._done = threading.Event()
+        self._callbacks: list[Callable[[RequestHandle], None]] = []
+        self._callbacks_lock = threading.Lock()
 
     @property
     def done(self) -> bool:
@@ -76,7 +78,20 @@ class RequestHandle:
 
     def finish(self, generations: list[Generation]) -> None:
         self.generations = generations
-        self._done.set()
+        with self._callbacks_lock:
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(self)
+
+    def add_done_callback(self, callback: Callable[[RequestHandle], None]) -> None:
+        """Call `callback(handle)` once the request has finished (at once if it has); it runs on
+        the engine's thread, so it must only hand the result over (e.g. `call_soon_threadsafe`)."""
+        with self._callbacks_lock:
+            if not self._done.is_set():
+                self._callbacks.append(callback)
+                return
+        callback(self)
 
     def result(self, timeout: float | None = None) -> list[Generation]:
         """The request's n generations, waiting for them (when a background loop runs)."""
