@@ -37,6 +37,8 @@ class Trajectory:
     turns: list[dict[str, Any]] = field(default_factory=list)
     """Per span: role (`assistant` or `observation`), start and length in the response, text."""
     versions: list[str] = field(default_factory=list)
+    """Weight version of each response token (`Sample.weight_versions`): a model token's sampling
+    weights; an observation token carries the version of the turn before it (it is masked out)."""
     last: Generation | None = None
 
     @property
@@ -45,12 +47,12 @@ class Trajectory:
 
     def add_model_turn(self, gen: Generation) -> None:
         self._span("assistant", gen.output_ids, 1, gen.output_logprobs, gen.text)
-        if gen.weight_version not in self.versions:
-            self.versions.append(gen.weight_version)
+        self.versions += [gen.weight_version] * len(gen.output_ids)
         self.last = gen
 
     def add_observation(self, ids: list[int], text: str) -> None:
         self._span("observation", ids, 0, [0.0] * len(ids), text)
+        self.versions += [self.versions[-1] if self.versions else "0"] * len(ids)
 
     def _span(self, role: str, ids: list[int], mask: int, log_probs: list[float], text: str) -> None:
         self.turns.append({"role": role, "start": len(self.response_ids), "length": len(ids), "text": text})

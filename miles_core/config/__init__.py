@@ -6,7 +6,8 @@ recipe). `MilesConfig` is the root that a recipe TOML file mirrors. Values are v
 KV block counts, devices actually chosen) lives elsewhere, not here.
 
   tree.py      recipe files, `extends`, `--set` overrides, dataclass building, TOML dump
-  sections.py  the component sections (model, engine, data, sampling, rollout, reward, train, ...)
+  sections.py  the component sections (model, engine, data, sampling, rollout, reward, loop, eval, ...)
+  train.py     the trainer side's sections (`[train]`, `[sync]`)
   agent.py     the `[rollout.tools]` section (multi-turn tool use)
   algo.py      the `[algo]` section (advantage estimators, losses, corrections, filters)
   root.py      `MilesConfig` and `load_config`
@@ -28,9 +29,8 @@ from miles_core.config.sections import (
     RewardConfig,
     RolloutConfig,
     SamplingConfig,
-    SyncConfig,
-    TrainConfig,
 )
+from miles_core.config.train import SyncConfig, TrainConfig
 
 __all__ = [
     "AlgoConfig", "AlignmentConfig", "ArithmeticConfig", "DataConfig", "DType", "EngineConfig", "EvalConfig",

@@ -20,9 +20,8 @@ from miles_core.config.sections import (
     RewardConfig,
     RolloutConfig,
     SamplingConfig,
-    SyncConfig,
-    TrainConfig,
 )
+from miles_core.config.train import SyncConfig, TrainConfig
 from miles_core.config.tree import apply_overrides, build, deep_merge, load_recipe
 from miles_core.config.tree import check as _check
 
@@ -93,6 +92,9 @@ class MilesConfig:
             _check(self.engine.backend == "native",
                    f"rollout.partial needs engine.backend = 'native' (continuing aborted requests through the "
                    f"'{self.engine.backend}' client is not implemented)")
+            _check(not self.rollout.agentic,
+                   "rollout.partial does not apply to generate functions (rollout.generate_function, "
+                   "rollout.environment, rollout.tools): continuing an aborted multi-turn sample is not implemented")
 
     def _check_true_on_policy(self) -> None:
         """Bitwise-equal log-probs need the same kernels, the same dtype on both sides and an

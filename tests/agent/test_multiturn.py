@@ -74,6 +74,7 @@ def test_tool_call_then_answer(tokenizer):
     assert sample.status == Status.COMPLETED and sample.reward == 1.0
     assert (sample.metadata["num_turns"], sample.metadata["tool_calls"], sample.metadata["tool_errors"]) == (2, 1, 0)
     assert [t["role"] for t in sample.metadata["turns"]] == ["assistant", "observation", "assistant"]
+    assert len(sample.weight_versions) == sample.response_length  # one version per response token
 
 
 def test_tool_errors_are_tool_messages_and_max_turns_truncates(tokenizer):

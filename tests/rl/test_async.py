@@ -79,6 +79,8 @@ def test_async_step_zero_matches_sync(tmp_path):
     (["loop.mode=async", "algo.use_tis=true", *PARTIAL], ["loop.max_staleness >= 2", "rollout.mask_offpolicy_prefix"]),
     (["rollout.partial=true", "algo.use_tis=true"], ["algo.over_sampling_batch_size > rollout.batch_size = 4"]),
     (["rollout.mask_offpolicy_prefix=true"], ["mask_offpolicy_prefix needs partial = true"]),
+    ([*PARTIAL, "rollout.mask_offpolicy_prefix=true", "rollout.generate_function=pkg.mod:fn"],
+     ["rollout.partial does not apply to generate functions"]),
 ])
 def test_refusals_name_the_keys_to_set(overrides, keys):
     with pytest.raises(MilesError) as err:

@@ -1,0 +1,116 @@
+"""The trainer side's sections: `[train]` (the policy update) and `[sync]` (weights to the engine).
+
+Same rules as `sections.py` (frozen, keyword-only, validated in `__post_init__`); split out to keep
+each file readable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from miles_core.config.sections import MAX_BATCH, DType
+from miles_core.config.tree import check as _check
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    backend: Literal["native"] = "native"
+    """Trainer: `native` (PyTorch, same model code as the engine)."""
+    lr: float = 1e-6
+    """Peak AdamW learning rate."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """`constant` after warmup, or cosine decay from `lr` to `min_lr` over the run."""
+    lr_warmup_steps: int = 0
+    """Optimizer steps of linear warmup from 0 to `lr`."""
+    min_lr: float = 0.0
+    """Final learning rate of the cosine schedule, in [0, lr]."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay, >= 0."""
+    adam_beta1: float = 0.9
+    """AdamW first-moment decay, in [0, 1)."""
+    adam_beta2: float = 0.98
+    """AdamW second-moment decay, in [0, 1)."""
+    adam_eps: float = 1e-8
+    """AdamW denominator epsilon, > 0."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    num_steps_per_rollout: int = 1
+    """Optimizer steps per rollout; the rollout's samples are split evenly between them."""
+    max_tokens_per_micro_batch: int = 4096
+    """Token budget (prompt + response, padded) of one forward/backward; gradients accumulate."""
+    micro_batch_size: int = 0
+    """Most samples in one forward/backward (slime's `--micro-batch-size`), a cap on top of the
+    token budget; 0: the token budget alone. Gradients accumulate, so the loss does not depend on it."""
+    routing_replay: Literal["off", "rollout", "record"] = "off"
+    """MoE experts used by the trainer: `off` its own router; `rollout` the engine's recorded choice
+    (Rollout Routing Replay, R3; needs engine.return_routed_experts); `record` its own choice in the
+    old log-prob pass, replayed in the later optimizer steps of the rollout."""
+    share_prompt_prefix: bool = True
+    """Run each distinct prompt once per micro-batch and let its samples attend to it (same
+    result, less work: GRPO's n samples of a prompt share it)."""
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Forward/backward dtype; weights and optimizer state stay fp32 (autocast for bf16)."""
+    logprob_chunk_size: int = 1024
+    """Tokens per chunk when turning hidden states into log-probs (bounds logits memory)."""
+    pack_sequences: bool = False
+    """Pack a micro-batch's sequences into one row without padding (attention kept within each
+    sequence; with `share_prompt_prefix` a shared prompt is fed once). Bitwise equal to the padded
+    forward in invariant mode, equal to rounding (~1e-6 in fp32) in fast mode; off by default so
+    recorded runs keep their numbers. `max_tokens_per_micro_batch` then counts real tokens."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward instead of keeping them (less
+    memory, about one more forward of compute); not applied to the KV-cache forward of the padded
+    `share_prompt_prefix` path."""
+    compile: bool = False
+    """`torch.compile` each decoder layer of the trainer's model (CUDA speed; the first steps compile)."""
+    qat: Literal["off", "int4"] = "off"
+    """`int4`: quantisation-aware training, the `qat_modules` weights fake-quantised to group INT4 in
+    every forward (straight-through gradient), exactly as `miles quantize --format int4` rounds them."""
+    qat_group_size: Literal[32, 64, 128] = 128
+    """INT4 group size (input features per scale) of `qat`; must equal `sync.quantize_group_size`."""
+    qat_modules: tuple[str, ...] = ("*.mlp.experts.*",)
+    """Module-name globs that `qat` fake-quantises (default: the routed experts of MoE layers)."""
+    seed: int = 0
+    max_bad_steps: int = 3
+    """Consecutive optimizer steps with a non-finite loss or gradient norm (each one skipped:
+    no update, no scheduler step) before the run stops with an error."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_bad_steps >= 1, f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(0 <= self.min_lr <= self.lr, f"min_lr must be in [0, lr], got {self.min_lr}")
+        _check(self.lr_warmup_steps >= 0, f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+        _check(self.clip_grad >= 0, f"clip_grad must be >= 0, got {self.clip_grad}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("adam_beta1", "adam_beta2"):
+            _check(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}")
+        _check(self.adam_eps > 0, f"adam_eps must be > 0, got {self.adam_eps}")
+        _check(self.num_steps_per_rollout >= 1, f"num_steps_per_rollout must be >= 1, got {self.num_steps_per_rollout}")
+        _check(self.max_tokens_per_micro_batch >= 1,
+               f"max_tokens_per_micro_batch must be >= 1, got {self.max_tokens_per_micro_batch}")
+        _check(self.micro_batch_size >= 0, f"micro_batch_size must be >= 0, got {self.micro_batch_size}")
+        _check(self.logprob_chunk_size >= 1, f"logprob_chunk_size must be >= 1, got {self.logprob_chunk_size}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SyncConfig:
+    transport: Literal["auto", "inprocess", "disk"] = "auto"
+    """How the trainer's weights reach the engine after each step: `inprocess` (the engine lives in
+    this process and copies the tensors), `disk` (a HF checkpoint in `disk_dir`, loaded by the
+    servers through `/update_weights_from_disk`), or `auto` (`disk` for engines in other processes,
+    such as the `sglang` backend, else `inprocess`). Later: `cuda_ipc`, `nccl`."""
+    disk_dir: str = ""
+    """`disk` transport: folder for the checkpoints the servers load (must be readable by them at
+    the same path); empty means `weight_sync/` in the run folder."""
+    bucket_mb: int = 512
+    """Most MiB of tensors handed over in one bucket (a larger tensor goes alone); bounds the
+    transient memory of transports that stage a bucket."""
+    quantize: Literal["off", "fp8", "int4"] = "off"
+    """Deliver the weights quantised as `miles quantize` writes them (block FP8 or group INT4; with
+    `train.qat` only its modules): `disk` writes that checkpoint, a CPU engine holds it dequantised."""
+    quantize_group_size: Literal[32, 64, 128] = 128
+    """INT4 group size of `quantize`."""
+
+    def __post_init__(self) -> None:
+        _check(self.bucket_mb >= 1, f"bucket_mb must be >= 1, got {self.bucket_mb}")
