@@ -237,18 +237,30 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
 
+    fused_qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    """Inference only (the engine on CUDA, fast mode): [Wq; Wk; Wv] and their bias, of which the
+    three projections' parameters are views (`engine.native.fuse`)."""
+
     def forward(self, x_BTE: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 position_ids_BT: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x_BTE.shape
-        q = self.q_proj(x_BTE).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x_BTE).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x_BTE).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v = self._project(x_BTE)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, D)
         q, k = self.ops.rotary(q, *rope), self.ops.rotary(k, *rope)
         out = attend(self.ops, q, k, v, position_ids_BT, kv_cache, self.layer_idx)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+    def _project(self, x_BTE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.fused_qkv is not None and self.ops.name == "fast":  # one GEMM instead of three
+            sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
+            return self.ops.linear(x_BTE, *self.fused_qkv).split(sizes, dim=-1)
+        return self.q_proj(x_BTE), self.k_proj(x_BTE), self.v_proj(x_BTE)
 
 
 def attend(ops: Ops, q_BHTD, k_BKTD, v_BKTD, position_ids_BT, kv_cache: KVCache | PackedSegments | None,
@@ -277,5 +289,12 @@ class GatedMLP(nn.Module):
         self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
+    fused_gate_up: torch.Tensor | None = None
+    """Inference only (as `Attention.fused_qkv`): [W_gate; W_up], the two weights being its views."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
+        if self.fused_gate_up is not None and self.ops.name == "fast":  # one GEMM instead of two
+            gate, up = self.ops.linear(x, self.fused_gate_up, None).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.ops.silu_mul(gate, up))
