@@ -28,7 +28,7 @@ from torch import nn
 from miles_core.kernels import FAST_OPS, Ops, quant_gemm
 from miles_core.models.layers import Linear
 from miles_core.quant.fp8 import BLOCK_SIZE, FP8_DTYPE, dequantize_fp8_block
-from miles_core.quant.formats import QuantSpec, quantize_tensor
+from miles_core.quant.formats import QuantSpec, is_quantized_weight, quantize_tensor
 from miles_core.quant.int4 import PER_WORD, dequantize_int4, unpack_int4
 
 
@@ -148,3 +148,17 @@ def quantize_updates(model: nn.Module, named_tensors: Iterable[tuple[str, torch.
         prefix = name.removesuffix("weight")
         for part, value in module.quantized_tensors(tensor):
             yield prefix + part, value
+
+
+def quantize_linears(model: nn.Module, spec: QuantSpec) -> list[str]:
+    """Swap, in place, every plain `Linear` whose weight `spec` quantises for a `QuantLinear` holding
+    that weight quantised as `miles quantize` would write it; return their names."""
+    chosen = [(name, m) for name, m in model.named_modules()
+              if type(m) is Linear and is_quantized_weight(f"{name}.weight", tuple(m.weight.shape), spec)]
+    for name, linear in chosen:
+        module = QuantLinear.like(linear, spec.format, spec.group_size)
+        for part, tensor in module.quantized_tensors(linear.weight):
+            setattr(module, part, tensor.to(linear.weight.device))
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, module)
+    return [name for name, _ in chosen]
