@@ -48,6 +48,8 @@ def align_check(
     engine: Annotated[str, typer.Option(help="Rollout engine: native.")] = "native",
     trainer: Annotated[str, typer.Option(help="Trainer: native.")] = "native",
     layers: Annotated[int, typer.Option(min=0, help="Diff every layer's hidden states on this many samples.")] = 0,
+    precision: Annotated[str, typer.Option(help="Trainer/engine pairing: recipe, fp8-engine (FP8 engine), int4-qat "
+                                                "(INT4-QAT trainer, INT4 engine), int4-engine (plain trainer, INT4 engine).")] = "recipe",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON instead of tables.")] = False,
     max_kl: Annotated[float, typer.Option(help="Exit with code 1 if KL (k3) exceeds this at any batch size.")] = float("inf"),
     max_abs_diff: Annotated[float, typer.Option(help="Exit with code 1 if max |delta logprob| exceeds this.")] = float("inf"),
@@ -61,7 +63,7 @@ def align_check(
         _check_limit("--max-abs-diff", max_abs_diff)
         cfg = load_cli_config(recipe, overrides)
         report = run_align_check(cfg, batch_sizes=_sizes(batch_sizes), num_prompts=num_prompts, engine=engine,
-                                 trainer=trainer, layers=layers,
+                                 trainer=trainer, layers=layers, precision=precision,
                                  on_progress=None if as_json else lambda msg: console.print(f"[dim]{msg}[/]"))
         if as_json:
             typer.echo(json.dumps(report.to_dict(), indent=2))
@@ -75,7 +77,8 @@ def align_check(
 
 
 def _print_report(report) -> None:
-    title = f"align-check: engine={report.engine} trainer={report.trainer} mode={report.mode} dtype={report.dtype}"
+    title = (f"align-check: engine={report.engine} trainer={report.trainer} mode={report.mode} dtype={report.dtype} "
+             f"precision={report.precision}")
     moe = any(r.routing_agreement is not None for r in report.results)
     columns = ["batch", "samples", "tokens", "mean |d|", "max |d|", "KL k1", "KL k3", "bitwise =", "mean e^|d|"]
     table = Table(*columns, *(["routing ="] if moe else []), title=title)

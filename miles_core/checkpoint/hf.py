@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from miles_core.errors import MilesError
+from miles_core.quant.fp8 import FP8_DTYPE
 from miles_core.quant.formats import checkpoint_format, iter_dequantized
 from miles_core.utils.io import atomic_dir
 
@@ -37,6 +38,7 @@ SIDE_FILES = (
 
 # Non-persistent buffers some exporters still write; the model recomputes them from the config.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+_QUANTIZED_SUFFIXES = (".weight_scale_inv", ".weight_packed", ".weight_scale", ".weight_shape")
 _MAX_LISTED_KEYS = 5
 
 
@@ -119,13 +121,16 @@ def load_state_dict(model_dir: str | Path, device: str | torch.device = "cpu",
             for name, tensor in iter_state_dict(model_dir)}
 
 
-def load_weights_into(model: nn.Module, model_dir: str | Path, dtype: torch.dtype | None = None) -> None:
+def load_weights_into(model: nn.Module, model_dir: str | Path, dtype: torch.dtype | None = None, *,
+                      dequantize: bool = True) -> None:
     """Load a HF directory into a native model whose parameter names are HF's.
 
     Each parameter's storage is replaced by the checkpoint tensor (cast to `dtype`, else to the
     parameter's dtype), so tied parameters stay tied and nothing is copied twice. A tied
     `lm_head.weight` may be absent; any other missing, unexpected or mis-shaped key is an error.
-    A quantised checkpoint (FP8, INT4) is dequantised on the way in (`iter_dense_state_dict`).
+    A quantised checkpoint (FP8, INT4) is dequantised on the way in (`iter_dense_state_dict`);
+    with `dequantize=False` its tensors load as stored into a model whose quantised Linears were
+    swapped for `QuantLinear`s (`quant/modules.py`), quantised tensors and scales in their own dtype.
     Names ending with one of the model's `keep_in_fp32` suffixes load in fp32 whatever `dtype`
     (HF's `_keep_in_fp32_modules_strict`, e.g. the DeepSeek-V3 router).
     """
@@ -135,7 +140,7 @@ def load_weights_into(model: nn.Module, model_dir: str | Path, dtype: torch.dtyp
         raise ValueError("load_weights_into needs a materialised model, not one on the meta device")
     loaded: set[int] = set()
     unexpected: list[str] = []
-    for name, tensor in iter_dense_state_dict(model_dir):
+    for name, tensor in iter_dense_state_dict(model_dir) if dequantize else iter_state_dict(model_dir):
         if name.endswith(_IGNORED_SUFFIXES):
             continue
         target = targets.get(name)
@@ -145,10 +150,12 @@ def load_weights_into(model: nn.Module, model_dir: str | Path, dtype: torch.dtyp
         if tuple(target.shape) != tuple(tensor.shape):
             raise MilesError(f"shape mismatch for '{name}' in '{model_dir}': model expects "
                              f"{tuple(target.shape)}, checkpoint has {tuple(tensor.shape)}")
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        as_stored = not dequantize and (tensor.dtype == FP8_DTYPE or name.endswith(_QUANTIZED_SUFFIXES))
+        if tensor.is_floating_point() and tensor.dtype != FP8_DTYPE and not bool(torch.isfinite(tensor).all()):
             raise MilesError(f"checkpoint '{model_dir}' holds NaN/Inf in '{name}'; refusing to load it")
         keep_fp32 = bool(fp32_suffixes) and name.endswith(fp32_suffixes)
-        target.data = tensor.to(device=target.device, dtype=torch.float32 if keep_fp32 else dtype or target.dtype)
+        cast = tensor.dtype if as_stored else torch.float32 if keep_fp32 else dtype or target.dtype
+        target.data = tensor.to(device=target.device, dtype=cast)
         loaded.add(id(target))
     # Identity, not names: a tied lm_head is the embedding's own Parameter, loaded under its name.
     missing = [name for name, target in targets.items() if id(target) not in loaded]

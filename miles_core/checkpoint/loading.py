@@ -15,13 +15,14 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
-from miles_core.checkpoint.hf import load_weights_into, read_hf_config
+from miles_core.checkpoint.hf import HFTensors, load_weights_into, read_hf_config
 from miles_core.checkpoint.sources import resolve_model_source
 from miles_core.config import ModelConfig
 from miles_core.errors import MilesError
 from miles_core.kernels import set_alignment_mode
 from miles_core.models.registry import build_model
-from miles_core.quant.formats import dense_config
+from miles_core.quant.formats import checkpoint_format, dense_config
+from miles_core.quant.modules import quantized_modules, swap_to_quantized
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,23 +83,46 @@ def eos_token_ids(path: Path, hf_config: dict[str, Any], tokenizer) -> frozenset
     return frozenset(ids)
 
 
-def load_model(cfg: ModelConfig, *, with_weights: bool = True, alignment_mode: str = "fast") -> LoadedModel:
+def load_model(cfg: ModelConfig, *, with_weights: bool = True, alignment_mode: str = "fast",
+               quantized: bool = False) -> LoadedModel:
     """Resolve `cfg.source`, build the native model and load its weights onto the device.
     `alignment_mode` picks its kernels (`kernels.set_alignment_mode`); copies keep it. A quantised
-    checkpoint (FP8, INT4) is dequantised into `cfg.dtype` weights; its `quantization_config` is
-    dropped from `hf_config`, which describes the dense model that exports and syncs write."""
+    checkpoint (FP8, INT4) is dequantised into `cfg.dtype` weights, or with `quantized` kept as
+    stored in `QuantLinear`s (`quant/modules.py`; `quant.modules.dense_copy` gives the dense
+    model); its `quantization_config` is dropped from `hf_config`, which describes the dense model
+    that exports and syncs write."""
     path = resolve_model_source(cfg.source)
-    hf_config = dense_config(read_hf_config(path))
+    full_config = read_hf_config(path)
+    hf_config = dense_config(full_config)
     device = resolve_device(cfg.device)
     dtype = DTYPES[cfg.dtype]
     with torch.device("meta"):
         model = build_model(hf_config)
     model = materialize(model, device, dtype)
+    if with_weights and quantized:
+        _swap_for_checkpoint(model, path, full_config)
     if with_weights:
-        load_weights_into(model, path, dtype)
+        load_weights_into(model, path, dtype, dequantize=not quantized)
     set_alignment_mode(model, alignment_mode)
     tokenizer = load_tokenizer(path)
     return LoadedModel(model, tokenizer, hf_config, path, device, eos_token_ids(path, hf_config, tokenizer))
+
+
+def _swap_for_checkpoint(model: nn.Module, path: Path, hf_config: dict[str, Any]) -> None:
+    """Swap the Linears a quantised checkpoint stores quantised for empty `QuantLinear`s."""
+    fmt = checkpoint_format(hf_config)
+    if fmt is None:
+        raise MilesError(f"engine.weights = 'quantized' needs a quantised checkpoint (`miles quantize`), "
+                         f"but '{path}' is dense; use engine.weights = 'dense'")
+    group_size = 128
+    if fmt == "int4":
+        group_size = int(next(iter(hf_config["quantization_config"]["config_groups"].values()))["weights"]["group_size"])
+    with HFTensors(path) as tensors:
+        names = tensors.names
+    try:
+        swap_to_quantized(model, quantized_modules(names, fmt), fmt, group_size)
+    except ValueError as err:
+        raise MilesError(f"cannot load '{path}' quantised: {err}") from None
 
 
 def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:

@@ -26,6 +26,7 @@ import torch
 from miles_core.algo.mismatch import MismatchSums, nan_max
 from miles_core.checkpoint.loading import load_model
 from miles_core.checks.layers import layer_diffs
+from miles_core.checks.precision import load_engine_weights, precision_setup
 from miles_core.config import MilesConfig
 from miles_core.data import load_prompts
 from miles_core.engine import ENGINE_BACKENDS, build_engine
@@ -57,6 +58,8 @@ class AlignReport:
     results: list[BatchResult] = field(default_factory=list)
     layers: list[dict[str, Any]] | None = None
     notes: list[str] = field(default_factory=list)
+    precision: str = "recipe"
+    """Low-precision pairing of trainer and engine (`checks/precision.py`)."""
 
     def worst(self, key: str) -> float:
         """Largest |value| over batch sizes; NaN if any is NaN (a NaN must fail a gate)."""
@@ -90,19 +93,23 @@ def breakdown(pairs: list[tuple[torch.Tensor, torch.Tensor]], by: str) -> dict[s
 
 
 def run_align_check(cfg: MilesConfig, *, batch_sizes: list[int], num_prompts: int, engine: str = "native",
-                    trainer: str = "native", layers: int = 0,
+                    trainer: str = "native", layers: int = 0, precision: str = "recipe",
                     on_progress: Callable[[str], None] | None = None) -> AlignReport:
-    """Generate with the engine at each batch size, rescore with the trainer, compare."""
+    """Generate with the engine at each batch size, rescore with the trainer, compare.
+    `precision` picks a low-precision pairing of trainer and engine (`checks/precision.py`)."""
     if engine not in ENGINE_BACKENDS:
         raise one_of("engine", engine, tuple(ENGINE_BACKENDS))
     if trainer not in TRAIN_BACKENDS:
         raise one_of("trainer", trainer, tuple(TRAIN_BACKENDS))
+    train_cfg, engine_quant = precision_setup(cfg.train, precision)
     prompts = load_prompts(replace(cfg.data, max_prompts=num_prompts))
     loaded = load_model(cfg.model, alignment_mode=cfg.alignment.mode)
-    train = build_trainer(replace(cfg.train, backend=trainer), cfg.algo, copy.deepcopy(loaded.model),
+    train = build_trainer(replace(train_cfg, backend=trainer), cfg.algo, copy.deepcopy(loaded.model),
                           temperature=cfg.sampling.temperature, total_steps=1)
+    if engine_quant is not None:
+        load_engine_weights(loaded.model, train.export_weights(), engine_quant)
     report = AlignReport(cfg.alignment.mode, engine, trainer, f"{cfg.model.dtype}/{cfg.train.compute_dtype}",
-                         notes=_notes(cfg))
+                         notes=_notes(cfg), precision=precision)
     for batch_size in _effective_batch_sizes(batch_sizes, len(prompts) * cfg.sampling.n_samples_per_prompt, report):
         if on_progress:
             on_progress(f"batch size {batch_size}")

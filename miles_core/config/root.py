@@ -107,6 +107,9 @@ class MilesConfig:
         _check(self.sampling.top_k == -1 and self.sampling.top_p == 1.0,
                f"alignment.true_on_policy needs sampling.top_k = -1 and top_p = 1, got {self.sampling.top_k} "
                f"and {self.sampling.top_p}")
+        _check(self.train.precision != "fp8",
+               "alignment.true_on_policy needs train.precision = 'bf16' (FP8 training GEMMs round differently "
+               "from the engine's), got 'fp8'")
 
 
 def load_config(recipe: str, overrides: list[str] | None = None) -> MilesConfig:

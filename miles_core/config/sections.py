@@ -64,6 +64,10 @@ class EngineConfig:
     """Tokens per KV block; 64 equals the invariant attention kernel's key tile (BLOCK_N)."""
     max_num_batched_tokens: int = 8192
     """Most prompt tokens prefilled in one step; longer prompts are prefilled in chunks."""
+    weights: Literal["dense", "quantized"] = "dense"
+    """Native engine on a quantised checkpoint (`miles quantize`): `dense` dequantises it on load into
+    `model.dtype`; `quantized` keeps its FP8 / INT4 Linear weights as stored and computes with the
+    quantised GEMMs (Triton on CUDA; dequantise per matmul elsewhere, same bits as `dense`)."""
     cuda_graphs: bool = True
     """CUDA, dense models: capture the decode step as CUDA graphs at batch sizes 1, 2, 4, 8, 16, ...
     `max_batch_size` and replay them (a few seconds of capture at start-up; MoE runs eagerly)."""

@@ -64,6 +64,10 @@ class TrainConfig:
     `share_prompt_prefix` path."""
     compile: bool = False
     """`torch.compile` each decoder layer of the trainer's model (CUDA speed; the first steps compile)."""
+    precision: Literal["bf16", "fp8"] = "bf16"
+    """Linear matmuls of the policy: `bf16` in `compute_dtype` (the default; fp32 when that is
+    float32), or `fp8`: row-wise scaled e4m3 forward with a straight-through backward (torch's
+    `_scaled_mm` on CUDA for bf16, emulated elsewhere; output head and routers stay in `compute_dtype`)."""
     qat: Literal["off", "int4"] = "off"
     """`int4`: quantisation-aware training, the `qat_modules` weights fake-quantised to group INT4 in
     every forward (straight-through gradient), exactly as `miles quantize --format int4` rounds them."""

@@ -45,7 +45,7 @@ def run_rollout(cfg: MilesConfig, output: Path, *, on_start: Callable[[int], Non
     The JSONL and the resolved recipe (`<output stem>.config.toml`) appear only when complete.
     """
     prompts = load_prompts(cfg.data)
-    loaded = load_model(cfg.model, alignment_mode=cfg.alignment.mode)
+    loaded = load_model(cfg.model, alignment_mode=cfg.alignment.mode, quantized=cfg.engine.weights == "quantized")
     manager = RolloutManager(build_engine(cfg.engine, loaded), loaded.tokenizer, data=cfg.data,
                              sampling=cfg.sampling, reward=cfg.reward, rollout=cfg.rollout)
     prompts = manager.fit(prompts)[0]  # long prompts fail (or are skipped) before any generation

@@ -9,7 +9,6 @@ loop reads the same in both modes.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from miles_core.errors import MilesError
 from miles_core.rl.async_loop import AsyncRollouts
 from miles_core.rl.eval import EvalSet, evaluate, fit_eval_sets, load_eval_sets
 from miles_core.rl.manager import RolloutManager, RolloutSource, SavedRollouts, rollout_data_path
+from miles_core.quant.modules import dense_copy
 from miles_core.rl.partial import PartialRollouts
 from miles_core.sample import Sample, write_samples_jsonl
 from miles_core.sync import SyncContext, WeightSync, build_weight_sync
@@ -59,7 +59,7 @@ class RunComponents:
         eval_sets = load_eval_sets(cfg.eval) if records is not None else []
         if not resuming:
             _check_output_dir(output_dir)
-        loaded = load_model(cfg.model, alignment_mode=cfg.alignment.mode)
+        loaded = load_model(cfg.model, alignment_mode=cfg.alignment.mode, quantized=cfg.engine.weights == "quantized")
         engine = trainer = sync = None
         rollouts: RolloutSource = SavedRollouts(rollout_data or "", cfg.sampling, cfg.reward)
         if records is not None:
@@ -70,7 +70,7 @@ class RunComponents:
             eval_sets = fit_eval_sets(eval_sets, engine, loaded.tokenizer, cfg.rollout)  # long prompts fail before step 0
         if mode != "rollout_only":
             total = cfg.loop.num_rollout * cfg.train.num_steps_per_rollout
-            trainer = build_trainer(cfg.train, cfg.algo, copy.deepcopy(loaded.model), reference=_reference(cfg, loaded),
+            trainer = build_trainer(cfg.train, cfg.algo, dense_copy(loaded.model), reference=_reference(cfg, loaded),
                                     temperature=cfg.sampling.temperature, total_steps=total)
         if engine is not None and trainer is not None:
             qat_modules = cfg.train.qat_modules if cfg.train.qat != "off" else ()

@@ -8,9 +8,9 @@ ones bit for bit). Then, by transport:
   servers load (SGLang / vLLM read block FP8 and compressed-tensors INT4 natively; a server must
   have been started on a checkpoint of the same format). A native engine reads it back
   dequantised (`hf.iter_dense_state_dict`).
-- `inprocess`: the engine in this process holds dense weights (CPU has no FP8 / INT4 GEMM here):
-  each tensor is dequantised right after quantisation, one at a time, and handed over dequantised.
-  GPU engines that compute in FP8 / INT4 take the quantised tensors instead, later.
+- `inprocess`: an engine holding quantised weights (`engine.weights = "quantized"`) takes the
+  quantised tensors as they are; an engine holding dense weights gets each tensor dequantised
+  right after quantisation, one at a time.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from miles_core.quant.formats import (
     QuantSpec, checkpoint_format, is_quantized_weight, iter_dequantized, module_name, quantization_config,
     quantize_tensor,
 )
+from miles_core.quant.modules import holds_quantized
 from miles_core.sync.protocol import SyncContext, SyncStats, WeightSync
 
 
@@ -51,6 +52,9 @@ class QuantizedSync:
 
     def push(self, weights: Iterable[tuple[str, torch.Tensor]], version: str) -> SyncStats:
         if not self.to_disk:
+            engine_model = getattr(getattr(self.inner, "engine", None), "model", None)
+            if engine_model is not None and holds_quantized(engine_model):  # engine.weights = "quantized"
+                return self.inner.push(quantized(weights, self.spec), version)
             return self.inner.push(round_tripped(weights, self.spec), version)
         weights = list(weights)  # names and shapes first: the config lists the modules left dense
         dense = [module_name(n) for n, t in weights

@@ -35,6 +35,7 @@ from miles_core.algo.mismatch import MismatchSums
 from miles_core.checkpoint.loading import DTYPES
 from miles_core.models.base import named_weights
 from miles_core.quant.formats import QuantSpec
+from miles_core.quant.fp8_train import apply_fp8_training
 from miles_core.quant.qat import apply_int4_qat
 from miles_core.train.batch import (
     TrainBatch,
@@ -87,6 +88,7 @@ class NativeTrainer:
         self._positions: list[int] = []
         self._casts = CastCache()  # the policy's compute-dtype weights, cast once per optimizer step
         self.qat_modules = _apply_qat(model, cfg)
+        self.fp8_modules = apply_fp8_training(model) if cfg.precision == "fp8" else []
         apply_speed_options(model, activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
 
     def _forward(self, model: nn.Module, batch: TrainBatch, indices: list[int], routing: RoutingPlan | None = None):

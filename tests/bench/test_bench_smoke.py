@@ -38,3 +38,16 @@ def test_async_step_runs_quick_on_cpu(tmp_path):
     rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| sync") or line.startswith("| async")]
     assert rows == ["| sync", "| async", "| async+partial"]
     assert "| 2 | " in text  # the reward table has a row per step (3 steps)
+
+
+def test_lowprec_runs_tiny_on_cpu(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MILES_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "result.md"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "lowprec.py"), "--tiny", "--device", "cpu", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = out.read_text()
+    assert "Card: CPU" in text and "command:" in text and "torch references" in text
+    assert [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| tiny")] == ["| tiny"] * 4
+    assert [line.split(" | ")[0] for line in text.splitlines() if line[2:6] in ("bf16", "fp8 ", "int4")] == \
+        ["| bf16", "| fp8", "| int4"]

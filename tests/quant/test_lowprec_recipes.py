@@ -59,3 +59,24 @@ def test_qwen3_moe_fp8_needs_a_checkpoint_and_gpus(tmp_path):
     if not __import__("torch").cuda.is_available():
         assert result.exit_code == 2 and "CUDA is not available" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_int4_qat_with_engine_holding_int4_weights_is_bitwise_on_policy(tmp_path, reward):
+    # The engine holds the packed INT4 experts (engine.weights = "quantized") of a checkpoint made by
+    # `miles quantize --only experts`; the sync hands it the trainer's quantised tensors as they are.
+    source = tmp_path / "int4"
+    result = runner.invoke(app, ["quantize", "tiny-qwen3-moe", str(source), "--format", "int4", "--group-size", "32",
+                                 "--only", "*.mlp.experts.*"])
+    assert result.exit_code == 0, result.output
+    steps = run(tmp_path, reward, "tiny-moe-int4-qat", f'model.source="{source}"', 'engine.weights="quantized"')
+    assert len(steps) == 2
+    for record in steps:
+        assert record["train/train_rollout_logprob_bitwise_equal"] == 1.0
+        assert record["train/train_rollout_kl"] == 0.0 and record["train/grad_norm"] > 0
+
+
+def test_fp8_training_gemms_train_end_to_end(tmp_path, reward):
+    # train.precision = fp8 against a full-precision engine: the weights move, with a small gap.
+    steps = run(tmp_path, reward, "tiny-moe", 'train.precision="fp8"')
+    assert len(steps) == 2 and all(r["train/grad_norm"] > 0 for r in steps)
+    assert all(0 < r["train/train_rollout_kl"] < 0.05 for r in steps)

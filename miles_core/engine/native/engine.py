@@ -34,6 +34,7 @@ from miles_core.engine.sampler import sample_tokens
 from miles_core.errors import MilesError
 from miles_core.kernels import model_ops, paged_attention
 from miles_core.models.base import named_weights
+from miles_core.quant.modules import quantize_updates
 
 ABORTED = {"type": "abort", "message": "aborted by request"}
 
@@ -100,7 +101,9 @@ class NativeEngine:
     # -- control ---------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> None:
         params = dict(named_weights(self.model, remove_duplicate=False))  # and persistent buffers
-        updates = list(named_tensors)  # references, not copies: all are checked before any is written
+        # References, not copies: all are checked before any is written. A dense weight aimed at a
+        # quantised module (engine.weights = "quantized") is quantised as `miles quantize` does.
+        updates = list(quantize_updates(self.model, named_tensors))
         for name, tensor in updates:
             if name not in params:
                 raise MilesError(f"update_weights: unknown parameter '{name}'")

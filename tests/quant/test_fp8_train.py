@@ -1,0 +1,81 @@
+"""`train.precision = "fp8"`: the row-wise FP8 forward against hand-computed numbers, its
+straight-through gradient, the module swap, and a tiny run end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from miles_cli.app import app
+from miles_core.checkpoint.loading import load_model
+from miles_core.config import ModelConfig
+from miles_core.quant.fp8_train import FP8TrainLinear, apply_fp8_training, fp8_linear, fp8_matmul_emulated, quantize_rowwise
+
+runner = CliRunner()
+
+
+def test_forward_hand_computed():
+    # x row [3, 0.1]: s = 3/448; 0.1 / s = 14.93 rounds to 15 in e4m3 (spacing 1 in [8, 16)), so x' = [3, 15 s].
+    # W row [1, 1]: s = 1/448, exact. y = 3 + 15 * 3/448 = 3.100446...; bias 0.5 added.
+    x = torch.tensor([[3.0, 0.1]])
+    w = torch.tensor([[1.0, 1.0]])
+    y = fp8_matmul_emulated(x, w, torch.tensor([0.5]))
+    s = torch.tensor(3.0) / 448
+    assert torch.equal(y, (torch.tensor(3.0) + 15 * s + 0.5).view(1, 1))
+    assert abs(y.item() - 3.600446) < 1e-6
+
+
+def test_forward_equals_quantise_dequantise_matmul():
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(5, 32, generator=gen), torch.randn(8, 32, generator=gen)
+    q_x, s_x = quantize_rowwise(x)
+    q_w, s_w = quantize_rowwise(w)
+    assert s_x.shape == (5, 1) and torch.equal(s_x, x.abs().amax(-1, keepdim=True) / 448)
+    expected = (q_x.float() * s_x) @ (q_w.float() * s_w).T
+    assert torch.equal(fp8_linear(x, w), expected)
+    assert not torch.equal(fp8_linear(x, w), x @ w.T)  # it does round
+    assert (fp8_linear(x, w) - x @ w.T).abs().max() < 0.1 * (x @ w.T).abs().max()
+
+
+def test_gradient_is_straight_through():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 16, generator=gen, requires_grad=True)
+    w = torch.randn(4, 16, generator=gen, requires_grad=True)
+    b = torch.randn(4, generator=gen, requires_grad=True)
+    g = torch.randn(2, 3, 4, generator=gen)
+    fp8_linear(x, w, b).backward(g)
+    x2, w2, b2 = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    F.linear(x2, w2, b2).backward(g)  # STE: the gradient of the unquantised matmul
+    assert torch.allclose(x.grad, x2.grad, atol=1e-6) and torch.allclose(w.grad, w2.grad, atol=1e-6)
+    assert torch.equal(b.grad, b2.grad)
+    # By hand for one entry: dL/dW[0, 0] = sum over tokens of g[..., 0] * x[..., 0].
+    assert torch.allclose(w.grad[0, 0], (g[..., 0] * x.detach()[..., 0]).sum(), atol=1e-6)
+
+
+def test_swap_keeps_head_and_routers():
+    model = load_model(ModelConfig(source="tiny-qwen3-moe", device="cpu")).model
+    names = apply_fp8_training(model)
+    assert "model.layers.0.self_attn.q_proj" in names and "model.layers.0.mlp.experts.0.down_proj" in names
+    assert "lm_head" not in names and not any(n.endswith("mlp.gate") for n in names)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, FP8TrainLinear)
+    assert set(dict(model.named_parameters())) == set(dict(load_model(ModelConfig(source="tiny-qwen3-moe",
+                                                                                  device="cpu")).model.named_parameters()))
+
+
+def test_fp8_training_is_refused_with_true_on_policy(tmp_path):
+    result = runner.invoke(app, ["train", "--recipe", "tiny-moe-int4-qat", "--output-dir", str(tmp_path / "run"),
+                                 "--set", 'train.precision="fp8"'])
+    assert result.exit_code != 0 and "train.precision = 'bf16'" in " ".join(result.output.split())
+
+
+@pytest.mark.gpu
+def test_scaled_mm_path_matches_emulation():
+    from miles_core.quant.fp8_train import fp8_matmul
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(129, 256, device="cuda", generator=gen).bfloat16()
+    w = torch.randn(192, 256, device="cuda", generator=gen).bfloat16()
+    fast, ref = fp8_matmul(x, w).float(), fp8_matmul_emulated(x, w).float()
+    assert (fast - ref).abs().max() <= 2e-2 * ref.abs().max()
