@@ -14,7 +14,8 @@ One patch is for a missing Transformer Engine, on any device (the GPU machines h
 The MoE token dispatcher is set to `allgather` in the model config (the others need CUDA).
 
 One world per process: `start` joins the group that is already there (a launcher's) or makes a
-one-rank gloo (CPU) / NCCL (GPU) group itself; `shutdown` undoes only what `start` did.
+one-rank gloo (CPU) / NCCL (GPU) group itself, once; later calls are no-ops. `shutdown` (for
+tests, which build other process groups in the same process) undoes only what `start` did.
 """
 
 from __future__ import annotations
@@ -67,16 +68,16 @@ class _State:
     saved: list[tuple[object, str, object]] = []
     owns_group = False
     owns_model_parallel = False
-    users = 0
+    started = False
 
 
 def start(device: torch.device, sizes: ParallelSizes) -> None:
-    """Make megatron-core usable in this process on `device` with `sizes` (idempotent per user)."""
+    """Make megatron-core usable in this process on `device` with `sizes` (once per process)."""
     from megatron.core import parallel_state
 
-    _State.users += 1
-    if _State.users > 1:
+    if _State.started:
         return
+    _State.started = True
     for owner, name, value in _patches(device):
         _State.saved.append((owner, name, getattr(owner, name, _MISSING)))
         setattr(owner, name, value)
@@ -93,13 +94,10 @@ def start(device: torch.device, sizes: ParallelSizes) -> None:
 
 
 def shutdown() -> None:
-    """Undo `start` once its last user is done: groups it created, patches it applied."""
+    """Undo `start`: the groups it created, the patches it applied."""
     from megatron.core import parallel_state
 
-    if _State.users == 0:
-        return
-    _State.users -= 1
-    if _State.users:
+    if not _State.started:
         return
     if _State.owns_model_parallel:
         parallel_state.destroy_model_parallel()
@@ -110,7 +108,7 @@ def shutdown() -> None:
             delattr(owner, name)
         else:
             setattr(owner, name, value)
-    _State.saved, _State.owns_group, _State.owns_model_parallel = [], False, False
+    _State.saved, _State.owns_group, _State.owns_model_parallel, _State.started = [], False, False, False
 
 
 def check_sizes(sizes: ParallelSizes, device: torch.device) -> None:
