@@ -186,3 +186,11 @@ def test_miles_train_runs_with_megatron_and_matches_native(tmp_path, monkeypatch
     for key in ("train/pg_loss", "train/entropy_loss", "train/train_rollout_logprob_abs_diff"):
         assert mine[key] == pytest.approx(native_step[key], abs=1e-5), key
     assert mine["train/grad_norm"] == pytest.approx(native_step["train/grad_norm"], rel=1e-4)
+
+
+def test_miles_train_refuses_tensor_parallel_on_cpu(tmp_path):
+    result = CliRunner().invoke(app, ["train", "--recipe", "tiny", "--num-rollout", "1", "--output-dir",
+                                      str(tmp_path / "run"), "--tensor-model-parallel-size", "2"])
+    assert result.exit_code == 2
+    assert "--tensor-model-parallel-size 2 is not supported on CPU (one process, gloo); it needs GPUs" in result.output
+    assert not (tmp_path / "run").exists()  # nothing written for a run that could not start
