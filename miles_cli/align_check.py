@@ -46,7 +46,7 @@ def align_check(
     batch_sizes: Annotated[str, typer.Option(help="Engine batch sizes to sweep, comma-separated.")] = "1,7,64",
     num_prompts: Annotated[int, typer.Option(min=1, help="Prompts from the recipe's data (each sampled n times).")] = 16,
     engine: Annotated[str, typer.Option(help="Rollout engine: native.")] = "native",
-    trainer: Annotated[str, typer.Option(help="Trainer: native.")] = "native",
+    trainer: Annotated[str, typer.Option(help="Trainer: native or megatron (megatron-core, needs the megatron extra).")] = "native",
     layers: Annotated[int, typer.Option(min=0, help="Diff every layer's hidden states on this many samples.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON instead of tables.")] = False,
     max_kl: Annotated[float, typer.Option(help="Exit with code 1 if KL (k3) exceeds this at any batch size.")] = float("inf"),

@@ -194,3 +194,15 @@ def test_miles_train_refuses_tensor_parallel_on_cpu(tmp_path):
     assert result.exit_code == 2
     assert "--tensor-model-parallel-size 2 is not supported on CPU (one process, gloo); it needs GPUs" in result.output
     assert not (tmp_path / "run").exists()  # nothing written for a run that could not start
+
+
+def test_align_check_with_the_megatron_trainer():
+    """The engine's log-probs against megatron-core's on the same weights (fp32, fast mode)."""
+    import json
+
+    result = CliRunner().invoke(app, ["align-check", "--recipe", "tiny", "--trainer", "megatron", "--num-prompts", "4",
+                                      "--batch-sizes", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["trainer"] == "megatron"
+    assert 0 < report["results"][0]["stats"]["max_abs_diff"] < 1e-5  # rounding only, not the same kernels
