@@ -206,3 +206,10 @@ def test_align_check_with_the_megatron_trainer():
     report = json.loads(result.stdout)
     assert report["trainer"] == "megatron"
     assert 0 < report["results"][0]["stats"]["max_abs_diff"] < 1e-5  # rounding only, not the same kernels
+
+
+def test_true_on_policy_needs_the_native_trainer():
+    from miles_core.config import load_config
+
+    with pytest.raises((ValueError, MilesError), match="true_on_policy needs train.backend = 'native'"):
+        load_config("tiny", ["train.backend=megatron", "alignment.mode=invariant", "alignment.true_on_policy=true"])
