@@ -46,7 +46,7 @@ def align_check(
     batch_sizes: Annotated[str, typer.Option(help="Engine batch sizes to sweep, comma-separated.")] = "1,7,64",
     num_prompts: Annotated[int, typer.Option(min=1, help="Prompts from the recipe's data (each sampled n times).")] = 16,
     engine: Annotated[str, typer.Option(help="Rollout engine: native.")] = "native",
-    trainer: Annotated[str, typer.Option(help="Trainer: native.")] = "native",
+    trainer: Annotated[str, typer.Option(help="Trainer: native or megatron (megatron-core, needs the megatron extra).")] = "native",
     layers: Annotated[int, typer.Option(min=0, help="Diff every layer's hidden states on this many samples.")] = 0,
     precision: Annotated[str, typer.Option(help="Trainer/engine pairing: recipe, fp8-engine (FP8 engine), int4-qat "
                                                 "(INT4-QAT trainer, INT4 engine), int4-engine (plain trainer, INT4 engine).")] = "recipe",

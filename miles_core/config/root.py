@@ -101,6 +101,8 @@ class MilesConfig:
         unfiltered sampling distribution (the trainer scores the full softmax)."""
         _check(self.alignment.mode == "invariant",
                f"alignment.true_on_policy needs alignment.mode = 'invariant', got '{self.alignment.mode}'")
+        _check(self.train.backend == "native",
+               f"alignment.true_on_policy needs train.backend = 'native' (the engine's kernels), got '{self.train.backend}'")
         _check(self.train.compute_dtype == self.model.dtype,
                f"alignment.true_on_policy needs train.compute_dtype == model.dtype, got "
                f"'{self.train.compute_dtype}' and '{self.model.dtype}'")

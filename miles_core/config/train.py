@@ -15,8 +15,9 @@ from miles_core.config.tree import check as _check
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    backend: Literal["native"] = "native"
-    """Trainer: `native` (PyTorch, same model code as the engine)."""
+    backend: Literal["native", "megatron"] = "native"
+    """Trainer: `native` (PyTorch, same model code as the engine) or `megatron` (a megatron-core
+    GPTModel with the same weights; needs the `megatron` extra)."""
     lr: float = 1e-6
     """Peak AdamW learning rate."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
@@ -75,6 +76,16 @@ class TrainConfig:
     """INT4 group size (input features per scale) of `qat`; must equal `sync.quantize_group_size`."""
     qat_modules: tuple[str, ...] = ("*.mlp.experts.*",)
     """Module-name globs that `qat` fake-quantises (default: the routed experts of MoE layers)."""
+    tensor_model_parallel_size: int = 1
+    """`megatron` backend: tensor-parallel ranks (slime's `--tensor-model-parallel-size`); > 1 is not run yet."""
+    pipeline_model_parallel_size: int = 1
+    """`megatron` backend: pipeline stages (`--pipeline-model-parallel-size`); > 1 is not run yet."""
+    expert_model_parallel_size: int = 1
+    """`megatron` backend: expert-parallel ranks (`--expert-model-parallel-size`); > 1 is not run yet."""
+    context_parallel_size: int = 1
+    """`megatron` backend: context-parallel ranks (`--context-parallel-size`); > 1 is not run yet."""
+    sequence_parallel: bool = False
+    """`megatron` backend: megatron's sequence parallelism (`--sequence-parallel`, needs TP > 1)."""
     seed: int = 0
     max_bad_steps: int = 3
     """Consecutive optimizer steps with a non-finite loss or gradient norm (each one skipped:
@@ -94,6 +105,13 @@ class TrainConfig:
         _check(self.max_tokens_per_micro_batch >= 1,
                f"max_tokens_per_micro_batch must be >= 1, got {self.max_tokens_per_micro_batch}")
         _check(self.micro_batch_size >= 0, f"micro_batch_size must be >= 0, got {self.micro_batch_size}")
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
+                     "context_parallel_size"):
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        parallel = (self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
+                    self.expert_model_parallel_size, self.context_parallel_size)
+        _check(self.backend == "megatron" or (max(parallel) == 1 and not self.sequence_parallel),
+               f"model-parallel sizes {parallel} and sequence_parallel need backend 'megatron', got '{self.backend}'")
         _check(self.logprob_chunk_size >= 1, f"logprob_chunk_size must be >= 1, got {self.logprob_chunk_size}")
 
 

@@ -43,12 +43,21 @@ def _estimator(name: str) -> dict[str, Any]:
     return {"algo.advantage_estimator": name, **({"algo.policy_loss": "gspo"} if name == "gspo" else {})}
 
 
+def _parallel(key: str) -> Callable[[Any], dict[str, Any]]:
+    # slime trains on Megatron: a size above 1 selects miles' megatron backend, whose trainer
+    # refuses what it cannot run (on CPU: any size > 1) naming the flag.
+    return lambda v: {key: v, **({"train.backend": "megatron"} if v and v != 1 else {})}
+
+
 def _rm_type(name: str) -> dict[str, Any]:
     if name not in REWARDS and name not in CONFIGURED_REWARDS:
         known = ", ".join(sorted([*REWARDS, *CONFIGURED_REWARDS]))
         raise _Refused(f"--rm-type {name}: not in miles' reward registry ({known}); use --custom-rm-path module.function")
     return {"reward.type": name}
 
+
+MEGATRON = ("above 1 selects train.backend = megatron; sizes above 1 need GPUs (refused on CPU) and are not "
+            "run by miles yet")
 
 FLAGS: dict[str, Flag] = {
     # batch shape
@@ -64,6 +73,11 @@ FLAGS: dict[str, Flag] = {
     "--micro-batch-size": Flag(("train.micro_batch_size",), int,
                                "a cap of N samples per micro-batch on top of the token budget (slime ignores it "
                                "under --use-dynamic-batch-size, which miles always has); the loss does not change"),
+    # megatron-core parallelism (train.backend = megatron)
+    **{f"--{name.replace('_', '-')}": Flag((f"train.{name}",), int, MEGATRON, to=_parallel(f"train.{name}"))
+       for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
+                    "context_parallel_size")},
+    "--sequence-parallel": Flag(("train.sequence_parallel",), bool, MEGATRON, to=_parallel("train.sequence_parallel")),
     # data
     "--prompt-data": Flag(("data.path", "data.task"), str, "a .jsonl or .parquet file; clears the recipe's data.task",
                           to=lambda v: {"data.path": v, "data.task": ""}),
@@ -162,8 +176,7 @@ FLAGS: dict[str, Flag] = {
 
 ONE_DEVICE = ("miles trains in one process on one device today (train.backend = native); multi-GPU "
               "placement is not implemented yet: drop the flag or set it to 1")
-PARALLEL = ("Megatron parallelism is not in miles yet (train.backend = native, one device): drop the flag "
-            "or set it to 1")
+PARALLEL = ("expert tensor parallelism is not in miles' megatron backend yet: drop the flag or set it to 1")
 ARCH = ("not needed: miles reads the architecture from --hf-checkpoint's config.json; drop the flag")
 SGLANG = ("configures an SGLang server that slime launches: with miles' native engine drop it; with SGLang "
           "servers use --set engine.backend=sglang and pass server flags in engine.sglang_args (engine.launch = "
@@ -175,14 +188,11 @@ MTP = "MTP training is not in miles yet: drop the flag"
 ONLY_ONE = {
     "--actor-num-nodes": ONE_DEVICE, "--actor-num-gpus-per-node": ONE_DEVICE, "--rollout-num-gpus": ONE_DEVICE,
     "--rollout-num-gpus-per-engine": ONE_DEVICE, "--num-gpus-per-node": ONE_DEVICE,
-    "--tensor-model-parallel-size": PARALLEL, "--pipeline-model-parallel-size": PARALLEL,
-    "--expert-model-parallel-size": PARALLEL, "--context-parallel-size": PARALLEL,
     "--expert-tensor-parallel-size": PARALLEL,
 }
 
 REJECTED: dict[str, str] = {
     "--tis-threshold": "an older slime spelling with no meaning today; use --tis-clip HIGH and --tis-clip-low LOW",
-    "--sequence-parallel": PARALLEL,
     "--offload": ONE_DEVICE, "--offload-train": ONE_DEVICE, "--offload-rollout": ONE_DEVICE,
     "--mtp-num-layers": MTP, "--enable-mtp-training": MTP, "--mtp-loss-scaling-factor": MTP,
     "--num-layers": ARCH, "--hidden-size": ARCH, "--ffn-hidden-size": ARCH, "--num-attention-heads": ARCH,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from miles_core.config import AlgoConfig, TrainConfig
-from miles_core.errors import one_of
+from miles_core.errors import MilesError, one_of
 from miles_core.train.critic import Critic
 from miles_core.train.native import NativeTrainer
 from miles_core.train.protocol import TrainBackend
@@ -52,7 +52,25 @@ def _native(cfg: TrainConfig, algo: AlgoConfig, model: nn.Module, *, temperature
                          reference=reference, critic=critic)
 
 
-TRAIN_BACKENDS: dict[str, TrainerFactory] = {"native": _native}
+def _megatron(cfg: TrainConfig, algo: AlgoConfig, model: nn.Module, *, temperature: float,
+              total_steps: int, reference: nn.Module | None = None) -> TrainBackend:
+    """A megatron-core GPTModel holding `model`'s weights (`megatron.py`); the reference, when
+    kept, is another one built from `reference` or else from the same starting weights."""
+    try:
+        import megatron.core  # noqa: F401  (an optional dependency)
+    except ImportError as err:
+        raise MilesError(f"train.backend = 'megatron' needs megatron-core ({err}); install the extra: "
+                         "pip install 'miles[megatron]'") from None
+    from miles_core.train.megatron import MegatronTrainer
+
+    if not needs_reference(algo):
+        reference = None
+    elif reference is None:
+        reference = model
+    return MegatronTrainer(model, cfg, algo, temperature=temperature, total_steps=total_steps, reference=reference)
+
+
+TRAIN_BACKENDS: dict[str, TrainerFactory] = {"native": _native, "megatron": _megatron}
 
 
 def build_trainer(cfg: TrainConfig, algo: AlgoConfig, model: nn.Module, *, temperature: float,

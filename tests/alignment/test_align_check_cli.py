@@ -63,7 +63,7 @@ def test_moe_recipe_reports_routing_agreement():
     (["--batch-sizes", "1,x"], "--batch-sizes '1,x' must be comma-separated integers"),
     (["--batch-sizes", "0"], "--batch-sizes '0' must list integers >= 1"),
     (["--engine", "vllm"], "unknown engine 'vllm'"),
-    (["--trainer", "megatron"], "unknown trainer 'megatron'"),
+    (["--trainer", "deepspeed"], "unknown trainer 'deepspeed'"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, message):
     result = run(*args)

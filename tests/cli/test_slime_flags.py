@@ -79,8 +79,7 @@ def test_large_moe_line_names_every_refused_flag(prompts):
     line = (f"--actor-num-gpus-per-node 8 --rollout-num-gpus 8 --hf-checkpoint tiny-moe --advantage-estimator grpo "
             f"--tensor-model-parallel-size 8 --expert-model-parallel-size 4 --prompt-data {prompts} --num-rollout 3000")
     assert refused(line) == REFUSED + "\n  ".join([
-        f"--actor-num-gpus-per-node 8: {ONE_DEVICE}", f"--rollout-num-gpus 8: {ONE_DEVICE}",
-        f"--tensor-model-parallel-size 8: {PARALLEL}", f"--expert-model-parallel-size 4: {PARALLEL}"])
+        f"--actor-num-gpus-per-node 8: {ONE_DEVICE}", f"--rollout-num-gpus 8: {ONE_DEVICE}"])
 
 
 def test_speculative_rl_line(prompts):
@@ -108,11 +107,20 @@ def test_cluster_of_one_device_runs(tmp_path):
     assert "note: --colocate: always so in miles" in output
 
 
-def test_megatron_parallelism_line():
-    line = "--tensor-model-parallel-size 8 --pipeline-model-parallel-size 2 --expert-model-parallel-size 4"
-    assert refused(line) == REFUSED + "\n  ".join([
-        f"--tensor-model-parallel-size 8: {PARALLEL}", f"--pipeline-model-parallel-size 2: {PARALLEL}",
-        f"--expert-model-parallel-size 4: {PARALLEL}"])
+def test_megatron_parallelism_line_selects_the_megatron_backend(tmp_path):
+    line = ("--recipe tiny --tensor-model-parallel-size 8 --pipeline-model-parallel-size 2 "
+            "--expert-model-parallel-size 4 --context-parallel-size 2 --sequence-parallel")
+    cfg, _ = resolve(tmp_path, line)
+    train = cfg.train
+    assert train.backend == "megatron" and train.sequence_parallel
+    assert (train.tensor_model_parallel_size, train.pipeline_model_parallel_size, train.expert_model_parallel_size,
+            train.context_parallel_size) == (8, 2, 4, 2)
+    assert refused("--expert-tensor-parallel-size 2") == REFUSED + f"--expert-tensor-parallel-size 2: {PARALLEL}"
+
+
+def test_parallel_sizes_of_one_keep_the_native_backend(tmp_path):
+    cfg, _ = resolve(tmp_path, "--recipe tiny --tensor-model-parallel-size 1 --expert-model-parallel-size 1")
+    assert cfg.train.backend == "native" and cfg.train.tensor_model_parallel_size == 1
 
 
 def test_draft_drift_remedies():

@@ -1,0 +1,125 @@
+"""The process state megatron-core needs: a `torch.distributed` group, its model-parallel groups
+and, on CPU only, the patches that let megatron-core 0.16 run without CUDA.
+
+megatron-core assumes CUDA in a few places that a CPU forward/backward reaches. `CPU_PATCHES`
+lists every patch, applied by `start` only when the trainer's device is the CPU (never on a GPU,
+where the real functions are right) and undone by `shutdown`:
+- `torch.cuda.current_device` -> "cpu": parameter and buffer allocation ask for the CUDA device;
+- `torch.cuda.synchronize` -> no-op: called around MoE dispatch and checkpoint saves;
+- the model-parallel CUDA RNG tracker's `fork` -> no-op context: it swaps CUDA RNG states around
+  dropout regions, and dropout is 0 in our configs;
+One patch is for a missing Transformer Engine, on any device (the GPU machines have none):
+- `moe_utils.te_general_gemm` = None when the module lacks it: 0.16 names it without importing
+  it when Transformer Engine is absent (NameError in the MoE layer).
+The MoE token dispatcher is set to `allgather` in the model config (the others need CUDA).
+
+One world per process: `start` joins the group that is already there (a launcher's) or makes a
+one-rank gloo (CPU) / NCCL (GPU) group itself, once; later calls are no-ops. `shutdown` (for
+tests, which build other process groups in the same process) undoes only what `start` did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from miles_core.errors import MilesError
+
+
+@dataclass(frozen=True)
+class ParallelSizes:
+    """Model-parallel sizes (megatron's names); data parallelism is what the world size leaves."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    expert: int = 1
+    context: int = 1
+    sequence_parallel: bool = False
+
+
+def _patches(device: torch.device) -> list[tuple[object, str, object]]:
+    """(owner, attribute, replacement) of every patch `device` needs (see the module docstring)."""
+    from megatron.core.tensor_parallel import random as mp_random
+    from megatron.core.transformer.moe import moe_utils
+
+    patches = []
+    if device.type == "cpu":
+        patches += [
+            (torch.cuda, "current_device", lambda: "cpu"),
+            (torch.cuda, "synchronize", lambda *args, **kwargs: None),
+            (mp_random.get_cuda_rng_tracker(), "fork", lambda *args, **kwargs: contextlib.nullcontext()),
+        ]
+    if not hasattr(moe_utils, "te_general_gemm"):
+        patches.append((moe_utils, "te_general_gemm", None))
+    return patches
+
+
+_MISSING = object()
+
+
+class _State:
+    """What `start` changed, so `shutdown` restores exactly that."""
+
+    saved: list[tuple[object, str, object]] = []
+    owns_group = False
+    owns_model_parallel = False
+    started = False
+
+
+def start(device: torch.device, sizes: ParallelSizes) -> None:
+    """Make megatron-core usable in this process on `device` with `sizes` (once per process)."""
+    from megatron.core import parallel_state
+
+    if _State.started:
+        return
+    _State.started = True
+    for owner, name, value in _patches(device):
+        _State.saved.append((owner, name, getattr(owner, name, _MISSING)))
+        setattr(owner, name, value)
+    if not dist.is_initialized():
+        store = Path(tempfile.mkdtemp(prefix="miles-megatron-")) / "store"
+        dist.init_process_group("gloo" if device.type == "cpu" else "nccl", init_method=f"file://{store}",
+                                rank=0, world_size=1)
+        _State.owns_group = True
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=sizes.tensor, pipeline_model_parallel_size=sizes.pipeline,
+            expert_model_parallel_size=sizes.expert, context_parallel_size=sizes.context)
+        _State.owns_model_parallel = True
+
+
+def shutdown() -> None:
+    """Undo `start`: the groups it created, the patches it applied."""
+    from megatron.core import parallel_state
+
+    if not _State.started:
+        return
+    if _State.owns_model_parallel:
+        parallel_state.destroy_model_parallel()
+    if _State.owns_group:
+        dist.destroy_process_group()
+    for owner, name, value in reversed(_State.saved):
+        if value is _MISSING:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, value)
+    _State.saved, _State.owns_group, _State.owns_model_parallel, _State.started = [], False, False, False
+
+
+def check_sizes(sizes: ParallelSizes, device: torch.device) -> None:
+    """Refuse model-parallel sizes this build cannot run, naming the flag."""
+    flags = {"--tensor-model-parallel-size": sizes.tensor, "--pipeline-model-parallel-size": sizes.pipeline,
+             "--expert-model-parallel-size": sizes.expert, "--context-parallel-size": sizes.context}
+    for flag, size in flags.items():
+        if size > 1:
+            where = "on CPU (one process, gloo); it needs GPUs" if device.type == "cpu" else \
+                "yet: miles' megatron backend runs one rank (TP=PP=EP=CP=1) in this version"
+            raise MilesError(f"{flag} {size} is not supported {where}; set it to 1")
+    if sizes.sequence_parallel:
+        raise MilesError("--sequence-parallel needs --tensor-model-parallel-size > 1, which is not supported "
+                         "in this version; drop the flag")

@@ -1,0 +1,157 @@
+"""megatron-core `GPTModel`s for the megatron trainer: built from a HF config, with weights moved in
+and out through `miles convert`'s name mapping (`checkpoint/mapping`), in memory.
+
+The model is megatron-core's own: its layer spec is the Transformer Engine one when
+`transformer_engine` imports, the local (plain PyTorch) one otherwise. Families: llama, qwen2,
+qwen3 (GQA, optional q/k/v bias and q/k norm) and qwen3_moe (softmax top-k router, allgather
+dispatcher). deepseek_v3 (MLA) is not built yet: the local spec's core attention rejects MLA's
+head dims.
+
+`WeightMap` ties every parameter to its mapping slot: `sharded_state_dict()` names each one with
+the key megatron-core checkpoints use (stacked over layers, experts under
+`mlp.experts.experts.`), which is what the mapping's slots describe; the layer and expert index
+come from the parameter's module path (one rank: TP = PP = EP = 1, so local = global).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from miles_core.checkpoint import mapping
+from miles_core.checkpoint.mapping.base import TRANSFORMS, Slot, rope_theta
+from miles_core.errors import MilesError
+from miles_core.train.megatron_env import ParallelSizes
+
+SUPPORTED = ("llama", "qwen2", "qwen3", "qwen3_moe")
+_LAYER = re.compile(r"(decoder|mtp)\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
+
+
+def have_transformer_engine() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def hf_config_of(model: nn.Module) -> dict[str, Any]:
+    """The HF config fields a native model was built from (its `args`), as a HF config dict."""
+    args = dataclasses.asdict(model.args)
+    if args["model_type"] not in SUPPORTED:
+        raise MilesError(f"train.backend = 'megatron' does not support model_type '{args['model_type']}' yet; "
+                         f"expected one of: {', '.join(SUPPORTED)}")
+    if args.get("rope_scaling") and args["rope_scaling"].get("rope_type", "default") != "default":
+        raise MilesError(f"train.backend = 'megatron' does not support rope_scaling {args['rope_scaling']} yet; "
+                         "expected none (plain RoPE)")
+    if args["model_type"] == "qwen3_moe":
+        moe = set(args.pop("moe_layers"))
+        args.update(mlp_only_layers=[i for i in range(args["num_hidden_layers"]) if i not in moe],
+                    decoder_sparse_step=1)
+    return args
+
+
+def transformer_config(cfg: dict[str, Any], sizes: ParallelSizes, *, cpu: bool):
+    """megatron-core's `TransformerConfig` for a HF config, fp32 parameters, no dropout."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    heads = mapping.family_for(cfg["model_type"]).heads(cfg)
+    moe: dict[str, Any] = {}
+    if cfg["model_type"] == "qwen3_moe":
+        num_layers = cfg["num_hidden_layers"]
+        moe = dict(num_moe_experts=cfg["num_experts"], moe_router_topk=cfg["num_experts_per_tok"],
+                   moe_ffn_hidden_size=cfg["moe_intermediate_size"],
+                   # top-k then softmax over the k (megatron's default) is Qwen's norm_topk_prob
+                   moe_router_pre_softmax=not cfg["norm_topk_prob"],
+                   moe_layer_freq=[int(i not in cfg["mlp_only_layers"]) for i in range(num_layers)],
+                   moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
+                   moe_aux_loss_coeff=0.0)
+    return TransformerConfig(
+        num_layers=cfg["num_hidden_layers"], hidden_size=cfg["hidden_size"],
+        ffn_hidden_size=cfg["intermediate_size"], num_attention_heads=heads.num_heads,
+        num_query_groups=heads.num_query_groups, kv_channels=heads.head_dim,
+        normalization="RMSNorm", layernorm_epsilon=cfg["rms_norm_eps"], gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=cfg["model_type"] == "qwen2",
+        qk_layernorm=cfg["model_type"] in ("qwen3", "qwen3_moe"), hidden_dropout=0.0, attention_dropout=0.0,
+        params_dtype=torch.float32, use_cpu_initialization=cpu, perform_initialization=False,
+        tensor_model_parallel_size=sizes.tensor, pipeline_model_parallel_size=sizes.pipeline,
+        expert_model_parallel_size=sizes.expert, context_parallel_size=sizes.context,
+        sequence_parallel=sizes.sequence_parallel, **moe)
+
+
+def build_gpt(cfg: dict[str, Any], sizes: ParallelSizes, device: torch.device) -> nn.Module:
+    """A megatron-core `GPTModel` for `cfg` on `device` (weights uninitialised: load them next)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    config = transformer_config(cfg, sizes, cpu=device.type == "cpu")
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=have_transformer_engine(),
+                                      normalization="RMSNorm")
+    return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=cfg["vocab_size"],
+                    max_sequence_length=cfg["max_position_embeddings"], position_embedding_type="rope",
+                    rotary_base=rope_theta(cfg), share_embeddings_and_output_weights=cfg["tie_word_embeddings"])
+
+
+def output_weight(model: nn.Module) -> torch.Tensor:
+    """The (V, E) output layer weight (the embedding when tied)."""
+    if model.share_embeddings_and_output_weights:
+        return model.shared_embedding_or_output_weight()
+    return model.output_layer.weight
+
+
+class WeightMap:
+    """Each parameter of a `GPTModel` tied to its mapping slot: HF tensors in and out."""
+
+    def __init__(self, model: nn.Module, cfg: dict[str, Any]) -> None:
+        self.plan = mapping.plan(mapping.family_for(cfg["model_type"]), cfg, 0)
+        names = {p.data_ptr(): n for n, p in model.named_parameters()}
+        params = dict(model.named_parameters())
+        self.params: dict[Slot, nn.Parameter] = {}
+        for item in model.sharded_state_dict().values():
+            data = getattr(item, "data", None)
+            if data is None or data.data_ptr() not in names:  # `_extra_state` objects, buffers
+                continue
+            name = names[data.data_ptr()]
+            self.params[self.plan.canonical(_slot(item.key, name))] = params[name]
+        expected = {link.slot for link in self.plan.links}
+        missing, extra = expected - self.params.keys(), self.params.keys() - expected
+        if missing or extra:
+            raise MilesError(f"megatron-core's {cfg['model_type']} model does not match the convert mapping: "
+                             f"missing {sorted(s.describe() for s in missing)[:3]}, "
+                             f"unexpected {sorted(s.describe() for s in extra)[:3]}")
+
+    @torch.no_grad()
+    def load(self, hf: dict[str, torch.Tensor]) -> None:
+        """Copy HF-named tensors into the model (fused as `miles convert` fuses them)."""
+        for link in self.plan.links:
+            missing = [n for n in link.hf_names if n not in hf]
+            if missing:
+                raise MilesError(f"the HF weights lack {missing[0]} (needed for {link.slot.describe()})")
+            parts = [hf[n] for n in link.hf_names]
+            tensor = TRANSFORMS[link.transform].fuse(parts, self.plan.heads, link.hf_names)
+            param = self.params[link.slot]
+            if tensor.shape != param.shape:
+                raise MilesError(f"shape mismatch for {link.slot.describe()}: megatron-core has "
+                                 f"{tuple(param.shape)}, the HF weights give {tuple(tensor.shape)}")
+            param.copy_(tensor)
+
+    def export(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """HF-named full tensors of the current weights (tied weights once), split as `miles convert`
+        splits them."""
+        for link in self.plan.links:
+            param = self.params[link.slot].detach()
+            yield from zip(link.hf_names, TRANSFORMS[link.transform].split(param, self.plan.heads, link.slot.name))
+
+
+def _slot(key: str, param_name: str) -> Slot:
+    """The slot of a sharded-state-dict key, its layer and expert read off the parameter's path."""
+    layer = _LAYER.match(param_name)
+    if layer is None:
+        return Slot("", -1, -1, key)
+    name = re.sub(r"^(decoder|mtp)\.layers\.(\d+\.)?", "", key)
+    expert = _EXPERT.search(param_name)
+    return Slot(layer[1], int(layer[2]), int(expert[1]) if expert else -1, name)

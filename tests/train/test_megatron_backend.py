@@ -1,0 +1,215 @@
+"""`train.backend = "megatron"` on CPU (one gloo rank, fp32): megatron-core's GPTModel holding the
+native model's weights gives the native trainer's log-probs, loss and update; its HF export is
+the weights it was given, bit for bit; its torch_dist checkpoint resumes training exactly and
+converts with `miles convert`; `miles train` runs with it and logs the native backend's numbers."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+pytest.importorskip("megatron.core", reason="megatron-core is not installed (the optional [megatron] extra)")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
+
+from miles_cli.app import app  # noqa: E402
+from miles_core.checkpoint.convert import convert  # noqa: E402
+from miles_core.checkpoint.hf import iter_state_dict  # noqa: E402
+from miles_core.config import AlgoConfig, TrainConfig  # noqa: E402
+from miles_core.errors import MilesError  # noqa: E402
+from miles_core.metrics import read_metrics  # noqa: E402
+from miles_core.models.base import named_weights  # noqa: E402
+from miles_core.models.registry import build_model  # noqa: E402
+from miles_core.models.tiny import TINY_QWEN3_CONFIG, TINY_QWEN3_MOE_CONFIG  # noqa: E402
+from miles_core.train import build_trainer, megatron_env  # noqa: E402
+from miles_core.train.batch import TrainBatch  # noqa: E402
+
+CONFIGS = {
+    "llama": {**TINY_QWEN3_CONFIG, "model_type": "llama", "tie_word_embeddings": True},
+    "qwen2": {**TINY_QWEN3_CONFIG, "model_type": "qwen2"},
+    "qwen3": TINY_QWEN3_CONFIG,
+    "qwen3_moe": TINY_QWEN3_MOE_CONFIG,
+}
+RESPONSE_LENGTHS = [5, 3, 7, 4]
+ADVANTAGES = [1.0, -1.0, 0.5, -0.5]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def megatron_process_state():
+    """Leave no process group or CPU patch behind for the other test modules."""
+    yield
+    megatron_env.shutdown()
+
+
+def native(family: str) -> torch.nn.Module:
+    """A native fp32 model with every weight random (biases and norms too, norms near 1)."""
+    model = build_model(CONFIGS[family]).float()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, tensor in named_weights(model):
+            if "norm" in name:
+                tensor.uniform_(0.5, 1.5, generator=generator)
+            else:
+                tensor.normal_(0.0, 0.5 if name.endswith("mlp.gate.weight") else 0.05, generator=generator)
+    return model
+
+
+def batch() -> TrainBatch:
+    generator = torch.Generator().manual_seed(1)
+    tokens = [torch.randint(0, 300, (n,), generator=generator) for n in (12, 9, 15, 12)]
+    return TrainBatch(tokens=tokens, response_lengths=RESPONSE_LENGTHS,
+                      loss_masks=[torch.ones(r) for r in RESPONSE_LENGTHS],
+                      advantages=[torch.full((r,), a) for r, a in zip(RESPONSE_LENGTHS, ADVANTAGES)])
+
+
+def trainers(family: str, cfg: TrainConfig = TrainConfig(lr=1e-4), algo: AlgoConfig = AlgoConfig()):
+    model = native(family)
+    kwargs = dict(temperature=1.0, total_steps=4)
+    return (build_trainer(cfg, algo, copy.deepcopy(model), **kwargs),
+            build_trainer(replace(cfg, backend="megatron"), algo, copy.deepcopy(model), **kwargs))
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_export_is_the_native_weights_bitwise(family):
+    model = native(family)
+    trainer = build_trainer(TrainConfig(backend="megatron"), AlgoConfig(), copy.deepcopy(model),
+                            temperature=1.0, total_steps=1)
+    exported, expected = dict(trainer.export_weights()), dict(named_weights(model))
+    assert exported.keys() == expected.keys()  # tied llama: the embedding once, no lm_head
+    for name, tensor in expected.items():
+        assert torch.equal(exported[name], tensor), name
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_log_probs_match_native(family):
+    ours, theirs = trainers(family)
+    for a, b in zip(ours.compute_log_probs(batch()), theirs.compute_log_probs(batch())):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe"])
+def test_one_step_matches_native(family):
+    ours, theirs = trainers(family)
+    mine, native_metrics = theirs.train_rollout(batch()), ours.train_rollout(batch())
+    # One step per rollout: ratio 1, so token_mean pg_loss = -sum(advantage * mask) / tokens
+    # = -(5 * 1 - 3 * 1 + 7 * 0.5 - 4 * 0.5) / 19 = -3.5 / 19.
+    assert mine["pg_loss"] == pytest.approx(-3.5 / 19, abs=1e-7)
+    assert mine["loss"] == pytest.approx(native_metrics["loss"], abs=1e-6)
+    assert mine["grad_norm"] == pytest.approx(native_metrics["grad_norm"], rel=1e-5)
+    assert mine["entropy_loss"] == pytest.approx(native_metrics["entropy_loss"], rel=1e-5)
+    updated = dict(theirs.export_weights())
+    for name, tensor in ours.export_weights():
+        torch.testing.assert_close(updated[name], tensor, atol=1e-5, rtol=0)
+
+
+def test_kl_loss_reference_matches_native():
+    algo = AlgoConfig(use_kl_loss=True, kl_loss_coef=0.1, kl_loss_type="k3")
+    ours, theirs = trainers("qwen3", algo=algo)
+    for _ in range(2):  # the second step's KL is against the unchanged reference
+        native_metrics, mine = ours.train_rollout(batch()), theirs.train_rollout(batch())
+    assert native_metrics["kl_loss"] > 0
+    assert mine["kl_loss"] == pytest.approx(native_metrics["kl_loss"], rel=1e-3)
+    assert mine["loss"] == pytest.approx(native_metrics["loss"], abs=1e-6)
+
+
+def test_checkpoint_resumes_exactly_and_converts(tmp_path):
+    _, first = trainers("qwen3")
+    first.train_rollout(batch())
+    first.save(tmp_path / "ckpt")
+    _, second = trainers("qwen3")
+    second.load(tmp_path / "ckpt")
+    assert second.num_optimizer_steps == 1
+    first.train_rollout(batch())
+    second.train_rollout(batch())  # same weights, Adam moments and schedule: the same bits
+    for (name, a), (_, b) in zip(first.export_weights(), second.export_weights()):
+        assert torch.equal(a, b), name
+    second.save(tmp_path / "ckpt2")
+    report = convert(tmp_path / "ckpt2" / "torch_dist", tmp_path / "hf", to="hf", verify=True)
+    assert report.bitwise.ok and report.logits["bitwise"]
+    converted = dict(iter_state_dict(tmp_path / "hf"))
+    for name, tensor in second.export_weights():
+        assert torch.equal(converted[name], tensor), name
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(tensor_model_parallel_size=2), "--tensor-model-parallel-size 2 is not supported on CPU"),
+    (dict(expert_model_parallel_size=4), "--expert-model-parallel-size 4 is not supported on CPU"),
+    (dict(compute_dtype="bfloat16"), "train.compute_dtype = 'bfloat16' is not supported"),
+    (dict(routing_replay="rollout"), "train.routing_replay = 'rollout' is not supported"),
+])
+def test_refuses_what_it_cannot_run(change, message):
+    cfg = TrainConfig(backend="megatron", **change)
+    with pytest.raises(MilesError, match=message):
+        build_trainer(cfg, AlgoConfig(), native("qwen3"), temperature=1.0, total_steps=1)
+
+
+def test_refuses_deepseek_v3():
+    from miles_core.models.tiny import TINY_DEEPSEEK_V3_CONFIG
+
+    with pytest.raises(MilesError, match="does not support model_type 'deepseek_v3'"):
+        build_trainer(TrainConfig(backend="megatron"), AlgoConfig(), build_model(TINY_DEEPSEEK_V3_CONFIG),
+                      temperature=1.0, total_steps=1)
+
+
+def test_parallel_sizes_need_the_megatron_backend():
+    with pytest.raises(ValueError, match="need backend 'megatron', got 'native'"):
+        TrainConfig(tensor_model_parallel_size=2)
+
+
+VARYING_REWARD = """
+def reward(sample):
+    return sum(map(ord, sample.response)) % 7 / 7
+"""
+
+
+def first_step(tmp_path, name: str, *args: str) -> dict:
+    """The first step's metrics of `miles train --recipe tiny` with a reward that varies within
+    groups (the tiny model's answers earn nothing from the recipe's reward: no gradient)."""
+    result = CliRunner().invoke(app, ["train", "--recipe", "tiny", "--num-rollout", "1",
+                                      "--set", "reward.type=miles_test_varying_reward:reward",
+                                      "--output-dir", str(tmp_path / name), *args])
+    assert result.exit_code == 0, result.output
+    return next(r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "rollout/num_samples" in r)
+
+
+@pytest.mark.parametrize("extra", [[], ["--set", "model.source=tiny-qwen3-moe"]], ids=["tiny", "tiny-moe"])
+def test_miles_train_runs_with_megatron_and_matches_native(tmp_path, monkeypatch, extra):
+    (tmp_path / "miles_test_varying_reward.py").write_text(VARYING_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    native_step = first_step(tmp_path, "native", *extra)
+    mine = first_step(tmp_path, "megatron", *extra, "--set", "train.backend=megatron")
+    assert mine["rollout/raw_reward"] == native_step["rollout/raw_reward"]  # same engine, same samples
+    assert native_step["train/grad_norm"] > 0.01  # a real update (GRPO advantages sum to 0: pg_loss is 0)
+    for key in ("train/pg_loss", "train/entropy_loss", "train/train_rollout_logprob_abs_diff"):
+        assert mine[key] == pytest.approx(native_step[key], abs=1e-5), key
+    assert mine["train/grad_norm"] == pytest.approx(native_step["train/grad_norm"], rel=1e-4)
+
+
+def test_miles_train_refuses_tensor_parallel_on_cpu(tmp_path):
+    result = CliRunner().invoke(app, ["train", "--recipe", "tiny", "--num-rollout", "1", "--output-dir",
+                                      str(tmp_path / "run"), "--tensor-model-parallel-size", "2"])
+    assert result.exit_code == 2
+    assert "--tensor-model-parallel-size 2 is not supported on CPU (one process, gloo); it needs GPUs" in result.output
+    assert not (tmp_path / "run").exists()  # nothing written for a run that could not start
+
+
+def test_align_check_with_the_megatron_trainer():
+    """The engine's log-probs against megatron-core's on the same weights (fp32, fast mode)."""
+    import json
+
+    result = CliRunner().invoke(app, ["align-check", "--recipe", "tiny", "--trainer", "megatron", "--num-prompts", "4",
+                                      "--batch-sizes", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["trainer"] == "megatron"
+    assert 0 < report["results"][0]["stats"]["max_abs_diff"] < 1e-5  # rounding only, not the same kernels
+
+
+def test_true_on_policy_needs_the_native_trainer():
+    from miles_core.config import load_config
+
+    with pytest.raises((ValueError, MilesError), match="true_on_policy needs train.backend = 'native'"):
+        load_config("tiny", ["train.backend=megatron", "alignment.mode=invariant", "alignment.true_on_policy=true"])
