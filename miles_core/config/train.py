@@ -15,8 +15,9 @@ from miles_core.config.tree import check as _check
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    backend: Literal["native"] = "native"
-    """Trainer: `native` (PyTorch, same model code as the engine)."""
+    backend: Literal["native", "fsdp"] = "native"
+    """Trainer: `native` (PyTorch, same model code as the engine, one process) or `fsdp` (the same
+    math on N data-parallel ranks under FSDP2; `miles train --nproc-per-node N`)."""
     lr: float = 1e-6
     """Peak AdamW learning rate."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
