@@ -13,6 +13,7 @@ import ctypes
 import multiprocessing
 import signal
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -59,8 +60,7 @@ def run_ranks(num_ranks: int, leader: Callable[[], T], worker: Callable[..., Non
             raise MilesError(f"trainer ranks failed: {', '.join(failed)}")
         return result
     except Exception as err:
-        dead = [f"rank {p.name.rsplit('-', 1)[1]} exit code {p.exitcode}" for p in workers
-                if p.exitcode not in (None, 0)]
+        dead = _dead_workers(workers)
         if dead and not isinstance(err, MilesError):
             raise MilesError(f"a trainer rank died ({', '.join(dead)}): {err}") from err
         raise
@@ -68,6 +68,18 @@ def run_ranks(num_ranks: int, leader: Callable[[], T], worker: Callable[..., Non
         _stop(workers)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _dead_workers(workers: list, wait: float = 3.0) -> list[str]:
+    """The workers that exited with an error; a peer's failure can reach rank 0 (closed
+    connection) a moment before its exit code does, so wait up to `wait` seconds for one."""
+    deadline = time.monotonic() + wait
+    while True:
+        dead = [f"rank {p.name.rsplit('-', 1)[1]} exit code {p.exitcode}" for p in workers
+                if p.exitcode not in (None, 0)]
+        if dead or time.monotonic() > deadline:
+            return dead
+        time.sleep(0.05)
 
 
 def _init(rank: int, world_size: int, init_method: str, backend: str) -> None:
