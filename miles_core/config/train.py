@@ -112,6 +112,12 @@ class SyncConfig:
     `train.qat` only its modules): `disk` writes that checkpoint, a CPU engine holds it dequantised."""
     quantize_group_size: Literal[32, 64, 128] = 128
     """INT4 group size of `quantize`."""
+    timeout_s: float = 600.0
+    """Seconds a weight sync may take before the run stops with an error instead of hanging; 0: no limit."""
+    check_weight_update_equal: bool = False
+    """After every sync, read the engine's weights back and require them bitwise equal to what was
+    sent (slime's `--check-weight-update-equal`; a debugging aid: one extra copy of the weights)."""
 
     def __post_init__(self) -> None:
         _check(self.bucket_mb >= 1, f"bucket_mb must be >= 1, got {self.bucket_mb}")
+        _check(self.timeout_s >= 0, f"timeout_s must be >= 0 (0: no limit), got {self.timeout_s}")
