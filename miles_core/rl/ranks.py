@@ -12,7 +12,7 @@ from pathlib import Path
 
 from miles_core.checkpoint.loading import load_model
 from miles_core.config import MilesConfig
-from miles_core.errors import MilesError
+from miles_core.errors import MilesError, RunStopped
 from miles_core.launch.local import run_ranks
 from miles_core.rl.loop import RunResult, run_training
 from miles_core.rl.run import build_run_trainer
@@ -32,7 +32,11 @@ def run_training_ranks(cfg: MilesConfig, output_dir: Path, num_ranks: int, **kwa
         raise MilesError("--debug-rollout-only trains nothing: run it without --nproc-per-node")
 
     def leader() -> RunResult:
-        result = run_training(cfg, output_dir, **kwargs)
+        try:
+            result = run_training(cfg, output_dir, **kwargs)
+        except RunStopped:  # between steps (Ctrl-C, after the save): the followers are idle
+            release_followers()
+            raise
         release_followers()
         return result
 
