@@ -14,7 +14,8 @@ from miles_core.checkpoint.loading import load_model
 from miles_core.config import MilesConfig
 from miles_core.errors import MilesError, RunStopped
 from miles_core.launch.local import run_ranks
-from miles_core.rl.loop import RunResult, run_training
+from miles_core.rl import loop
+from miles_core.rl.loop import RunResult
 from miles_core.rl.run import build_run_trainer
 from miles_core.train.leader import follow, release_followers
 
@@ -24,7 +25,7 @@ def run_training_ranks(cfg: MilesConfig, output_dir: Path, num_ranks: int, **kwa
     if num_ranks < 1:
         raise MilesError(f"--nproc-per-node must be >= 1, got {num_ranks}")
     if num_ranks == 1:
-        return run_training(cfg, output_dir, **kwargs)
+        return loop.run_training(cfg, output_dir, **kwargs)
     if cfg.train.backend != "fsdp":
         raise MilesError(f"--nproc-per-node {num_ranks} needs a data-parallel trainer: set train.backend = 'fsdp' "
                          f"(got '{cfg.train.backend}')")
@@ -33,7 +34,7 @@ def run_training_ranks(cfg: MilesConfig, output_dir: Path, num_ranks: int, **kwa
 
     def leader() -> RunResult:
         try:
-            result = run_training(cfg, output_dir, **kwargs)
+            result = loop.run_training(cfg, output_dir, **kwargs)
         except RunStopped:  # between steps (Ctrl-C, after the save): the followers are idle
             release_followers()
             raise
