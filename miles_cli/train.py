@@ -60,6 +60,7 @@ def train(
     keep_last: Annotated[Optional[int], typer.Option(help="Keep only the newest K checkpoints (loop.keep_last).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="'auto': continue the run in --output-dir from its latest checkpoint (or start it); or a checkpoint / run folder.")] = None,
     load: Annotated[Optional[str], typer.Option(help="slime's --load: resume from DIR's latest checkpoint when it has one, else start fresh.")] = None,
+    nproc_per_node: Annotated[int, typer.Option(help="Trainer ranks on this machine, as torchrun starts them (needs train.backend = 'fsdp'); rank 0 also runs the rollout engine.")] = 1,
     async_mode: Annotated[bool, typer.Option("--async", help="Generate the next steps while training (loop.mode = async; needs algo.use_tis or use_rs).")] = False,
     _debug: DebugOption = False,
 ) -> None:
@@ -92,7 +93,8 @@ def train(
             _show_or_save(cfg, save_recipe, list(ctx.args), recipe)
             return
         mode = "rollout_only" if debug_rollout_only else "train_only" if debug_train_only else "full"
-        _run(cfg, recipe or "slime", output_dir, mode, load_debug_rollout_data, run, resume or load, resume is not None)
+        _run(cfg, recipe or "slime", output_dir, mode, load_debug_rollout_data, run, resume or load, resume is not None,
+             nproc_per_node)
 
 
 def _show_or_save(cfg, path: Optional[Path], flags: list[str], recipe: Optional[str]) -> None:
@@ -111,9 +113,9 @@ def _show_or_save(cfg, path: Optional[Path], flags: list[str], recipe: Optional[
 
 
 def _run(cfg, recipe: str, output_dir: Optional[Path], mode: str, load_debug_rollout_data: Optional[str], run,
-         resume: Optional[str], resume_required: bool) -> None:
+         resume: Optional[str], resume_required: bool, num_ranks: int = 1) -> None:
     from miles_core.errors import MilesError
-    from miles_core.rl.loop import run_training
+    from miles_core.rl.ranks import run_training_ranks
     from miles_core.utils.io import check_output_dir
 
     out = output_dir or Path(cfg.loop.output_dir or _run_dir_of(resume) or _default_run_dir(recipe))
@@ -126,7 +128,7 @@ def _run(cfg, recipe: str, output_dir: Optional[Path], mode: str, load_debug_rol
         console.print("eval: skipped (--debug-train-only has no rollout engine)")
     with progress_bar(TextColumn("reward {task.fields[reward]}"), remaining=True) as progress:
         task = progress.add_task("rollout steps", total=cfg.loop.num_rollout, reward="-")
-        result = run_training(cfg, out, mode=mode, rollout_data=load_debug_rollout_data, resume=resume,
+        result = run_training_ranks(cfg, out, num_ranks, mode=mode, rollout_data=load_debug_rollout_data, resume=resume,
                               resume_required=resume_required, should_stop=run.stop_requested,
                               on_step=lambda step, m: progress.update(task, advance=1, reward=_fmt(m.get("rollout/raw_reward"))))
         progress.update(task, completed=cfg.loop.num_rollout)

@@ -15,9 +15,10 @@ from miles_core.config.tree import check as _check
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    backend: Literal["native", "megatron"] = "native"
-    """Trainer: `native` (PyTorch, same model code as the engine) or `megatron` (a megatron-core
-    GPTModel with the same weights; needs the `megatron` extra)."""
+    backend: Literal["native", "fsdp", "megatron"] = "native"
+    """Trainer: `native` (PyTorch, same model code as the engine, one process), `fsdp` (the same
+    math on N data-parallel ranks under FSDP2; `miles train --nproc-per-node N`) or `megatron` (a
+    megatron-core GPTModel with the same weights; needs the `megatron` extra)."""
     lr: float = 1e-6
     """Peak AdamW learning rate."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
@@ -133,6 +134,12 @@ class SyncConfig:
     `train.qat` only its modules): `disk` writes that checkpoint, a CPU engine holds it dequantised."""
     quantize_group_size: Literal[32, 64, 128] = 128
     """INT4 group size of `quantize`."""
+    timeout_s: float = 600.0
+    """Seconds a weight sync may take before the run stops with an error instead of hanging; 0: no limit."""
+    check_weight_update_equal: bool = False
+    """After every sync, read the engine's weights back and require them bitwise equal to what was
+    sent (slime's `--check-weight-update-equal`; a debugging aid: one extra copy of the weights)."""
 
     def __post_init__(self) -> None:
         _check(self.bucket_mb >= 1, f"bucket_mb must be >= 1, got {self.bucket_mb}")
+        _check(self.timeout_s >= 0, f"timeout_s must be >= 0 (0: no limit), got {self.timeout_s}")

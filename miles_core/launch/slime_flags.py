@@ -109,6 +109,8 @@ FLAGS: dict[str, Flag] = {
                       "reward shaping; miles accepts it only for ppo and reinforce_plus_plus* (slime: also "
                       "grpo, where it does nothing)"),
     "--use-kl-loss": Flag(("algo.use_kl_loss",), bool),
+    "--check-weight-update-equal": Flag(("sync.check_weight_update_equal",), bool,
+                                        "read the engine's weights back after each sync; bitwise equal or an error"),
     "--kl-loss-coef": Flag(("algo.kl_loss_coef",), float),
     "--kl-loss-type": Flag(("algo.kl_loss_type",), str),
     "--use-unbiased-kl": Flag(("algo.use_unbiased_kl",), bool),

@@ -69,9 +69,7 @@ class RunComponents:
                                       partial=_partial(cfg), rollout=cfg.rollout)
             eval_sets = fit_eval_sets(eval_sets, engine, loaded.tokenizer, cfg.rollout)  # long prompts fail before step 0
         if mode != "rollout_only":
-            total = cfg.loop.num_rollout * cfg.train.num_steps_per_rollout
-            trainer = build_trainer(cfg.train, cfg.algo, dense_copy(loaded.model), reference=_reference(cfg, loaded),
-                                    temperature=cfg.sampling.temperature, total_steps=total)
+            trainer = build_run_trainer(cfg, loaded)
         if engine is not None and trainer is not None:
             qat_modules = cfg.train.qat_modules if cfg.train.qat != "off" else ()
             context = SyncContext(loaded.hf_config, loaded.path, output_dir / "weight_sync", qat_modules)
@@ -130,6 +128,13 @@ class RunComponents:
         path = Path(rollout_data_path(template, step)) if template else \
             self.output_dir / "rollouts" / f"step_{step:06d}.jsonl"
         write_samples_jsonl(samples, path)
+
+
+def build_run_trainer(cfg: MilesConfig, loaded: LoadedModel) -> TrainBackend:
+    """The run's trainer on a copy of the loaded weights (every trainer rank builds it alike)."""
+    total = cfg.loop.num_rollout * cfg.train.num_steps_per_rollout
+    return build_trainer(cfg.train, cfg.algo, dense_copy(loaded.model), reference=_reference(cfg, loaded),
+                         temperature=cfg.sampling.temperature, total_steps=total)
 
 
 def _partial(cfg: MilesConfig) -> PartialRollouts | None:

@@ -16,6 +16,7 @@ from miles_core.engine.protocol import RolloutEngine
 from miles_core.errors import MilesError, one_of
 from miles_core.quant.formats import QuantSpec
 from miles_core.sync.disk import DiskSync
+from miles_core.sync.guarded import CheckedSync, TimedSync
 from miles_core.sync.inprocess import InProcessSync
 from miles_core.sync.protocol import SyncContext, SyncStats, WeightSync, buckets
 from miles_core.sync.quantized import QuantizedSync
@@ -42,11 +43,16 @@ def build_weight_sync(cfg: SyncConfig, engine: RolloutEngine, context: SyncConte
         raise MilesError("sync.transport = 'inprocess' cannot reach an engine in other processes "
                          "(engine.backend = 'sglang'); use 'disk' or 'auto'")
     sync = SYNC_TRANSPORTS[name](engine, cfg, context)
-    if cfg.quantize == "off":
-        return sync
-    include = context.quantize_include if context is not None else ()
-    spec = QuantSpec(cfg.quantize, cfg.quantize_group_size, include=include)
-    return QuantizedSync(sync, spec, to_disk=name == "disk")
+    if cfg.check_weight_update_equal:
+        if cfg.quantize != "off" and name == "disk":
+            raise MilesError("sync.check_weight_update_equal compares dense tensors; the 'disk' transport with "
+                             f"sync.quantize = '{cfg.quantize}' hands the engine quantised ones: turn one off")
+        sync = CheckedSync(sync, engine)  # inside the quantiser: it checks what the engine was handed
+    if cfg.quantize != "off":
+        include = context.quantize_include if context is not None else ()
+        spec = QuantSpec(cfg.quantize, cfg.quantize_group_size, include=include)
+        sync = QuantizedSync(sync, spec, to_disk=name == "disk")
+    return TimedSync(sync, cfg.timeout_s) if cfg.timeout_s > 0 else sync
 
 
 __all__ = ["SYNC_TRANSPORTS", "SyncContext", "SyncStats", "WeightSync", "buckets", "build_weight_sync",

@@ -35,18 +35,21 @@ def needs_critic(algo: AlgoConfig) -> bool:
     return algo.advantage_estimator == "ppo"
 
 
+def _frozen_reference(algo: AlgoConfig, model: nn.Module, reference: nn.Module | None) -> nn.Module | None:
+    """`reference`, or a copy of `model`'s starting weights, frozen in fp32; None when unused."""
+    if not needs_reference(algo):
+        return None
+    reference = copy.deepcopy(model) if reference is None else reference
+    return reference.to(torch.float32).requires_grad_(False).eval()
+
+
 def _native(cfg: TrainConfig, algo: AlgoConfig, model: nn.Module, *, temperature: float,
             total_steps: int, reference: nn.Module | None = None) -> TrainBackend:
     """Keeps the model in fp32. When the KL loss or the KL reward is on, the reference model is
     `reference` (`model.ref_source`) or else a frozen copy of the initial weights; PPO adds a
     critic (`critic.py`) from the same weights."""
     model = model.to(torch.float32)
-    if not needs_reference(algo):
-        reference = None
-    elif reference is None:
-        reference = copy.deepcopy(model)
-    if reference is not None:
-        reference = reference.to(torch.float32).requires_grad_(False).eval()
+    reference = _frozen_reference(algo, model, reference)
     critic = Critic(model, cfg, total_steps) if needs_critic(algo) else None
     return NativeTrainer(model, cfg, algo, temperature=temperature, total_steps=total_steps,
                          reference=reference, critic=critic)
@@ -70,7 +73,19 @@ def _megatron(cfg: TrainConfig, algo: AlgoConfig, model: nn.Module, *, temperatu
     return MegatronTrainer(model, cfg, algo, temperature=temperature, total_steps=total_steps, reference=reference)
 
 
-TRAIN_BACKENDS: dict[str, TrainerFactory] = {"native": _native, "megatron": _megatron}
+def _fsdp(cfg: TrainConfig, algo: AlgoConfig, model: nn.Module, *, temperature: float,
+          total_steps: int, reference: nn.Module | None = None) -> TrainBackend:
+    """The native trainer's math on the ranks of the process group under FSDP2 (`fsdp.py`); a
+    one-rank group when none is started. Rank 0 of several gets the leader (`leader.py`)."""
+    from miles_core.train.fsdp import FSDPTrainer
+    from miles_core.train.leader import lead
+
+    model = model.to(torch.float32)
+    reference = _frozen_reference(algo, model, reference)
+    return lead(FSDPTrainer(model, cfg, algo, temperature=temperature, total_steps=total_steps, reference=reference))
+
+
+TRAIN_BACKENDS: dict[str, TrainerFactory] = {"native": _native, "fsdp": _fsdp, "megatron": _megatron}
 
 
 def build_trainer(cfg: TrainConfig, algo: AlgoConfig, model: nn.Module, *, temperature: float,

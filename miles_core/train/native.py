@@ -92,11 +92,7 @@ class NativeTrainer:
         apply_speed_options(model, activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
 
     def _forward(self, model: nn.Module, batch: TrainBatch, indices: list[int], routing: RoutingPlan | None = None):
-        if self.cfg.pack_sequences:
-            forward = functools.partial(packed_log_probs, share_prompt_prefix=self.cfg.share_prompt_prefix)
-        else:
-            forward = shared_prefix_log_probs if self.cfg.share_prompt_prefix else response_log_probs
-        module = _ResponseLogProbs(model, forward, self.temperature, self.cfg.logprob_chunk_size)
+        module = _ResponseLogProbs(model, log_prob_forward(self.cfg), self.temperature, self.cfg.logprob_chunk_size)
         args = ([batch.tokens[i] for i in indices], [batch.response_lengths[i] for i in indices], routing)
         return call_in_dtype(module, args, DTYPES[self.cfg.compute_dtype], self._casts if model is self.model else None)
 
@@ -228,9 +224,10 @@ class NativeTrainer:
         num_tokens, num_seqs = max(batch.num_loss_tokens, 1.0), float(len(batch))
         tis_mean = self._tis_batch_mean(batch)
         metrics: dict[str, float] = {}
-        for indices in self._micro_batches(batch):
+        for indices in self._step_micro_batches(batch):
             accumulate_metrics(metrics, self._micro_step(batch, indices, num_tokens, num_seqs, tis_mean, mismatch,
                                                          agreement))
+        metrics = self._reduce_step_metrics(metrics)
         metrics["grad_norm"] = clip_grad_norm(self.model.parameters(), self.cfg)
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         if tis_mean is not None:
@@ -247,6 +244,15 @@ class NativeTrainer:
         if self.critic is not None:
             metrics["value_grad_norm"] = self.critic.step()
         self.num_optimizer_steps += 1
+        return metrics
+
+    def _step_micro_batches(self, batch: TrainBatch) -> list[list[int]]:
+        """The micro-batches this process trains of an optimizer step's `batch` (data-parallel
+        trainers take their share here)."""
+        return self._micro_batches(batch)
+
+    def _reduce_step_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """An optimizer step's summed micro-batch metrics over every process (one here)."""
         return metrics
 
     def _tis_batch_mean(self, batch: TrainBatch) -> float | None:
@@ -318,6 +324,13 @@ class NativeTrainer:
             self.reference.load_state_dict(state["reference"])
         if self.critic is not None and state.get("critic") is not None:
             self.critic.load_state_dict(state["critic"])
+
+
+def log_prob_forward(cfg: TrainConfig) -> Callable:
+    """The forward `train.pack_sequences` and `train.share_prompt_prefix` choose."""
+    if cfg.pack_sequences:
+        return functools.partial(packed_log_probs, share_prompt_prefix=cfg.share_prompt_prefix)
+    return shared_prefix_log_probs if cfg.share_prompt_prefix else response_log_probs
 
 
 def _apply_qat(model: nn.Module, cfg: TrainConfig) -> list[str]:

@@ -33,6 +33,12 @@ def build_optimizer(params, cfg: TrainConfig, total_steps: int):
 
 
 def clip_grad_norm(params, cfg: TrainConfig) -> float:
-    """Clip the global gradient norm to `cfg.clip_grad` (0: no clipping); returns the norm before."""
+    """Clip the global gradient norm to `cfg.clip_grad` (0: no clipping); returns the norm before.
+    Sharded (FSDP DTensor) gradients: the norm is of the full gradient, reduced over ranks."""
     max_norm = cfg.clip_grad if cfg.clip_grad > 0 else float("inf")
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    params = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(norm, "full_tensor"):  # a DTensor partial over ranks
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)

@@ -23,7 +23,7 @@ def _with_backend(cfg, name: str):
 def test_unknown_backends_are_refused_with_the_registered_ones():
     with pytest.raises(MilesError, match="unknown engine.backend 'vllm'; expected one of: native, sglang"):
         build_engine(_with_backend(EngineConfig(), "vllm"), loaded=None)
-    with pytest.raises(MilesError, match="unknown train.backend 'deepspeed'; expected one of: megatron, native"):
+    with pytest.raises(MilesError, match="unknown train.backend 'deepspeed'; expected one of: fsdp, megatron, native"):
         build_trainer(_with_backend(TrainConfig(), "deepspeed"), AlgoConfig(), model=None, temperature=1.0, total_steps=1)
 
 

@@ -116,6 +116,13 @@ class NativeEngine:
             self.blocks.flush()  # cached K/V were computed by the old weights
         self._weight_version = str(version)
 
+    def get_weights_by_name(self, name: str) -> torch.Tensor:
+        """The tensor the engine computes with under HF name `name` (SGLang's `/get_weights_by_name`)."""
+        params = dict(named_weights(self.model, remove_duplicate=False))
+        if name not in params:
+            raise MilesError(f"get_weights_by_name: unknown parameter '{name}'")
+        return params[name].detach()
+
     def pause(self) -> None:
         self._paused.set()
 

@@ -1,0 +1,79 @@
+"""Weight sync that is never silent: a deadline instead of a hang (`sync.timeout_s`), and, with
+`sync.check_weight_update_equal` (slime's `--check-weight-update-equal`), a bitwise check that
+the engine holds exactly what was sent.
+
+The deadline runs the transport in a worker thread and waits for it; a push that has not finished
+in time is an error naming the version and the limit (the stuck thread is left behind: the run
+stops). The check reads every tensor back from the engine (`get_weights_by_name`, SGLang's name
+for it) after the push and compares it with the tensor the transport was handed, cast to the
+engine's dtype as the engine's own copy casts it; it also checks the version stamp.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from miles_core.engine.protocol import RolloutEngine
+from miles_core.errors import MilesError
+from miles_core.sync.protocol import SyncStats, WeightSync
+
+
+class TimedSync:
+    """`WeightSync` whose `push` fails after `timeout_s` seconds instead of hanging."""
+
+    def __init__(self, inner: WeightSync, timeout_s: float) -> None:
+        self.inner, self.timeout_s = inner, timeout_s
+
+    def push(self, weights: Iterable[tuple[str, torch.Tensor]], version: str) -> SyncStats:
+        outcome: dict[str, object] = {}
+
+        def work() -> None:
+            try:
+                outcome["stats"] = self.inner.push(weights, version)
+            except BaseException as err:  # handed to the caller's thread below
+                outcome["error"] = err
+
+        thread = threading.Thread(target=work, name=f"weight-sync-v{version}", daemon=True)
+        thread.start()
+        thread.join(self.timeout_s)
+        if thread.is_alive():
+            raise MilesError(f"weight sync of version {version} did not finish within sync.timeout_s = "
+                             f"{self.timeout_s:g} s; the engine did not take the weights (stuck or unreachable)")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["stats"]
+
+
+class CheckedSync:
+    """`WeightSync` that verifies the engine's weights bitwise after every push."""
+
+    def __init__(self, inner: WeightSync, engine: RolloutEngine) -> None:
+        if not callable(getattr(engine, "get_weights_by_name", None)):
+            raise MilesError(f"sync.check_weight_update_equal needs an engine that reports its weights; "
+                             f"{type(engine).__name__} does not (use engine.backend = 'native')")
+        self.inner, self.engine = inner, engine
+
+    def push(self, weights: Iterable[tuple[str, torch.Tensor]], version: str) -> SyncStats:
+        sent: dict[str, torch.Tensor] = {}
+        stats = self.inner.push(_recorded(weights, sent), version)
+        if self.engine.weight_version != str(version):
+            raise MilesError(f"weight sync: the engine reports version '{self.engine.weight_version}' after "
+                             f"the update to '{version}'")
+        for name, tensor in sent.items():
+            held = self.engine.get_weights_by_name(name).detach().cpu()
+            expected = tensor.to(held.dtype)
+            if held.shape != expected.shape or not torch.equal(held, expected):
+                diff = (held.double() - expected.double()).abs().max().item() if held.shape == expected.shape else None
+                raise MilesError(f"weight sync of version {version}: the engine's '{name}' differs from the "
+                                 f"trainer's (max abs diff {diff}); sync.check_weight_update_equal")
+        return stats
+
+
+def _recorded(weights: Iterable[tuple[str, torch.Tensor]], sent: dict[str, torch.Tensor]) -> Iterator:
+    """Pass the tensors through, keeping a CPU copy of each."""
+    for name, tensor in weights:
+        sent[name] = tensor.detach().cpu().clone()
+        yield name, tensor

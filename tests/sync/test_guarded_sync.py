@@ -1,0 +1,84 @@
+"""`sync.timeout_s` (an error instead of a hang) and `sync.check_weight_update_equal` (the engine's
+weights read back bitwise after a sync) over the in-process and disk transports."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+
+from miles_core.checkpoint.loading import load_model
+from miles_core.config import EngineConfig, ModelConfig, SyncConfig
+from miles_core.engine import build_engine
+from miles_core.errors import MilesError
+from miles_core.sync import SyncContext, build_weight_sync
+
+
+@pytest.fixture()
+def setup(tmp_path, monkeypatch):
+    monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
+    loaded = load_model(ModelConfig(source="tiny-qwen3", device="cpu"))
+    engine = build_engine(EngineConfig(), loaded)
+    trained = copy.deepcopy(loaded.model)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(torch.randn_like(p))
+    context = SyncContext(loaded.hf_config, loaded.path, tmp_path / "sync")
+    return engine, trained, context
+
+
+@pytest.mark.parametrize("transport", ["inprocess", "disk"])
+def test_check_passes_when_the_engine_took_every_tensor(setup, transport):
+    engine, trained, context = setup
+    sync = build_weight_sync(SyncConfig(transport=transport, check_weight_update_equal=True, bucket_mb=1),
+                             engine, context)
+    sync.push(trained.named_parameters(), version="2")
+    assert engine.weight_version == "2"
+    assert torch.equal(engine.get_weights_by_name("model.norm.weight"), trained.model.norm.weight)
+
+
+@pytest.mark.parametrize("transport", ["inprocess", "disk"])
+def test_check_catches_a_tensor_the_engine_did_not_take(setup, transport, monkeypatch):
+    engine, trained, context = setup
+    original = engine.update_weights
+
+    def drops_one(named, version):  # a transport bug: one tensor never arrives
+        original([(n, t) for n, t in named if n != "model.norm.weight"], version)
+
+    monkeypatch.setattr(engine, "update_weights", drops_one)
+    sync = build_weight_sync(SyncConfig(transport=transport, check_weight_update_equal=True), engine, context)
+    with pytest.raises(MilesError, match=r"version 5: the engine's 'model.norm.weight' differs from the trainer's"):
+        sync.push(trained.named_parameters(), version="5")
+    # without the check the same push "succeeds" silently
+    plain = build_weight_sync(SyncConfig(transport=transport), engine, context)
+    plain.push(trained.named_parameters(), version="6")
+    assert not torch.equal(engine.get_weights_by_name("model.norm.weight"), trained.model.norm.weight)
+
+
+def test_a_stuck_engine_is_an_error_not_a_hang(setup, monkeypatch):
+    engine, trained, context = setup
+    release = threading.Event()
+    monkeypatch.setattr(engine, "update_weights", lambda named, version: release.wait())
+    sync = build_weight_sync(SyncConfig(timeout_s=0.2), engine, context)
+    try:
+        with pytest.raises(MilesError, match=r"weight sync of version 7 did not finish within sync.timeout_s = 0.2 s"):
+            sync.push(trained.named_parameters(), version="7")
+    finally:
+        release.set()
+
+
+def test_errors_of_the_transport_reach_the_caller_through_the_deadline(setup, monkeypatch):
+    engine, trained, context = setup
+    sync = build_weight_sync(SyncConfig(timeout_s=30), engine, context)
+    with pytest.raises(MilesError, match="update_weights: unknown parameter 'nope'"):
+        sync.push([("nope", torch.zeros(1))], version="1")
+
+
+def test_bad_settings_are_refused(setup):
+    engine, _, context = setup
+    with pytest.raises(MilesError, match="check_weight_update_equal compares dense tensors"):
+        build_weight_sync(SyncConfig(transport="disk", quantize="fp8", check_weight_update_equal=True), engine, context)
+    with pytest.raises(ValueError, match="timeout_s must be >= 0"):
+        SyncConfig(timeout_s=-1)

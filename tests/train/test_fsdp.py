@@ -1,0 +1,142 @@
+"""`train.backend = "fsdp"`: data parallelism changes no math. Two gloo ranks on CPU train the
+same batch as the one-process native trainer: same loss and gradient norm (relative 1e-5), same
+weights after the step (to rounding); sharded DCP checkpoints resume bitwise; the ranks are
+launched and shut down cleanly (`launch/local.py`)."""
+
+from __future__ import annotations
+
+import copy
+import multiprocessing
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from miles_core.config import AlgoConfig, ModelConfig, TrainConfig
+from miles_core.checkpoint.loading import load_model
+from miles_core.errors import MilesError
+from miles_core.launch.local import run_ranks
+from miles_core.train import build_trainer
+from miles_core.train.leader import follow, release_followers
+from miles_core.train.parallelize import split_by_tokens
+from tests.train.test_trainer_math import _grpo_batch
+
+# KL loss (a reference model, a no-grad pass), two optimizer steps per rollout (old log-probs),
+# entropy bonus, and a budget that makes the two ranks' micro-batch counts differ.
+def _ranks_alive() -> list:
+    return [p for p in multiprocessing.active_children() if p.name.startswith("miles-rank")]
+
+
+ALGO = AlgoConfig(use_kl_loss=True, kl_loss_coef=0.1, entropy_coef=0.01)
+TRAIN = dict(lr=1e-3, max_tokens_per_micro_batch=24, num_steps_per_rollout=2)
+
+
+def test_split_by_tokens_balances_prompt_groups_or_samples():
+    batch = _grpo_batch()
+    # shared prompts: group costs 5 + (1+2+3) = 11, 9 + (4+5+1) = 19, 3 + (2+3+4) = 12; longest first:
+    # 19 -> rank 0, 12 -> rank 1, 11 -> rank 1 (12 < 19)
+    assert split_by_tokens(batch.tokens, batch.response_lengths, 2, True) == [[3, 4, 5], [0, 1, 2, 6, 7, 8]]
+    # samples of 6 7 8 13 14 10 5 6 7 tokens: 14 r0, 13 r1, 10 r1 (23), 8 r0 (22), 7 r0 (29), 7 r1 (30),
+    # 6 r0 (35), 6 r1 (36), 5 r0 (40)
+    assert split_by_tokens(batch.tokens, batch.response_lengths, 2, False) == [[0, 1, 2, 4, 6], [3, 5, 7, 8]]
+    assert split_by_tokens(batch.tokens[:1], batch.response_lengths[:1], 2, False) == [[0], []]
+
+
+def _model():
+    return load_model(ModelConfig(source="tiny-qwen3", device="cpu")).model
+
+
+def _train(trainer, share: bool):
+    batch = _grpo_batch()
+    return trainer.train_rollout(batch), {n: t.clone() for n, t in trainer.export_weights()}
+
+
+def _leader(share: bool, folder: str) -> dict:
+    """Rank 0: one rollout, a save, a second rollout; then a fresh trainer loads the save and
+    trains the second rollout again."""
+    cfg = TrainConfig(backend="fsdp", share_prompt_prefix=share, **TRAIN)
+    trainer = build_trainer(cfg, ALGO, _model(), temperature=1.0, total_steps=4)
+    first, weights = _train(trainer, share)
+    trainer.save(_path(folder))
+    second, _ = _train(trainer, share)
+    release_followers()
+    fresh = build_trainer(cfg, ALGO, _model(), temperature=1.0, total_steps=4)
+    fresh.load(_path(folder))
+    again, _ = _train(fresh, share)
+    release_followers()
+    return {"first": first, "weights": weights, "second": second, "again": again}
+
+
+def _follower(share: bool, folder: str) -> None:
+    cfg = TrainConfig(backend="fsdp", share_prompt_prefix=share, **TRAIN)
+    for _ in range(2):
+        trainer = build_trainer(cfg, ALGO, _model(), temperature=1.0, total_steps=4)
+        follow(trainer, trainer.control_group)
+
+
+def _path(folder: str):
+    from pathlib import Path
+    return Path(folder) / "trainer"
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_two_ranks_match_one_process(tmp_path, monkeypatch, share):
+    monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
+    native = build_trainer(TrainConfig(share_prompt_prefix=share, **TRAIN), ALGO, _model(), temperature=1.0,
+                           total_steps=4)
+    expected, expected_weights = _train(native, share)
+    out = run_ranks(2, lambda: _leader(share, str(tmp_path)), _follower, (share, str(tmp_path)))
+    assert not dist.is_initialized()
+    for key in ("loss", "grad_norm", "pg_loss", "kl_loss", "entropy_loss"):
+        assert out["first"][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
+    assert expected["grad_norm"] > 0.1 and abs(expected["kl_loss"]) > 0  # the check has something to compare
+    assert out["weights"].keys() == expected_weights.keys()
+    # AdamW divides by the root of the second moment: where a gradient is tiny, rounding moves the
+    # update by up to a few 1e-6 (lr 1e-3); no weight moves by more than that.
+    for name, tensor in expected_weights.items():
+        torch.testing.assert_close(out["weights"][name], tensor, rtol=1e-5, atol=1e-5)
+    assert out["again"] == out["second"]  # resumed from the sharded checkpoint: bitwise
+
+
+def test_one_rank_without_a_launcher_matches_native(tmp_path, monkeypatch):
+    monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
+    native = build_trainer(TrainConfig(**TRAIN), ALGO, _model(), temperature=1.0, total_steps=4)
+    fsdp = build_trainer(TrainConfig(backend="fsdp", **TRAIN), ALGO, _model(), temperature=1.0, total_steps=4)
+    try:
+        (expected, _), (got, _) = _train(native, True), _train(fsdp, True)
+    finally:
+        dist.destroy_process_group()
+    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
+
+
+def test_unsupported_options_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(MilesError, match="fsdp' does not support train.compile"):
+        build_trainer(TrainConfig(backend="fsdp", compile=True), AlgoConfig(), _model(), temperature=1.0,
+                      total_steps=1)
+
+
+def _failing_worker() -> None:
+    raise RuntimeError("rank 1 broke")
+
+
+def _waiting_leader() -> None:
+    dist.barrier()  # rank 1 never comes: its process died
+
+
+def _raising_leader() -> None:
+    raise MilesError("rank 0 broke")
+
+
+def _blocked_worker() -> None:
+    dist.barrier()  # rank 0 never comes
+
+
+def test_a_failed_rank_stops_the_run_and_leaves_no_process():
+    with pytest.raises(MilesError, match="rank 1 exit code 1"):
+        run_ranks(2, _waiting_leader, _failing_worker, ())
+    assert not _ranks_alive() and not dist.is_initialized()
+    with pytest.raises(MilesError, match="rank 0 broke"):
+        run_ranks(2, _raising_leader, _blocked_worker, ())
+    assert not _ranks_alive() and not dist.is_initialized()
