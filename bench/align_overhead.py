@@ -42,6 +42,14 @@ class _NoText:
         return ""
 
 
+def emit_report(text: str, out: str) -> None:
+    """Print a benchmark's markdown report and write it to `out` when given (every benchmark here)."""
+    print(text)
+    if out:
+        with open(out, "w") as handle:
+            handle.write(text)
+
+
 def random_model(config: dict, device: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The native model of `config` with N(0, 0.02) weights (seed 0) and unit norms; the other
     benchmarks build theirs with it too."""
@@ -153,10 +161,7 @@ def main() -> None:
               "", f"Invariant engine vs trainer on 16 samples x 64 tokens (bf16): max |delta logprob| = "
               f"{gap['max_abs_diff']:.3e}, bitwise equal = {gap['bitwise_equal']:.2%}, KL k3 = {gap['kl_k3']:.3e}."]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as handle:
-            handle.write(text)
+    emit_report(text, args.out)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from miles_core.quant.fp8 import quantize_fp8_block
 from miles_core.quant.int4 import pack_int4, quantize_int4
 from miles_core.quant.modules import quantize_linears
 
-from align_overhead import random_model  # bench/ is on sys.path when run
+from align_overhead import emit_report, random_model  # bench/ is on sys.path when run
 from rollout_throughput import native_tokens_per_s, random_prompts
 from train_throughput import SHAPES
 
@@ -140,10 +140,7 @@ def main() -> None:
     args.gemm_shapes = args.gemm_shapes.split(",")
     args.tokens = [int(t) for t in args.tokens.split(",")]
     text = report(args, gemm_rows(args), rollout_rows(args))
-    print(text)
-    if args.out:
-        with open(args.out, "w") as handle:
-            handle.write(text)
+    emit_report(text, args.out)
 
 
 if __name__ == "__main__":

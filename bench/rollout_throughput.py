@@ -34,7 +34,7 @@ from miles_core.engine.native import NativeEngine
 from miles_core.engine.protocol import GenerateRequest
 from miles_core.kernels import set_alignment_mode
 
-from align_overhead import _NoText, random_model  # bench/ is on sys.path when run
+from align_overhead import _NoText, emit_report, random_model  # bench/ is on sys.path when run
 from train_throughput import SHAPES
 
 
@@ -181,10 +181,7 @@ def main() -> None:
     bw = copy_bandwidth(args.device)
     rows = [row for name in args.shapes.split(",") for row in measure(args, name, bw)]
     text = report(args, rows, bw)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as handle:
-            handle.write(text)
+    emit_report(text, args.out)
 
 
 if __name__ == "__main__":

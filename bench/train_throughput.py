@@ -35,7 +35,7 @@ from miles_core.kernels import set_alignment_mode
 from miles_core.train.batch import TrainBatch
 from miles_core.train.native import NativeTrainer
 
-from align_overhead import random_model  # bench/ is on sys.path when run
+from align_overhead import emit_report, random_model  # bench/ is on sys.path when run
 
 COMMON = dict(model_type="qwen3", vocab_size=151936, head_dim=128, max_position_embeddings=4096, rms_norm_eps=1e-6,
               rope_theta=1_000_000.0, tie_word_embeddings=True)
@@ -182,10 +182,7 @@ def main() -> None:
         args.shapes, args.num_seqs, args.seq_len, args.repeats = "tiny", 4, 64, 1
     results = {name: measure(args, name) for name in args.shapes.split(",")}
     text = report(args, results)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as handle:
-            handle.write(text)
+    emit_report(text, args.out)
 
 
 if __name__ == "__main__":

@@ -5,31 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from miles_cli.app import app
 from miles_core.checkpoint.loading import load_model
 from miles_core.config import ModelConfig
 from miles_core.errors import MilesError
 from miles_core.quant.fp8 import FP8_DTYPE
 from miles_core.quant.modules import QuantLinear, dense_copy, holds_quantized, quantize_updates
+from quant_helpers import logits, quantize
 
-runner = CliRunner()
 IDS = torch.tensor([[3, 77, 120, 9, 200, 45, 61], [8, 8, 100, 250, 31, 2, 19]])
 FORMATS = [["--format", "fp8"], ["--format", "int4", "--group-size", "32"]]
-
-
-def logits(model, ids_BT):
-    positions = torch.arange(ids_BT.shape[1]).expand_as(ids_BT)
-    with torch.no_grad():
-        return model.lm_head(model(ids_BT, positions))
-
-
-def quantize(tmp_path, *args):
-    out = tmp_path / "q"
-    result = runner.invoke(app, ["quantize", "tiny-qwen3-moe", str(out), *args])
-    assert result.exit_code == 0, result.output
-    return out
 
 
 @pytest.mark.parametrize("args", FORMATS, ids=["fp8", "int4"])

@@ -7,9 +7,7 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from miles_cli.app import app
 from miles_core.checkpoint.hf import iter_dense_state_dict, load_state_dict
 from miles_core.checkpoint.loading import load_model
 from miles_core.checkpoint.sources import resolve_model_source
@@ -19,22 +17,9 @@ from miles_core.quant.int4 import fake_quantize_int4
 from miles_core.quant.qat import FakeQuantLinear, apply_int4_qat
 from miles_core.sync import SyncContext, build_weight_sync
 from miles_core.sync.quantized import round_tripped
+from quant_helpers import logits, quantize
 
-runner = CliRunner()
 EXPERTS = ("*.mlp.experts.*",)
-
-
-def logits(model, ids_BT):
-    positions = torch.arange(ids_BT.shape[1]).expand_as(ids_BT)
-    with torch.no_grad():
-        return model.lm_head(model(ids_BT, positions))
-
-
-def quantize(tmp_path, *args):
-    out = tmp_path / "q"
-    result = runner.invoke(app, ["quantize", "tiny-qwen3-moe", str(out), *args])
-    assert result.exit_code == 0, result.output
-    return out
 
 
 IDS = torch.tensor([[3, 77, 120, 9, 200, 45, 61], [8, 8, 100, 250, 31, 2, 19]])
