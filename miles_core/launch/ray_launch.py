@@ -158,14 +158,17 @@ def _supervise(ray, refs: dict, lead_actor, on_step, should_stop) -> Any:
     pending, result, stop_sent = list(refs), None, False
     while pending:
         done, pending = ray.wait(pending, num_returns=1, timeout=_POLL_S)
-        if should_stop() and not stop_sent:
-            lead_actor.request_stop.remote()
-            stop_sent = True
-        for step, metrics in ray.get(lead_actor.drain_steps.remote()):
-            on_step(step, metrics)
         for ref in done:
             value = _result(ray, ref, refs[ref])
             result = value if refs[ref] == 0 else result
+        try:
+            if should_stop() and not stop_sent:
+                lead_actor.request_stop.remote()
+                stop_sent = True
+            for step, metrics in ray.get(lead_actor.drain_steps.remote()):
+                on_step(step, metrics)
+        except ray.exceptions.RayActorError:
+            pass  # rank 0 died: its own result, next round, names the error
     if isinstance(result, _Stopped):
         raise RunStopped(result.step, result.checkpoint)
     return result

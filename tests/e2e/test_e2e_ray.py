@@ -98,6 +98,11 @@ def _fail(folder: str) -> None:
     raise ZeroDivisionError("rank 1 broke")
 
 
+def _exit_hard(folder: str) -> None:
+    _record_pid(folder, 1)
+    os._exit(3)  # a crash that no Python handler sees
+
+
 def _lead_two_steps(*, on_step, should_stop) -> None:
     import time
 
@@ -127,6 +132,16 @@ def test_a_failing_rank_tears_down_every_rank_and_ray(ray_home, by_value):
     assert str(err.value) == "trainer rank 1 failed: ZeroDivisionError: rank 1 broke"
     pids = [int((folder / f"rank{rank}").read_text()) for rank in (0, 1)]
     assert len(set(pids)) == 2 and os.getpid() not in pids
+    assert not any(_alive(pid) for pid in pids)
+    assert not ray.is_initialized()
+
+
+def test_a_rank_process_that_dies_tears_down_every_rank_and_ray(ray_home, by_value):
+    folder = ray_home / "pids"
+    folder.mkdir()
+    with pytest.raises(MilesError, match=r"^trainer rank [01] (died|failed)"):
+        run_ray_ranks(2, functools.partial(_lead_into_barrier, str(folder)), _exit_hard, (str(folder),))
+    pids = [int((folder / f"rank{rank}").read_text()) for rank in (0, 1)]
     assert not any(_alive(pid) for pid in pids)
     assert not ray.is_initialized()
 
