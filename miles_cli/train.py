@@ -60,14 +60,15 @@ def train(
     keep_last: Annotated[Optional[int], typer.Option(help="Keep only the newest K checkpoints (loop.keep_last).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="'auto': continue the run in --output-dir from its latest checkpoint (or start it); or a checkpoint / run folder.")] = None,
     load: Annotated[Optional[str], typer.Option(help="slime's --load: resume from DIR's latest checkpoint when it has one, else start fresh.")] = None,
-    nproc_per_node: Annotated[int, typer.Option(help="Trainer ranks on this machine, as torchrun starts them (needs train.backend = 'fsdp'); rank 0 also runs the rollout engine.")] = 1,
+    nproc_per_node: Annotated[Optional[int], typer.Option(help="Trainer ranks on this machine (default 1), as torchrun starts them (needs train.backend = 'fsdp'); rank 0 also runs the rollout engine.")] = None,
+    use_ray: Annotated[bool, typer.Option("--ray", help="Trainer ranks as Ray actors in a placement group (--nproc-per-node or --actor-num-nodes x --actor-num-gpus-per-node of them); needs pip install 'miles[ray]'.")] = False,
     async_mode: Annotated[bool, typer.Option("--async", help="Generate the next steps while training (loop.mode = async; needs algo.use_tis or use_rs).")] = False,
     _debug: DebugOption = False,
 ) -> None:
     """Run `loop.num_rollout` GRPO steps and write metrics, checkpoints and the resolved config."""
     with cli_errors(graceful=True) as run:
         from miles_core.errors import MilesError
-        from miles_core.launch.slime_flags import resolve_config
+        from miles_core.launch.slime_flags import resolve_config, trainer_ranks
 
         if debug_rollout_only and debug_train_only:
             raise MilesError("--debug-rollout-only and --debug-train-only exclude each other")
@@ -83,6 +84,7 @@ def train(
         options += [f"loop.{key}={value}" for key, value in (("save_interval", save_interval), ("keep_last", keep_last))
                     if value is not None]
         cfg, launch, defaults = resolve_config(recipe, list(ctx.args), options + list(overrides or []))
+        num_ranks = trainer_ranks(launch, nproc_per_node, use_ray)
         if output_dir is not None and "--save" in launch.given:
             raise MilesError("--output-dir and --save both name the run folder; keep one")
         for note in launch.notes:
@@ -94,7 +96,7 @@ def train(
             return
         mode = "rollout_only" if debug_rollout_only else "train_only" if debug_train_only else "full"
         _run(cfg, recipe or "slime", output_dir, mode, load_debug_rollout_data, run, resume or load, resume is not None,
-             nproc_per_node)
+             num_ranks, use_ray)
 
 
 def _show_or_save(cfg, path: Optional[Path], flags: list[str], recipe: Optional[str]) -> None:
@@ -113,7 +115,7 @@ def _show_or_save(cfg, path: Optional[Path], flags: list[str], recipe: Optional[
 
 
 def _run(cfg, recipe: str, output_dir: Optional[Path], mode: str, load_debug_rollout_data: Optional[str], run,
-         resume: Optional[str], resume_required: bool, num_ranks: int = 1) -> None:
+         resume: Optional[str], resume_required: bool, num_ranks: int = 1, use_ray: bool = False) -> None:
     from miles_core.errors import MilesError
     from miles_core.rl.ranks import run_training_ranks
     from miles_core.utils.io import check_output_dir
@@ -128,7 +130,7 @@ def _run(cfg, recipe: str, output_dir: Optional[Path], mode: str, load_debug_rol
         console.print("eval: skipped (--debug-train-only has no rollout engine)")
     with progress_bar(TextColumn("reward {task.fields[reward]}"), remaining=True) as progress:
         task = progress.add_task("rollout steps", total=cfg.loop.num_rollout, reward="-")
-        result = run_training_ranks(cfg, out, num_ranks, mode=mode, rollout_data=load_debug_rollout_data, resume=resume,
+        result = run_training_ranks(cfg, out, num_ranks, use_ray=use_ray, mode=mode, rollout_data=load_debug_rollout_data, resume=resume,
                               resume_required=resume_required, should_stop=run.stop_requested,
                               on_step=lambda step, m: progress.update(task, advance=1, reward=_fmt(m.get("rollout/raw_reward"))))
         progress.update(task, completed=cfg.loop.num_rollout)

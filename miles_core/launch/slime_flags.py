@@ -176,8 +176,9 @@ FLAGS: dict[str, Flag] = {
                    "metrics and config; slime writes torch_dist to DIR/iter_NNNNNNN"),
 }
 
-ONE_DEVICE = ("miles trains in one process on one device today (train.backend = native); multi-GPU "
-              "placement is not implemented yet: drop the flag or set it to 1")
+ONE_DEVICE = ("not in miles yet: the rollout engine runs in trainer rank 0's process, on its device (more "
+              "trainer ranks: --nproc-per-node, or --ray with --actor-num-nodes/--actor-num-gpus-per-node); drop "
+              "the flag or set it to 1")
 PARALLEL = ("expert tensor parallelism is not in miles' megatron backend yet: drop the flag or set it to 1")
 ARCH = ("not needed: miles reads the architecture from --hf-checkpoint's config.json; drop the flag")
 SGLANG = ("configures an SGLang server that slime launches: with miles' native engine drop it; with SGLang "
@@ -188,7 +189,7 @@ MTP = "MTP training is not in miles yet: drop the flag"
 
 # Flags that are fine at 1 (what miles does) and refused with the message otherwise.
 ONLY_ONE = {
-    "--actor-num-nodes": ONE_DEVICE, "--actor-num-gpus-per-node": ONE_DEVICE, "--rollout-num-gpus": ONE_DEVICE,
+    "--rollout-num-gpus": ONE_DEVICE,
     "--rollout-num-gpus-per-engine": ONE_DEVICE, "--num-gpus-per-node": ONE_DEVICE,
     "--expert-tensor-parallel-size": PARALLEL,
 }
@@ -204,6 +205,12 @@ REJECTED: dict[str, str] = {
     "--disable-bias-linear": ARCH, "--use-rotary-position-embeddings": ARCH, "--qk-layernorm": ARCH,
 }
 REJECTED_PREFIXES = {"--sglang-speculative-": SPECULATIVE, "--sglang-": SGLANG, "--moe-": ARCH}
+
+# Where the trainer ranks go (no recipe change): read by `trainer_ranks`.
+PLACEMENT: dict[str, str] = {
+    "--actor-num-nodes": "nodes of trainer ranks; more than 1 needs --ray (a cluster started with `ray start`)",
+    "--actor-num-gpus-per-node": "trainer ranks per node, as --nproc-per-node (train.backend = 'fsdp' past 1)",
+}
 
 # Accepted, no recipe change; the reason is printed.
 NOTED: dict[str, tuple[type, str]] = {
@@ -285,7 +292,7 @@ def _kind(name: str) -> type | None:
         return FLAGS[name].type
     if name in NOTED:
         return NOTED[name][0]
-    if name in ONLY_ONE:
+    if name in ONLY_ONE or name in PLACEMENT:
         return int
     return list  # refused below, with the values that follow it
 
@@ -308,12 +315,18 @@ def _apply(launch: SlimeLaunch, name: str, raw: Any) -> None:
             raise _Refused(f"{name} {raw}: {ONLY_ONE[name]}")
         launch.notes.append(f"{name} 1: what miles does (one device)")
         return
+    if name in PLACEMENT:
+        value = _convert(name, raw, int)
+        if value < 1:
+            raise _Refused(f"{name} {raw}: must be >= 1")
+        launch.given[name] = value
+        return
     if name in NOTED:
         _convert(name, raw, NOTED[name][0])
         launch.notes.append(f"{name}: {NOTED[name][1]}")
         return
     if name not in FLAGS:
-        known = [*FLAGS, *REJECTED, *NOTED, *ONLY_ONE, *TYPER_FLAGS]
+        known = [*FLAGS, *REJECTED, *NOTED, *ONLY_ONE, *PLACEMENT, *TYPER_FLAGS]
         raise _Refused(f"{name}: neither a miles train option nor a slime flag miles knows{did_you_mean(name, known)}")
     flag = FLAGS[name]
     value = _convert(name, raw, flag.type)
@@ -363,6 +376,20 @@ def steps_for_global_batch(launch: SlimeLaunch, rollout_batch_size: int, n_sampl
         raise MilesError(f"--num-steps-per-rollout {given} disagrees with --global-batch-size {gbs}: "
                          f"{total} samples / {gbs} = {steps} steps")
     return steps
+
+
+def trainer_ranks(launch: SlimeLaunch, nproc_per_node: int | None, use_ray: bool) -> int:
+    """How many trainer ranks a launch asks for: nodes x ranks per node (--nproc-per-node or
+    slime's --actor-num-gpus-per-node; they must agree when both are given)."""
+    nodes = launch.given.get("--actor-num-nodes", 1)
+    per_node = launch.given.get("--actor-num-gpus-per-node")
+    if per_node is not None and nproc_per_node is not None and per_node != nproc_per_node:
+        raise MilesError(f"--nproc-per-node {nproc_per_node} and --actor-num-gpus-per-node {per_node} disagree: "
+                         "keep one")
+    if nodes > 1 and not use_ray:
+        raise MilesError(f"--actor-num-nodes {nodes} places trainer ranks on several nodes: add --ray (and start "
+                         "the cluster with `ray start`)")
+    return nodes * (per_node or nproc_per_node or 1)
 
 
 def _has(raw: dict[str, Any], dotted: str) -> bool:

@@ -8,6 +8,7 @@ from miles_core.launch.slime_flags import (
     FLAGS,
     NOTED,
     ONLY_ONE,
+    PLACEMENT,
     REJECTED,
     REJECTED_PREFIXES,
     SLIME_DATA_DEFAULTS,
@@ -21,6 +22,7 @@ def render_markdown() -> str:
     rows = ["| slime flag | miles recipe key(s) | how miles differs |", "|---|---|---|"]
     rows += [f"| `{name}` | {', '.join(f'`{k}`' for k in flag.keys)} | {flag.note} |" for name, flag in FLAGS.items()]
     rows += [f"| `{name}` | (a `miles train` option) | {what} |" for name, what in TYPER_FLAGS.items()]
+    rows += [f"| `{name}` | (where the trainer ranks go) | {what} |" for name, what in PLACEMENT.items()]
     noted = [f"| `{name}` | {why} |" for name, (_, why) in NOTED.items()]
     noted += [f"| `{name}` | accepted only as 1; otherwise refused: {why} |" for name, why in ONLY_ONE.items()]
     refused = [f"| `{name}` | {why} |" for name, why in REJECTED.items()]

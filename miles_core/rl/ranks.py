@@ -3,11 +3,14 @@
 Rank 0 runs the whole loop (`loop.run_training`): the rollout engine, the rollout manager,
 metrics, checkpoints and the weight sync are its own. Ranks 1..N-1 only build the trainer from
 the same config and follow rank 0's trainer calls (`train/leader.py`); all ranks train. Needs a
-data-parallel trainer (`train.backend = "fsdp"`).
+data-parallel trainer (`train.backend = "fsdp"`). The ranks are local processes
+(`launch/local.py`) or, with `--ray`, Ray actors (`launch/ray_launch.py`); the code each rank
+runs is the same.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from miles_core.checkpoint.loading import load_model
@@ -20,28 +23,37 @@ from miles_core.rl.run import build_run_trainer
 from miles_core.train.leader import follow, release_followers
 
 
-def run_training_ranks(cfg: MilesConfig, output_dir: Path, num_ranks: int, **kwargs) -> RunResult:
-    """`run_training` with `num_ranks` trainer ranks (1: this process alone, as always)."""
+def run_training_ranks(cfg: MilesConfig, output_dir: Path, num_ranks: int, *, use_ray: bool = False,
+                       **kwargs) -> RunResult:
+    """`run_training` with `num_ranks` trainer ranks (1 without Ray: this process alone, as always);
+    `use_ray`: every rank a Ray actor (`launch/ray_launch.py`), else local processes."""
     if num_ranks < 1:
         raise MilesError(f"--nproc-per-node must be >= 1, got {num_ranks}")
-    if num_ranks == 1:
+    if num_ranks == 1 and not use_ray:
         return loop.run_training(cfg, output_dir, **kwargs)
-    if cfg.train.backend != "fsdp":
+    if num_ranks > 1 and cfg.train.backend != "fsdp":
         raise MilesError(f"--nproc-per-node {num_ranks} needs a data-parallel trainer: set train.backend = 'fsdp' "
                          f"(got '{cfg.train.backend}')")
-    if kwargs.get("mode") == "rollout_only":
+    if num_ranks > 1 and kwargs.get("mode") == "rollout_only":
         raise MilesError("--debug-rollout-only trains nothing: run it without --nproc-per-node")
+    if use_ray:
+        from miles_core.launch.ray_launch import run_ray_ranks
 
-    def leader() -> RunResult:
-        try:
-            result = loop.run_training(cfg, output_dir, **kwargs)
-        except RunStopped:  # between steps (Ctrl-C, after the save): the followers are idle
-            release_followers()
-            raise
+        on_step, should_stop = kwargs.pop("on_step", None), kwargs.pop("should_stop", lambda: False)
+        return run_ray_ranks(num_ranks, partial(lead_run, cfg, output_dir, **kwargs), follow_rank_zero, (cfg,),
+                             on_step=on_step, should_stop=should_stop)
+    return run_ranks(num_ranks, partial(lead_run, cfg, output_dir, **kwargs), follow_rank_zero, (cfg,))
+
+
+def lead_run(cfg: MilesConfig, output_dir: Path, **kwargs) -> RunResult:
+    """Rank 0 of several: the whole run, then the other ranks released from `follow`."""
+    try:
+        result = loop.run_training(cfg, output_dir, **kwargs)
+    except RunStopped:  # between steps (Ctrl-C, after the save): the followers are idle
         release_followers()
-        return result
-
-    return run_ranks(num_ranks, leader, follow_rank_zero, (cfg,))
+        raise
+    release_followers()
+    return result
 
 
 def follow_rank_zero(cfg: MilesConfig) -> None:

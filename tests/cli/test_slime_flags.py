@@ -78,8 +78,7 @@ def test_quick_start_over_a_recipe_keeps_the_recipe_values(tmp_path):
 def test_large_moe_line_names_every_refused_flag(prompts):
     line = (f"--actor-num-gpus-per-node 8 --rollout-num-gpus 8 --hf-checkpoint tiny-moe --advantage-estimator grpo "
             f"--tensor-model-parallel-size 8 --expert-model-parallel-size 4 --prompt-data {prompts} --num-rollout 3000")
-    assert refused(line) == REFUSED + "\n  ".join([
-        f"--actor-num-gpus-per-node 8: {ONE_DEVICE}", f"--rollout-num-gpus 8: {ONE_DEVICE}"])
+    assert refused(line) == REFUSED + f"--rollout-num-gpus 8: {ONE_DEVICE}"
 
 
 def test_speculative_rl_line(prompts):
@@ -89,7 +88,6 @@ def test_speculative_rl_line(prompts):
             "--mtp-num-layers 1 --enable-mtp-training --mtp-loss-scaling-factor 0.2")
     spec = ["algorithm", "num-steps", "eagle-topk", "num-draft-tokens", "draft-model-path"]
     assert refused(line) == REFUSED + "\n  ".join([
-        f"--actor-num-gpus-per-node 8: {ONE_DEVICE}",
         *[f"--sglang-speculative-{name}: {SPECULATIVE}" for name in spec],
         f"--mtp-num-layers: {MTP}", f"--enable-mtp-training: {MTP}", f"--mtp-loss-scaling-factor: {MTP}"])
 
@@ -97,14 +95,37 @@ def test_speculative_rl_line(prompts):
 def test_cluster_resources_line_accepts_what_miles_does():
     line = "--actor-num-nodes 1 --actor-num-gpus-per-node 8 --rollout-num-gpus 8 --rollout-num-gpus-per-engine 2 --colocate"
     assert refused(line) == REFUSED + "\n  ".join([
-        f"--actor-num-gpus-per-node 8: {ONE_DEVICE}", f"--rollout-num-gpus 8: {ONE_DEVICE}",
-        f"--rollout-num-gpus-per-engine 2: {ONE_DEVICE}"])
+        f"--rollout-num-gpus 8: {ONE_DEVICE}", f"--rollout-num-gpus-per-engine 2: {ONE_DEVICE}"])
 
 
 def test_cluster_of_one_device_runs(tmp_path):
     cfg, output = resolve(tmp_path, "--recipe tiny --actor-num-nodes 1 --actor-num-gpus-per-node 1 --colocate")
-    assert "note: --actor-num-gpus-per-node 1: what miles does" in output
+    assert cfg.train.backend == "native"  # one rank: the native trainer, as without the flags
     assert "note: --colocate: always so in miles" in output
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    # 1 node x 2 ranks per node = 2 ranks: the --nproc-per-node 2 rule of the native trainer
+    ("--actor-num-gpus-per-node 2", "--nproc-per-node 2 needs a data-parallel trainer: set train.backend = 'fsdp' "
+                                    "(got 'native')"),
+    ("--actor-num-nodes 2 --actor-num-gpus-per-node 2", "--actor-num-nodes 2 places trainer ranks on several "
+                                                         "nodes: add --ray (and start the cluster with `ray start`)"),
+    ("--nproc-per-node 2 --actor-num-gpus-per-node 4", "--nproc-per-node 2 and --actor-num-gpus-per-node 4 "
+                                                        "disagree: keep one"),
+    ("--actor-num-nodes 0", "slime flags miles cannot run:\n  --actor-num-nodes 0: must be >= 1"),
+])
+def test_trainer_placement_flags(tmp_path, monkeypatch, line, message):
+    monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
+    result = runner.invoke(app, ["train", "--recipe", "tiny", "--output-dir", str(tmp_path / "run"),
+                                 *shlex.split(line)])
+    assert result.exit_code != 0 and f"error: {message}" in result.output, result.output
+
+
+def test_ray_without_ray_installed_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # `import ray` raises ImportError
+    monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
+    result = runner.invoke(app, ["train", "--recipe", "tiny", "--output-dir", str(tmp_path / "run"), "--ray"])
+    assert result.exit_code != 0 and "error: --ray needs Ray: pip install 'miles[ray]'" in result.output, result.output
 
 
 def test_megatron_parallelism_line_selects_the_megatron_backend(tmp_path):
