@@ -68,7 +68,7 @@ def train(
     """Run `loop.num_rollout` GRPO steps and write metrics, checkpoints and the resolved config."""
     with cli_errors(graceful=True) as run:
         from miles_core.errors import MilesError
-        from miles_core.launch.slime_flags import resolve_config, trainer_ranks
+        from miles_core.launch.slime_launch import resolve_config, trainer_ranks
 
         if debug_rollout_only and debug_train_only:
             raise MilesError("--debug-rollout-only and --debug-train-only exclude each other")

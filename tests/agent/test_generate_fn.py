@@ -117,7 +117,7 @@ def test_the_step_timeout_ends_every_unfinished_sample(loaded):
 
 
 def test_slime_flag_names_the_generate_function():
-    from miles_core.launch.slime_flags import parse_slime_flags
+    from miles_core.launch.slime_launch import parse_slime_flags
 
     launch = parse_slime_flags(["--custom-generate-function-path", "agent_plugins:one_turn"])
     assert launch.overrides() == ['rollout.generate_function="agent_plugins:one_turn"']
