@@ -176,3 +176,18 @@ def progress_bar(*extra_columns, remaining: bool = False):
     times = (TimeElapsedColumn(), TimeRemainingColumn()) if remaining else (TimeElapsedColumn(),)
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *extra_columns,
                     *times, console=console)
+
+
+@contextlib.contextmanager
+def staged_progress() -> Iterator:
+    """A progress bar with one task per stage; yields `on_progress(stage, done, total)` for the
+    core functions that report stages (convert, quantize). A total of 0 means unknown."""
+    with progress_bar() as progress:
+        tasks: dict[str, int] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total or None)
+            progress.update(tasks[stage], completed=done, total=total or None)
+
+        yield on_progress

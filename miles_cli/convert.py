@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from miles_cli.common import DebugOption, cli_errors, console, print_table, progress_bar
+from miles_cli.common import DebugOption, cli_errors, console, print_table, staged_progress
 
 app = typer.Typer(no_args_is_help=True, help="Convert checkpoints: HF <-> Megatron torch_dist (GGUF in).")
 
@@ -30,14 +30,7 @@ def convert(
     with cli_errors():
         from miles_core.checkpoint.convert import convert as run_convert
 
-        with progress_bar() as progress:
-            tasks: dict[str, int] = {}
-
-            def on_progress(stage: str, done: int, total: int) -> None:
-                if stage not in tasks:
-                    tasks[stage] = progress.add_task(stage, total=total or None)
-                progress.update(tasks[stage], completed=done, total=total or None)
-
+        with staged_progress() as on_progress:
             report = run_convert(src, dst, to=to, mtp_num_layers=mtp_num_layers, model_type=model_type,
                                  verify=verify, on_progress=on_progress)
         print_table(_summary_table(report))

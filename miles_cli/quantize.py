@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from miles_cli.common import DebugOption, cli_errors, print_table, progress_bar
+from miles_cli.common import DebugOption, cli_errors, print_table, staged_progress
 
 app = typer.Typer(no_args_is_help=True, help="Quantise a HF checkpoint to block FP8 or INT4 (compressed-tensors).")
 _WORST_SHOWN = 5
@@ -34,14 +34,7 @@ def quantize(
 
         spec = QuantSpec(format=fmt, group_size=group_size, ignore=tuple(ignore) if ignore else DEFAULT_IGNORE,
                          include=tuple(only or ()))
-        with progress_bar() as progress:
-            tasks: dict[str, int] = {}
-
-            def on_progress(stage: str, done: int, total: int) -> None:
-                if stage not in tasks:
-                    tasks[stage] = progress.add_task(stage, total=total or None)
-                progress.update(tasks[stage], completed=done, total=total or None)
-
+        with staged_progress() as on_progress:
             report = quantize_checkpoint(src, dst, spec, verify=verify, on_progress=on_progress)
         print_table(_size_table(report))
         if report.errors or report.logits or report.notes:

@@ -237,9 +237,7 @@ class NativeEngine:
 
     def _sample(self, seqs: list[Seq], logits_BV: torch.Tensor) -> None:
         uniform = torch.tensor([float(torch.rand(1, generator=seq.generator)) for seq in seqs])
-        temperature, top_k, top_p = self._sampling_params(seqs, logits_BV.device)
-        filtered = any(s.request.sampling.temperature > 0 and (s.request.sampling.top_k > 0 or s.request.sampling.top_p < 1)
-                       for s in seqs)
+        temperature, top_k, top_p, filtered = self._sampling_params(seqs, logits_BV.device)
         tokens, logprobs = sample_tokens(logits_BV, temperature, top_k, top_p, uniform, filtered=filtered,
                                          log_softmax=model_ops(self.model).log_softmax)
         for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist()):
@@ -250,17 +248,19 @@ class NativeEngine:
                 self._retire(seq)
 
     @staticmethod
-    def _sampling_params(seqs: list[Seq], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-row temperature, top-k, top-p. One setting for all rows (an RL batch) is filled on
-        the device: no host-to-device copy, which would wait for the forward to finish."""
+    def _sampling_params(seqs: list[Seq], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """Per-row temperature, top-k, top-p, and whether any sampled row filters (top-k/top-p).
+        One setting for all rows (an RL batch) is filled on the device: no host-to-device copy,
+        which would wait for the forward to finish."""
         first = seqs[0].request.sampling
         if all(s.request.sampling is first for s in seqs):
             B = len(seqs)
             return (torch.full((B,), first.temperature, device=device), torch.full((B,), first.top_k, device=device),
-                    torch.full((B,), first.top_p, device=device))
+                    torch.full((B,), first.top_p, device=device), _filters(first))
         params = [seq.request.sampling for seq in seqs]
         return (torch.tensor([p.temperature for p in params], device=device),
-                torch.tensor([p.top_k for p in params], device=device), torch.tensor([p.top_p for p in params], device=device))
+                torch.tensor([p.top_k for p in params], device=device), torch.tensor([p.top_p for p in params], device=device),
+                any(_filters(p) for p in params))
 
     def _retire(self, seq: Seq) -> None:
         """Free a finished sequence; answer its request when it was the last one."""
@@ -302,3 +302,8 @@ class NativeEngine:
     def _notify(self) -> None:
         with self._wake:
             self._wake.notify_all()
+
+
+def _filters(sampling) -> bool:
+    """A sampled (not greedy) row with top-k or top-p: the sampler must sort its logits."""
+    return sampling.temperature > 0 and (sampling.top_k > 0 or sampling.top_p < 1)
