@@ -165,9 +165,10 @@ def correction_weights(cfg: AlgoConfig, *, old_log_probs: Tensor, rollout_log_pr
     return multiplier, {**stats, "tis_weight": multiplier, "keep": keep.detach()}
 
 
-def ratio_extrema(old_log_probs: Tensor, rollout_log_probs: Tensor, loss_mask: Tensor) -> dict[str, float]:
-    """Min and max token ratio rho over trained tokens (`tis_ratio_min`/`_max`); {} if none."""
-    rho = torch.exp((old_log_probs - rollout_log_probs).detach().clamp(-SAFETY_BOUND, SAFETY_BOUND))[loss_mask > 0]
-    if rho.numel() == 0:
-        return {}
-    return {"tis_ratio_min": float(rho.min()), "tis_ratio_max": float(rho.max())}
+def ratio_extrema(old_log_probs: Tensor, rollout_log_probs: Tensor, loss_mask: Tensor) -> dict[str, Tensor]:
+    """Min and max token ratio rho over trained tokens (`tis_ratio_min`/`_max`) as 0-dim tensors,
+    computed without a device sync; +inf / -inf when no token is trained (dropped from metrics)."""
+    rho = torch.exp((old_log_probs - rollout_log_probs).detach().clamp(-SAFETY_BOUND, SAFETY_BOUND))
+    trained = loss_mask > 0
+    return {"tis_ratio_min": torch.where(trained, rho, math.inf).amin(),
+            "tis_ratio_max": torch.where(trained, rho, -math.inf).amax()}

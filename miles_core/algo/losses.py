@@ -192,7 +192,23 @@ def aggregate(per_token: Tensor, loss_mask: Tensor, mode: str, *, num_tokens: fl
     return AGGREGATIONS[mode](per_token, loss_mask, num_tokens=num_tokens, num_seqs=num_seqs, norm_len=norm_len)
 
 
-def policy_loss(
+def policy_loss(cfg: AlgoConfig, **tensors) -> tuple[Tensor, dict[str, float]]:
+    """The whole loss of one micro-batch and slime-named metrics (see the module docstring).
+    `policy_loss_tensors` with the metrics read to floats."""
+    loss, metrics = policy_loss_tensors(cfg, **tensors)
+    return loss, metric_floats(metrics)
+
+
+def metric_floats(metrics: dict[str, Tensor]) -> dict[str, float]:
+    """0-dim metric tensors to floats in one device-to-host copy; the TIS ratio extrema of a
+    micro-batch without trained tokens (+-inf) are left out."""
+    if not metrics:
+        return {}
+    values = torch.stack([v.detach().double().reshape(()) for v in metrics.values()]).tolist()
+    return {k: v for k, v in zip(metrics, values) if not (k.startswith("tis_ratio_m") and math.isinf(v))}
+
+
+def policy_loss_tensors(
     cfg: AlgoConfig,
     *,
     log_probs: Tensor,
@@ -208,8 +224,9 @@ def policy_loss(
     values: Tensor | None = None,
     old_values: Tensor | None = None,
     returns: Tensor | None = None,
-) -> tuple[Tensor, dict[str, float]]:
-    """The whole loss of one micro-batch and slime-named metrics (see the module docstring).
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """`policy_loss` with the metrics as 0-dim tensors: no device sync, so a trainer can start the
+    backward pass before reading them (`metric_floats`).
 
     Required by config: `ref_log_probs` with `use_kl_loss`; `entropy` with `entropy_coef > 0`;
     `rollout_log_probs` with `use_tis` or `use_rs`; `tis_batch_mean` (one float for the whole
@@ -249,11 +266,11 @@ def policy_loss(
         loss = loss + cfg.value_loss_coef * terms["value_loss"]
         stats = {**stats, "value_clipfrac": v_stats["clipped"]}
     with torch.no_grad():
-        metrics = {key: value.item() for key, value in terms.items()}
+        metrics = {key: value.detach() for key, value in terms.items()}
         metrics.update(_diagnostics(cfg, reduce_metric, _reducer(metric_mode, counts, None), stats,
                                     log_probs=log_probs, old_log_probs=old_log_probs,
                                     rollout_log_probs=rollout_log_probs, loss_mask=loss_mask))
-        metrics["loss"] = loss.item()
+        metrics["loss"] = loss.detach()
     return loss, metrics
 
 
@@ -282,15 +299,15 @@ def _reducer(mode: str, counts: dict, keep: Tensor | None) -> Callable[[Tensor],
 
 
 def _diagnostics(cfg: AlgoConfig, reduce_metric, reduce_all, stats: dict[str, Tensor], *, log_probs: Tensor,
-                 old_log_probs: Tensor, rollout_log_probs: Tensor | None, loss_mask: Tensor) -> dict[str, float]:
+                 old_log_probs: Tensor, rollout_log_probs: Tensor | None, loss_mask: Tensor) -> dict[str, Tensor]:
     """Training metrics skip rejected tokens (`reduce_metric`); TIS/MIS, OPSM and value stats are
     over all trained tokens (`reduce_all`), as slime reports them."""
-    metrics = {"ppo_kl": reduce_metric(old_log_probs - log_probs).item()}
+    metrics = {"ppo_kl": reduce_metric(old_log_probs - log_probs)}
     if "clipped" in stats:
-        metrics["pg_clipfrac"] = reduce_metric(stats["clipped"]).item()
-    metrics.update({k: reduce_all(v).item() for k, v in stats.items() if k not in ("clipped", "ratio")})
+        metrics["pg_clipfrac"] = reduce_metric(stats["clipped"])
+    metrics.update({k: reduce_all(v) for k, v in stats.items() if k not in ("clipped", "ratio")})
     if rollout_log_probs is not None:
-        metrics["train_rollout_logprob_abs_diff"] = reduce_metric((old_log_probs - rollout_log_probs).abs()).item()
+        metrics["train_rollout_logprob_abs_diff"] = reduce_metric((old_log_probs - rollout_log_probs).abs())
         if cfg.use_tis or cfg.use_rs:
             metrics.update(ratio_extrema(old_log_probs, rollout_log_probs, loss_mask))
     return metrics

@@ -80,10 +80,19 @@ class _ChunkedLogprobs(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[sl] = (grad_z.to(weight_VE.dtype) @ weight_VE).to(hidden_NE.dtype)
             if grad_weight is not None:
-                grad_weight += grad_z.T @ h_CE.to(grad_z.dtype)
+                grad_weight += _weight_grad(grad_z, h_CE, weight_VE.dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight_VE.dtype)
         return grad_hidden, grad_weight, None, None, None, None
+
+
+def _weight_grad(grad_z_CV: torch.Tensor, h_CE: torch.Tensor, weight_dtype: torch.dtype) -> torch.Tensor:
+    """One chunk's dW (V, E) in fp32. Half-precision weights on CUDA: a half GEMM with fp32 output
+    (tensor cores; grad_z rounded to the weight's dtype, as for the hidden-state gradient) instead
+    of an fp32 GEMM on CUDA cores, which took 10% of a 0.6B training step (H100 profile)."""
+    if h_CE.is_cuda and weight_dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(grad_z_CV.to(weight_dtype).T, h_CE.to(weight_dtype), out_dtype=torch.float32)
+    return grad_z_CV.T @ h_CE.to(grad_z_CV.dtype)
 
 
 def chunked_logprobs_entropy(hidden_NE: torch.Tensor, weight_VE: torch.Tensor, targets_N: torch.Tensor,

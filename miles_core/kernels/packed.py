@@ -17,9 +17,17 @@ row). That is what `segment_attention` does, one op call per segment: with the b
 op it gives the bits of the padded forward and of the engine (a row's result depends on that
 row alone), and with SDPA each plain segment takes the flash path.
 
-`flex_attention` (CUDA, fast mode) instead runs the whole row in one kernel with a block-sparse
-mask built once per forward from per-token (document, branch) ids; it is chosen once at import
-when enabled (`USE_FLEX`, off by default: see below; tests override it).
+On CUDA in fast mode (bf16/fp16, equal q/k and v head dims) the whole row instead goes through
+one variable-length flash-attention call (`torch.nn.attention.varlen.varlen_attn`, the
+`cu_seqlens` kernel of flash-attention): segment i's queries are its own tokens, its keys are its
+prefix's tokens gathered in front of its own (`PackedSegments.varlen_layout`, built once per
+forward), and the causal mask is aligned bottom-right, so each query sees exactly the keys the
+segment loop gives it. One kernel per layer instead of one SDPA call, three slices and a
+concatenation per segment: with 64 samples of 28 layers the loop launched ~50k kernels per
+training step and left the GPU idle (W1 profile, H100, 2026-11-27).
+`flex_attention` (CUDA, fast mode) is the other one-kernel path, with a block-sparse mask built
+once per forward from per-token (document, branch) ids; it is chosen once at import when enabled
+(`USE_FLEX`, off by default: see below; tests override it).
 
 Shape legend: H query heads, K kv heads, T tokens of the row, D head dim, DV value head dim.
 """
@@ -27,6 +35,8 @@ Shape legend: H query heads, K kv heads, T tokens of the row, D head dim, DV val
 from __future__ import annotations
 
 import functools
+import itertools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,6 +46,10 @@ try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 except ImportError:  # older torch: the segment loop serves every device
     flex_attention = None
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch < 2.10: the segment loop
+    varlen_attn = None
 
 USE_FLEX = False
 """Use FlexAttention for fast-mode packed attention on CUDA tensors. Off: on an H100 with torch
@@ -51,6 +65,7 @@ class PackedSegments:
 
     segments: list[tuple[int, int, int, int]]
     _block_masks: dict = field(default_factory=dict, repr=False)
+    _varlen: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -83,6 +98,42 @@ class PackedSegments:
         return self._block_masks[key]
 
 
+    def varlen_layout(self, device) -> VarlenLayout:
+        """The row as variable-length attention sees it, built once per forward (per device)."""
+        key = str(device)
+        if key not in self._varlen:
+            self._varlen[key] = VarlenLayout.of(self.segments, device)
+        return self._varlen[key]
+
+
+@dataclass(frozen=True)
+class VarlenLayout:
+    """Queries are the row's tokens in order (segments tile it); keys of segment i are its prefix
+    then its own tokens: `key_index` gathers them from the row (None when no segment has a prefix:
+    the keys are the row itself). `cu_q`/`cu_k` are the int32 cumulative lengths."""
+
+    key_index: torch.Tensor | None
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+
+    @staticmethod
+    def of(segments: list[tuple[int, int, int, int]], device) -> VarlenLayout:
+        q_lens = [end - start for start, end, _, _ in segments]
+        k_lens = [end - start + p_end - p_start for start, end, p_start, p_end in segments]
+        key_index = None
+        if any(p_end > p_start for _, _, p_start, p_end in segments):
+            ranges = [torch.arange(p_start, p_end) for _, _, p_start, p_end in segments]
+            key_index = torch.cat([torch.cat((r, torch.arange(start, end))) for r, (start, end, _, _)
+                                   in zip(ranges, segments)]).to(device)
+
+        def cumulative(lengths: list[int]) -> torch.Tensor:
+            return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+
+        return VarlenLayout(key_index, cumulative(q_lens), cumulative(k_lens), max(q_lens), max(k_lens))
+
+
 # Not traced by torch.compile (`train.compile`): the segment list changes every micro-batch and
 # would recompile the layer each time; attention runs eagerly between compiled regions.
 @torch.compiler.disable
@@ -112,10 +163,43 @@ def flex_packed_attention(q_1HTD, k_1KTD, v_1KTD, packed: PackedSegments, compil
               enable_gqa=q_1HTD.shape[1] != k_1KTD.shape[1])
 
 
+def _causal_kwargs() -> dict:
+    # torch 2.10 spells the causal mask `is_causal`; later versions a (left, right) window, where
+    # (-1, 0) is causal aligned bottom-right (queries are the last tokens of their keys).
+    parameters = inspect.signature(varlen_attn).parameters
+    return {"is_causal": True} if "is_causal" in parameters else {"window_size": (-1, 0)}
+
+
+def varlen_packed_attention(q_1HTD, k_1KTD, v_1KTD, packed: PackedSegments) -> torch.Tensor:
+    """The whole packed row in one variable-length flash-attention call (same mask as `segment_attention`)."""
+    layout = packed.varlen_layout(q_1HTD.device)
+    q_THD, k_TKD, v_TKD = (x[0].transpose(0, 1) for x in (q_1HTD, k_1KTD, v_1KTD))
+    if layout.key_index is not None:
+        k_TKD, v_TKD = k_TKD[layout.key_index], v_TKD[layout.key_index]
+    extra = {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
+    out_THD = varlen_attn(q_THD.contiguous(), k_TKD.contiguous(), v_TKD.contiguous(), layout.cu_q, layout.cu_k,
+                          layout.max_q, layout.max_k, **_causal_kwargs(), **extra)
+    return out_THD.transpose(0, 1)[None]  # (1, H, T, DV)
+
+
+def varlen_applies(q_1HTD, v_1KTD) -> bool:
+    """Flash attention's conditions: CUDA, half precision, the same q/k and v head dims."""
+    return (varlen_attn is not None and USE_VARLEN and q_1HTD.is_cuda and q_1HTD.dtype in (torch.bfloat16, torch.float16)
+            and q_1HTD.shape[-1] == v_1KTD.shape[-1])
+
+
+USE_VARLEN = True
+"""Fast mode on CUDA: variable-length flash attention for packed rows (tests switch it off to
+compare with the segment loop)."""
+
+
 @torch.compiler.disable
 def packed_attention_fast(attention: Callable, q_1HTD, k_1KTD, v_1KTD, position_ids_1T,
                           packed: PackedSegments) -> torch.Tensor:
-    """Fast mode: FlexAttention on CUDA when enabled (same q/k and v head dims), else the segment loop."""
+    """Fast mode: one variable-length flash-attention call on CUDA (or FlexAttention when
+    enabled), else the segment loop."""
+    if varlen_applies(q_1HTD, v_1KTD):
+        return varlen_packed_attention(q_1HTD, k_1KTD, v_1KTD, packed)
     if USE_FLEX and q_1HTD.is_cuda and q_1HTD.shape[-1] == v_1KTD.shape[-1]:
         return flex_packed_attention(q_1HTD, k_1KTD, v_1KTD, packed)
     return segment_attention(attention, q_1HTD, k_1KTD, v_1KTD, position_ids_1T, packed)

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from miles_core.algo import accumulate_metrics, policy_loss, tis_batch_mean
+from miles_core.algo import accumulate_metrics, tis_batch_mean
+from miles_core.algo.losses import metric_floats, policy_loss_tensors
 from miles_core.config import AlgoConfig, TrainConfig
 from miles_core.errors import MilesError
 from miles_core.algo.mismatch import MismatchSums
@@ -278,18 +279,19 @@ class NativeTrainer:
         log_probs, mask = pad_ragged(logps).float(), pad(batch.loss_masks)
         old = pad(batch.old_log_probs) if batch.old_log_probs is not None else log_probs.detach()
         values = self.critic.values(batch, indices).to(self.device) if self.critic is not None else None
-        loss, metrics = policy_loss(
+        loss, metric_tensors = policy_loss_tensors(
             self.algo, log_probs=log_probs, old_log_probs=old, advantages=pad(batch.advantages),
             loss_mask=mask, num_tokens=num_tokens, num_seqs=num_seqs, entropy=pad_ragged(entropies).float(),
             ref_log_probs=pad(batch.ref_log_probs), rollout_log_probs=pad(batch.rollout_log_probs),
             tis_batch_mean=tis_mean, values=values, old_values=pad(batch.values) if values is not None else None,
             returns=pad(batch.returns) if values is not None else None,
         )
-        if not math.isfinite(metrics.get("loss", 0.0)):
-            self._bad_samples += nonfinite_rows([self._positions[i] for i in indices], mask, log_probs,
-                                                pad(batch.advantages))
         loss.backward()
         self._casts.fold_grads()
+        metrics = metric_floats(metric_tensors)  # read after backward was queued: no stall between them
+        if not math.isfinite(metrics.get("loss", 0.0)):
+            self._bad_samples += nonfinite_rows([self._positions[i] for i in indices], mask, log_probs.detach(),
+                                                pad(batch.advantages))
         if mismatch is not None and batch.rollout_log_probs is not None:
             mismatch.add(log_probs, pad(batch.rollout_log_probs), mask)
         return {k: v for k, v in metrics.items() if k not in _POLICY_LOSS_DUPLICATES}

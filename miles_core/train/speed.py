@@ -69,11 +69,23 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def apply_speed_options(model: nn.Module, *, activation_checkpointing: bool, compile: bool) -> None:
     """Checkpoint and/or compile every decoder layer of `model` in place."""
+    if compile:
+        _allow_a_graph_per_layer(len(decoder_layers(model)))
     for layer in decoder_layers(model):
         if activation_checkpointing:
             layer.forward = _CheckpointedForward(layer)
         if compile:
             layer.compile()
+
+
+def _allow_a_graph_per_layer(num_layers: int) -> None:
+    # Attention breaks each compiled layer's graph (the packed kernels are not traced), and the
+    # code after the break is specialised on the layer's index: one graph per layer, twice (a
+    # static then a dynamic sequence length). Under dynamo's default limit of 8 the other layers
+    # silently ran eagerly (0.6B: 28 layers, H100 profile), so raise it to fit them all.
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), 4 * num_layers))
 
 
 class CastCache:

@@ -1,6 +1,7 @@
 """Packed forward (`train/packing.py`) against the padded one: per-token log-probs, entropies and
 gradients for dense and MoE models, with and without the shared prompt, with R3; bitwise equal
-in invariant mode; the FlexAttention mask equals the per-segment attention.
+in invariant mode; the FlexAttention mask and (CUDA) the variable-length flash path equal the
+per-segment attention.
 
 Tolerances (fp32 on CPU): fast mode log-probs and entropies within 2e-6 absolute + 1e-6 relative
 (SDPA and the matmuls see other shapes, so the rounding differs), gradients within rtol 1e-4 / atol 1e-5 (as `test_shared_prefix_forward_
@@ -17,7 +18,13 @@ from miles_core.config import AlgoConfig, ModelConfig, TrainConfig
 from miles_core.checkpoint.loading import load_model
 from miles_core.kernels import packed as packed_kernels
 from miles_core.kernels.attention import attention_reference
-from miles_core.kernels.packed import PackedSegments, flex_packed_attention, segment_attention
+from miles_core.kernels.packed import (
+    PackedSegments,
+    VarlenLayout,
+    flex_packed_attention,
+    segment_attention,
+    varlen_packed_attention,
+)
 from miles_core.train.batch import TrainBatch, response_log_probs
 from miles_core.train.native import NativeTrainer
 from miles_core.train.packing import pack_row, packed_log_probs, packed_micro_batches
@@ -132,6 +139,42 @@ def test_flex_mask_equals_segment_attention():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_varlen_layout_gathers_each_segments_prefix_before_its_tokens():
+    layout = VarlenLayout.of([(0, 3, 0, 0), (3, 5, 0, 3), (5, 6, 0, 3), (6, 8, 0, 0)], "cpu")
+    assert layout.key_index.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2, 5, 6, 7]
+    assert layout.cu_q.tolist() == [0, 3, 5, 6, 8] and layout.cu_k.tolist() == [0, 3, 8, 12, 14]
+    assert (layout.max_q, layout.max_k) == (3, 5) and layout.cu_q.dtype == torch.int32
+    plain = VarlenLayout.of([(0, 3, 0, 0), (3, 7, 0, 0)], "cpu")
+    assert plain.key_index is None and plain.cu_k.tolist() == [0, 3, 7] and plain.max_k == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_varlen_attention_equals_segment_attention_forward_and_backward():
+    # bf16 varlen against the fp32 segment loop: its error (outputs and q/k/v gradients) may be at
+    # most twice that of the bf16 segment loop, so a wrong mask or alignment fails.
+    segments = PackedSegments([(0, 37, 0, 0), (37, 60, 0, 37), (60, 99, 0, 37), (99, 180, 0, 0), (180, 181, 0, 0)])
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    positions = torch.cat([torch.arange(37), torch.arange(37, 60), torch.arange(37, 76), torch.arange(81),
+                           torch.arange(1)])[None].cuda()
+    inputs = [torch.randn(1, h, 181, 128, generator=gen, device="cuda") for h in (8, 4, 4)]
+    grad_out = torch.randn(1, 8, 181, 128, generator=gen, device="cuda")
+
+    def run(fn, dtype):
+        leaves = [x.to(dtype).requires_grad_() for x in inputs]
+        out = fn(*leaves)
+        return [t.float() for t in (out, *torch.autograd.grad(out, leaves, grad_out.to(dtype)))]
+
+    def loop(q, k, v):
+        return segment_attention(attention_reference, q, k, v, positions, segments)
+
+    want = run(loop, torch.float32)
+    loop_bf16 = run(loop, torch.bfloat16)
+    varlen = run(lambda q, k, v: varlen_packed_attention(q, k, v, segments), torch.bfloat16)
+    for ref, base, got in zip(want, loop_bf16, varlen):
+        assert (got - ref).abs().max() <= 2 * (base - ref).abs().max() + 1e-3
+
+
 @pytest.mark.parametrize("share", [False, True])
 def test_trainer_update_is_the_same_packed_or_padded(models, share):
     def step(pack: bool):
@@ -148,10 +191,11 @@ def test_trainer_update_is_the_same_packed_or_padded(models, share):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("use_flex", [False, pytest.param(True, marks=pytest.mark.xfail(
+@pytest.mark.parametrize("kernel", ["segments", "varlen", pytest.param("flex", marks=pytest.mark.xfail(
     reason="FlexAttention's compiled kernel failed to lower on H100 / torch 2.11 (NoValidChoicesError)", strict=False))])
-def test_packed_forward_on_cuda_bf16(models, monkeypatch, use_flex):
-    monkeypatch.setattr(packed_kernels, "USE_FLEX", use_flex)
+def test_packed_forward_on_cuda_bf16(models, monkeypatch, kernel):
+    monkeypatch.setattr(packed_kernels, "USE_FLEX", kernel == "flex")
+    monkeypatch.setattr(packed_kernels, "USE_VARLEN", kernel == "varlen")
     model, batch = copy.deepcopy(models["tiny-qwen3"]).cuda().to(torch.bfloat16), _batch()
     with torch.no_grad():
         padded, _ = response_log_probs(model, batch.tokens, batch.response_lengths, temperature=1.0, chunk_size=8)
