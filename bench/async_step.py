@@ -23,6 +23,9 @@ reported.
 
 GPU (the SmolLM2 tokenizer must be cached, or pass --tokenizer DIR):
     python bench/async_step.py --steps 12 --out bench/results/async_step.md
+`--set KEY=VALUE` overrides the recipe in every mode, e.g. to put the engine on a GPU of its own
+(a `miles serve` process on the next GPU, weights over NCCL) so generation and training overlap
+on different devices.
 CPU smoke test (seconds; tiny model, byte tokenizer; numbers mean nothing):
     python bench/async_step.py --quick
 """
@@ -183,6 +186,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--quick", action="store_true", help="tiny model on CPU, 3 steps: a smoke test")
     parser.add_argument("--tokenizer", default="", help="folder with the SmolLM2 tokenizer (default: the cache)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="recipe override for every mode (repeatable), e.g. engine placement: "
+                             "--set engine.launch=true --set engine.server=miles --set engine.num_gpus=1")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     if args.quick:
@@ -205,8 +211,8 @@ def main() -> None:
         write_prompts(prompts, max(args.over_sampling, args.batch_size) * (args.steps + 2), args.prompt_tokens)
         base = work / "base.toml"
         base.write_text(recipe(model_dir, prompts, args))
-        run_mode("sync", base, work, "loop.num_rollout=1")  # warm-up, not reported
-        runs = {name: run_mode(name, base, work) for name in args.modes.split(",")}
+        run_mode("sync", base, work, *args.overrides, "loop.num_rollout=1")  # warm-up, not reported
+        runs = {name: run_mode(name, base, work, *args.overrides) for name in args.modes.split(",")}
         text = report(args, runs)
         print(text)
         if args.out:
