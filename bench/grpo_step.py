@@ -95,6 +95,7 @@ type = "grpo_step:digit_share"
 lr = 1e-6
 compute_dtype = "bfloat16"
 pack_sequences = {str(args.pack).lower()}
+compile = {str(args.compile).lower()}
 [loop]
 num_rollout = {args.steps}
 """
@@ -193,6 +194,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--compile", action="store_true", help="train.compile = true (compiled decoder layers)")
     parser.add_argument("--tiny", action="store_true", help="tiny model, byte tokenizer, 2 steps, 8 tokens")
     parser.add_argument("--tokenizer", default="", help="folder with the SmolLM2 tokenizer (default: the cache)")
     parser.add_argument("--no-trl", action="store_true")

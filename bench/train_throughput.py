@@ -85,10 +85,12 @@ def timed(run, device: str, repeats: int) -> tuple[float, float]:
     return statistics.median(times), peak
 
 
-def native_step(master, mode: str, packed: bool, checkpointing: bool, compile_layers: bool):
+def native_step(master, mode: str, packed: bool, checkpointing: bool, compile_layers: bool,
+                micro_batch_tokens: int = 8192):
     model = copy.deepcopy(master)
     set_alignment_mode(model, mode)
-    cfg = TrainConfig(lr=1e-6, compute_dtype="bfloat16", max_tokens_per_micro_batch=8192, share_prompt_prefix=packed,
+    cfg = TrainConfig(lr=1e-6, compute_dtype="bfloat16", max_tokens_per_micro_batch=micro_batch_tokens,
+                      share_prompt_prefix=packed,
                       pack_sequences=packed, activation_checkpointing=checkpointing, compile=compile_layers)
     trainer = NativeTrainer(model, cfg, AlgoConfig(), temperature=1.0, total_steps=100)
     return lambda batch: trainer.train_step(batch)
@@ -127,11 +129,12 @@ def measure(args, name: str) -> list[tuple[str, float, float, float]]:
     batch = make_batch(args.num_seqs, args.seq_len, shape["vocab_size"], args.ragged)
     flops, tokens = step_flops(shape, num_params, batch), sum(len(t) for t in batch.tokens)
     checkpointing = args.checkpointing or name == "4B"
+    mb = args.micro_batch_tokens
     steps = {f"native {mode} {'packed' if packed else 'padded'}": (native_step, (master, mode, packed, checkpointing,
-                                                                                  False))
+                                                                                  False, mb))
              for mode, packed in NATIVE}
     if args.compile:
-        steps["native fast packed compiled"] = (native_step, (master, "fast", True, checkpointing, True))
+        steps["native fast packed compiled"] = (native_step, (master, "fast", True, checkpointing, True, mb))
     steps["transformers"] = (hf_step, (master, shape, args.device, checkpointing))
     rows = []
     for label, (factory, factory_args) in steps.items():
@@ -155,7 +158,8 @@ def report(args, results: dict[str, list]) -> str:
              f"Card: {card}; date: {datetime.date.today()}; torch {torch.__version__}; "
              f"command: `python {' '.join(sys.argv)}`.",
              f"{args.num_seqs} x {args.seq_len} tokens{' (ragged responses)' if args.ragged else ''}, one AdamW step, "
-             f"bf16 compute, fp32 masters; MFU against {args.peak_tflops:g} TFLOP/s.", ""]
+             f"bf16 compute, fp32 masters; native micro-batches of {args.micro_batch_tokens} tokens, transformers "
+             f"micro-batches of 8 sequences; MFU against {args.peak_tflops:g} TFLOP/s.", ""]
     for name, rows in results.items():
         hf = next(r[1] for r in rows if r[0] == "transformers")
         lines += [f"## {name}", "", "| config | tokens/s | MFU | peak GB | vs transformers |", "|---|---|---|---|---|"]
@@ -175,6 +179,8 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing at every shape")
     parser.add_argument("--compile", action="store_true", help="also time the packed fast trainer with train.compile")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--micro-batch-tokens", type=int, default=8192,
+                        help="native trainer's train.max_tokens_per_micro_batch (transformers: micro-batches of 8)")
     parser.add_argument("--peak-tflops", type=float, default=790.0)
     parser.add_argument("--out", default="")
     args = parser.parse_args()

@@ -13,7 +13,7 @@ Sums are kept separately from counts so micro-batches and batches can be merged 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,10 +29,21 @@ class MismatchSums:
     k1_sum: float = 0.0
     k3_sum: float = 0.0
     exp_abs_sum: float = 0.0
+    _pending: list = field(default_factory=list, repr=False, compare=False)
 
     def add(self, trainer_lp: torch.Tensor, rollout_lp: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """Accumulate tokens where `mask` is 1 (all tokens when None); any shapes, same for all three."""
-        t, s = trainer_lp.detach().double(), rollout_lp.detach().to(trainer_lp.device).double()
+        """Accumulate tokens where `mask` is 1 (all tokens when None); any shapes, same for all three.
+        Counted when the sums are next read: reading them syncs with the GPU, which a trainer
+        should do once a step, not between micro-batches."""
+        self._pending.append((trainer_lp.detach(), rollout_lp.detach(), mask))
+
+    def _count_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        for trainer_lp, rollout_lp, mask in pending:
+            self._count(trainer_lp, rollout_lp, mask)
+
+    def _count(self, trainer_lp: torch.Tensor, rollout_lp: torch.Tensor, mask: torch.Tensor | None) -> None:
+        t, s = trainer_lp.double(), rollout_lp.to(trainer_lp.device).double()
         keep = torch.ones_like(t, dtype=torch.bool) if mask is None else mask.to(t.device) > 0
         delta = (t - s)[keep]
         if delta.numel() == 0:
@@ -40,17 +51,20 @@ class MismatchSums:
         self.num_tokens += delta.numel()
         self.abs_sum += float(delta.abs().sum())
         self.max_abs = nan_max(self.max_abs, float(delta.abs().max()))
-        self.equal += float((trainer_lp.detach()[keep] == rollout_lp.detach().to(trainer_lp.device)[keep]).sum())
+        self.equal += float((trainer_lp[keep] == rollout_lp.to(trainer_lp.device)[keep]).sum())
         self.k1_sum += float((-delta).sum())
         self.k3_sum += float((delta.exp() - 1 - delta).sum())
         self.exp_abs_sum += float(delta.abs().exp().sum())
 
     def merge(self, other: MismatchSums) -> None:
+        self._count_pending()
+        other._count_pending()
         for name in ("num_tokens", "abs_sum", "equal", "k1_sum", "k3_sum", "exp_abs_sum"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.max_abs = nan_max(self.max_abs, other.max_abs)
 
     def metrics(self) -> dict[str, float]:
+        self._count_pending()
         n = max(self.num_tokens, 1.0)
         return {
             "mean_abs_diff": self.abs_sum / n,

@@ -49,8 +49,10 @@ def compiled_on_cuda(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def run(x: torch.Tensor, *args):
         nonlocal compiled, failed
-        if failed or not USE_COMPILED or not x.is_cuda or not torch.is_inference_mode_enabled() \
-                or torch.compiler.is_compiling():
+        # `is_compiling` first: inside a compiled trainer layer the chain is traced inline, and
+        # asking dynamo about inference mode would break the layer's graph at every call.
+        if torch.compiler.is_compiling() or failed or not USE_COMPILED or not x.is_cuda \
+                or not torch.is_inference_mode_enabled():
             return fn(x, *args)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=True, fullgraph=True)

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from miles_core.utils.device import to_device
+
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 except ImportError:  # older torch: the segment loop serves every device
@@ -64,8 +66,16 @@ class PackedSegments:
     attention layers recognise it and attend within segments."""
 
     segments: list[tuple[int, int, int, int]]
+    varlen: VarlenLayout | None = None
+    """The row's variable-length attention layout, made before the forward on CUDA (`for_device`),
+    so that compiled layers read tensors instead of tracing the segment list."""
     _block_masks: dict = field(default_factory=dict, repr=False)
-    _varlen: dict = field(default_factory=dict, repr=False)
+
+    @staticmethod
+    def for_device(segments: list[tuple[int, int, int, int]], device) -> PackedSegments:
+        """The segments, with their varlen layout when `device` is CUDA."""
+        cuda = torch.device(device).type == "cuda" and varlen_attn is not None
+        return PackedSegments(segments, VarlenLayout.of(segments, device) if cuda else None)
 
     @property
     def num_tokens(self) -> int:
@@ -98,19 +108,14 @@ class PackedSegments:
         return self._block_masks[key]
 
 
-    def varlen_layout(self, device) -> VarlenLayout:
-        """The row as variable-length attention sees it, built once per forward (per device)."""
-        key = str(device)
-        if key not in self._varlen:
-            self._varlen[key] = VarlenLayout.of(self.segments, device)
-        return self._varlen[key]
-
 
 @dataclass(frozen=True)
 class VarlenLayout:
     """Queries are the row's tokens in order (segments tile it); keys of segment i are its prefix
     then its own tokens: `key_index` gathers them from the row (None when no segment has a prefix:
-    the keys are the row itself). `cu_q`/`cu_k` are the int32 cumulative lengths."""
+    the keys are the row itself). `cu_q`/`cu_k` are the int32 cumulative lengths; `max_q`/`max_k`
+    are rounded up to a power of two (flash attention only sizes its grid by them; blocks past a
+    segment's end exit at once), so a compiled layer sees few distinct values and recompiles rarely."""
 
     key_index: torch.Tensor | None
     cu_q: torch.Tensor
@@ -125,13 +130,16 @@ class VarlenLayout:
         key_index = None
         if any(p_end > p_start for _, _, p_start, p_end in segments):
             ranges = [torch.arange(p_start, p_end) for _, _, p_start, p_end in segments]
-            key_index = torch.cat([torch.cat((r, torch.arange(start, end))) for r, (start, end, _, _)
-                                   in zip(ranges, segments)]).to(device)
+            key_index = to_device(torch.cat([torch.cat((r, torch.arange(start, end))) for r, (start, end, _, _)
+                                             in zip(ranges, segments)]), device)
 
         def cumulative(lengths: list[int]) -> torch.Tensor:
-            return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+            return to_device(torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32), device)
 
-        return VarlenLayout(key_index, cumulative(q_lens), cumulative(k_lens), max(q_lens), max(k_lens))
+        def bucket(length: int) -> int:
+            return 1 << max(length - 1, 0).bit_length()
+
+        return VarlenLayout(key_index, cumulative(q_lens), cumulative(k_lens), bucket(max(q_lens)), bucket(max(k_lens)))
 
 
 # Not traced by torch.compile (`train.compile`): the segment list changes every micro-batch and
@@ -163,22 +171,30 @@ def flex_packed_attention(q_1HTD, k_1KTD, v_1KTD, packed: PackedSegments, compil
               enable_gqa=q_1HTD.shape[1] != k_1KTD.shape[1])
 
 
-def _causal_kwargs() -> dict:
+def _varlen_kwargs() -> dict:
     # torch 2.10 spells the causal mask `is_causal`; later versions a (left, right) window, where
-    # (-1, 0) is causal aligned bottom-right (queries are the last tokens of their keys).
+    # (-1, 0) is causal aligned bottom-right (queries are the last tokens of their keys). GQA is
+    # native to the flash kernel; torch >= 2.12 asks for it by name. Read once: compiled layers
+    # must not trace `inspect`.
+    if varlen_attn is None:
+        return {}
     parameters = inspect.signature(varlen_attn).parameters
-    return {"is_causal": True} if "is_causal" in parameters else {"window_size": (-1, 0)}
+    kwargs = {"is_causal": True} if "is_causal" in parameters else {"window_size": (-1, 0)}
+    return kwargs | ({"enable_gqa": True} if "enable_gqa" in parameters else {})
+
+
+_VARLEN_KWARGS = _varlen_kwargs()
 
 
 def varlen_packed_attention(q_1HTD, k_1KTD, v_1KTD, packed: PackedSegments) -> torch.Tensor:
-    """The whole packed row in one variable-length flash-attention call (same mask as `segment_attention`)."""
-    layout = packed.varlen_layout(q_1HTD.device)
+    """The whole packed row in one variable-length flash-attention call (same mask as
+    `segment_attention`). Traceable by `torch.compile` when the layout was made beforehand."""
+    layout = packed.varlen if packed.varlen is not None else VarlenLayout.of(packed.segments, q_1HTD.device)
     q_THD, k_TKD, v_TKD = (x[0].transpose(0, 1) for x in (q_1HTD, k_1KTD, v_1KTD))
     if layout.key_index is not None:
         k_TKD, v_TKD = k_TKD[layout.key_index], v_TKD[layout.key_index]
-    extra = {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
     out_THD = varlen_attn(q_THD.contiguous(), k_TKD.contiguous(), v_TKD.contiguous(), layout.cu_q, layout.cu_k,
-                          layout.max_q, layout.max_k, **_causal_kwargs(), **extra)
+                          layout.max_q, layout.max_k, **_VARLEN_KWARGS)
     return out_THD.transpose(0, 1)[None]  # (1, H, T, DV)
 
 
@@ -193,13 +209,18 @@ USE_VARLEN = True
 compare with the segment loop)."""
 
 
-@torch.compiler.disable
 def packed_attention_fast(attention: Callable, q_1HTD, k_1KTD, v_1KTD, position_ids_1T,
                           packed: PackedSegments) -> torch.Tensor:
-    """Fast mode: one variable-length flash-attention call on CUDA (or FlexAttention when
-    enabled), else the segment loop."""
+    """Fast mode: one variable-length flash-attention call on CUDA (traced into a compiled layer:
+    no graph break), else FlexAttention when enabled or the segment loop (both run eagerly)."""
     if varlen_applies(q_1HTD, v_1KTD):
         return varlen_packed_attention(q_1HTD, k_1KTD, v_1KTD, packed)
+    return _packed_attention_eager(attention, q_1HTD, k_1KTD, v_1KTD, position_ids_1T, packed)
+
+
+@torch.compiler.disable
+def _packed_attention_eager(attention: Callable, q_1HTD, k_1KTD, v_1KTD, position_ids_1T,
+                            packed: PackedSegments) -> torch.Tensor:
     if USE_FLEX and q_1HTD.is_cuda and q_1HTD.shape[-1] == v_1KTD.shape[-1]:
         return flex_packed_attention(q_1HTD, k_1KTD, v_1KTD, packed)
     return segment_attention(attention, q_1HTD, k_1KTD, v_1KTD, position_ids_1T, packed)

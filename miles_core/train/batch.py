@@ -26,6 +26,7 @@ from miles_core.kernels import model_ops
 from miles_core.kernels.logprobs import chunked_logprobs_entropy
 from miles_core.sample import Sample
 from miles_core.train.routing_replay import RoutingPlan
+from miles_core.utils.device import to_device
 
 
 @dataclass
@@ -117,7 +118,7 @@ def response_hidden_states(model: nn.Module, tokens: Sequence[torch.Tensor], res
     """(N, E) hidden states that predict the N response tokens, and those tokens (N,).
     `routing` (MoE) replays and/or records the experts of every token (train/routing_replay.py)."""
     device = model.lm_head.weight.device
-    ids_BT = pad_ragged(tokens).to(device)
+    ids_BT = to_device(pad_ragged(tokens), device)
     B, T = ids_BT.shape
     positions_BT = torch.arange(T, device=device)[None, :].expand(B, T)
     ctx = routing.context([(b, 0, len(t) - 1) for b, t in enumerate(tokens)], T, device) if routing else None
@@ -125,8 +126,9 @@ def response_hidden_states(model: nn.Module, tokens: Sequence[torch.Tensor], res
     if routing:
         ids_BTLK = ctx.stacked()
         routing.recorded = [ids_BTLK[b, : len(t) - 1] for b, t in enumerate(tokens)]
-    rows = torch.cat([torch.full((r,), i) for i, r in enumerate(response_lengths)]).to(device)
-    cols = torch.cat([torch.arange(len(t) - r - 1, len(t) - 1) for t, r in zip(tokens, response_lengths)]).to(device)
+    rows = to_device(torch.cat([torch.full((r,), i) for i, r in enumerate(response_lengths)]), device)
+    cols = to_device(torch.cat([torch.arange(len(t) - r - 1, len(t) - 1)
+                                for t, r in zip(tokens, response_lengths)]), device)
     return hidden_BTE[rows, cols], ids_BT[rows, cols + 1]
 
 

@@ -34,6 +34,7 @@ from miles_core.config import AlgoConfig, TrainConfig
 from miles_core.errors import MilesError
 from miles_core.algo.mismatch import MismatchSums
 from miles_core.checkpoint.loading import DTYPES
+from miles_core.utils.device import to_device
 from miles_core.models.base import named_weights
 from miles_core.quant.formats import QuantSpec
 from miles_core.quant.fp8_train import apply_fp8_training
@@ -274,7 +275,7 @@ class NativeTrainer:
         self._measure_routing(batch, indices, plan, agreement)
 
         def pad(values: list[torch.Tensor] | None) -> torch.Tensor | None:
-            return None if values is None else pad_ragged([values[i] for i in indices]).to(self.device)
+            return None if values is None else to_device(pad_ragged([values[i] for i in indices]), self.device)
 
         log_probs, mask = pad_ragged(logps).float(), pad(batch.loss_masks)
         old = pad(batch.old_log_probs) if batch.old_log_probs is not None else log_probs.detach()

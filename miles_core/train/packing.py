@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from miles_core.kernels.packed import PackedSegments
+from miles_core.utils.device import to_device
 from miles_core.train.batch import _prompt_slots, _token_log_probs, has_room, prompt_groups
 from miles_core.train.routing_replay import RoutingPlan
 
@@ -99,19 +100,19 @@ def packed_hidden_states(model: nn.Module, tokens: Sequence[torch.Tensor], respo
     response tokens, and those tokens (N,), from one packed forward."""
     device = model.lm_head.weight.device
     row = pack_row(tokens, response_lengths, share_prompt_prefix, routing)
-    ids_1T = torch.cat(row.ids)[None].to(device)
-    positions_1T = torch.cat(row.positions)[None].to(device)
+    ids_1T = to_device(torch.cat(row.ids)[None], device)
+    positions_1T = to_device(torch.cat(row.positions)[None], device)
     pieces = [p for sample in sorted(row.pieces) for p in row.pieces[sample]]
     # Replay pieces: a shared prompt's routing is written once (its first sample's), the rest
     # only repeat it; the context fills each row offset from one of them.
     ctx = routing.packed_context(pieces, row.length, device) if routing else None
-    hidden_1TE = model(ids_1T, positions_1T, PackedSegments(row.segments), routing=ctx)
+    hidden_1TE = model(ids_1T, positions_1T, PackedSegments.for_device(row.segments, device), routing=ctx)
     if routing:
         ids_1TLK = ctx.stacked()
         routing.recorded = [np.concatenate([ids_1TLK[0, off : off + n] for _, _, n, off in row.pieces[b]])
                             for b in range(len(tokens))]
-    index = torch.cat([row.predict[b] for b in range(len(tokens))]).to(device)
-    targets = torch.cat([t[len(t) - r :] for t, r in zip(tokens, response_lengths)]).to(device)
+    index = to_device(torch.cat([row.predict[b] for b in range(len(tokens))]), device)
+    targets = to_device(torch.cat([t[len(t) - r :] for t, r in zip(tokens, response_lengths)]), device)
     return hidden_1TE[0, index], targets
 
 

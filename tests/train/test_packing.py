@@ -143,7 +143,7 @@ def test_varlen_layout_gathers_each_segments_prefix_before_its_tokens():
     layout = VarlenLayout.of([(0, 3, 0, 0), (3, 5, 0, 3), (5, 6, 0, 3), (6, 8, 0, 0)], "cpu")
     assert layout.key_index.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2, 5, 6, 7]
     assert layout.cu_q.tolist() == [0, 3, 5, 6, 8] and layout.cu_k.tolist() == [0, 3, 8, 12, 14]
-    assert (layout.max_q, layout.max_k) == (3, 5) and layout.cu_q.dtype == torch.int32
+    assert (layout.max_q, layout.max_k) == (4, 8) and layout.cu_q.dtype == torch.int32  # powers of two
     plain = VarlenLayout.of([(0, 3, 0, 0), (3, 7, 0, 0)], "cpu")
     assert plain.key_index is None and plain.cu_k.tolist() == [0, 3, 7] and plain.max_k == 4
 

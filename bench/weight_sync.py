@@ -1,0 +1,216 @@
+"""Seconds and GB/s of one weight sync per transport, against the bounds measured in the same run.
+
+For each model shape (Qwen3 at 0.6B and 4B with the SmolLM2 vocabulary, random bf16 weights saved
+as a HF checkpoint), the
+trainer side pushes the full bf16 state dict (`sync.bucket_mb` buckets) to an engine:
+
+- `inprocess`: a native engine in this process on GPU 0 (a device-to-device copy per tensor);
+- `cuda_ipc`: a `miles serve` process on GPU 0 (colocated): one IPC handle per bucket;
+- `nccl`: a `miles serve` process on GPU 1: SGLang's `/init_weights_update_group` +
+  `/update_weights_from_distributed`, one broadcast per tensor;
+- `disk`: the same server, a HF checkpoint written and loaded by path (for scale).
+
+Bounds, measured here: the device-to-device copy of the same bytes on GPU 0 (`copy_`), and the
+all-reduce bus bandwidth between GPU 0 and GPU 1 (two NCCL ranks, 1 GiB, busbw = 2(n-1)/n x
+bytes / time). Goals (many-GPU issue): in-process and CUDA IPC within 2x of the copy bound, NCCL
+within 2x of the bus bandwidth. Every push ends with the engine serving the new version; times
+are the median of `--repeats` pushes after one warm-up push (which also sets up the NCCL group).
+
+GPU (2 GPUs for nccl/disk):  python bench/weight_sync.py --out bench/results/weight_sync.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from align_overhead import random_model  # bench/ is on sys.path when run
+from train_throughput import SHAPES
+
+API_KEY = "weight-sync-bench"
+
+
+def copy_bound(nbytes: int, repeats: int = 5) -> float:
+    """GB/s of a device-to-device copy of `nbytes` on GPU 0."""
+    src, dst = (torch.empty(nbytes, dtype=torch.uint8, device="cuda:0") for _ in range(2))
+    times = []
+    for _ in range(repeats + 1):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return nbytes / statistics.median(times[1:]) / 1e9
+
+
+def _allreduce_rank(rank: int, port: int, nbytes: int, out) -> None:
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    buffer = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=f"cuda:{rank}")
+    times = []
+    for _ in range(6):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        dist.all_reduce(buffer)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    if rank == 0:
+        out.put(nbytes / statistics.median(times[1:]) / 1e9)  # 2(n-1)/n = 1 for n = 2
+    dist.destroy_process_group()
+
+
+def nccl_bus_bandwidth(nbytes: int = 1 << 30) -> float:
+    context = mp.get_context("spawn")
+    out = context.Queue()
+    port = free_port()
+    ranks = [context.Process(target=_allreduce_rank, args=(r, port, nbytes, out)) for r in range(2)]
+    for p in ranks:
+        p.start()
+    value = out.get(timeout=300)
+    for p in ranks:
+        p.join(timeout=60)
+    return value
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(model_dir: Path, gpu: int, log: Path) -> tuple[subprocess.Popen, str]:
+    """`miles serve` on one GPU; returns the process and its URL once it answers /health."""
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
+    command = [sys.executable, "-m", "miles_cli.app", "serve", "--model", str(model_dir), "--port", str(port),
+               "--api-key", API_KEY, "--set", "model.dtype=bfloat16", "--set", "model.device=cuda"]
+    process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if process.poll() is not None:
+            raise RuntimeError(f"miles serve exited with {process.returncode}: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"miles serve on GPU {gpu} did not come up: {log.read_text()[-2000:]}")
+
+
+def timed_pushes(sync, weights: list[tuple[str, torch.Tensor]], repeats: int) -> float:
+    times = []
+    for version in range(repeats + 1):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        sync.push(iter(weights), version=str(version + 1))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def measure_shape(name: str, args, work: Path) -> tuple[list[tuple[str, float, float]], int]:
+    """Rows (transport, seconds, GB/s) for one model shape, and the bytes pushed."""
+    from miles_core.checkpoint.loading import load_model
+    from miles_core.config import EngineConfig, ModelConfig, SyncConfig
+    from miles_core.engine import build_engine
+    from miles_core.engine.http import SGLangHttpEngine
+    from miles_core.sync import SyncContext, build_weight_sync
+
+    model_dir = save_random_checkpoint(name, work / name, Path(args.tokenizer))
+    loaded = load_model(ModelConfig(source=str(model_dir), device="cuda", dtype="bfloat16"))
+    weights = [(k, v.detach().clone()) for k, v in loaded.model.state_dict().items()]
+    nbytes = sum(v.numel() * v.element_size() for _, v in weights)
+    context = SyncContext(hf_config=loaded.hf_config, source_dir=model_dir, work_dir=work / f"{name}-disk")
+    rows = []
+    for transport in args.transports.split(","):
+        try:
+            if transport == "inprocess":
+                engine = build_engine(EngineConfig(), loaded)
+                seconds = timed_pushes(build_weight_sync(SyncConfig(transport="inprocess"), engine), weights,
+                                       args.repeats)
+            else:
+                gpu = 0 if transport == "cuda_ipc" else 1
+                process, url = start_server(model_dir, gpu, work / f"{name}-{transport}.log")
+                try:
+                    engine = SGLangHttpEngine(EngineConfig(backend="sglang", urls=[url], api_key=API_KEY), urls=[url])
+                    sync = build_weight_sync(SyncConfig(transport=transport, bucket_mb=args.bucket_mb), engine, context)
+                    seconds = timed_pushes(sync, weights, args.repeats)
+                    getattr(sync, "close", lambda: None)()
+                finally:
+                    process.terminate()
+                    process.wait(timeout=60)
+            rows.append((transport, seconds, nbytes / seconds / 1e9))
+        except Exception as err:  # noqa: BLE001 - a failing transport is reported, the others still run
+            rows.append((f"{transport} (failed: {str(err).splitlines()[0][:160]})", float("nan"), float("nan")))
+        print(name, rows[-1], flush=True)
+    return rows, nbytes
+
+
+def save_random_checkpoint(name: str, folder: Path, tokenizer: Path) -> Path:
+    """The shape with the tokenizer's vocabulary (the servers need a tokenizer), random bf16 weights."""
+    import transformers
+
+    from miles_core.checkpoint.hf import save_hf_checkpoint
+
+    vocab = len(transformers.AutoTokenizer.from_pretrained(tokenizer))
+    shape = dict(SHAPES[name], vocab_size=vocab)
+    config = transformers.Qwen3Config(**{k: v for k, v in shape.items() if k != "model_type"})
+    model = random_model(shape, "cuda", torch.bfloat16)
+    save_hf_checkpoint(folder, model.state_dict().items(), config.to_dict(), source_dir=tokenizer)
+    return folder
+
+
+def report(args, bounds: dict, results: dict) -> str:
+    card = torch.cuda.get_device_name()
+    lines = ["# Weight sync (weight_sync)", "",
+             f"Card: {card} x {torch.cuda.device_count()}; date: {datetime.date.today()}; torch {torch.__version__}; "
+             f"command: `python {' '.join(sys.argv)}`. bf16 weights, buckets of {args.bucket_mb} MiB, median of "
+             f"{args.repeats} pushes after a warm-up push.", "",
+             f"Bounds measured in this run: device-to-device copy on GPU 0 {bounds['copy']:.0f} GB/s; "
+             f"NCCL all-reduce bus bandwidth GPU 0 <-> GPU 1 {bounds['nccl']:.0f} GB/s.", ""]
+    for name, (rows, nbytes) in results.items():
+        lines += [f"## {name} ({nbytes / 1e9:.2f} GB)", "", "| transport | seconds | GB/s | bound | share of bound |",
+                  "|---|---|---|---|---|"]
+        for transport, seconds, rate in rows:
+            bound = bounds["nccl"] if transport.startswith("nccl") else bounds["copy"]
+            label = "NCCL bus" if transport.startswith("nccl") else "copy"
+            lines.append(f"| {transport} | {seconds:.3f} | {rate:.1f} | {label} {bound:.0f} GB/s | {rate / bound:.1%} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", default="0.6B,4B")
+    parser.add_argument("--transports", default="inprocess,cuda_ipc,nccl,disk")
+    parser.add_argument("--bucket-mb", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tokenizer", default=".gpuassets/smollm2-tok", help="tokenizer folder (SmolLM2's)")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    bounds = {"copy": copy_bound(1 << 30), "nccl": nccl_bus_bandwidth() if torch.cuda.device_count() > 1 else float("nan")}
+    print(bounds, flush=True)
+    with tempfile.TemporaryDirectory(prefix="weight_sync_") as tmp:
+        results = {name: measure_shape(name, args, Path(tmp)) for name in args.shapes.split(",")}
+    text = report(args, bounds, results)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
