@@ -70,3 +70,8 @@ class QuantizedSync:
             return self.inner.push(quantized(weights, self.spec), version)
         finally:
             self.inner.context = context
+
+    def close(self) -> None:
+        close = getattr(self.inner, "close", None)
+        if callable(close):
+            close()
