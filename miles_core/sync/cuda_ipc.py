@@ -191,13 +191,14 @@ class CudaIpcSync:
                              "use 'nccl' or 'disk'")
         self.engine, self.cfg = engine, cfg
         self.buffer: torch.Tensor | None = None
+        self.bucket_bytes = cfg.bucket_mb << 20
 
     def push(self, weights: Iterable[tuple[str, torch.Tensor]], version: str) -> SyncStats:
         start = time.perf_counter()
         num_tensors = num_buckets = num_bytes = 0
         self.engine.pause()
         try:
-            for bucket, last in with_last(buckets(weights, self.cfg.bucket_mb << 20)):
+            for bucket, last in with_last(buckets(weights, self.bucket_bytes)):
                 self._send(bucket, version if last else None)
                 num_buckets += 1
                 num_tensors += len(bucket)
@@ -210,7 +211,7 @@ class CudaIpcSync:
         offsets, size = layout((tuple(t.shape), t.dtype) for _, t in bucket)
         device = next((t.device for _, t in bucket if t.is_cuda), torch.device("cuda", torch.cuda.current_device()))
         if self.buffer is None or self.buffer.numel() < size or self.buffer.device != device:
-            self.buffer = torch.empty(max(size, self.cfg.bucket_mb << 20), dtype=torch.uint8, device=device)
+            self.buffer = torch.empty(max(size, self.bucket_bytes), dtype=torch.uint8, device=device)
         for (_, tensor), offset in zip(bucket, offsets):
             nbytes = tensor.numel() * tensor.element_size()
             self.buffer[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor.detach())
