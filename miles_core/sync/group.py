@@ -4,8 +4,8 @@ default process group, plus the names, checksums and checks both ends of a trans
 The group is wire-compatible with SGLang's `init_custom_process_group` (and slime's, verl's):
 rank 0 hosts a `TCPStore` at `master_address:master_port`, every rank reaches it, and the
 backend rendezvous happens under the same key prefixes SGLang's helper uses
-(`PrefixStore(group_name)`, then `"{group_name}/"`, then `"{device}/"`), so a real SGLang server
-joins a group that miles created and the other way round. Unlike that helper, the backend
+(`PrefixStore(group_name)`, then `"{group_name}/"`, then `"{device}/"`, with the same backends and
+sequence numbers), so a real SGLang server joins a group that miles created. Unlike that helper, the backend
 (`ProcessGroupGloo` / `ProcessGroupNCCL`) is built directly from the store: the group is never
 registered with `torch.distributed`'s global state and never split from the default group, so a
 trainer that already runs FSDP on the default group is not disturbed (a split would need every
@@ -72,15 +72,18 @@ class WeightGroup:
             store = dist.TCPStore(master_address, master_port, world_size, is_master=False, timeout=timeout,
                                   wait_for_workers=False)
         self.store, self.rank, self.world_size, self.name, self.backend = store, rank, world_size, group_name, backend
-        device = "cuda" if backend == "nccl" else "cpu"
-        backend_store = dist.PrefixStore(f"{device}/", dist.PrefixStore(f"{group_name}/",
-                                                                        dist.PrefixStore(group_name, store)))
+        # As torch's helper does: one backend under the first device type of its map ("cpu/" for
+        # gloo, which serves CUDA tensors too; "cuda/" for NCCL), then its sequence number.
+        device = "cpu" if backend == "gloo" else "cuda"
+        device_store = dist.PrefixStore(f"{device}/", dist.PrefixStore(f"{group_name}/",
+                                                                       dist.PrefixStore(group_name, store)))
         if backend == "gloo":
-            self.pg = dist.ProcessGroupGloo(backend_store, rank, world_size, timeout)
+            self.pg = dist.ProcessGroupGloo(device_store, rank, world_size, timeout)
         else:
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = timeout
-            self.pg = dist.ProcessGroupNCCL(backend_store, rank, world_size, options)
+            self.pg = dist.ProcessGroupNCCL(device_store, rank, world_size, options)
+        self.pg._set_sequence_number_for_group()
 
     def broadcast(self, tensor: torch.Tensor) -> None:
         """Send (rank 0) or receive (others) `tensor` in place; returns once it is complete here."""
