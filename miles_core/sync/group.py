@@ -15,6 +15,7 @@ default-group rank to take part).
 from __future__ import annotations
 
 import hashlib
+import socket
 from datetime import timedelta
 
 import torch
@@ -69,8 +70,8 @@ class WeightGroup:
             raise MilesError(f"weight-update group: rank {rank} is outside world_size {world_size}")
         timeout = timedelta(seconds=timeout_s)
         if store is None:  # rank 0 passes the store it hosts (see `host_store`)
-            store = dist.TCPStore(master_address, master_port, world_size, is_master=False, timeout=timeout,
-                                  wait_for_workers=False)
+            store = _connect(master_address, master_port, world_size)
+            store.set_timeout(timeout)  # the rendezvous below waits for every rank
         self.store, self.rank, self.world_size, self.name, self.backend = store, rank, world_size, group_name, backend
         # As torch's helper does: one backend under the first device type of its map ("cpu/" for
         # gloo, which serves CUDA tensors too; "cuda/" for NCCL), then its sequence number.
@@ -96,6 +97,20 @@ class WeightGroup:
         if callable(shutdown):  # NCCL frees its communicator now instead of at exit
             shutdown()
         self.pg = None
+
+
+CONNECT_TIMEOUT_S = 10.0
+"""Seconds to reach rank 0's store: it is up before any server is asked to join."""
+
+
+def _connect(address: str, port: int, world_size: int) -> dist.TCPStore:
+    """A client of rank 0's store; an address nobody listens at fails at once, not at the timeout."""
+    try:
+        socket.create_connection((address, port), timeout=CONNECT_TIMEOUT_S).close()
+        return dist.TCPStore(address, port, world_size, is_master=False,
+                             timeout=timedelta(seconds=CONNECT_TIMEOUT_S), wait_for_workers=False)
+    except (OSError, RuntimeError, ValueError) as err:  # torch: RuntimeError; a NUL or bad IDNA name: ValueError
+        raise MilesError(f"cannot reach the weight-update group's store at {address}:{port} ({err})") from None
 
 
 def host_store(master_port: int, world_size: int, timeout_s: float) -> dist.TCPStore:

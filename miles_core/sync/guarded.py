@@ -89,7 +89,8 @@ class CheckedSync:
                 expected = tensor.to(parse_dtype(entry["dtype"], f"{url} tensor '{name}'"))
                 if list(expected.shape) != entry["shape"] or tensor_sha256(expected) != entry["sha256"]:
                     raise MilesError(f"weight sync of version {version}: {url} holds a '{name}' that differs from "
-                                     f"the trainer's (sha256 or shape {entry['shape']}); sync.check_weight_update_equal")
+                                     f"the trainer's (sha256 or shape {entry['shape']}); "
+                                     "sync.check_weight_update_equal")
 
     def close(self) -> None:
         close_inner(self.inner)

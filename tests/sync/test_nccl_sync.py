@@ -115,7 +115,8 @@ def test_a_server_that_is_gone_fails_the_push_with_one_line(model):
         sync.push(trained(model, seed=6), version="1")
         started[1].process.kill()
         started[1].process.wait()
-        with pytest.raises(MilesError, match=f"server {started[1].url} has left; the weight-update group needs") as caught:
+        gone = f"server {started[1].url} has left; the weight-update group needs"
+        with pytest.raises(MilesError, match=gone) as caught:
             sync.push(trained(model, seed=7), version="2")
         assert "\n" not in str(caught.value)
     finally:

@@ -45,7 +45,8 @@ SGLANG_STYLE_RANK = """
 import sys
 from datetime import timedelta
 import torch
-from torch.distributed.distributed_c10d import Backend, BroadcastOptions, PrefixStore, _new_process_group_helper, rendezvous
+from torch.distributed.distributed_c10d import (Backend, BroadcastOptions, PrefixStore, _new_process_group_helper,
+                                                rendezvous)
 port, name = int(sys.argv[1]), sys.argv[2]
 timeout = timedelta(seconds=30)
 store, rank, world_size = next(rendezvous(f"tcp://127.0.0.1:{port}", 1, 2, timeout=timeout))

@@ -73,7 +73,8 @@ def test_inprocess_resumes_the_engine_when_a_bucket_is_refused():
 def test_unknown_transport_is_refused():
     cfg = SyncConfig()
     object.__setattr__(cfg, "transport", "rdma")  # the recipe schema lists only shipped transports
-    with pytest.raises(MilesError, match="unknown sync.transport 'rdma'; expected one of: cuda_ipc, disk, inprocess, nccl"):
+    expected = "unknown sync.transport 'rdma'; expected one of: cuda_ipc, disk, inprocess, nccl"
+    with pytest.raises(MilesError, match=expected):
         build_weight_sync(cfg, RecordingEngine())
     assert set(SYNC_TRANSPORTS) == {"disk", "inprocess", "nccl", "cuda_ipc"}
 
