@@ -29,13 +29,14 @@ def free_port() -> int:
 class ServeProcess:
     """`miles serve --model MODEL` in a subprocess (`start`, then `wait_ready`; `stop` always)."""
 
-    def __init__(self, model: str = "tiny-qwen3", device: str = "cpu") -> None:
-        self.port = free_port()
+    def __init__(self, model: str = "tiny-qwen3", device: str = "cpu", allowed_root: str = "") -> None:
+        self.port, self.allowed_root = free_port(), allowed_root
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "miles_cli.app", "serve", "--model", model, "--port", str(self.port),
-             "--allow-unauthenticated-weight-updates", "--set", f'model.device="{device}"'],
+             "--allow-unauthenticated-weight-updates", "--set", f'model.device="{device}"',
+             *(["--allowed-model-root", allowed_root] if allowed_root else [])],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
 
     def wait_ready(self, timeout_s: float = 120) -> ServeProcess:

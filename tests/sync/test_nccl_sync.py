@@ -7,6 +7,7 @@ is gone or stuck is a one-line error, not a hang."""
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,15 +15,17 @@ import pytest
 from miles_core.checkpoint.loading import load_model
 from miles_core.config import ModelConfig, SyncConfig
 from miles_core.errors import MilesError
-from miles_core.sync import buckets, build_weight_sync
+from miles_core.sync import SyncContext, buckets, build_weight_sync
+from miles_core.sync.guarded import CheckedSync
 from miles_core.sync.group import tensor_sha256
 from miles_core.sync.nccl import NcclSync
 from tests.sync.servers import ServeProcess, client_engine, digests, trained, version_of
 
 
 @pytest.fixture(scope="module")
-def servers():
-    started = [ServeProcess(), ServeProcess()]  # both load at once
+def servers(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("disk_sync"))
+    started = [ServeProcess(allowed_root=root), ServeProcess(allowed_root=root)]  # both load at once
     try:
         yield [s.wait_ready() for s in started]
     finally:
@@ -31,8 +34,13 @@ def servers():
 
 
 @pytest.fixture(scope="module")
-def model():
-    return load_model(ModelConfig(source="tiny-qwen3", device="cpu")).model
+def loaded():
+    return load_model(ModelConfig(source="tiny-qwen3", device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def model(loaded):
+    return loaded.model
 
 
 def _innermost(sync):
@@ -65,6 +73,37 @@ def test_push_over_gloo_in_several_buckets_is_bitwise(servers, model):
     _assert_holds(servers[0].url, again)
     sync.close()
     assert inner.group is None
+
+
+def test_disk_pushes_to_servers_are_checked_bitwise(servers, loaded):
+    engine = client_engine(servers[0])
+    cfg = SyncConfig(transport="disk", disk_dir=servers[0].allowed_root, check_weight_update_equal=True)
+    sync = build_weight_sync(cfg, engine, SyncContext(loaded.hf_config, loaded.path, Path(servers[0].allowed_root)))
+    weights = trained(loaded.model, seed=11)
+    sync.push(weights, version="21")
+    _assert_holds(servers[0].url, weights)
+
+
+class _DropsFirst:
+    """A transport bug: the first tensor never reaches the servers."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def push(self, weights, version):
+        return self.inner.push(list(weights)[1:], version)
+
+
+def test_the_check_catches_a_tensor_a_server_did_not_get(servers, model):
+    engine = client_engine(servers[0])
+    nccl = NcclSync(engine, SyncConfig(transport="nccl"))
+    nccl.push(trained(model, seed=12), version="30")
+    checked = CheckedSync(_DropsFirst(nccl), engine)
+    weights = trained(model, seed=13)
+    with pytest.raises(MilesError, match=f"{servers[0].url} holds a '{weights[0][0]}' that differs from the trainer"):
+        checked.push(weights, version="31")
+    CheckedSync(nccl, engine).push(weights, version="32")  # the full push passes the same check
+    nccl.close()
 
 
 def test_two_servers_take_ranks_one_and_two(servers, model):
