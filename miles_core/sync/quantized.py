@@ -25,6 +25,7 @@ from miles_core.quant.formats import (
     quantize_tensor,
 )
 from miles_core.quant.modules import holds_quantized
+from miles_core.sync.guarded import close_inner
 from miles_core.sync.protocol import SyncContext, SyncStats, WeightSync
 
 
@@ -72,6 +73,4 @@ class QuantizedSync:
             self.inner.context = context
 
     def close(self) -> None:
-        close = getattr(self.inner, "close", None)
-        if callable(close):
-            close()
+        close_inner(self.inner)
