@@ -118,11 +118,13 @@ class TrainConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SyncConfig:
-    transport: Literal["auto", "inprocess", "disk"] = "auto"
+    transport: Literal["auto", "inprocess", "disk", "nccl", "cuda_ipc"] = "auto"
     """How the trainer's weights reach the engine after each step: `inprocess` (the engine lives in
     this process and copies the tensors), `disk` (a HF checkpoint in `disk_dir`, loaded by the
-    servers through `/update_weights_from_disk`), or `auto` (`disk` for engines in other processes,
-    such as the `sglang` backend, else `inprocess`). Later: `cuda_ipc`, `nccl`."""
+    servers through `/update_weights_from_disk`), `nccl` (broadcast to every server over a
+    weight-update process group, SGLang's `/update_weights_from_distributed`), `cuda_ipc` (a
+    `miles serve` server on the same GPU maps the trainer's buffer), or `auto` (`disk` for engines
+    in other processes, such as the `sglang` backend, else `inprocess`)."""
     disk_dir: str = ""
     """`disk` transport: folder for the checkpoints the servers load (must be readable by them at
     the same path); empty means `weight_sync/` in the run folder."""
@@ -136,6 +138,12 @@ class SyncConfig:
     """INT4 group size of `quantize`."""
     timeout_s: float = 600.0
     """Seconds a weight sync may take before the run stops with an error instead of hanging; 0: no limit."""
+    nccl_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """`nccl` transport: collective backend of the weight-update group; `auto` is nccl when the
+    weights are on CUDA, gloo when they are on CPU."""
+    nccl_master_address: str = ""
+    """`nccl` transport: address the servers reach the trainer at; empty: this machine's address
+    on the route to the first server."""
     check_weight_update_equal: bool = False
     """After every sync, read the engine's weights back and require them bitwise equal to what was
     sent (slime's `--check-weight-update-equal`; a debugging aid: one extra copy of the weights)."""
@@ -143,3 +151,6 @@ class SyncConfig:
     def __post_init__(self) -> None:
         _check(self.bucket_mb >= 1, f"bucket_mb must be >= 1, got {self.bucket_mb}")
         _check(self.timeout_s >= 0, f"timeout_s must be >= 0 (0: no limit), got {self.timeout_s}")
+        address = self.nccl_master_address
+        _check(address == address.strip() and "/" not in address and " " not in address and address.count(":") != 1,
+               f"nccl_master_address must be a host name or IP address (no scheme, port or spaces), got '{address}'")

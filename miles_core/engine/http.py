@@ -12,8 +12,9 @@ request with `sampling_seed` s draws from the stream of (s, j), exactly as the n
 process, so a request is sent once with `n`. SGLang seeds every copy of an `n > 1` request alike,
 so for other servers each sample is sent as its own request with seed `sample_seed(s, j)`.
 
-Weights arrive through `update_weights_from_disk` (the `disk` sync transport); the version every
-server reports afterwards is checked.
+Weights arrive through `update_weights_from_disk` (the `disk` sync transport) or the routes of
+`http_weights.WeightRoutes` (`nccl`, `cuda_ipc`); the version every server reports afterwards is
+checked.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from miles_core.config import EngineConfig
+from miles_core.engine.http_weights import WeightRoutes
 from miles_core.engine.native import sample_seed
 from miles_core.engine.protocol import GenerateRequest, Generation
 from miles_core.errors import MilesError
@@ -46,6 +48,8 @@ class _Server:
     alive: bool = True
     outstanding: int = 0
     per_sample_seeds: bool = False
+    num_ranks: int = 1
+    """Ranks it takes in a weight-update group (SGLang's tp_size; miles serve: 1)."""
 
 
 @dataclass
@@ -58,7 +62,7 @@ class _Unit:
     payload: dict
 
 
-class SGLangHttpEngine:
+class SGLangHttpEngine(WeightRoutes):
     """`RolloutEngine` over SGLang-protocol servers at `cfg.urls`."""
 
     is_remote = True
@@ -94,6 +98,7 @@ class SGLangHttpEngine:
                 if self._healthy(server):
                     info = self._get(server, "/get_server_info")
                     server.per_sample_seeds = bool((info.get("miles") or {}).get("per_sample_seeds"))
+                    server.num_ranks = int(info.get("tp_size") or 1)
                     if info.get("max_context_length"):
                         self._context_limits.append(int(info["max_context_length"]))
                     break
@@ -169,7 +174,7 @@ class SGLangHttpEngine:
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> None:
         raise MilesError("the sglang backend receives weights through a sync transport that reaches other "
-                         "processes: set sync.transport = 'disk' (or 'auto')")
+                         "processes: set sync.transport = 'disk', 'nccl', 'cuda_ipc' (or 'auto')")
 
     def update_weights_from_disk(self, path: str, version: str) -> None:
         """Every server loads the HF checkpoint at `path` and must then report `version`."""
@@ -297,7 +302,8 @@ def _wire_rids(rid: str, n: int) -> list[str]:
 
 def _error_text(response: httpx.Response) -> str:
     try:
-        error = response.json().get("error")
-    except ValueError:
+        body = response.json()
+        error = body.get("error") or body.get("message")  # SGLang's weight routes answer {success, message}
+    except (ValueError, AttributeError):
         return response.text[:300]
     return error.get("message", str(error)) if isinstance(error, dict) else str(error)

@@ -91,9 +91,12 @@ class RunComponents:
             self.rollouts.start(first_step)
 
     def close(self) -> None:
-        """Stop background generation (async mode)."""
+        """Stop background generation (async mode); the weight sync leaves its group (`nccl`)."""
         if isinstance(self.rollouts, AsyncRollouts):
             self.rollouts.close()
+        sync = self.sync.sync if isinstance(self.sync, AsyncRollouts) else self.sync
+        if callable(getattr(sync, "close", None)):
+            sync.close()
 
     def should_eval(self, step: int) -> bool:
         """Whether the weights after `step` updates are evaluated: before training (step 0),

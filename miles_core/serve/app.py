@@ -15,7 +15,7 @@ import secrets
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException
 
-from miles_core.serve import native_routes, openai_routes
+from miles_core.serve import native_routes, openai_routes, weight_routes
 from miles_core.serve.bodies import error_response
 from miles_core.serve.state import RequestError, ServeState
 
@@ -24,7 +24,7 @@ logger = logging.getLogger("miles.serve")
 PROTECTED_ROUTES = frozenset({
     "/update_weights_from_disk", "/update_weights_from_tensor",
     "/release_memory_occupation", "/resume_memory_occupation",
-})
+}) | weight_routes.ROUTES
 OPEN_ROUTES = frozenset({"/health"})
 
 
@@ -34,6 +34,7 @@ def create_app(state: ServeState) -> FastAPI:
     app.state.serve = state
     app.include_router(native_routes.router)
     app.include_router(openai_routes.router)
+    app.include_router(weight_routes.router)
     _add_guards(app, state)
     _add_error_handlers(app)
     return app

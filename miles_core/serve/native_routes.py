@@ -268,7 +268,7 @@ async def update_weights_from_disk(request: Request):
 async def update_weights_from_tensor(request: Request):
     state, body = _state(request), await parse_body(request, UpdateFromTensorBody)
     return await _update(state, lambda: load_tensor_weights(state.engine, body.serialized_named_tensors,
-                                                            body.weight_version, body.flush_cache),
+                                                            body.weight_version, body.flush_cache, body.load_format),
                          body.abort_all_requests)
 
 

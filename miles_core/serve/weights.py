@@ -1,9 +1,11 @@
-"""Weight updates of a served engine: a HF checkpoint folder, or safetensors blobs in a request.
+"""Weight updates of a served engine: a HF checkpoint folder, safetensors blobs in a request, or
+(`load_format = "miles_cuda_ipc"`) a CUDA buffer of the trainer on the same GPU (`sync/cuda_ipc.py`).
 
-Both run on the batching worker's thread, between batches. The engine checks every name and
+All run on the batching worker's thread, between batches. The engine checks every name and
 shape before it writes any tensor, so a refused update leaves the old weights in place. Tensors
 sent over HTTP must be safetensors (SGLang sends pickled tensors; unpickling network input would
-run arbitrary code, so miles serve refuses anything else).
+run arbitrary code, so miles serve refuses anything else; a CUDA IPC handle comes as checked JSON
+fields, never pickled).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from miles_core.checkpoint.hf import iter_dense_state_dict
 from miles_core.engine.protocol import RolloutEngine
 from miles_core.errors import MilesError
 from miles_core.serve.state import RequestError
+from miles_core.sync.cuda_ipc import LOAD_FORMAT, open_bucket, parse_description
 
 
 def load_disk_weights(engine: RolloutEngine, path: Path, version: str | None, flush: bool) -> str:
@@ -26,8 +29,13 @@ def load_disk_weights(engine: RolloutEngine, path: Path, version: str | None, fl
     return _apply(engine, lambda: iter_dense_state_dict(path), version, flush, f"'{path}'")
 
 
-def load_tensor_weights(engine: RolloutEngine, blobs: list[str], version: str | None, flush: bool) -> str:
+def load_tensor_weights(engine: RolloutEngine, blobs: list[str], version: str | None, flush: bool,
+                        load_format: str | None = None) -> str:
     """Load base64 safetensors blobs (`serialized_named_tensors`) into the engine."""
+    if load_format == LOAD_FORMAT:
+        return load_ipc_weights(engine, blobs, version, flush)
+    if load_format not in (None, "safetensors"):
+        raise RequestError(f"load_format '{load_format}' is not supported; expected safetensors or {LOAD_FORMAT}")
     tensors = {}
     for number, blob in enumerate(blobs):
         try:
@@ -46,3 +54,28 @@ def _apply(engine: RolloutEngine, named, version: str | None, flush: bool, what:
     if flush:
         engine.flush_cache()
     return f"Succeeded to update model weights from {what} (weight_version {version})."
+
+
+def load_ipc_weights(engine: RolloutEngine, descriptions: list[str], version: str | None, flush: bool) -> str:
+    """Copy the tensors of the trainer's CUDA buffer (one JSON description each) into the engine;
+    answers only once the copies are done, so the trainer may reuse the buffer."""
+    import torch
+
+    if not descriptions:
+        raise RequestError(f"serialized_named_tensors is empty; expected one {LOAD_FORMAT} description")
+    try:
+        buckets = [parse_description(text) for text in descriptions]
+    except MilesError as err:
+        raise RequestError(str(err)) from None
+    device = getattr(engine, "device", torch.device("cpu"))
+    for bucket in buckets:
+        try:
+            named = open_bucket(bucket, device)
+        except (MilesError, RuntimeError) as err:  # RuntimeError: CUDA refused the handle
+            raise RequestError(f"{LOAD_FORMAT}: cannot map the trainer's buffer ({err})".replace("\n", " ")) from None
+        try:
+            message = _apply(engine, lambda: named, version, flush, f"{len(named)} CUDA IPC tensors")
+        finally:
+            torch.cuda.synchronize(device)  # the copies are done before the trainer reuses the buffer
+            del named
+    return message

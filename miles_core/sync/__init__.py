@@ -1,8 +1,9 @@
 """Weight sync between trainer and rollout engines, behind the `WeightSync` protocol.
 
 `SYNC_TRANSPORTS` maps `sync.transport` to a factory `(engine, SyncConfig, SyncContext) ->
-WeightSync`: `inprocess` (copy into an engine of this process) and `disk` (a HF checkpoint the
-engine or its servers load by path); CUDA IPC and NCCL register here later. `auto` picks `disk`
+WeightSync`: `inprocess` (copy into an engine of this process), `disk` (a HF checkpoint the
+engine or its servers load by path), `nccl` (a broadcast over a weight-update process group, to
+every server) and `cuda_ipc` (a `miles serve` server on the same GPU maps the trainer's buffer). `auto` picks `disk`
 for engines in other processes (`engine.is_remote`, the sglang backend), else `inprocess`.
 `sync.quantize` wraps the transport in `QuantizedSync` (FP8 / INT4 on the way).
 """
@@ -17,7 +18,9 @@ from miles_core.errors import MilesError, one_of
 from miles_core.quant.formats import QuantSpec
 from miles_core.sync.disk import DiskSync
 from miles_core.sync.guarded import CheckedSync, TimedSync
+from miles_core.sync.cuda_ipc import CudaIpcSync
 from miles_core.sync.inprocess import InProcessSync
+from miles_core.sync.nccl import NcclSync
 from miles_core.sync.protocol import SyncContext, SyncStats, WeightSync, buckets
 from miles_core.sync.quantized import QuantizedSync
 
@@ -25,6 +28,8 @@ SyncFactory = Callable[[RolloutEngine, SyncConfig, SyncContext | None], WeightSy
 SYNC_TRANSPORTS: dict[str, SyncFactory] = {
     "inprocess": lambda engine, cfg, context: InProcessSync(engine, cfg),
     "disk": DiskSync,
+    "nccl": NcclSync,
+    "cuda_ipc": CudaIpcSync,
 }
 
 

@@ -6,7 +6,10 @@ The deadline runs the transport in a worker thread and waits for it; a push that
 in time is an error naming the version and the limit (the stuck thread is left behind: the run
 stops). The check reads every tensor back from the engine (`get_weights_by_name`, SGLang's name
 for it) after the push and compares it with the tensor the transport was handed, cast to the
-engine's dtype as the engine's own copy casts it; it also checks the version stamp.
+engine's dtype as the engine's own copy casts it; it also checks the version stamp. For engines in
+other processes (`miles serve` servers) only digests travel: every server answers a sha256 per
+tensor (`/weights_checksum`), compared with the digest of the trainer's tensor in the server's
+dtype, so `nccl`, `cuda_ipc` and `disk` pushes are verified bitwise too.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 
 from miles_core.engine.protocol import RolloutEngine
 from miles_core.errors import MilesError
+from miles_core.sync.group import parse_dtype, tensor_sha256
 from miles_core.sync.protocol import SyncStats, WeightSync
 
 
@@ -46,12 +50,16 @@ class TimedSync:
             raise outcome["error"]
         return outcome["stats"]
 
+    def close(self) -> None:
+        close_inner(self.inner)
+
 
 class CheckedSync:
     """`WeightSync` that verifies the engine's weights bitwise after every push."""
 
     def __init__(self, inner: WeightSync, engine: RolloutEngine) -> None:
-        if not callable(getattr(engine, "get_weights_by_name", None)):
+        self.remote = callable(getattr(engine, "weights_checksums", None))
+        if not self.remote and not callable(getattr(engine, "get_weights_by_name", None)):
             raise MilesError(f"sync.check_weight_update_equal needs an engine that reports its weights; "
                              f"{type(engine).__name__} does not (use engine.backend = 'native')")
         self.inner, self.engine = inner, engine
@@ -62,6 +70,9 @@ class CheckedSync:
         if self.engine.weight_version != str(version):
             raise MilesError(f"weight sync: the engine reports version '{self.engine.weight_version}' after "
                              f"the update to '{version}'")
+        if self.remote:
+            self._check_digests(sent, version)
+            return stats
         for name, tensor in sent.items():
             held = self.engine.get_weights_by_name(name).detach().cpu()
             expected = tensor.to(held.dtype)
@@ -70,6 +81,26 @@ class CheckedSync:
                 raise MilesError(f"weight sync of version {version}: the engine's '{name}' differs from the "
                                  f"trainer's (max abs diff {diff}); sync.check_weight_update_equal")
         return stats
+
+    def _check_digests(self, sent: dict[str, torch.Tensor], version: str) -> None:
+        for url, held in self.engine.weights_checksums(list(sent)):
+            for name, tensor in sent.items():
+                entry = held[name]
+                expected = tensor.to(parse_dtype(entry["dtype"], f"{url} tensor '{name}'"))
+                if list(expected.shape) != entry["shape"] or tensor_sha256(expected) != entry["sha256"]:
+                    raise MilesError(f"weight sync of version {version}: {url} holds a '{name}' that differs from "
+                                     f"the trainer's (sha256 or shape {entry['shape']}); "
+                                     "sync.check_weight_update_equal")
+
+    def close(self) -> None:
+        close_inner(self.inner)
+
+
+def close_inner(inner: WeightSync) -> None:
+    """Close a wrapped transport that holds resources (the `nccl` group)."""
+    close = getattr(inner, "close", None)
+    if callable(close):
+        close()
 
 
 def _recorded(weights: Iterable[tuple[str, torch.Tensor]], sent: dict[str, torch.Tensor]) -> Iterator:

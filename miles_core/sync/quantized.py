@@ -25,6 +25,7 @@ from miles_core.quant.formats import (
     quantize_tensor,
 )
 from miles_core.quant.modules import holds_quantized
+from miles_core.sync.guarded import close_inner
 from miles_core.sync.protocol import SyncContext, SyncStats, WeightSync
 
 
@@ -70,3 +71,6 @@ class QuantizedSync:
             return self.inner.push(quantized(weights, self.spec), version)
         finally:
             self.inner.context = context
+
+    def close(self) -> None:
+        close_inner(self.inner)

@@ -28,6 +28,7 @@ from miles_core.serve import ServeOptions
 from miles_core.serve.app import create_app
 from miles_core.serve.schemas import (AbortBody, ChatBody, CompletionBody, Empty, GenerateBody, PauseBody,
                                       UpdateFromDiskBody, UpdateFromTensorBody)
+from miles_core.serve.weight_routes import ChecksumBody, DestroyGroupBody, DistributedBody, InitGroupBody
 from tests.serve.conftest import start
 
 MAX_BYTES = 4096
@@ -164,6 +165,16 @@ def specs(state) -> dict[str, Spec]:
         "/release_memory_occupation": memory, "/resume_memory_occupation": memory,
         "/v1/completions": Spec(completion_bodies, CompletionBody, frozenset({400})),
         "/v1/chat/completions": Spec(chat_bodies, ChatBody, frozenset({400})),
+        # no peer to join here: joining answers 400 (CPU engine and nccl, or no store at that port)
+        "/init_weights_update_group": Spec(st.fixed_dictionaries({
+            "master_address": st.just("127.0.0.1"), "master_port": st.just(1), "rank_offset": st.just(1),
+            "world_size": st.just(2), "backend": st.sampled_from(["nccl", "gloo"])}), InitGroupBody,
+            frozenset({400, 409}), ok=frozenset()),
+        "/update_weights_from_distributed": Spec(st.fixed_dictionaries({
+            "names": st.just(["model.norm.weight"]), "dtypes": st.just(["float32"]), "shapes": st.just([[64]])}),
+            DistributedBody, frozenset({400}), ok=frozenset()),
+        "/destroy_weights_update_group": Spec(st.just({}), DestroyGroupBody, frozenset({400}), ok=frozenset()),
+        "/weights_checksum": Spec(st.just({"names": ["model.norm.weight"]}), ChecksumBody, frozenset({400})),
     }
 
 
@@ -230,7 +241,7 @@ def test_every_route_has_a_fuzz_spec(fuzzed):
     missing = sorted(set(ROUTES) - set(specs(state)))
     assert not missing, f"routes with no fuzz spec: {missing}; add them to SPECS in {__file__}"
     assert not set(specs(state)) - set(ROUTES), "SPECS names a route the app no longer has"
-    assert len(ROUTES) == 18
+    assert len(ROUTES) == 22
 
 
 @pytest.mark.parametrize("path", sorted(ROUTES))

@@ -72,10 +72,25 @@ def test_inprocess_resumes_the_engine_when_a_bucket_is_refused():
 
 def test_unknown_transport_is_refused():
     cfg = SyncConfig()
-    object.__setattr__(cfg, "transport", "nccl")  # the recipe schema lists only shipped transports
-    with pytest.raises(MilesError, match="unknown sync.transport 'nccl'; expected one of: disk, inprocess"):
+    object.__setattr__(cfg, "transport", "rdma")  # the recipe schema lists only shipped transports
+    expected = "unknown sync.transport 'rdma'; expected one of: cuda_ipc, disk, inprocess, nccl"
+    with pytest.raises(MilesError, match=expected):
         build_weight_sync(cfg, RecordingEngine())
-    assert set(SYNC_TRANSPORTS) == {"disk", "inprocess"}
+    assert set(SYNC_TRANSPORTS) == {"disk", "inprocess", "nccl", "cuda_ipc"}
+
+
+@pytest.mark.parametrize("transport", ["nccl", "cuda_ipc"])
+def test_server_transports_need_an_engine_in_other_processes(transport):
+    with pytest.raises(MilesError, match=f"sync.transport = '{transport}' sends weights to servers in other "
+                                         "processes; RecordingEngine is not one"):
+        build_weight_sync(SyncConfig(transport=transport), RecordingEngine())
+
+
+@pytest.mark.parametrize("address", ["http://host", "host:1234", " host", "a b"])
+def test_nccl_master_address_must_be_a_bare_host(address):
+    with pytest.raises(ValueError, match="nccl_master_address must be a host name or IP address"):
+        SyncConfig(nccl_master_address=address)
+    SyncConfig(nccl_master_address="fd00::1")  # IPv6 has colons, no port
 
 
 def test_native_engine_holds_the_trainer_weights_bitwise_after_a_push(tmp_path, monkeypatch):

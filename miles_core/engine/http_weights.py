@@ -1,0 +1,107 @@
+"""The weight routes of SGLang-protocol servers, as client methods of `SGLangHttpEngine`.
+
+Used by the `nccl` and `cuda_ipc` sync transports and by `sync.check_weight_update_equal`:
+`/init_weights_update_group`, `/update_weights_from_distributed` and
+`/destroy_weights_update_group` (SGLang's names and fields), `/update_weights_from_tensor`, and
+miles serve's `/weights_checksum`. Every call goes to every live server at once (threads: a server
+answers `/update_weights_from_distributed` only after it has received the bucket, while the
+caller broadcasts it), and unlike generation a server that fails here is an error, never skipped:
+its weights would fall behind.
+"""
+
+from __future__ import annotations
+
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
+
+from miles_core.errors import MilesError
+
+
+class WeightRoutes:
+    """Mixin of `SGLangHttpEngine` (needs its `servers`, `_call`, `_live`, `_get`, `_weight_version`)."""
+
+    def weight_ranks(self) -> list[int]:
+        """How many ranks each live server has in a weight-update group (SGLang: its tp_size)."""
+        return [server.num_ranks for server in self._live()]
+
+    def local_address(self) -> str:
+        """This machine's address on the route to the first server (what the servers connect back to)."""
+        host = urlsplit(self._live()[0].url).hostname or "127.0.0.1"
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.connect((host, 9))  # UDP connect sends nothing; it only picks the route
+                return probe.getsockname()[0]
+            except OSError:
+                return "127.0.0.1"
+
+    def init_weights_update_group(self, *, master_address: str, master_port: int, world_size: int,
+                                  group_name: str, backend: str) -> None:
+        """Every server joins the group; server i gets ranks after rank 0 and the servers before it."""
+        offsets, offset = [], 1
+        for ranks in self.weight_ranks():
+            offsets.append(offset)
+            offset += ranks
+        bodies = [{"master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
+                   "world_size": world_size, "group_name": group_name, "backend": backend} for rank_offset in offsets]
+        self._post_all("/init_weights_update_group", bodies)
+
+    def update_weights_from_distributed(self, *, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                                        group_name: str, version: str | None, flush: bool) -> None:
+        """Every server receives one bucket from the group; with `version`, each must then report it."""
+        body = {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name, "flush_cache": flush,
+                "weight_version": version}
+        self._post_all("/update_weights_from_distributed", [body] * len(self._live()))
+        if version is not None:
+            self._expect_version(version)
+
+    def destroy_weights_update_group(self, group_name: str) -> None:
+        self._post_all("/destroy_weights_update_group", [{"group_name": group_name}] * len(self._live()))
+
+    def update_weights_from_tensor(self, serialized: list[str], *, load_format: str | None, version: str | None,
+                                   flush: bool) -> None:
+        body = {"serialized_named_tensors": serialized, "load_format": load_format, "flush_cache": flush,
+                "weight_version": version}
+        self._post_all("/update_weights_from_tensor", [body] * len(self._live()))
+        if version is not None:
+            self._expect_version(version)
+
+    def weights_checksums(self, names: list[str]) -> list[tuple[str, dict]]:
+        """(url, {name: {"dtype", "shape", "sha256"}}) of every live server (miles serve only)."""
+        servers = self._live()
+        answers = self._post_all("/weights_checksum", [{"names": names}] * len(servers))
+        return [(server.url, answer["tensors"]) for server, answer in zip(servers, answers)]
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _post_all(self, path: str, bodies: list[dict]) -> list[dict]:
+        servers = self._live()
+        with ThreadPoolExecutor(max_workers=len(servers)) as pool:
+            futures = [pool.submit(self._post_one, server, path, body) for server, body in zip(servers, bodies)]
+            errors, answers = [], []
+            for future in futures:
+                try:
+                    answers.append(future.result())
+                except MilesError as err:
+                    errors.append(str(err))
+        if errors:
+            raise MilesError(errors[0] + (f" (and {len(errors) - 1} more servers failed)" if len(errors) > 1 else ""))
+        return answers
+
+    def _post_one(self, server, path: str, body: dict) -> dict:
+        try:
+            answer = self._call(server, "POST", path, body).json()
+        except MilesError:  # a 4xx: the server's own one-line reason
+            raise
+        except Exception as err:  # noqa: BLE001 - `ServerFailed` (connection, timeout, 5xx): name it
+            raise MilesError(f"weight update failed: {err}") from None
+        if isinstance(answer, dict) and answer.get("success") is False:
+            raise MilesError(f"{server.url}{path} failed: {answer.get('message')}")
+        return answer
+
+    def _expect_version(self, version: str) -> None:
+        for server in self._live():
+            reported = self._get(server, "/get_model_info").get("weight_version")
+            if str(reported) != str(version):
+                raise MilesError(f"{server.url} reports weight_version '{reported}' after the update to '{version}'")
+        self._weight_version = str(version)

@@ -1,0 +1,167 @@
+"""NCCL weight sync (`sync.transport = "nccl"`): rank 0 of the trainer broadcasts every tensor to
+the rollout servers over a weight-update process group, with SGLang's protocol, so it drives real
+SGLang servers as well as `miles serve`.
+
+Once, on the first push: rank 0 hosts the group's store on a free port, asks every server to join
+(`/init_weights_update_group`: server i's `rank_offset` is 1 + the ranks of the servers before it,
+`world_size` 1 + every server rank) and joins as rank 0 meanwhile (`group.WeightGroup`, apart
+from the default process group FSDP uses). Each push: pause the servers; per bucket
+(`sync.bucket_mb`), POST `/update_weights_from_distributed` (names, dtypes, shapes) to every
+server in threads while broadcasting the bucket's tensors in that order, and wait for every answer
+(a server answers once it holds the bucket); the last bucket stamps the version and flushes the
+cache; continue. A server that refuses a bucket (unknown name, wrong shape) has still received all
+of it, so the group stays in step and the next push works; a server that is gone fails the push
+with one line, and `sync.timeout_s` (`TimedSync`) turns a server that never answers into an error.
+Backend `sync.nccl_backend`: `auto` is nccl for CUDA weights, gloo for CPU ones (tests).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
+
+import torch
+
+from miles_core.config import SyncConfig
+from miles_core.engine.protocol import RolloutEngine
+from miles_core.errors import MilesError
+from miles_core.sync.group import WeightGroup, dtype_name, host_store, resolve_backend
+from miles_core.sync.protocol import SyncContext, SyncStats, buckets
+
+NO_LIMIT_S = 1800.0
+"""Collective timeout when `sync.timeout_s` is 0 (no limit on the push as a whole)."""
+
+
+def require_weight_routes(engine: RolloutEngine, transport: str) -> None:
+    if not callable(getattr(engine, "update_weights_from_tensor", None)):
+        raise MilesError(f"sync.transport = '{transport}' sends weights to servers in other processes; "
+                         f"{type(engine).__name__} is not one (use engine.backend = 'sglang')")
+
+
+def with_last(items: Iterable) -> Iterator[tuple[object, bool]]:
+    """Each item with whether it is the last one."""
+    iterator = iter(items)
+    previous = next(iterator, _END)
+    for item in iterator:
+        yield previous, False
+        previous = item
+    if previous is not _END:
+        yield previous, True
+
+
+_END = object()
+
+
+class NcclSync:
+    """`WeightSync` that broadcasts the weights from this process (rank 0) to every server."""
+
+    def __init__(self, engine: RolloutEngine, cfg: SyncConfig, context: SyncContext | None = None) -> None:
+        require_weight_routes(engine, "nccl")
+        self.engine, self.cfg = engine, cfg
+        self.group: WeightGroup | None = None
+        self.device = torch.device("cpu")
+        self.timeout_s = cfg.timeout_s or NO_LIMIT_S
+        self.bucket_bytes = cfg.bucket_mb << 20
+
+    def push(self, weights: Iterable[tuple[str, torch.Tensor]], version: str) -> SyncStats:
+        start = time.perf_counter()
+        weights = iter(weights)
+        first = next(weights, None)
+        if first is None:
+            return SyncStats(0, 0, 0, time.perf_counter() - start)
+        if self.group is None:
+            self._join(first[1].device)
+        num_tensors = num_buckets = num_bytes = 0
+        try:
+            self.engine.pause()
+        except MilesError as err:
+            raise MilesError(f"sync.transport = 'nccl': {err}") from None
+        try:
+            self._check_servers()  # after pause, which takes out a server that stopped answering
+            for bucket, last in with_last(buckets(itertools.chain([first], weights), self.bucket_bytes)):
+                self._send(bucket, version if last else None)
+                num_buckets += 1
+                num_tensors += len(bucket)
+                num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+        finally:
+            self.engine.resume()
+        return SyncStats(num_tensors, num_buckets, num_bytes, time.perf_counter() - start)
+
+    def close(self) -> None:
+        """Every server leaves the group, then this rank does."""
+        if self.group is None:
+            return
+        try:
+            self.engine.destroy_weights_update_group(self.group.name)
+        except MilesError:
+            pass  # a server that is gone has no group left to destroy; closing must not hide the run's error
+        finally:
+            self.group.destroy()
+            self.group = None
+
+    # -- steps -------------------------------------------------------------------------------
+    def _join(self, device: torch.device) -> None:
+        backend = resolve_backend(self.cfg.nccl_backend, device)
+        self.device = device if backend == "nccl" else torch.device("cpu")
+        world_size = 1 + sum(self.engine.weight_ranks())
+        store = host_store(0, world_size, self.timeout_s)
+        address = self.cfg.nccl_master_address or self.engine.local_address()
+        name = f"miles-{uuid.uuid4().hex[:12]}"
+        servers = background(self.engine.init_weights_update_group, master_address=address, master_port=store.port,
+                             world_size=world_size, group_name=name, backend=backend)
+        joined = background(WeightGroup, master_address="", master_port=store.port, rank=0, world_size=world_size,
+                            group_name=name, backend=backend, timeout_s=self.timeout_s, store=store)
+        while not joined.done():  # a server that refuses to join fails this at once, not at the timeout
+            if servers.done() and servers.exception() is not None:
+                raise servers.exception()
+            time.sleep(0.01)
+        self.group = joined.result()
+        servers.result()
+        self._members = [s for s in self.engine.servers if s.alive]
+
+    def _check_servers(self) -> None:
+        gone = [s.url for s in self._members if not s.alive]
+        if gone:
+            raise MilesError(f"sync.transport = 'nccl': server {gone[0]} has left; the weight-update group "
+                             "needs every server it was built with (restart the run)")
+
+    def _send(self, bucket: list[tuple[str, torch.Tensor]], version: str | None) -> None:
+        tensors = [t.detach().to(self.device).contiguous() for _, t in bucket]
+        body = dict(names=[n for n, _ in bucket], dtypes=[dtype_name(t.dtype) for t in tensors],
+                    shapes=[list(t.shape) for t in tensors], group_name=self.group.name, version=version,
+                    flush=version is not None)
+        answers = background(self.engine.update_weights_from_distributed, **body)
+        try:
+            for tensor in tensors:
+                self.group.broadcast(tensor)
+        except Exception as err:  # noqa: BLE001 - gloo/NCCL errors: one line, with what the servers said
+            raise MilesError(f"weight broadcast to the servers failed: {_error_of(answers) or err}") from None
+        answers.result()
+
+
+def background(fn, **kwargs) -> Future:
+    """`fn(**kwargs)` in a daemon thread: a call stuck on a dead peer never holds up the caller's
+    error (an executor's `with` block would wait for it)."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(**kwargs))
+        except BaseException as err:  # noqa: BLE001 - handed to whoever waits on the future
+            future.set_exception(err)
+
+    threading.Thread(target=run, name=f"sync-{getattr(fn, '__name__', 'call')}", daemon=True).start()
+    return future
+
+
+def _error_of(future: Future) -> str:
+    """The error a finished call raised, waiting briefly for it (a refusal explains a failed broadcast)."""
+    try:
+        future.result(timeout=5)
+    except Exception as err:  # noqa: BLE001
+        return str(err)
+    return ""
