@@ -140,3 +140,22 @@ def test_fused_adamw_and_speed_options_on_cuda(models):
     assert fast.optimizer.defaults["fused"]
     assert m_fast["pg_loss"] == pytest.approx(m_ref["pg_loss"], abs=1e-2)
     assert m_fast["grad_norm"] == pytest.approx(m_ref["grad_norm"], rel=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_packed_layers_on_cuda_are_one_graph_with_the_eager_update(models, checkpointing):
+    # Packed attention (variable-length flash) and the fused elementwise ops are traced into the
+    # layer's graph: no graph break; loss and gradient norm as the eager trainer's (bf16 rounding).
+    from torch._dynamo.utils import counters
+
+    model = copy.deepcopy(models["tiny-qwen3"]).cuda()
+    batch = _batch()
+    _, m_eager = _step(model, batch, compute_dtype="bfloat16", pack_sequences=True)
+    counters.clear()
+    _, m_compiled = _step(model, batch, compute_dtype="bfloat16", pack_sequences=True, compile=True,
+                          activation_checkpointing=checkpointing)
+    assert dict(counters["graph_break"]) == {}
+    assert m_compiled["pg_loss"] == pytest.approx(m_eager["pg_loss"], abs=1e-2)
+    assert m_compiled["grad_norm"] == pytest.approx(m_eager["grad_norm"], rel=5e-2)

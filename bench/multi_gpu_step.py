@@ -1,0 +1,110 @@
+"""GRPO step time of one fixed workload on 1, 2 and 3+ GPUs (as many as the machine has), one run.
+
+Workload: W1 of `grpo_step.py` scaled up so a second GPU has work: `--prompts` prompts x 8
+samples a step (default 32 x 8 = 256 sequences), 128 new tokens, one optimizer step, the same
+checkpoint and prompts for every placement. Placements:
+
+- `1 GPU`: engine and trainer in one process on GPU 0 (the default);
+- `2 GPUs, engine apart, sync` / `... async`: the trainer on GPU 0, a `miles serve` engine
+  launched on GPU 1 (`engine.launch`, `engine.server = "miles"`, `engine.num_gpus = 1`),
+  weights over NCCL (`sync.transport = "nccl"`); async overlaps the next step's generation with
+  training (`loop.mode = "async"`, TIS on);
+- `3 GPUs (2 engines on GPUs 1-2), async` (machines with 3 or more GPUs): the trainer keeps GPU
+  0, requests are spread over the two engines.
+
+Step time: median of `perf/step_time` over steps 2..N (async: wall time between steps, the
+trainer's view). Scaling efficiency = (T_1 / T_N) / N.
+
+GPU:  python bench/multi_gpu_step.py --steps 8 --out bench/results/multi_gpu_step.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from grpo_step import build_checkpoint, miles_recipe, write_prompts  # bench/ is on sys.path when run
+
+APART = ["engine.backend=sglang", "engine.launch=true", "engine.server=miles", "sync.transport=nccl"]
+PLACEMENTS = {
+    "1 GPU (engine in the trainer's process)": (1, []),
+    "2 GPUs (engine on GPU 1, NCCL sync), sync": (2, [*APART, "engine.num_gpus=1"]),
+    "2 GPUs (engine on GPU 1, NCCL sync), async": (2, [*APART, "engine.num_gpus=1", "loop.mode=async",
+                                                       "algo.use_tis=true"]),
+    "3 GPUs (2 engines on GPUs 1-2), async": (3, [*APART, "engine.num_gpus=2", "loop.mode=async",
+                                                  "algo.use_tis=true"]),
+}
+
+
+def run_placement(base: Path, work: Path, overrides: list[str]) -> list[float]:
+    """Seconds per step as the trainer sees them (wall time between step records)."""
+    from miles_core.config import load_config
+    from miles_core.rl.loop import run_training
+
+    stamps = [time.perf_counter()]
+    run_training(load_config(str(base), overrides), work,
+                 on_step=lambda step, metrics: stamps.append(time.perf_counter()))
+    torch.cuda.empty_cache()
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def report(args, rows: list[tuple[str, int, float | str]]) -> str:
+    lines = ["# GRPO step on several GPUs (multi_gpu_step)", "",
+             f"Card: {torch.cuda.get_device_name()} x {torch.cuda.device_count()}; date: {datetime.date.today()}; "
+             f"torch {torch.__version__}; command: `python {' '.join(sys.argv)}`. {args.prompts} prompts x 8 samples "
+             f"x {args.new_tokens} new tokens a step, W1 model; median step time of steps 2..{args.steps}.", "",
+             "| placement | GPUs | s/step | speed-up | scaling efficiency |", "|---|---|---|---|---|"]
+    one = next((t for _, n, t in rows if n == 1 and isinstance(t, float)), None)
+    for label, gpus, seconds in rows:
+        if isinstance(seconds, str):
+            lines.append(f"| {label} | {gpus} | {seconds} | | |")
+            continue
+        speed = one / seconds if one else float("nan")
+        lines.append(f"| {label} | {gpus} | {seconds:.3f} | {speed:.2f}x | {speed / gpus:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--tokenizer", default=".gpuassets/smollm2-tok")
+    parser.add_argument("--placements", default="", help="comma-separated indices into the placement list")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    args.device, args.pack, args.compile = "cuda", True, False
+    work = Path(tempfile.mkdtemp(prefix="multi_gpu_step_"))
+    model = build_checkpoint(work / "model", Path(args.tokenizer), tiny=False)
+    prompts = work / "prompts.jsonl"
+    write_prompts(prompts, args.prompts * (args.steps + 2))
+    base = work / "base.toml"
+    base.write_text(miles_recipe(model, prompts, args).replace("batch_size = 8", f"batch_size = {args.prompts}")
+                    .replace("max_batch_size = 64", f"max_batch_size = {args.prompts * 8}"))
+    chosen = [list(PLACEMENTS)[int(i)] for i in args.placements.split(",")] if args.placements else list(PLACEMENTS)
+    rows = []
+    for number, label in enumerate(chosen):
+        gpus, overrides = PLACEMENTS[label]
+        if gpus > torch.cuda.device_count():
+            continue
+        try:
+            times = run_placement(base, work / f"run{number}", [*overrides, f"loop.num_rollout={args.steps}"])
+            rows.append((label, gpus, statistics.median(times[1:])))
+        except Exception as err:  # noqa: BLE001 - one failing placement is reported, the rest still run
+            rows.append((label, gpus, f"failed: {str(err).splitlines()[0][:200]}"))
+        print(rows[-1], flush=True)
+    text = report(args, rows)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
