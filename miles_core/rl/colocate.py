@@ -10,6 +10,8 @@ through their memory routes.
 Metrics, so the saving is measured (all `perf/`, in GiB):
 - `engine_released_gb`: what the engine's release freed on its GPU (the CUDA allocator's drop, in
   this process or as `miles serve` reports it); 0 on CPU, and 0 for SGLang servers (no report).
+- `engine_kv_released_gb`: the KV pool bytes the native engine(s) freed (host memory on CPU); 0 for
+  SGLang servers.
 - `optimizer_offloaded_gb`: optimizer state moved off the GPU; 0 on CPU.
 - `gpu_mem_after_release_gb`: this process's allocated GPU memory once the engine released its own;
   `gpu_mem_during_rollout_gb` / `gpu_mem_during_train_gb`: its peak while generating / training.
@@ -41,7 +43,8 @@ class Colocation:
         cuda = torch.cuda.is_available()
         self._rollout_peak = torch.cuda.max_memory_allocated() / GIB if cuda else 0.0
         freed = self.engine.release_memory()
-        out = {"perf/engine_released_gb": freed.get("gpu_freed_bytes", 0) / GIB}
+        out = {"perf/engine_released_gb": freed.get("gpu_freed_bytes", 0) / GIB,
+               "perf/engine_kv_released_gb": freed.get("kv_cache_bytes", 0) / GIB}
         if cuda:
             out["perf/gpu_mem_during_rollout_gb"] = self._rollout_peak
             out["perf/gpu_mem_after_release_gb"] = torch.cuda.memory_allocated() / GIB
