@@ -53,3 +53,11 @@ def build_engine(cfg: EngineConfig, loaded: LoadedModel, context: LaunchContext 
     if cfg.backend not in ENGINE_BACKENDS:
         raise one_of("engine.backend", cfg.backend, tuple(ENGINE_BACKENDS))
     return ENGINE_BACKENDS[cfg.backend](cfg, loaded, context or LaunchContext())
+
+
+def close_engine(engine: RolloutEngine | None) -> None:
+    """Release what an engine holds beyond memory: the HTTP client's connections and the servers
+    it launched (`engine.launch`). The native engine holds nothing of the kind."""
+    close = getattr(engine, "close", None)
+    if close is not None:
+        close()

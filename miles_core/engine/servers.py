@@ -18,7 +18,8 @@ the server that exited (its exit code and the last line of its log) or did not a
 reaches only the run, which finishes its step and then stops them), dies with the process that
 started it (Linux parent-death signal; that thread must live as long as the run, as the main
 thread does), and its whole process group is terminated, then killed, by `ServerFleet.stop`: when
-the engine closes, when start-up fails, and at exit.
+the engine closes, when start-up fails, and at exit. Their logs go to a temporary folder, removed
+then unless a server failed (the error names the log).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import ctypes
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,6 +85,9 @@ class ServerFleet:
     """The launched servers of one run."""
 
     servers: list[LaunchedServer] = field(default_factory=list)
+    log_dir: Path | None = None
+    """The servers' logs: removed by `stop` unless a server failed (an error names its log)."""
+    keep_logs: bool = False
 
     @property
     def urls(self) -> list[str]:
@@ -102,6 +107,7 @@ class ServerFleet:
                         del waiting[index]
                 if waiting and time.monotonic() > deadline:
                     index, server = next(iter(waiting.items()))
+                    self.keep_logs = True
                     raise MilesError(f"{server.describe(index)} did not answer GET /health within {timeout_s:g} s "
                                      f"(engine.launch_timeout_s); last log line: {server.last_log_line()} "
                                      f"(log: {server.log_path})")
@@ -111,6 +117,7 @@ class ServerFleet:
         """Terminate every server's process group, wait, kill what is left; reap all. Once."""
         servers, self.servers = self.servers, []
         for server in servers:
+            self.keep_logs |= server.process.poll() is not None  # it died before it was stopped
             _signal_group(server.process, signal.SIGTERM)
         deadline = time.monotonic() + STOP_WAIT_S
         for server in servers:
@@ -121,6 +128,8 @@ class ServerFleet:
             _signal_group(server.process, signal.SIGKILL)
             server.process.wait()
         atexit.unregister(self.stop)
+        if self.log_dir is not None and not self.keep_logs:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
 
 def server_gpus(cfg: EngineConfig, *, trainer_gpus: int, available: int | None) -> list[list[int]]:
@@ -150,7 +159,8 @@ def launch_servers(cfg: EngineConfig, model_path: str, *, dtype: str, on_gpu: bo
     available = torch.cuda.device_count() if on_gpu else None
     gpus = server_gpus(cfg, trainer_gpus=context.trainer_gpus, available=available)
     addresses = _addresses(cfg, len(gpus))
-    fleet, logs = ServerFleet(), Path(tempfile.mkdtemp(prefix="miles-engines-"))
+    logs = Path(tempfile.mkdtemp(prefix="miles-engines-"))
+    fleet = ServerFleet(log_dir=logs)
     atexit.register(fleet.stop)
     try:
         for index, ((host, port), ids) in enumerate(zip(addresses, gpus)):

@@ -19,7 +19,7 @@ from miles_core.checkpoint.loading import LoadedModel, load_model
 from miles_core.config import MilesConfig
 from miles_core.config.tree import dump_toml
 from miles_core.data import load_prompts
-from miles_core.engine import build_engine
+from miles_core.engine import build_engine, close_engine
 from miles_core.engine.servers import LaunchContext
 from miles_core.engine.protocol import RolloutEngine
 from miles_core.errors import MilesError
@@ -71,7 +71,7 @@ class RunComponents:
         try:
             return cls._create(cfg, output_dir, mode, rollout_data, resuming, records, eval_sets, loaded, engine)
         except BaseException:
-            _close_engine(engine)  # launched servers stop with a failed start
+            close_engine(engine)  # launched servers stop with a failed start
             raise
 
     @classmethod
@@ -114,7 +114,7 @@ class RunComponents:
             if isinstance(self.rollouts, AsyncRollouts):
                 self.rollouts.close()
         finally:
-            _close_engine(self.engine)
+            close_engine(self.engine)
 
     def should_eval(self, step: int) -> bool:
         """Whether the weights after `step` updates are evaluated: before training (step 0),
@@ -165,12 +165,6 @@ def _launch_context(cfg: MilesConfig, output_dir: Path) -> LaunchContext:
     ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     return LaunchContext(trainer_gpus=ranks, weight_roots=(str(sync_dir.resolve()),),
                          alignment_mode=cfg.alignment.mode)
-
-
-def _close_engine(engine: RolloutEngine | None) -> None:
-    close = getattr(engine, "close", None)
-    if close is not None:
-        close()
 
 
 def _partial(cfg: MilesConfig) -> PartialRollouts | None:

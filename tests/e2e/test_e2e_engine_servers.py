@@ -10,6 +10,7 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -18,7 +19,7 @@ from miles_cli.app import app
 from miles_core.config import EngineConfig, load_config
 from miles_core.engine import servers
 from miles_core.engine.servers import LaunchContext, miles_command, server_gpus
-from miles_core.errors import MilesError
+from miles_core.errors import MilesError, RunStopped
 from miles_core.rl import loop
 
 runner = CliRunner()
@@ -29,27 +30,30 @@ LEARN = ["--set", "algo.entropy_coef=0.01"]  # rewards of a random tiny model ar
 
 @pytest.fixture()
 def started(monkeypatch):
-    """Every server process the test starts."""
-    processes = []
+    """Every server (`LaunchedServer`: its process and log) the test starts."""
+    launched = []
     start = servers._start
 
     def recording(*args, **kwargs):
-        server = start(*args, **kwargs)
-        processes.append(server.process)
-        return server
+        launched.append(start(*args, **kwargs))
+        return launched[-1]
 
     monkeypatch.setattr(servers, "_start", recording)
-    return processes
+    return launched
 
 
-def _gone(processes) -> bool:
-    for process in processes:
-        try:
-            os.kill(process.pid, 0)
-        except ProcessLookupError:
-            continue
-        return False  # a process with that pid still exists (it was reaped, so it is not a zombie)
-    return all(p.returncode is not None for p in processes)
+def _gone(launched) -> bool:
+    """Every server process was reaped, and no process with its pid or in its group is left."""
+    for server in launched:
+        if server.process.returncode is None:
+            return False
+        for check in (os.kill, os.killpg):
+            try:
+                check(server.process.pid, 0)
+            except ProcessLookupError:
+                continue
+            return False
+    return True
 
 
 def _train(tmp_path, name: str, *extra: str):
@@ -72,7 +76,7 @@ def test_two_miles_servers_serve_a_colocated_run_with_disk_sync_and_stop_after_i
         assert ours["train/grad_norm"] > 0 and ours["perf/sync_time"] > 0  # weights moved and were synced
         assert ours["perf/engine_kv_released_gb"] == 2 * theirs["perf/engine_kv_released_gb"] > 0  # two pools
     assert len(served) == 3 and served[2]["step"] == 2  # two steps, then the final eval
-    assert not list(tmp_path.glob("served/weight_sync/v1"))  # only the newest synced folder is kept
+    assert not any(server.log_path.parent.exists() for server in started)  # logs of a clean run removed
 
 
 def test_a_run_that_fails_mid_way_or_at_start_leaves_no_server(tmp_path, monkeypatch, started):
@@ -94,16 +98,29 @@ def test_a_run_that_fails_mid_way_or_at_start_leaves_no_server(tmp_path, monkeyp
     assert len(started) == 4 and _gone(started)
 
 
+def test_an_interrupted_run_saves_and_leaves_no_server(tmp_path, monkeypatch, started):
+    monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
+    cfg = load_config("tiny", [item for item in TWO_SERVERS if item != "--set"])
+    steps = []
+    with pytest.raises(RunStopped) as stopped:  # Ctrl-C: the handler asks the loop to stop between steps
+        loop.run_training(cfg, tmp_path / "stopped", on_step=lambda step, _: steps.append(step),
+                          should_stop=lambda: len(steps) == 1)
+    assert stopped.value.checkpoint.name == "step_000001"  # the finished step (one update) was saved
+    assert len(started) == 2 and _gone(started)
+
+
 def test_a_server_that_dies_during_start_up_is_one_clear_error(tmp_path, monkeypatch, started):
     monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
     bad = ["--set", 'engine.sglang_args=["--set", "engine.block_size=3"]']
     result, _ = _train(tmp_path, "dies", *TWO_SERVERS, *bad)
     assert result.exit_code != 0
-    message = " ".join(result.output.split())
-    assert "engine server 0 (http://127.0.0.1:" in message and "CPU, pid" in message
-    assert "exited with code 2 during start-up: error: engine: block_size must be a power of two >= 16, got 3" in message
+    message = "".join(result.output.split("\n"))  # the console wraps long lines
+    found = re.search(r"engine server [01] \(http://127\.0\.0\.1:\d+, CPU, pid \d+\) exited with code 2 during "
+                      r"start-up: error: engine: block_size must be a power of two >= 16, got 3 \(log: (\S+)\)", message)
+    assert found, result.output  # both servers get the bad option; whichever exits first is named
     assert len(started) == 2 and _gone(started)
     assert not (tmp_path / "dies").exists()  # a failed start leaves no run folder
+    assert Path(found.group(1)).is_file()  # kept: the error names it
 
 
 def test_placement_after_the_trainer_or_on_its_gpus():
