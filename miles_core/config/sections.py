@@ -126,6 +126,8 @@ class EngineConfig:
         _check(total >= 0, f"num_gpus must be >= 0, got {total}")
         _check(per >= 1, f"num_gpus_per_engine must be >= 1, got {per}")
         _check(self.launch_timeout_s > 0, f"launch_timeout_s must be > 0, got {self.launch_timeout_s}")
+        _check(not self.launch or self.backend == "sglang",
+               f"launch = true starts servers for backend 'sglang' (the HTTP client), got backend '{self.backend}'")
         native = self.backend == "native" or (self.launch and self.server == "miles")
         _check(per == 1 or not native, f"num_gpus_per_engine must be 1 for the native engine (no tensor "
                f"parallelism; backend '{self.backend}', server '{self.server}'), got {per}")

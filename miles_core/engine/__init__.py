@@ -19,20 +19,22 @@ from miles_core.engine.protocol import RolloutEngine
 from miles_core.engine.servers import LaunchContext, launch_servers
 from miles_core.errors import one_of
 
-EngineFactory = Callable[[EngineConfig, LoadedModel, LaunchContext], RolloutEngine]
+EngineFactory = Callable[..., RolloutEngine]
+"""`(EngineConfig, LoadedModel) -> RolloutEngine`; with `engine.launch` (backend `sglang`) it is also
+handed the run's `LaunchContext`."""
 
 
-def _native(cfg: EngineConfig, loaded: LoadedModel, context: LaunchContext) -> RolloutEngine:
+def _native(cfg: EngineConfig, loaded: LoadedModel) -> RolloutEngine:
     return NativeEngine(loaded.model, loaded.tokenizer, cfg, eos_token_ids=loaded.eos_token_ids,
                         max_position_embeddings=loaded.max_position_embeddings)
 
 
-def _sglang(cfg: EngineConfig, loaded: LoadedModel, context: LaunchContext) -> RolloutEngine:
+def _sglang(cfg: EngineConfig, loaded: LoadedModel, context: LaunchContext | None = None) -> RolloutEngine:
     dtype = loaded.model.lm_head.weight.dtype
     fleet = None
     if cfg.launch:
         cfg, fleet = launch_servers(cfg, str(loaded.path), dtype=str(dtype).removeprefix("torch."),
-                                    on_gpu=loaded.device.type == "cuda", context=context)
+                                    on_gpu=loaded.device.type == "cuda", context=context or LaunchContext())
     topk = int(loaded.hf_config.get("num_experts_per_tok", 0)) if getattr(loaded.model, "num_moe_layers", 0) else 0
     try:
         return SGLangHttpEngine(cfg, urls=fleet.urls if fleet else cfg.urls, tokenizer=loaded.tokenizer,
@@ -52,7 +54,10 @@ def build_engine(cfg: EngineConfig, loaded: LoadedModel, context: LaunchContext 
     launched servers need from the run (trainer GPUs, weight folder), defaults otherwise."""
     if cfg.backend not in ENGINE_BACKENDS:
         raise one_of("engine.backend", cfg.backend, tuple(ENGINE_BACKENDS))
-    return ENGINE_BACKENDS[cfg.backend](cfg, loaded, context or LaunchContext())
+    factory = ENGINE_BACKENDS[cfg.backend]
+    if cfg.launch:  # backend 'sglang' (the config checks it): its servers go where the run says
+        return factory(cfg, loaded, context or LaunchContext())
+    return factory(cfg, loaded)
 
 
 def close_engine(engine: RolloutEngine | None) -> None:

@@ -31,6 +31,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -208,9 +209,18 @@ def _physical(gpus: list[int]) -> list[str]:
 
 
 def _addresses(cfg: EngineConfig, count: int) -> list[tuple[str, int]]:
+    """`engine.urls`' hosts and ports, or `count` free ports of 127.0.0.1 (all probed at once, so
+    no two servers are handed the same one)."""
     if cfg.urls:
         return server_addresses(cfg)
-    return [server_addresses(cfg)[0] for _ in range(count)]  # each a free port of 127.0.0.1
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [("127.0.0.1", probe.getsockname()[1]) for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 def _healthy(client: httpx.Client, url: str) -> bool:

@@ -170,6 +170,8 @@ def test_miles_command_serves_the_runs_model_and_engine_settings():
     (["engine.backend=sglang", "engine.launch=true", "engine.num_gpus=2", 'engine.urls=["http://127.0.0.1:1"]'],
      "num_gpus / num_gpus_per_engine = 2 servers, but urls names 1"),
     (["engine.num_gpus_per_engine=0"], "num_gpus_per_engine must be >= 1, got 0"),
+    (["engine.launch=true"], "launch = true starts servers for backend 'sglang' (the HTTP client), got backend "
+                             "'native'"),
     (["engine.colocate=true", "loop.mode=async", "algo.use_tis=true"],
      "engine.colocate takes turns on the GPUs (generate, then train): needs loop.mode = 'sync', got 'async'"),
     (["engine.colocate=true", "train.backend=megatron"],

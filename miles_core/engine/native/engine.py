@@ -7,6 +7,10 @@ in through `submit` (thread-safe: a server thread may call it while another thre
 it is answered. Each `step` drains the inbox (submissions, aborts), schedules one forward,
 samples one token for every sequence that finished its prompt or decoded, and retires finished
 sequences, freeing their blocks.
+
+Colocation (`engine.colocate`): `release_memory` frees the KV pool and CUDA graphs and moves the
+weights to host memory (`memory.py`) while a trainer uses the device; requests are refused until
+`resume_memory` brings the same weights back and allocates a fresh pool.
 """
 
 from __future__ import annotations
