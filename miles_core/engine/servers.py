@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import dataclasses
+import importlib.util
 import json
 import os
 import secrets
@@ -36,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -51,7 +52,7 @@ STOP_WAIT_S = 10.0
 """How long stopped servers get to exit after SIGTERM before they are killed."""
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class LaunchContext:
     """What the servers need from the run beyond the engine section (runtime, not user config)."""
 
@@ -62,7 +63,7 @@ class LaunchContext:
     alignment_mode: str = "fast"
 
 
-@dataclass
+@dataclasses.dataclass
 class LaunchedServer:
     url: str
     process: subprocess.Popen
@@ -81,11 +82,11 @@ class LaunchedServer:
         return lines[-1][:300] if lines else "(empty log)"
 
 
-@dataclass
+@dataclasses.dataclass
 class ServerFleet:
     """The launched servers of one run."""
 
-    servers: list[LaunchedServer] = field(default_factory=list)
+    servers: list[LaunchedServer] = dataclasses.field(default_factory=list)
     log_dir: Path | None = None
     """The servers' logs: removed by `stop` unless a server failed (an error names its log)."""
     keep_logs: bool = False
@@ -152,9 +153,9 @@ def launch_servers(cfg: EngineConfig, model_path: str, *, dtype: str, on_gpu: bo
                    context: LaunchContext) -> tuple[EngineConfig, ServerFleet]:
     """Start the servers and wait until all are healthy; returns the engine config the client
     must use (with the generated api key of `miles` servers) and the fleet to stop later."""
-    if cfg.server == "miles" and not cfg.api_key:
-        cfg = _with_key(cfg, secrets.token_hex(16))
-    if cfg.server == "sglang" and not _has_sglang():
+    if cfg.server == "miles" and not cfg.api_key:  # their weight and memory routes need one
+        cfg = dataclasses.replace(cfg, api_key=secrets.token_hex(16))
+    if cfg.server == "sglang" and importlib.util.find_spec("sglang") is None:
         raise MilesError("engine.server = 'sglang' needs the 'sglang' package (pip install sglang); or set "
                          "engine.server = 'miles', or start the servers yourself and set engine.urls")
     available = torch.cuda.device_count() if on_gpu else None
@@ -247,13 +248,3 @@ def _die_with_parent() -> None:
         pass
 
 
-def _with_key(cfg: EngineConfig, key: str) -> EngineConfig:
-    import dataclasses
-
-    return dataclasses.replace(cfg, api_key=key)
-
-
-def _has_sglang() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("sglang") is not None
