@@ -63,6 +63,9 @@ def train(
     nproc_per_node: Annotated[Optional[int], typer.Option(help="Trainer ranks on this machine (default 1), as torchrun starts them (needs train.backend = 'fsdp'); rank 0 also runs the rollout engine.")] = None,
     use_ray: Annotated[bool, typer.Option("--ray", help="Trainer ranks as Ray actors in a placement group (--nproc-per-node or --actor-num-nodes x --actor-num-gpus-per-node of them); needs pip install 'miles[ray]'.")] = False,
     async_mode: Annotated[bool, typer.Option("--async", help="Generate the next steps while training (loop.mode = async; needs algo.use_tis or use_rs).")] = False,
+    rollout_num_gpus: Annotated[Optional[int], typer.Option(help="GPUs for rollout servers started for the run (engine.num_gpus; `miles serve` servers placed after the trainer's GPUs, on them with --colocate).")] = None,
+    rollout_num_gpus_per_engine: Annotated[Optional[int], typer.Option(help="GPUs per rollout server (engine.num_gpus_per_engine; 1 for miles servers).")] = None,
+    colocate: Annotated[bool, typer.Option("--colocate", help="Engine and trainer share GPUs and take turns (engine.colocate): the engine releases its memory while training, the optimizer state waits in host memory during rollout.")] = False,
     _debug: DebugOption = False,
 ) -> None:
     """Run `loop.num_rollout` GRPO steps and write metrics, checkpoints and the resolved config."""
@@ -83,7 +86,8 @@ def train(
             raise MilesError("--resume and --load both name a checkpoint to continue from; keep one")
         options += [f"loop.{key}={value}" for key, value in (("save_interval", save_interval), ("keep_last", keep_last))
                     if value is not None]
-        cfg, launch, defaults = resolve_config(recipe, list(ctx.args), options + list(overrides or []))
+        flags = list(ctx.args) + _placement_flags(rollout_num_gpus, rollout_num_gpus_per_engine, colocate)
+        cfg, launch, defaults = resolve_config(recipe, flags, options + list(overrides or []))
         num_ranks = trainer_ranks(launch, nproc_per_node, use_ray)
         if output_dir is not None and "--save" in launch.given:
             raise MilesError("--output-dir and --save both name the run folder; keep one")
@@ -92,11 +96,18 @@ def train(
         if defaults:
             console.print(f"slime defaults (unset in the recipe): {', '.join(defaults)}", highlight=False)
         if print_config or save_recipe:
-            _show_or_save(cfg, save_recipe, list(ctx.args), recipe)
+            _show_or_save(cfg, save_recipe, flags, recipe)
             return
         mode = "rollout_only" if debug_rollout_only else "train_only" if debug_train_only else "full"
         _run(cfg, recipe or "slime", output_dir, mode, load_debug_rollout_data, run, resume or load, resume is not None,
              num_ranks, use_ray)
+
+
+def _placement_flags(num_gpus: Optional[int], per_engine: Optional[int], colocate: bool) -> list[str]:
+    """The engine placement options as the slime flags they are (one mapping: slime_flags.py)."""
+    flags = ["--rollout-num-gpus", str(num_gpus)] if num_gpus is not None else []
+    flags += ["--rollout-num-gpus-per-engine", str(per_engine)] if per_engine is not None else []
+    return flags + (["--colocate"] if colocate else [])
 
 
 def _show_or_save(cfg, path: Optional[Path], flags: list[str], recipe: Optional[str]) -> None:

@@ -253,3 +253,11 @@ def test_print_config_shows_the_resolved_recipe():
 def test_docs_table_is_generated_from_the_flag_table():
     doc = Path(__file__).resolve().parents[2] / "docs" / "slime_flags.md"
     assert doc.read_text(encoding="utf-8") == render_markdown()
+
+
+def test_placement_options_are_miles_train_options_too(tmp_path):
+    result = runner.invoke(app, ["train", "--help"])
+    assert all(option in result.output for option in ("--rollout-num-gpus", "--colocate"))
+    cfg, _ = resolve(tmp_path, "--recipe tiny --rollout-num-gpus 2 --rollout-num-gpus-per-engine 1 --colocate")
+    assert (cfg.engine.num_gpus, cfg.engine.num_gpus_per_engine, cfg.engine.colocate) == (2, 1, True)
+    assert (cfg.engine.backend, cfg.engine.launch, cfg.engine.server) == ("sglang", True, "miles")
