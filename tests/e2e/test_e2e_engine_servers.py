@@ -10,6 +10,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,8 +30,9 @@ LEARN = ["--set", "algo.entropy_coef=0.01"]  # rewards of a random tiny model ar
 
 
 @pytest.fixture()
-def started(monkeypatch):
-    """Every server (`LaunchedServer`: its process and log) the test starts."""
+def started(monkeypatch, tmp_path):
+    """Every server (`LaunchedServer`: its process and log) the test starts; logs under `tmp_path`."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     launched = []
     start = servers._start
 
