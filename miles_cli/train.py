@@ -71,7 +71,7 @@ def train(
     """Run `loop.num_rollout` GRPO steps and write metrics, checkpoints and the resolved config."""
     with cli_errors(graceful=True) as run:
         from miles_core.errors import MilesError
-        from miles_core.launch.slime_launch import resolve_config, trainer_ranks
+        from miles_core.launch.slime_launch import placement_overrides, resolve_config, trainer_ranks
 
         if debug_rollout_only and debug_train_only:
             raise MilesError("--debug-rollout-only and --debug-train-only exclude each other")
@@ -86,8 +86,8 @@ def train(
             raise MilesError("--resume and --load both name a checkpoint to continue from; keep one")
         options += [f"loop.{key}={value}" for key, value in (("save_interval", save_interval), ("keep_last", keep_last))
                     if value is not None]
-        flags = list(ctx.args) + _placement_flags(rollout_num_gpus, rollout_num_gpus_per_engine, colocate)
-        cfg, launch, defaults = resolve_config(recipe, flags, options + list(overrides or []))
+        options += placement_overrides(rollout_num_gpus, rollout_num_gpus_per_engine, colocate)
+        cfg, launch, defaults = resolve_config(recipe, list(ctx.args), options + list(overrides or []))
         num_ranks = trainer_ranks(launch, nproc_per_node, use_ray)
         if output_dir is not None and "--save" in launch.given:
             raise MilesError("--output-dir and --save both name the run folder; keep one")
@@ -96,18 +96,11 @@ def train(
         if defaults:
             console.print(f"slime defaults (unset in the recipe): {', '.join(defaults)}", highlight=False)
         if print_config or save_recipe:
-            _show_or_save(cfg, save_recipe, flags, recipe)
+            _show_or_save(cfg, save_recipe, list(ctx.args), recipe)
             return
         mode = "rollout_only" if debug_rollout_only else "train_only" if debug_train_only else "full"
         _run(cfg, recipe or "slime", output_dir, mode, load_debug_rollout_data, run, resume or load, resume is not None,
              num_ranks, use_ray)
-
-
-def _placement_flags(num_gpus: Optional[int], per_engine: Optional[int], colocate: bool) -> list[str]:
-    """The engine placement options as the slime flags they are (one mapping: slime_flags.py)."""
-    flags = ["--rollout-num-gpus", str(num_gpus)] if num_gpus is not None else []
-    flags += ["--rollout-num-gpus-per-engine", str(per_engine)] if per_engine is not None else []
-    return flags + (["--colocate"] if colocate else [])
 
 
 def _show_or_save(cfg, path: Optional[Path], flags: list[str], recipe: Optional[str]) -> None:

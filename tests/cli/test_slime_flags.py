@@ -258,6 +258,9 @@ def test_docs_table_is_generated_from_the_flag_table():
 def test_placement_options_are_miles_train_options_too(tmp_path):
     result = runner.invoke(app, ["train", "--help"])
     assert all(option in result.output for option in ("--rollout-num-gpus", "--colocate"))
-    cfg, _ = resolve(tmp_path, "--recipe tiny --rollout-num-gpus 2 --rollout-num-gpus-per-engine 1 --colocate")
+    cfg, output = resolve(tmp_path, "--recipe tiny --rollout-num-gpus 2 --rollout-num-gpus-per-engine 1 --colocate")
     assert (cfg.engine.num_gpus, cfg.engine.num_gpus_per_engine, cfg.engine.colocate) == (2, 1, True)
     assert (cfg.engine.backend, cfg.engine.launch, cfg.engine.server) == ("sglang", True, "miles")
+    assert "slime defaults" not in output and cfg.algo.kl_loss_type == load_config("tiny").algo.kl_loss_type
+    cfg, _ = resolve(tmp_path, "--recipe tiny --rollout-num-gpus 2 --set engine.server=sglang")  # --set wins
+    assert cfg.engine.server == "sglang"
