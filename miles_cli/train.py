@@ -63,12 +63,15 @@ def train(
     nproc_per_node: Annotated[Optional[int], typer.Option(help="Trainer ranks on this machine (default 1), as torchrun starts them (needs train.backend = 'fsdp'); rank 0 also runs the rollout engine.")] = None,
     use_ray: Annotated[bool, typer.Option("--ray", help="Trainer ranks as Ray actors in a placement group (--nproc-per-node or --actor-num-nodes x --actor-num-gpus-per-node of them); needs pip install 'miles[ray]'.")] = False,
     async_mode: Annotated[bool, typer.Option("--async", help="Generate the next steps while training (loop.mode = async; needs algo.use_tis or use_rs).")] = False,
+    rollout_num_gpus: Annotated[Optional[int], typer.Option(help="GPUs for rollout servers started for the run (engine.num_gpus; `miles serve` servers placed after the trainer's GPUs, on them with --colocate).")] = None,
+    rollout_num_gpus_per_engine: Annotated[Optional[int], typer.Option(help="GPUs per rollout server (engine.num_gpus_per_engine; 1 for miles servers).")] = None,
+    colocate: Annotated[bool, typer.Option("--colocate", help="Engine and trainer share GPUs and take turns (engine.colocate): the engine releases its memory while training, the optimizer state waits in host memory during rollout.")] = False,
     _debug: DebugOption = False,
 ) -> None:
     """Run `loop.num_rollout` GRPO steps and write metrics, checkpoints and the resolved config."""
     with cli_errors(graceful=True) as run:
         from miles_core.errors import MilesError
-        from miles_core.launch.slime_launch import resolve_config, trainer_ranks
+        from miles_core.launch.slime_launch import placement_overrides, resolve_config, trainer_ranks
 
         if debug_rollout_only and debug_train_only:
             raise MilesError("--debug-rollout-only and --debug-train-only exclude each other")
@@ -83,6 +86,7 @@ def train(
             raise MilesError("--resume and --load both name a checkpoint to continue from; keep one")
         options += [f"loop.{key}={value}" for key, value in (("save_interval", save_interval), ("keep_last", keep_last))
                     if value is not None]
+        options += placement_overrides(rollout_num_gpus, rollout_num_gpus_per_engine, colocate)
         cfg, launch, defaults = resolve_config(recipe, list(ctx.args), options + list(overrides or []))
         num_ranks = trainer_ranks(launch, nproc_per_node, use_ray)
         if output_dir is not None and "--save" in launch.given:

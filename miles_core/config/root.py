@@ -56,6 +56,11 @@ class MilesConfig:
                f"({self.sync.quantize_group_size}): the engine must round as the trainer does")
         if self.loop.mode == "async" or self.rollout.partial:
             self._check_off_policy()
+        if self.engine.colocate:
+            _check(self.loop.mode == "sync", "engine.colocate takes turns on the GPUs (generate, then train): "
+                   "needs loop.mode = 'sync', got 'async'")
+            _check(self.train.backend in ("native", "fsdp"), "engine.colocate offloads the optimizer of "
+                   f"train.backend 'native' or 'fsdp', got '{self.train.backend}'")
 
     @property
     def rollout_lag(self) -> int:

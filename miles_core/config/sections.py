@@ -81,9 +81,26 @@ class EngineConfig:
     health_retries: int = 5
     """`sglang` backend: health-check attempts per server at start-up (back-off doubles from 0.5 s)."""
     launch: bool = False
-    """`sglang` backend: start the servers with `python -m sglang.launch_server` (needs `sglang`)."""
+    """`sglang` backend: start the servers for the run (`server`), stopped when it ends."""
+    server: Literal["sglang", "miles"] = "sglang"
+    """With `launch`: `sglang` (`python -m sglang.launch_server`, needs `sglang`) or `miles`
+    (`miles serve`, the native engine, on the run's model.source / dtype)."""
     sglang_args: tuple[str, ...] = ()
-    """`sglang` backend with `launch`: extra `sglang.launch_server` arguments, e.g. `["--tp", "2"]`."""
+    """With `launch`: extra arguments of every server's command line (`sglang.launch_server` flags,
+    or `miles serve` options such as `["--set", "engine.max_batch_size=32"]`)."""
+    num_gpus: int = 0
+    """With `launch`: GPUs for all servers together (slime's `--rollout-num-gpus`), giving
+    `num_gpus / num_gpus_per_engine` servers placed after the trainer's GPUs (on them with
+    `colocate`); 0: one server per `urls` entry (or one)."""
+    num_gpus_per_engine: int = 1
+    """GPUs of one server (slime's `--rollout-num-gpus-per-engine`; SGLang's `--tp-size`); 1 for
+    `miles` servers and the native engine (no tensor parallelism)."""
+    launch_timeout_s: float = 600.0
+    """With `launch`: seconds every server may take to answer `GET /health` after it is started."""
+    colocate: bool = False
+    """Engine and trainer share GPUs (slime's `--colocate`): the engine releases its GPU memory (KV
+    cache, CUDA graphs, weights to CPU) while the trainer trains, and the trainer moves its optimizer
+    state to CPU while the engine generates."""
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_batch_size <= MAX_BATCH,
@@ -99,9 +116,28 @@ class EngineConfig:
         _check(self.health_retries >= 1, f"health_retries must be >= 1, got {self.health_retries}")
         _check(self.backend != "sglang" or bool(self.urls) or self.launch,
                "backend 'sglang' needs urls = ['http://host:port', ...] (or launch = true)")
+        self._check_placement()
         for url in self.urls:
             _check(re.fullmatch(r"https?://[^/\s]+/?", url) is not None,
                    f"urls entries must look like http://host:port, got '{url}'")
+
+    def _check_placement(self) -> None:
+        per, total = self.num_gpus_per_engine, self.num_gpus
+        _check(total >= 0, f"num_gpus must be >= 0, got {total}")
+        _check(per >= 1, f"num_gpus_per_engine must be >= 1, got {per}")
+        _check(self.launch_timeout_s > 0, f"launch_timeout_s must be > 0, got {self.launch_timeout_s}")
+        _check(not self.launch or self.backend == "sglang",
+               f"launch = true starts servers for backend 'sglang' (the HTTP client), got backend '{self.backend}'")
+        native = self.backend == "native" or (self.launch and self.server == "miles")
+        _check(per == 1 or not native, f"num_gpus_per_engine must be 1 for the native engine (no tensor "
+               f"parallelism; backend '{self.backend}', server '{self.server}'), got {per}")
+        _check(total <= 1 or (self.backend == "sglang" and self.launch),
+               f"num_gpus = {total} places servers on GPUs of their own: needs backend = 'sglang' with launch = "
+               "true (the native engine runs in trainer rank 0's process, on its device)")
+        _check(total % per == 0, f"num_gpus ({total}) must be a multiple of num_gpus_per_engine ({per})")
+        count = total // per
+        _check(not (self.launch and count and self.urls and len(self.urls) != count),
+               f"num_gpus / num_gpus_per_engine = {count} servers, but urls names {len(self.urls)}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,7 +14,10 @@ so for other servers each sample is sent as its own request with seed `sample_se
 
 Weights arrive through `update_weights_from_disk` (the `disk` sync transport) or the routes of
 `http_weights.WeightRoutes` (`nccl`, `cuda_ipc`); the version every server reports afterwards is
-checked.
+checked, and `get_weights_by_name` reads a weight back from every server
+(`sync.check_weight_update_equal`). `release_memory` / `resume_memory` call every server's
+memory routes (`engine.colocate`). Servers started for the run (`engine.launch`, `servers.py`)
+are owned by the client and stopped by `close`.
 """
 
 from __future__ import annotations
@@ -69,10 +72,14 @@ class SGLangHttpEngine(WeightRoutes):
     """Weights must travel to it (sync transport `disk`), not be copied in process."""
 
     def __init__(self, cfg: EngineConfig, *, urls: Sequence[str], tokenizer=None, routed_experts_topk: int = 0,
-                 max_position_embeddings: int = 0) -> None:
+                 max_position_embeddings: int = 0, weights_dtype: torch.dtype = torch.float32, owned=None) -> None:
         if not urls:
             raise MilesError("engine.backend = 'sglang' needs engine.urls = ['http://host:port', ...]")
         self.cfg, self.tokenizer, self.topk = cfg, tokenizer, routed_experts_topk
+        self.weights_dtype = weights_dtype
+        """The servers' weight dtype (the run's model.dtype): weights read back are cast to it."""
+        self.owned = owned
+        """The servers started for this run (`servers.ServerFleet`), stopped by `close`."""
         headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
         self.client = httpx.Client(timeout=cfg.request_timeout_s, headers=headers,
                                    limits=httpx.Limits(max_connections=64))
@@ -188,8 +195,36 @@ class SGLangHttpEngine(WeightRoutes):
                 raise MilesError(f"{server.url} reports weight_version '{reported}' after loading version '{version}'")
         self._weight_version = str(version)
 
+    def get_weights_by_name(self, name: str) -> torch.Tensor:
+        """Weight `name` as every live server holds it (SGLang's `/get_weights_by_name`); servers
+        that hold different bits are an error."""
+        body = {"name": name, "truncate_size": 2**31 - 1}
+        held = [(answer.request.url, torch.tensor(answer.json(), dtype=torch.float64).to(self.weights_dtype))
+                for answer in self._each("POST", "/get_weights_by_name", body)]
+        (first_url, first), *rest = held
+        for url, tensor in rest:
+            if tensor.shape != first.shape or not torch.equal(tensor, first):
+                raise MilesError(f"servers disagree on weight '{name}': {first_url} and {url} hold different values")
+        return first
+
+    def release_memory(self) -> dict[str, int]:
+        """Every server frees its GPU memory for a colocated trainer; the bytes `miles serve`
+        servers report, summed (SGLang reports none)."""
+        totals: dict[str, int] = {}
+        for answer in self._each("POST", "/release_memory_occupation", {}):
+            report = answer.json() if answer.content else None
+            for key, value in ((report or {}).get("miles") or {}).items():
+                totals[key] = totals.get(key, 0) + int(value)
+        return totals
+
+    def resume_memory(self) -> None:
+        """Every server takes its GPU memory back (the same weights)."""
+        self._each("POST", "/resume_memory_occupation", {})
+
     def close(self) -> None:
         self.client.close()
+        if self.owned is not None:
+            self.owned.stop()
 
     # -- generation --------------------------------------------------------------------------
     def generate(self, requests: Sequence[GenerateRequest],

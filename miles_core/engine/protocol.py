@@ -69,3 +69,10 @@ class RolloutEngine(Protocol):
     def flush_cache(self) -> None: ...
 
     def health(self) -> bool: ...
+
+    def release_memory(self) -> dict[str, int]:
+        """`engine.colocate`: give the GPU memory to the trainer (KV cache, graphs, weights to host);
+        generation is refused until `resume_memory`. Returns the bytes freed by kind (may be empty)."""
+
+    def resume_memory(self) -> None:
+        """Take the memory back after `release_memory`, with the same weights."""

@@ -57,6 +57,11 @@ def _rm_type(name: str) -> dict[str, Any]:
     return {"reward.type": name}
 
 
+def _rollout_gpus(num_gpus: int) -> dict[str, Any]:
+    # slime's rollout engines are servers on GPUs of their own: miles launches `miles serve` ones.
+    return {"engine.num_gpus": num_gpus, "engine.backend": "sglang", "engine.launch": True, "engine.server": "miles"}
+
+
 MEGATRON = ("above 1 selects train.backend = megatron; sizes above 1 need GPUs (refused on CPU) and are not "
             "run by miles yet")
 
@@ -79,6 +84,16 @@ FLAGS: dict[str, Flag] = {
        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
                     "context_parallel_size")},
     "--sequence-parallel": Flag(("train.sequence_parallel",), bool, MEGATRON, to=_parallel("train.sequence_parallel")),
+    # engine placement
+    "--rollout-num-gpus": Flag(("engine.num_gpus",), int,
+                               "launches num_gpus / --rollout-num-gpus-per-engine `miles serve` servers (the native "
+                               "engine) on the GPUs after the trainer's (engine.server = sglang for SGLang's)",
+                               to=_rollout_gpus),
+    "--rollout-num-gpus-per-engine": Flag(("engine.num_gpus_per_engine",), int,
+                                          "GPUs per server (SGLang's --tp-size); must be 1 for `miles serve` servers"),
+    "--colocate": Flag(("engine.colocate",), bool,
+                       "engine and trainer share GPUs: the engine releases its memory while the trainer trains, the "
+                       "optimizer state waits in host memory while the engine generates (slime's offloading)"),
     # data
     "--prompt-data": Flag(("data.path", "data.task"), str, "a .jsonl or .parquet file; clears the recipe's data.task",
                           to=lambda v: {"data.path": v, "data.task": ""}),
@@ -177,9 +192,10 @@ FLAGS: dict[str, Flag] = {
                    "metrics and config; slime writes torch_dist to DIR/iter_NNNNNNN"),
 }
 
-ONE_DEVICE = ("not in miles yet: the rollout engine runs in trainer rank 0's process, on its device (more "
-              "trainer ranks: --nproc-per-node, or --ray with --actor-num-nodes/--actor-num-gpus-per-node); drop "
-              "the flag or set it to 1")
+ONE_DEVICE = ("not in miles yet: trainer ranks come from --nproc-per-node (or --ray with --actor-num-nodes/"
+              "--actor-num-gpus-per-node), engine servers from --rollout-num-gpus; drop the flag or set it to 1")
+OFFLOAD = ("miles offloads exactly when engine and trainer share GPUs (--colocate): the engine releases its "
+           "memory while the trainer trains, the optimizer state waits in host memory during rollout; drop the flag")
 PARALLEL = ("expert tensor parallelism is not in miles' megatron backend yet: drop the flag or set it to 1")
 ARCH = ("not needed: miles reads the architecture from --hf-checkpoint's config.json; drop the flag")
 SGLANG = ("configures an SGLang server that slime launches: with miles' native engine drop it; with SGLang "
@@ -190,14 +206,13 @@ MTP = "MTP training is not in miles yet: drop the flag"
 
 # Flags that are fine at 1 (what miles does) and refused with the message otherwise.
 ONLY_ONE = {
-    "--rollout-num-gpus": ONE_DEVICE,
-    "--rollout-num-gpus-per-engine": ONE_DEVICE, "--num-gpus-per-node": ONE_DEVICE,
+    "--num-gpus-per-node": ONE_DEVICE,
     "--expert-tensor-parallel-size": PARALLEL,
 }
 
 REJECTED: dict[str, str] = {
     "--tis-threshold": "an older slime spelling with no meaning today; use --tis-clip HIGH and --tis-clip-low LOW",
-    "--offload": ONE_DEVICE, "--offload-train": ONE_DEVICE, "--offload-rollout": ONE_DEVICE,
+    "--offload": OFFLOAD, "--offload-train": OFFLOAD, "--offload-rollout": OFFLOAD,
     "--mtp-num-layers": MTP, "--enable-mtp-training": MTP, "--mtp-loss-scaling-factor": MTP,
     "--num-layers": ARCH, "--hidden-size": ARCH, "--ffn-hidden-size": ARCH, "--num-attention-heads": ARCH,
     "--group-query-attention": ARCH, "--num-query-groups": ARCH, "--kv-channels": ARCH, "--seq-length": ARCH,
@@ -217,7 +232,6 @@ PLACEMENT: dict[str, str] = {
 NOTED: dict[str, tuple[type, str]] = {
     "--model-name": (str, "not needed: miles reads model_type from --hf-checkpoint's config.json"),
     "--use-dynamic-batch-size": (bool, "always on in miles (micro-batches packed to --max-tokens-per-gpu)"),
-    "--colocate": (bool, "always so in miles: engine and trainer share one process and device"),
 }
 
 # slime's defaults where ours differ, applied to keys the recipe leaves unset (see module doc).

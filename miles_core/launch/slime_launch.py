@@ -172,6 +172,18 @@ def trainer_ranks(launch: SlimeLaunch, nproc_per_node: int | None, use_ray: bool
     return nodes * (per_node or nproc_per_node or 1)
 
 
+def placement_overrides(num_gpus: int | None, per_engine: int | None, colocate: bool) -> list[str]:
+    """`miles train --rollout-num-gpus / --rollout-num-gpus-per-engine / --colocate` as recipe
+    overrides: the slime flags' own mapping, without the slime defaults a slime launch brings."""
+    given = {"--rollout-num-gpus": num_gpus, "--rollout-num-gpus-per-engine": per_engine,
+             "--colocate": True if colocate else None}
+    values: dict[str, Any] = {}
+    for name, value in given.items():
+        if value is not None:
+            values.update(FLAGS[name].apply(value))
+    return [f"{key}={json.dumps(value)}" for key, value in values.items()]
+
+
 def _has(raw: dict[str, Any], dotted: str) -> bool:
     node: Any = raw
     for part in dotted.split("."):

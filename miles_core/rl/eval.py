@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from miles_core.checkpoint.loading import load_model
 from miles_core.config import EvalConfig, EvalDatasetConfig, MilesConfig, RolloutConfig
 from miles_core.data import load_prompts
-from miles_core.engine import build_engine
+from miles_core.engine import build_engine, close_engine
 from miles_core.engine.protocol import RolloutEngine
 from miles_core.errors import MilesError
 from miles_core.metrics import mean
@@ -184,8 +184,11 @@ def run_eval(cfg: MilesConfig, checkpoints: Sequence[str] = (), *, on_start: Cal
     for checkpoint in checkpoints:
         loaded = load_model(replace(cfg.model, source=checkpoint), alignment_mode=cfg.alignment.mode)
         engine = build_engine(cfg.engine, loaded)
-        fitted = fit_eval_sets(eval_sets, engine, loaded.tokenizer, cfg.rollout)  # before any generation
-        metrics = evaluate(engine, loaded.tokenizer, fitted, on_progress=on_progress, rollout=cfg.rollout)
+        try:
+            fitted = fit_eval_sets(eval_sets, engine, loaded.tokenizer, cfg.rollout)  # before any generation
+            metrics = evaluate(engine, loaded.tokenizer, fitted, on_progress=on_progress, rollout=cfg.rollout)
+        finally:
+            close_engine(engine)  # launched servers stop before the next checkpoint's start
         report.seconds.append(metrics.pop("perf/eval_time"))
         report.metrics.append(metrics)
         del loaded  # one model in memory at a time

@@ -66,9 +66,13 @@ def run_training(cfg: MilesConfig, output_dir: Path, *, mode: Mode = "full", rol
     resolve_hooks(cfg.algo)  # a bad hook path fails now, before any model is loaded
     point = find_resume_point(resume, cfg, output_dir, required=resume_required) if resume is not None else None
     parts = RunComponents.create(cfg, output_dir, mode=mode, rollout_data=rollout_data, resuming=point is not None)
-    start = restore_run(parts, point) if point is not None else 0
+    try:
+        start = restore_run(parts, point) if point is not None else 0
+        writer = MetricsWriter(output_dir / "metrics.jsonl")
+    except BaseException:
+        parts.close()  # launched engine servers too
+        raise
     result = RunResult(output_dir, start_step=start)
-    writer = MetricsWriter(output_dir / "metrics.jsonl")
     parts.start(start)
     try:
         for step in range(start, cfg.loop.num_rollout):
@@ -117,6 +121,7 @@ def _rollout_step(cfg: MilesConfig, parts: RunComponents, step: int) -> dict[str
 
     metrics = dict(rollout.metrics)
     if parts.trainer is not None and rollout.samples:
+        metrics.update(parts.colocation.before_train())  # engine.colocate: the engine gives the GPU up
         start = time.perf_counter()
         batch, batch_metrics = prepare_train_batch(cfg, parts.trainer, rollout.samples)  # shape rewards, advantages
         metrics.update(batch_metrics)
@@ -124,6 +129,7 @@ def _rollout_step(cfg: MilesConfig, parts: RunComponents, step: int) -> dict[str
         for note in parts.trainer.skipped_notes():
             log.warning("step %d: optimizer step skipped, non-finite %s", step, note)
         times["train_time"] = time.perf_counter() - start
+        metrics.update(parts.colocation.after_train())  # ... and takes it back before the sync
         check_true_on_policy(cfg.alignment, metrics, step)
         check_finite_weights(parts.trainer.export_weights(), step)  # never sync or save NaN/Inf
     if parts.sync is not None:
@@ -133,6 +139,7 @@ def _rollout_step(cfg: MilesConfig, parts: RunComponents, step: int) -> dict[str
         parts.trainer.update_reference()
     metrics.update(perf_metrics(times, generated=rollout.generated, trained=rollout.samples))
     metrics.update(memory_metrics())
+    parts.colocation.whole_step_peak(metrics)
     return metrics
 
 

@@ -12,7 +12,7 @@ from miles_core.checkpoint.loading import load_model
 from miles_core.config import MilesConfig
 from miles_core.config.tree import dump_toml
 from miles_core.data import load_prompts
-from miles_core.engine import build_engine
+from miles_core.engine import build_engine, close_engine
 from miles_core.rl.manager import RolloutManager
 from miles_core.sample import write_samples_jsonl
 from miles_core.utils.io import atomic_write
@@ -46,14 +46,18 @@ def run_rollout(cfg: MilesConfig, output: Path, *, on_start: Callable[[int], Non
     """
     prompts = load_prompts(cfg.data)
     loaded = load_model(cfg.model, alignment_mode=cfg.alignment.mode, quantized=cfg.engine.weights == "quantized")
-    manager = RolloutManager(build_engine(cfg.engine, loaded), loaded.tokenizer, data=cfg.data,
-                             sampling=cfg.sampling, reward=cfg.reward, rollout=cfg.rollout)
-    prompts = manager.fit(prompts)[0]  # long prompts fail (or are skipped) before any generation
-    if on_start:
-        on_start(len(prompts) * cfg.sampling.n_samples_per_prompt)
-    start = time.perf_counter()
-    groups = manager.generate_all(prompts, on_progress=on_progress)
-    seconds = time.perf_counter() - start
+    engine = build_engine(cfg.engine, loaded)
+    try:
+        manager = RolloutManager(engine, loaded.tokenizer, data=cfg.data, sampling=cfg.sampling, reward=cfg.reward,
+                                 rollout=cfg.rollout)
+        prompts = manager.fit(prompts)[0]  # long prompts fail (or are skipped) before any generation
+        if on_start:
+            on_start(len(prompts) * cfg.sampling.n_samples_per_prompt)
+        start = time.perf_counter()
+        groups = manager.generate_all(prompts, on_progress=on_progress)
+        seconds = time.perf_counter() - start
+    finally:
+        close_engine(engine)  # launched servers stop with the job
     samples = [s for group in groups for s in group]
     write_samples_jsonl(samples, output)
     with atomic_write(output.with_name(output.stem + ".config.toml")) as handle:

@@ -12,16 +12,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch.distributed as dist
 from torch import nn
 
 from miles_core.checkpoint.loading import LoadedModel, load_model
 from miles_core.config import MilesConfig
 from miles_core.config.tree import dump_toml
 from miles_core.data import load_prompts
-from miles_core.engine import build_engine
+from miles_core.engine import build_engine, close_engine
+from miles_core.engine.servers import LaunchContext
 from miles_core.engine.protocol import RolloutEngine
 from miles_core.errors import MilesError
 from miles_core.rl.async_loop import AsyncRollouts
+from miles_core.rl.colocate import Colocation
 from miles_core.rl.eval import EvalSet, evaluate, fit_eval_sets, load_eval_sets
 from miles_core.rl.manager import RolloutManager, RolloutSource, SavedRollouts, rollout_data_path
 from miles_core.quant.modules import dense_copy
@@ -46,6 +49,8 @@ class RunComponents:
     save_all_rollouts: bool
     eval_sets: list[EvalSet] = field(default_factory=list)
     """One per eval dataset; empty without an engine."""
+    colocation: Colocation = field(default_factory=Colocation)
+    """`engine.colocate`: engine and trainer take turns on the GPUs (off: does nothing)."""
 
     @classmethod
     def create(cls, cfg: MilesConfig, output_dir: Path, *, mode: str, rollout_data: str | None,
@@ -60,10 +65,21 @@ class RunComponents:
         if not resuming:
             _check_output_dir(output_dir)
         loaded = load_model(cfg.model, alignment_mode=cfg.alignment.mode, quantized=cfg.engine.weights == "quantized")
-        engine = trainer = sync = None
-        rollouts: RolloutSource = SavedRollouts(rollout_data or "", cfg.sampling, cfg.reward)
+        engine = None
         if records is not None:
-            engine = build_engine(cfg.engine, loaded)
+            engine = build_engine(cfg.engine, loaded, _launch_context(cfg, output_dir))
+        try:
+            return cls._create(cfg, output_dir, mode, rollout_data, resuming, records, eval_sets, loaded, engine)
+        except BaseException:
+            close_engine(engine)  # launched servers stop with a failed start
+            raise
+
+    @classmethod
+    def _create(cls, cfg: MilesConfig, output_dir: Path, mode: str, rollout_data: str | None, resuming: bool,
+                records, eval_sets: list[EvalSet], loaded: LoadedModel, engine: RolloutEngine | None) -> RunComponents:
+        trainer = sync = None
+        rollouts: RolloutSource = SavedRollouts(rollout_data or "", cfg.sampling, cfg.reward)
+        if engine is not None:
             rollouts = RolloutManager(engine, loaded.tokenizer, data=cfg.data, sampling=cfg.sampling, reward=cfg.reward,
                                       algo=cfg.algo, batch_size=cfg.rollout.batch_size, prompts=records,
                                       partial=_partial(cfg), rollout=cfg.rollout)
@@ -79,6 +95,8 @@ class RunComponents:
         _write_config(cfg, output_dir)  # only once everything is built: a failed start leaves no folder
         save_all = cfg.loop.save_rollout_data or bool(cfg.loop.save_rollout_data_path) or mode == "rollout_only"
         parts = cls(cfg, output_dir, loaded, engine, trainer, rollouts, sync, save_all, eval_sets)
+        if cfg.engine.colocate:
+            parts.colocation = Colocation(engine, trainer)
         if cfg.loop.mode == "async" and sync is not None:  # debug modes have nothing to overlap
             parts.rollouts = parts.sync = AsyncRollouts(
                 rollouts, sync, lag=cfg.rollout_lag, steps_per_rollout=cfg.train.num_steps_per_rollout,
@@ -91,12 +109,16 @@ class RunComponents:
             self.rollouts.start(first_step)
 
     def close(self) -> None:
-        """Stop background generation (async mode); the weight sync leaves its group (`nccl`)."""
-        if isinstance(self.rollouts, AsyncRollouts):
-            self.rollouts.close()
-        sync = self.sync.sync if isinstance(self.sync, AsyncRollouts) else self.sync
-        if callable(getattr(sync, "close", None)):
-            sync.close()
+        """Stop background generation (async mode), leave the weight-sync group (`nccl`) and stop
+        the engine (launched servers stop with it)."""
+        try:
+            if isinstance(self.rollouts, AsyncRollouts):
+                self.rollouts.close()
+            sync = self.sync.sync if isinstance(self.sync, AsyncRollouts) else self.sync
+            if callable(getattr(sync, "close", None)):
+                sync.close()
+        finally:
+            close_engine(self.engine)
 
     def should_eval(self, step: int) -> bool:
         """Whether the weights after `step` updates are evaluated: before training (step 0),
@@ -138,6 +160,15 @@ def build_run_trainer(cfg: MilesConfig, loaded: LoadedModel) -> TrainBackend:
     total = cfg.loop.num_rollout * cfg.train.num_steps_per_rollout
     return build_trainer(cfg.train, cfg.algo, dense_copy(loaded.model), reference=_reference(cfg, loaded),
                          temperature=cfg.sampling.temperature, total_steps=total)
+
+
+def _launch_context(cfg: MilesConfig, output_dir: Path) -> LaunchContext:
+    """What launched servers need from the run: the GPUs the trainer ranks take (one per rank of
+    this process group, 0..N-1), the folder the disk weight sync writes, the alignment mode."""
+    sync_dir = Path(cfg.sync.disk_dir) if cfg.sync.disk_dir else output_dir / "weight_sync"
+    ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return LaunchContext(trainer_gpus=ranks, weight_roots=(str(sync_dir.resolve()),),
+                         alignment_mode=cfg.alignment.mode)
 
 
 def _partial(cfg: MilesConfig) -> PartialRollouts | None:

@@ -15,7 +15,8 @@ import secrets
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException
 
-from miles_core.serve import native_routes, openai_routes, weight_routes
+from miles_core.engine.native.engine import EngineReleased
+from miles_core.serve import memory_routes, native_routes, openai_routes, readback_routes, weight_routes
 from miles_core.serve.bodies import error_response
 from miles_core.serve.state import RequestError, ServeState
 
@@ -23,7 +24,7 @@ logger = logging.getLogger("miles.serve")
 
 PROTECTED_ROUTES = frozenset({
     "/update_weights_from_disk", "/update_weights_from_tensor",
-    "/release_memory_occupation", "/resume_memory_occupation",
+    "/release_memory_occupation", "/resume_memory_occupation", "/get_weights_by_name",
 }) | weight_routes.ROUTES
 OPEN_ROUTES = frozenset({"/health"})
 
@@ -35,6 +36,8 @@ def create_app(state: ServeState) -> FastAPI:
     app.include_router(native_routes.router)
     app.include_router(openai_routes.router)
     app.include_router(weight_routes.router)
+    app.include_router(memory_routes.router)
+    app.include_router(readback_routes.router)
     _add_guards(app, state)
     _add_error_handlers(app)
     return app
@@ -66,6 +69,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def bad_request(request: Request, err: RequestError):
         return error_response(str(err), err.status)
+
+    @app.exception_handler(EngineReleased)
+    async def released(request: Request, err: EngineReleased):  # the caller's turn-taking, not a server failure
+        return error_response(str(err), 409)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException):

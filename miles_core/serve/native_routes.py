@@ -282,9 +282,3 @@ async def _update(state: ServeState, load, abort_all: bool, extra: dict | None =
         return JSONResponse({"success": False, "message": str(err), **(extra or {}),
                              "error": {"message": str(err), "code": err.status}}, status_code=err.status)
     return {"success": True, "message": message, **(extra or {})}
-
-
-@router.api_route("/release_memory_occupation", methods=["GET", "POST"])
-@router.api_route("/resume_memory_occupation", methods=["GET", "POST"])
-async def memory_occupation(request: Request):
-    raise RequestError("memory release is not supported by the native engine", 501)

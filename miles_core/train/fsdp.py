@@ -173,8 +173,9 @@ class FSDPTrainer(NativeTrainer):
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        model_state, optim_state = get_state_dict(self.wrapped, self.optimizer)
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=directory / DCP_DIR)
+        with self._optimizer_on_device():  # DCP saves the sharded (DTensor) state
+            model_state, optim_state = get_state_dict(self.wrapped, self.optimizer)
+            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=directory / DCP_DIR)
         if self.rank == 0:
             with (directory / STATE_FILE).open("wb") as handle:
                 torch.save(self._small_state(), handle)
@@ -189,6 +190,7 @@ class FSDPTrainer(NativeTrainer):
         if not (directory / DCP_DIR).is_dir():
             raise MilesError(f"'{directory}' holds no sharded (train.backend = 'fsdp') trainer state; resume it "
                              "with the backend that wrote it")
+        self.reload_optimizer()
         model_state, optim_state = get_state_dict(self.wrapped, self.optimizer)
         state = {"model": model_state, "optimizer": optim_state}
         dcp.load(state, checkpoint_id=directory / DCP_DIR)

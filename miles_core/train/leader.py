@@ -45,6 +45,12 @@ class LeaderTrainer:
     def update_reference(self) -> None:
         self._call("update_reference")
 
+    def offload_optimizer(self) -> int:
+        return self._call("offload_optimizer")
+
+    def reload_optimizer(self) -> None:
+        self._call("reload_optimizer")
+
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Full tensors; the caller must consume all of them (the followers gather with it)."""
         return self._call("export_weights")

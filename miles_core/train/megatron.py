@@ -38,6 +38,7 @@ from miles_core.train.batch import TrainBatch, micro_batches, pad_ragged
 from miles_core.train.finite import BadStepGuard
 from miles_core.train.megatron_model import WeightMap, build_gpt, hf_config_of, output_weight
 from miles_core.train.native import NativeTrainer
+from miles_core.train.offload import OptimizerOffload
 from miles_core.train.optim import build_optimizer
 from miles_core.train.speed import CastCache
 
@@ -91,6 +92,7 @@ class MegatronTrainer(NativeTrainer):
         self.cfg, self.algo, self.critic = cfg, algo, None
         self.temperature = temperature if temperature > 0 else 1.0
         self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), cfg, total_steps)
+        self._offloads = [OptimizerOffload(self.optimizer)]  # unused: engine.colocate refuses this backend
         self.num_optimizer_steps = 0
         self._pass_metrics: dict[str, float] = {}
         self.guard = BadStepGuard(cfg.max_bad_steps)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -50,6 +51,7 @@ from miles_core.train.batch import (
 )
 from miles_core.train.critic import Critic
 from miles_core.train.finite import BadStepGuard, nonfinite_rows
+from miles_core.train.offload import OptimizerOffload
 from miles_core.train.optim import build_optimizer, clip_grad_norm
 from miles_core.train.packing import packed_log_probs, packed_micro_batches
 from miles_core.train.speed import CastCache, apply_speed_options
@@ -82,6 +84,7 @@ class NativeTrainer:
         self.reference, self.critic = reference, critic
         self.temperature = temperature if temperature > 0 else 1.0
         self.optimizer, self.scheduler = build_optimizer(model.parameters(), cfg, total_steps)
+        self._offloads = [OptimizerOffload(o) for o in (self.optimizer, critic.optimizer if critic else None) if o]
         self.device = next(model.parameters()).device
         self.num_optimizer_steps = 0
         self._pass_metrics: dict[str, float] = {}
@@ -182,6 +185,7 @@ class NativeTrainer:
         """All optimizer steps of one rollout: the rows are split evenly between them."""
         if batch.advantages is None:
             raise ValueError("train_rollout needs batch.advantages (estimate them first)")
+        self.reload_optimizer()  # no-op unless a colocated loop offloaded it (it reloads first)
         self._fill_missing_inputs(batch)
         # Train/rollout mismatch is measured on the weights that generated the rollout: the old
         # log-probs when computed, else the first (only) optimizer step's own forward.
@@ -301,10 +305,28 @@ class NativeTrainer:
         for name, tensor in named_weights(self.model):  # shared (tied) parameters appear once
             yield name, tensor.detach()
 
+    def offload_optimizer(self) -> int:
+        """Move the optimizer state (the critic's too) to host memory while a colocated engine
+        generates (`offload.py`); returns the bytes moved off the GPU (0 on CPU)."""
+        return sum(offload.offload() for offload in self._offloads)
+
+    def reload_optimizer(self) -> None:
+        """Put the optimizer state back on its device, bitwise (no-op unless offloaded)."""
+        for offload in self._offloads:
+            offload.reload()
+
+    @contextmanager
+    def _optimizer_on_device(self):
+        """Checkpoints hold the state as it is on its device, offloaded or not."""
+        with ExitStack() as stack:
+            for offload in self._offloads:
+                stack.enter_context(offload.on_device())
+            yield
+
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         # Through a Python file: a full disk is an OSError naming the file, not torch's RuntimeError.
-        with (directory / "trainer_state.pt").open("wb") as handle:
+        with (directory / "trainer_state.pt").open("wb") as handle, self._optimizer_on_device():
             self._save_to(handle)
 
     def _save_to(self, handle) -> None:
@@ -317,6 +339,7 @@ class NativeTrainer:
         }, handle)
 
     def load(self, directory: Path) -> None:
+        self.reload_optimizer()  # the loaded state replaces it on its device
         state = torch.load(directory / "trainer_state.pt", map_location=self.device, weights_only=True)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -29,6 +29,13 @@ class TrainBackend(Protocol):
         """One line per optimizer step of the last `train_rollout` skipped for a non-finite loss
         or gradient norm (values and offending samples); empty when none was."""
 
+    def offload_optimizer(self) -> int:
+        """Move the optimizer state to host memory while a colocated engine generates
+        (`engine.colocate`); returns the bytes moved off the GPU. `train_rollout` reloads it."""
+
+    def reload_optimizer(self) -> None:
+        """Put the optimizer state back on its device, the same bits (no-op unless offloaded)."""
+
     def update_reference(self) -> None:
         """Copy the policy's current weights into the reference model."""
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from miles_cli.app import app
 from miles_core.config import load_config
-from miles_core.launch.slime_flags import ARCH, ONE_DEVICE, PARALLEL, SGLANG, SPECULATIVE
+from miles_core.launch.slime_flags import ARCH, OFFLOAD, ONE_DEVICE, PARALLEL, SGLANG, SPECULATIVE
 from miles_core.launch.slime_flags_doc import render_markdown
 
 runner = CliRunner()
@@ -75,10 +75,15 @@ def test_quick_start_over_a_recipe_keeps_the_recipe_values(tmp_path):
 
 # -- 2-6. Cluster, parallelism, speculative, MTP: refused with what is missing ----------------------
 
-def test_large_moe_line_names_every_refused_flag(prompts):
+def test_large_moe_line_places_engine_servers_after_the_trainer(tmp_path, prompts):
     line = (f"--actor-num-gpus-per-node 8 --rollout-num-gpus 8 --hf-checkpoint tiny-moe --advantage-estimator grpo "
             f"--tensor-model-parallel-size 8 --expert-model-parallel-size 4 --prompt-data {prompts} --num-rollout 3000")
-    assert refused(line) == REFUSED + f"--rollout-num-gpus 8: {ONE_DEVICE}"
+    cfg, _ = resolve(tmp_path, line)
+    assert (cfg.engine.backend, cfg.engine.launch, cfg.engine.server) == ("sglang", True, "miles")
+    assert (cfg.engine.num_gpus, cfg.engine.num_gpus_per_engine, cfg.engine.colocate) == (8, 1, False)
+    assert cfg.train.backend == "megatron" and cfg.train.tensor_model_parallel_size == 8
+    assert refused(line.replace("--actor-num-gpus-per-node 8", "--num-gpus-per-node 8")) == \
+        REFUSED + f"--num-gpus-per-node 8: {ONE_DEVICE}"
 
 
 def test_speculative_rl_line(prompts):
@@ -92,16 +97,24 @@ def test_speculative_rl_line(prompts):
         f"--mtp-num-layers: {MTP}", f"--enable-mtp-training: {MTP}", f"--mtp-loss-scaling-factor: {MTP}"])
 
 
-def test_cluster_resources_line_accepts_what_miles_does():
+def test_cluster_resources_line_places_colocated_servers(tmp_path):
     line = "--actor-num-nodes 1 --actor-num-gpus-per-node 8 --rollout-num-gpus 8 --rollout-num-gpus-per-engine 2 --colocate"
-    assert refused(line) == REFUSED + "\n  ".join([
-        f"--rollout-num-gpus 8: {ONE_DEVICE}", f"--rollout-num-gpus-per-engine 2: {ONE_DEVICE}"])
+    assert refused(f"--recipe tiny {line}") == ("error: engine: num_gpus_per_engine must be 1 for the native engine (no "
+                                                "tensor parallelism; backend 'sglang', server 'miles'), got 2")
+    cfg, _ = resolve(tmp_path, f"--recipe tiny {line} --set engine.server=sglang")  # SGLang servers, TP 2
+    assert (cfg.engine.num_gpus, cfg.engine.num_gpus_per_engine, cfg.engine.colocate) == (8, 2, True)
+    assert (cfg.engine.backend, cfg.engine.launch, cfg.engine.server) == ("sglang", True, "sglang")
 
 
 def test_cluster_of_one_device_runs(tmp_path):
     cfg, output = resolve(tmp_path, "--recipe tiny --actor-num-nodes 1 --actor-num-gpus-per-node 1 --colocate")
     assert cfg.train.backend == "native"  # one rank: the native trainer, as without the flags
-    assert "note: --colocate: always so in miles" in output
+    assert cfg.engine.colocate and cfg.engine.backend == "native"  # the in-process engine shares rank 0's device
+
+
+@pytest.mark.parametrize("flag", ["--offload", "--offload-train", "--offload-rollout"])
+def test_offload_flags_point_at_colocate(flag):
+    assert refused(f"--recipe tiny {flag}") == REFUSED + f"{flag}: {OFFLOAD}"
 
 
 @pytest.mark.parametrize(("line", "message"), [
@@ -240,3 +253,14 @@ def test_print_config_shows_the_resolved_recipe():
 def test_docs_table_is_generated_from_the_flag_table():
     doc = Path(__file__).resolve().parents[2] / "docs" / "slime_flags.md"
     assert doc.read_text(encoding="utf-8") == render_markdown()
+
+
+def test_placement_options_are_miles_train_options_too(tmp_path):
+    result = runner.invoke(app, ["train", "--help"])
+    assert all(option in result.output for option in ("--rollout-num-gpus", "--colocate"))
+    cfg, output = resolve(tmp_path, "--recipe tiny --rollout-num-gpus 2 --rollout-num-gpus-per-engine 1 --colocate")
+    assert (cfg.engine.num_gpus, cfg.engine.num_gpus_per_engine, cfg.engine.colocate) == (2, 1, True)
+    assert (cfg.engine.backend, cfg.engine.launch, cfg.engine.server) == ("sglang", True, "miles")
+    assert "slime defaults" not in output and cfg.algo.kl_loss_type == load_config("tiny").algo.kl_loss_type
+    cfg, _ = resolve(tmp_path, "--recipe tiny --rollout-num-gpus 2 --set engine.server=sglang")  # --set wins
+    assert cfg.engine.server == "sglang"

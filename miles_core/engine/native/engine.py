@@ -7,6 +7,10 @@ in through `submit` (thread-safe: a server thread may call it while another thre
 it is answered. Each `step` drains the inbox (submissions, aborts), schedules one forward,
 samples one token for every sequence that finished its prompt or decoded, and retires finished
 sequences, freeing their blocks.
+
+Colocation (`engine.colocate`): `release_memory` frees the KV pool and CUDA graphs and moves the
+weights to host memory (`memory.py`) while a trainer uses the device; requests are refused until
+`resume_memory` brings the same weights back and allocates a fresh pool.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from miles_core.engine.native.block_manager import BlockManager
 from miles_core.engine.native.cuda_graphs import DecodeGraphs
 from miles_core.engine.native.fuse import fuse_projections
 from miles_core.engine.native.kv_pool import KVPool, block_bytes, num_kv_blocks
+from miles_core.engine.native.memory import (HostWeights, device_allocated, free_cached, weights_to_device,
+                                             weights_to_host)
 from miles_core.engine.native.outputs import finish_reason, to_generation
 from miles_core.engine.native.runner import ModelRunner
 from miles_core.engine.native.scheduler import Row, Scheduler
@@ -37,6 +43,10 @@ from miles_core.models.base import named_weights
 from miles_core.quant.modules import quantize_updates
 
 ABORTED = {"type": "abort", "message": "aborted by request"}
+
+
+class EngineReleased(MilesError):
+    """A request reached an engine whose memory is released (`release_memory`)."""
 
 
 class NativeEngine:
@@ -60,9 +70,9 @@ class NativeEngine:
                                    max_num_batched_tokens=cfg.max_num_batched_tokens,
                                    cache_routing=self.capture_routing)
         self.runner = ModelRunner(self.model, self.pool, capture_routing=self.capture_routing)
-        if self._can_capture():
-            self.runner.graphs = DecodeGraphs(self.model, self.pool, max_batch_size=cfg.max_batch_size,
-                                              max_blocks_per_row=self.blocks.blocks_for(self.max_context_len))
+        self._capture_graphs()
+        self._host: HostWeights | None = None
+        """Set while the memory is released (`release_memory`): where the weights went."""
         self._paused = threading.Event()
         self._inbox: list[tuple[str, object]] = []
         self._inbox_lock = threading.Lock()
@@ -81,6 +91,11 @@ class NativeEngine:
                               max_context_len=self.max_context_len, block_size=self.cfg.block_size)
         return KVPool(num_layers, count, self.cfg.block_size, num_kv_heads, head_dim, v_head_dim, weight.dtype,
                       weight.device)
+
+    def _capture_graphs(self) -> None:
+        if self._can_capture():
+            self.runner.graphs = DecodeGraphs(self.model, self.pool, max_batch_size=self.cfg.max_batch_size,
+                                              max_blocks_per_row=self.blocks.blocks_for(self.max_context_len))
 
     def _can_capture(self) -> bool:
         """Decode steps go through CUDA graphs: on CUDA with the paged kernel, dense models only
@@ -138,6 +153,43 @@ class NativeEngine:
     def health(self) -> bool:
         return not self._paused.is_set()
 
+    # -- memory (engine.colocate) ----------------------------------------------------------
+    @property
+    def released(self) -> bool:
+        """Whether `release_memory` gave the device memory away (generation is refused)."""
+        return self._host is not None
+
+    def release_memory(self) -> dict[str, int]:
+        """Free the KV pool and the CUDA graphs and move the weights to host memory (pinned on
+        CUDA) so a colocated trainer can use the GPU; refused while requests are in flight.
+        Returns the bytes of each part and `gpu_freed_bytes` (the CUDA allocator's drop; 0 on CPU)."""
+        with self._step_lock:
+            if self.released:
+                return {"kv_cache_bytes": 0, "weights_bytes": 0, "gpu_freed_bytes": 0}
+            with self._inbox_lock:
+                busy = len(self._handles) + len(self._inbox)
+            if busy:
+                raise MilesError(f"release_memory: {busy} requests are in flight; let them finish or abort them first")
+            device, before = self.device, device_allocated(self.device)
+            self.blocks.flush()  # the cached K/V go with the pool
+            self.runner.graphs = None  # graphs point into the pool and at the weights' addresses
+            kv_bytes = self.pool.release()
+            self._host = weights_to_host(self.model)
+            free_cached(device)
+            return {"kv_cache_bytes": kv_bytes, "weights_bytes": self._host.num_bytes,
+                    "gpu_freed_bytes": before - device_allocated(device)}
+
+    def resume_memory(self) -> None:
+        """Undo `release_memory`: the same weights (bitwise), a fresh KV pool, graphs captured again."""
+        with self._step_lock:
+            if not self.released:
+                return
+            weights_to_device(self.model, self._host)
+            self.pool.restore()
+            self._capture_graphs()
+            self._host = None
+        self._notify()
+
     # -- submission ------------------------------------------------------------------------
     def submit(self, request: GenerateRequest, on_progress: Callable[[int], None] | None = None) -> RequestHandle:
         """Queue a request (thread-safe); the handle's `result()` gives its n generations."""
@@ -155,6 +207,9 @@ class NativeEngine:
         self._notify()
 
     def _new_handle(self, request: GenerateRequest, on_progress) -> RequestHandle:
+        if self.released:
+            raise EngineReleased(f"request '{request.rid}': the engine's memory is released (engine.colocate: the "
+                                 "trainer is using the GPU); call resume_memory() (POST /resume_memory_occupation) first")
         prompt_len = len(request.input_ids)
         if prompt_len == 0:
             raise MilesError(f"request '{request.rid}' has an empty prompt")
@@ -192,7 +247,7 @@ class NativeEngine:
         """Run one scheduled forward; False when paused or idle."""
         with self._step_lock:
             self._drain_inbox()
-            if self._paused.is_set():
+            if self._paused.is_set() or self.released:  # released: submissions wait for resume_memory
                 return False
             rows = self.scheduler.schedule()
             if not rows:

@@ -14,6 +14,9 @@ memory most runs never touch, and untouched pages take no RAM (the OS maps them 
 Block size must be the invariant attention kernel's key tile (`triton_ops` BLOCK_N = 64), so a
 future paged kernel walks one block per tile and reduces keys in the same order as today.
 
+Colocation (`engine.colocate`): `release` frees the tensors while the trainer trains and
+`restore` allocates them again, zeroed (every block counts as used once then).
+
 Sizing: `engine.num_kv_blocks` when set; else on CUDA `engine.mem_fraction` of the free GPU
 memory after the weights are loaded (SGLang's `mem_fraction_static`, applied to what is left),
 capped at what `max_batch_size` sequences of `max_context_len` tokens can use;
@@ -45,6 +48,28 @@ class KVPool:
         self._zeroed = 0
         """Blocks below this id are zeroed (never-used blocks are handed out in id order)."""
         self._zero(slice(num_blocks, num_blocks + 1))
+
+    def release(self) -> int:
+        """Free the K/V tensors (a cache: the engine flushes its prefix cache with them); returns
+        their bytes. Zero-size tensors stand in, so the pool still names its device and dtype."""
+        freed = sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        self._shapes = (tuple(self.keys[0].shape), tuple(self.values[0].shape))
+        self.keys = [t.new_empty(0) for t in self.keys]
+        self.values = [t.new_empty(0) for t in self.values]
+        return freed
+
+    def restore(self) -> None:
+        """Allocate the K/V tensors again after `release`, zeroed: blocks used before the release
+        are not zeroed again when the block manager hands them out (see `zero_block`)."""
+        k_shape, v_shape = self._shapes
+        self.keys = [torch.zeros(k_shape, dtype=t.dtype, device=t.device) for t in self.keys]
+        self.values = [torch.zeros(v_shape, dtype=t.dtype, device=t.device) for t in self.values]
+        self._zeroed = self.null_block
+
+    @property
+    def num_bytes(self) -> int:
+        """Bytes the K/V tensors take now (0 while released)."""
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
     def zero_block(self, block: int) -> None:
         """Make a never-used block finite (its first allocation; old contents are finite K/V).

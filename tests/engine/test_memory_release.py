@@ -1,0 +1,118 @@
+"""`NativeEngine.release_memory` / `resume_memory` (engine.colocate): the KV pool is freed, the
+weights go to host memory and come back bitwise, generations after resume equal those before,
+generation is refused while released, and release waits for no one (refused when busy). The
+GPU tests check what only CUDA shows: the allocator's drop and captured graphs after resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from miles_core.engine.native.engine import EngineReleased
+from miles_core.engine.native.fuse import fuse_projections
+from miles_core.errors import MilesError
+from miles_core.models.base import named_weights
+from paged_helpers import model_for, paged, prompts, requests
+
+
+def _state(engine) -> dict[str, torch.Tensor]:
+    return {name: t.detach().cpu().clone() for name, t in named_weights(engine.model, remove_duplicate=False)}
+
+
+def _tokens(engine, reqs) -> list[list[tuple[int, ...]]]:
+    return [[tuple(g.output_ids) + tuple(g.output_logprobs) for g in gens] for gens in engine.generate(reqs)]
+
+
+@pytest.mark.parametrize("mode", ["invariant", "fast"])
+def test_release_then_resume_gives_the_same_weights_and_generations(mode):
+    engine = paged(model_for("qwen3", mode), block_size=16, num_kv_blocks=40, return_routed_experts=False)
+    reqs = requests(prompts(3, seed=4), n=2, max_new_tokens=10)
+    before, weights = _tokens(engine, reqs), _state(engine)
+    pool_bytes = engine.pool.num_bytes
+    # (40 + 1 null) blocks x 16 tokens x 2 kv heads x (16 + 16 dims) x 4 bytes x 2 layers, K and V
+    assert pool_bytes == 41 * 16 * 2 * (16 + 16) * 4 * 2 == 335_872
+    stats = engine.release_memory()
+    assert engine.released and engine.pool.num_bytes == 0
+    assert stats["kv_cache_bytes"] == pool_bytes
+    assert stats["weights_bytes"] == sum(p.numel() * 4 for p in engine.model.parameters()) + \
+        sum(b.numel() * b.element_size() for b in engine.model.buffers())
+    assert stats["gpu_freed_bytes"] == 0  # CPU: nothing is measured by the CUDA allocator
+    engine.resume_memory()
+    assert not engine.released and engine.pool.num_bytes == pool_bytes
+    after = _state(engine)
+    assert all(torch.equal(after[name], weights[name]) for name in weights)
+    assert _tokens(engine, reqs) == before
+
+
+def test_generation_is_refused_while_released_and_waits_in_the_background_loop():
+    engine = paged(model_for("qwen3"), block_size=16, num_kv_blocks=40)
+    reqs = requests(prompts(1, seed=2), n=1, max_new_tokens=4)
+    expected = _tokens(engine, reqs)
+    engine.release_memory()
+    with pytest.raises(EngineReleased, match="memory is released.*resume_memory"):
+        engine.generate(reqs)
+    assert engine.step() is False  # nothing runs on the freed pool
+    engine.resume_memory()
+    assert _tokens(engine, reqs) == expected
+
+
+def test_release_is_refused_while_requests_are_in_flight_and_twice_is_harmless():
+    engine = paged(model_for("qwen3"), block_size=16, num_kv_blocks=40)
+    handle = engine.submit(requests(prompts(1, seed=3), n=2, max_new_tokens=6)[0])
+    engine.step()
+    with pytest.raises(MilesError, match="release_memory: 1 requests are in flight"):
+        engine.release_memory()
+    while not handle.done:
+        engine.step()
+    first = engine.release_memory()
+    assert engine.release_memory() == {"kv_cache_bytes": 0, "weights_bytes": 0, "gpu_freed_bytes": 0}
+    assert first["kv_cache_bytes"] > 0
+    engine.resume_memory()
+    engine.resume_memory()  # a second resume changes nothing
+    assert not engine.released
+
+
+def test_fused_projections_are_views_of_the_fused_weight_again_after_resume():
+    engine = paged(model_for("qwen3", "fast"), block_size=16, num_kv_blocks=40, return_routed_experts=False)
+    fuse_projections(engine.model)  # what the engine does on CUDA
+    reqs = requests(prompts(2, seed=5), n=1, max_new_tokens=6)
+    before, weights = _tokens(engine, reqs), _state(engine)
+    engine.release_memory()
+    attn = engine.model.model.layers[0].self_attn
+    assert attn.fused_qkv is None  # unfused before the move
+    engine.resume_memory()
+    fused_weight = attn.fused_qkv[0]
+    rows = attn.q_proj.weight.shape[0]
+    assert attn.k_proj.weight.data_ptr() == fused_weight[rows:].data_ptr()
+    mlp = engine.model.model.layers[0].mlp
+    assert mlp.up_proj.weight.data_ptr() == mlp.fused_gate_up[mlp.gate_proj.weight.shape[0]:].data_ptr()
+    assert all(torch.equal(_state(engine)[name], weights[name]) for name in weights)
+    assert _tokens(engine, reqs) == before
+
+
+def test_tied_embeddings_stay_one_tensor():
+    model = model_for("qwen3")
+    model.lm_head.weight = model.model.embed_tokens.weight  # tie them
+    engine = paged(model, block_size=16, num_kv_blocks=40)
+    engine.release_memory()
+    engine.resume_memory()
+    assert engine.model.lm_head.weight is engine.model.model.embed_tokens.weight
+
+
+@pytest.mark.gpu
+def test_gpu_release_frees_the_kv_pool_and_weights_and_resume_gives_identical_greedy_tokens():
+    model = model_for("qwen3", "fast").cuda()
+    engine = paged(model, block_size=64, num_kv_blocks=256, return_routed_experts=False)
+    reqs = requests(prompts(4, seed=6), n=2, max_new_tokens=16, temperature=0.0)
+    before = _tokens(engine, reqs)
+    pool_bytes = engine.pool.num_bytes
+    allocated = torch.cuda.memory_allocated()
+    stats = engine.release_memory()
+    assert stats["gpu_freed_bytes"] >= 0.9 * pool_bytes
+    assert allocated - torch.cuda.memory_allocated() >= 0.9 * (pool_bytes + stats["weights_bytes"])
+    assert all(p.device.type == "cpu" and p.is_pinned() for p in engine.model.parameters())
+    engine.resume_memory()
+    assert all(p.is_cuda for p in engine.model.parameters())
+    assert _tokens(engine, reqs) == before
+    if engine.runner.graphs is not None:  # captured again on the restored pool and weights
+        assert engine.runner.graphs.pool is engine.pool
