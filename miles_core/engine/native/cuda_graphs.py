@@ -11,6 +11,13 @@ only it; their logits are dropped. Every kernel of a row depends only on that ro
 matmuls tile rows, attention runs one program per row and head), so in `invariant` mode a
 replayed step gives the bits of the eager step at any batch size: KL = 0 holds with graphs.
 
+Staging: a step's inputs (token, position, slot and block table of each row, padding rows after
+them) are packed on the host into one (G, 3 + M) int64 array by a few numpy operations over all
+rows at once (`stage_decode_inputs`), in page-locked memory on CUDA, and copied to the device
+in one asynchronous copy. Two staging buffers alternate; a buffer is written again two steps
+later, after the step between has read its sampled tokens back (a host synchronisation), so its
+copy has long finished.
+
 Not captured: MoE models (expert grouping sizes its launches on the host) and steps that record
 routing; those run eagerly. Weight updates copy into the same parameter storage, so graphs see
 new weights without a recapture; a change of alignment mode recaptures.
@@ -21,6 +28,8 @@ Shape legend: B rows (real), G rows (captured batch size >= B), M block-table co
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence as Seqs
+from itertools import chain
 
 import numpy as np
 import torch
@@ -28,7 +37,31 @@ from torch import nn
 
 from miles_core.engine.native.kv_pool import KVPool
 from miles_core.engine.native.paged_cache import PagedKVCache
+from miles_core.engine.native.sequence import Sequence
 from miles_core.kernels import model_ops
+
+
+def stage_decode_inputs(seqs: Seqs[Sequence], block_size: int, null_block: int, packed_GC: np.ndarray) -> None:
+    """Pack one decode step into `packed_GC` (G >= B rows, C = 3 + M columns): per row the token
+    fed (the sequence's last), its position, its pool slot, then the block table up to the
+    position's block and `null_block` after; rows past B are padding (token 0 at position 0,
+    the null block's slot 0)."""
+    B, P = len(seqs), block_size
+    tables = [seq.block_table for seq in seqs]
+    positions_B = np.fromiter((len(seq.token_ids) - 1 for seq in seqs), dtype=np.int64, count=B)
+    counts_B = positions_B // P + 1  # table entries up to the position's block
+    lengths_B = np.fromiter(map(len, tables), dtype=np.int64, count=B)
+    flat = np.fromiter(chain.from_iterable(tables), dtype=np.int64, count=int(lengths_B.sum()))
+    row = np.repeat(np.arange(B), lengths_B)
+    col = np.arange(flat.size) - np.repeat(np.cumsum(lengths_B) - lengths_B, lengths_B)
+    keep = col < counts_B[row]
+    packed_GC[:, :2] = 0
+    packed_GC[:, 2] = null_block * P
+    packed_GC[:, 3:] = null_block
+    packed_GC[row[keep], 3 + col[keep]] = flat[keep]
+    packed_GC[:B, 0] = np.fromiter((seq.token_ids[-1] for seq in seqs), dtype=np.int64, count=B)
+    packed_GC[:B, 1] = positions_B
+    packed_GC[:B, 2] = packed_GC[np.arange(B), 2 + counts_B] * P + positions_B % P
 
 
 def batch_size_ladder(max_batch_size: int) -> list[int]:
@@ -51,6 +84,9 @@ class DecodeGraphs:
         self.positions_G1 = torch.zeros(G, 1, dtype=torch.long, device=device)
         self.tables_GM = torch.full((G, M), pool.null_block, dtype=torch.long, device=device)
         self.slots_G = torch.full((G,), self.null_slot, dtype=torch.long, device=device)
+        pinned = device.type == "cuda"
+        self._staging = [torch.empty((G, 3 + M), dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._num_runs = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self._ops = None
@@ -83,21 +119,17 @@ class DecodeGraphs:
                 self.graphs[size] = graph
         torch.cuda.synchronize()
 
-    def run(self, ids_B: list[int], positions_B: list[int], slots_B: list[int],
-            tables_B: list[list[int]]) -> torch.Tensor:
-        """Logits (B, V) of one decode step (a view into the graph's output: use it before the
-        next step). Rows past B are padding."""
+    def run(self, seqs: Seqs[Sequence]) -> torch.Tensor:
+        """Logits (B, V) of one decode step of `seqs` (each feeds its last token; a view into
+        the graph's output: use it before the next step). Rows past B are padding."""
         if model_ops(self.model) is not self._ops:
             self._capture()
-        B = len(ids_B)
+        B = len(seqs)
         size = self.sizes[bisect.bisect_left(self.sizes, B)]
-        M = self.tables_GM.shape[1]
-        packed = np.empty((size, 3 + M), dtype=np.int64)  # one host-to-device copy per step
-        packed[:, 0], packed[:, 1], packed[:, 2], packed[:, 3:] = 0, 0, self.null_slot, self.pool.null_block
-        packed[:B, 0], packed[:B, 1], packed[:B, 2] = ids_B, positions_B, slots_B
-        for b, table in enumerate(tables_B):
-            packed[b, 3 : 3 + len(table)] = table  # each table ends at its row's position's block
-        staged = torch.from_numpy(packed).to(self.ids_G1.device, non_blocking=True)
+        host = self._staging[self._num_runs % 2][:size]
+        self._num_runs += 1
+        stage_decode_inputs(seqs, self.pool.block_size, self.pool.null_block, host.numpy())
+        staged = host.to(self.ids_G1.device, non_blocking=True)  # one host-to-device copy per step
         self.ids_G1[:size, 0].copy_(staged[:, 0])
         self.positions_G1[:size, 0].copy_(staged[:, 1])
         self.slots_G[:size].copy_(staged[:, 2])

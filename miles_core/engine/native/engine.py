@@ -29,6 +29,7 @@ from miles_core.engine.native.scheduler import Row, Scheduler
 from miles_core.engine.native.sequence import RequestHandle
 from miles_core.engine.native.sequence import Sequence as Seq
 from miles_core.engine.native.sequence import sample_seed
+from miles_core.engine.native.streams import torch_stream, uniforms
 from miles_core.engine.protocol import GenerateRequest, Generation
 from miles_core.engine.sampler import sample_tokens
 from miles_core.errors import MilesError
@@ -71,6 +72,8 @@ class NativeEngine:
         self._wake = threading.Condition()
         self._loop: threading.Thread | None = None
         self._stop = False
+        self._uniform_params: tuple | None = None
+        """(sampling setting, rows, device, tensors) of the last step sampled with one setting."""
 
     def _new_pool(self) -> KVPool:
         num_kv_heads, head_dim, v_head_dim = self.model.kv_cache_dims()
@@ -168,9 +171,10 @@ class NativeEngine:
                              f"({prompt_len} prompt + {budget} new); the pool has {self.blocks.num_blocks} "
                              "(raise engine.num_kv_blocks or engine.mem_fraction)")
         handle = RequestHandle(request, on_progress)
+        stop_ids = self.eos_token_ids | frozenset(request.sampling.stop_token_ids)
         handle.sequences = [
-            Seq(request, handle, j, budget, torch.Generator().manual_seed(sample_seed(request.seed, j)),
-                list(request.input_ids), prompt_len)
+            Seq(request, handle, j, budget, torch_stream(sample_seed(request.seed, j)), list(request.input_ids),
+                prompt_len, stop_ids=stop_ids)
             for j in range(request.sampling.n_samples_per_prompt)
         ]
         return handle
@@ -221,8 +225,12 @@ class NativeEngine:
                     self._retire(seq)
 
     def _run(self, rows: list[Row]) -> None:
-        logits_RV = self.runner.forward(rows)
+        decoding = self.scheduler.decoding
+        logits_RV = self.runner.forward(rows, decoding=decoding)
         self.scheduler.computed(rows)
+        if decoding:  # every row samples from its own logits row; no decoding sequence has forks
+            self._sample([row.seq for row in rows], logits_RV)
+            return
         sampled, logit_rows = [], []
         for index, row in enumerate(r for r in rows if r.completes):  # logits row `index`
             group = [row.seq, *self.scheduler.fork(row.seq)]  # a fresh prompt's n samples share it
@@ -236,27 +244,37 @@ class NativeEngine:
             self._sample(sampled, logits_RV.index_select(0, torch.tensor(logit_rows, device=logits_RV.device)))
 
     def _sample(self, seqs: list[Seq], logits_BV: torch.Tensor) -> None:
-        uniform = torch.tensor([float(torch.rand(1, generator=seq.generator)) for seq in seqs])
+        uniform = uniforms([seq.stream for seq in seqs])
         temperature, top_k, top_p, filtered = self._sampling_params(seqs, logits_BV.device)
         tokens, logprobs = sample_tokens(logits_BV, temperature, top_k, top_p, uniform, filtered=filtered,
                                          log_softmax=model_ops(self.model).log_softmax)
         for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist()):
-            seq.token_ids.append(token)
+            token_ids = seq.token_ids
+            token_ids.append(token)
             seq.logprobs.append(logprob)
-            seq.finish_reason = finish_reason(seq, token, self.eos_token_ids, self.tokenizer)
-            if seq.done:
-                self._retire(seq)
+            # `finish_reason` is None unless a stop token, a stop string or the length limit can
+            # apply: most rows of most steps skip the call (a per-row cost at every step).
+            if (token in seq.stop_ids or seq.request.sampling.stop
+                    or len(token_ids) - seq.prompt_len >= seq.max_new_tokens):
+                seq.finish_reason = finish_reason(seq, token, self.eos_token_ids, self.tokenizer)
+                if seq.done:
+                    self._retire(seq)
 
-    @staticmethod
-    def _sampling_params(seqs: list[Seq], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    def _sampling_params(self, seqs: list[Seq], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         """Per-row temperature, top-k, top-p, and whether any sampled row filters (top-k/top-p).
         One setting for all rows (an RL batch) is filled on the device: no host-to-device copy,
-        which would wait for the forward to finish."""
+        which would wait for the forward to finish; the tensors are kept for the next steps
+        (the sampler only reads them)."""
         first = seqs[0].request.sampling
         if all(s.request.sampling is first for s in seqs):
             B = len(seqs)
-            return (torch.full((B,), first.temperature, device=device), torch.full((B,), first.top_k, device=device),
-                    torch.full((B,), first.top_p, device=device), _filters(first))
+            kept = self._uniform_params
+            if kept is not None and kept[0] is first and kept[1] == B and kept[2] == device:
+                return kept[3]
+            params = (torch.full((B,), first.temperature, device=device), torch.full((B,), first.top_k, device=device),
+                      torch.full((B,), first.top_p, device=device), _filters(first))
+            self._uniform_params = (first, B, device, params)
+            return params
         params = [seq.request.sampling for seq in seqs]
         return (torch.tensor([p.temperature for p in params], device=device),
                 torch.tensor([p.top_k for p in params], device=device), torch.tensor([p.top_p for p in params], device=device),
