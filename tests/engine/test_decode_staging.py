@@ -1,0 +1,128 @@
+"""The decode step's host path, on CPU: `stage_decode_inputs` packs what the per-row packing it
+replaced packed, and the graph path (staging, padding to the ladder, the decode fast paths of
+scheduler and engine) gives the eager engine's bits in invariant mode with rows joining,
+leaving, forking, stopping, aborting and being preempted. The captured graph is replaced by an
+eager forward over the staged buffers (`EagerReplayGraphs`): on CPU there is nothing to capture,
+and what is tested here is every input the graph would read."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from miles_core.engine.native import paged_cache
+from miles_core.engine.native.cuda_graphs import DecodeGraphs, stage_decode_inputs
+from miles_core.kernels import model_ops
+from paged_helpers import assert_no_leak, flat, model_for, paged, prompts, requests
+
+
+class _Seq:
+    def __init__(self, token_ids, block_table):
+        self.token_ids, self.block_table = token_ids, block_table
+
+
+def per_row_packing(seqs, block_size, null_block, size, num_columns):
+    """The packing `stage_decode_inputs` replaced: one row at a time from Python lists."""
+    packed = np.empty((size, num_columns), dtype=np.int64)
+    packed[:, 0], packed[:, 1], packed[:, 2], packed[:, 3:] = 0, 0, null_block * block_size, null_block
+    for b, seq in enumerate(seqs):
+        p = len(seq.token_ids) - 1
+        table = seq.block_table[: p // block_size + 1]
+        packed[b, :3] = seq.token_ids[p], p, table[-1] * block_size + p % block_size
+        packed[b, 3 : 3 + len(table)] = table
+    return packed
+
+
+@pytest.mark.parametrize("batch,size", [(1, 1), (5, 8), (127, 128), (128, 128), (3, 16)])
+def test_staging_equals_the_per_row_packing(batch, size):
+    rng = random.Random(batch)
+    P, M, null = 16, 6, 999
+    seqs = []
+    for _ in range(batch):
+        length = rng.randint(1, P * M)
+        needed = (length - 1) // P + 1
+        extra = rng.randint(0, M - needed)  # tables may hold blocks past the position's (admission)
+        seqs.append(_Seq([rng.randrange(500) for _ in range(length)], rng.sample(range(900), needed + extra)))
+    got = np.full((size, 3 + M), -1, dtype=np.int64)  # stale contents must all be overwritten
+    stage_decode_inputs(seqs, P, null, got)
+    assert np.array_equal(got, per_row_packing(seqs, P, null, size, 3 + M))
+
+
+class _EagerReplay:
+    def __init__(self, graphs: EagerReplayGraphs, size: int) -> None:
+        self.graphs, self.size = graphs, size
+
+    def replay(self) -> None:
+        self.graphs.replayed.append(self.size)
+        self.graphs.logits[self.size].copy_(self.graphs.eager_forward(self.size))
+
+
+class EagerReplayGraphs(DecodeGraphs):
+    """`DecodeGraphs` whose replay runs the model eagerly on the staged buffers (dense keys
+    gathered through the staged block tables, as on CPU)."""
+
+    def _capture(self) -> None:
+        self._ops = model_ops(self.model)
+        vocab = self.model.lm_head.weight.shape[0]
+        self.replayed = getattr(self, "replayed", [])
+        self.graphs = {size: _EagerReplay(self, size) for size in self.sizes}
+        self.logits = {size: torch.empty(size, vocab) for size in self.sizes}
+
+    def eager_forward(self, size: int) -> torch.Tensor:
+        positions = self.positions_G1[:size]
+        num_keys = int(positions.max()) + 1
+        cache = paged_cache.PagedKVCache(self.pool, self.tables_GM[:size], self.slots_G[:size], None, num_keys)
+        return self.model.lm_head(self.model(self.ids_G1[:size], positions, cache, routing=None)[:, 0])
+
+
+def graphed(model, **cfg):
+    engine = paged(model, return_routed_experts=False, **cfg)
+    engine.runner.graphs = EagerReplayGraphs(model, engine.pool, max_batch_size=engine.cfg.max_batch_size,
+                                             max_blocks_per_row=engine.blocks.blocks_for(engine.max_context_len))
+    return engine
+
+
+@pytest.mark.parametrize("forcing", [dict(block_size=16), dict(block_size=16, num_kv_blocks=8),
+                                     dict(block_size=16, max_batch_size=5, max_num_batched_tokens=20)])
+def test_graph_path_gives_the_eager_bits(forcing):
+    model = model_for("qwen3", "invariant")
+    reqs = requests(prompts(6, seed=11), n=3, stop_token_ids=(7, 77), max_new_tokens=40)  # some stop early
+    eager = paged(model, return_routed_experts=False, **forcing)
+    expected = eager.generate(reqs)
+    engine = graphed(model, **forcing)
+    got = engine.generate(reqs)
+    assert len(engine.runner.graphs.replayed) > 20
+    assert [g.output_ids for g in flat(got)] == [g.output_ids for g in flat(expected)]
+    assert [g.output_logprobs for g in flat(got)] == [g.output_logprobs for g in flat(expected)]
+    assert [g.finish_reason for g in flat(got)] == [g.finish_reason for g in flat(expected)]
+    assert len({len(g.output_ids) for g in flat(got)}) > 1  # rows left the batch at different steps
+    if "num_kv_blocks" in forcing:
+        assert engine.scheduler.num_preemptions == eager.scheduler.num_preemptions > 0
+    assert_no_leak(engine)
+
+
+def test_graph_path_with_abort_and_changing_sampling_settings():
+    """An abort mid-decode and a second batch with another temperature (the engine keeps the
+    sampling tensors of one setting between steps) give what fresh eager engines give."""
+    model = model_for("llama", "invariant")
+    first = requests(prompts(4, seed=12), n=2, max_new_tokens=30)
+    second = requests(prompts(4, seed=13), n=2, temperature=1.3, max_new_tokens=30)
+    engine = graphed(model, block_size=16)
+    handles = [engine.submit(r) for r in first]
+    for _ in range(6):
+        engine.step()
+    engine.abort("r1")
+    while engine.step():
+        pass
+    got = [h.result(timeout=0) for h in handles]
+    assert [g.finish_reason["type"] for g in got[1]] == ["abort", "abort"]
+    eager = paged(model, return_routed_experts=False, block_size=16)
+    expected = eager.generate([first[0], first[2], first[3]])
+    assert [g.output_logprobs for g in flat([got[0], got[2], got[3]])] == [g.output_logprobs for g in flat(expected)]
+    again = engine.generate(second)
+    fresh = paged(model, return_routed_experts=False, block_size=16).generate(second)
+    assert [g.output_logprobs for g in flat(again)] == [g.output_logprobs for g in flat(fresh)]
+    assert_no_leak(engine)
