@@ -16,10 +16,13 @@ work per step, split by phase:
   appends, stop checks, retiring finished sequences)
 - other: the rest of `NativeEngine.step` (inbox, locks, fork bookkeeping)
 
-The sampler's time here is CPU math on a `--vocab`-wide row (on the GPU it is launches only);
-the vocabulary is small so that it stays close to its launch cost.
+On CPU the sampler's time is CPU math on a `--vocab`-wide row (on a GPU it is launches only);
+the vocabulary is small so that it stays close to its launch cost. With `--device cuda` the same
+run measures a GPU host: staging goes through pinned memory and the sampler is launched on the
+GPU, and each step waits for its tokens as the engine does (the GPU's own work is tiny).
 
-CPU:  python bench/engine_host_overhead.py --batches 64,256 --steps 64
+CPU:  python bench/engine_host_overhead.py --batches 64,256 --steps 64 --out bench/results/engine_host_overhead.md
+GPU host:  python bench/engine_host_overhead.py --device cuda
       (add --profile for cProfile's top functions of the timed decode steps)
 """
 
@@ -36,6 +39,7 @@ import time
 
 import torch
 
+from align_overhead import emit_report  # bench/ is on sys.path when run
 from miles_core.config import EngineConfig, SamplingConfig
 from miles_core.engine.native import NativeEngine
 from miles_core.engine.native import engine as engine_module
@@ -65,7 +69,7 @@ class HostOnlyGraphs(DecodeGraphs):
     def _capture(self) -> None:
         self._ops = model_ops(self.model)
         vocab = self.model.lm_head.weight.shape[0]
-        logits = torch.randn(self.sizes[-1], vocab, generator=torch.Generator().manual_seed(0))
+        logits = torch.randn(self.sizes[-1], vocab, generator=torch.Generator().manual_seed(0)).to(self.ids_G1.device)
         self.graphs = {size: _NoReplay() for size in self.sizes}
         self.logits = {size: logits[:size] for size in self.sizes}
 
@@ -89,10 +93,10 @@ class _Timer:
         return timed
 
 
-def build_engine(batch: int, vocab: int, mode: str, timer: _Timer) -> NativeEngine:
+def build_engine(batch: int, vocab: int, mode: str, device: str, timer: _Timer) -> NativeEngine:
     config = {**TINY_QWEN3_CONFIG, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
               "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": vocab}
-    model = tiny_model(config).eval()
+    model = tiny_model(config).to(device).eval()
     set_alignment_mode(model, mode)
     cfg = EngineConfig(max_batch_size=batch, block_size=64, cuda_graphs=False, max_context_len=1024)
     engine = NativeEngine(model, _NoText(), cfg, eos_token_ids=(), max_position_embeddings=1024)
@@ -105,12 +109,12 @@ def build_engine(batch: int, vocab: int, mode: str, timer: _Timer) -> NativeEngi
     return engine
 
 
-def run_batch(batch: int, steps: int, vocab: int, mode: str, profile: bool) -> dict:
+def run_batch(batch: int, steps: int, vocab: int, mode: str, device: str, profile: bool) -> dict:
     timer = _Timer()
     real_sample_tokens = engine_module.sample_tokens
     engine_module.sample_tokens = timer.wrap("sampler", real_sample_tokens)
     try:
-        engine = build_engine(batch, vocab, mode, timer)
+        engine = build_engine(batch, vocab, mode, device, timer)
         gen = torch.Generator().manual_seed(1)
         prompts = [torch.randint(0, vocab, (16,), generator=gen).tolist() for _ in range(batch)]
 
@@ -150,7 +154,8 @@ def run_batch(batch: int, steps: int, vocab: int, mode: str, profile: bool) -> d
 
 
 def report(rows: list[dict], args) -> str:
-    lines = [f"machine: {platform.machine()} CPU, {torch.get_num_threads()} torch threads; date: "
+    card = f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
+    lines = [f"machine: {platform.machine()} CPU{card}, {torch.get_num_threads()} torch threads; date: "
              f"{datetime.date.today()}; torch {torch.__version__}; mode {args.mode}; vocab {args.vocab}; "
              f"command: `python {' '.join(sys.argv)}`", "",
              "| batch | step us (mean) | step us (median) | " + " | ".join(PHASES) + " |",
@@ -168,13 +173,16 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--mode", default="fast", choices=["fast", "invariant"])
     parser.add_argument("--repeats", type=int, default=3, help="runs per batch; the fastest is shown")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions")
+    parser.add_argument("--out", default="", help="also write the table to this file")
     args = parser.parse_args()
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
-        runs = [run_batch(batch, args.steps, args.vocab, args.mode, args.profile) for _ in range(args.repeats)]
+        runs = [run_batch(batch, args.steps, args.vocab, args.mode, args.device, args.profile)
+                for _ in range(args.repeats)]
         rows.append(min(runs, key=lambda r: r["total"]))
-    print(report(rows, args))
+    emit_report(report(rows, args) + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ class NativeEngine:
         self._loop: threading.Thread | None = None
         self._stop = False
         self._uniform_params: tuple | None = None
-        """(sampling setting, rows, device, tensors) of the last step sampled with one setting."""
+        """((setting, rows, device), tensors) of the last step sampled with one setting for all rows."""
 
     def _new_pool(self) -> KVPool:
         num_kv_heads, head_dim, v_head_dim = self.model.kv_cache_dims()
@@ -244,7 +244,7 @@ class NativeEngine:
             self._sample(sampled, logits_RV.index_select(0, torch.tensor(logit_rows, device=logits_RV.device)))
 
     def _sample(self, seqs: list[Seq], logits_BV: torch.Tensor) -> None:
-        uniform = uniforms([seq.stream for seq in seqs])
+        uniform = _to_device(uniforms([seq.stream for seq in seqs]), logits_BV.device)
         temperature, top_k, top_p, filtered = self._sampling_params(seqs, logits_BV.device)
         tokens, logprobs = sample_tokens(logits_BV, temperature, top_k, top_p, uniform, filtered=filtered,
                                          log_softmax=model_ops(self.model).log_softmax)
@@ -262,23 +262,22 @@ class NativeEngine:
 
     def _sampling_params(self, seqs: list[Seq], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         """Per-row temperature, top-k, top-p, and whether any sampled row filters (top-k/top-p).
-        One setting for all rows (an RL batch) is filled on the device: no host-to-device copy,
-        which would wait for the forward to finish; the tensors are kept for the next steps
-        (the sampler only reads them)."""
+        One setting for all rows (an RL batch) is filled on the device: no host-to-device copy;
+        the tensors are kept for the next steps (the sampler only reads them)."""
         first = seqs[0].request.sampling
-        if all(s.request.sampling is first for s in seqs):
-            B = len(seqs)
-            kept = self._uniform_params
-            if kept is not None and kept[0] is first and kept[1] == B and kept[2] == device:
-                return kept[3]
-            params = (torch.full((B,), first.temperature, device=device), torch.full((B,), first.top_k, device=device),
-                      torch.full((B,), first.top_p, device=device), _filters(first))
-            self._uniform_params = (first, B, device, params)
-            return params
+        setting = _setting(first)
+        if all(s.request.sampling is first for s in seqs) or all(_setting(s.request.sampling) == setting for s in seqs):
+            key = (setting, len(seqs), device)
+            if self._uniform_params is None or self._uniform_params[0] != key:
+                B = len(seqs)
+                self._uniform_params = key, (
+                    torch.full((B,), first.temperature, device=device), torch.full((B,), first.top_k, device=device),
+                    torch.full((B,), first.top_p, device=device), _filters(first))
+            return self._uniform_params[1]
         params = [seq.request.sampling for seq in seqs]
-        return (torch.tensor([p.temperature for p in params], device=device),
-                torch.tensor([p.top_k for p in params], device=device), torch.tensor([p.top_p for p in params], device=device),
-                any(_filters(p) for p in params))
+        return (_to_device(torch.tensor([p.temperature for p in params]), device),
+                _to_device(torch.tensor([p.top_k for p in params]), device),
+                _to_device(torch.tensor([p.top_p for p in params]), device), any(_filters(p) for p in params))
 
     def _retire(self, seq: Seq) -> None:
         """Free a finished sequence; answer its request when it was the last one."""
@@ -320,6 +319,22 @@ class NativeEngine:
     def _notify(self) -> None:
         with self._wake:
             self._wake.notify_all()
+
+
+def _setting(sampling) -> tuple:
+    """What the sampler reads of a row's sampling config (types too: an int and a float fill
+    tensors of different dtypes)."""
+    values = (sampling.temperature, sampling.top_k, sampling.top_p)
+    return values + tuple(type(v) for v in values)
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A step input made on the host, on `device`: from page-locked memory without waiting, so
+    the host goes on launching the sampler while the forward runs (a copy from pageable memory
+    waits for the GPU to reach it)."""
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _filters(sampling) -> bool:
