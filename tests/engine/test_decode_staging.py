@@ -16,7 +16,7 @@ import torch
 from miles_core.engine.native import paged_cache
 from miles_core.engine.native.cuda_graphs import DecodeGraphs, stage_decode_inputs
 from miles_core.kernels import model_ops
-from paged_helpers import assert_no_leak, flat, model_for, paged, prompts, requests
+from paged_helpers import assert_no_leak, flat, model_for, paged, prompts, reference, requests
 
 
 class _Seq:
@@ -126,3 +126,27 @@ def test_graph_path_with_abort_and_changing_sampling_settings():
     fresh = paged(model, return_routed_experts=False, block_size=16).generate(second)
     assert [g.output_logprobs for g in flat(again)] == [g.output_logprobs for g in flat(fresh)]
     assert_no_leak(engine)
+
+
+def test_sampling_settings_equal_by_value_share_kept_tensors_and_mixed_settings_stay_per_row():
+    """Requests with equal but distinct sampling configs sample as one shared config does (the
+    engine keeps one set of tensors); mixed temperatures and top-k give each request what it
+    gets alone (the reference engine draws from torch's generators)."""
+    from dataclasses import replace
+
+    model = model_for("qwen3", "invariant")
+    shared = requests(prompts(4, seed=14), n=2, max_new_tokens=15)
+    distinct = [replace(r, sampling=replace(r.sampling)) for r in shared]
+    assert distinct[0].sampling is not distinct[1].sampling and distinct[0].sampling == distinct[1].sampling
+    engine = paged(model, block_size=16)
+    got = engine.generate(distinct)
+    (_, rows, _), (temperature_B, top_k_B, top_p_B, filtered) = engine._uniform_params
+    assert rows == 8 and torch.equal(temperature_B, torch.full((8,), 0.8)) and not filtered
+    assert torch.equal(top_k_B, torch.full((8,), -1)) and torch.equal(top_p_B, torch.ones(8))
+    assert [g.output_logprobs for g in flat(got)] == [g.output_logprobs for g in flat(paged(model).generate(shared))]
+    mixed = [replace(r, sampling=replace(r.sampling, temperature=0.5 + 0.3 * i, top_k=4 if i % 2 else -1))
+             for i, r in enumerate(shared)]
+    together = engine.generate(mixed)
+    alone = [reference(model).generate([r])[0] for r in mixed]
+    assert [g.output_logprobs for g in flat(together)] == [g.output_logprobs for g in flat(alone)]
+    assert [g.output_ids for g in flat(together)] == [g.output_ids for g in flat(alone)]
