@@ -93,13 +93,14 @@ class _Timer:
         return timed
 
 
-def build_engine(batch: int, vocab: int, mode: str, device: str, timer: _Timer) -> NativeEngine:
+def build_engine(batch: int, args, timer: _Timer) -> NativeEngine:
     config = {**TINY_QWEN3_CONFIG, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-              "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": vocab}
-    model = tiny_model(config).to(device).eval()
-    set_alignment_mode(model, mode)
-    cfg = EngineConfig(max_batch_size=batch, block_size=64, cuda_graphs=False, max_context_len=1024)
-    engine = NativeEngine(model, _NoText(), cfg, eos_token_ids=(), max_position_embeddings=1024)
+              "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": args.vocab}
+    model = tiny_model(config).to(args.device).eval()
+    set_alignment_mode(model, args.mode)
+    # The graphs' block tables have a column per block of the longest context (max_context_len).
+    cfg = EngineConfig(max_batch_size=batch, block_size=64, cuda_graphs=False, max_context_len=args.max_context_len)
+    engine = NativeEngine(model, _NoText(), cfg, eos_token_ids=(), max_position_embeddings=args.max_context_len)
     engine.runner.graphs = HostOnlyGraphs(model, engine.pool, max_batch_size=batch,
                                           max_blocks_per_row=engine.blocks.blocks_for(engine.max_context_len))
     engine.scheduler.schedule = timer.wrap("schedule", engine.scheduler.schedule)
@@ -109,14 +110,14 @@ def build_engine(batch: int, vocab: int, mode: str, device: str, timer: _Timer) 
     return engine
 
 
-def run_batch(batch: int, steps: int, vocab: int, mode: str, device: str, profile: bool) -> dict:
+def run_batch(batch: int, args) -> dict:
     timer = _Timer()
     real_sample_tokens = engine_module.sample_tokens
     engine_module.sample_tokens = timer.wrap("sampler", real_sample_tokens)
     try:
-        engine = build_engine(batch, vocab, mode, device, timer)
+        engine = build_engine(batch, args, timer)
         gen = torch.Generator().manual_seed(1)
-        prompts = [torch.randint(0, vocab, (16,), generator=gen).tolist() for _ in range(batch)]
+        prompts = [torch.randint(0, args.vocab, (16,), generator=gen).tolist() for _ in range(batch)]
 
         def submit(new_tokens: int) -> None:
             sampling = SamplingConfig(temperature=1.0, max_new_tokens=new_tokens)
@@ -126,9 +127,9 @@ def run_batch(batch: int, steps: int, vocab: int, mode: str, device: str, profil
         submit(4)  # warm-up
         while engine.step():
             pass
-        submit(steps + 1)
+        submit(args.steps + 1)
         engine.step()  # the prefill step (samples the first token): not timed
-        profiler = cProfile.Profile() if profile else None
+        profiler = cProfile.Profile() if args.profile else None
         durations = []
         timer.on = True
         if profiler:
@@ -143,6 +144,7 @@ def run_batch(batch: int, steps: int, vocab: int, mode: str, device: str, profil
         timer.on = False
     finally:
         engine_module.sample_tokens = real_sample_tokens
+    steps = args.steps
     assert len(durations) == steps, (len(durations), steps)
     us = {phase: 1e6 * s / steps for phase, s in timer.seconds.items()}
     us["record"] -= us["sampler"]  # sample_tokens runs inside _sample
@@ -157,6 +159,7 @@ def report(rows: list[dict], args) -> str:
     card = f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
     lines = [f"machine: {platform.machine()} CPU{card}, {torch.get_num_threads()} torch threads; date: "
              f"{datetime.date.today()}; torch {torch.__version__}; mode {args.mode}; vocab {args.vocab}; "
+             f"max_context_len {args.max_context_len}; "
              f"command: `python {' '.join(sys.argv)}`", "",
              "| batch | step us (mean) | step us (median) | " + " | ".join(PHASES) + " |",
              "|---" * (3 + len(PHASES)) + "|"]
@@ -172,15 +175,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64, help="timed decode steps per batch")
     parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--mode", default="fast", choices=["fast", "invariant"])
+    parser.add_argument("--max-context-len", type=int, default=4096,
+                        help="engine.max_context_len (sets the graphs' block-table width)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per batch; the fastest is shown")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions")
     parser.add_argument("--out", default="", help="also write the table to this file")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: the sampler's CPU math does not fight other processes)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
-        runs = [run_batch(batch, args.steps, args.vocab, args.mode, args.device, args.profile)
-                for _ in range(args.repeats)]
+        runs = [run_batch(batch, args) for _ in range(args.repeats)]
         rows.append(min(runs, key=lambda r: r["total"]))
     emit_report(report(rows, args) + "\n", args.out)
 

@@ -12,9 +12,10 @@ matmuls tile rows, attention runs one program per row and head), so in `invarian
 replayed step gives the bits of the eager step at any batch size: KL = 0 holds with graphs.
 
 Staging: a step's inputs (token, position, slot and block table of each row, padding rows after
-them) are packed on the host into one (G, 3 + M) int64 array by a few numpy operations over all
-rows at once (`stage_decode_inputs`), in page-locked memory on CUDA, and copied to the device
-in one asynchronous copy. Two staging buffers alternate; a buffer is written again two steps
+them) are packed on the host into one int64 array by a few numpy operations over all rows at
+once (`stage_decode_inputs`), in page-locked memory on CUDA, and copied to the device in one
+asynchronous copy. Only the table columns some row reads are staged (M is the longest context's
+blocks: 640 columns for a 40,960-token model, of which a 1,000-token step reads 16). Two staging buffers alternate; a buffer is written again two steps
 later, after the step between has read its sampled tokens back (a host synchronisation), so its
 copy has long finished.
 
@@ -42,28 +43,36 @@ from miles_core.engine.native.sequence import Sequence
 from miles_core.kernels import model_ops
 
 
-def stage_decode_inputs(seqs: Seqs[Sequence], block_size: int, null_block: int, packed_GC: np.ndarray) -> None:
-    """Pack one decode step into `packed_GC` (G >= B rows, C = 3 + M columns): per row the token
-    fed (the sequence's last), its position, its pool slot, then the block table up to the
-    position's block and `null_block` after; rows past B are padding (token 0 at position 0,
-    the null block's slot 0)."""
+def stage_decode_inputs(seqs: Seqs[Sequence], block_size: int, null_block: int, size: int,
+                        buffer: np.ndarray) -> np.ndarray:
+    """Pack one decode step into the front of the flat `buffer`; returns it as (size, 3 + W):
+    per row the token fed (the sequence's last), its position, its pool slot, then its block
+    table up to the position's block and `null_block` after, over W columns, W = the largest
+    row's table entries; rows past B are padding (token 0 at position 0, the null block's slot 0).
+    The graph's table columns past W keep older entries: no row reads past its position's block."""
     B, P = len(seqs), block_size
     tables = list(map(attrgetter("block_table"), seqs))  # map with C callables: no Python frame per row
     token_lists = list(map(attrgetter("token_ids"), seqs))
     positions_B = np.fromiter(map(len, token_lists), dtype=np.int64, count=B) - 1
     counts_B = positions_B // P + 1  # table entries up to the position's block
+    W = int(counts_B.max())
+    packed = buffer[: size * (3 + W)].reshape(size, 3 + W)
+    packed[:, :2] = 0
+    packed[:, 2] = null_block * P
+    packed[:, 3:] = null_block
     lengths_B = np.fromiter(map(len, tables), dtype=np.int64, count=B)
     flat = np.fromiter(chain.from_iterable(tables), dtype=np.int64, count=int(lengths_B.sum()))
     row = np.repeat(np.arange(B), lengths_B)
     col = np.arange(flat.size) - np.repeat(np.cumsum(lengths_B) - lengths_B, lengths_B)
-    keep = col < counts_B[row]
-    packed_GC[:, :2] = 0
-    packed_GC[:, 2] = null_block * P
-    packed_GC[:, 3:] = null_block
-    packed_GC[row[keep], 3 + col[keep]] = flat[keep]
-    packed_GC[:B, 0] = np.fromiter(map(itemgetter(-1), token_lists), dtype=np.int64, count=B)
-    packed_GC[:B, 1] = positions_B
-    packed_GC[:B, 2] = packed_GC[np.arange(B), 2 + counts_B] * P + positions_B % P
+    if np.array_equal(lengths_B, counts_B):  # tables end at the position's block (decode steps)
+        packed[row, 3 + col] = flat
+    else:  # an admission gives blocks for every token: a table may hold one past the position's
+        keep = col < counts_B[row]
+        packed[row[keep], 3 + col[keep]] = flat[keep]
+    packed[:B, 0] = np.fromiter(map(itemgetter(-1), token_lists), dtype=np.int64, count=B)
+    packed[:B, 1] = positions_B
+    packed[:B, 2] = packed[np.arange(B), 2 + counts_B] * P + positions_B % P
+    return packed
 
 
 def batch_size_ladder(max_batch_size: int) -> list[int]:
@@ -87,7 +96,7 @@ class DecodeGraphs:
         self.tables_GM = torch.full((G, M), pool.null_block, dtype=torch.long, device=device)
         self.slots_G = torch.full((G,), self.null_slot, dtype=torch.long, device=device)
         pinned = device.type == "cuda"
-        self._staging = [torch.empty((G, 3 + M), dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._staging = [torch.empty(G * (3 + M), dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         self._num_runs = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -128,13 +137,14 @@ class DecodeGraphs:
             self._capture()
         B = len(seqs)
         size = self.sizes[bisect.bisect_left(self.sizes, B)]
-        host = self._staging[self._num_runs % 2][:size]
+        buffer = self._staging[self._num_runs % 2]
         self._num_runs += 1
-        stage_decode_inputs(seqs, self.pool.block_size, self.pool.null_block, host.numpy())
+        packed = stage_decode_inputs(seqs, self.pool.block_size, self.pool.null_block, size, buffer.numpy())
+        host = buffer[: packed.size].view(packed.shape)
         staged = host.to(self.ids_G1.device, non_blocking=True)  # one host-to-device copy per step
         self.ids_G1[:size, 0].copy_(staged[:, 0])
         self.positions_G1[:size, 0].copy_(staged[:, 1])
         self.slots_G[:size].copy_(staged[:, 2])
-        self.tables_GM[:size].copy_(staged[:, 3:])
+        self.tables_GM[:size, : packed.shape[1] - 3].copy_(staged[:, 3:])
         self.graphs[size].replay()
         return self.logits[size][:B]
