@@ -97,6 +97,7 @@ class DecodeGraphs:
         self.slots_G = torch.full((G,), self.null_slot, dtype=torch.long, device=device)
         pinned = device.type == "cuda"
         self._staging = [torch.empty(G * (3 + M), dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._staging_np = [buffer.numpy() for buffer in self._staging]  # the same memory
         self._num_runs = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -137,10 +138,9 @@ class DecodeGraphs:
             self._capture()
         B = len(seqs)
         size = self.sizes[bisect.bisect_left(self.sizes, B)]
-        buffer = self._staging[self._num_runs % 2]
-        self._num_runs += 1
-        packed = stage_decode_inputs(seqs, self.pool.block_size, self.pool.null_block, size, buffer.numpy())
-        host = buffer[: packed.size].view(packed.shape)
+        which, self._num_runs = self._num_runs % 2, self._num_runs + 1
+        packed = stage_decode_inputs(seqs, self.pool.block_size, self.pool.null_block, size, self._staging_np[which])
+        host = self._staging[which][: packed.size].view(packed.shape)
         staged = host.to(self.ids_G1.device, non_blocking=True)  # one host-to-device copy per step
         self.ids_G1[:size, 0].copy_(staged[:, 0])
         self.positions_G1[:size, 0].copy_(staged[:, 1])
