@@ -1,13 +1,15 @@
 """The decode step's host path, on CPU: `stage_decode_inputs` packs what the per-row packing it
 replaced packed, and the graph path (staging, padding to the ladder, the decode fast paths of
 scheduler and engine) gives the eager engine's bits in invariant mode with rows joining,
-leaving, forking, stopping, aborting and being preempted. The captured graph is replaced by an
+leaving, forking, stopping, aborting and being preempted; sampling tensors kept between steps;
+`generate` answering finished requests after the next forward's launch. The captured graph is replaced by an
 eager forward over the staged buffers (`EagerReplayGraphs`): on CPU there is nothing to capture,
 and what is tested here is every input the graph would read."""
 
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -135,8 +137,6 @@ def test_sampling_settings_equal_by_value_share_kept_tensors_and_mixed_settings_
     """Requests with equal but distinct sampling configs sample as one shared config does (the
     engine keeps one set of tensors); mixed temperatures and top-k give each request what it
     gets alone (the reference engine draws from torch's generators)."""
-    from dataclasses import replace
-
     model = model_for("qwen3", "invariant")
     shared = requests(prompts(4, seed=14), n=2, max_new_tokens=15)
     distinct = [replace(r, sampling=replace(r.sampling)) for r in shared]
@@ -153,3 +153,51 @@ def test_sampling_settings_equal_by_value_share_kept_tensors_and_mixed_settings_
     alone = [reference(model).generate([r])[0] for r in mixed]
     assert [g.output_logprobs for g in flat(together)] == [g.output_logprobs for g in flat(alone)]
     assert [g.output_ids for g in flat(together)] == [g.output_ids for g in flat(alone)]
+
+
+class _RecordingTokenizer:
+    """Decodes nothing; notes when the engine builds an answer (it decodes the response text)."""
+
+    def __init__(self, events: list) -> None:
+        self.events = events
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        self.events.append("answer")
+        return ""
+
+
+def test_generate_answers_finished_requests_right_after_the_next_forward_launch():
+    model = model_for("llama", "invariant")
+    reqs = [*requests(prompts(3, seed=15), n=1, max_new_tokens=4), *requests(prompts(1, seed=16), n=1, max_new_tokens=9)]
+    events = []
+    engine = paged(model, block_size=16)
+    engine.tokenizer = _RecordingTokenizer(events)
+    real_forward = engine.runner.forward
+    engine.runner.forward = lambda rows, **kw: events.append("forward") or real_forward(rows, **kw)
+    got = engine.generate(reqs)
+    # The three short requests finish in the 4th step's sampling and are answered after the 5th
+    # forward's launch; the long one after the 9th step, when no forward is left (the idle step).
+    assert events == ["forward"] * 5 + ["answer"] * 3 + ["forward"] * 4 + ["answer"]
+    expected = paged(model, block_size=16).generate(reqs)
+    assert [g.output_logprobs for g in flat(got)] == [g.output_logprobs for g in flat(expected)]
+    assert not engine._finished and engine._num_answering_late == 0
+
+
+def test_a_late_answer_carries_the_weight_version_its_request_finished_under():
+    model = model_for("llama", "invariant")
+    short, long = requests(prompts(2, seed=17), n=2, max_new_tokens=3)
+    long = replace(long, sampling=replace(long.sampling, max_new_tokens=8))
+    engine = paged(model, block_size=16)
+    engine._num_answering_late += 1  # what `generate` does while it steps
+    first, second = engine.submit(short), engine.submit(long)
+    while not all(seq.done for seq in first.sequences):
+        engine.step()
+    assert not first.done  # answered after the next forward's launch
+    weight = model.model.norm.weight
+    engine.update_weights([("model.norm.weight", weight.detach() * 1.0)], version="1")
+    engine.step()
+    assert first.done and [g.weight_version for g in first.result()] == ["0", "0"]
+    while engine.step():
+        pass
+    assert second.done and [g.weight_version for g in second.result()] == ["1", "1"]
+    assert_no_leak(engine)

@@ -6,7 +6,12 @@ in through `submit` (thread-safe: a server thread may call it while another thre
 `step`, or while `start()`'s background loop does); `generate` submits a batch and steps until
 it is answered. Each `step` drains the inbox (submissions, aborts), schedules one forward,
 samples one token for every sequence that finished its prompt or decoded, and retires finished
-sequences, freeing their blocks.
+sequences, freeing their blocks. While `generate` drives the steps (it reads answers only once
+all are in), a request whose last sequence finished is answered (its `Generation`s built: output
+copies, the response text decoded) in the next step right after that step's forward is
+launched, so on a GPU the host does it while the forward runs, or when there is no next forward;
+other callers (a background loop, a caller stepping itself) get each answer in the step that
+finished it, as they may act on it before the next step.
 """
 
 from __future__ import annotations
@@ -72,6 +77,11 @@ class NativeEngine:
         self._wake = threading.Condition()
         self._loop: threading.Thread | None = None
         self._stop = False
+        self._finished: list[tuple[RequestHandle, str]] = []
+        """Requests whose sequences have all finished, with the weight version they finished
+        under, to answer after the next forward is launched (`_answer_finished`)."""
+        self._num_answering_late = 0
+        """`generate` calls stepping now: while any is, answers wait for the next forward."""
         self._uniform_params: tuple | None = None
         """((setting, rows, device), tensors) of the last step sampled with one setting for all rows."""
 
@@ -188,18 +198,24 @@ class NativeEngine:
         for handle in handles:
             self._post("submit", handle)
         if self._loop is None:
-            while not all(handle.done for handle in handles):
-                self.step()
+            with self._step_lock:
+                self._num_answering_late += 1
+            try:
+                while not all(handle.done for handle in handles):
+                    self.step()
+            finally:
+                with self._step_lock:
+                    self._num_answering_late -= 1
+                    self._answer_finished()  # others' requests finished in the last step
         return [handle.result() for handle in handles]
 
     def step(self) -> bool:
         """Run one scheduled forward; False when paused or idle."""
         with self._step_lock:
             self._drain_inbox()
-            if self._paused.is_set():
-                return False
-            rows = self.scheduler.schedule()
+            rows = [] if self._paused.is_set() else self.scheduler.schedule()
             if not rows:
+                self._answer_finished()
                 return False
             with torch.inference_mode():
                 self._run(rows)
@@ -227,6 +243,7 @@ class NativeEngine:
     def _run(self, rows: list[Row]) -> None:
         decoding = self.scheduler.decoding
         logits_RV = self.runner.forward(rows, decoding=decoding)
+        self._answer_finished()  # host work while the forward runs on a GPU
         self.scheduler.computed(rows)
         if decoding:  # every row samples from its own logits row; no decoding sequence has forks
             self._sample([row.seq for row in rows], logits_RV)
@@ -287,8 +304,14 @@ class NativeEngine:
             handle.on_progress(1)
         if all(s.done for s in handle.sequences) and not handle.done:
             del self._handles[id(handle)]
-            handle.finish([to_generation(s, self.tokenizer, self._weight_version, self.capture_routing)
-                           for s in handle.sequences])
+            self._finished.append((handle, self._weight_version))
+            if not self._num_answering_late:
+                self._answer_finished()
+
+    def _answer_finished(self) -> None:
+        finished, self._finished = self._finished, []
+        for handle, version in finished:
+            handle.finish([to_generation(s, self.tokenizer, version, self.capture_routing) for s in handle.sequences])
 
     # -- background loop -------------------------------------------------------------------
     def start(self) -> None:
