@@ -309,8 +309,8 @@ class NativeEngine:
                 self._answer_finished()
 
     def _answer_finished(self) -> None:
-        finished, self._finished = self._finished, []
-        for handle, version in finished:
+        while self._finished:  # one at a time: a failing answer leaves the others queued
+            handle, version = self._finished.pop(0)
             handle.finish([to_generation(s, self.tokenizer, version, self.capture_routing) for s in handle.sequences])
 
     # -- background loop -------------------------------------------------------------------

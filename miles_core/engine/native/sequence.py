@@ -4,9 +4,6 @@ A request asks for `n` samples; each sample is a `Sequence` with its own token l
 table, logprobs, routed experts and sampling stream (`sample_seed(request seed, j)`, one uniform
 per generated token, `streams`), so its tokens do not depend on which sequences share its steps,
 on preemption, or on prefix-cache hits.
-
-A block table is only ever appended to in place (a decode step's next block); every other change
-(admission, preemption, fork) assigns a new list.
 """
 
 from __future__ import annotations
@@ -51,7 +48,8 @@ class Sequence:
     forks: list[Sequence] = field(default_factory=list)
     """The request's other samples, waiting for this one's prompt prefill to share it."""
     stop_ids: frozenset[int] = frozenset()
-    """Tokens that stop it (the engine's eos ids and the request's stop ids)."""
+    """Tokens that stop it: the engine's eos ids and the request's stop ids (the engine sets it;
+    a token outside it, with no stop strings and below the length limit, cannot finish it)."""
 
     @property
     def output_ids(self) -> list[int]:
