@@ -51,3 +51,16 @@ def test_lowprec_runs_tiny_on_cpu(tmp_path):
     assert [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| tiny")] == ["| tiny"] * 4
     assert [line.split(" | ")[0] for line in text.splitlines() if line[2:6] in ("bf16", "fp8 ", "int4")] == \
         ["| bf16", "| fp8", "| int4"]
+
+
+def test_engine_host_overhead_runs_on_cpu(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MILES_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "result.md"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "engine_host_overhead.py"), "--batches", "3,9",
+                           "--steps", "5", "--repeats", "1", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = out.read_text()
+    assert "command:" in text and "| schedule | stage | computed | sampler | record | other |" in text
+    assert [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| 3 ") or line.startswith("| 9 ")] \
+        == ["| 3", "| 9"]

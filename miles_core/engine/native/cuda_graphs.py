@@ -11,6 +11,15 @@ only it; their logits are dropped. Every kernel of a row depends only on that ro
 matmuls tile rows, attention runs one program per row and head), so in `invariant` mode a
 replayed step gives the bits of the eager step at any batch size: KL = 0 holds with graphs.
 
+Staging: a step's inputs (token, position, slot and block table of each row, padding rows after
+them) are packed on the host into one int64 array by a few numpy operations over all rows at
+once (`stage_decode_inputs`), in page-locked memory on CUDA, and copied to the device in one
+asynchronous copy, then on the device into the graph's inputs (through views made once per
+shape). Only the table columns some row reads are staged (M is the longest context's
+blocks: 640 columns for a 40,960-token model, of which a 1,000-token step reads 16). Two staging buffers alternate; a buffer is written again two steps
+later, after the step between has read its sampled tokens back (a host synchronisation), so its
+copy has long finished.
+
 Not captured: MoE models (expert grouping sizes its launches on the host) and steps that record
 routing; those run eagerly. Weight updates copy into the same parameter storage, so graphs see
 new weights without a recapture; a change of alignment mode recaptures.
@@ -21,6 +30,9 @@ Shape legend: B rows (real), G rows (captured batch size >= B), M block-table co
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence as Seqs
+from itertools import chain
+from operator import attrgetter, itemgetter
 
 import numpy as np
 import torch
@@ -28,7 +40,40 @@ from torch import nn
 
 from miles_core.engine.native.kv_pool import KVPool
 from miles_core.engine.native.paged_cache import PagedKVCache
+from miles_core.engine.native.sequence import Sequence
 from miles_core.kernels import model_ops
+
+
+def stage_decode_inputs(seqs: Seqs[Sequence], block_size: int, null_block: int, size: int,
+                        buffer: np.ndarray) -> np.ndarray:
+    """Pack one decode step into the front of the flat `buffer`; returns it as (size, 3 + W):
+    per row the token fed (the sequence's last), its position, its pool slot, then its block
+    table up to the position's block and `null_block` after, over W columns, W = the largest
+    row's table entries; rows past B are padding (token 0 at position 0, the null block's slot 0).
+    The graph's table columns past W keep older entries: no row reads past its position's block."""
+    B, P = len(seqs), block_size
+    tables = list(map(attrgetter("block_table"), seqs))  # map with C callables: no Python frame per row
+    token_lists = list(map(attrgetter("token_ids"), seqs))
+    positions_B = np.fromiter(map(len, token_lists), dtype=np.int64, count=B) - 1
+    counts_B = positions_B // P + 1  # table entries up to the position's block
+    W = int(counts_B.max())
+    packed = buffer[: size * (3 + W)].reshape(size, 3 + W)
+    packed[:, :2] = 0
+    packed[:, 2] = null_block * P
+    packed[:, 3:] = null_block
+    lengths_B = np.fromiter(map(len, tables), dtype=np.int64, count=B)
+    flat = np.fromiter(chain.from_iterable(tables), dtype=np.int64, count=int(lengths_B.sum()))
+    row = np.repeat(np.arange(B), lengths_B)
+    col = np.arange(flat.size) - np.repeat(np.cumsum(lengths_B) - lengths_B, lengths_B)
+    if np.array_equal(lengths_B, counts_B):  # tables end at the position's block (decode steps)
+        packed[row, 3 + col] = flat
+    else:  # an admission gives blocks for every token: a table may hold one past the position's
+        keep = col < counts_B[row]
+        packed[row[keep], 3 + col[keep]] = flat[keep]
+    packed[:B, 0] = np.fromiter(map(itemgetter(-1), token_lists), dtype=np.int64, count=B)
+    packed[:B, 1] = positions_B
+    packed[:B, 2] = packed[np.arange(B), 2 + counts_B] * P + positions_B % P
+    return packed
 
 
 def batch_size_ladder(max_batch_size: int) -> list[int]:
@@ -51,6 +96,12 @@ class DecodeGraphs:
         self.positions_G1 = torch.zeros(G, 1, dtype=torch.long, device=device)
         self.tables_GM = torch.full((G, M), pool.null_block, dtype=torch.long, device=device)
         self.slots_G = torch.full((G,), self.null_slot, dtype=torch.long, device=device)
+        pinned = device.type == "cuda"
+        self._staging = [torch.empty(G * (3 + M), dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._staging_np = [buffer.numpy() for buffer in self._staging]  # the same memory
+        self._device_staging = torch.empty(G * (3 + M), dtype=torch.long, device=device)
+        self._plans: dict[tuple[int, int], tuple] = {}
+        self._num_runs = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self._ops = None
@@ -83,24 +134,33 @@ class DecodeGraphs:
                 self.graphs[size] = graph
         torch.cuda.synchronize()
 
-    def run(self, ids_B: list[int], positions_B: list[int], slots_B: list[int],
-            tables_B: list[list[int]]) -> torch.Tensor:
-        """Logits (B, V) of one decode step (a view into the graph's output: use it before the
-        next step). Rows past B are padding."""
+    def run(self, seqs: Seqs[Sequence]) -> torch.Tensor:
+        """Logits (B, V) of one decode step of `seqs` (each feeds its last token; a view into
+        the graph's output: use it before the next step). Rows past B are padding."""
         if model_ops(self.model) is not self._ops:
             self._capture()
-        B = len(ids_B)
+        B = len(seqs)
         size = self.sizes[bisect.bisect_left(self.sizes, B)]
-        M = self.tables_GM.shape[1]
-        packed = np.empty((size, 3 + M), dtype=np.int64)  # one host-to-device copy per step
-        packed[:, 0], packed[:, 1], packed[:, 2], packed[:, 3:] = 0, 0, self.null_slot, self.pool.null_block
-        packed[:B, 0], packed[:B, 1], packed[:B, 2] = ids_B, positions_B, slots_B
-        for b, table in enumerate(tables_B):
-            packed[b, 3 : 3 + len(table)] = table  # each table ends at its row's position's block
-        staged = torch.from_numpy(packed).to(self.ids_G1.device, non_blocking=True)
-        self.ids_G1[:size, 0].copy_(staged[:, 0])
-        self.positions_G1[:size, 0].copy_(staged[:, 1])
-        self.slots_G[:size].copy_(staged[:, 2])
-        self.tables_GM[:size].copy_(staged[:, 3:])
+        which, self._num_runs = self._num_runs % 2, self._num_runs + 1
+        packed = stage_decode_inputs(seqs, self.pool.block_size, self.pool.null_block, size, self._staging_np[which])
+        hosts, staged, copies = self._copy_plan(size, packed.shape[1] - 3)
+        staged.copy_(hosts[which], non_blocking=True)  # one host-to-device copy per step
+        for graph_input, column in copies:
+            graph_input.copy_(column)
         self.graphs[size].replay()
         return self.logits[size][:B]
+
+    def _copy_plan(self, size: int, width: int) -> tuple:
+        """The views one (rows, table columns) shape of step copies through, made once (a torch
+        view costs microseconds; a step took a dozen): the two host buffers, the device buffer,
+        and (graph input, device column) pairs."""
+        plan = self._plans.get((size, width))
+        if plan is None:
+            if len(self._plans) >= 64:  # shapes seen long ago
+                self._plans.clear()
+            n, shape = size * (3 + width), (size, 3 + width)
+            staged = self._device_staging[:n].view(shape)
+            copies = [(self.ids_G1[:size, 0], staged[:, 0]), (self.positions_G1[:size, 0], staged[:, 1]),
+                      (self.slots_G[:size], staged[:, 2]), (self.tables_GM[:size, :width], staged[:, 3:])]
+            plan = self._plans[(size, width)] = ([b[:n].view(shape) for b in self._staging], staged, copies)
+        return plan

@@ -6,7 +6,12 @@ in through `submit` (thread-safe: a server thread may call it while another thre
 `step`, or while `start()`'s background loop does); `generate` submits a batch and steps until
 it is answered. Each `step` drains the inbox (submissions, aborts), schedules one forward,
 samples one token for every sequence that finished its prompt or decoded, and retires finished
-sequences, freeing their blocks.
+sequences, freeing their blocks. While `generate` drives the steps (it reads answers only once
+all are in), a request whose last sequence finished is answered (its `Generation`s built: output
+copies, the response text decoded) in the next step right after that step's forward is
+launched, so on a GPU the host does it while the forward runs, or when there is no next forward;
+other callers (a background loop, a caller stepping itself) get each answer in the step that
+finished it, as they may act on it before the next step.
 
 Colocation (`engine.colocate`): `release_memory` frees the KV pool and CUDA graphs and moves the
 weights to host memory (`memory.py`) while a trainer uses the device; requests are refused until
@@ -35,6 +40,7 @@ from miles_core.engine.native.scheduler import Row, Scheduler
 from miles_core.engine.native.sequence import RequestHandle
 from miles_core.engine.native.sequence import Sequence as Seq
 from miles_core.engine.native.sequence import sample_seed
+from miles_core.engine.native.streams import torch_stream, uniforms
 from miles_core.engine.protocol import GenerateRequest, Generation
 from miles_core.engine.sampler import sample_tokens
 from miles_core.errors import MilesError
@@ -81,6 +87,13 @@ class NativeEngine:
         self._wake = threading.Condition()
         self._loop: threading.Thread | None = None
         self._stop = False
+        self._finished: list[tuple[RequestHandle, str]] = []
+        """Requests whose sequences have all finished, with the weight version they finished
+        under, to answer after the next forward is launched (`_answer_finished`)."""
+        self._num_answering_late = 0
+        """`generate` calls stepping now: while any is, answers wait for the next forward."""
+        self._uniform_params: tuple | None = None
+        """((setting, rows, device), tensors) of the last step sampled with one setting for all rows."""
 
     def _new_pool(self) -> KVPool:
         num_kv_heads, head_dim, v_head_dim = self.model.kv_cache_dims()
@@ -223,9 +236,10 @@ class NativeEngine:
                              f"({prompt_len} prompt + {budget} new); the pool has {self.blocks.num_blocks} "
                              "(raise engine.num_kv_blocks or engine.mem_fraction)")
         handle = RequestHandle(request, on_progress)
+        stop_ids = self.eos_token_ids | frozenset(request.sampling.stop_token_ids)
         handle.sequences = [
-            Seq(request, handle, j, budget, torch.Generator().manual_seed(sample_seed(request.seed, j)),
-                list(request.input_ids), prompt_len)
+            Seq(request, handle, j, budget, torch_stream(sample_seed(request.seed, j)), list(request.input_ids),
+                prompt_len, stop_ids=stop_ids)
             for j in range(request.sampling.n_samples_per_prompt)
         ]
         return handle
@@ -239,18 +253,25 @@ class NativeEngine:
         for handle in handles:
             self._post("submit", handle)
         if self._loop is None:
-            while not all(handle.done for handle in handles):
-                self.step()
+            with self._step_lock:
+                self._num_answering_late += 1
+            try:
+                while not all(handle.done for handle in handles):
+                    self.step()
+            finally:
+                with self._step_lock:
+                    self._num_answering_late -= 1
+                    self._answer_finished()  # others' requests finished in the last step
         return [handle.result() for handle in handles]
 
     def step(self) -> bool:
         """Run one scheduled forward; False when paused or idle."""
         with self._step_lock:
             self._drain_inbox()
-            if self._paused.is_set() or self.released:  # released: submissions wait for resume_memory
-                return False
-            rows = self.scheduler.schedule()
+            # released: submissions wait for resume_memory
+            rows = [] if self._paused.is_set() or self.released else self.scheduler.schedule()
             if not rows:
+                self._answer_finished()
                 return False
             with torch.inference_mode():
                 self._run(rows)
@@ -276,8 +297,13 @@ class NativeEngine:
                     self._retire(seq)
 
     def _run(self, rows: list[Row]) -> None:
-        logits_RV = self.runner.forward(rows)
+        decoding = self.scheduler.decoding
+        logits_RV = self.runner.forward(rows, decoding=decoding)
+        self._answer_finished()  # host work while the forward runs on a GPU
         self.scheduler.computed(rows)
+        if decoding:  # every row samples from its own logits row; no decoding sequence has forks
+            self._sample([row.seq for row in rows], logits_RV)
+            return
         sampled, logit_rows = [], []
         for index, row in enumerate(r for r in rows if r.completes):  # logits row `index`
             group = [row.seq, *self.scheduler.fork(row.seq)]  # a fresh prompt's n samples share it
@@ -291,31 +317,40 @@ class NativeEngine:
             self._sample(sampled, logits_RV.index_select(0, torch.tensor(logit_rows, device=logits_RV.device)))
 
     def _sample(self, seqs: list[Seq], logits_BV: torch.Tensor) -> None:
-        uniform = torch.tensor([float(torch.rand(1, generator=seq.generator)) for seq in seqs])
+        uniform = _to_device(uniforms([seq.stream for seq in seqs]), logits_BV.device)
         temperature, top_k, top_p, filtered = self._sampling_params(seqs, logits_BV.device)
         tokens, logprobs = sample_tokens(logits_BV, temperature, top_k, top_p, uniform, filtered=filtered,
                                          log_softmax=model_ops(self.model).log_softmax)
         for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist()):
-            seq.token_ids.append(token)
+            token_ids = seq.token_ids
+            token_ids.append(token)
             seq.logprobs.append(logprob)
-            seq.finish_reason = finish_reason(seq, token, self.eos_token_ids, self.tokenizer)
-            if seq.done:
-                self._retire(seq)
+            # `finish_reason` is None unless a stop token, a stop string or the length limit can
+            # apply: most rows of most steps skip the call (a per-row cost at every step).
+            if (token in seq.stop_ids or seq.request.sampling.stop
+                    or len(token_ids) - seq.prompt_len >= seq.max_new_tokens):
+                seq.finish_reason = finish_reason(seq, token, self.eos_token_ids, self.tokenizer)
+                if seq.done:
+                    self._retire(seq)
 
-    @staticmethod
-    def _sampling_params(seqs: list[Seq], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    def _sampling_params(self, seqs: list[Seq], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         """Per-row temperature, top-k, top-p, and whether any sampled row filters (top-k/top-p).
-        One setting for all rows (an RL batch) is filled on the device: no host-to-device copy,
-        which would wait for the forward to finish."""
+        One setting for all rows (an RL batch) is filled on the device: no host-to-device copy;
+        the tensors are kept for the next steps (the sampler only reads them)."""
         first = seqs[0].request.sampling
-        if all(s.request.sampling is first for s in seqs):
-            B = len(seqs)
-            return (torch.full((B,), first.temperature, device=device), torch.full((B,), first.top_k, device=device),
+        setting = _setting(first)
+        if all(s.request.sampling is first for s in seqs) or all(_setting(s.request.sampling) == setting for s in seqs):
+            key = (setting, len(seqs), device)
+            if self._uniform_params is None or self._uniform_params[0] != key:
+                B = len(seqs)
+                self._uniform_params = key, (
+                    torch.full((B,), first.temperature, device=device), torch.full((B,), first.top_k, device=device),
                     torch.full((B,), first.top_p, device=device), _filters(first))
+            return self._uniform_params[1]
         params = [seq.request.sampling for seq in seqs]
-        return (torch.tensor([p.temperature for p in params], device=device),
-                torch.tensor([p.top_k for p in params], device=device), torch.tensor([p.top_p for p in params], device=device),
-                any(_filters(p) for p in params))
+        return (_to_device(torch.tensor([p.temperature for p in params]), device),
+                _to_device(torch.tensor([p.top_k for p in params]), device),
+                _to_device(torch.tensor([p.top_p for p in params]), device), any(_filters(p) for p in params))
 
     def _retire(self, seq: Seq) -> None:
         """Free a finished sequence; answer its request when it was the last one."""
@@ -325,8 +360,14 @@ class NativeEngine:
             handle.on_progress(1)
         if all(s.done for s in handle.sequences) and not handle.done:
             del self._handles[id(handle)]
-            handle.finish([to_generation(s, self.tokenizer, self._weight_version, self.capture_routing)
-                           for s in handle.sequences])
+            self._finished.append((handle, self._weight_version))
+            if not self._num_answering_late:
+                self._answer_finished()
+
+    def _answer_finished(self) -> None:
+        while self._finished:  # one at a time: a failing answer leaves the others queued
+            handle, version = self._finished.pop(0)
+            handle.finish([to_generation(s, self.tokenizer, version, self.capture_routing) for s in handle.sequences])
 
     # -- background loop -------------------------------------------------------------------
     def start(self) -> None:
@@ -357,6 +398,22 @@ class NativeEngine:
     def _notify(self) -> None:
         with self._wake:
             self._wake.notify_all()
+
+
+def _setting(sampling) -> tuple:
+    """What the sampler reads of a row's sampling config (types too: an int and a float fill
+    tensors of different dtypes)."""
+    values = (sampling.temperature, sampling.top_k, sampling.top_p)
+    return values + tuple(type(v) for v in values)
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A step input made on the host, on `device`: from page-locked memory without waiting, so
+    the host goes on launching the sampler while the forward runs (a copy from pageable memory
+    waits for the GPU to reach it)."""
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _filters(sampling) -> bool:

@@ -38,10 +38,11 @@ class ModelRunner:
     def device(self) -> torch.device:
         return self.pool.keys[0].device
 
-    def forward(self, rows: list[Row]) -> torch.Tensor:
-        """Run the step; returns logits (R, V) of the rows that complete, in row order."""
-        if self.graphs is not None and self._graphable(rows):
-            return self._replay(rows)
+    def forward(self, rows: list[Row], *, decoding: bool = False) -> torch.Tensor:
+        """Run the step; returns logits (R, V) of the rows that complete, in row order.
+        `decoding`: the scheduler made a decode step (spares checking every row)."""
+        if self.graphs is not None and self._graphable(rows, decoding):
+            return self.graphs.run([row.seq for row in rows])
         ids_BT, positions_BT, cache = self._inputs(rows)
         routing = RoutingContext("record") if self.capture_routing else None
         hidden_BTE = self.model(ids_BT, positions_BT, cache, routing=routing)
@@ -53,18 +54,13 @@ class ModelRunner:
         index = torch.tensor(sampling, device=hidden_BTE.device)
         return self.model.lm_head(hidden_BTE[index[:, 0], index[:, 1]])
 
-    def _graphable(self, rows: list[Row]) -> bool:
-        """A decode step (every row feeds its last token) the captured graphs can take."""
+    def _graphable(self, rows: list[Row], decoding: bool) -> bool:
+        """A step where every row feeds its last token (a decode step, or a prefill step whose
+        rows each compute one token) that the captured graphs can take."""
         if not paged_cache.USE_PAGED_DECODE_KERNEL:  # diagnosis switched the kernel off
             return False
-        return len(rows) <= self.graphs.max_batch_size and all(r.num_tokens == 1 and r.completes for r in rows)
-
-    def _replay(self, rows: list[Row]) -> torch.Tensor:
-        size = self.pool.block_size
-        positions = [row.start for row in rows]
-        tables = [row.seq.block_table[: p // size + 1] for row, p in zip(rows, positions)]
-        slots = [table[-1] * size + p % size for table, p in zip(tables, positions)]
-        return self.graphs.run([row.seq.token_ids[row.start] for row in rows], positions, slots, tables)
+        return len(rows) <= self.graphs.max_batch_size and (
+            decoding or all(r.num_tokens == 1 and r.completes for r in rows))
 
     def _inputs(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor, PagedKVCache]:
         B, T = len(rows), max(row.num_tokens for row in rows)

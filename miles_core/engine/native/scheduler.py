@@ -31,7 +31,7 @@ from miles_core.engine.native.block_manager import BlockManager
 from miles_core.engine.native.sequence import Sequence
 
 
-@dataclass
+@dataclass(slots=True)
 class Row:
     """One sequence in a step: it feeds tokens `start`..`start + num_tokens - 1`."""
 
@@ -42,7 +42,7 @@ class Row:
     @property
     def completes(self) -> bool:
         """After this step every token of the sequence is computed: it samples the next one."""
-        return self.start + self.num_tokens == self.seq.length
+        return self.start + self.num_tokens == len(self.seq.token_ids)
 
 
 class Scheduler:
@@ -57,6 +57,8 @@ class Scheduler:
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.decoding = False
+        """The last `schedule` gave a decode step (every row feeds its last token, none has forks)."""
 
     @property
     def has_work(self) -> bool:
@@ -69,7 +71,9 @@ class Scheduler:
     def schedule(self) -> list[Row]:
         """The rows of the next forward: a prefill step if any prompt can make progress, else
         a decode step over the running sequences (empty when there is nothing to do)."""
-        return self._prefill_rows() or self._decode_rows()
+        rows = self._prefill_rows()
+        self.decoding = not rows
+        return rows or self._decode_rows()
 
     def _prefill_rows(self) -> list[Row]:
         rows, budget = [], self.max_num_batched_tokens
@@ -108,6 +112,17 @@ class Scheduler:
         return True
 
     def _decode_rows(self) -> list[Row]:
+        size = self.blocks.block_size
+        # The fed token's block is missing only when it starts a new block.
+        short = [seq for seq in self.running if len(seq.token_ids) - 1 >= size * len(seq.block_table)]
+        if len(short) > self.blocks.num_free:
+            return self._decode_rows_preempting()
+        for seq in short:  # the blocks `_decode_rows_preempting` would take, in the same order
+            seq.block_table.append(self.blocks.allocate())
+        return [Row(seq, len(seq.token_ids) - 1, 1) for seq in self.running]
+
+    def _decode_rows_preempting(self) -> list[Row]:
+        """Decode rows when the pool cannot give every running sequence its next block."""
         scheduled: list[Sequence] = []
         queue = deque(self.running)
         while queue:
@@ -153,7 +168,7 @@ class Scheduler:
                 routing = np.concatenate(seq.routing) if self.cache_routing else None
                 self.blocks.register(seq.block_table, seq.token_ids, seq.num_registered, full, routing)
                 seq.num_registered = full
-            if row.completes and seq in self.prefilling:
+            if self.prefilling and row.completes and seq in self.prefilling:
                 self.prefilling.remove(seq)
                 self.running.append(seq)
 

@@ -2,18 +2,18 @@
 
 A request asks for `n` samples; each sample is a `Sequence` with its own token list, block
 table, logprobs, routed experts and sampling stream (`sample_seed(request seed, j)`, one uniform
-per generated token), so its tokens do not depend on which sequences share its steps, on
-preemption, or on prefix-cache hits.
+per generated token, `streams`), so its tokens do not depend on which sequences share its steps,
+on preemption, or on prefix-cache hits.
 """
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from miles_core.engine.protocol import GenerateRequest, Generation
 
@@ -29,7 +29,8 @@ class Sequence:
     handle: RequestHandle
     sample_index: int
     max_new_tokens: int
-    generator: torch.Generator
+    stream: random.Random
+    """The sampling stream (`streams.torch_stream`): one `getrandbits(32)` per sampled token."""
     token_ids: list[int]
     """Prompt then output tokens."""
     prompt_len: int
@@ -46,6 +47,9 @@ class Sequence:
     """Tokens whose routing is recorded; a recompute after preemption records none twice."""
     forks: list[Sequence] = field(default_factory=list)
     """The request's other samples, waiting for this one's prompt prefill to share it."""
+    stop_ids: frozenset[int] = frozenset()
+    """Tokens that stop it: the engine's eos ids and the request's stop ids (the engine sets it;
+    a token outside it, with no stop strings and below the length limit, cannot finish it)."""
 
     @property
     def output_ids(self) -> list[int]:
