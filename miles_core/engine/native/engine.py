@@ -36,6 +36,7 @@ from miles_core.engine.native.memory import (HostWeights, device_allocated, free
                                              weights_to_host)
 from miles_core.engine.native.outputs import finish_reason, to_generation
 from miles_core.engine.native.runner import ModelRunner
+from miles_core.engine.native.sampling_tensors import SamplingTensors
 from miles_core.engine.native.scheduler import Row, Scheduler
 from miles_core.engine.native.sequence import RequestHandle
 from miles_core.engine.native.sequence import Sequence as Seq
@@ -47,6 +48,7 @@ from miles_core.errors import MilesError
 from miles_core.kernels import model_ops, paged_attention
 from miles_core.models.base import named_weights
 from miles_core.quant.modules import quantize_updates
+from miles_core.utils.device import to_device
 
 ABORTED = {"type": "abort", "message": "aborted by request"}
 
@@ -92,7 +94,7 @@ class NativeEngine:
         under, to answer after the next forward is launched (`_answer_finished`)."""
         self._num_answering_late = 0
         """`generate` calls stepping now: while any is, answers wait for the next forward."""
-        self._uniform_params: tuple | None = None
+        self._sampling_params = SamplingTensors()
         """((setting, rows, device), tensors) of the last step sampled with one setting for all rows."""
 
     def _new_pool(self) -> KVPool:
@@ -317,8 +319,9 @@ class NativeEngine:
             self._sample(sampled, logits_RV.index_select(0, torch.tensor(logit_rows, device=logits_RV.device)))
 
     def _sample(self, seqs: list[Seq], logits_BV: torch.Tensor) -> None:
-        uniform = _to_device(uniforms([seq.stream for seq in seqs]), logits_BV.device)
-        temperature, top_k, top_p, filtered = self._sampling_params(seqs, logits_BV.device)
+        uniform = to_device(uniforms([seq.stream for seq in seqs]), logits_BV.device)
+        temperature, top_k, top_p, filtered = self._sampling_params.of([s.request.sampling for s in seqs],
+                                                                       logits_BV.device)
         tokens, logprobs = sample_tokens(logits_BV, temperature, top_k, top_p, uniform, filtered=filtered,
                                          log_softmax=model_ops(self.model).log_softmax)
         for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist()):
@@ -332,25 +335,6 @@ class NativeEngine:
                 seq.finish_reason = finish_reason(seq, token, self.eos_token_ids, self.tokenizer)
                 if seq.done:
                     self._retire(seq)
-
-    def _sampling_params(self, seqs: list[Seq], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-        """Per-row temperature, top-k, top-p, and whether any sampled row filters (top-k/top-p).
-        One setting for all rows (an RL batch) is filled on the device: no host-to-device copy;
-        the tensors are kept for the next steps (the sampler only reads them)."""
-        first = seqs[0].request.sampling
-        setting = _setting(first)
-        if all(s.request.sampling is first for s in seqs) or all(_setting(s.request.sampling) == setting for s in seqs):
-            key = (setting, len(seqs), device)
-            if self._uniform_params is None or self._uniform_params[0] != key:
-                B = len(seqs)
-                self._uniform_params = key, (
-                    torch.full((B,), first.temperature, device=device), torch.full((B,), first.top_k, device=device),
-                    torch.full((B,), first.top_p, device=device), _filters(first))
-            return self._uniform_params[1]
-        params = [seq.request.sampling for seq in seqs]
-        return (_to_device(torch.tensor([p.temperature for p in params]), device),
-                _to_device(torch.tensor([p.top_k for p in params]), device),
-                _to_device(torch.tensor([p.top_p for p in params]), device), any(_filters(p) for p in params))
 
     def _retire(self, seq: Seq) -> None:
         """Free a finished sequence; answer its request when it was the last one."""
@@ -399,23 +383,3 @@ class NativeEngine:
         with self._wake:
             self._wake.notify_all()
 
-
-def _setting(sampling) -> tuple:
-    """What the sampler reads of a row's sampling config (types too: an int and a float fill
-    tensors of different dtypes)."""
-    values = (sampling.temperature, sampling.top_k, sampling.top_p)
-    return values + tuple(type(v) for v in values)
-
-
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A step input made on the host, on `device`: from page-locked memory without waiting, so
-    the host goes on launching the sampler while the forward runs (a copy from pageable memory
-    waits for the GPU to reach it)."""
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
-
-
-def _filters(sampling) -> bool:
-    """A sampled (not greedy) row with top-k or top-p: the sampler must sort its logits."""
-    return sampling.temperature > 0 and (sampling.top_k > 0 or sampling.top_p < 1)
