@@ -31,8 +31,8 @@ from miles_core.config import SyncConfig
 from miles_core.engine.protocol import RolloutEngine
 from miles_core.errors import MilesError
 from miles_core.sync.group import dtype_name, parse_dtype
-from miles_core.sync.nccl import require_weight_routes, with_last
-from miles_core.sync.protocol import SyncContext, SyncStats, buckets
+from miles_core.sync.nccl import require_weight_routes
+from miles_core.sync.protocol import SyncContext, SyncStats, send_buckets
 
 LOAD_FORMAT = "miles_cuda_ipc"
 ALIGN = 256
@@ -195,17 +195,13 @@ class CudaIpcSync:
 
     def push(self, weights: Iterable[tuple[str, torch.Tensor]], version: str) -> SyncStats:
         start = time.perf_counter()
-        num_tensors = num_buckets = num_bytes = 0
         self.engine.pause()
         try:
-            for bucket, last in with_last(buckets(weights, self.bucket_bytes)):
-                self._send(bucket, version if last else None)
-                num_buckets += 1
-                num_tensors += len(bucket)
-                num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+            counts = send_buckets(weights, self.bucket_bytes,
+                                  lambda bucket, last: self._send(bucket, version if last else None))
         finally:
             self.engine.resume()
-        return SyncStats(num_tensors, num_buckets, num_bytes, time.perf_counter() - start)
+        return SyncStats(*counts, time.perf_counter() - start)
 
     def _send(self, bucket: list[tuple[str, torch.Tensor]], version: str | None) -> None:
         offsets, size = layout((tuple(t.shape), t.dtype) for _, t in bucket)

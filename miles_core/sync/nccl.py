@@ -21,7 +21,7 @@ import itertools
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import Future
 
 import torch
@@ -30,7 +30,7 @@ from miles_core.config import SyncConfig
 from miles_core.engine.protocol import RolloutEngine
 from miles_core.errors import MilesError
 from miles_core.sync.group import WeightGroup, dtype_name, host_store, resolve_backend
-from miles_core.sync.protocol import SyncContext, SyncStats, buckets
+from miles_core.sync.protocol import SyncContext, SyncStats, send_buckets
 
 NO_LIMIT_S = 1800.0
 """Collective timeout when `sync.timeout_s` is 0 (no limit on the push as a whole)."""
@@ -40,20 +40,6 @@ def require_weight_routes(engine: RolloutEngine, transport: str) -> None:
     if not callable(getattr(engine, "update_weights_from_tensor", None)):
         raise MilesError(f"sync.transport = '{transport}' sends weights to servers in other processes; "
                          f"{type(engine).__name__} is not one (use engine.backend = 'sglang')")
-
-
-def with_last(items: Iterable) -> Iterator[tuple[object, bool]]:
-    """Each item with whether it is the last one."""
-    iterator = iter(items)
-    previous = next(iterator, _END)
-    for item in iterator:
-        yield previous, False
-        previous = item
-    if previous is not _END:
-        yield previous, True
-
-
-_END = object()
 
 
 class NcclSync:
@@ -75,21 +61,17 @@ class NcclSync:
             return SyncStats(0, 0, 0, time.perf_counter() - start)
         if self.group is None:
             self._join(first[1].device)
-        num_tensors = num_buckets = num_bytes = 0
         try:
             self.engine.pause()
         except MilesError as err:
             raise MilesError(f"sync.transport = 'nccl': {err}") from None
         try:
             self._check_servers()  # after pause, which takes out a server that stopped answering
-            for bucket, last in with_last(buckets(itertools.chain([first], weights), self.bucket_bytes)):
-                self._send(bucket, version if last else None)
-                num_buckets += 1
-                num_tensors += len(bucket)
-                num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+            counts = send_buckets(itertools.chain([first], weights), self.bucket_bytes,
+                                  lambda bucket, last: self._send(bucket, version if last else None))
         finally:
             self.engine.resume()
-        return SyncStats(num_tensors, num_buckets, num_bytes, time.perf_counter() - start)
+        return SyncStats(*counts, time.perf_counter() - start)
 
     def close(self) -> None:
         """Every server leaves the group, then this rank does."""

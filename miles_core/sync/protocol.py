@@ -8,7 +8,7 @@ pause -> update -> flush -> continue sequence, so no request is answered by half
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -55,3 +55,29 @@ def buckets(weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> I
         size += nbytes
     if bucket:
         yield bucket
+
+
+def with_last(items: Iterable) -> Iterator[tuple[object, bool]]:
+    """Each item with whether it is the last one."""
+    iterator = iter(items)
+    previous = next(iterator, _END)
+    for item in iterator:
+        yield previous, False
+        previous = item
+    if previous is not _END:
+        yield previous, True
+
+
+_END = object()
+
+
+def send_buckets(weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
+                 send: Callable[[list[tuple[str, torch.Tensor]], bool], None]) -> tuple[int, int, int]:
+    """`send(bucket, is_last)` for each bucket of `weights`; returns (tensors, buckets, bytes) sent."""
+    num_tensors = num_buckets = num_bytes = 0
+    for bucket, last in with_last(buckets(weights, bucket_bytes)):
+        send(bucket, last)
+        num_buckets += 1
+        num_tensors += len(bucket)
+        num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+    return num_tensors, num_buckets, num_bytes

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from miles_core.errors import MilesError
 from miles_core.sync.group import WeightGroup, dtype_name, host_store, parse_dtype, resolve_backend, tensor_sha256
-from miles_core.sync.nccl import with_last
+from miles_core.sync.protocol import with_last
 from tests.sync.servers import ROOT
 
 
