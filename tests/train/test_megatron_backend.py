@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -138,12 +139,66 @@ def test_checkpoint_resumes_exactly_and_converts(tmp_path):
     (dict(tensor_model_parallel_size=2), "--tensor-model-parallel-size 2 is not supported on CPU"),
     (dict(expert_model_parallel_size=4), "--expert-model-parallel-size 4 is not supported on CPU"),
     (dict(compute_dtype="bfloat16"), "train.compute_dtype = 'bfloat16' is not supported"),
-    (dict(routing_replay="rollout"), "train.routing_replay = 'rollout' is not supported"),
+    (dict(qat="int4"), "train.qat = 'int4' is not supported"),
 ])
 def test_refuses_what_it_cannot_run(change, message):
     cfg = TrainConfig(backend="megatron", **change)
     with pytest.raises(MilesError, match=message):
         build_trainer(cfg, AlgoConfig(), native("qwen3"), temperature=1.0, total_steps=1)
+
+
+def engine_routing(kind: str) -> list[np.ndarray]:
+    """Per sample (len - 1, MoE layers, top-k) expert ids for tiny-qwen3-moe: the native router's
+    own choice ("own", as an engine on the same weights records it) or a random one ("random")."""
+    tokens = batch().tokens
+    if kind == "own":
+        recorder = build_trainer(TrainConfig(routing_replay="record"), AlgoConfig(), native("qwen3_moe"),
+                                 temperature=1.0, total_steps=1)
+        routed = batch()
+        recorder.compute_log_probs(routed)
+        return routed.trainer_routed_experts
+    rng = np.random.default_rng(0)
+    return [np.stack([[rng.choice(8, 2, replace=False) for _ in range(2)] for _ in range(len(t) - 1)]).astype(np.int32)
+            for t in tokens]
+
+
+def replayed_batch(routed: list[np.ndarray]) -> TrainBatch:
+    replayed = batch()
+    replayed.routed_experts = routed
+    return replayed
+
+
+@pytest.mark.parametrize("kind, agreement", [("own", 1.0), ("random", 15 / 88)])
+def test_routing_replay_log_probs_match_native(kind, agreement):
+    ours, theirs = trainers("qwen3_moe", TrainConfig(lr=1e-4, routing_replay="rollout"))
+    routed = engine_routing(kind)
+    native_logps = ours.compute_log_probs(replayed_batch(routed))
+    megatron_logps = theirs.compute_log_probs(replayed_batch(routed))
+    for a, b in zip(native_logps, megatron_logps):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+    # 88 = 44 routed tokens x 2 MoE layers; a random choice hits megatron's own top-2 15 times.
+    assert theirs.last_pass_metrics() == {"routing_agreement": pytest.approx(agreement, abs=1e-12)}
+    assert ours.last_pass_metrics() == theirs.last_pass_metrics()
+    _, unreplayed = trainers("qwen3_moe")
+    own_logps = unreplayed.compute_log_probs(batch())
+    gap = max((a - b).abs().max().item() for a, b in zip(own_logps, megatron_logps))
+    assert gap < 1e-6 if kind == "own" else gap > 1e-2  # replaying another choice changes the log-probs
+
+
+@pytest.mark.parametrize("mode, steps", [("rollout", 1), ("record", 2)])
+def test_routing_replay_training_matches_native(mode, steps):
+    cfg = TrainConfig(lr=1e-4, routing_replay=mode, num_steps_per_rollout=steps)
+    ours, theirs = trainers("qwen3_moe", cfg)
+    routed = engine_routing("random")
+    native_metrics = ours.train_rollout(replayed_batch(routed))
+    mine = theirs.train_rollout(replayed_batch(routed))
+    assert native_metrics["routing_agreement"] < 0.5 if mode == "rollout" else native_metrics["routing_agreement"] < 1
+    for key in ("loss", "pg_loss", "entropy_loss", "routing_agreement"):
+        assert mine[key] == pytest.approx(native_metrics[key], abs=1e-5), key
+    assert mine["grad_norm"] == pytest.approx(native_metrics["grad_norm"], rel=1e-4)
+    updated = dict(theirs.export_weights())
+    for name, tensor in ours.export_weights():
+        torch.testing.assert_close(updated[name], tensor, atol=1e-5, rtol=0)
 
 
 def test_refuses_deepseek_v3():
