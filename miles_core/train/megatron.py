@@ -14,8 +14,10 @@ What differs from the native backend:
   the HF config in common.pt, so `miles convert` reads it) plus the optimizer, schedule and
   counters in `trainer_state.pt`.
 
-Not in this version (refused with one line): model-parallel sizes > 1, bf16 compute, routing
-replay, QAT, activation checkpointing, compile, the PPO critic. Runs on one rank; on CPU through
+MoE routing replay (`train.routing_replay`, R3) and the routing records behind
+`routing_agreement` go through megatron's router (`megatron_routing.py`), as the native backend's.
+
+Not in this version (refused with one line): model-parallel sizes > 1, bf16 compute, QAT, activation checkpointing, compile, the PPO critic. Runs on one rank; on CPU through
 the patches of `megatron_env.py`.
 """
 
@@ -37,8 +39,10 @@ from miles_core.train import megatron_env
 from miles_core.train.batch import TrainBatch, micro_batches, pad_ragged
 from miles_core.train.finite import BadStepGuard
 from miles_core.train.megatron_model import WeightMap, build_gpt, hf_config_of, output_weight
+from miles_core.train.megatron_routing import RoutingHooks
 from miles_core.train.native import NativeTrainer
 from miles_core.train.offload import OptimizerOffload
+from miles_core.train.routing_replay import RoutingPlan
 from miles_core.train.optim import build_optimizer
 from miles_core.train.speed import CastCache
 
@@ -56,7 +60,6 @@ def check_options(cfg: TrainConfig, critic: bool) -> None:
     """Refuse the `[train]` options this backend does not implement, naming each."""
     refused = {
         "compute_dtype": (cfg.compute_dtype != "float32", "'float32'"),
-        "routing_replay": (cfg.routing_replay != "off", "'off'"),
         "qat": (cfg.qat != "off", "'off'"),
         "activation_checkpointing": (cfg.activation_checkpointing, "false"),
         "compile": (cfg.compile, "false"),
@@ -85,9 +88,11 @@ class MegatronTrainer(NativeTrainer):
         self.hf_config = hf_config_of(native)
         torch.manual_seed(cfg.seed)
         self.model, self.weights = self._build(native, sizes)
+        self.routing = {id(self.model): RoutingHooks(self.model)}
         self.reference = None
         if reference is not None:
             self.reference, _ = self._build(reference, sizes)
+            self.routing[id(self.reference)] = RoutingHooks(self.reference)
             self.reference.requires_grad_(False).eval()
         self.cfg, self.algo, self.critic = cfg, algo, None
         self.temperature = temperature if temperature > 0 else 1.0
@@ -107,16 +112,17 @@ class MegatronTrainer(NativeTrainer):
         weights.load({name: t.detach().to(self.device, torch.float32) for name, t in named_weights(native)})
         return model.train(), weights
 
-    def _forward(self, model: nn.Module, batch: TrainBatch, indices: list[int], routing=None):
+    def _forward(self, model: nn.Module, batch: TrainBatch, indices: list[int], routing: RoutingPlan | None = None):
         tokens = [batch.tokens[i] for i in indices]
         lengths = [batch.response_lengths[i] for i in indices]
-        hidden_NE, targets_N = response_hidden_states(model, tokens, lengths)
+        hidden_NE, targets_N = response_hidden_states(model, tokens, lengths, self.routing[id(model)], routing)
         logp, entropy = chunked_logprobs_entropy(hidden_NE, output_weight(model), targets_N, self.temperature,
                                                  self.cfg.logprob_chunk_size, FAST_OPS)
         return list(logp.split(lengths)), list(entropy.split(lengths))
 
-    def _routing_plan(self, batch: TrainBatch, indices: list[int]):
-        return None  # megatron's router decides (routing replay is refused in `check_options`)
+    def _moe_shape(self) -> tuple[int, int]:
+        hooks = self.routing[id(self.model)]
+        return hooks.layers, hooks.topk
 
     def _micro_batches(self, batch: TrainBatch) -> list[list[int]]:
         return micro_batches([len(t) for t in batch.tokens], self.cfg.max_tokens_per_micro_batch,
@@ -184,17 +190,22 @@ def _hidden_states_only(model: nn.Module):
         model.post_process = saved
 
 
-def response_hidden_states(model: nn.Module, tokens: list[torch.Tensor],
-                           response_lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def response_hidden_states(model: nn.Module, tokens: list[torch.Tensor], response_lengths: list[int],
+                           hooks: RoutingHooks, routing: RoutingPlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, E) hidden states that predict the N response tokens and those tokens (N,), as
-    `batch.response_hidden_states` takes them from the native model."""
+    `batch.response_hidden_states` takes them from the native model; `routing` (MoE) replays
+    and/or records the experts of every token through the router `hooks`."""
     device = output_weight(model).device
     ids_BT = pad_ragged(tokens).to(device)
     B, T = ids_BT.shape
     positions_BT = torch.arange(T, device=device)[None, :].expand(B, T)
     causal = torch.triu(torch.ones(T, T, dtype=torch.bool, device=device), diagonal=1)[None, None]  # True: masked
-    with _hidden_states_only(model):
+    ctx = routing.context([(b, 0, len(t) - 1) for b, t in enumerate(tokens)], T, device) if routing else None
+    with _hidden_states_only(model), hooks.active(ctx, B, T):
         hidden_TBE = model(ids_BT, positions_BT, attention_mask=causal)  # megatron's [s, b, h] layout
+    if routing:
+        ids_BTLK = ctx.stacked()
+        routing.recorded = [ids_BTLK[b, : len(t) - 1] for b, t in enumerate(tokens)]
     hidden_BTE = hidden_TBE.transpose(0, 1)
     rows = torch.cat([torch.full((r,), i) for i, r in enumerate(response_lengths)]).to(device)
     cols = torch.cat([torch.arange(len(t) - r - 1, len(t) - 1) for t, r in zip(tokens, response_lengths)]).to(device)

@@ -8,9 +8,12 @@ where the real functions are right) and undone by `shutdown`:
 - `torch.cuda.synchronize` -> no-op: called around MoE dispatch and checkpoint saves;
 - the model-parallel CUDA RNG tracker's `fork` -> no-op context: it swaps CUDA RNG states around
   dropout regions, and dropout is 0 in our configs;
-One patch is for a missing Transformer Engine, on any device (the GPU machines have none):
+Two patches are for a missing Transformer Engine, on any device (the GPU machines have none):
 - `moe_utils.te_general_gemm` = None when the module lacks it: 0.16 names it without importing
-  it when Transformer Engine is absent (NameError in the MoE layer).
+  it when Transformer Engine is absent (NameError in the MoE layer);
+- `multi_latent_attention.HAVE_TE` = False when `transformer_engine` does not import: 0.16's
+  extension module imports without it (its TE classes are mocks), so MLA believes TE is there
+  and fails on `isinstance(..., TELinear)`.
 The MoE token dispatcher is set to `allgather` in the model config (the others need CUDA).
 
 One world per process: `start` joins the group that is already there (a launcher's) or makes a
@@ -21,6 +24,7 @@ tests, which build other process groups in the same process) undoes only what `s
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +49,7 @@ class ParallelSizes:
 def _patches(device: torch.device) -> list[tuple[object, str, object]]:
     """(owner, attribute, replacement) of every patch `device` needs (see the module docstring)."""
     from megatron.core.tensor_parallel import random as mp_random
+    from megatron.core.transformer import multi_latent_attention
     from megatron.core.transformer.moe import moe_utils
 
     patches = []
@@ -56,6 +61,8 @@ def _patches(device: torch.device) -> list[tuple[object, str, object]]:
         ]
     if not hasattr(moe_utils, "te_general_gemm"):
         patches.append((moe_utils, "te_general_gemm", None))
+    if importlib.util.find_spec("transformer_engine") is None:
+        patches.append((multi_latent_attention, "HAVE_TE", False))
     return patches
 
 

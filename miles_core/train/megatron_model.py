@@ -3,9 +3,10 @@ and out through `miles convert`'s name mapping (`checkpoint/mapping`), in memory
 
 The model is megatron-core's own: its layer spec is the Transformer Engine one when
 `transformer_engine` imports, the local (plain PyTorch) one otherwise. Families: llama, qwen2,
-qwen3 (GQA, optional q/k/v bias and q/k norm) and qwen3_moe (softmax top-k router, allgather
-dispatcher). deepseek_v3 (MLA) is not built yet: the local spec's core attention rejects MLA's
-head dims.
+qwen3 (GQA, optional q/k/v bias and q/k norm), qwen3_moe (softmax top-k router, allgather
+dispatcher) and deepseek_v3 (megatron-core's multi-latent attention with our own core attention
+on the local spec, sigmoid group-limited router with shared experts; `megatron_mla.py`; MTP
+layers are not built).
 
 `WeightMap` ties every parameter to its mapping slot: `sharded_state_dict()` names each one with
 the key megatron-core checkpoints use (stacked over layers, experts under
@@ -28,9 +29,10 @@ from torch import nn
 from miles_core.checkpoint import mapping
 from miles_core.checkpoint.mapping.base import TRANSFORMS, Slot, rope_theta
 from miles_core.errors import MilesError
+from miles_core.train import megatron_mla
 from miles_core.train.megatron_env import ParallelSizes
 
-SUPPORTED = ("llama", "qwen2", "qwen3", "qwen3_moe")
+SUPPORTED = ("llama", "qwen2", "qwen3", "qwen3_moe", "deepseek_v3")
 _LAYER = re.compile(r"(decoder|mtp)\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 
@@ -48,6 +50,8 @@ def hf_config_of(model: nn.Module) -> dict[str, Any]:
     if args.get("rope_scaling") and args["rope_scaling"].get("rope_type", "default") != "default":
         raise MilesError(f"train.backend = 'megatron' does not support rope_scaling {args['rope_scaling']} yet; "
                          "expected none (plain RoPE)")
+    if args["model_type"] == "deepseek_v3":
+        megatron_mla.check_mla(args)
     if args["model_type"] == "qwen3_moe":
         moe = set(args.pop("moe_layers"))
         args.update(mlp_only_layers=[i for i in range(args["num_hidden_layers"]) if i not in moe],
@@ -57,10 +61,13 @@ def hf_config_of(model: nn.Module) -> dict[str, Any]:
 
 def transformer_config(cfg: dict[str, Any], sizes: ParallelSizes, *, cpu: bool):
     """megatron-core's `TransformerConfig` for a HF config, fp32 parameters, no dropout."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
-    heads = mapping.family_for(cfg["model_type"]).heads(cfg)
+    heads = mapping.family_for(cfg["model_type"]).heads(cfg) or megatron_mla.mla_heads(cfg)
     moe: dict[str, Any] = {}
+    config_class = TransformerConfig
+    if cfg["model_type"] == "deepseek_v3":
+        config_class, moe = MLATransformerConfig, megatron_mla.mla_config_fields(cfg)
     if cfg["model_type"] == "qwen3_moe":
         num_layers = cfg["num_hidden_layers"]
         moe = dict(num_moe_experts=cfg["num_experts"], moe_router_topk=cfg["num_experts_per_tok"],
@@ -70,13 +77,13 @@ def transformer_config(cfg: dict[str, Any], sizes: ParallelSizes, *, cpu: bool):
                    moe_layer_freq=[int(i not in cfg["mlp_only_layers"]) for i in range(num_layers)],
                    moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
                    moe_aux_loss_coeff=0.0)
-    return TransformerConfig(
+    return config_class(
         num_layers=cfg["num_hidden_layers"], hidden_size=cfg["hidden_size"],
         ffn_hidden_size=cfg["intermediate_size"], num_attention_heads=heads.num_heads,
         num_query_groups=heads.num_query_groups, kv_channels=heads.head_dim,
         normalization="RMSNorm", layernorm_epsilon=cfg["rms_norm_eps"], gated_linear_unit=True,
         activation_func=F.silu, add_bias_linear=False, add_qkv_bias=cfg["model_type"] == "qwen2",
-        qk_layernorm=cfg["model_type"] in ("qwen3", "qwen3_moe"), hidden_dropout=0.0, attention_dropout=0.0,
+        qk_layernorm=cfg["model_type"] in ("qwen3", "qwen3_moe", "deepseek_v3"), hidden_dropout=0.0, attention_dropout=0.0,
         params_dtype=torch.float32, use_cpu_initialization=cpu, perform_initialization=False,
         tensor_model_parallel_size=sizes.tensor, pipeline_model_parallel_size=sizes.pipeline,
         expert_model_parallel_size=sizes.expert, context_parallel_size=sizes.context,
@@ -91,6 +98,8 @@ def build_gpt(cfg: dict[str, Any], sizes: ParallelSizes, device: torch.device) -
     config = transformer_config(cfg, sizes, cpu=device.type == "cpu")
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=have_transformer_engine(),
                                       normalization="RMSNorm")
+    if config.multi_latent_attention and not have_transformer_engine():
+        megatron_mla.use_sdpa_core_attention(spec)
     return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=cfg["vocab_size"],
                     max_sequence_length=cfg["max_position_embeddings"], position_embedding_type="rope",
                     rotary_base=rope_theta(cfg), share_embeddings_and_output_weights=cfg["tie_word_embeddings"])
@@ -107,10 +116,12 @@ class WeightMap:
     """Each parameter of a `GPTModel` tied to its mapping slot: HF tensors in and out."""
 
     def __init__(self, model: nn.Module, cfg: dict[str, Any]) -> None:
-        self.plan = mapping.plan(mapping.family_for(cfg["model_type"]), cfg, 0)
-        names = {p.data_ptr(): n for n, p in model.named_parameters()}
-        params = dict(model.named_parameters())
-        self.params: dict[Slot, nn.Parameter] = {}
+        self.plan = mapping.plan(mapping.family_for(cfg["model_type"]), cfg, 0)  # no MTP layers
+        self.mtp: dict[str, torch.Tensor] = {}
+        # Buffers too: DeepSeek-V3's router selection bias is one (`mlp.router.expert_bias`).
+        params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        names = {p.data_ptr(): n for n, p in params.items()}
+        self.params: dict[Slot, torch.Tensor] = {}
         for item in model.sharded_state_dict().values():
             data = getattr(item, "data", None)
             if data is None or data.data_ptr() not in names:  # `_extra_state` objects, buffers
@@ -138,13 +149,21 @@ class WeightMap:
                 raise MilesError(f"shape mismatch for {link.slot.describe()}: megatron-core has "
                                  f"{tuple(param.shape)}, the HF weights give {tuple(tensor.shape)}")
             param.copy_(tensor)
+        self.mtp = {name: tensor.clone() for name, tensor in hf.items() if _mtp_layer(name, self.plan.num_layers)}
 
     def export(self) -> Iterator[tuple[str, torch.Tensor]]:
         """HF-named full tensors of the current weights (tied weights once), split as `miles convert`
-        splits them."""
+        splits them; then the MTP layers' tensors as they were loaded (not built, not trained)."""
         for link in self.plan.links:
             param = self.params[link.slot].detach()
             yield from zip(link.hf_names, TRANSFORMS[link.transform].split(param, self.plan.heads, link.slot.name))
+        yield from self.mtp.items()
+
+
+def _mtp_layer(hf_name: str, num_layers: int) -> bool:
+    """Whether a HF tensor belongs to an MTP layer (`model.layers.{i}.` with i >= num_layers)."""
+    match = re.match(r"model\.layers\.(\d+)\.", hf_name)
+    return match is not None and int(match[1]) >= num_layers
 
 
 def _slot(key: str, param_name: str) -> Slot:

@@ -103,7 +103,7 @@ class NativeTrainer:
 
     def _routing_plan(self, batch: TrainBatch, indices: list[int]) -> RoutingPlan | None:
         """What the policy's MoE layers use in this forward (None for dense models)."""
-        layers, topk = moe_shape(self.model)
+        layers, topk = self._moe_shape()
         if not layers:
             return None
         replay = None
@@ -117,6 +117,10 @@ class NativeTrainer:
         for i, routed in zip(indices, replay or []):
             check_routed_shape(routed, len(batch.tokens[i]), layers, topk, f"sample {i}")
         return RoutingPlan(layers, topk, replay)
+
+    def _moe_shape(self) -> tuple[int, int]:
+        """(MoE layers, top-k) of the policy; (0, 0) for a dense model."""
+        return moe_shape(self.model)
 
     def _measure_routing(self, batch: TrainBatch, indices: list[int], plan: RoutingPlan | None,
                          agreement: RoutingAgreement | None) -> None:
@@ -153,7 +157,7 @@ class NativeTrainer:
             for j, (i, logp) in enumerate(zip(indices, logps)):
                 out[i] = logp.float().cpu()
                 recorded[i] = plan.recorded[j] if plan else None
-        if not reference and self.cfg.routing_replay == "record" and moe_shape(self.model)[0]:
+        if not reference and self.cfg.routing_replay == "record" and self._moe_shape()[0]:
             batch.trainer_routed_experts = recorded
         if not reference:
             self._pass_metrics = {"routing_agreement": agreement.fraction} if agreement.total else {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -23,7 +24,7 @@ from miles_core.errors import MilesError  # noqa: E402
 from miles_core.metrics import read_metrics  # noqa: E402
 from miles_core.models.base import named_weights  # noqa: E402
 from miles_core.models.registry import build_model  # noqa: E402
-from miles_core.models.tiny import TINY_QWEN3_CONFIG, TINY_QWEN3_MOE_CONFIG  # noqa: E402
+from miles_core.models.tiny import TINY_DEEPSEEK_V3_CONFIG, TINY_QWEN3_CONFIG, TINY_QWEN3_MOE_CONFIG  # noqa: E402
 from miles_core.train import build_trainer, megatron_env  # noqa: E402
 from miles_core.train.batch import TrainBatch  # noqa: E402
 
@@ -32,6 +33,7 @@ CONFIGS = {
     "qwen2": {**TINY_QWEN3_CONFIG, "model_type": "qwen2"},
     "qwen3": TINY_QWEN3_CONFIG,
     "qwen3_moe": TINY_QWEN3_MOE_CONFIG,
+    "deepseek_v3": TINY_DEEPSEEK_V3_CONFIG,  # MLA, sigmoid group-limited router, shared expert, MTP
 }
 RESPONSE_LENGTHS = [5, 3, 7, 4]
 ADVANTAGES = [1.0, -1.0, 0.5, -0.5]
@@ -90,7 +92,7 @@ def test_log_probs_match_native(family):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "deepseek_v3"])
 def test_one_step_matches_native(family):
     ours, theirs = trainers(family)
     mine, native_metrics = theirs.train_rollout(batch()), ours.train_rollout(batch())
@@ -115,11 +117,12 @@ def test_kl_loss_reference_matches_native():
     assert mine["loss"] == pytest.approx(native_metrics["loss"], abs=1e-6)
 
 
-def test_checkpoint_resumes_exactly_and_converts(tmp_path):
-    _, first = trainers("qwen3")
+@pytest.mark.parametrize("family", ["qwen3", "deepseek_v3"])
+def test_checkpoint_resumes_exactly_and_converts(tmp_path, family):
+    _, first = trainers(family)
     first.train_rollout(batch())
     first.save(tmp_path / "ckpt")
-    _, second = trainers("qwen3")
+    _, second = trainers(family)
     second.load(tmp_path / "ckpt")
     assert second.num_optimizer_steps == 1
     first.train_rollout(batch())
@@ -129,16 +132,19 @@ def test_checkpoint_resumes_exactly_and_converts(tmp_path):
     second.save(tmp_path / "ckpt2")
     report = convert(tmp_path / "ckpt2" / "torch_dist", tmp_path / "hf", to="hf", verify=True)
     assert report.bitwise.ok and report.logits["bitwise"]
-    converted = dict(iter_state_dict(tmp_path / "hf"))
-    for name, tensor in second.export_weights():
-        assert torch.equal(converted[name], tensor), name
+    converted, exported = dict(iter_state_dict(tmp_path / "hf")), dict(second.export_weights())
+    # deepseek_v3's MTP layer (HF layer 3) is not built, so the checkpoint has none.
+    assert set(exported) - set(converted) == ({n for n in exported if n.startswith("model.layers.3.")}
+                                              if family == "deepseek_v3" else set())
+    for name, tensor in converted.items():
+        assert torch.equal(exported[name], tensor), name
 
 
 @pytest.mark.parametrize("change, message", [
     (dict(tensor_model_parallel_size=2), "--tensor-model-parallel-size 2 is not supported on CPU"),
     (dict(expert_model_parallel_size=4), "--expert-model-parallel-size 4 is not supported on CPU"),
     (dict(compute_dtype="bfloat16"), "train.compute_dtype = 'bfloat16' is not supported"),
-    (dict(routing_replay="rollout"), "train.routing_replay = 'rollout' is not supported"),
+    (dict(qat="int4"), "train.qat = 'int4' is not supported"),
 ])
 def test_refuses_what_it_cannot_run(change, message):
     cfg = TrainConfig(backend="megatron", **change)
@@ -146,12 +152,67 @@ def test_refuses_what_it_cannot_run(change, message):
         build_trainer(cfg, AlgoConfig(), native("qwen3"), temperature=1.0, total_steps=1)
 
 
-def test_refuses_deepseek_v3():
-    from miles_core.models.tiny import TINY_DEEPSEEK_V3_CONFIG
+def engine_routing(kind: str, family: str = "qwen3_moe") -> list[np.ndarray]:
+    """Per sample (len - 1, MoE layers, top-k) expert ids (both tiny MoE models: 2 MoE layers,
+    top-2 of 8): the native router's own choice ("own", as an engine on the same weights records
+    it) or a random one ("random")."""
+    tokens = batch().tokens
+    if kind == "own":
+        recorder = build_trainer(TrainConfig(routing_replay="record"), AlgoConfig(), native(family),
+                                 temperature=1.0, total_steps=1)
+        routed = batch()
+        recorder.compute_log_probs(routed)
+        return routed.trainer_routed_experts
+    rng = np.random.default_rng(0)
+    return [np.stack([[rng.choice(8, 2, replace=False) for _ in range(2)] for _ in range(len(t) - 1)]).astype(np.int32)
+            for t in tokens]
 
-    with pytest.raises(MilesError, match="does not support model_type 'deepseek_v3'"):
-        build_trainer(TrainConfig(backend="megatron"), AlgoConfig(), build_model(TINY_DEEPSEEK_V3_CONFIG),
-                      temperature=1.0, total_steps=1)
+
+def replayed_batch(routed: list[np.ndarray]) -> TrainBatch:
+    replayed = batch()
+    replayed.routed_experts = routed
+    return replayed
+
+
+@pytest.mark.parametrize("family, kind, agreement", [("qwen3_moe", "own", 1.0), ("qwen3_moe", "random", 30 / 176),
+                                                    ("deepseek_v3", "own", 1.0), ("deepseek_v3", "random", 24 / 176)])
+def test_routing_replay_log_probs_match_native(family, kind, agreement):
+    ours, theirs = trainers(family, TrainConfig(lr=1e-4, routing_replay="rollout"))
+    routed = engine_routing(kind, family)
+    native_logps = ours.compute_log_probs(replayed_batch(routed))
+    megatron_logps = theirs.compute_log_probs(replayed_batch(routed))
+    for a, b in zip(native_logps, megatron_logps):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+    # 176 = 44 routed tokens x 2 MoE layers x 2 slots; a random choice hits the router's own
+    # top-2 in 30 (qwen3_moe) / 24 (deepseek_v3) of them.
+    assert theirs.last_pass_metrics() == {"routing_agreement": pytest.approx(agreement, abs=1e-12)}
+    assert ours.last_pass_metrics() == theirs.last_pass_metrics()
+    _, unreplayed = trainers(family)
+    own_logps = unreplayed.compute_log_probs(batch())
+    gap = max((a - b).abs().max().item() for a, b in zip(own_logps, megatron_logps))
+    assert gap < 1e-6 if kind == "own" else gap > 1e-2  # replaying another choice changes the log-probs
+
+
+@pytest.mark.parametrize("mode, steps", [("rollout", 1), ("record", 2)])
+def test_routing_replay_training_matches_native(mode, steps):
+    cfg = TrainConfig(lr=1e-4, routing_replay=mode, num_steps_per_rollout=steps)
+    ours, theirs = trainers("qwen3_moe", cfg)
+    routed = engine_routing("random")
+    native_metrics = ours.train_rollout(replayed_batch(routed))
+    mine = theirs.train_rollout(replayed_batch(routed))
+    assert native_metrics["routing_agreement"] < 0.5 if mode == "rollout" else native_metrics["routing_agreement"] < 1
+    for key in ("loss", "pg_loss", "entropy_loss", "routing_agreement"):
+        assert mine[key] == pytest.approx(native_metrics[key], abs=1e-5), key
+    assert mine["grad_norm"] == pytest.approx(native_metrics["grad_norm"], rel=1e-4)
+    updated = dict(theirs.export_weights())
+    for name, tensor in ours.export_weights():
+        torch.testing.assert_close(updated[name], tensor, atol=1e-5, rtol=0)
+
+
+def test_refuses_deepseek_v3_without_q_lora():
+    with pytest.raises(MilesError, match="does not support deepseek_v3 without q LoRA"):
+        build_trainer(TrainConfig(backend="megatron"), AlgoConfig(),
+                      build_model({**TINY_DEEPSEEK_V3_CONFIG, "q_lora_rank": None}), temperature=1.0, total_steps=1)
 
 
 def test_parallel_sizes_need_the_megatron_backend():
@@ -175,7 +236,8 @@ def first_step(tmp_path, name: str, *args: str) -> dict:
     return next(r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "rollout/num_samples" in r)
 
 
-@pytest.mark.parametrize("extra", [[], ["--set", "model.source=tiny-qwen3-moe"]], ids=["tiny", "tiny-moe"])
+@pytest.mark.parametrize("extra", [[], ["--set", "model.source=tiny-qwen3-moe"], ["--set", "model.source=tiny-deepseek-v3"]],
+                         ids=["tiny", "tiny-moe", "tiny-deepseek-v3"])
 def test_miles_train_runs_with_megatron_and_matches_native(tmp_path, monkeypatch, extra):
     (tmp_path / "miles_test_varying_reward.py").write_text(VARYING_REWARD)
     monkeypatch.syspath_prepend(str(tmp_path))
