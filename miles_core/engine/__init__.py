@@ -39,7 +39,7 @@ def _sglang(cfg: EngineConfig, loaded: LoadedModel, context: LaunchContext | Non
     try:
         return SGLangHttpEngine(cfg, urls=fleet.urls if fleet else cfg.urls, tokenizer=loaded.tokenizer,
                                 routed_experts_topk=topk, max_position_embeddings=loaded.max_position_embeddings,
-                                weights_dtype=dtype, owned=fleet)
+                                owned=fleet)
     except BaseException:
         if fleet is not None:
             fleet.stop()

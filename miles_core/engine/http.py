@@ -14,7 +14,7 @@ so for other servers each sample is sent as its own request with seed `sample_se
 
 Weights arrive through `update_weights_from_disk` (the `disk` sync transport) or the routes of
 `http_weights.WeightRoutes` (`nccl`, `cuda_ipc`); the version every server reports afterwards is
-checked, and `get_weights_by_name` reads a weight back from every server
+checked, and `weights_checksums` reads every server's sha256 per tensor
 (`sync.check_weight_update_equal`). `release_memory` / `resume_memory` call every server's
 memory routes (`engine.colocate`). Servers started for the run (`engine.launch`, `servers.py`)
 are owned by the client and stopped by `close`.
@@ -72,12 +72,10 @@ class SGLangHttpEngine(WeightRoutes):
     """Weights must travel to it (sync transport `disk`), not be copied in process."""
 
     def __init__(self, cfg: EngineConfig, *, urls: Sequence[str], tokenizer=None, routed_experts_topk: int = 0,
-                 max_position_embeddings: int = 0, weights_dtype: torch.dtype = torch.float32, owned=None) -> None:
+                 max_position_embeddings: int = 0, owned=None) -> None:
         if not urls:
             raise MilesError("engine.backend = 'sglang' needs engine.urls = ['http://host:port', ...]")
         self.cfg, self.tokenizer, self.topk = cfg, tokenizer, routed_experts_topk
-        self.weights_dtype = weights_dtype
-        """The servers' weight dtype (the run's model.dtype): weights read back are cast to it."""
         self.owned = owned
         """The servers started for this run (`servers.ServerFleet`), stopped by `close`."""
         headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
@@ -194,18 +192,6 @@ class SGLangHttpEngine(WeightRoutes):
             if str(reported) != str(version):
                 raise MilesError(f"{server.url} reports weight_version '{reported}' after loading version '{version}'")
         self._weight_version = str(version)
-
-    def get_weights_by_name(self, name: str) -> torch.Tensor:
-        """Weight `name` as every live server holds it (SGLang's `/get_weights_by_name`); servers
-        that hold different bits are an error."""
-        body = {"name": name, "truncate_size": 2**31 - 1}
-        held = [(answer.request.url, torch.tensor(answer.json(), dtype=torch.float64).to(self.weights_dtype))
-                for answer in self._each("POST", "/get_weights_by_name", body)]
-        (first_url, first), *rest = held
-        for url, tensor in rest:
-            if tensor.shape != first.shape or not torch.equal(tensor, first):
-                raise MilesError(f"servers disagree on weight '{name}': {first_url} and {url} hold different values")
-        return first
 
     def release_memory(self) -> dict[str, int]:
         """Every server frees its GPU memory for a colocated trainer; the bytes `miles serve`

@@ -79,10 +79,11 @@ def apply_speed_options(model: nn.Module, *, activation_checkpointing: bool, com
 
 
 def _allow_a_graph_per_layer(num_layers: int) -> None:
-    # Attention breaks each compiled layer's graph (the packed kernels are not traced), and the
-    # code after the break is specialised on the layer's index: one graph per layer, twice (a
-    # static then a dynamic sequence length). Under dynamo's default limit of 8 the other layers
-    # silently ran eagerly (0.6B: 28 layers, H100 profile), so raise it to fit them all.
+    # Every layer shares one compiled graph, but dynamo guards on each call's shapes and on the
+    # packed rows' (bucketed) longest-segment lengths: a static then a dynamic graph, and one per
+    # length bucket. Dynamo's default limit is 8 entries, past which calls silently run eagerly
+    # (seen on an H100 when each of the 28 layers of the 0.6B shape compiled its own graphs), so
+    # leave room for several per layer.
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), 4 * num_layers))
