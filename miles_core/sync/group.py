@@ -93,9 +93,13 @@ class WeightGroup:
         self.pg.broadcast([tensor], options).wait()
 
     def destroy(self) -> None:
-        shutdown = getattr(self.pg, "shutdown", None)
-        if callable(shutdown):  # NCCL frees its communicator now instead of at exit
-            shutdown()
+        """Leave the group now. NCCL's `shutdown` finalizes, which waits for every other rank (a rank
+        that is gone would hang it); `abort` frees the communicator at once, on this rank alone."""
+        if self.pg is None:
+            return
+        leave = getattr(self.pg, "abort", None) or getattr(self.pg, "shutdown", None)
+        if callable(leave):
+            leave()
         self.pg = None
 
 

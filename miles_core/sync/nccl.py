@@ -7,8 +7,10 @@ Once, on the first push: rank 0 hosts the group's store on a free port, asks eve
 `world_size` 1 + every server rank) and joins as rank 0 meanwhile (`group.WeightGroup`, apart
 from the default process group FSDP uses). Each push: pause the servers; per bucket
 (`sync.bucket_mb`), POST `/update_weights_from_distributed` (names, dtypes, shapes) to every
-server in threads while broadcasting the bucket's tensors in that order, and wait for every answer
-(a server answers once it holds the bucket); the last bucket stamps the version and flushes the
+server in threads while broadcasting the bucket, and wait for every answer (a server answers once
+it holds the bucket). With `sync.nccl_flatten` (the default) a bucket is one broadcast of its bytes
+packed into a reused staging buffer (SGLang's `flattened_bucket`); without it, one broadcast per
+tensor, which every SGLang release understands; the last bucket stamps the version and flushes the
 cache; continue. A server that refuses a bucket (unknown name, wrong shape) has still received all
 of it, so the group stays in step and the next push works; a server that is gone fails the push
 with one line, and `sync.timeout_s` (`TimedSync`) turns a server that never answers into an error.
@@ -29,6 +31,7 @@ import torch
 from miles_core.config import SyncConfig
 from miles_core.engine.protocol import RolloutEngine
 from miles_core.errors import MilesError
+from miles_core.sync import flat
 from miles_core.sync.group import WeightGroup, dtype_name, host_store, resolve_backend
 from miles_core.sync.protocol import SyncContext, SyncStats, send_buckets
 
@@ -49,6 +52,7 @@ class NcclSync:
         require_weight_routes(engine, "nccl")
         self.engine, self.cfg = engine, cfg
         self.group: WeightGroup | None = None
+        self.staging: flat.FlatStaging | None = None
         self.device = torch.device("cpu")
         self.timeout_s = cfg.timeout_s or NO_LIMIT_S
         self.bucket_bytes = cfg.bucket_mb << 20
@@ -74,21 +78,25 @@ class NcclSync:
         return SyncStats(*counts, time.perf_counter() - start)
 
     def close(self) -> None:
-        """Every server leaves the group, then this rank does."""
+        """Every server leaves the group while this rank does: NCCL's finalize waits for every rank,
+        so asking the servers first and waiting for their answer before leaving would deadlock."""
         if self.group is None:
             return
+        servers = background(self.engine.destroy_weights_update_group, group_name=self.group.name)
         try:
-            self.engine.destroy_weights_update_group(self.group.name)
-        except MilesError:
-            pass  # a server that is gone has no group left to destroy; closing must not hide the run's error
-        finally:
             self.group.destroy()
+        finally:
             self.group = None
+        try:
+            servers.result(timeout=self.timeout_s)
+        except Exception:  # noqa: BLE001 - a server that is gone has no group left; closing must not hide the run's error
+            pass
 
     # -- steps -------------------------------------------------------------------------------
     def _join(self, device: torch.device) -> None:
         backend = resolve_backend(self.cfg.nccl_backend, device)
         self.device = device if backend == "nccl" else torch.device("cpu")
+        self.staging = flat.FlatStaging(self.device) if self.cfg.nccl_flatten else None
         world_size = 1 + sum(self.engine.weight_ranks())
         store = host_store(0, world_size, self.timeout_s)
         address = self.cfg.nccl_master_address or self.engine.local_address()
@@ -112,13 +120,16 @@ class NcclSync:
                              "needs every server it was built with (restart the run)")
 
     def _send(self, bucket: list[tuple[str, torch.Tensor]], version: str | None) -> None:
-        tensors = [t.detach().to(self.device).contiguous() for _, t in bucket]
+        tensors = [t for _, t in bucket]
         body = dict(names=[n for n, _ in bucket], dtypes=[dtype_name(t.dtype) for t in tensors],
                     shapes=[list(t.shape) for t in tensors], group_name=self.group.name, version=version,
-                    flush=version is not None)
+                    flush=version is not None, load_format=flat.LOAD_FORMAT if self.staging else None)
+        # Packed before the servers are asked: they wait in the broadcast from the moment they answer.
+        outgoing = [self.staging.pack(tensors)] if self.staging else [
+            t.detach().to(self.device).contiguous() for t in tensors]
         answers = background(self.engine.update_weights_from_distributed, **body)
         try:
-            for tensor in tensors:
+            for tensor in outgoing:
                 self.group.broadcast(tensor)
         except Exception as err:  # noqa: BLE001 - gloo/NCCL errors: one line, with what the servers said
             raise MilesError(f"weight broadcast to the servers failed: {_error_of(answers) or err}") from None

@@ -104,7 +104,7 @@ def _free_port() -> int:
 
 def test_miles_serve_command_serves_and_stops_on_sigterm():
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     process = subprocess.Popen([sys.executable, "-m", "miles_cli.app", "serve", "--model", "tiny-qwen3", "--port", str(port),
                                 "--api-key", "k", "--set", 'model.device="cpu"'],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,12 +33,13 @@ class ServeProcess:
     def __init__(self, model: str = "tiny-qwen3", device: str = "cpu", allowed_root: str = "") -> None:
         self.port, self.allowed_root = free_port(), allowed_root
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        self.log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server never blocks on a full pipe
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "OMP_NUM_THREADS": "1"}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "miles_cli.app", "serve", "--model", model, "--port", str(self.port),
              "--allow-unauthenticated-weight-updates", "--set", f'model.device="{device}"',
              *(["--allowed-model-root", allowed_root] if allowed_root else [])],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+            stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self, timeout_s: float = 120) -> ServeProcess:
         deadline = time.monotonic() + timeout_s
@@ -49,7 +51,7 @@ class ServeProcess:
                 pass
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"miles serve did not start: {self.process.stdout.read()}")
+                raise RuntimeError(f"miles serve did not start: {self.output()}")
             time.sleep(0.2)
 
     def stop(self) -> None:
@@ -57,7 +59,10 @@ class ServeProcess:
             self.process.send_signal(signal.SIGCONT)  # a test may have stopped it
             self.process.kill()
         self.process.wait(timeout=30)
-        self.process.stdout.close()
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
 
 
 def client_engine(*servers: ServeProcess, request_timeout_s: float = 60) -> SGLangHttpEngine:
