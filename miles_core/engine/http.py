@@ -39,6 +39,7 @@ from miles_core.engine.http_weights import WeightRoutes
 from miles_core.engine.native import sample_seed
 from miles_core.engine.protocol import GenerateRequest, Generation
 from miles_core.errors import MilesError
+from miles_core.utils.http import client as http_client
 
 
 class ServerFailed(Exception):
@@ -79,8 +80,8 @@ class SGLangHttpEngine(WeightRoutes):
         self.owned = owned
         """The servers started for this run (`servers.ServerFleet`), stopped by `close`."""
         headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-        self.client = httpx.Client(timeout=cfg.request_timeout_s, headers=headers,
-                                   limits=httpx.Limits(max_connections=64))
+        self.client = http_client(timeout=cfg.request_timeout_s, headers=headers,
+                                  limits=httpx.Limits(max_connections=64))
         self.servers = [_Server(url.rstrip("/")) for url in urls]
         self._lock = threading.Lock()
         self._rids = itertools.count()

@@ -46,6 +46,7 @@ import torch
 from miles_core.config import EngineConfig
 from miles_core.engine.sglang_launch import launch_command, server_addresses
 from miles_core.errors import MilesError
+from miles_core.utils.http import client as http_client
 
 _PR_SET_PDEATHSIG = 1
 STOP_WAIT_S = 10.0
@@ -98,7 +99,7 @@ class ServerFleet:
     def wait_healthy(self, timeout_s: float, headers: dict[str, str]) -> None:
         """Return once every server answers `GET /health` with 200; one clear error otherwise."""
         deadline, waiting = time.monotonic() + timeout_s, dict(enumerate(self.servers))
-        with httpx.Client(timeout=2.0, headers=headers) as client:
+        with http_client(timeout=2.0, headers=headers) as client:
             while waiting:
                 for index, server in list(waiting.items()):
                     code = server.process.poll()

@@ -29,12 +29,12 @@ class RemoteReward:
         return cls(url=cfg.remote_url)
 
     async def __call__(self, sample: Sample) -> Any:
-        import httpx
+        from miles_core.utils.http import async_client
 
         payload = {"prompt": sample.prompt, "response": sample.response, "label": sample.label}
         # One client per call: `compute_rewards` runs each batch in a fresh event loop. No client
         # timeout: `compute.py` bounds the whole call by reward.timeout (0: none).
-        async with httpx.AsyncClient(timeout=None) as client:
+        async with async_client(timeout=None) as client:
             answer = await client.post(self.url, json=payload)
             answer.raise_for_status()
             return answer.json()

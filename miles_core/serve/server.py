@@ -49,7 +49,10 @@ def build_state(cfg: MilesConfig, options: ServeOptions) -> ServeState:
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket (port 0 picks a free one); a port in use is one clear error."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto must say TCP: asyncio turns Nagle off (TCP_NODELAY) only on sockets whose proto is
+    # IPPROTO_TCP, and accepted sockets inherit it; with proto 0 every answer waited ~40 ms for
+    # the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
