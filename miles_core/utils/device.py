@@ -1,4 +1,4 @@
-"""Host-to-device copies that do not stall the GPU queue.
+"""Host-to-device copies that do not stall the GPU queue, and the current-device switch.
 
 `tensor.to("cuda")` from ordinary (pageable) host memory synchronises the stream: the host waits
 until every kernel queued so far has finished, so the GPU then idles while Python queues the next
@@ -10,6 +10,8 @@ buffer alive until the copy has run.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -19,3 +21,11 @@ def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     if device.type != "cuda" or tensor.device.type != "cpu":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def on_device(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """Make `device` current while the block runs: Triton kernels and CUDA graph captures go to the
+    current device, not to their tensors' one, so an engine on `cuda:1` of a process whose current
+    device is `cuda:0` (`miles serve --set model.device=cuda:1`) must switch first."""
+    device = torch.device(device)
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -144,8 +144,10 @@ class BlockManager:
             parent_hash, parent = block.hash, self._ref(block.block_id)
 
     def flush(self) -> None:
-        """Forget every cached block (their K/V belong to old weights, say)."""
-        for block in self.blocks:
+        """Forget every cached block (their K/V belong to old weights, say). Only registered blocks
+        carry a hash, so this walks the cache, not the pool (tens of thousands of blocks on a GPU)."""
+        for block_id in self._cached.values():
+            block = self.blocks[block_id]
             block.hash, block.token_ids, block.parent, block.routing = None, (), None, None
         self._cached.clear()
 

@@ -47,8 +47,8 @@ from miles_core.engine.sampler import sample_tokens
 from miles_core.errors import MilesError
 from miles_core.kernels import model_ops, paged_attention
 from miles_core.models.base import named_weights
-from miles_core.quant.modules import quantize_updates
-from miles_core.utils.device import to_device
+from miles_core.quant.modules import QuantLinear, quantize_updates
+from miles_core.utils.device import on_device, to_device
 
 ABORTED = {"type": "abort", "message": "aborted by request"}
 
@@ -78,7 +78,10 @@ class NativeEngine:
                                    max_num_batched_tokens=cfg.max_num_batched_tokens,
                                    cache_routing=self.capture_routing)
         self.runner = ModelRunner(self.model, self.pool, capture_routing=self.capture_routing)
-        self._capture_graphs()
+        with on_device(self.device):
+            self._capture_graphs()
+        self._weights: dict[str, torch.Tensor] | None = None
+        self._has_quantized = False
         self._host: HostWeights | None = None
         """Set while the memory is released (`release_memory`): where the weights went."""
         self._paused = threading.Event()
@@ -130,10 +133,10 @@ class NativeEngine:
 
     # -- control ---------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> None:
-        params = dict(named_weights(self.model, remove_duplicate=False))  # and persistent buffers
+        params = self._weight_map()
         # References, not copies: all are checked before any is written. A dense weight aimed at a
         # quantised module (engine.weights = "quantized") is quantised as `miles quantize` does.
-        updates = list(quantize_updates(self.model, named_tensors))
+        updates = list(quantize_updates(self.model, named_tensors) if self._has_quantized else named_tensors)
         for name, tensor in updates:
             if name not in params:
                 raise MilesError(f"update_weights: unknown parameter '{name}'")
@@ -141,17 +144,27 @@ class NativeEngine:
                 raise MilesError(f"update_weights: '{name}' has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(params[name].shape)}")
         with self._step_lock, torch.no_grad():
-            for name, tensor in updates:
-                params[name].copy_(tensor)
+            # One multi-tensor copy instead of a launch per tensor: ~300 tensors at 0.6B.
+            if updates:
+                torch._foreach_copy_([params[name] for name, _ in updates], [tensor for _, tensor in updates])
             self.blocks.flush()  # cached K/V were computed by the old weights
         self._weight_version = str(version)
 
     def get_weights_by_name(self, name: str) -> torch.Tensor:
         """The tensor the engine computes with under HF name `name` (SGLang's `/get_weights_by_name`)."""
-        params = dict(named_weights(self.model, remove_duplicate=False))
+        params = self._weight_map()
         if name not in params:
             raise MilesError(f"get_weights_by_name: unknown parameter '{name}'")
         return params[name].detach()
+
+    def _weight_map(self) -> dict[str, torch.Tensor]:
+        """HF name -> the tensor the engine computes with (persistent buffers too), built once: walking
+        the modules on every update took 5 of the 8 ms of a 0.6B in-process sync. Releasing memory
+        replaces the buffers, so `release_memory` and `resume_memory` drop it."""
+        if self._weights is None:
+            self._weights = dict(named_weights(self.model, remove_duplicate=False))
+            self._has_quantized = any(isinstance(m, QuantLinear) for m in self.model.modules())
+        return self._weights
 
     def pause(self) -> None:
         self._paused.set()
@@ -190,6 +203,7 @@ class NativeEngine:
             self.runner.graphs = None  # graphs point into the pool and at the weights' addresses
             kv_bytes = self.pool.release()
             self._host = weights_to_host(self.model)
+            self._weights = None  # buffers were replaced
             free_cached(device)
             return {"kv_cache_bytes": kv_bytes, "weights_bytes": self._host.num_bytes,
                     "gpu_freed_bytes": before - device_allocated(device)}
@@ -200,8 +214,10 @@ class NativeEngine:
             if not self.released:
                 return
             weights_to_device(self.model, self._host)
+            self._weights = None
             self.pool.restore()
-            self._capture_graphs()
+            with on_device(self.device):
+                self._capture_graphs()
             self._host = None
         self._notify()
 
@@ -275,7 +291,7 @@ class NativeEngine:
             if not rows:
                 self._answer_finished()
                 return False
-            with torch.inference_mode():
+            with torch.inference_mode(), on_device(self.device):
                 self._run(rows)
             return True
 
