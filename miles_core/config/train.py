@@ -141,6 +141,10 @@ class SyncConfig:
     nccl_backend: Literal["auto", "nccl", "gloo"] = "auto"
     """`nccl` transport: collective backend of the weight-update group; `auto` is nccl when the
     weights are on CUDA, gloo when they are on CPU."""
+    nccl_flatten: bool = True
+    """`nccl` transport: send each bucket as one broadcast of its bytes (SGLang's `load_format =
+    "flattened_bucket"`, what `miles serve` and recent SGLang accept) instead of one broadcast per
+    tensor; false for SGLang releases without flattened buckets."""
     nccl_master_address: str = ""
     """`nccl` transport: address the servers reach the trainer at; empty: this machine's address
     on the route to the first server."""

@@ -48,10 +48,11 @@ class WeightRoutes:
         self._post_all("/init_weights_update_group", bodies)
 
     def update_weights_from_distributed(self, *, names: list[str], dtypes: list[str], shapes: list[list[int]],
-                                        group_name: str, version: str | None, flush: bool) -> None:
+                                        group_name: str, version: str | None, flush: bool,
+                                        load_format: str | None = None) -> None:
         """Every server receives one bucket from the group; with `version`, each must then report it."""
         body = {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name, "flush_cache": flush,
-                "weight_version": version}
+                "weight_version": version, "load_format": load_format}
         self._post_all("/update_weights_from_distributed", [body] * len(self._live()))
         if version is not None:
             self._expect_version(version)

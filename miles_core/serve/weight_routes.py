@@ -2,6 +2,8 @@
 (`/init_weights_update_group`, `/update_weights_from_distributed`,
 `/destroy_weights_update_group`, the server side of the `nccl` sync transport) and
 `/weights_checksum` (sha256 of tensors the engine holds, for `sync.check_weight_update_equal`).
+A bucket comes as one broadcast per tensor, or with SGLang's `load_format = "flattened_bucket"`
+as one broadcast of all its bytes (`sync.flat`).
 
 Everything that touches the group or the weights runs on the batching worker's thread, between
 batches. Joining blocks that thread until every rank has joined (as in SGLang). A bucket is
@@ -25,6 +27,7 @@ from miles_core.errors import MilesError
 from miles_core.serve.bodies import parse_body
 from miles_core.serve.schemas import Strict
 from miles_core.serve.state import RequestError, ServeState
+from miles_core.sync import flat as flat_bucket
 from miles_core.sync.group import WeightGroup, dtype_name, parse_dtype, tensor_sha256
 
 router = APIRouter()
@@ -124,10 +127,7 @@ async def update_weights_from_distributed(request: Request):
         state.worker.abort(abort_all=True)
 
     def receive() -> str:
-        device = _device(state)
-        tensors = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in zip(body.shapes, dtypes)]
-        for tensor in tensors:  # the whole bucket, before any check: the group must stay in step
-            group.broadcast(tensor)
+        tensors = _received(group, _device(state), dtypes, body.shapes, flat=body.load_format == flat_bucket.LOAD_FORMAT)
         version = state.engine.weight_version if body.weight_version is None else body.weight_version
         try:
             state.engine.update_weights(zip(body.names, tensors), version=version)
@@ -140,8 +140,25 @@ async def update_weights_from_distributed(request: Request):
     return await _on_worker(state, receive, refused="weights from the distributed group refused")
 
 
+def _received(group: WeightGroup, device: torch.device, dtypes: list[torch.dtype], shapes: list[list[int]],
+              *, flat: bool) -> list[torch.Tensor]:
+    """The whole bucket, received before any check (the group must stay in step): one broadcast
+    of its bytes (`flattened_bucket`), or one broadcast per tensor."""
+    if flat:
+        buffer = torch.empty(sum(flat_bucket.byte_sizes(dtypes, shapes)), dtype=torch.uint8, device=device)
+        group.broadcast(buffer)
+        return flat_bucket.unflatten(buffer, dtypes, shapes)
+    tensors = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in zip(shapes, dtypes)]
+    for tensor in tensors:
+        group.broadcast(tensor)
+    return tensors
+
+
 def _announced(body: DistributedBody) -> list[torch.dtype]:
     """The dtypes of the bucket, once its three lists agree and every dtype and shape is usable."""
+    if body.load_format not in (None, flat_bucket.LOAD_FORMAT):
+        raise RequestError(f"load_format '{body.load_format}' is not supported here; expected none (a broadcast "
+                           f"per tensor) or '{flat_bucket.LOAD_FORMAT}' (one broadcast of the bucket's bytes)")
     if not len(body.names) == len(body.dtypes) == len(body.shapes):
         raise RequestError(f"names, dtypes and shapes have {len(body.names)}, {len(body.dtypes)} and "
                            f"{len(body.shapes)} entries; expected one each per tensor")

@@ -54,9 +54,11 @@ def _assert_holds(url: str, weights) -> None:
     assert {n: held[n]["sha256"] for n, _ in weights} == {n: tensor_sha256(t) for n, t in weights}
 
 
-def test_push_over_gloo_in_several_buckets_is_bitwise(servers, model):
+@pytest.mark.parametrize("flatten", [True, False], ids=["flattened_bucket", "per_tensor"])
+def test_push_over_gloo_in_several_buckets_is_bitwise(servers, model, flatten):
     engine = client_engine(servers[0])
-    sync = build_weight_sync(SyncConfig(transport="nccl", check_weight_update_equal=True, timeout_s=60), engine)
+    sync = build_weight_sync(SyncConfig(transport="nccl", check_weight_update_equal=True, timeout_s=60,
+                                        nccl_flatten=flatten), engine)
     inner = _innermost(sync)
     inner.bucket_bytes = 100_000  # 25 tensors, 460 KB in 5 buckets
     weights = trained(model, seed=1)
@@ -71,6 +73,10 @@ def test_push_over_gloo_in_several_buckets_is_bitwise(servers, model):
     again = trained(model, seed=2)  # the same group carries the next push
     sync.push(again, version="8")
     _assert_holds(servers[0].url, again)
+    assert (inner.staging is not None) == flatten
+    answer = httpx.post(servers[0].url + "/update_weights_from_distributed", json={
+        "names": ["a"], "dtypes": ["float32"], "shapes": [[2]], "group_name": inner.group.name, "load_format": "zip"})
+    assert answer.status_code == 400 and "load_format 'zip' is not supported" in answer.json()["error"]["message"]
     sync.close()
     assert inner.group is None
 
