@@ -136,6 +136,9 @@ def measure(args, name: str) -> list[tuple[str, float, float, float]]:
     if args.compile:
         steps["native fast packed compiled"] = (native_step, (master, "fast", True, checkpointing, True, mb))
     steps["transformers"] = (hf_step, (master, shape, args.device, checkpointing))
+    if args.configs:  # a subset (the peer always runs: every ratio is against it)
+        wanted = {c.strip() for c in args.configs.split(",")} | {"transformers"}
+        steps = {label: step for label, step in steps.items() if label.removeprefix("native ") in wanted}
     rows = []
     for label, (factory, factory_args) in steps.items():
         try:
@@ -179,6 +182,8 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing at every shape")
     parser.add_argument("--compile", action="store_true", help="also time the packed fast trainer with train.compile")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--configs", default="", help="comma-separated subset of the native rows, e.g. "
+                        "'fast packed,fast packed compiled' (default: all)")
     parser.add_argument("--micro-batch-tokens", type=int, default=8192,
                         help="native trainer's train.max_tokens_per_micro_batch (transformers: micro-batches of 8)")
     parser.add_argument("--peak-tflops", type=float, default=790.0)

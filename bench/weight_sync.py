@@ -118,6 +118,7 @@ def timed_pushes(sync, weights: list[tuple[str, torch.Tensor]], repeats: int) ->
         torch.cuda.synchronize()
         start = time.perf_counter()
         sync.push(iter(weights), version=str(version + 1))
+        torch.cuda.synchronize()  # an in-process push returns once its copies are queued
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
 
