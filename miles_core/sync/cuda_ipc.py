@@ -208,9 +208,8 @@ class CudaIpcSync:
         device = next((t.device for _, t in bucket if t.is_cuda), torch.device("cuda", torch.cuda.current_device()))
         if self.buffer is None or self.buffer.numel() < size or self.buffer.device != device:
             self.buffer = torch.empty(max(size, self.bucket_bytes), dtype=torch.uint8, device=device)
-        for (_, tensor), offset in zip(bucket, offsets):
-            nbytes = tensor.numel() * tensor.element_size()
-            self.buffer[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor.detach())
+        sources = [t.detach().to(device).contiguous().reshape(-1).view(torch.uint8) for _, t in bucket]
+        torch._foreach_copy_([self.buffer[o:o + s.numel()] for o, s in zip(offsets, sources)], sources)  # one launch
         torch.cuda.synchronize(device)  # the server reads the buffer from its own stream
         tensors = [IpcTensor(name, t.dtype, tuple(t.shape), o) for (name, t), o in zip(bucket, offsets)]
         text = describe(export_buffer(self.buffer), device_uuid(device), tensors)
