@@ -94,9 +94,6 @@ class MilesConfig:
             _check(size > self.rollout.batch_size,
                    f"rollout.partial needs algo.over_sampling_batch_size > rollout.batch_size = "
                    f"{self.rollout.batch_size} (more groups in flight than a step trains), got {size}")
-            _check(self.engine.backend == "native",
-                   f"rollout.partial needs engine.backend = 'native' (continuing aborted requests through the "
-                   f"'{self.engine.backend}' client is not implemented)")
             _check(not self.rollout.agentic,
                    "rollout.partial does not apply to generate functions (rollout.generate_function, "
                    "rollout.environment, rollout.tools): continuing an aborted multi-turn sample is not implemented")

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from miles_core.config import EngineConfig
+from miles_core.engine.http_submit import MAX_SUBMITTED, Submissions, wire_rids
 from miles_core.engine.http_weights import WeightRoutes
 from miles_core.engine.native import sample_seed
 from miles_core.engine.protocol import GenerateRequest, Generation
@@ -66,7 +67,7 @@ class _Unit:
     payload: dict
 
 
-class SGLangHttpEngine(WeightRoutes):
+class SGLangHttpEngine(WeightRoutes, Submissions):
     """`RolloutEngine` over SGLang-protocol servers at `cfg.urls`."""
 
     is_remote = True
@@ -80,12 +81,14 @@ class SGLangHttpEngine(WeightRoutes):
         self.owned = owned
         """The servers started for this run (`servers.ServerFleet`), stopped by `close`."""
         headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+        # Connections: a batched `generate` holds one per server; `submit` one per request in flight.
         self.client = http_client(timeout=cfg.request_timeout_s, headers=headers,
-                                  limits=httpx.Limits(max_connections=64))
+                                  limits=httpx.Limits(max_connections=MAX_SUBMITTED, max_keepalive_connections=64))
         self.servers = [_Server(url.rstrip("/")) for url in urls]
         self._lock = threading.Lock()
         self._rids = itertools.count()
         self._in_flight: dict[str, list[str]] = {}
+        self._init_submissions()
         self._context_limits = [cfg.max_context_len or max_position_embeddings]
         self._wait_healthy()
         self._weight_version = str(self._get(self.servers[0], "/get_model_info").get("weight_version") or "0")
@@ -209,6 +212,7 @@ class SGLangHttpEngine(WeightRoutes):
         self._each("POST", "/resume_memory_occupation", {})
 
     def close(self) -> None:
+        self._close_submissions()
         self.client.close()
         if self.owned is not None:
             self.owned.stop()
@@ -216,14 +220,20 @@ class SGLangHttpEngine(WeightRoutes):
     # -- generation --------------------------------------------------------------------------
     def generate(self, requests: Sequence[GenerateRequest],
                  on_progress: Callable[[int], None] | None = None) -> list[list[Generation]]:
+        return self._generate(requests, on_progress, keep_aborted=False)
+
+    def _generate(self, requests: Sequence[GenerateRequest], on_progress: Callable[[int], None] | None, *,
+                  keep_aborted: bool) -> list[list[Generation]]:
+        """`generate`; with `keep_aborted` an aborted request's answer (the tokens so far) is a
+        result, not an error (`submit`)."""
         results: list[list[Generation | None]] = [[None] * r.sampling.n_samples_per_prompt for r in requests]
         rids = [r.rid or f"miles-{next(self._rids)}" for r in requests]
         pending = self._units(requests, rids)
         for rid, request in zip(rids, requests):
-            self._in_flight[rid] = _wire_rids(rid, request.sampling.n_samples_per_prompt)
+            self._in_flight[rid] = wire_rids(rid, request.sampling.n_samples_per_prompt)
         try:
             while pending:
-                pending = self._round(pending, results, on_progress)
+                pending = self._round(pending, results, on_progress, keep_aborted)
         finally:
             for rid in rids:
                 self._in_flight.pop(rid, None)
@@ -241,7 +251,7 @@ class SGLangHttpEngine(WeightRoutes):
                           for j in range(n)]
         return units
 
-    def _round(self, units: list[_Unit], results, on_progress) -> list[_Unit]:
+    def _round(self, units: list[_Unit], results, on_progress, keep_aborted: bool) -> list[_Unit]:
         """Send every unit once, spread over the live servers; returns the units to retry."""
         plan = self._assign(units)
         retry: list[_Unit] = []
@@ -254,7 +264,7 @@ class SGLangHttpEngine(WeightRoutes):
                     server.alive = False
                     retry += chunk
                     continue
-                self._store(chunk, answers, results)
+                self._store(chunk, answers, results, keep_aborted)
                 if on_progress:
                     on_progress(sum(u.n for u in chunk))
         if retry:
@@ -284,17 +294,17 @@ class SGLangHttpEngine(WeightRoutes):
                                f"{len(answers) if isinstance(answers, list) else 1} items, expected {expected}")
         return answers
 
-    def _store(self, chunk: list[_Unit], answers: list[dict], results) -> None:
+    def _store(self, chunk: list[_Unit], answers: list[dict], results, keep_aborted: bool) -> None:
         position = 0
         for unit in chunk:
             prompt_len = len(unit.payload["input_ids"])
             for j in range(unit.n):
-                results[unit.index][unit.first + j] = self._generation(answers[position], prompt_len)
+                results[unit.index][unit.first + j] = self._generation(answers[position], prompt_len, keep_aborted)
                 position += 1
 
-    def _generation(self, answer: dict, prompt_len: int) -> Generation:
+    def _generation(self, answer: dict, prompt_len: int, keep_aborted: bool) -> Generation:
         meta = answer["meta_info"]
-        if meta["finish_reason"].get("type") == "abort":
+        if meta["finish_reason"].get("type") == "abort" and not keep_aborted:
             raise MilesError(f"request {meta.get('id')} was aborted by the server: {meta['finish_reason']}")
         output_ids = [int(t) for t in answer["output_ids"]]
         logprobs = [float(entry[0]) for entry in meta.get("output_token_logprobs") or []]
@@ -316,10 +326,6 @@ def _payload(request: GenerateRequest, rid: str, seed: int, n: int) -> dict:
               "stop": list(s.stop), "stop_token_ids": list(s.stop_token_ids), "n": n, "sampling_seed": seed,
               "no_stop_trim": False, "skip_special_tokens": True}
     return {"input_ids": list(request.input_ids), "sampling_params": params, "rid": rid}
-
-
-def _wire_rids(rid: str, n: int) -> list[str]:
-    return [rid, *(f"{rid}-{j}" for j in range(n))] if n > 1 else [rid]
 
 
 def _error_text(response: httpx.Response) -> str:

@@ -1,4 +1,4 @@
-"""The batching worker: concurrent HTTP requests in, one `RolloutEngine.generate` call out.
+"""The serving worker: concurrent HTTP requests in, batched engine work out.
 
 Route handlers (on the asyncio loop) `submit` a job (a list of `GenerateRequest`s) and await its
 future. One worker thread owns the engine: it takes the first waiting job, keeps collecting jobs
@@ -13,10 +13,13 @@ engine. A job whose batch already runs is answered at once as aborted; an engine
 (native) also finishes its sequences, freeing their KV blocks, while for any other engine they keep
 decoding until the batch ends and the result is discarded.
 
-Streaming: an engine with `submit` (the native engine) is started in its own background loop, and
-`stream` submits each request to it directly and yields the tokens as they are sampled; the batch
-path above stays for engines with only `generate` (the HTTP client engine), whose answers arrive
-whole. A stream whose consumer goes away (closed generator, cancelled task, disconnected client)
+Continuous batching and streaming: an engine with `submit` (the native engine) is started in its
+own background loop, which schedules continuously. `generate` then submits each request to it
+directly: requests join the running batch at the next step and each is answered when its own
+sequences finish (SGLang's behaviour; a static batch would make a late request wait for the whole
+batch), and an abort answers a running request with its tokens so far. `stream` does the same and
+yields the tokens as they are sampled. The batch path above stays for engines with only `generate`
+(the HTTP client engine), whose answers arrive whole. A stream whose consumer goes away (closed generator, cancelled task, disconnected client)
 aborts its requests in the engine.
 """
 
@@ -73,6 +76,12 @@ class WorkerStats:
     num_jobs: int = 0
     num_sequences: int = 0
     batch_sizes: list[int] = field(default_factory=list)
+    """Sequences of each `generate` batch (engines without their own loop)."""
+    max_concurrent: int = 0
+    """Most sequences in flight at once through continuous batching (engines with their own loop)."""
+
+    def record_concurrency(self, num_sequences: int) -> None:
+        self.max_concurrent = max(self.max_concurrent, num_sequences)
 
 
 class BatchingWorker:
@@ -83,7 +92,7 @@ class BatchingWorker:
         self.engine, self.max_batch_size, self.window_s = engine, max_batch_size, window_s
         self.poll_s = poll_s
         # Token streaming needs the engine to step on its own while the worker waits on a batch.
-        self.streaming = callable(getattr(engine, "submit", None)) and callable(getattr(engine, "start", None))
+        self.streaming = all(callable(getattr(engine, name, None)) for name in ("submit", "submit_all", "start"))
         if self.streaming:
             engine.start()
         self._streams: list[Any] = []  # handles of running streams (for abort by rid / all)
@@ -91,6 +100,8 @@ class BatchingWorker:
         self._queue: queue.Queue = queue.Queue()
         self._pending: list[_Job] = []
         self._running: list[_Job] = []
+        self._waiting: list[_Job] = []
+        """Requests of the continuous path waiting for the server to be resumed (abortable)."""
         self._lock = threading.Lock()
         self._unpaused = threading.Event()
         self._unpaused.set()
@@ -101,6 +112,8 @@ class BatchingWorker:
     # -- called from route handlers ----------------------------------------------------------
     async def generate(self, requests: list[GenerateRequest]) -> list[list[Generation]]:
         """Answer `requests` (one list of n generations each); raises `Aborted` if aborted first."""
+        if self.streaming:
+            return await self._generate_continuously(requests)
         job = _Job(list(requests), Future())
         with self._lock:
             self._pending.append(job)
@@ -116,6 +129,43 @@ class BatchingWorker:
         item = _Control(fn, Future())
         self._queue.put(item)
         return await asyncio.wrap_future(item.future)
+
+    async def _generate_continuously(self, requests: list[GenerateRequest]) -> list[list[Generation]]:
+        """Continuous batching: the requests join the engine's running batch at its next step and
+        each is answered when its own sequences finish, as SGLang answers; an abort answers a
+        running request with the tokens it has so far (`finish_reason` abort)."""
+        if self.paused:  # a paused server starts nothing new; a waiting request can still be aborted
+            await self._wait_unpaused(_Job(list(requests), Future()))
+        loop = asyncio.get_running_loop()
+        handles = self.engine.submit_all(requests)  # all checked first; they join the same step
+        futures = []
+        for handle in handles:
+            future = loop.create_future()
+            handle.add_done_callback(lambda h, f=future: loop.call_soon_threadsafe(_settle_once, f, h))
+            futures.append(future)
+        with self._lock:
+            self._streams += handles
+            self.stats.record_concurrency(sum(len(h.sequences) for h in self._streams if not h.done))
+        try:
+            return [h.result() for h in await asyncio.gather(*futures)]
+        finally:
+            with self._lock:
+                self._streams = [h for h in self._streams if all(h is not mine for mine in handles)]
+            for handle in handles:  # the client went away (cancelled): free the engine's blocks
+                if not handle.done:
+                    self.engine.abort(handle.request.rid)
+
+    async def _wait_unpaused(self, job: _Job) -> None:
+        with self._lock:
+            self._waiting.append(job)
+        try:
+            while self.paused and not self._stop and not job.aborted:
+                await asyncio.sleep(self.poll_s)
+        finally:
+            with self._lock:
+                self._waiting = [j for j in self._waiting if j is not job]
+        if job.aborted:
+            raise Aborted("aborted")
 
     def abort(self, rid: str = "", abort_all: bool = False) -> int:
         """Abort jobs and streams holding a request with this rid (or all); returns how many."""
@@ -188,19 +238,21 @@ class BatchingWorker:
 
     # -- the worker thread -------------------------------------------------------------------
     def _abort_jobs(self, match: Callable[[_Job], bool]) -> int:
-        count = 0
+        """Abort matching jobs. A job waiting for its batch answers `Aborted` (no tokens); a running
+        one, when the engine can abort requests, is stopped there and answered by the batch with
+        the tokens it generated so far (SGLang's abort answer, which partial rollout continues)."""
         with self._lock:
-            jobs = [j for j in self._pending + self._running if match(j) and not j.aborted]
+            jobs = [j for j in self._pending + self._running + self._waiting if match(j) and not j.aborted]
             for job in jobs:
                 job.aborted = True
-                count += 1
-            running = [r.rid for j in jobs if any(j is k for k in self._running) for r in j.requests]
+            running = [j for j in jobs if any(j is k for k in self._running)]
         for job in jobs:
-            _resolve(job.future, error=Aborted("aborted"))
-        if self.streaming:  # the engine steps on its own: stop the batch's sequences too
-            for rid in running:
+            if not (self.streaming and any(job is r for r in running)):
+                _resolve(job.future, error=Aborted("aborted"))
+        if self.streaming:
+            for rid in [r.rid for job in running for r in job.requests]:
                 self.engine.abort(rid)
-        return count
+        return len(jobs)
 
     def _loop(self) -> None:
         while not self._stop:
@@ -261,6 +313,9 @@ class BatchingWorker:
                 self._running = []
 
     def _generate(self, jobs: list[_Job]) -> None:
+        for job in jobs:
+            if job.aborted:  # aborted between being taken and running: answered here (a no-op if already)
+                _resolve(job.future, error=Aborted("aborted"))
         jobs = [j for j in jobs if not j.aborted]
         if not jobs:
             return
@@ -309,6 +364,11 @@ def _updates(handles: list, sent: dict[int, int]) -> list[StreamUpdate]:
                 updates.append(StreamUpdate(index, i, ids, logprobs[:len(ids)]))
                 sent[index] = len(ids)
     return updates
+
+
+def _settle_once(future: asyncio.Future, handle: Any) -> None:
+    if not future.done():
+        future.set_result(handle)
 
 
 def _settle(future: Future, fn: Callable[[], Any]) -> None:

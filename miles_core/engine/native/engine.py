@@ -37,6 +37,7 @@ from miles_core.engine.native.memory import (HostWeights, device_allocated, free
 from miles_core.engine.native.outputs import finish_reason, to_generation
 from miles_core.engine.native.runner import ModelRunner
 from miles_core.engine.native.sampling_tensors import SamplingTensors
+from miles_core.engine.native.weight_table import WeightTable
 from miles_core.engine.native.scheduler import Row, Scheduler
 from miles_core.engine.native.sequence import RequestHandle
 from miles_core.engine.native.sequence import Sequence as Seq
@@ -46,8 +47,6 @@ from miles_core.engine.protocol import GenerateRequest, Generation
 from miles_core.engine.sampler import sample_tokens
 from miles_core.errors import MilesError
 from miles_core.kernels import model_ops, paged_attention
-from miles_core.models.base import named_weights
-from miles_core.quant.modules import QuantLinear, quantize_updates
 from miles_core.utils.device import on_device, to_device
 
 ABORTED = {"type": "abort", "message": "aborted by request"}
@@ -80,8 +79,7 @@ class NativeEngine:
         self.runner = ModelRunner(self.model, self.pool, capture_routing=self.capture_routing)
         with on_device(self.device):
             self._capture_graphs()
-        self._weights: dict[str, torch.Tensor] | None = None
-        self._has_quantized = False
+        self.weights = WeightTable(self.model)
         self._host: HostWeights | None = None
         """Set while the memory is released (`release_memory`): where the weights went."""
         self._paused = threading.Event()
@@ -133,38 +131,16 @@ class NativeEngine:
 
     # -- control ---------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> None:
-        params = self._weight_map()
-        # References, not copies: all are checked before any is written. A dense weight aimed at a
-        # quantised module (engine.weights = "quantized") is quantised as `miles quantize` does.
-        updates = list(quantize_updates(self.model, named_tensors) if self._has_quantized else named_tensors)
-        for name, tensor in updates:
-            if name not in params:
-                raise MilesError(f"update_weights: unknown parameter '{name}'")
-            if params[name].shape != tensor.shape:
-                raise MilesError(f"update_weights: '{name}' has shape {tuple(tensor.shape)}, "
-                                 f"expected {tuple(params[name].shape)}")
+        targets, sources = self.weights.checked_updates(named_tensors)  # all checked before any is written
         with self._step_lock, torch.no_grad():
-            # One multi-tensor copy instead of a launch per tensor: ~300 tensors at 0.6B.
-            if updates:
-                torch._foreach_copy_([params[name] for name, _ in updates], [tensor for _, tensor in updates])
+            if targets:  # one multi-tensor copy instead of a launch per tensor (~300 at 0.6B)
+                torch._foreach_copy_(targets, sources)
             self.blocks.flush()  # cached K/V were computed by the old weights
         self._weight_version = str(version)
 
     def get_weights_by_name(self, name: str) -> torch.Tensor:
         """The tensor the engine computes with under HF name `name` (SGLang's `/get_weights_by_name`)."""
-        params = self._weight_map()
-        if name not in params:
-            raise MilesError(f"get_weights_by_name: unknown parameter '{name}'")
-        return params[name].detach()
-
-    def _weight_map(self) -> dict[str, torch.Tensor]:
-        """HF name -> the tensor the engine computes with (persistent buffers too), built once: walking
-        the modules on every update took 5 of the 8 ms of a 0.6B in-process sync. Releasing memory
-        replaces the buffers, so `release_memory` and `resume_memory` drop it."""
-        if self._weights is None:
-            self._weights = dict(named_weights(self.model, remove_duplicate=False))
-            self._has_quantized = any(isinstance(m, QuantLinear) for m in self.model.modules())
-        return self._weights
+        return self.weights.get(name, "get_weights_by_name").detach()
 
     def pause(self) -> None:
         self._paused.set()
@@ -203,7 +179,7 @@ class NativeEngine:
             self.runner.graphs = None  # graphs point into the pool and at the weights' addresses
             kv_bytes = self.pool.release()
             self._host = weights_to_host(self.model)
-            self._weights = None  # buffers were replaced
+            self.weights.invalidate()  # buffers were replaced
             free_cached(device)
             return {"kv_cache_bytes": kv_bytes, "weights_bytes": self._host.num_bytes,
                     "gpu_freed_bytes": before - device_allocated(device)}
@@ -214,7 +190,7 @@ class NativeEngine:
             if not self.released:
                 return
             weights_to_device(self.model, self._host)
-            self._weights = None
+            self.weights.invalidate()
             self.pool.restore()
             with on_device(self.device):
                 self._capture_graphs()
@@ -224,9 +200,17 @@ class NativeEngine:
     # -- submission ------------------------------------------------------------------------
     def submit(self, request: GenerateRequest, on_progress: Callable[[int], None] | None = None) -> RequestHandle:
         """Queue a request (thread-safe); the handle's `result()` gives its n generations."""
-        handle = self._new_handle(request, on_progress)
-        self._post("submit", handle)
-        return handle
+        return self.submit_all([request], on_progress)[0]
+
+    def submit_all(self, requests: Sequence[GenerateRequest],
+                   on_progress: Callable[[int], None] | None = None) -> list[RequestHandle]:
+        """Queue requests together, all checked first: they join the same step, so a batch sent at
+        once is scheduled as one (the same numbers as `generate` on it)."""
+        handles = [self._new_handle(request, on_progress) for request in requests]
+        with self._inbox_lock:
+            self._inbox += [("submit", handle) for handle in handles]
+        self._notify()
+        return handles
 
     def abort(self, rid: str) -> None:
         """Finish every sequence of the requests with this rid (finish reason `abort`)."""
@@ -267,9 +251,7 @@ class NativeEngine:
                  on_progress: Callable[[int], None] | None = None) -> list[list[Generation]]:
         if self._paused.is_set():
             raise MilesError("the engine is paused; call resume() before generate()")
-        handles = [self._new_handle(request, on_progress) for request in requests]  # all checked first
-        for handle in handles:
-            self._post("submit", handle)
+        handles = self.submit_all(requests, on_progress)
         if self._loop is None:
             with self._step_lock:
                 self._num_answering_late += 1

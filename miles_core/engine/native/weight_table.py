@@ -1,0 +1,54 @@
+"""The engine's weights by HF name: what `update_weights` writes into and `get_weights_by_name`
+reads, checked before anything is written.
+
+The map is built once: walking the model's modules on every update took 5 of the 8 ms of a 0.6B
+in-process weight sync on an H100. Releasing the engine's memory replaces the buffers (the
+parameters keep their objects), so the engine calls `invalidate` then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from miles_core.errors import MilesError
+from miles_core.models.base import named_weights
+from miles_core.quant.modules import QuantLinear, quantize_updates
+
+
+class WeightTable:
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._by_name: dict[str, torch.Tensor] | None = None
+        self._has_quantized = False
+
+    def invalidate(self) -> None:
+        self._by_name = None
+
+    def get(self, name: str, where: str) -> torch.Tensor:
+        """The tensor the engine computes with under HF name `name` (parameter or persistent buffer)."""
+        tensors = self._tensors()
+        if name not in tensors:
+            raise MilesError(f"{where}: unknown parameter '{name}'")
+        return tensors[name]
+
+    def checked_updates(self, named_tensors: Iterable[tuple[str, torch.Tensor]]
+                        ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(destinations, sources) once every name and shape is checked. A dense weight aimed at a
+        quantised module (engine.weights = "quantized") is quantised as `miles quantize` does."""
+        tensors = self._tensors()
+        updates = list(quantize_updates(self.model, named_tensors) if self._has_quantized else named_tensors)
+        for name, tensor in updates:
+            target = self.get(name, "update_weights")
+            if target.shape != tensor.shape:
+                raise MilesError(f"update_weights: '{name}' has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(target.shape)}")
+        return [tensors[name] for name, _ in updates], [tensor for _, tensor in updates]
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        if self._by_name is None:
+            self._by_name = dict(named_weights(self.model, remove_duplicate=False))
+            self._has_quantized = any(isinstance(m, QuantLinear) for m in self.model.modules())
+        return self._by_name
