@@ -9,6 +9,11 @@ checkpoint and prompts for every placement. Placements:
   launched on GPU 1 (`engine.launch`, `engine.server = "miles"`, `engine.num_gpus = 1`),
   weights over NCCL (`sync.transport = "nccl"`); async overlaps the next step's generation with
   training (`loop.mode = "async"`, TIS on);
+- `1 GPU, colocated`: a `miles serve` engine on GPU 0 beside the trainer (`engine.colocate`):
+  weights by CUDA IPC, the engine releases its memory while the trainer trains and the trainer
+  moves its optimizer state to the host while the engine generates;
+- `2 GPUs (FSDP)`: `miles train --nproc-per-node 2` (two trainer ranks, NCCL, the engine in rank
+  0's process); its time is the run's `perf/step_time`, not the wall time between steps;
 - `3 GPUs (2 engines on GPUs 1-2), async` (machines with 3 or more GPUs): the trainer keeps GPU
   0, requests are spread over the two engines.
 
@@ -22,7 +27,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,8 +41,14 @@ import torch
 from grpo_step import build_checkpoint, miles_recipe, write_prompts  # bench/ is on sys.path when run
 
 APART = ["engine.backend=sglang", "engine.launch=true", "engine.server=miles", "sync.transport=nccl"]
+COLOCATED = ["engine.backend=sglang", "engine.launch=true", "engine.server=miles", "engine.colocate=true",
+             "engine.num_gpus=1", "sync.transport=cuda_ipc"]
+FSDP = "--nproc-per-node 2"
+"""Marks a placement run through the CLI with two trainer ranks (FSDP over NCCL)."""
 PLACEMENTS = {
     "1 GPU (engine in the trainer's process)": (1, []),
+    "1 GPU (miles serve colocated: CUDA IPC sync, memory released while training)": (1, COLOCATED),
+    "2 GPUs (FSDP, 2 trainer ranks; engine in rank 0's process), sync": (2, [FSDP, "train.backend=fsdp"]),
     "2 GPUs (engine on GPU 1, NCCL sync), sync": (2, [*APART, "engine.num_gpus=1"]),
     "2 GPUs (engine on GPU 1, NCCL sync), async": (2, [*APART, "engine.num_gpus=1", "loop.mode=async",
                                                        "algo.use_tis=true"]),
@@ -45,6 +59,8 @@ PLACEMENTS = {
 
 def run_placement(base: Path, work: Path, overrides: list[str]) -> list[float]:
     """Seconds per step as the trainer sees them (wall time between step records)."""
+    if FSDP in overrides:
+        return run_ranks(base, work, [o for o in overrides if o != FSDP])
     from miles_core.config import load_config
     from miles_core.rl.loop import run_training
 
@@ -53,6 +69,19 @@ def run_placement(base: Path, work: Path, overrides: list[str]) -> list[float]:
                  on_step=lambda step, metrics: stamps.append(time.perf_counter()))
     torch.cuda.empty_cache()
     return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def run_ranks(base: Path, work: Path, overrides: list[str]) -> list[float]:
+    """`miles train --nproc-per-node 2` in a subprocess; seconds per step from its `perf/step_time`."""
+    command = [sys.executable, "-m", "miles_cli.app", "train", "--recipe", str(base), "--output-dir", str(work),
+               "--nproc-per-node", "2", *[arg for o in overrides for arg in ("--set", o)]]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if result.returncode != 0:
+        raise RuntimeError((result.stdout + result.stderr).strip().splitlines()[-1])
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    return [row["perf/step_time"] for row in rows if "perf/step_time" in row]
 
 
 def report(args, rows: list[tuple[str, int, float | str]]) -> str:
