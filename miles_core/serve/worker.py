@@ -189,11 +189,9 @@ class BatchingWorker:
             await asyncio.sleep(self.poll_s)
         handles = []
         try:
-            for request in requests:
-                handle = self.engine.submit(request)
-                handles.append(handle)
-                with self._lock:
-                    self._streams.append(handle)
+            handles = self.engine.submit_all(requests)  # all checked first; they join the same step
+            with self._lock:
+                self._streams += handles
             sent: dict[int, int] = {}  # flat index -> output ids already reported (-1: final sent)
             while True:
                 updates = _updates(handles, sent)
