@@ -16,6 +16,7 @@ from miles_core.config import EngineConfig
 from miles_core.engine.http import SGLangHttpEngine
 from miles_core.engine.native import NativeEngine
 from miles_core.engine.protocol import RolloutEngine
+from miles_core.engine.ray_servers import in_ray_worker, launch_ray_servers
 from miles_core.engine.servers import LaunchContext, launch_servers
 from miles_core.errors import one_of
 
@@ -32,9 +33,10 @@ def _native(cfg: EngineConfig, loaded: LoadedModel) -> RolloutEngine:
 def _sglang(cfg: EngineConfig, loaded: LoadedModel, context: LaunchContext | None = None) -> RolloutEngine:
     dtype = loaded.model.lm_head.weight.dtype
     fleet = None
-    if cfg.launch:
-        cfg, fleet = launch_servers(cfg, str(loaded.path), dtype=str(dtype).removeprefix("torch."),
-                                    on_gpu=loaded.device.type == "cuda", context=context or LaunchContext())
+    if cfg.launch:  # under `--ray` this process is a Ray actor: Ray places the servers
+        launch = launch_ray_servers if in_ray_worker() else launch_servers
+        cfg, fleet = launch(cfg, str(loaded.path), dtype=str(dtype).removeprefix("torch."),
+                            on_gpu=loaded.device.type == "cuda", context=context or LaunchContext())
     topk = int(loaded.hf_config.get("num_experts_per_tok", 0)) if getattr(loaded.model, "num_moe_layers", 0) else 0
     try:
         return SGLangHttpEngine(cfg, urls=fleet.urls if fleet else cfg.urls, tokenizer=loaded.tokenizer,

@@ -96,14 +96,15 @@ class _Stopped:
 
 def run_ray_ranks(num_ranks: int, leader: Callable[..., T], worker: Callable[..., None],
                   worker_args: tuple[Any, ...], *, on_step: Callable[[int, dict], None] | None = None,
-                  should_stop: Callable[[], bool] = lambda: False) -> T:
+                  should_stop: Callable[[], bool] = lambda: False, num_servers: int = 0) -> T:
     """`leader(on_step=, should_stop=)` as rank 0 and `worker(*worker_args)` as ranks 1..N-1, each
     a Ray actor; `leader`'s result once every rank returned. Both must pickle (module-level
-    functions, `functools.partial`)."""
+    functions, `functools.partial`). `num_servers`: rollout servers rank 0 will ask Ray for
+    (`engine/ray_servers.py`), counted when this call starts a local Ray."""
     ray = import_ray()
     started = not ray.is_initialized()
     if started:
-        _start_ray(ray, num_ranks)
+        _start_ray(ray, num_ranks + num_servers)
     group, actors = None, []
     try:
         group, bundle = _placement_group(ray, num_ranks)
@@ -123,11 +124,11 @@ def run_ray_ranks(num_ranks: int, leader: Callable[..., T], worker: Callable[...
             ray.shutdown()
 
 
-def _start_ray(ray, num_ranks: int) -> None:
+def _start_ray(ray, num_actors: int) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:  # CPU ranks may share cores, as the local launcher's processes do
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_ranks), include_dashboard=False)
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_actors), include_dashboard=False)
 
 
 def _placement_group(ray, num_ranks: int):

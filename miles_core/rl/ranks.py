@@ -4,8 +4,8 @@ Rank 0 runs the whole loop (`loop.run_training`): the rollout engine, the rollou
 metrics, checkpoints and the weight sync are its own. Ranks 1..N-1 only build the trainer from
 the same config and follow rank 0's trainer calls (`train/leader.py`); all ranks train. Needs a
 data-parallel trainer (`train.backend = "fsdp"`). The ranks are local processes
-(`launch/local.py`) or, with `--ray`, Ray actors (`launch/ray_launch.py`); the code each rank
-runs is the same.
+(`launch/local.py`) or, with `--ray`, Ray actors (`launch/ray_launch.py`), whose launched rollout
+servers are Ray actors too (`engine/ray_servers.py`); the code each rank runs is the same.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from miles_core.checkpoint.loading import load_model
 from miles_core.config import MilesConfig
+from miles_core.engine.ray_servers import num_servers
 from miles_core.errors import MilesError, RunStopped
 from miles_core.launch.local import run_ranks
 from miles_core.rl import loop
@@ -41,7 +42,8 @@ def run_training_ranks(cfg: MilesConfig, output_dir: Path, num_ranks: int, *, us
 
         on_step, should_stop = kwargs.pop("on_step", None), kwargs.pop("should_stop", lambda: False)
         return run_ray_ranks(num_ranks, partial(lead_run, cfg, output_dir, **kwargs), follow_rank_zero, (cfg,),
-                             on_step=on_step, should_stop=should_stop)
+                             on_step=on_step, should_stop=should_stop,
+                             num_servers=num_servers(cfg.engine) if cfg.engine.launch else 0)
     return run_ranks(num_ranks, partial(lead_run, cfg, output_dir, **kwargs), follow_rank_zero, (cfg,))
 
 

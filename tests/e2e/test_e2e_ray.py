@@ -159,3 +159,37 @@ def test_a_stop_request_reaches_rank_zero(ray_home, by_value):
     assert seen == list(range(len(seen))) and len(seen) >= 2
     assert err.value.step == seen[-1] + 1 and err.value.checkpoint == "ckpt"
     assert not ray.is_initialized()
+
+
+def test_launched_servers_are_ray_actors_and_none_outlives_the_run(ray_home):
+    """Rank 0 under --ray asks Ray for its rollout servers (`engine/ray_servers.py`); the run gives
+    the in-process run's metrics, and after it no server process is left."""
+    from miles_core.checkpoint.sources import resolve_model_source
+    from miles_core.config import EngineConfig, SamplingConfig
+    from miles_core.engine.http import SGLangHttpEngine
+    from miles_core.engine.protocol import GenerateRequest
+    from miles_core.engine.ray_servers import launch_ray_servers
+    from miles_core.engine.servers import LaunchContext
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        cfg = EngineConfig(backend="sglang", launch=True, server="miles", num_gpus=0)
+        cfg, fleet = launch_ray_servers(cfg, str(resolve_model_source("tiny-qwen3")), dtype="float32", on_gpu=False,
+                                        context=LaunchContext())
+        pid = ray.get(fleet.actors[0].server_pid.remote())
+        assert len(fleet.urls) == 1
+        engine = SGLangHttpEngine(cfg, urls=fleet.urls)
+        answer = engine.generate([GenerateRequest([1, 2, 3], SamplingConfig(max_new_tokens=3), seed=0)])
+        assert len(answer[0][0].output_ids) == 3
+        assert _alive(pid)
+        fleet.stop()
+        assert not _alive(pid) and fleet.actors == []
+    finally:
+        ray.shutdown()
+    one, two = ray_home / "one", ray_home / "two"
+    served = ["--set", "engine.backend=sglang", "--set", "engine.launch=true", "--set", "engine.server=miles"]
+    assert runner.invoke(app, [*COMMON, "--output-dir", str(one)]).exit_code == 0
+    result = runner.invoke(app, [*COMMON, "--output-dir", str(two), "--ray", *served])
+    assert result.exit_code == 0, result.output
+    keep = lambda rows: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]  # noqa: E731
+    assert keep(read_metrics(two / "metrics.jsonl")) == keep(read_metrics(one / "metrics.jsonl"))
