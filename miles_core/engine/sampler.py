@@ -10,19 +10,42 @@ Shape legend: B rows, V vocab.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from miles_core.kernels.norms import log_softmax_reference
 
 
+@dataclass(frozen=True)
+class SamplerFlags:
+    """What a step's rows need, when the caller knows it from their settings; each flag that is
+    false skips a pass over the (B, V) logits with bitwise the same result (256 x 151,936 fp32
+    logits are 155 MB a pass)."""
+
+    filtered: bool = True
+    """A sampled row has top-k or top-p (the logits must be sorted)."""
+    greedy: bool = True
+    """A row has temperature 0 (an argmax)."""
+    scaled: bool = True
+    """A row's temperature is neither 0 nor 1 (a division; dividing by 1 changes no bit)."""
+
+
+def flags_of(temperature_B: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor) -> SamplerFlags:
+    """The flags read from the tensors (a device-to-host wait)."""
+    greedy = temperature_B == 0
+    return SamplerFlags(filtered=bool((((top_k_B > 0) | (top_p_B < 1)) & ~greedy).any()), greedy=bool(greedy.any()),
+                        scaled=bool(((temperature_B != 0) & (temperature_B != 1)).any()))
+
+
 def process_logits(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor,
-                   top_p_B: torch.Tensor, *, filtered: bool | None = None) -> torch.Tensor:
+                   top_p_B: torch.Tensor, *, filtered: bool | None = None, scaled: bool = True) -> torch.Tensor:
     """Temperature-scaled, top-k/top-p filtered logits (filtered entries are -inf), in fp32.
     `filtered`: whether any sampled row has top-k or top-p, when the caller knows (else it is
-    read from the tensors, a device-to-host wait)."""
+    read from the tensors, a device-to-host wait); `scaled = False`: every temperature is 0 or 1."""
     greedy = temperature_B == 0
     scale = torch.where(greedy, torch.ones_like(temperature_B), temperature_B)
-    logits = logits_BV.float() / scale[:, None]
+    logits = logits_BV.float() / scale[:, None] if scaled else logits_BV.float()
     use_k = (top_k_B > 0) & ~greedy
     use_p = (top_p_B < 1) & ~greedy
     if not (filtered if filtered is not None else bool(use_k.any() or use_p.any())):
@@ -40,15 +63,18 @@ def process_logits(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B
 
 def sample_tokens(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor,
                   top_p_B: torch.Tensor, uniform_B: torch.Tensor, log_softmax=log_softmax_reference,
-                  filtered: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  flags: SamplerFlags | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row. Returns (token ids (B,), their logprobs (B,)). `log_softmax` is
-    the trainer's kernel in invariant mode, so both sides compute the same bits."""
-    logprobs_BV = log_softmax(process_logits(logits_BV, temperature_B, top_k_B, top_p_B, filtered=filtered))
+    the trainer's kernel in invariant mode, so both sides compute the same bits. `flags`: what
+    the rows need, if the caller knows (else read from the tensors)."""
+    flags = flags or flags_of(temperature_B, top_k_B, top_p_B)
+    logits = process_logits(logits_BV, temperature_B, top_k_B, top_p_B, filtered=flags.filtered, scaled=flags.scaled)
+    logprobs_BV = log_softmax(logits)
     cdf_BV = logprobs_BV.exp().cumsum(dim=-1)
     target_B = uniform_B.to(cdf_BV) * cdf_BV[:, -1]
     # right=True: the first index whose cumulative mass exceeds the target, so tokens with
     # zero probability (zero-width bins) are never chosen.
     sampled = torch.searchsorted(cdf_BV, target_B[:, None], right=True).squeeze(1)
     sampled = sampled.clamp_(max=logits_BV.shape[-1] - 1)
-    tokens = torch.where(temperature_B == 0, logprobs_BV.argmax(dim=-1), sampled)
+    tokens = torch.where(temperature_B == 0, logprobs_BV.argmax(dim=-1), sampled) if flags.greedy else sampled
     return tokens, logprobs_BV.gather(-1, tokens[:, None]).squeeze(1)

@@ -143,8 +143,9 @@ def test_sampling_settings_equal_by_value_share_kept_tensors_and_mixed_settings_
     assert distinct[0].sampling is not distinct[1].sampling and distinct[0].sampling == distinct[1].sampling
     engine = paged(model, block_size=16)
     got = engine.generate(distinct)
-    (_, rows, _), (temperature_B, top_k_B, top_p_B, filtered) = engine._sampling_params._kept
-    assert rows == 8 and torch.equal(temperature_B, torch.full((8,), 0.8)) and not filtered
+    (_, rows, _), (temperature_B, top_k_B, top_p_B, flags) = engine._sampling_params._kept
+    assert rows == 8 and torch.equal(temperature_B, torch.full((8,), 0.8))
+    assert (flags.filtered, flags.greedy, flags.scaled) == (False, False, True)
     assert torch.equal(top_k_B, torch.full((8,), -1)) and torch.equal(top_p_B, torch.ones(8))
     assert [g.output_logprobs for g in flat(got)] == [g.output_logprobs for g in flat(paged(model).generate(shared))]
     mixed = [replace(r, sampling=replace(r.sampling, temperature=0.5 + 0.3 * i, top_k=4 if i % 2 else -1))

@@ -151,3 +151,26 @@ def test_empirical_distribution_matches_target():
     stderr = (target * (1 - target) / draws).sqrt()
     assert ((counts / draws - target).abs() <= 4 * stderr + 1e-12).all(), (counts / draws, target)
     torch.testing.assert_close(logprobs, target.log()[tokens])
+
+
+@pytest.mark.parametrize("temperatures", [(1.0, 1.0, 1.0), (0.0, 1.0, 1.0), (0.7, 1.0, 0.0), (0.0, 0.0, 0.0)])
+def test_the_engines_flags_skip_passes_without_changing_a_bit(temperatures):
+    """The flags `SamplingTensors` derives from the rows' settings (no division when every
+    temperature is 0 or 1, no argmax without a greedy row) give bitwise the tokens and logprobs
+    of the flag-free path, and match what the tensors say."""
+    from miles_core.config import SamplingConfig
+    from miles_core.engine.native.sampling_tensors import SamplingTensors
+    from miles_core.engine.sampler import flags_of
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 97, generator=gen) * 3
+    uniform = torch.rand(3, generator=gen)
+    params = [SamplingConfig(temperature=t) for t in temperatures]
+    temperature, top_k, top_p, flags = SamplingTensors().of(params, torch.device("cpu"))
+    assert flags == flags_of(temperature, top_k, top_p)
+    assert flags.scaled == any(t not in (0.0, 1.0) for t in temperatures)
+    assert flags.greedy == (0.0 in temperatures) and not flags.filtered
+    fast = sample_tokens(logits, temperature, top_k, top_p, uniform, flags=flags)
+    full = sample_tokens(logits, temperature, top_k, top_p, uniform,
+                         flags=type(flags)(filtered=True, greedy=True, scaled=True))
+    assert torch.equal(fast[0], full[0]) and torch.equal(fast[1], full[1])

@@ -318,9 +318,9 @@ class NativeEngine:
 
     def _sample(self, seqs: list[Seq], logits_BV: torch.Tensor) -> None:
         uniform = to_device(uniforms([seq.stream for seq in seqs]), logits_BV.device)
-        temperature, top_k, top_p, filtered = self._sampling_params.of([s.request.sampling for s in seqs],
+        temperature, top_k, top_p, flags = self._sampling_params.of([s.request.sampling for s in seqs],
                                                                        logits_BV.device)
-        tokens, logprobs = sample_tokens(logits_BV, temperature, top_k, top_p, uniform, filtered=filtered,
+        tokens, logprobs = sample_tokens(logits_BV, temperature, top_k, top_p, uniform, flags=flags,
                                          log_softmax=model_ops(self.model).log_softmax)
         for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist()):
             token_ids = seq.token_ids

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from miles_core.engine.sampler import SamplerFlags
 from miles_core.utils.device import to_device
 
 
@@ -18,9 +19,9 @@ class SamplingTensors:
     def __init__(self) -> None:
         self._kept: tuple | None = None
 
-    def of(self, params: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-        """Per-row temperature, top-k, top-p of `params` (the rows' sampling configs), and whether
-        any sampled row filters (top-k/top-p)."""
+    def of(self, params: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SamplerFlags]:
+        """Per-row temperature, top-k, top-p of `params` (the rows' sampling configs), and what
+        the sampler must do for them (`SamplerFlags`)."""
         first = params[0]
         setting = _setting(first)
         if all(p is first for p in params) or all(_setting(p) == setting for p in params):
@@ -29,11 +30,11 @@ class SamplingTensors:
                 B = len(params)
                 self._kept = key, (
                     torch.full((B,), first.temperature, device=device), torch.full((B,), first.top_k, device=device),
-                    torch.full((B,), first.top_p, device=device), _filters(first))
+                    torch.full((B,), first.top_p, device=device), _flags([first]))
             return self._kept[1]
         return (to_device(torch.tensor([p.temperature for p in params]), device),
                 to_device(torch.tensor([p.top_k for p in params]), device),
-                to_device(torch.tensor([p.top_p for p in params]), device), any(_filters(p) for p in params))
+                to_device(torch.tensor([p.top_p for p in params]), device), _flags(params))
 
 
 def _setting(sampling) -> tuple:
@@ -43,6 +44,9 @@ def _setting(sampling) -> tuple:
     return values + tuple(type(v) for v in values)
 
 
-def _filters(sampling) -> bool:
-    """A sampled (not greedy) row with top-k or top-p: the sampler must sort its logits."""
-    return sampling.temperature > 0 and (sampling.top_k > 0 or sampling.top_p < 1)
+def _flags(params: list) -> SamplerFlags:
+    """A sampled (not greedy) row with top-k or top-p (the sampler sorts), a greedy row, a
+    temperature that divides (neither 0 nor 1)."""
+    return SamplerFlags(filtered=any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params),
+                        greedy=any(p.temperature == 0 for p in params),
+                        scaled=any(p.temperature not in (0, 1) for p in params))
