@@ -5,8 +5,8 @@ Model (GPU default): Qwen3-0.6B-shaped (as bench/align_overhead.py), random weig
 smoke test: `python bench/serve_throughput.py --device cpu --tiny`, a few seconds).
 For each concurrency C: C clients on loopback each send `--requests-per-client` `POST /generate`
 requests (random `--prompt-len`-token prompts, temperature 1, one request at a time per client);
-the server batches what arrives together (`--batch-window-ms`, at most `--max-batch-size`
-sequences). In process: the same requests through `engine.generate` in batches of
+the native engine batches continuously (requests join its running batch; at most
+`--max-batch-size` sequences), other engines batch what arrives within `--batch-window-ms`. In process: the same requests through `engine.generate` in batches of
 min(C, max-batch-size). Reported: requests/s, generated tokens/s, errors, batch sizes seen.
 
 Run on a GPU machine:  python bench/serve_throughput.py [--concurrency 64,256] [--out results.md]
@@ -109,9 +109,11 @@ def run(args) -> list[dict]:
             in_process(engine, args, batch[:min(8, len(batch))], 8)  # warm-up
             local = in_process(engine, args, batch, concurrency)
             worker.stats.batch_sizes.clear()
+            worker.stats.max_concurrent = 0
             http = asyncio.run(over_http(url, args, batch, concurrency))
             sizes = worker.stats.batch_sizes
-            http["median_batch"] = statistics.median(sizes) if sizes else 0
+            http["batching"] = (f"batches, median {statistics.median(sizes)}" if sizes else
+                                f"continuous, up to {worker.stats.max_concurrent} in flight")
             rows.append({"concurrency": concurrency, "in_process": local, "serve": http})
     return rows
 
@@ -120,12 +122,12 @@ def report(args, rows: list[dict]) -> str:
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     lines = [f"# serve_throughput ({datetime.date.today()}, {device}, {'tiny-qwen3' if args.tiny else 'Qwen3-0.6B shape bf16'})",
              f"prompt {args.prompt_len} tokens, {args.max_new_tokens} new, {args.requests_per_client} requests per client", "",
-             "| clients | path | requests | req/s | tok/s | errors | median batch |", "|---|---|---|---|---|---|---|"]
+             "| clients | path | requests | req/s | tok/s | errors | engine batching |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         for path in ("in_process", "serve"):
             f = row[path]
             lines.append(f"| {row['concurrency']} | {path} | {f['requests']} | {f['requests_per_s']} | "
-                         f"{f['tokens_per_s']} | {f['errors']} | {f.get('median_batch', '-')} |")
+                         f"{f['tokens_per_s']} | {f['errors']} | {f.get('batching', '-')} |")
     return "\n".join(lines)
 
 
