@@ -16,9 +16,11 @@ Two patches are for a missing Transformer Engine, on any device (the GPU machine
   and fails on `isinstance(..., TELinear)`.
 The MoE token dispatcher is set to `allgather` in the model config (the others need CUDA).
 
-One world per process: `start` joins the group that is already there (a launcher's) or makes a
-one-rank gloo (CPU) / NCCL (GPU) group itself, once; later calls are no-ops. `shutdown` (for
-tests, which build other process groups in the same process) undoes only what `start` did.
+One world per process: `start` joins the group that is already there (a launcher's, one rank per
+tensor-parallel shard; megatron-core's groups then use its backend, gloo on CPU) or makes a
+one-rank gloo (CPU) / NCCL (GPU) group itself. A later call with the same sizes is a no-op; one
+with other sizes, or after a launcher destroyed its group, starts again. `shutdown` (for tests,
+which build other process groups in the same process) undoes only what `start` did.
 """
 
 from __future__ import annotations
@@ -76,15 +78,17 @@ class _State:
     owns_group = False
     owns_model_parallel = False
     started = False
+    sizes: ParallelSizes | None = None
 
 
 def start(device: torch.device, sizes: ParallelSizes) -> None:
     """Make megatron-core usable in this process on `device` with `sizes` (once per process)."""
     from megatron.core import parallel_state
 
-    if _State.started:
+    if _State.started and _State.sizes == sizes and dist.is_initialized():
         return
-    _State.started = True
+    shutdown()  # a different layout, or a launcher's group that has been destroyed since
+    _State.started, _State.sizes = True, sizes
     for owner, name, value in _patches(device):
         _State.saved.append((owner, name, getattr(owner, name, _MISSING)))
         setattr(owner, name, value)
@@ -108,7 +112,7 @@ def shutdown() -> None:
         return
     if _State.owns_model_parallel:
         parallel_state.destroy_model_parallel()
-    if _State.owns_group:
+    if _State.owns_group and dist.is_initialized():
         dist.destroy_process_group()
     for owner, name, value in reversed(_State.saved):
         if value is _MISSING:
@@ -116,17 +120,26 @@ def shutdown() -> None:
         else:
             setattr(owner, name, value)
     _State.saved, _State.owns_group, _State.owns_model_parallel, _State.started = [], False, False, False
+    _State.sizes = None
 
 
-def check_sizes(sizes: ParallelSizes, device: torch.device) -> None:
-    """Refuse model-parallel sizes this build cannot run, naming the flag."""
-    flags = {"--tensor-model-parallel-size": sizes.tensor, "--pipeline-model-parallel-size": sizes.pipeline,
-             "--expert-model-parallel-size": sizes.expert, "--context-parallel-size": sizes.context}
+def check_sizes(sizes: ParallelSizes, world_size: int) -> None:
+    """Refuse the parallel layouts this version cannot run, naming the flag: tensor parallelism
+    needs exactly one rank per TP shard (no data parallelism beside it yet); pipeline, expert and
+    context parallelism and sequence parallelism are not written."""
+    flags = {"--pipeline-model-parallel-size": sizes.pipeline, "--expert-model-parallel-size": sizes.expert,
+             "--context-parallel-size": sizes.context}
     for flag, size in flags.items():
         if size > 1:
-            where = "on CPU (one process, gloo); it needs GPUs" if device.type == "cpu" else \
-                "yet: miles' megatron backend runs one rank (TP=PP=EP=CP=1) in this version"
-            raise MilesError(f"{flag} {size} is not supported {where}; set it to 1")
+            raise MilesError(f"{flag} {size} is not supported by the megatron backend yet (it runs tensor "
+                             "parallelism only); set it to 1")
     if sizes.sequence_parallel:
-        raise MilesError("--sequence-parallel needs --tensor-model-parallel-size > 1, which is not supported "
-                         "in this version; drop the flag")
+        raise MilesError("--sequence-parallel is not supported by the megatron backend yet; drop the flag")
+    if world_size == sizes.tensor:
+        return
+    if world_size == 1:
+        raise MilesError(f"--tensor-model-parallel-size {sizes.tensor} needs {sizes.tensor} trainer ranks, one per "
+                         f"shard: add --nproc-per-node {sizes.tensor}")
+    raise MilesError(f"--nproc-per-node {world_size} with --tensor-model-parallel-size {sizes.tensor} asks for data "
+                     f"parallelism beside tensor parallelism, which the megatron backend does not support yet; use "
+                     f"--nproc-per-node {sizes.tensor}")

@@ -141,8 +141,13 @@ def test_checkpoint_resumes_exactly_and_converts(tmp_path, family):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(tensor_model_parallel_size=2), "--tensor-model-parallel-size 2 is not supported on CPU"),
-    (dict(expert_model_parallel_size=4), "--expert-model-parallel-size 4 is not supported on CPU"),
+    (dict(tensor_model_parallel_size=2), "^--tensor-model-parallel-size 2 needs 2 trainer ranks, one per shard: "
+                                         "add --nproc-per-node 2$"),
+    (dict(expert_model_parallel_size=4), "^--expert-model-parallel-size 4 is not supported by the megatron backend "
+                                         "yet"),
+    (dict(pipeline_model_parallel_size=2), "^--pipeline-model-parallel-size 2 is not supported"),
+    (dict(context_parallel_size=2), "^--context-parallel-size 2 is not supported"),
+    (dict(tensor_model_parallel_size=2, sequence_parallel=True), "^--sequence-parallel is not supported"),
     (dict(compute_dtype="bfloat16"), "train.compute_dtype = 'bfloat16' is not supported"),
     (dict(qat="int4"), "train.qat = 'int4' is not supported"),
 ])
@@ -150,6 +155,30 @@ def test_refuses_what_it_cannot_run(change, message):
     cfg = TrainConfig(backend="megatron", **change)
     with pytest.raises(MilesError, match=message):
         build_trainer(cfg, AlgoConfig(), native("qwen3"), temperature=1.0, total_steps=1)
+
+
+@pytest.mark.parametrize("family, size, message", [
+    ("qwen3_moe", 2, "--tensor-model-parallel-size 2 is not supported for model_type 'qwen3_moe' yet; expected one "
+                     "of: llama, qwen2, qwen3"),
+    ("deepseek_v3", 2, "for model_type 'deepseek_v3' yet"),
+    ("qwen3", 3, "--tensor-model-parallel-size 3 does not divide the model's num_attention_heads 4"),
+    ("qwen3", 4, None),  # 4 heads, 2 KV heads: 4 does not divide the KV heads
+])
+def test_refuses_tensor_parallel_splits_it_cannot_make(family, size, message):
+    from miles_core.train.megatron_model import check_tensor_parallel, hf_config_of
+
+    message = message or f"--tensor-model-parallel-size {size} does not divide the model's num_key_value_heads 2"
+    with pytest.raises(MilesError, match=message):
+        check_tensor_parallel(hf_config_of(native(family)), size)
+
+
+@pytest.mark.parametrize("world, message", [
+    (4, "--nproc-per-node 4 with --tensor-model-parallel-size 2 asks for data parallelism beside tensor parallelism"),
+    (3, "--nproc-per-node 3 with --tensor-model-parallel-size 2 asks for data parallelism"),
+])
+def test_refuses_data_parallel_beside_tensor_parallel(world, message):
+    with pytest.raises(MilesError, match=message):
+        megatron_env.check_sizes(megatron_env.ParallelSizes(tensor=2), world)
 
 
 def engine_routing(kind: str, family: str = "qwen3_moe") -> list[np.ndarray]:
@@ -250,11 +279,17 @@ def test_miles_train_runs_with_megatron_and_matches_native(tmp_path, monkeypatch
     assert mine["train/grad_norm"] == pytest.approx(native_step["train/grad_norm"], rel=1e-4)
 
 
-def test_miles_train_refuses_tensor_parallel_on_cpu(tmp_path):
+@pytest.mark.parametrize("args, message", [
+    (["--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size 2 needs 2 trainer ranks, one per shard: add "
+                                            "--nproc-per-node 2"),
+    (["--nproc-per-node", "2", "--set", "train.backend=megatron"],
+     "--nproc-per-node 2 with --tensor-model-parallel-size 1 asks for data parallelism beside tensor parallelism"),
+])
+def test_miles_train_refuses_layouts_it_cannot_run(tmp_path, args, message):
     result = CliRunner().invoke(app, ["train", "--recipe", "tiny", "--num-rollout", "1", "--output-dir",
-                                      str(tmp_path / "run"), "--tensor-model-parallel-size", "2"])
+                                      str(tmp_path / "run"), *args])
     assert result.exit_code == 2
-    assert "--tensor-model-parallel-size 2 is not supported on CPU (one process, gloo); it needs GPUs" in result.output
+    assert message in " ".join(result.output.split())  # rich wraps long lines
     assert not (tmp_path / "run").exists()  # nothing written for a run that could not start
 
 

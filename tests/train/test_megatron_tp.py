@@ -1,0 +1,112 @@
+"""`train.backend = "megatron"` with tensor parallelism 2 on CPU: two gloo ranks (rank 0 leading,
+rank 1 following its calls, as `miles train --nproc-per-node 2` runs them) hold half of every
+split layer each, and give what one rank gives: the same HF export (bitwise), log-probs (1e-5 of
+the native trainer's), loss, gradient norm and updated weights; the TP=2 torch_dist checkpoint
+resumes bitwise, converts to HF with `miles convert`, and loads into a TP=1 trainer."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core", reason="megatron-core is not installed (the optional [megatron] extra)")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
+
+from miles_core.checkpoint.convert import convert  # noqa: E402
+from miles_core.checkpoint.hf import iter_state_dict  # noqa: E402
+from miles_core.config import AlgoConfig, TrainConfig  # noqa: E402
+from miles_core.models.base import named_weights  # noqa: E402
+from miles_core.train import build_trainer, megatron_env  # noqa: E402
+from miles_core.train.leader import follow, release_followers  # noqa: E402
+from tests.train.spmd import run_spmd  # noqa: E402
+from tests.train.test_megatron_backend import batch, native  # noqa: E402
+
+# A KL loss against the reference model (kept and checkpointed as shards too) and an entropy bonus
+# (the vocab-parallel entropy's gradient): the second step has a non-zero KL.
+ALGO = AlgoConfig(use_kl_loss=True, kl_loss_coef=0.1, kl_loss_type="k3", entropy_coef=0.01)
+TRAIN = TrainConfig(backend="megatron", lr=1e-4, logprob_chunk_size=16)  # 44 response tokens: 3 chunks
+
+
+@pytest.fixture(scope="module", autouse=True)
+def megatron_process_state():
+    yield
+    megatron_env.shutdown()
+
+
+def _trainer(family: str, tp: int):
+    return build_trainer(replace(TRAIN, tensor_model_parallel_size=tp), ALGO, native(family), temperature=1.0,
+                         total_steps=4)
+
+
+def _weights(trainer) -> dict[str, torch.Tensor]:
+    return {name: tensor.clone() for name, tensor in trainer.export_weights()}
+
+
+def _steps(trainer, folder: Path | None = None) -> dict:
+    """Log-probs, a step, (a save), a second step: what both layouts are compared on."""
+    out = {"export": _weights(trainer), "logps": trainer.compute_log_probs(batch())}
+    out["first"], out["trained"] = trainer.train_rollout(batch()), _weights(trainer)
+    if folder is not None:
+        trainer.save(folder)
+    out["second"], out["trained_twice"] = trainer.train_rollout(batch()), _weights(trainer)
+    return out
+
+
+def _tp2_rank(rank: int, family: str, folder: str) -> dict | None:
+    """Rank 0 leads: the steps with a save after the first, then a fresh trainer loads the save and
+    runs the second step again. Rank 1 follows both trainers."""
+    if rank != 0:
+        for _ in range(2):
+            trainer = _trainer(family, 2)
+            follow(trainer, trainer.control_group)
+        return None
+    out = _steps(_trainer(family, 2), Path(folder) / "ckpt")
+    release_followers()
+    resumed = _trainer(family, 2)
+    resumed.load(Path(folder) / "ckpt")
+    out["resumed_second"], out["resumed_trained_twice"] = resumed.train_rollout(batch()), _weights(resumed)
+    release_followers()
+    return out
+
+
+def _max_diff(a: dict | list, b: dict | list) -> float:
+    pairs = zip(a.values(), b.values()) if isinstance(a, dict) else zip(a, b)
+    return max((x - y).abs().max().item() for x, y in pairs)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])  # llama: tied embeddings (vocab-split, one tensor)
+def test_tensor_parallel_2_matches_one_rank(tmp_path, family):
+    tp2 = run_spmd(_tp2_rank, family, str(tmp_path))
+    tp1 = _steps(_trainer(family, 1))
+    expected_logps = build_trainer(TrainConfig(), ALGO, native(family), temperature=1.0,
+                                   total_steps=4).compute_log_probs(batch())
+    weights = dict(named_weights(native(family)))
+    assert tp2["export"].keys() == weights.keys()  # tied llama: the embedding once, no lm_head
+    assert all(torch.equal(tp2["export"][n], t) for n, t in weights.items())  # gathered shards: bitwise
+    assert _max_diff(tp2["logps"], expected_logps) < 1e-5  # observed <= 4.8e-7
+    assert _max_diff(tp2["logps"], tp1["logps"]) < 1e-5
+    for step in ("first", "second"):
+        for key in ("loss", "pg_loss", "entropy_loss", "kl_loss"):
+            assert tp2[step][key] == pytest.approx(tp1[step][key], abs=1e-5), (step, key)
+        assert tp2[step]["grad_norm"] == pytest.approx(tp1[step]["grad_norm"], rel=1e-5), step
+    assert tp1["second"]["kl_loss"] > 0 and tp1["first"]["grad_norm"] > 0.1  # the checks have something to compare
+    assert _max_diff(tp2["trained"], tp1["trained"]) < 1e-5
+    assert _max_diff(tp2["trained"], tp2["export"]) > 1e-5  # the step moved the weights
+    # resumed from the TP=2 checkpoint (weights, AdamW moments, reference, schedule): bitwise
+    assert tp2["resumed_second"] == tp2["second"]
+    assert all(torch.equal(tp2["resumed_trained_twice"][n], t) for n, t in tp2["trained_twice"].items())
+    # the TP=2 checkpoint converts to HF: the weights the TP=2 trainer exported after its first step
+    report = convert(tmp_path / "ckpt" / "torch_dist", tmp_path / "hf", to="hf", verify=True)
+    assert report.bitwise.ok and report.logits["bitwise"]
+    converted = dict(iter_state_dict(tmp_path / "hf"))
+    assert converted.keys() == tp2["trained"].keys()
+    assert all(torch.equal(converted[n], t) for n, t in tp2["trained"].items())
+    # and one rank reads it (dist_checkpointing reshards): the same weights, then TP=1's second step
+    one_rank = _trainer(family, 1)
+    one_rank.load(tmp_path / "ckpt")
+    assert all(torch.equal(t, tp2["trained"][n]) for n, t in one_rank.export_weights())
+    assert one_rank.train_rollout(batch())["loss"] == pytest.approx(tp2["second"]["loss"], abs=1e-6)
