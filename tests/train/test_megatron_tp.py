@@ -2,7 +2,8 @@
 rank 1 following its calls, as `miles train --nproc-per-node 2` runs them) hold half of every
 split layer each, and give what one rank gives: the same HF export (bitwise), log-probs (1e-5 of
 the native trainer's), loss, gradient norm and updated weights; the TP=2 torch_dist checkpoint
-resumes bitwise, converts to HF with `miles convert`, and loads into a TP=1 trainer."""
+resumes bitwise, converts to HF with `miles convert`, and loads into a TP=1 trainer; `miles train
+--nproc-per-node 2` with TP=2 runs and logs the one-rank run's first step."""
 
 from __future__ import annotations
 
@@ -12,18 +13,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (the optional [megatron] extra)")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
 
+from miles_cli.app import app  # noqa: E402
 from miles_core.checkpoint.convert import convert  # noqa: E402
 from miles_core.checkpoint.hf import iter_state_dict  # noqa: E402
 from miles_core.config import AlgoConfig, TrainConfig  # noqa: E402
+from miles_core.metrics import read_metrics  # noqa: E402
 from miles_core.models.base import named_weights  # noqa: E402
 from miles_core.train import build_trainer, megatron_env  # noqa: E402
 from miles_core.train.leader import follow, release_followers  # noqa: E402
 from tests.train.spmd import run_spmd  # noqa: E402
-from tests.train.test_megatron_backend import batch, native  # noqa: E402
+from tests.train.test_megatron_backend import VARYING_REWARD, batch, native  # noqa: E402
 
 # A KL loss against the reference model (kept and checkpointed as shards too) and an entropy bonus
 # (the vocab-parallel entropy's gradient): the second step has a non-zero KL.
@@ -110,3 +114,27 @@ def test_tensor_parallel_2_matches_one_rank(tmp_path, family):
     one_rank.load(tmp_path / "ckpt")
     assert all(torch.equal(t, tp2["trained"][n]) for n, t in one_rank.export_weights())
     assert one_rank.train_rollout(batch())["loss"] == pytest.approx(tp2["second"]["loss"], abs=1e-6)
+
+
+def _cli_steps(tmp_path: Path, name: str, *args: str) -> list[dict]:
+    """Per-step metrics of a 2-step `miles train --recipe tiny` whose reward varies within groups,
+    with an entropy bonus (GRPO's pg_loss is 0 at ratio 1: the loss is then the entropy term)."""
+    result = CliRunner().invoke(app, ["train", "--recipe", "tiny", "--num-rollout", "2", "--set",
+                                      "reward.type=miles_test_varying_reward:reward", "--set", "train.backend=megatron",
+                                      "--set", "algo.entropy_coef=0.01", "--output-dir", str(tmp_path / name), *args])
+    assert result.exit_code == 0, result.output
+    return [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "rollout/num_samples" in r]
+
+
+def test_miles_train_with_tensor_parallel_2_matches_one_rank(tmp_path, monkeypatch):
+    (tmp_path / "miles_test_varying_reward.py").write_text(VARYING_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    one = _cli_steps(tmp_path, "tp1")
+    megatron_env.shutdown()  # that run's one-rank group: the launcher starts a 2-rank group in this process
+    two = _cli_steps(tmp_path, "tp2", "--nproc-per-node", "2", "--set", "train.tensor_model_parallel_size=2")
+    assert len(two) == 2 and (tmp_path / "tp2" / "checkpoints" / "step_000002" / "trainer" / "torch_dist").is_dir()
+    assert two[0]["rollout/raw_reward"] == one[0]["rollout/raw_reward"]  # same engine, same samples
+    assert one[0]["train/grad_norm"] > 0.01 and abs(one[0]["train/loss"]) > 0.01  # a real update
+    for key in ("train/loss", "train/pg_loss", "train/entropy_loss", "train/train_rollout_logprob_abs_diff"):
+        assert two[0][key] == pytest.approx(one[0][key], abs=1e-5), key
+    assert two[0]["train/grad_norm"] == pytest.approx(one[0]["train/grad_norm"], rel=1e-5)
