@@ -82,7 +82,7 @@ class TrainConfig:
     pipeline_model_parallel_size: int = 1
     """`megatron` backend: pipeline stages (`--pipeline-model-parallel-size`); > 1 is not run yet."""
     expert_model_parallel_size: int = 1
-    """`megatron` backend: expert-parallel ranks (`--expert-model-parallel-size`); > 1 is not run yet."""
+    """`megatron` backend: expert-parallel ranks (`--expert-model-parallel-size`); > 1 needs that many `--nproc-per-node` ranks (MoE families)."""
     context_parallel_size: int = 1
     """`megatron` backend: context-parallel ranks (`--context-parallel-size`); > 1 is not run yet."""
     sequence_parallel: bool = False

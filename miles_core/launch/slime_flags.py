@@ -65,6 +65,8 @@ def _rollout_gpus(num_gpus: int) -> dict[str, Any]:
 MEGATRON = "above 1 selects train.backend = megatron; sizes above 1 are refused: not in miles' megatron backend yet"
 TENSOR_PARALLEL = ("above 1 selects train.backend = megatron; needs as many trainer ranks (--nproc-per-node), "
                    "dense families (llama, qwen2, qwen3), no data parallelism beside it yet")
+EXPERT_PARALLEL = ("above 1 selects train.backend = megatron; needs as many trainer ranks (--nproc-per-node), "
+                   "MoE families (qwen3_moe, deepseek_v3), not with tensor parallelism yet")
 
 FLAGS: dict[str, Flag] = {
     # batch shape
@@ -83,8 +85,12 @@ FLAGS: dict[str, Flag] = {
     # megatron-core parallelism (train.backend = megatron)
     "--tensor-model-parallel-size": Flag(("train.tensor_model_parallel_size",), int, TENSOR_PARALLEL,
                                          to=_parallel("train.tensor_model_parallel_size")),
-    **{f"--{name.replace('_', '-')}": Flag((f"train.{name}",), int, MEGATRON, to=_parallel(f"train.{name}"))
-       for name in ("pipeline_model_parallel_size", "expert_model_parallel_size", "context_parallel_size")},
+    "--pipeline-model-parallel-size": Flag(("train.pipeline_model_parallel_size",), int, MEGATRON,
+                                           to=_parallel("train.pipeline_model_parallel_size")),
+    "--expert-model-parallel-size": Flag(("train.expert_model_parallel_size",), int, EXPERT_PARALLEL,
+                                         to=_parallel("train.expert_model_parallel_size")),
+    "--context-parallel-size": Flag(("train.context_parallel_size",), int, MEGATRON,
+                                    to=_parallel("train.context_parallel_size")),
     "--sequence-parallel": Flag(("train.sequence_parallel",), bool,
                                 "selects train.backend = megatron; refused: not in miles' megatron backend yet",
                                 to=_parallel("train.sequence_parallel")),

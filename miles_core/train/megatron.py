@@ -14,20 +14,24 @@ What differs from the native backend:
   `dist_checkpointing` torch_dist checkpoint (with the HF config in common.pt, so `miles convert`
   reads it), the schedule and counters in `trainer_state.pt` (`megatron_checkpoint.py`).
 
-Tensor parallelism (`train.tensor_model_parallel_size` = TP > 1, dense families): one process per
-TP rank (`miles train --nproc-per-node TP`), rank 0 leading the others (`leader.py`), so every
-rank runs the same calls on the same micro-batches. megatron-core splits the layers; each rank
-loads its shard of every full tensor (`megatron_shards.py`), computes its vocabulary slice's
-log-probs and entropies with the softmax completed over the TP group (`vocab_parallel.py`), sums
-the q/k norms' partial gradients, and the gradient norm is the whole model's. `export_weights`
-gathers the full tensors on rank 0. Data parallelism next to TP is not supported yet.
+Model parallelism over N ranks, one process each (`miles train --nproc-per-node N`), rank 0
+leading the others (`leader.py`), so every rank runs the same calls on the same micro-batches:
+- tensor parallelism (`train.tensor_model_parallel_size` = N, dense families): megatron-core
+  splits the layers; each rank loads its shard of every full tensor (`megatron_shards.py`),
+  computes its vocabulary slice's log-probs and entropies with the softmax completed over the TP
+  group (`vocab_parallel.py`) and sums the q/k norms' partial gradients;
+- expert parallelism (`train.expert_model_parallel_size` = N, MoE families): each rank holds
+  1/N of the routed experts (allgather dispatcher) and a copy of the rest; expert gradients are
+  divided by N (each expert saw every rank's copy of the tokens), the copies' gradients averaged.
+The gradient norm is the whole model's; `export_weights` gathers the full tensors on rank 0.
+Data parallelism beside them, and TP and EP together, are not supported yet.
 
 MoE routing replay (`train.routing_replay`, R3) and the routing records behind
 `routing_agreement` go through megatron's router (`megatron_routing.py`), as the native backend's.
 
-Not in this version (refused with one line): pipeline, expert and context parallelism, sequence
-parallelism, data parallelism, TP for MoE and MLA families, bf16 compute, QAT, activation
-checkpointing, compile, the PPO critic. On CPU through the patches of `megatron_env.py`.
+Not in this version (refused with one line): pipeline and context parallelism, sequence
+parallelism, data parallelism, TP for MoE and MLA families, TP with EP, bf16 compute, QAT,
+activation checkpointing, compile, the PPO critic. On CPU through the patches of `megatron_env.py`.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from miles_core.models.base import named_weights
 from miles_core.train import megatron_checkpoint, megatron_env, megatron_shards
 from miles_core.train.batch import TrainBatch, micro_batches, pad_ragged
 from miles_core.train.finite import BadStepGuard
-from miles_core.train.megatron_model import WeightMap, build_gpt, check_tensor_parallel, hf_config_of, output_weight
+from miles_core.train.megatron_model import WeightMap, build_gpt, check_model_parallel, hf_config_of, output_weight
 from miles_core.train.megatron_routing import RoutingHooks
 from miles_core.train.native import NativeTrainer
 from miles_core.train.offload import OptimizerOffload
@@ -95,9 +99,9 @@ class MegatronTrainer(NativeTrainer):
         world = dist.get_world_size() if dist.is_initialized() else 1
         megatron_env.check_sizes(sizes, world)
         self.hf_config = hf_config_of(native)
-        check_tensor_parallel(self.hf_config, sizes.tensor)
+        check_model_parallel(self.hf_config, sizes)
         megatron_env.start(self.device, sizes)
-        self._tensor_parallel()
+        self._parallel_groups()
         # Calls from rank 0 to the others (`leader.py`) travel on a gloo group of their own.
         self.control_group = dist.new_group(backend="gloo") if world > 1 else None
         torch.manual_seed(cfg.seed)
@@ -120,17 +124,18 @@ class MegatronTrainer(NativeTrainer):
         self._casts = CastCache()  # stays empty: fp32 compute, no casts to fold
         self.qat_modules: list[str] = []
 
-    def _tensor_parallel(self) -> None:
-        """The TP group, this rank's place in it and its first vocabulary row."""
+    def _parallel_groups(self) -> None:
+        """The TP group, this rank's place in it and its first vocabulary row; the EP size."""
         from megatron.core import parallel_state
 
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.vocab_start = self.tp_rank * self.hf_config["vocab_size"] // self.tp_size
+        self.ep_size = parallel_state.get_expert_model_parallel_world_size()
 
     def _build(self, native: nn.Module, sizes: megatron_env.ParallelSizes) -> tuple[nn.Module, WeightMap]:
-        if self.tp_size > 1:
+        if self.tp_size * self.ep_size > 1:
             broadcast_module(native)  # rank 0's weights on every rank, however each one loaded them
         model = build_gpt(self.hf_config, sizes, self.device)
         weights = WeightMap(model, self.hf_config)
@@ -151,12 +156,13 @@ class MegatronTrainer(NativeTrainer):
         return list(logp.split(lengths)), list(entropy.split(lengths))
 
     def _clip_grads(self) -> float:
-        """Under TP: the q/k norms' partial gradients summed, then the whole model's norm."""
-        if self.tp_size == 1:
+        """Over several ranks: the gradients completed (`megatron_shards.reduce_grads`), then the
+        whole model's norm."""
+        if self.tp_size * self.ep_size == 1:
             return super()._clip_grads()
-        megatron_shards.sum_partial_grads(self.model, self.tp_group)
+        megatron_shards.reduce_grads(self.model, self.tp_group, self.tp_size, self.ep_size)
         params = list(self.model.parameters())
-        norm = megatron_shards.grad_norm(params, self.weights.duplicates, self.tp_group)
+        norm = megatron_shards.grad_norm(params, self.weights.duplicates)
         return clip_grad_norm(params, self.cfg, norm)
 
     def _moe_shape(self) -> tuple[int, int]:

@@ -10,7 +10,9 @@ Layout of `DIR/` (what `save` writes and `load` reads; every rank calls both):
                           the reference model under `reference.`; common.pt holds the HF config, the
                           optimizer's parameter groups and the iteration;
   torch_dist/latest_checkpointed_iteration.txt   "release";
-  trainer_state.pt        schedule, counters, AdamW's per-parameter step counts (rank 0 writes it).
+  trainer_state.pt        schedule, counters, AdamW's step count of every parameter by its checkpoint
+                          key and place on the stacked axes (layer, expert), gathered from every
+                          rank, so another layout finds its own (rank 0 writes it).
 
 AdamW's moments are created (zeros, step 0: what AdamW's first step would create) for parameters
 that have none yet, so that saving and loading always see every tensor. Checkpoints of the
@@ -48,9 +50,11 @@ def ensure_adam_state(optimizer: torch.optim.Optimizer) -> None:
                                           exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
 
 
-def sharded_optimizer_state(optimizer: torch.optim.Optimizer, model_sharded: dict) -> dict[str, Any]:
+def sharded_optimizer_state(optimizer: torch.optim.Optimizer, model_sharded: dict) -> tuple[dict[str, Any], list[str]]:
     """AdamW's state dict with each moment a sharded tensor shaped like its parameter's (the
-    per-parameter step counts are left out: `trainer_state.pt` keeps them)."""
+    per-parameter step counts are left out: `trainer_state.pt` keeps them), and each optimizer
+    parameter's name for those counts: its checkpoint key and stacked index, the same on any layout."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
     from megatron.core.dist_checkpointing.optimizer import (
         get_param_id_to_sharded_param_map,
         optim_state_to_sharding_state,
@@ -58,9 +62,13 @@ def sharded_optimizer_state(optimizer: torch.optim.Optimizer, model_sharded: dic
 
     ensure_adam_state(optimizer)
     state = optimizer.state_dict()
-    optim_state_to_sharding_state(state, get_param_id_to_sharded_param_map(model_sharded, _params(optimizer)),
-                                  exclude_keys=("step",))
-    return state
+    by_id = get_param_id_to_sharded_param_map(model_sharded, _params(optimizer))
+    names = []
+    for index in range(len(_params(optimizer))):
+        tensor = by_id[index].build()[0] if isinstance(by_id[index], ShardedTensorFactory) else by_id[index]
+        names.append(f"{tensor.key}@{tuple(tensor.global_offset[:tensor.prepend_axis_num])}")
+    optim_state_to_sharding_state(state, by_id, exclude_keys=("step",))
+    return state, names
 
 
 def save(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, reference: nn.Module | None,
@@ -75,13 +83,13 @@ def save(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, re
         folder.mkdir(parents=True)
     _barrier()
     state = {"model": model.sharded_state_dict(), **common}
-    state["optimizer"] = sharded_optimizer_state(optimizer, state["model"])
+    state["optimizer"], names = sharded_optimizer_state(optimizer, state["model"])
+    steps = _gather({name: optimizer.state[p]["step"].item() for name, p in zip(names, _params(optimizer))})
     if reference is not None:
         state["reference"] = reference.sharded_state_dict(prefix=REFERENCE_PREFIX)
     dist_checkpointing.save(state, str(folder))
     if rank == 0:
         (directory / CHECKPOINT_DIR / "latest_checkpointed_iteration.txt").write_text("release", encoding="utf-8")
-        steps = [optimizer.state[p]["step"].item() for p in _params(optimizer)]
         with (directory / STATE_FILE).open("wb") as handle:  # a full disk is an OSError naming the file
             torch.save({**small, "optimizer_steps": steps}, handle)
     _barrier()
@@ -100,7 +108,7 @@ def load(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, re
     request: dict[str, Any] = {"model": model.sharded_state_dict()}
     legacy = "optimizer" in small  # the earlier layout: one rank, optimizer in trainer_state.pt
     if not legacy:
-        request["optimizer"] = sharded_optimizer_state(optimizer, request["model"])
+        request["optimizer"], names = sharded_optimizer_state(optimizer, request["model"])
     if reference is not None and not legacy:
         request["reference"] = reference.sharded_state_dict(prefix=REFERENCE_PREFIX)
     loaded = dist_checkpointing.load(request, str(folder))
@@ -111,13 +119,22 @@ def load(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, re
             reference.load_state_dict(small["reference"], strict=False)
         return small
     optim_state = loaded["optimizer"]
-    for index, step in enumerate(small["optimizer_steps"]):
-        optim_state["state"][index]["step"] = torch.tensor(step, dtype=torch.float32)
+    for index, name in enumerate(names):
+        optim_state["state"][index]["step"] = torch.tensor(small["optimizer_steps"][name], dtype=torch.float32)
     optimizer.load_state_dict(optim_state)
     if reference is not None:
         reference.load_state_dict({k.removeprefix(REFERENCE_PREFIX): v for k, v in loaded["reference"].items()},
                                   strict=True)
     return small
+
+
+def _gather(steps: dict[str, float]) -> dict[str, float]:
+    """Every rank's step counts in one dict (a rank's replicas and shards share a name and a count)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return steps
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, steps)
+    return {name: step for part in every for name, step in part.items()}
 
 
 def _barrier() -> None:

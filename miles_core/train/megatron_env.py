@@ -14,7 +14,8 @@ Two patches are for a missing Transformer Engine, on any device (the GPU machine
 - `multi_latent_attention.HAVE_TE` = False when `transformer_engine` does not import: 0.16's
   extension module imports without it (its TE classes are mocks), so MLA believes TE is there
   and fails on `isinstance(..., TELinear)`.
-The MoE token dispatcher is set to `allgather` in the model config (the others need CUDA).
+The MoE token dispatcher is set to `allgather` in the model config (the others need CUDA); under
+expert parallelism its collectives (`all_gather_into_tensor`, `reduce_scatter_tensor`) run on gloo.
 
 One world per process: `start` joins the group that is already there (a launcher's, one rank per
 tensor-parallel shard; megatron-core's groups then use its backend, gloo on CPU) or makes a
@@ -124,22 +125,24 @@ def shutdown() -> None:
 
 
 def check_sizes(sizes: ParallelSizes, world_size: int) -> None:
-    """Refuse the parallel layouts this version cannot run, naming the flag: tensor parallelism
-    needs exactly one rank per TP shard (no data parallelism beside it yet); pipeline, expert and
-    context parallelism and sequence parallelism are not written."""
-    flags = {"--pipeline-model-parallel-size": sizes.pipeline, "--expert-model-parallel-size": sizes.expert,
-             "--context-parallel-size": sizes.context}
+    """Refuse the parallel layouts this version cannot run, naming the flag: tensor or expert
+    parallelism (not both) needs exactly one rank per shard (no data parallelism beside it yet);
+    pipeline and context parallelism and sequence parallelism are not written."""
+    flags = {"--pipeline-model-parallel-size": sizes.pipeline, "--context-parallel-size": sizes.context}
     for flag, size in flags.items():
         if size > 1:
-            raise MilesError(f"{flag} {size} is not supported by the megatron backend yet (it runs tensor "
-                             "parallelism only); set it to 1")
+            raise MilesError(f"{flag} {size} is not supported by the megatron backend yet (it runs tensor or expert "
+                             "parallelism); set it to 1")
     if sizes.sequence_parallel:
         raise MilesError("--sequence-parallel is not supported by the megatron backend yet; drop the flag")
-    if world_size == sizes.tensor:
+    if sizes.tensor > 1 and sizes.expert > 1:
+        raise MilesError(f"--tensor-model-parallel-size {sizes.tensor} with --expert-model-parallel-size "
+                         f"{sizes.expert} is not supported by the megatron backend yet; use one of them")
+    flag, size = ("--expert-model-parallel-size", sizes.expert) if sizes.expert > 1 else \
+        ("--tensor-model-parallel-size", sizes.tensor)
+    if world_size == size:
         return
     if world_size == 1:
-        raise MilesError(f"--tensor-model-parallel-size {sizes.tensor} needs {sizes.tensor} trainer ranks, one per "
-                         f"shard: add --nproc-per-node {sizes.tensor}")
-    raise MilesError(f"--nproc-per-node {world_size} with --tensor-model-parallel-size {sizes.tensor} asks for data "
-                     f"parallelism beside tensor parallelism, which the megatron backend does not support yet; use "
-                     f"--nproc-per-node {sizes.tensor}")
+        raise MilesError(f"{flag} {size} needs {size} trainer ranks, one per shard: add --nproc-per-node {size}")
+    raise MilesError(f"--nproc-per-node {world_size} with {flag} {size} asks for data parallelism beside model "
+                     f"parallelism, which the megatron backend does not support yet; use --nproc-per-node {size}")

@@ -11,9 +11,10 @@ layers are not built).
 `WeightMap` ties every parameter to its mapping slot: `sharded_state_dict()` names each one with
 the key megatron-core checkpoints use (stacked over layers, experts under
 `mlp.experts.experts.`), which is what the mapping's slots describe; the layer and expert index
-come from the parameter's module path (PP = EP = 1, so local = global). Under tensor parallelism
-(dense families) each slot holds this rank's shards, placed by the same sharded tensors
-(`megatron_shards.py`).
+come from the parameter's module path and its sharded tensor (PP = 1, so local layer = global;
+an expert's global index is its sharded tensor's). Under tensor parallelism (dense families) each
+slot holds this rank's shards, under expert parallelism each rank has its own experts' slots,
+placed by the same sharded tensors (`megatron_shards.py`).
 """
 
 from __future__ import annotations
@@ -64,21 +65,28 @@ def hf_config_of(model: nn.Module) -> dict[str, Any]:
 
 TENSOR_PARALLEL = ("llama", "qwen2", "qwen3")
 """Families that run with tensor parallelism (dense; MoE and MLA layers are not split yet)."""
+EXPERT_PARALLEL = {"qwen3_moe": "num_experts", "deepseek_v3": "n_routed_experts"}
+"""Families that run with expert parallelism, with the HF field that counts their routed experts."""
 
 
-def check_tensor_parallel(cfg: dict[str, Any], size: int) -> None:
-    """Refuse a TP size the model cannot be split by (megatron-core would assert), naming the flag."""
-    if size == 1:
-        return
-    if cfg["model_type"] not in TENSOR_PARALLEL:
-        raise MilesError(f"--tensor-model-parallel-size {size} is not supported for model_type '{cfg['model_type']}' "
-                         f"yet; expected one of: {', '.join(TENSOR_PARALLEL)} (or size 1)")
-    dims = {"num_attention_heads": cfg["num_attention_heads"], "num_key_value_heads": cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-            "intermediate_size": cfg["intermediate_size"], "vocab_size": cfg["vocab_size"]}
-    for name, value in dims.items():
-        if value % size:
-            raise MilesError(f"--tensor-model-parallel-size {size} does not divide the model's {name} {value}; "
-                             f"use a size that divides it")
+def check_model_parallel(cfg: dict[str, Any], sizes: ParallelSizes) -> None:
+    """Refuse a TP or EP size the model cannot be split by (megatron-core would assert), naming the flag."""
+    checks = [("--tensor-model-parallel-size", sizes.tensor, TENSOR_PARALLEL, {
+        "num_attention_heads": cfg.get("num_attention_heads"), "intermediate_size": cfg.get("intermediate_size"),
+        "num_key_value_heads": cfg.get("num_key_value_heads") or cfg.get("num_attention_heads"),
+        "vocab_size": cfg["vocab_size"]})]
+    experts = EXPERT_PARALLEL.get(cfg["model_type"])
+    checks.append(("--expert-model-parallel-size", sizes.expert, tuple(EXPERT_PARALLEL),
+                   {experts: cfg[experts]} if experts else {}))
+    for flag, size, families, dims in checks:
+        if size == 1:
+            continue
+        if cfg["model_type"] not in families:
+            raise MilesError(f"{flag} {size} is not supported for model_type '{cfg['model_type']}' yet; expected "
+                             f"one of: {', '.join(families)} (or size 1)")
+        for name, value in dims.items():
+            if value % size:
+                raise MilesError(f"{flag} {size} does not divide the model's {name} {value}; use a size that divides it")
 
 
 def transformer_config(cfg: dict[str, Any], sizes: ParallelSizes, *, cpu: bool):
@@ -154,22 +162,27 @@ class WeightMap:
                 continue
             name = names[data.data_ptr()]
             shards = megatron_shards.shards_of(item)
-            self.shards[self.plan.canonical(_slot(item.key, name))] = shards
+            self.shards[self.plan.canonical(_slot(item.key, name, shards[0].stacked))] = shards
             if not all(s.main for s in shards):
                 self.duplicates.add(id(params[name]))
-        expected = {link.slot for link in self.plan.links}
+        # Routed experts: this rank's own (all of them without expert parallelism).
+        experts = {s.expert for s in self.shards if s.expert >= 0}
+        expected = {link.slot for link in self.plan.links if link.slot.expert < 0 or link.slot.expert in experts}
         missing, extra = expected - self.shards.keys(), self.shards.keys() - expected
         if missing or extra:
             raise MilesError(f"megatron-core's {cfg['model_type']} model does not match the convert mapping: "
                              f"missing {sorted(s.describe() for s in missing)[:3]}, "
                              f"unexpected {sorted(s.describe() for s in extra)[:3]}")
-        self.pieces = megatron_shards.layout(self.shards, self.rank)
+        self.pieces = megatron_shards.layout(self.shards)
+        self.device = next(model.parameters()).device
 
     @torch.no_grad()
     def load(self, hf: dict[str, torch.Tensor]) -> None:
         """Copy HF-named tensors into the model (fused as `miles convert` fuses them), each rank
-        its own region of every full tensor."""
+        its own region of every full tensor (and only its own experts)."""
         for link in self.plan.links:
+            if link.slot not in self.shards:
+                continue
             missing = [n for n in link.hf_names if n not in hf]
             if missing:
                 raise MilesError(f"the HF weights lack {missing[0]} (needed for {link.slot.describe()})")
@@ -188,7 +201,8 @@ class WeightMap:
         Under tensor parallelism a collective: rank 0 yields the gathered tensors, the other
         ranks send their shards as it goes and yield nothing."""
         for link in self.plan.links:
-            full = megatron_shards.assemble(self.shards[link.slot], self.pieces[link.slot], self.rank)
+            full = megatron_shards.assemble(self.shards.get(link.slot, []), self.pieces[link.slot], self.rank,
+                                            self.device)
             if full is not None:
                 yield from zip(link.hf_names, TRANSFORMS[link.transform].split(full, self.plan.heads, link.slot.name))
         if self.rank == 0:
@@ -201,11 +215,13 @@ def _mtp_layer(hf_name: str, num_layers: int) -> bool:
     return match is not None and int(match[1]) >= num_layers
 
 
-def _slot(key: str, param_name: str) -> Slot:
-    """The slot of a sharded-state-dict key, its layer and expert read off the parameter's path."""
+def _slot(key: str, param_name: str, stacked: tuple[int, ...]) -> Slot:
+    """The slot of a sharded-state-dict key, its layer read off the parameter's path and a routed
+    expert's global index off its sharded tensor (the last stacked axis; under expert parallelism
+    the path's `local_experts.{i}` counts this rank's experts only)."""
     layer = _LAYER.match(param_name)
     if layer is None:
         return Slot("", -1, -1, key)
     name = re.sub(r"^(decoder|mtp)\.layers\.(\d+\.)?", "", key)
-    expert = _EXPERT.search(param_name)
-    return Slot(layer[1], int(layer[2]), int(expert[1]) if expert else -1, name)
+    expert = stacked[-1] if _EXPERT.search(param_name) else -1
+    return Slot(layer[1], int(layer[2]), expert, name)

@@ -143,8 +143,11 @@ def test_checkpoint_resumes_exactly_and_converts(tmp_path, family):
 @pytest.mark.parametrize("change, message", [
     (dict(tensor_model_parallel_size=2), "^--tensor-model-parallel-size 2 needs 2 trainer ranks, one per shard: "
                                          "add --nproc-per-node 2$"),
-    (dict(expert_model_parallel_size=4), "^--expert-model-parallel-size 4 is not supported by the megatron backend "
-                                         "yet"),
+    (dict(expert_model_parallel_size=4), "^--expert-model-parallel-size 4 needs 4 trainer ranks, one per shard: "
+                                         "add --nproc-per-node 4$"),
+    (dict(tensor_model_parallel_size=2, expert_model_parallel_size=2),
+     "^--tensor-model-parallel-size 2 with --expert-model-parallel-size 2 is not supported by the megatron backend "
+     "yet; use one of them$"),
     (dict(pipeline_model_parallel_size=2), "^--pipeline-model-parallel-size 2 is not supported"),
     (dict(context_parallel_size=2), "^--context-parallel-size 2 is not supported"),
     (dict(tensor_model_parallel_size=2, sequence_parallel=True), "^--sequence-parallel is not supported"),
@@ -157,28 +160,36 @@ def test_refuses_what_it_cannot_run(change, message):
         build_trainer(cfg, AlgoConfig(), native("qwen3"), temperature=1.0, total_steps=1)
 
 
-@pytest.mark.parametrize("family, size, message", [
-    ("qwen3_moe", 2, "--tensor-model-parallel-size 2 is not supported for model_type 'qwen3_moe' yet; expected one "
-                     "of: llama, qwen2, qwen3"),
-    ("deepseek_v3", 2, "for model_type 'deepseek_v3' yet"),
-    ("qwen3", 3, "--tensor-model-parallel-size 3 does not divide the model's num_attention_heads 4"),
-    ("qwen3", 4, None),  # 4 heads, 2 KV heads: 4 does not divide the KV heads
+TP, EP = megatron_env.ParallelSizes, lambda size: megatron_env.ParallelSizes(expert=size)
+
+
+@pytest.mark.parametrize("family, sizes, message", [
+    ("qwen3_moe", TP(2), "^--tensor-model-parallel-size 2 is not supported for model_type 'qwen3_moe' yet; expected "
+                         "one of: llama, qwen2, qwen3 \\(or size 1\\)$"),
+    ("deepseek_v3", TP(2), "for model_type 'deepseek_v3' yet"),
+    ("qwen3", TP(3), "^--tensor-model-parallel-size 3 does not divide the model's num_attention_heads 4; use a size "
+                     "that divides it$"),
+    ("qwen3", TP(4), "--tensor-model-parallel-size 4 does not divide the model's num_key_value_heads 2"),
+    ("qwen3", EP(2), "^--expert-model-parallel-size 2 is not supported for model_type 'qwen3' yet; expected one of: "
+                     "qwen3_moe, deepseek_v3 \\(or size 1\\)$"),
+    ("qwen3_moe", EP(3), "--expert-model-parallel-size 3 does not divide the model's num_experts 8"),
 ])
-def test_refuses_tensor_parallel_splits_it_cannot_make(family, size, message):
-    from miles_core.train.megatron_model import check_tensor_parallel, hf_config_of
+def test_refuses_model_parallel_splits_it_cannot_make(family, sizes, message):
+    from miles_core.train.megatron_model import check_model_parallel, hf_config_of
 
-    message = message or f"--tensor-model-parallel-size {size} does not divide the model's num_key_value_heads 2"
     with pytest.raises(MilesError, match=message):
-        check_tensor_parallel(hf_config_of(native(family)), size)
+        check_model_parallel(hf_config_of(native(family)), sizes)
 
 
-@pytest.mark.parametrize("world, message", [
-    (4, "--nproc-per-node 4 with --tensor-model-parallel-size 2 asks for data parallelism beside tensor parallelism"),
-    (3, "--nproc-per-node 3 with --tensor-model-parallel-size 2 asks for data parallelism"),
+@pytest.mark.parametrize("sizes, world, message", [
+    (TP(2), 4, "^--nproc-per-node 4 with --tensor-model-parallel-size 2 asks for data parallelism beside model "
+               "parallelism, which the megatron backend does not support yet; use --nproc-per-node 2$"),
+    (TP(2), 3, "--nproc-per-node 3 with --tensor-model-parallel-size 2 asks for data parallelism"),
+    (EP(2), 4, "--nproc-per-node 4 with --expert-model-parallel-size 2 asks for data parallelism"),
 ])
-def test_refuses_data_parallel_beside_tensor_parallel(world, message):
+def test_refuses_data_parallel_beside_model_parallel(sizes, world, message):
     with pytest.raises(MilesError, match=message):
-        megatron_env.check_sizes(megatron_env.ParallelSizes(tensor=2), world)
+        megatron_env.check_sizes(sizes, world)
 
 
 def engine_routing(kind: str, family: str = "qwen3_moe") -> list[np.ndarray]:
@@ -283,7 +294,7 @@ def test_miles_train_runs_with_megatron_and_matches_native(tmp_path, monkeypatch
     (["--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size 2 needs 2 trainer ranks, one per shard: add "
                                             "--nproc-per-node 2"),
     (["--nproc-per-node", "2", "--set", "train.backend=megatron"],
-     "--nproc-per-node 2 with --tensor-model-parallel-size 1 asks for data parallelism beside tensor parallelism"),
+     "--nproc-per-node 2 with --tensor-model-parallel-size 1 asks for data parallelism beside model parallelism"),
 ])
 def test_miles_train_refuses_layouts_it_cannot_run(tmp_path, args, message):
     result = CliRunner().invoke(app, ["train", "--recipe", "tiny", "--num-rollout", "1", "--output-dir",
