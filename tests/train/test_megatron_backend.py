@@ -140,6 +140,24 @@ def test_checkpoint_resumes_exactly_and_converts(tmp_path, family):
         assert torch.equal(exported[name], tensor), name
 
 
+def test_checkpoint_of_the_earlier_layout_resumes_exactly(tmp_path):
+    """Checkpoints written before the optimizer moved into the torch_dist checkpoint (AdamW and the
+    reference model in trainer_state.pt) still resume bit for bit."""
+    algo = AlgoConfig(use_kl_loss=True, kl_loss_coef=0.1)
+    _, first = trainers("qwen3", algo=algo)
+    first.train_rollout(batch())
+    first.save(tmp_path / "ckpt")
+    state = torch.load(tmp_path / "ckpt" / "trainer_state.pt", weights_only=True)
+    reference = {k: v for k, v in first.reference.state_dict().items() if isinstance(v, torch.Tensor)}
+    torch.save({"optimizer": first.optimizer.state_dict(), "scheduler": state["scheduler"], "num_optimizer_steps": 1,
+                "bad_steps_in_row": 0, "reference": reference}, tmp_path / "ckpt" / "trainer_state.pt")
+    _, second = trainers("qwen3", algo=algo)
+    second.load(tmp_path / "ckpt")
+    assert first.train_rollout(batch()) == second.train_rollout(batch())
+    for (name, a), (_, b) in zip(first.export_weights(), second.export_weights()):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(tensor_model_parallel_size=2), "^--tensor-model-parallel-size 2 needs 2 trainer ranks, one per shard: "
                                          "add --nproc-per-node 2$"),
