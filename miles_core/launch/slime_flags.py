@@ -62,8 +62,11 @@ def _rollout_gpus(num_gpus: int) -> dict[str, Any]:
     return {"engine.num_gpus": num_gpus, "engine.backend": "sglang", "engine.launch": True, "engine.server": "miles"}
 
 
-MEGATRON = ("above 1 selects train.backend = megatron; sizes above 1 need GPUs (refused on CPU) and are not "
-            "run by miles yet")
+MEGATRON = "above 1 selects train.backend = megatron; sizes above 1 are refused: not in miles' megatron backend yet"
+TENSOR_PARALLEL = ("above 1 selects train.backend = megatron; needs as many trainer ranks (--nproc-per-node), "
+                   "dense families (llama, qwen2, qwen3), no data parallelism beside it yet")
+EXPERT_PARALLEL = ("above 1 selects train.backend = megatron; needs as many trainer ranks (--nproc-per-node), "
+                   "MoE families (qwen3_moe, deepseek_v3), not with tensor parallelism yet")
 
 FLAGS: dict[str, Flag] = {
     # batch shape
@@ -80,10 +83,17 @@ FLAGS: dict[str, Flag] = {
                                "a cap of N samples per micro-batch on top of the token budget (slime ignores it "
                                "under --use-dynamic-batch-size, which miles always has); the loss does not change"),
     # megatron-core parallelism (train.backend = megatron)
-    **{f"--{name.replace('_', '-')}": Flag((f"train.{name}",), int, MEGATRON, to=_parallel(f"train.{name}"))
-       for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
-                    "context_parallel_size")},
-    "--sequence-parallel": Flag(("train.sequence_parallel",), bool, MEGATRON, to=_parallel("train.sequence_parallel")),
+    "--tensor-model-parallel-size": Flag(("train.tensor_model_parallel_size",), int, TENSOR_PARALLEL,
+                                         to=_parallel("train.tensor_model_parallel_size")),
+    "--pipeline-model-parallel-size": Flag(("train.pipeline_model_parallel_size",), int, MEGATRON,
+                                           to=_parallel("train.pipeline_model_parallel_size")),
+    "--expert-model-parallel-size": Flag(("train.expert_model_parallel_size",), int, EXPERT_PARALLEL,
+                                         to=_parallel("train.expert_model_parallel_size")),
+    "--context-parallel-size": Flag(("train.context_parallel_size",), int, MEGATRON,
+                                    to=_parallel("train.context_parallel_size")),
+    "--sequence-parallel": Flag(("train.sequence_parallel",), bool,
+                                "selects train.backend = megatron; refused: not in miles' megatron backend yet",
+                                to=_parallel("train.sequence_parallel")),
     # engine placement
     "--rollout-num-gpus": Flag(("engine.num_gpus",), int,
                                "launches num_gpus / --rollout-num-gpus-per-engine `miles serve` servers (the native "

@@ -3,9 +3,10 @@
 Rank 0 runs the whole loop (`loop.run_training`): the rollout engine, the rollout manager,
 metrics, checkpoints and the weight sync are its own. Ranks 1..N-1 only build the trainer from
 the same config and follow rank 0's trainer calls (`train/leader.py`); all ranks train. Needs a
-data-parallel trainer (`train.backend = "fsdp"`). The ranks are local processes
-(`launch/local.py`) or, with `--ray`, Ray actors (`launch/ray_launch.py`), whose launched rollout
-servers are Ray actors too (`engine/ray_servers.py`); the code each rank runs is the same.
+multi-rank trainer: `train.backend = "fsdp"` (data parallel) or `"megatron"` with one rank per
+tensor- or expert-parallel shard. The ranks are local processes (`launch/local.py`) or, with
+`--ray`, Ray actors (`launch/ray_launch.py`), whose launched rollout servers are Ray actors too
+(`engine/ray_servers.py`); the code each rank runs is the same.
 """
 
 from __future__ import annotations
@@ -30,11 +31,16 @@ def run_training_ranks(cfg: MilesConfig, output_dir: Path, num_ranks: int, *, us
     `use_ray`: every rank a Ray actor (`launch/ray_launch.py`), else local processes."""
     if num_ranks < 1:
         raise MilesError(f"--nproc-per-node must be >= 1, got {num_ranks}")
+    if cfg.train.backend == "megatron" and kwargs.get("mode") != "rollout_only":
+        from miles_core.train.megatron import parallel_sizes
+        from miles_core.train.megatron_env import check_sizes
+
+        check_sizes(parallel_sizes(cfg.train), num_ranks)  # before any rank starts
     if num_ranks == 1 and not use_ray:
         return loop.run_training(cfg, output_dir, **kwargs)
-    if num_ranks > 1 and cfg.train.backend != "fsdp":
-        raise MilesError(f"--nproc-per-node {num_ranks} needs a data-parallel trainer: set train.backend = 'fsdp' "
-                         f"(got '{cfg.train.backend}')")
+    if num_ranks > 1 and cfg.train.backend not in ("fsdp", "megatron"):
+        raise MilesError(f"--nproc-per-node {num_ranks} needs a multi-rank trainer: set train.backend = 'fsdp' "
+                         f"(data parallel) or 'megatron' (tensor parallel), got '{cfg.train.backend}'")
     if num_ranks > 1 and kwargs.get("mode") == "rollout_only":
         raise MilesError("--debug-rollout-only trains nothing: run it without --nproc-per-node")
     if use_ray:

@@ -58,19 +58,22 @@ def _native(cfg: TrainConfig, algo: AlgoConfig, model: nn.Module, *, temperature
 def _megatron(cfg: TrainConfig, algo: AlgoConfig, model: nn.Module, *, temperature: float,
               total_steps: int, reference: nn.Module | None = None) -> TrainBackend:
     """A megatron-core GPTModel holding `model`'s weights (`megatron.py`); the reference, when
-    kept, is another one built from `reference` or else from the same starting weights."""
+    kept, is another one built from `reference` or else from the same starting weights. Rank 0
+    of several (tensor parallelism) gets the leader (`leader.py`)."""
     try:
         import megatron.core  # noqa: F401  (an optional dependency)
     except ImportError as err:
         raise MilesError(f"train.backend = 'megatron' needs megatron-core ({err}); install the extra: "
                          "pip install 'miles[megatron]'") from None
+    from miles_core.train.leader import lead
     from miles_core.train.megatron import MegatronTrainer
 
     if not needs_reference(algo):
         reference = None
     elif reference is None:
         reference = model
-    return MegatronTrainer(model, cfg, algo, temperature=temperature, total_steps=total_steps, reference=reference)
+    return lead(MegatronTrainer(model, cfg, algo, temperature=temperature, total_steps=total_steps,
+                                reference=reference))
 
 
 def _fsdp(cfg: TrainConfig, algo: AlgoConfig, model: nn.Module, *, temperature: float,

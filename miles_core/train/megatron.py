@@ -10,15 +10,28 @@ What differs from the native backend:
   and are not used here;
 - weights come from the engine side's native model through `miles convert`'s mapping, in
   memory, and `export_weights` maps them back (HF names, full tensors);
-- `save` writes the weights as a megatron-core `dist_checkpointing` torch_dist checkpoint (with
-  the HF config in common.pt, so `miles convert` reads it) plus the optimizer, schedule and
-  counters in `trainer_state.pt`.
+- `save` writes the weights, AdamW's moments and the reference model as one megatron-core
+  `dist_checkpointing` torch_dist checkpoint (with the HF config in common.pt, so `miles convert`
+  reads it), the schedule and counters in `trainer_state.pt` (`megatron_checkpoint.py`).
+
+Model parallelism over N ranks, one process each (`miles train --nproc-per-node N`), rank 0
+leading the others (`leader.py`), so every rank runs the same calls on the same micro-batches:
+- tensor parallelism (`train.tensor_model_parallel_size` = N, dense families): megatron-core
+  splits the layers; each rank loads its shard of every full tensor (`megatron_shards.py`),
+  computes its vocabulary slice's log-probs and entropies with the softmax completed over the TP
+  group (`vocab_parallel.py`) and sums the q/k norms' partial gradients;
+- expert parallelism (`train.expert_model_parallel_size` = N, MoE families): each rank holds
+  1/N of the routed experts (allgather dispatcher) and a copy of the rest; expert gradients are
+  divided by N (each expert saw every rank's copy of the tokens), the copies' gradients averaged.
+The gradient norm is the whole model's; `export_weights` gathers the full tensors on rank 0.
+Data parallelism beside them, and TP and EP together, are not supported yet.
 
 MoE routing replay (`train.routing_replay`, R3) and the routing records behind
 `routing_agreement` go through megatron's router (`megatron_routing.py`), as the native backend's.
 
-Not in this version (refused with one line): model-parallel sizes > 1, bf16 compute, QAT, activation checkpointing, compile, the PPO critic. Runs on one rank; on CPU through
-the patches of `megatron_env.py`.
+Not in this version (refused with one line): pipeline and context parallelism, sequence
+parallelism, data parallelism, TP for MoE and MLA families, TP with EP, bf16 compute, QAT,
+activation checkpointing, compile, the PPO critic. On CPU through the patches of `megatron_env.py`.
 """
 
 from __future__ import annotations
@@ -28,6 +41,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from miles_core.config import AlgoConfig, TrainConfig
@@ -35,19 +49,18 @@ from miles_core.errors import MilesError
 from miles_core.kernels import FAST_OPS
 from miles_core.kernels.logprobs import chunked_logprobs_entropy
 from miles_core.models.base import named_weights
-from miles_core.train import megatron_env
+from miles_core.train import megatron_checkpoint, megatron_env, megatron_shards
 from miles_core.train.batch import TrainBatch, micro_batches, pad_ragged
 from miles_core.train.finite import BadStepGuard
-from miles_core.train.megatron_model import WeightMap, build_gpt, hf_config_of, output_weight
+from miles_core.train.megatron_model import WeightMap, build_gpt, check_model_parallel, hf_config_of, output_weight
 from miles_core.train.megatron_routing import RoutingHooks
 from miles_core.train.native import NativeTrainer
 from miles_core.train.offload import OptimizerOffload
 from miles_core.train.routing_replay import RoutingPlan
-from miles_core.train.optim import build_optimizer
+from miles_core.train.optim import build_optimizer, clip_grad_norm
+from miles_core.train.parallelize import broadcast_module
 from miles_core.train.speed import CastCache
-
-CHECKPOINT_DIR = "torch_dist"
-STATE_FILE = "trainer_state.pt"
+from miles_core.train.vocab_parallel import vocab_parallel_logprobs_entropy
 
 
 def parallel_sizes(cfg: TrainConfig) -> megatron_env.ParallelSizes:
@@ -83,9 +96,14 @@ class MegatronTrainer(NativeTrainer):
         check_options(cfg, critic=algo.advantage_estimator == "ppo")
         self.device = next(native.parameters()).device
         sizes = parallel_sizes(cfg)
-        megatron_env.check_sizes(sizes, self.device)
-        megatron_env.start(self.device, sizes)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        megatron_env.check_sizes(sizes, world)
         self.hf_config = hf_config_of(native)
+        check_model_parallel(self.hf_config, sizes)
+        megatron_env.start(self.device, sizes)
+        self._parallel_groups()
+        # Calls from rank 0 to the others (`leader.py`) travel on a gloo group of their own.
+        self.control_group = dist.new_group(backend="gloo") if world > 1 else None
         torch.manual_seed(cfg.seed)
         self.model, self.weights = self._build(native, sizes)
         self.routing = {id(self.model): RoutingHooks(self.model)}
@@ -106,7 +124,19 @@ class MegatronTrainer(NativeTrainer):
         self._casts = CastCache()  # stays empty: fp32 compute, no casts to fold
         self.qat_modules: list[str] = []
 
+    def _parallel_groups(self) -> None:
+        """The TP group, this rank's place in it and its first vocabulary row; the EP size."""
+        from megatron.core import parallel_state
+
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.vocab_start = self.tp_rank * self.hf_config["vocab_size"] // self.tp_size
+        self.ep_size = parallel_state.get_expert_model_parallel_world_size()
+
     def _build(self, native: nn.Module, sizes: megatron_env.ParallelSizes) -> tuple[nn.Module, WeightMap]:
+        if self.tp_size * self.ep_size > 1:
+            broadcast_module(native)  # rank 0's weights on every rank, however each one loaded them
         model = build_gpt(self.hf_config, sizes, self.device)
         weights = WeightMap(model, self.hf_config)
         weights.load({name: t.detach().to(self.device, torch.float32) for name, t in named_weights(native)})
@@ -116,9 +146,24 @@ class MegatronTrainer(NativeTrainer):
         tokens = [batch.tokens[i] for i in indices]
         lengths = [batch.response_lengths[i] for i in indices]
         hidden_NE, targets_N = response_hidden_states(model, tokens, lengths, self.routing[id(model)], routing)
-        logp, entropy = chunked_logprobs_entropy(hidden_NE, output_weight(model), targets_N, self.temperature,
-                                                 self.cfg.logprob_chunk_size, FAST_OPS)
+        if self.tp_size > 1:  # this rank's vocabulary slice of the output layer
+            logp, entropy = vocab_parallel_logprobs_entropy(hidden_NE, output_weight(model), targets_N, self.temperature,
+                                                            self.cfg.logprob_chunk_size, self.tp_group,
+                                                            self.vocab_start, FAST_OPS)
+        else:
+            logp, entropy = chunked_logprobs_entropy(hidden_NE, output_weight(model), targets_N, self.temperature,
+                                                     self.cfg.logprob_chunk_size, FAST_OPS)
         return list(logp.split(lengths)), list(entropy.split(lengths))
+
+    def _clip_grads(self) -> float:
+        """Over several ranks: the gradients completed (`megatron_shards.reduce_grads`), then the
+        whole model's norm."""
+        if self.tp_size * self.ep_size == 1:
+            return super()._clip_grads()
+        megatron_shards.reduce_grads(self.model, self.tp_group, self.tp_size, self.ep_size)
+        params = list(self.model.parameters())
+        norm = megatron_shards.grad_norm(params, self.weights.duplicates)
+        return clip_grad_norm(params, self.cfg, norm)
 
     def _moe_shape(self) -> tuple[int, int]:
         hooks = self.routing[id(self.model)]
@@ -137,45 +182,19 @@ class MegatronTrainer(NativeTrainer):
         yield from self.weights.export()
 
     def save(self, directory: Path) -> None:
-        """Weights as a megatron-core torch_dist checkpoint root (`miles convert` reads it), the rest
-        (optimizer, schedule, counters, reference weights) in `trainer_state.pt`."""
-        from megatron.core import dist_checkpointing
-
+        """Every rank: the torch_dist checkpoint (weights, AdamW moments, reference); rank 0 also
+        `trainer_state.pt` (schedule, counters); see `megatron_checkpoint.py`."""
         directory.mkdir(parents=True, exist_ok=True)
-        folder = directory / CHECKPOINT_DIR / "release"
-        folder.mkdir(parents=True)
-        state = {"model": self.model.sharded_state_dict(), "hf_config": self.hf_config,
-                 "checkpoint_version": 3.0, "iteration": self.num_optimizer_steps}
-        dist_checkpointing.save(state, str(folder))
-        (directory / CHECKPOINT_DIR / "latest_checkpointed_iteration.txt").write_text("release", encoding="utf-8")
-        with (directory / STATE_FILE).open("wb") as handle:  # a full disk is an OSError naming the file
-            torch.save({
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "num_optimizer_steps": self.num_optimizer_steps, "bad_steps_in_row": self.guard.in_row,
-                "reference": _tensors(self.reference) if self.reference is not None else None,
-            }, handle)
+        common = {"hf_config": self.hf_config, "checkpoint_version": 3.0, "iteration": self.num_optimizer_steps}
+        small = {"scheduler": self.scheduler.state_dict(), "num_optimizer_steps": self.num_optimizer_steps,
+                 "bad_steps_in_row": self.guard.in_row}
+        megatron_checkpoint.save(directory, self.model, self.optimizer, self.reference, common, small)
 
     def load(self, directory: Path) -> None:
-        from megatron.core import dist_checkpointing
-
-        folder = directory / CHECKPOINT_DIR / "release"
-        if not folder.is_dir():
-            raise MilesError(f"'{directory}' holds no megatron trainer state ({CHECKPOINT_DIR}/release missing); "
-                             "was it saved with another train.backend?")
-        loaded = dist_checkpointing.load({"model": self.model.sharded_state_dict()}, str(folder))
-        self.model.load_state_dict(loaded["model"], strict=True)
-        state = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.num_optimizer_steps = state["num_optimizer_steps"]
-        self.guard.in_row = state.get("bad_steps_in_row", 0)
-        if self.reference is not None and state.get("reference") is not None:
-            self.reference.load_state_dict(state["reference"], strict=False)
-
-
-def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors (megatron's `_extra_state` entries are not tensors and are left out)."""
-    return {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+        small = megatron_checkpoint.load(directory, self.model, self.optimizer, self.reference, self.device)
+        self.scheduler.load_state_dict(small["scheduler"])
+        self.num_optimizer_steps = small["num_optimizer_steps"]
+        self.guard.in_row = small.get("bad_steps_in_row", 0)
 
 
 @contextlib.contextmanager

@@ -14,11 +14,14 @@ Two patches are for a missing Transformer Engine, on any device (the GPU machine
 - `multi_latent_attention.HAVE_TE` = False when `transformer_engine` does not import: 0.16's
   extension module imports without it (its TE classes are mocks), so MLA believes TE is there
   and fails on `isinstance(..., TELinear)`.
-The MoE token dispatcher is set to `allgather` in the model config (the others need CUDA).
+The MoE token dispatcher is set to `allgather` in the model config (the others need CUDA); under
+expert parallelism its collectives (`all_gather_into_tensor`, `reduce_scatter_tensor`) run on gloo.
 
-One world per process: `start` joins the group that is already there (a launcher's) or makes a
-one-rank gloo (CPU) / NCCL (GPU) group itself, once; later calls are no-ops. `shutdown` (for
-tests, which build other process groups in the same process) undoes only what `start` did.
+One world per process: `start` joins the group that is already there (a launcher's, one rank per
+tensor-parallel shard; megatron-core's groups then use its backend, gloo on CPU) or makes a
+one-rank gloo (CPU) / NCCL (GPU) group itself. A later call with the same sizes is a no-op; one
+with other sizes, or after a launcher destroyed its group, starts again. `shutdown` (for tests,
+which build other process groups in the same process) undoes only what `start` did.
 """
 
 from __future__ import annotations
@@ -76,15 +79,17 @@ class _State:
     owns_group = False
     owns_model_parallel = False
     started = False
+    sizes: ParallelSizes | None = None
 
 
 def start(device: torch.device, sizes: ParallelSizes) -> None:
     """Make megatron-core usable in this process on `device` with `sizes` (once per process)."""
     from megatron.core import parallel_state
 
-    if _State.started:
+    if _State.started and _State.sizes == sizes and dist.is_initialized():
         return
-    _State.started = True
+    shutdown()  # a different layout, or a launcher's group that has been destroyed since
+    _State.started, _State.sizes = True, sizes
     for owner, name, value in _patches(device):
         _State.saved.append((owner, name, getattr(owner, name, _MISSING)))
         setattr(owner, name, value)
@@ -108,7 +113,7 @@ def shutdown() -> None:
         return
     if _State.owns_model_parallel:
         parallel_state.destroy_model_parallel()
-    if _State.owns_group:
+    if _State.owns_group and dist.is_initialized():
         dist.destroy_process_group()
     for owner, name, value in reversed(_State.saved):
         if value is _MISSING:
@@ -116,17 +121,28 @@ def shutdown() -> None:
         else:
             setattr(owner, name, value)
     _State.saved, _State.owns_group, _State.owns_model_parallel, _State.started = [], False, False, False
+    _State.sizes = None
 
 
-def check_sizes(sizes: ParallelSizes, device: torch.device) -> None:
-    """Refuse model-parallel sizes this build cannot run, naming the flag."""
-    flags = {"--tensor-model-parallel-size": sizes.tensor, "--pipeline-model-parallel-size": sizes.pipeline,
-             "--expert-model-parallel-size": sizes.expert, "--context-parallel-size": sizes.context}
+def check_sizes(sizes: ParallelSizes, world_size: int) -> None:
+    """Refuse the parallel layouts this version cannot run, naming the flag: tensor or expert
+    parallelism (not both) needs exactly one rank per shard (no data parallelism beside it yet);
+    pipeline and context parallelism and sequence parallelism are not written."""
+    flags = {"--pipeline-model-parallel-size": sizes.pipeline, "--context-parallel-size": sizes.context}
     for flag, size in flags.items():
         if size > 1:
-            where = "on CPU (one process, gloo); it needs GPUs" if device.type == "cpu" else \
-                "yet: miles' megatron backend runs one rank (TP=PP=EP=CP=1) in this version"
-            raise MilesError(f"{flag} {size} is not supported {where}; set it to 1")
+            raise MilesError(f"{flag} {size} is not supported by the megatron backend yet (it runs tensor or expert "
+                             "parallelism); set it to 1")
     if sizes.sequence_parallel:
-        raise MilesError("--sequence-parallel needs --tensor-model-parallel-size > 1, which is not supported "
-                         "in this version; drop the flag")
+        raise MilesError("--sequence-parallel is not supported by the megatron backend yet; drop the flag")
+    if sizes.tensor > 1 and sizes.expert > 1:
+        raise MilesError(f"--tensor-model-parallel-size {sizes.tensor} with --expert-model-parallel-size "
+                         f"{sizes.expert} is not supported by the megatron backend yet; use one of them")
+    flag, size = ("--expert-model-parallel-size", sizes.expert) if sizes.expert > 1 else \
+        ("--tensor-model-parallel-size", sizes.tensor)
+    if world_size == size:
+        return
+    if world_size == 1:
+        raise MilesError(f"{flag} {size} needs {size} trainer ranks, one per shard: add --nproc-per-node {size}")
+    raise MilesError(f"--nproc-per-node {world_size} with {flag} {size} asks for data parallelism beside model "
+                     f"parallelism, which the megatron backend does not support yet; use --nproc-per-node {size}")

@@ -11,7 +11,10 @@ layers are not built).
 `WeightMap` ties every parameter to its mapping slot: `sharded_state_dict()` names each one with
 the key megatron-core checkpoints use (stacked over layers, experts under
 `mlp.experts.experts.`), which is what the mapping's slots describe; the layer and expert index
-come from the parameter's module path (one rank: TP = PP = EP = 1, so local = global).
+come from the parameter's module path and its sharded tensor (PP = 1, so local layer = global;
+an expert's global index is its sharded tensor's). Under tensor parallelism (dense families) each
+slot holds this rank's shards, under expert parallelism each rank has its own experts' slots,
+placed by the same sharded tensors (`megatron_shards.py`).
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from miles_core.checkpoint import mapping
 from miles_core.checkpoint.mapping.base import TRANSFORMS, Slot, rope_theta
 from miles_core.errors import MilesError
-from miles_core.train import megatron_mla
+from miles_core.train import megatron_mla, megatron_shards
 from miles_core.train.megatron_env import ParallelSizes
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "qwen3_moe", "deepseek_v3")
@@ -57,6 +61,32 @@ def hf_config_of(model: nn.Module) -> dict[str, Any]:
         args.update(mlp_only_layers=[i for i in range(args["num_hidden_layers"]) if i not in moe],
                     decoder_sparse_step=1)
     return args
+
+
+TENSOR_PARALLEL = ("llama", "qwen2", "qwen3")
+"""Families that run with tensor parallelism (dense; MoE and MLA layers are not split yet)."""
+EXPERT_PARALLEL = {"qwen3_moe": "num_experts", "deepseek_v3": "n_routed_experts"}
+"""Families that run with expert parallelism, with the HF field that counts their routed experts."""
+
+
+def check_model_parallel(cfg: dict[str, Any], sizes: ParallelSizes) -> None:
+    """Refuse a TP or EP size the model cannot be split by (megatron-core would assert), naming the flag."""
+    checks = [("--tensor-model-parallel-size", sizes.tensor, TENSOR_PARALLEL, {
+        "num_attention_heads": cfg.get("num_attention_heads"), "intermediate_size": cfg.get("intermediate_size"),
+        "num_key_value_heads": cfg.get("num_key_value_heads") or cfg.get("num_attention_heads"),
+        "vocab_size": cfg["vocab_size"]})]
+    experts = EXPERT_PARALLEL.get(cfg["model_type"])
+    checks.append(("--expert-model-parallel-size", sizes.expert, tuple(EXPERT_PARALLEL),
+                   {experts: cfg[experts]} if experts else {}))
+    for flag, size, families, dims in checks:
+        if size == 1:
+            continue
+        if cfg["model_type"] not in families:
+            raise MilesError(f"{flag} {size} is not supported for model_type '{cfg['model_type']}' yet; expected "
+                             f"one of: {', '.join(families)} (or size 1)")
+        for name, value in dims.items():
+            if value % size:
+                raise MilesError(f"{flag} {size} does not divide the model's {name} {value}; use a size that divides it")
 
 
 def transformer_config(cfg: dict[str, Any], sizes: ParallelSizes, *, cpu: bool):
@@ -113,51 +143,70 @@ def output_weight(model: nn.Module) -> torch.Tensor:
 
 
 class WeightMap:
-    """Each parameter of a `GPTModel` tied to its mapping slot: HF tensors in and out."""
+    """Each parameter of a `GPTModel` tied to its mapping slot: HF tensors in and out. Under
+    tensor parallelism a slot's parameter is this rank's shard (`megatron_shards.py`)."""
 
     def __init__(self, model: nn.Module, cfg: dict[str, Any]) -> None:
         self.plan = mapping.plan(mapping.family_for(cfg["model_type"]), cfg, 0)  # no MTP layers
         self.mtp: dict[str, torch.Tensor] = {}
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
         # Buffers too: DeepSeek-V3's router selection bias is one (`mlp.router.expert_bias`).
         params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
         names = {p.data_ptr(): n for n, p in params.items()}
-        self.params: dict[Slot, torch.Tensor] = {}
+        self.shards: dict[Slot, list[megatron_shards.Shard]] = {}
+        self.duplicates: set[int] = set()
+        """ids of the parameters this rank holds as a replica (not the main copy)."""
         for item in model.sharded_state_dict().values():
             data = getattr(item, "data", None)
             if data is None or data.data_ptr() not in names:  # `_extra_state` objects, buffers
                 continue
             name = names[data.data_ptr()]
-            self.params[self.plan.canonical(_slot(item.key, name))] = params[name]
-        expected = {link.slot for link in self.plan.links}
-        missing, extra = expected - self.params.keys(), self.params.keys() - expected
+            shards = megatron_shards.shards_of(item)
+            self.shards[self.plan.canonical(_slot(item.key, name, shards[0].stacked))] = shards
+            if not all(s.main for s in shards):
+                self.duplicates.add(id(params[name]))
+        # Routed experts: this rank's own (all of them without expert parallelism).
+        experts = {s.expert for s in self.shards if s.expert >= 0}
+        expected = {link.slot for link in self.plan.links if link.slot.expert < 0 or link.slot.expert in experts}
+        missing, extra = expected - self.shards.keys(), self.shards.keys() - expected
         if missing or extra:
             raise MilesError(f"megatron-core's {cfg['model_type']} model does not match the convert mapping: "
                              f"missing {sorted(s.describe() for s in missing)[:3]}, "
                              f"unexpected {sorted(s.describe() for s in extra)[:3]}")
+        self.pieces = megatron_shards.layout(self.shards)
+        self.device = next(model.parameters()).device
 
     @torch.no_grad()
     def load(self, hf: dict[str, torch.Tensor]) -> None:
-        """Copy HF-named tensors into the model (fused as `miles convert` fuses them)."""
+        """Copy HF-named tensors into the model (fused as `miles convert` fuses them), each rank
+        its own region of every full tensor (and only its own experts)."""
         for link in self.plan.links:
+            if link.slot not in self.shards:
+                continue
             missing = [n for n in link.hf_names if n not in hf]
             if missing:
                 raise MilesError(f"the HF weights lack {missing[0]} (needed for {link.slot.describe()})")
             parts = [hf[n] for n in link.hf_names]
             tensor = TRANSFORMS[link.transform].fuse(parts, self.plan.heads, link.hf_names)
-            param = self.params[link.slot]
-            if tensor.shape != param.shape:
-                raise MilesError(f"shape mismatch for {link.slot.describe()}: megatron-core has "
-                                 f"{tuple(param.shape)}, the HF weights give {tuple(tensor.shape)}")
-            param.copy_(tensor)
+            for shard in self.shards[link.slot]:
+                if tuple(tensor.shape) != shard.full_shape:
+                    raise MilesError(f"shape mismatch for {link.slot.describe()}: megatron-core has "
+                                     f"{shard.full_shape}, the HF weights give {tuple(tensor.shape)}")
+                shard.data.copy_(tensor[shard.region()])
         self.mtp = {name: tensor.clone() for name, tensor in hf.items() if _mtp_layer(name, self.plan.num_layers)}
 
     def export(self) -> Iterator[tuple[str, torch.Tensor]]:
         """HF-named full tensors of the current weights (tied weights once), split as `miles convert`
-        splits them; then the MTP layers' tensors as they were loaded (not built, not trained)."""
+        splits them; then the MTP layers' tensors as they were loaded (not built, not trained).
+        Under tensor parallelism a collective: rank 0 yields the gathered tensors, the other
+        ranks send their shards as it goes and yield nothing."""
         for link in self.plan.links:
-            param = self.params[link.slot].detach()
-            yield from zip(link.hf_names, TRANSFORMS[link.transform].split(param, self.plan.heads, link.slot.name))
-        yield from self.mtp.items()
+            full = megatron_shards.assemble(self.shards.get(link.slot, []), self.pieces[link.slot], self.rank,
+                                            self.device)
+            if full is not None:
+                yield from zip(link.hf_names, TRANSFORMS[link.transform].split(full, self.plan.heads, link.slot.name))
+        if self.rank == 0:
+            yield from self.mtp.items()
 
 
 def _mtp_layer(hf_name: str, num_layers: int) -> bool:
@@ -166,11 +215,13 @@ def _mtp_layer(hf_name: str, num_layers: int) -> bool:
     return match is not None and int(match[1]) >= num_layers
 
 
-def _slot(key: str, param_name: str) -> Slot:
-    """The slot of a sharded-state-dict key, its layer and expert read off the parameter's path."""
+def _slot(key: str, param_name: str, stacked: tuple[int, ...]) -> Slot:
+    """The slot of a sharded-state-dict key, its layer read off the parameter's path and a routed
+    expert's global index off its sharded tensor (the last stacked axis; under expert parallelism
+    the path's `local_experts.{i}` counts this rank's experts only)."""
     layer = _LAYER.match(param_name)
     if layer is None:
         return Slot("", -1, -1, key)
     name = re.sub(r"^(decoder|mtp)\.layers\.(\d+\.)?", "", key)
-    expert = _EXPERT.search(param_name)
-    return Slot(layer[1], int(layer[2]), int(expert[1]) if expert else -1, name)
+    expert = stacked[-1] if _EXPERT.search(param_name) else -1
+    return Slot(layer[1], int(layer[2]), expert, name)

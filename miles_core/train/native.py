@@ -238,7 +238,7 @@ class NativeTrainer:
             accumulate_metrics(metrics, self._micro_step(batch, indices, num_tokens, num_seqs, tis_mean, mismatch,
                                                          agreement))
         metrics = self._reduce_step_metrics(metrics)
-        metrics["grad_norm"] = clip_grad_norm(self.model.parameters(), self.cfg)
+        metrics["grad_norm"] = self._clip_grads()
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         if tis_mean is not None:
             metrics["tis_batch_mean"] = tis_mean
@@ -255,6 +255,10 @@ class NativeTrainer:
             metrics["value_grad_norm"] = self.critic.step()
         self.num_optimizer_steps += 1
         return metrics
+
+    def _clip_grads(self) -> float:
+        """The policy's gradient clipped to `train.clip_grad`; its norm before (model-parallel: reduced)."""
+        return clip_grad_norm(self.model.parameters(), self.cfg)
 
     def _step_micro_batches(self, batch: TrainBatch) -> list[list[int]]:
         """The micro-batches this process trains of an optimizer step's `batch` (data-parallel

@@ -32,12 +32,14 @@ def build_optimizer(params, cfg: TrainConfig, total_steps: int):
     return optimizer, scheduler
 
 
-def clip_grad_norm(params, cfg: TrainConfig) -> float:
+def clip_grad_norm(params, cfg: TrainConfig, norm: torch.Tensor | None = None) -> float:
     """Clip the global gradient norm to `cfg.clip_grad` (0: no clipping); returns the norm before.
-    Sharded (FSDP DTensor) gradients: the norm is of the full gradient, reduced over ranks."""
+    Sharded (FSDP DTensor) gradients: the norm is of the full gradient, reduced over ranks;
+    `norm`: the global norm when the caller reduced it itself (tensor-parallel shards)."""
     max_norm = cfg.clip_grad if cfg.clip_grad > 0 else float("inf")
     params = [p for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if norm is None:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     if hasattr(norm, "full_tensor"):  # a DTensor partial over ranks
         norm = norm.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)

@@ -119,8 +119,8 @@ def test_offload_flags_point_at_colocate(flag):
 
 @pytest.mark.parametrize(("line", "message"), [
     # 1 node x 2 ranks per node = 2 ranks: the --nproc-per-node 2 rule of the native trainer
-    ("--actor-num-gpus-per-node 2", "--nproc-per-node 2 needs a data-parallel trainer: set train.backend = 'fsdp' "
-                                    "(got 'native')"),
+    ("--actor-num-gpus-per-node 2", "--nproc-per-node 2 needs a multi-rank trainer: set train.backend = 'fsdp' "
+                                    "(data parallel) or 'megatron' (tensor parallel), got 'native'"),
     ("--actor-num-nodes 2 --actor-num-gpus-per-node 2", "--actor-num-nodes 2 places trainer ranks on several "
                                                          "nodes: add --ray (and start the cluster with `ray start`)"),
     ("--nproc-per-node 2 --actor-num-gpus-per-node 4", "--nproc-per-node 2 and --actor-num-gpus-per-node 4 "

@@ -43,8 +43,9 @@ def test_two_ranks_give_the_one_process_metrics(tmp_path, monkeypatch):
     assert (trainer / "dcp" / ".metadata").is_file() and (trainer / "trainer_state.pt").is_file()
 
 
-def test_several_ranks_need_the_fsdp_backend(tmp_path, monkeypatch):
+def test_several_ranks_need_a_multi_rank_backend(tmp_path, monkeypatch):
     monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
     result = runner.invoke(app, [*COMMON, "--output-dir", str(tmp_path / "x"), "--nproc-per-node", "2"])
     assert result.exit_code != 0
-    assert "--nproc-per-node 2 needs a data-parallel trainer: set train.backend = 'fsdp' (got 'native')" in result.output
+    assert ("--nproc-per-node 2 needs a multi-rank trainer: set train.backend = 'fsdp' (data parallel) or 'megatron' "
+            "(tensor parallel), got 'native'") in " ".join(result.output.split())  # rich wraps long lines

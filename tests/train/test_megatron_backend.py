@@ -140,9 +140,35 @@ def test_checkpoint_resumes_exactly_and_converts(tmp_path, family):
         assert torch.equal(exported[name], tensor), name
 
 
+def test_checkpoint_of_the_earlier_layout_resumes_exactly(tmp_path):
+    """Checkpoints written before the optimizer moved into the torch_dist checkpoint (AdamW and the
+    reference model in trainer_state.pt) still resume bit for bit."""
+    algo = AlgoConfig(use_kl_loss=True, kl_loss_coef=0.1)
+    _, first = trainers("qwen3", algo=algo)
+    first.train_rollout(batch())
+    first.save(tmp_path / "ckpt")
+    state = torch.load(tmp_path / "ckpt" / "trainer_state.pt", weights_only=True)
+    reference = {k: v for k, v in first.reference.state_dict().items() if isinstance(v, torch.Tensor)}
+    torch.save({"optimizer": first.optimizer.state_dict(), "scheduler": state["scheduler"], "num_optimizer_steps": 1,
+                "bad_steps_in_row": 0, "reference": reference}, tmp_path / "ckpt" / "trainer_state.pt")
+    _, second = trainers("qwen3", algo=algo)
+    second.load(tmp_path / "ckpt")
+    assert first.train_rollout(batch()) == second.train_rollout(batch())
+    for (name, a), (_, b) in zip(first.export_weights(), second.export_weights()):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("change, message", [
-    (dict(tensor_model_parallel_size=2), "--tensor-model-parallel-size 2 is not supported on CPU"),
-    (dict(expert_model_parallel_size=4), "--expert-model-parallel-size 4 is not supported on CPU"),
+    (dict(tensor_model_parallel_size=2), "^--tensor-model-parallel-size 2 needs 2 trainer ranks, one per shard: "
+                                         "add --nproc-per-node 2$"),
+    (dict(expert_model_parallel_size=4), "^--expert-model-parallel-size 4 needs 4 trainer ranks, one per shard: "
+                                         "add --nproc-per-node 4$"),
+    (dict(tensor_model_parallel_size=2, expert_model_parallel_size=2),
+     "^--tensor-model-parallel-size 2 with --expert-model-parallel-size 2 is not supported by the megatron backend "
+     "yet; use one of them$"),
+    (dict(pipeline_model_parallel_size=2), "^--pipeline-model-parallel-size 2 is not supported"),
+    (dict(context_parallel_size=2), "^--context-parallel-size 2 is not supported"),
+    (dict(tensor_model_parallel_size=2, sequence_parallel=True), "^--sequence-parallel is not supported"),
     (dict(compute_dtype="bfloat16"), "train.compute_dtype = 'bfloat16' is not supported"),
     (dict(qat="int4"), "train.qat = 'int4' is not supported"),
 ])
@@ -150,6 +176,38 @@ def test_refuses_what_it_cannot_run(change, message):
     cfg = TrainConfig(backend="megatron", **change)
     with pytest.raises(MilesError, match=message):
         build_trainer(cfg, AlgoConfig(), native("qwen3"), temperature=1.0, total_steps=1)
+
+
+TP, EP = megatron_env.ParallelSizes, lambda size: megatron_env.ParallelSizes(expert=size)
+
+
+@pytest.mark.parametrize("family, sizes, message", [
+    ("qwen3_moe", TP(2), "^--tensor-model-parallel-size 2 is not supported for model_type 'qwen3_moe' yet; expected "
+                         "one of: llama, qwen2, qwen3 \\(or size 1\\)$"),
+    ("deepseek_v3", TP(2), "for model_type 'deepseek_v3' yet"),
+    ("qwen3", TP(3), "^--tensor-model-parallel-size 3 does not divide the model's num_attention_heads 4; use a size "
+                     "that divides it$"),
+    ("qwen3", TP(4), "--tensor-model-parallel-size 4 does not divide the model's num_key_value_heads 2"),
+    ("qwen3", EP(2), "^--expert-model-parallel-size 2 is not supported for model_type 'qwen3' yet; expected one of: "
+                     "qwen3_moe, deepseek_v3 \\(or size 1\\)$"),
+    ("qwen3_moe", EP(3), "--expert-model-parallel-size 3 does not divide the model's num_experts 8"),
+])
+def test_refuses_model_parallel_splits_it_cannot_make(family, sizes, message):
+    from miles_core.train.megatron_model import check_model_parallel, hf_config_of
+
+    with pytest.raises(MilesError, match=message):
+        check_model_parallel(hf_config_of(native(family)), sizes)
+
+
+@pytest.mark.parametrize("sizes, world, message", [
+    (TP(2), 4, "^--nproc-per-node 4 with --tensor-model-parallel-size 2 asks for data parallelism beside model "
+               "parallelism, which the megatron backend does not support yet; use --nproc-per-node 2$"),
+    (TP(2), 3, "--nproc-per-node 3 with --tensor-model-parallel-size 2 asks for data parallelism"),
+    (EP(2), 4, "--nproc-per-node 4 with --expert-model-parallel-size 2 asks for data parallelism"),
+])
+def test_refuses_data_parallel_beside_model_parallel(sizes, world, message):
+    with pytest.raises(MilesError, match=message):
+        megatron_env.check_sizes(sizes, world)
 
 
 def engine_routing(kind: str, family: str = "qwen3_moe") -> list[np.ndarray]:
@@ -250,11 +308,17 @@ def test_miles_train_runs_with_megatron_and_matches_native(tmp_path, monkeypatch
     assert mine["train/grad_norm"] == pytest.approx(native_step["train/grad_norm"], rel=1e-4)
 
 
-def test_miles_train_refuses_tensor_parallel_on_cpu(tmp_path):
+@pytest.mark.parametrize("args, message", [
+    (["--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size 2 needs 2 trainer ranks, one per shard: add "
+                                            "--nproc-per-node 2"),
+    (["--nproc-per-node", "2", "--set", "train.backend=megatron"],
+     "--nproc-per-node 2 with --tensor-model-parallel-size 1 asks for data parallelism beside model parallelism"),
+])
+def test_miles_train_refuses_layouts_it_cannot_run(tmp_path, args, message):
     result = CliRunner().invoke(app, ["train", "--recipe", "tiny", "--num-rollout", "1", "--output-dir",
-                                      str(tmp_path / "run"), "--tensor-model-parallel-size", "2"])
+                                      str(tmp_path / "run"), *args])
     assert result.exit_code == 2
-    assert "--tensor-model-parallel-size 2 is not supported on CPU (one process, gloo); it needs GPUs" in result.output
+    assert message in " ".join(result.output.split())  # rich wraps long lines
     assert not (tmp_path / "run").exists()  # nothing written for a run that could not start
 
 

@@ -1,0 +1,156 @@
+"""`train.backend = "megatron"` on two gloo ranks on CPU (rank 0 leading, rank 1 following its
+calls, as `miles train --nproc-per-node 2` runs them): tensor parallelism 2 (dense families, half
+of every split layer on each rank) and expert parallelism 2 (MoE families, half of the routed
+experts on each rank) give what one rank gives: the same HF export (bitwise), log-probs (1e-5 of
+the native trainer's), loss, gradient norm and updated weights; the two-rank torch_dist
+checkpoint resumes bitwise, converts to HF with `miles convert`, and loads into a one-rank
+trainer; `miles train --nproc-per-node 2` runs with either and logs the one-rank run's first step."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+pytest.importorskip("megatron.core", reason="megatron-core is not installed (the optional [megatron] extra)")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
+
+from miles_cli.app import app  # noqa: E402
+from miles_core.checkpoint.convert import convert  # noqa: E402
+from miles_core.checkpoint.hf import iter_state_dict  # noqa: E402
+from miles_core.config import AlgoConfig, TrainConfig  # noqa: E402
+from miles_core.metrics import read_metrics  # noqa: E402
+from miles_core.models.base import named_weights  # noqa: E402
+from miles_core.train import build_trainer, megatron_env  # noqa: E402
+from miles_core.train.leader import follow, release_followers  # noqa: E402
+from tests.train.spmd import run_spmd  # noqa: E402
+from tests.train.test_megatron_backend import VARYING_REWARD, batch, native  # noqa: E402
+
+# A KL loss against the reference model (kept and checkpointed as shards too) and an entropy bonus
+# (the vocab-parallel entropy's gradient): the second step has a non-zero KL.
+ALGO = AlgoConfig(use_kl_loss=True, kl_loss_coef=0.1, kl_loss_type="k3", entropy_coef=0.01)
+TRAIN = TrainConfig(backend="megatron", lr=1e-4, logprob_chunk_size=16)  # 44 response tokens: 3 chunks
+
+
+@pytest.fixture(scope="module", autouse=True)
+def megatron_process_state():
+    yield
+    megatron_env.shutdown()
+
+
+def _trainer(family: str, parallel: dict[str, int] | None = None):
+    return build_trainer(replace(TRAIN, **(parallel or {})), ALGO, native(family), temperature=1.0, total_steps=4)
+
+
+def _weights(trainer) -> dict[str, torch.Tensor]:
+    return {name: tensor.clone() for name, tensor in trainer.export_weights()}
+
+
+def _steps(trainer, folder: Path | None = None) -> dict:
+    """Log-probs, a step, (a save), a second step: what both layouts are compared on."""
+    out = {"export": _weights(trainer), "logps": trainer.compute_log_probs(batch())}
+    out["first"], out["trained"] = trainer.train_rollout(batch()), _weights(trainer)
+    if folder is not None:
+        trainer.save(folder)
+    out["second"], out["trained_twice"] = trainer.train_rollout(batch()), _weights(trainer)
+    return out
+
+
+def _two_ranks(rank: int, family: str, parallel: dict[str, int], folder: str) -> dict | None:
+    """Rank 0 leads: the steps with a save after the first, then a fresh trainer loads the save and
+    runs the second step again. Rank 1 follows both trainers."""
+    if rank != 0:
+        for _ in range(2):
+            trainer = _trainer(family, parallel)
+            follow(trainer, trainer.control_group)
+        return None
+    out = _steps(_trainer(family, parallel), Path(folder) / "ckpt")
+    release_followers()
+    resumed = _trainer(family, parallel)
+    resumed.load(Path(folder) / "ckpt")
+    out["resumed_second"], out["resumed_trained_twice"] = resumed.train_rollout(batch()), _weights(resumed)
+    release_followers()
+    return out
+
+
+def _max_diff(a: dict | list, b: dict | list) -> float:
+    pairs = zip(a.values(), b.values()) if isinstance(a, dict) else zip(a, b)
+    return max((x - y).abs().max().item() for x, y in pairs)
+
+
+TP2, EP2 = {"tensor_model_parallel_size": 2}, {"expert_model_parallel_size": 2}
+
+
+# llama: tied embeddings (vocab-split, one tensor); deepseek_v3: MLA, shared experts, an MTP layer
+@pytest.mark.parametrize("family, parallel", [("qwen3", TP2), ("llama", TP2), ("qwen3_moe", EP2),
+                                              ("deepseek_v3", EP2)], ids=["qwen3-tp2", "llama-tp2", "qwen3_moe-ep2",
+                                                                          "deepseek_v3-ep2"])
+def test_two_ranks_match_one_rank(tmp_path, family, parallel):
+    two = run_spmd(_two_ranks, family, parallel, str(tmp_path))
+    one = _steps(_trainer(family))
+    expected_logps = build_trainer(TrainConfig(), ALGO, native(family), temperature=1.0,
+                                   total_steps=4).compute_log_probs(batch())
+    weights = dict(named_weights(native(family)))
+    assert two["export"].keys() == weights.keys()  # tied llama: the embedding once, no lm_head
+    assert all(torch.equal(two["export"][n], t) for n, t in weights.items())  # gathered shards: bitwise
+    assert _max_diff(two["logps"], expected_logps) < 1e-5  # observed <= 9.5e-7
+    assert _max_diff(two["logps"], one["logps"]) < 1e-5
+    for step in ("first", "second"):
+        for key in ("loss", "pg_loss", "entropy_loss", "kl_loss"):
+            assert two[step][key] == pytest.approx(one[step][key], abs=1e-5), (step, key)
+        assert two[step]["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-5), step
+    assert one["second"]["kl_loss"] > 0 and one["first"]["grad_norm"] > 0.1  # the checks have something to compare
+    assert _max_diff(two["trained"], one["trained"]) < 1e-5
+    assert _max_diff(two["trained"], two["export"]) > 1e-5  # the step moved the weights
+    # resumed from the TP=2 checkpoint (weights, AdamW moments, reference, schedule): bitwise
+    assert two["resumed_second"] == two["second"]
+    assert all(torch.equal(two["resumed_trained_twice"][n], t) for n, t in two["trained_twice"].items())
+    # the two-rank checkpoint converts to HF: the weights the two ranks exported after their first
+    # step (deepseek_v3's MTP layer, HF layer 3, is not built, so the checkpoint has none)
+    report = convert(tmp_path / "ckpt" / "torch_dist", tmp_path / "hf", to="hf", verify=True)
+    assert report.bitwise.ok and report.logits["bitwise"]
+    converted = dict(iter_state_dict(tmp_path / "hf"))
+    assert converted.keys() == {n for n in two["trained"] if not n.startswith("model.layers.3.")}
+    assert all(torch.equal(t, two["trained"][n]) for n, t in converted.items())
+    # and one rank reads it (dist_checkpointing reshards): the same weights, then one rank's second step
+    one_rank = _trainer(family)
+    one_rank.load(tmp_path / "ckpt")
+    assert all(torch.equal(t, two["trained"][n]) for n, t in one_rank.export_weights())
+    assert one_rank.train_rollout(batch())["loss"] == pytest.approx(two["second"]["loss"], abs=1e-6)
+
+
+def _cli_steps(tmp_path: Path, name: str, *args: str) -> list[dict]:
+    """Per-step metrics of a 2-step `miles train --recipe tiny` whose reward varies within groups,
+    with an entropy bonus (GRPO's pg_loss is 0 at ratio 1: the loss is then the entropy term)."""
+    result = CliRunner().invoke(app, ["train", "--recipe", "tiny", "--num-rollout", "2", "--set",
+                                      "reward.type=miles_test_varying_reward:reward", "--set", "train.backend=megatron",
+                                      "--set", "algo.entropy_coef=0.01", "--output-dir", str(tmp_path / name), *args])
+    assert result.exit_code == 0, result.output
+    return [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "rollout/num_samples" in r]
+
+
+@pytest.mark.parametrize("args", [
+    ["--set", "train.tensor_model_parallel_size=2"],
+    # R3 under expert parallelism: the router replays the engine's experts (agreement 1.0)
+    ["--set", "model.source=tiny-qwen3-moe", "--set", "train.expert_model_parallel_size=2", "--set",
+     "train.routing_replay=rollout", "--set", "engine.return_routed_experts=true"],
+], ids=["tp2", "qwen3_moe-ep2"])
+def test_miles_train_on_two_ranks_matches_one_rank(tmp_path, monkeypatch, args):
+    (tmp_path / "miles_test_varying_reward.py").write_text(VARYING_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = [a for a in args if a.startswith("model.") or a.startswith("train.routing") or a.startswith("engine.")]
+    one = _cli_steps(tmp_path, "one", *[x for a in model for x in ("--set", a)])
+    megatron_env.shutdown()  # that run's one-rank group: the launcher starts a 2-rank group in this process
+    two = _cli_steps(tmp_path, "two", "--nproc-per-node", "2", *args)
+    assert len(two) == 2 and (tmp_path / "two" / "checkpoints" / "step_000002" / "trainer" / "torch_dist").is_dir()
+    assert two[0]["rollout/raw_reward"] == one[0]["rollout/raw_reward"]  # same engine, same samples
+    assert one[0]["train/grad_norm"] > 0.01 and abs(one[0]["train/loss"]) > 0.01  # a real update
+    for key in ("train/loss", "train/pg_loss", "train/entropy_loss", "train/train_rollout_logprob_abs_diff"):
+        assert two[0][key] == pytest.approx(one[0][key], abs=1e-5), key
+    assert two[0]["train/grad_norm"] == pytest.approx(one[0]["train/grad_norm"], rel=1e-5)
+    if "train.routing_replay=rollout" in args:
+        assert two[0]["train/routing_agreement"] == one[0]["train/routing_agreement"] == 1.0
