@@ -1,26 +1,22 @@
 """The serving worker: concurrent HTTP requests in, batched engine work out.
 
-Route handlers (on the asyncio loop) `submit` a job (a list of `GenerateRequest`s) and await its
-future. One worker thread owns the engine: it takes the first waiting job, keeps collecting jobs
-for `window_s` (or until `max_batch_size` sequences are gathered), runs them through a single
-`engine.generate` call and hands each job its slice of the results. Control operations (weight
-updates, flush, pause) run on the same thread between batches, so they never interleave with a
-generation. Only the `RolloutEngine` protocol is used, so this works with today's engine and with
-one that schedules continuously.
+Continuous batching (an engine with `submit_all` and its own loop: the native engine): the engine
+is started in a background loop that schedules continuously, and `generate` submits each request
+to it directly. Requests join the running batch at the next step and each is answered when its
+own sequences finish (SGLang's behaviour; a static batch would make a late request wait for the
+whole batch); an abort answers a running request with its tokens so far, and a request waiting
+while the server is paused with none. `stream` does the same and yields the tokens as they are
+sampled. A request whose client goes away (closed stream, cancelled task, disconnected client) is
+aborted in the engine, freeing its KV blocks.
 
-Abort (by rid, or a client that disconnects): a job still waiting is dropped before it reaches the
-engine. A job whose batch already runs is answered at once as aborted; an engine with `abort(rid)`
-(native) also finishes its sequences, freeing their KV blocks, while for any other engine they keep
-decoding until the batch ends and the result is discarded.
+Batches (an engine with only `generate`: the HTTP client engine): route handlers put a job (a list
+of `GenerateRequest`s) in a queue; the worker thread takes the first waiting job, keeps collecting
+jobs for `window_s` (or until `max_batch_size` sequences are gathered), runs them through a single
+`engine.generate` call and hands each job its slice of the results. An aborted job still waiting
+is dropped; one whose batch already runs is answered at once as aborted (its result discarded).
 
-Continuous batching and streaming: an engine with `submit` (the native engine) is started in its
-own background loop, which schedules continuously. `generate` then submits each request to it
-directly: requests join the running batch at the next step and each is answered when its own
-sequences finish (SGLang's behaviour; a static batch would make a late request wait for the whole
-batch), and an abort answers a running request with its tokens so far. `stream` does the same and
-yields the tokens as they are sampled. The batch path above stays for engines with only `generate`
-(the HTTP client engine), whose answers arrive whole. A stream whose consumer goes away (closed generator, cancelled task, disconnected client)
-aborts its requests in the engine.
+Control operations (weight updates, flush, memory) run on the worker thread, between batches; with
+continuous batching they also take the engine's step lock, so they fall between two steps.
 """
 
 from __future__ import annotations
@@ -236,20 +232,14 @@ class BatchingWorker:
 
     # -- the worker thread -------------------------------------------------------------------
     def _abort_jobs(self, match: Callable[[_Job], bool]) -> int:
-        """Abort matching jobs. A job waiting for its batch answers `Aborted` (no tokens); a running
-        one, when the engine can abort requests, is stopped there and answered by the batch with
-        the tokens it generated so far (SGLang's abort answer, which partial rollout continues)."""
+        """Answer matching jobs `Aborted` (no tokens). A running request of the continuous path is
+        not a job: `abort` stops it in the engine, which answers it with its tokens so far."""
         with self._lock:
             jobs = [j for j in self._pending + self._running + self._waiting if match(j) and not j.aborted]
             for job in jobs:
                 job.aborted = True
-            running = [j for j in jobs if any(j is k for k in self._running)]
         for job in jobs:
-            if not (self.streaming and any(job is r for r in running)):
-                _resolve(job.future, error=Aborted("aborted"))
-        if self.streaming:
-            for rid in [r.rid for job in running for r in job.requests]:
-                self.engine.abort(rid)
+            _resolve(job.future, error=Aborted("aborted"))
         return len(jobs)
 
     def _loop(self) -> None:
@@ -311,9 +301,6 @@ class BatchingWorker:
                 self._running = []
 
     def _generate(self, jobs: list[_Job]) -> None:
-        for job in jobs:
-            if job.aborted:  # aborted between being taken and running: answered here (a no-op if already)
-                _resolve(job.future, error=Aborted("aborted"))
         jobs = [j for j in jobs if not j.aborted]
         if not jobs:
             return
