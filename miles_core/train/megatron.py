@@ -30,8 +30,9 @@ MoE routing replay (`train.routing_replay`, R3) and the routing records behind
 `routing_agreement` go through megatron's router (`megatron_routing.py`), as the native backend's.
 
 Not in this version (refused with one line): pipeline and context parallelism, sequence
-parallelism, data parallelism, TP for MoE and MLA families, TP with EP, bf16 compute, QAT,
-activation checkpointing, compile, the PPO critic. On CPU through the patches of `megatron_env.py`.
+parallelism, data parallelism, TP for MoE and MLA families, TP with EP, QAT, activation
+checkpointing, compile, the PPO critic. `train.compute_dtype = "bfloat16"` casts the parameters
+for each forward (`batch.call_in_dtype`, as the native trainer; DeepSeek-V3's router stays fp32). On CPU through the patches of `megatron_env.py`.
 """
 
 from __future__ import annotations
@@ -44,13 +45,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from miles_core.checkpoint.loading import DTYPES
 from miles_core.config import AlgoConfig, TrainConfig
 from miles_core.errors import MilesError
 from miles_core.kernels import FAST_OPS
 from miles_core.kernels.logprobs import chunked_logprobs_entropy
 from miles_core.models.base import named_weights
 from miles_core.train import megatron_checkpoint, megatron_env, megatron_shards
-from miles_core.train.batch import TrainBatch, micro_batches, pad_ragged
+from miles_core.train.batch import TrainBatch, call_in_dtype, micro_batches, pad_ragged
 from miles_core.train.finite import BadStepGuard
 from miles_core.train.megatron_model import WeightMap, build_gpt, check_model_parallel, hf_config_of, output_weight
 from miles_core.train.megatron_routing import RoutingHooks
@@ -72,7 +74,6 @@ def parallel_sizes(cfg: TrainConfig) -> megatron_env.ParallelSizes:
 def check_options(cfg: TrainConfig, critic: bool) -> None:
     """Refuse the `[train]` options this backend does not implement, naming each."""
     refused = {
-        "compute_dtype": (cfg.compute_dtype != "float32", "'float32'"),
         "qat": (cfg.qat != "off", "'off'"),
         "activation_checkpointing": (cfg.activation_checkpointing, "false"),
         "compile": (cfg.compile, "false"),
@@ -121,7 +122,7 @@ class MegatronTrainer(NativeTrainer):
         self.guard = BadStepGuard(cfg.max_bad_steps)
         self._bad_samples: list[int] = []
         self._positions: list[int] = []
-        self._casts = CastCache()  # stays empty: fp32 compute, no casts to fold
+        self._casts = CastCache()  # the policy's compute-dtype weights, cast once per optimizer step
         self.qat_modules: list[str] = []
 
     def _parallel_groups(self) -> None:
@@ -143,6 +144,15 @@ class MegatronTrainer(NativeTrainer):
         return model.train(), weights
 
     def _forward(self, model: nn.Module, batch: TrainBatch, indices: list[int], routing: RoutingPlan | None = None):
+        """In `train.compute_dtype` as the native trainer: the parameters cast for the call
+        (differentiably, onto the fp32 masters), activations in that dtype end to end."""
+        step = (_LogProbForwardFp32Router if self.hf_config["model_type"] == "deepseek_v3" else _LogProbForward)(
+            self, model)
+        return call_in_dtype(step, (batch, indices, routing), DTYPES[self.cfg.compute_dtype],
+                             self._casts if model is self.model else None)
+
+    def _forward_in_dtype(self, model: nn.Module, batch: TrainBatch, indices: list[int],
+                          routing: RoutingPlan | None = None):
         tokens = [batch.tokens[i] for i in indices]
         lengths = [batch.response_lengths[i] for i in indices]
         hidden_NE, targets_N = response_hidden_states(model, tokens, lengths, self.routing[id(model)], routing)
@@ -195,6 +205,25 @@ class MegatronTrainer(NativeTrainer):
         self.scheduler.load_state_dict(small["scheduler"])
         self.num_optimizer_steps = small["num_optimizer_steps"]
         self.guard.in_row = small.get("bad_steps_in_row", 0)
+
+
+class _LogProbForward(nn.Module):
+    """The policy (or reference) forward as one module, so `call_in_dtype` casts its parameters."""
+
+    def __init__(self, trainer: MegatronTrainer, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self._trainer = [trainer]  # not a submodule
+
+    def forward(self, batch: TrainBatch, indices: list[int], routing: RoutingPlan | None):
+        return self._trainer[0]._forward_in_dtype(self.model, batch, indices, routing)
+
+
+class _LogProbForwardFp32Router(_LogProbForward):
+    """DeepSeek-V3 keeps its router weight in fp32 whatever the compute dtype (as HF and the
+    native model do)."""
+
+    keep_in_fp32 = ("mlp.router.weight",)
 
 
 @contextlib.contextmanager

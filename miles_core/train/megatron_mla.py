@@ -69,7 +69,8 @@ def mla_config_fields(cfg: dict[str, Any]) -> dict[str, Any]:
         moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True, moe_router_bias_update_rate=0.0,
         moe_router_topk_scaling_factor=cfg["routed_scaling_factor"], moe_router_num_groups=cfg["n_group"],
         moe_router_group_topk=cfg["topk_group"], moe_router_pre_softmax=True,
-        moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
+        moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+        moe_router_dtype="fp32")  # router logits in fp32 under bf16 compute, as HF and the native model
 
 
 def mla_heads(cfg: dict[str, Any]) -> Heads:
