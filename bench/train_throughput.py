@@ -14,6 +14,9 @@ over sequences of length s, with N the parameter count (the tied embedding count
 lm_head matmul) and causal attention as half of the s^2 score and value matmuls.
 MFU = FLOPs / time / peak (`--peak-tflops`, 790 bf16 dense for H100/H200 by the issue's figure).
 
+`--megatron` adds the megatron-core backend (one rank, bf16 compute, fp32 masters; not at 4B,
+which needs activation checkpointing that backend refuses).
+
 GPU:  python bench/train_throughput.py --out bench/results/train_throughput.md
 CPU smoke test (seconds):  python bench/train_throughput.py --tiny --device cpu
 """
@@ -96,6 +99,15 @@ def native_step(master, mode: str, packed: bool, checkpointing: bool, compile_la
     return lambda batch: trainer.train_step(batch)
 
 
+def megatron_step(master, micro_batch_tokens: int = 8192):
+    """The megatron-core backend (one rank, bf16 compute, fp32 masters, padded micro-batches)."""
+    from miles_core.train import build_trainer
+
+    cfg = TrainConfig(backend="megatron", lr=1e-6, compute_dtype="bfloat16", max_tokens_per_micro_batch=micro_batch_tokens)
+    trainer = build_trainer(cfg, AlgoConfig(), copy.deepcopy(master), temperature=1.0, total_steps=100)
+    return lambda batch: trainer.train_step(batch)
+
+
 def hf_step(master, shape: dict, device: str, checkpointing: bool):
     import transformers
 
@@ -135,6 +147,8 @@ def measure(args, name: str) -> list[tuple[str, float, float, float]]:
              for mode, packed in NATIVE}
     if args.compile:
         steps["native fast packed compiled"] = (native_step, (master, "fast", True, checkpointing, True, mb))
+    if args.megatron and not checkpointing:  # the megatron backend refuses activation checkpointing
+        steps["megatron"] = (megatron_step, (master, mb))
     steps["transformers"] = (hf_step, (master, shape, args.device, checkpointing))
     if args.configs:  # a subset (the peer always runs: every ratio is against it)
         wanted = {c.strip() for c in args.configs.split(",")} | {"transformers"}
@@ -182,6 +196,7 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing at every shape")
     parser.add_argument("--compile", action="store_true", help="also time the packed fast trainer with train.compile")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--megatron", action="store_true", help="also time the megatron-core backend (one rank)")
     parser.add_argument("--configs", default="", help="comma-separated subset of the native rows, e.g. "
                         "'fast packed,fast packed compiled' (default: all)")
     parser.add_argument("--micro-batch-tokens", type=int, default=8192,
