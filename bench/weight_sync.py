@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from miles_core.launch.local import free_port
 
 from align_overhead import random_model  # bench/ is on sys.path when run
 from train_throughput import SHAPES
@@ -82,12 +83,6 @@ def nccl_bus_bandwidth(nbytes: int = 1 << 30) -> float:
     for p in ranks:
         p.join(timeout=60)
     return value
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_server(model_dir: Path, gpu: int, log: Path) -> tuple[subprocess.Popen, str]:

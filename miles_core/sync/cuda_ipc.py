@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import torch
 from miles_core.config import SyncConfig
 from miles_core.engine.protocol import RolloutEngine
 from miles_core.errors import MilesError
+from miles_core.sync.flat import pack_bytes
 from miles_core.sync.group import dtype_name, parse_dtype
 from miles_core.sync.nccl import require_weight_routes
 from miles_core.sync.protocol import SyncContext, SyncStats, send_buckets
@@ -52,10 +54,7 @@ class IpcTensor:
 
     @property
     def nbytes(self) -> int:
-        numel = 1
-        for size in self.shape:
-            numel *= size
-        return numel * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -208,8 +207,7 @@ class CudaIpcSync:
         device = next((t.device for _, t in bucket if t.is_cuda), torch.device("cuda", torch.cuda.current_device()))
         if self.buffer is None or self.buffer.numel() < size or self.buffer.device != device:
             self.buffer = torch.empty(max(size, self.bucket_bytes), dtype=torch.uint8, device=device)
-        sources = [t.detach().to(device).contiguous().reshape(-1).view(torch.uint8) for _, t in bucket]
-        torch._foreach_copy_([self.buffer[o:o + s.numel()] for o, s in zip(offsets, sources)], sources)  # one launch
+        pack_bytes(self.buffer, offsets, [t for _, t in bucket])
         torch.cuda.synchronize(device)  # the server reads the buffer from its own stream
         tensors = [IpcTensor(name, t.dtype, tuple(t.shape), o) for (name, t), o in zip(bucket, offsets)]
         text = describe(export_buffer(self.buffer), device_uuid(device), tensors)

@@ -9,6 +9,7 @@ where ~300 per-tensor broadcasts at 0.6B spend most of their time in per-call ov
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -18,7 +19,14 @@ LOAD_FORMAT = "flattened_bucket"
 
 def byte_sizes(dtypes: list[torch.dtype], shapes: list[list[int]]) -> list[int]:
     """Bytes of each tensor of the bucket."""
-    return [math.prod(shape) * torch.empty((), dtype=dtype).element_size() for dtype, shape in zip(dtypes, shapes)]
+    return [math.prod(shape) * dtype.itemsize for dtype, shape in zip(dtypes, shapes)]
+
+
+def pack_bytes(buffer: torch.Tensor, offsets: list[int], tensors: list[torch.Tensor]) -> None:
+    """Copy each tensor's bytes into the byte tensor `buffer` at its offset, in one multi-tensor
+    copy (one launch for a bucket of ~300 tensors, not one each)."""
+    sources = [t.detach().to(buffer.device).contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    torch._foreach_copy_([buffer[o:o + s.numel()] for o, s in zip(offsets, sources)], sources)
 
 
 class FlatStaging:
@@ -32,13 +40,13 @@ class FlatStaging:
 
     def pack(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """One byte tensor holding `tensors` back to back (a view of the staging buffer)."""
-        sources = [t.detach().to(self.device).contiguous().reshape(-1).view(torch.uint8) for t in tensors]
-        total = sum(s.numel() for s in sources)
+        sizes = byte_sizes([t.dtype for t in tensors], [list(t.shape) for t in tensors])
+        total = sum(sizes)
         if self.buffer.numel() < total:
             self.buffer = torch.empty(total, dtype=torch.uint8, device=self.device)
-        flat = self.buffer[:total]
-        torch._foreach_copy_(list(flat.split([s.numel() for s in sources])), sources)
-        return flat
+        offsets = [0, *itertools.accumulate(sizes)][:-1]
+        pack_bytes(self.buffer, offsets, tensors)
+        return self.buffer[:total]
 
 
 def unflatten(flat: torch.Tensor, dtypes: list[torch.dtype], shapes: list[list[int]]) -> list[torch.Tensor]:
@@ -47,7 +55,7 @@ def unflatten(flat: torch.Tensor, dtypes: list[torch.dtype], shapes: list[list[i
     tensors, offset = [], 0
     for dtype, shape, size in zip(dtypes, shapes, byte_sizes(dtypes, shapes)):
         piece = flat[offset : offset + size]
-        if offset % torch.empty((), dtype=dtype).element_size() == 0:
+        if offset % dtype.itemsize == 0:
             tensors.append(piece.view(dtype).view(shape))
         else:
             tensor = torch.empty(shape, dtype=dtype, device=flat.device)

@@ -9,7 +9,7 @@ import torch
 
 from miles_core.config import SyncConfig
 from miles_core.engine.protocol import RolloutEngine
-from miles_core.sync.protocol import SyncStats, buckets
+from miles_core.sync.protocol import SyncStats, send_buckets
 
 
 class InProcessSync:
@@ -24,15 +24,11 @@ class InProcessSync:
 
     def push(self, weights: Iterable[tuple[str, torch.Tensor]], version: str) -> SyncStats:
         start = time.perf_counter()
-        num_tensors = num_buckets = num_bytes = 0
         self.engine.pause()
         try:
-            for bucket in buckets(weights, self.cfg.bucket_mb << 20):
-                self.engine.update_weights(bucket, version=version)
-                num_buckets += 1
-                num_tensors += len(bucket)
-                num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+            counts = send_buckets(weights, self.cfg.bucket_mb << 20,
+                                  lambda bucket, last: self.engine.update_weights(bucket, version=version))
             self.engine.flush_cache()  # cached prefixes were computed with the old weights
         finally:
             self.engine.resume()
-        return SyncStats(num_tensors, num_buckets, num_bytes, time.perf_counter() - start)
+        return SyncStats(*counts, time.perf_counter() - start)

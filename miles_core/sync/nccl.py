@@ -124,7 +124,7 @@ class NcclSync:
         body = dict(names=[n for n, _ in bucket], dtypes=[dtype_name(t.dtype) for t in tensors],
                     shapes=[list(t.shape) for t in tensors], group_name=self.group.name, version=version,
                     flush=version is not None, load_format=flat.LOAD_FORMAT if self.staging else None)
-        # Packed before the servers are asked: they wait in the broadcast from the moment they answer.
+        # Packed before the servers are asked: each waits in the broadcast as soon as it reads the request.
         outgoing = [self.staging.pack(tensors)] if self.staging else [
             t.detach().to(self.device).contiguous() for t in tensors]
         answers = background(self.engine.update_weights_from_distributed, **body)

@@ -3,19 +3,20 @@ not rot between GPU sessions. Their numbers on CPU mean nothing."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.child_env import child_env
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("script", ["train_throughput.py", "grpo_step.py", "rollout_throughput.py"])
 def test_benchmark_runs_tiny_on_cpu(script, tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "MILES_CACHE": str(tmp_path / "cache")}
+    env = child_env(MILES_CACHE=str(tmp_path / "cache"))
     out = tmp_path / "result.md"
     done = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--tiny", "--device", "cpu", "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=600)
@@ -28,7 +29,7 @@ def test_benchmark_runs_tiny_on_cpu(script, tmp_path):
 
 
 def test_async_step_runs_quick_on_cpu(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "MILES_CACHE": str(tmp_path / "cache")}
+    env = child_env(MILES_CACHE=str(tmp_path / "cache"))
     out = tmp_path / "result.md"
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "async_step.py"), "--quick", "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=600)
@@ -41,7 +42,7 @@ def test_async_step_runs_quick_on_cpu(tmp_path):
 
 
 def test_lowprec_runs_tiny_on_cpu(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "MILES_CACHE": str(tmp_path / "cache")}
+    env = child_env(MILES_CACHE=str(tmp_path / "cache"))
     out = tmp_path / "result.md"
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "lowprec.py"), "--tiny", "--device", "cpu", "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=600)
@@ -54,7 +55,7 @@ def test_lowprec_runs_tiny_on_cpu(tmp_path):
 
 
 def test_engine_host_overhead_runs_on_cpu(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "MILES_CACHE": str(tmp_path / "cache")}
+    env = child_env(MILES_CACHE=str(tmp_path / "cache"))
     out = tmp_path / "result.md"
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "engine_host_overhead.py"), "--batches", "3,9",
                            "--steps", "5", "--repeats", "1", "--out", str(out)],

@@ -5,9 +5,7 @@ throughput bench's CPU smoke run."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,8 +18,10 @@ import torch
 from miles_core.config import SamplingConfig, SyncConfig, load_config
 from miles_core.engine.protocol import GenerateRequest, Generation
 from miles_core.errors import MilesError
+from miles_core.launch.local import free_port
 from miles_core.serve.worker import Aborted, BatchingWorker
 from miles_core.sync import SyncContext, build_weight_sync
+from tests.child_env import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -96,15 +96,9 @@ def test_disk_transport_writes_a_checkpoint_the_engine_loads(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["v4"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_miles_serve_command_serves_and_stops_on_sigterm():
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    port = free_port()
+    env = child_env()
     process = subprocess.Popen([sys.executable, "-m", "miles_cli.app", "serve", "--model", "tiny-qwen3", "--port", str(port),
                                 "--api-key", "k", "--set", 'model.device="cpu"'],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)

@@ -3,28 +3,19 @@ updates allowed, always stopped; plus the trainer-side weights and digests the t
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import torch
 
 from miles_core.config import EngineConfig
 from miles_core.engine.http import SGLangHttpEngine
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from miles_core.launch.local import free_port
+from tests.child_env import child_env
 
 
 class ServeProcess:
@@ -34,7 +25,7 @@ class ServeProcess:
         self.port, self.allowed_root = free_port(), allowed_root
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server never blocks on a full pipe
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "OMP_NUM_THREADS": "1"}
+        env = child_env(OMP_NUM_THREADS="1")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "miles_cli.app", "serve", "--model", model, "--port", str(self.port),
              "--allow-unauthenticated-weight-updates", "--set", f'model.device="{device}"',

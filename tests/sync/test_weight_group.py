@@ -15,7 +15,7 @@ import torch.distributed as dist
 from miles_core.errors import MilesError
 from miles_core.sync.group import WeightGroup, dtype_name, host_store, parse_dtype, resolve_backend, tensor_sha256
 from miles_core.sync.protocol import with_last
-from tests.sync.servers import ROOT
+from tests.child_env import ROOT
 
 
 def test_two_ranks_broadcast_bitwise_without_a_default_group():

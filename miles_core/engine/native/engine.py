@@ -77,8 +77,7 @@ class NativeEngine:
                                    max_num_batched_tokens=cfg.max_num_batched_tokens,
                                    cache_routing=self.capture_routing)
         self.runner = ModelRunner(self.model, self.pool, capture_routing=self.capture_routing)
-        with on_device(self.device):
-            self._capture_graphs()
+        self._capture_graphs()
         self.weights = WeightTable(self.model)
         self._host: HostWeights | None = None
         """Set while the memory is released (`release_memory`): where the weights went."""
@@ -110,8 +109,9 @@ class NativeEngine:
 
     def _capture_graphs(self) -> None:
         if self._can_capture():
-            self.runner.graphs = DecodeGraphs(self.model, self.pool, max_batch_size=self.cfg.max_batch_size,
-                                              max_blocks_per_row=self.blocks.blocks_for(self.max_context_len))
+            with on_device(self.device):  # captures go to the current device
+                self.runner.graphs = DecodeGraphs(self.model, self.pool, max_batch_size=self.cfg.max_batch_size,
+                                                  max_blocks_per_row=self.blocks.blocks_for(self.max_context_len))
 
     def _can_capture(self) -> bool:
         """Decode steps go through CUDA graphs: on CUDA with the paged kernel, dense models only
@@ -192,8 +192,7 @@ class NativeEngine:
             weights_to_device(self.model, self._host)
             self.weights.invalidate()
             self.pool.restore()
-            with on_device(self.device):
-                self._capture_graphs()
+            self._capture_graphs()
             self._host = None
         self._notify()
 
