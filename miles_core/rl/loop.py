@@ -121,7 +121,9 @@ def _rollout_step(cfg: MilesConfig, parts: RunComponents, step: int) -> dict[str
 
     metrics = dict(rollout.metrics)
     if parts.trainer is not None and rollout.samples:
+        start = time.perf_counter()
         metrics.update(parts.colocation.before_train())  # engine.colocate: the engine gives the GPU up
+        colocate_time = time.perf_counter() - start
         start = time.perf_counter()
         batch, batch_metrics = prepare_train_batch(cfg, parts.trainer, rollout.samples)  # shape rewards, advantages
         metrics.update(batch_metrics)
@@ -129,7 +131,10 @@ def _rollout_step(cfg: MilesConfig, parts: RunComponents, step: int) -> dict[str
         for note in parts.trainer.skipped_notes():
             log.warning("step %d: optimizer step skipped, non-finite %s", step, note)
         times["train_time"] = time.perf_counter() - start
+        start = time.perf_counter()
         metrics.update(parts.colocation.after_train())  # ... and takes it back before the sync
+        if parts.colocation.enabled:  # memory moves and graph captures are part of the step's time
+            times["colocate_time"] = colocate_time + time.perf_counter() - start
         check_true_on_policy(cfg.alignment, metrics, step)
         check_finite_weights(parts.trainer.export_weights(), step)  # never sync or save NaN/Inf
     if parts.sync is not None:

@@ -130,9 +130,12 @@ def build_gpt(cfg: dict[str, Any], sizes: ParallelSizes, device: torch.device) -
                                       normalization="RMSNorm")
     if config.multi_latent_attention and not have_transformer_engine():
         megatron_mla.use_sdpa_core_attention(spec)
-    return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=cfg["vocab_size"],
-                    max_sequence_length=cfg["max_position_embeddings"], position_embedding_type="rope",
-                    rotary_base=rope_theta(cfg), share_embeddings_and_output_weights=cfg["tie_word_embeddings"])
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=cfg["vocab_size"],
+                     max_sequence_length=cfg["max_position_embeddings"], position_embedding_type="rope",
+                     rotary_base=rope_theta(cfg), share_embeddings_and_output_weights=cfg["tie_word_embeddings"])
+    # The local spec's norms (torch.nn.RMSNorm) are built on the host whatever the config says;
+    # megatron's own training scripts move the model with `.cuda()` for the same reason.
+    return model.to(device)
 
 
 def output_weight(model: nn.Module) -> torch.Tensor:
