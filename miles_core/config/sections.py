@@ -71,6 +71,9 @@ class EngineConfig:
     cuda_graphs: bool = True
     """CUDA, dense models: capture the decode step as CUDA graphs at batch sizes 1, 2, 4, 8, 16, ...
     `max_batch_size` and replay them (a few seconds of capture at start-up; MoE runs eagerly)."""
+    stable_memory: bool = True
+    """CUDA, `engine.colocate`: the KV pool and weights keep their addresses across a release
+    (CUDA virtual memory), so a resume needs no graph capture; false frees and reallocates them."""
     urls: tuple[str, ...] = ()
     """`sglang` backend: base URLs of the servers (`http://host:port`); requests go to the one with
     the fewest outstanding sequences."""

@@ -102,7 +102,7 @@ def test_tied_embeddings_stay_one_tensor():
 @pytest.mark.gpu
 def test_gpu_release_frees_the_kv_pool_and_weights_and_resume_gives_identical_greedy_tokens():
     model = model_for("qwen3", "fast").cuda()
-    engine = paged(model, block_size=64, num_kv_blocks=256, return_routed_experts=False)
+    engine = paged(model, block_size=64, num_kv_blocks=256, return_routed_experts=False, stable_memory=False)
     reqs = requests(prompts(4, seed=6), n=2, max_new_tokens=16, temperature=0.0)
     before = _tokens(engine, reqs)
     pool_bytes = engine.pool.num_bytes
@@ -116,3 +116,101 @@ def test_gpu_release_frees_the_kv_pool_and_weights_and_resume_gives_identical_gr
     assert _tokens(engine, reqs) == before
     if engine.runner.graphs is not None:  # captured again on the restored pool and weights
         assert engine.runner.graphs.pool is engine.pool
+
+
+@pytest.mark.gpu
+def test_gpu_stable_memory_gives_pages_back_and_keeps_graphs_and_addresses():
+    model = model_for("qwen3", "fast").cuda()
+    engine = paged(model, block_size=64, num_kv_blocks=2048, return_routed_experts=False)
+    reqs = requests(prompts(4, seed=6), n=2, max_new_tokens=16, temperature=0.0)
+    before = _tokens(engine, reqs)
+    pool_bytes = engine.pool.num_bytes
+    engine.release_memory()  # the first release moves everything into the regions
+    engine.resume_memory()  # ... and captures the graphs once more
+    graphs, addresses = engine.runner.graphs, _addresses(engine)
+    assert _tokens(engine, reqs) == before
+    torch.cuda.synchronize()
+    free_before = torch.cuda.mem_get_info()[0]
+    stats = engine.release_memory()
+    assert torch.cuda.mem_get_info()[0] - free_before >= 0.9 * pool_bytes  # the pages went to the driver
+    assert stats["gpu_freed_bytes"] >= pool_bytes
+    engine.resume_memory()
+    assert engine.runner.graphs is graphs and graphs is not None  # no capture on resume
+    assert _addresses(engine) == addresses
+    assert _tokens(engine, reqs) == before
+
+
+def _addresses(engine) -> list[int]:
+    return [t.data_ptr() for t in [*engine.model.parameters(), *engine.pool.keys, *engine.pool.values]]
+
+
+class HostRegion:
+    """Stands in for `cuda_vmm.Region` on CPU: unmapping loses the contents (filled with 0xFF:
+    NaN as floats), as fresh device pages hold anything."""
+
+    regions: list = []
+    fail_on: int = -1
+
+    def __init__(self, nbytes: int, device: torch.device) -> None:
+        if len(HostRegion.regions) == HostRegion.fail_on:
+            raise MilesError("CUDA virtual memory: cuMemCreate of 1.00 GiB failed with error 2 (out of memory)")
+        self.nbytes, self.device, self.mapped = nbytes, device, True
+        self.tensor = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        HostRegion.regions.append(self)
+
+    def unmap(self) -> None:
+        self.tensor.fill_(0xFF)
+        self.mapped = False
+
+    def map(self) -> None:
+        self.mapped = True
+
+
+@pytest.fixture
+def host_regions(monkeypatch):
+    from miles_core.engine.native import stable_memory
+
+    HostRegion.regions, HostRegion.fail_on = [], -1
+    monkeypatch.setattr(stable_memory, "supported", lambda device: True)
+    monkeypatch.setattr(stable_memory, "new_region", HostRegion)
+    return HostRegion
+
+
+def test_stable_memory_keeps_every_address_and_brings_back_the_bits(host_regions):
+    engine = paged(model_for("qwen3", "fast"), block_size=16, num_kv_blocks=40, return_routed_experts=False)
+    engine.model.lm_head.weight = engine.model.model.embed_tokens.weight  # tied, as SmolLM2
+    fuse_projections(engine.model)  # what the engine does on CUDA
+    reqs = requests(prompts(3, seed=4), n=2, max_new_tokens=10)
+    before, weights = _tokens(engine, reqs), _state(engine)
+    stats = engine.release_memory()
+    weights_region, pool_region = host_regions.regions
+    assert not weights_region.mapped and not pool_region.mapped and engine.released
+    assert stats["kv_cache_bytes"] == pool_region.nbytes >= 335_872 and stats["weights_bytes"] <= weights_region.nbytes
+    engine.resume_memory()
+    addresses = _addresses(engine)
+    region_start = weights_region.tensor.data_ptr()
+    assert all(region_start <= p.data_ptr() < region_start + weights_region.nbytes for p in engine.model.parameters())
+    attn, mlp = engine.model.model.layers[0].self_attn, engine.model.model.layers[0].mlp
+    rows = attn.q_proj.weight.shape[0]
+    assert attn.k_proj.weight.data_ptr() == attn.fused_qkv[0][rows:].data_ptr()  # still views of the fused weight
+    assert mlp.up_proj.weight.data_ptr() == mlp.fused_gate_up[mlp.gate_proj.weight.shape[0]:].data_ptr()
+    assert engine.model.lm_head.weight is engine.model.model.embed_tokens.weight
+    assert all(torch.equal(_state(engine)[name], weights[name]) for name in weights)
+    assert _tokens(engine, reqs) == before  # NaN pages: only a zeroed pool and restored weights give this
+    for _ in range(2):
+        engine.release_memory()
+        engine.resume_memory()
+    assert _addresses(engine) == addresses and len(host_regions.regions) == 2
+    assert _tokens(engine, reqs) == before
+
+
+def test_stable_memory_failures_say_what_to_set_and_leave_a_working_engine(host_regions):
+    engine = paged(model_for("qwen3"), block_size=16, num_kv_blocks=40)
+    reqs = requests(prompts(2, seed=7), n=1, max_new_tokens=6)
+    before = _tokens(engine, reqs)
+    for fail_on in (0, 1):  # the weights' region (nothing moved yet), the pool's (the weights moved)
+        host_regions.regions, host_regions.fail_on = [], fail_on
+        with pytest.raises(MilesError, match="out of memory.*set engine.stable_memory = false"):
+            engine.release_memory()
+        assert not engine.released and engine.pool.num_bytes > 0
+        assert _tokens(engine, reqs) == before

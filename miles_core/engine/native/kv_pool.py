@@ -15,7 +15,9 @@ Block size must be the invariant attention kernel's key tile (`triton_ops` BLOCK
 future paged kernel walks one block per tile and reduces keys in the same order as today.
 
 Colocation (`engine.colocate`): `release` frees the tensors while the trainer trains and
-`restore` allocates them again, zeroed (every block counts as used once then).
+`restore` allocates them again, zeroed (every block counts as used once then); with
+`engine.stable_memory` the K/V are instead views of a fixed-address region (`place`) whose
+pages come and go under them (`stable_memory.py`).
 
 Sizing: `engine.num_kv_blocks` when set; else on CUDA `engine.mem_fraction` of the free GPU
 memory after the weights are loaded (SGLang's `mem_fraction_static`, applied to what is left),
@@ -27,6 +29,8 @@ Shape legend: N blocks, P block size, K kv heads, D key head dim, V value head d
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -43,6 +47,7 @@ class KVPool:
         self.null_block = num_blocks
         k_shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
         v_shape = (num_blocks + 1, block_size, num_kv_heads, v_head_dim)
+        self._shapes = (k_shape, v_shape)
         self.keys = [torch.empty(k_shape, dtype=dtype, device=device) for _ in range(num_layers)]  # (N, P, K, D)
         self.values = [torch.empty(v_shape, dtype=dtype, device=device) for _ in range(num_layers)]  # (N, P, K, V)
         self._zeroed = 0
@@ -53,7 +58,6 @@ class KVPool:
         """Free the K/V tensors (a cache: the engine flushes its prefix cache with them); returns
         their bytes. Zero-size tensors stand in, so the pool still names its device and dtype."""
         freed = sum(t.numel() * t.element_size() for t in self.keys + self.values)
-        self._shapes = (tuple(self.keys[0].shape), tuple(self.values[0].shape))
         self.keys = [t.new_empty(0) for t in self.keys]
         self.values = [t.new_empty(0) for t in self.values]
         return freed
@@ -65,6 +69,36 @@ class KVPool:
         self.keys = [torch.zeros(k_shape, dtype=t.dtype, device=t.device) for t in self.keys]
         self.values = [torch.zeros(v_shape, dtype=t.dtype, device=t.device) for t in self.values]
         self._zeroed = self.null_block
+
+    def bytes_needed(self, align: int) -> int:
+        """Bytes of a buffer holding every K/V tensor at `align`-byte aligned offsets (`place`)."""
+        return self._offsets(align)[-1]
+
+    def place(self, buffer: torch.Tensor, align: int) -> None:
+        """Hold the K/V tensors as views of the uint8 `buffer` (a fixed-address region of
+        `stable_memory.py`); its contents count as undefined (`forget_contents`)."""
+        dtype, (k_shape, v_shape) = self.keys[0].dtype, self._shapes
+        offsets, n = self._offsets(align), len(self.keys)
+        views = [buffer[start:start + _nbytes(shape, dtype)].view(dtype).view(shape)
+                 for start, shape in zip(offsets, [k_shape] * n + [v_shape] * n)]
+        self.keys, self.values = views[:n], views[n:]
+        self.forget_contents()
+
+    def forget_contents(self) -> None:
+        """After the memory under the K/V tensors was replaced: the null block zeroed, every
+        other block zeroed when first handed out again (`zero_block`)."""
+        self._zeroed = 0
+        self._zero(slice(self.null_block, self.null_block + 1))
+
+    def _offsets(self, align: int) -> list[int]:
+        """Start of each of the layers' K tensors, then their V tensors, then the end."""
+        dtype, (k_shape, v_shape), n = self.keys[0].dtype, self._shapes, len(self.keys)
+        offsets, end = [], 0
+        for shape in [k_shape] * n + [v_shape] * n:
+            start = -(-end // align) * align
+            offsets.append(start)
+            end = start + _nbytes(shape, dtype)
+        return [*offsets, end]
 
     @property
     def num_bytes(self) -> int:
@@ -95,6 +129,10 @@ class KVPool:
         for keys, values in zip(self.keys, self.values):
             keys[dst].copy_(keys[src])
             values[dst].copy_(values[src])
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
 
 
 def block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, v_head_dim: int,
