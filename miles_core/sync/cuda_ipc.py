@@ -162,15 +162,20 @@ def export_buffer(buffer: torch.Tensor) -> dict:
             "event_sync_required": bool(event_sync), "buffer_offset": int(offset), "buffer_bytes": int(size[0])}
 
 
-def open_buffer(fields: dict, device: torch.device) -> torch.Tensor:
-    """The trainer's uint8 buffer, mapped on `device` from checked handle fields."""
+def open_buffer(bucket: IpcBucket, device: torch.device) -> torch.Tensor:
+    """The trainer's uint8 buffer, mapped on `device` (which must be the GPU the trainer exported
+    from) from the checked handle fields."""
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
+    if device.type != "cuda" or device_uuid(device) != bucket.device_uuid:
+        raise MilesError(f"{LOAD_FORMAT}: the engine runs on {device}, not on the trainer's GPU "
+                         f"{bucket.device_uuid}; cuda_ipc needs both on one GPU (use 'nccl' otherwise)")
+    f = bucket.fields
     return rebuild_cuda_tensor(
-        torch.Tensor, (fields["buffer_bytes"],), (1,), fields["buffer_offset"], torch.UntypedStorage, torch.uint8,
-        device.index if device.index is not None else torch.cuda.current_device(), fields["handle"],
-        fields["storage_size_bytes"], fields["storage_offset_bytes"], False, fields["ref_counter_handle"],
-        fields["ref_counter_offset"], fields["event_handle"], fields["event_sync_required"])
+        torch.Tensor, (f["buffer_bytes"],), (1,), f["buffer_offset"], torch.UntypedStorage, torch.uint8,
+        device.index if device.index is not None else torch.cuda.current_device(), f["handle"],
+        f["storage_size_bytes"], f["storage_offset_bytes"], False, f["ref_counter_handle"], f["ref_counter_offset"],
+        f["event_handle"], f["event_sync_required"])
 
 
 class IpcMapping:
@@ -197,7 +202,7 @@ class IpcMapping:
         """(name, view) of each tensor the description `text` names, in the mapped buffer; a
         `MilesError` for a bad description or a buffer that cannot be mapped."""
         named = self._described.get(text)
-        if named is not None:
+        if named is not None and self._key[0] == device:
             self._described.move_to_end(text)
             return named
         bucket = parse_description(text)
@@ -219,10 +224,7 @@ class IpcMapping:
             return self._buffer
         self.drop()
         try:
-            if device.type != "cuda" or device_uuid(device) != bucket.device_uuid:
-                raise MilesError(f"{LOAD_FORMAT}: the engine runs on {device}, not on the trainer's GPU "
-                                 f"{bucket.device_uuid}; cuda_ipc needs both on one GPU (use 'nccl' otherwise)")
-            self._buffer = open_buffer(bucket.fields, device)
+            self._buffer = open_buffer(bucket, device)
         except (MilesError, RuntimeError) as err:  # RuntimeError: CUDA refused the handle
             message = f"{LOAD_FORMAT}: cannot map the trainer's buffer ({err})".replace("\n", " ")
             raise MilesError(message) from None
@@ -231,10 +233,38 @@ class IpcMapping:
         return self._buffer
 
 
-class CudaIpcSync:
-    """`WeightSync` to `miles serve` engines on this GPU, bucket by bucket through one shared buffer."""
+class IpcDescriptions:
+    """The trainer's end: the staging buffer's handle fields, exported once per buffer (each export
+    takes one of torch's IPC ref counters and events, which the server's one mapping gives back
+    once), and each bucket's JSON, built once per (names, layout)."""
 
     MAX_DESCRIPTIONS = 64
+
+    def __init__(self) -> None:
+        self._exported: tuple[torch.Tensor, dict, str] | None = None
+        """(buffer, its handle fields, its device's UUID)."""
+        self._texts: OrderedDict[tuple, str] = OrderedDict()
+        self.num_exports = 0
+
+    def text(self, buffer: torch.Tensor, names: list[str], tensors: list[torch.Tensor], offsets: list[int]) -> str:
+        """The description of `tensors` (called `names`) at `offsets` of `buffer`."""
+        if self._exported is None or self._exported[0] is not buffer:
+            self._exported = (buffer, export_buffer(buffer), device_uuid(buffer.device))
+            self._texts.clear()
+            self.num_exports += 1
+        key = (tuple(names), signature(tensors))
+        text = self._texts.get(key)
+        if text is None:
+            _, fields, uuid = self._exported
+            text = self._texts[key] = describe(fields, uuid, [
+                IpcTensor(name, t.dtype, tuple(t.shape), offset) for name, t, offset in zip(names, tensors, offsets)])
+            if len(self._texts) > self.MAX_DESCRIPTIONS:
+                self._texts.popitem(last=False)
+        return text
+
+
+class CudaIpcSync:
+    """`WeightSync` to `miles serve` engines on this GPU, bucket by bucket through one shared buffer."""
 
     def __init__(self, engine: RolloutEngine, cfg: SyncConfig, context: SyncContext | None = None) -> None:
         require_weight_routes(engine, "cuda_ipc")
@@ -244,9 +274,7 @@ class CudaIpcSync:
         self.engine, self.cfg = engine, cfg
         self.bucket_bytes = cfg.bucket_mb << 20
         self.staging: FlatStaging | None = None
-        self._exported: tuple[torch.Tensor, dict, str] | None = None
-        """(buffer, its handle fields, device UUID): exported once per buffer."""
-        self._descriptions: OrderedDict[tuple, str] = OrderedDict()
+        self.descriptions = IpcDescriptions()
 
     @property
     def buffer(self) -> torch.Tensor | None:
@@ -270,24 +298,7 @@ class CudaIpcSync:
         tensors = [t for _, t in bucket]
         _, offsets = self.staging.pack_with_offsets(tensors)
         torch.cuda.synchronize(device)  # the server reads the buffer from its own stream
-        text = self._description([name for name, _ in bucket], tensors, offsets)
+        text = self.descriptions.text(self.staging.buffer, [name for name, _ in bucket], tensors, offsets)
         # returns once every server has copied the bucket out: only then may the buffer change
         self.engine.update_weights_from_tensor([text], load_format=LOAD_FORMAT, version=version,
                                                flush=version is not None)
-
-    def _description(self, names: list[str], tensors: list[torch.Tensor], offsets: list[int]) -> str:
-        """The bucket's JSON, built once per (names, layout) of the current buffer."""
-        buffer = self.staging.buffer
-        if self._exported is None or self._exported[0] is not buffer:
-            self._exported = (buffer, export_buffer(buffer), device_uuid(buffer.device))
-            self._descriptions.clear()
-        key = (tuple(names), signature(tensors))
-        text = self._descriptions.get(key)
-        if text is None:
-            _, fields, uuid = self._exported
-            text = describe(fields, uuid, [IpcTensor(name, t.dtype, tuple(t.shape), offset)
-                                           for name, t, offset in zip(names, tensors, offsets)])
-            self._descriptions[key] = text
-            if len(self._descriptions) > self.MAX_DESCRIPTIONS:
-                self._descriptions.popitem(last=False)
-        return text
