@@ -9,10 +9,11 @@ Everything that touches the group or the weights runs on the batching worker's t
 batches. Joining blocks that thread until every rank has joined (as in SGLang). A bucket is
 received whole into tensors of the announced dtypes and shapes on the engine's device before
 anything is checked, so a bucket the engine refuses (unknown name, wrong shape) still takes part
-in every broadcast and the group stays in step; a flat bucket lands in one byte buffer per group,
-reused bucket after bucket with its views cached per signature (`flat.FlatReceiver`: the engine
-copies a bucket out before the next is received, and ~300 per-tensor views cost ~1 ms a bucket); the engine checks every name and shape before it
-writes any, so a refused bucket leaves the old weights in place. A malformed request (unknown
+in every broadcast and the group stays in step; the engine checks every name and shape before it
+writes any, so a refused bucket leaves the old weights in place. A flat bucket lands in one byte
+buffer per group, reused bucket after bucket with its views cached per signature
+(`flat.FlatReceiver`: the engine copies a bucket out before the next is received, and ~300
+per-tensor views cost ~1 ms a bucket); a memory release frees it. A malformed request (unknown
 dtype, lists of different lengths, unknown group) is refused before any broadcast: the sender
 cannot be in step with it anyway.
 """
