@@ -7,7 +7,9 @@ rollout (the same weights, bitwise). Both run on the batching worker's thread, b
 The native engine releases everything at once: SGLang's `tags` (`weights`, `kv_cache`,
 `cuda_graph`) are accepted only when they name all three (or are left out). Release is refused
 (409) while requests are in flight; generation is refused (409) while released. Beyond SGLang's
-shape, a release answers the bytes it freed under `miles` (the run logs them).
+shape, a release answers the bytes it freed under `miles` (the run logs them). A release also lets go
+of what the weight sync keeps between pushes: the mapping of the trainer's CUDA IPC buffer and the
+flat-bucket receive buffers.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from miles_core.errors import MilesError
 from miles_core.serve.bodies import parse_body
 from miles_core.serve.schemas import Strict
 from miles_core.serve.state import RequestError, ServeState
+from miles_core.serve.weight_routes import forget_receive_buffers
+from miles_core.serve.weights import forget_ipc_mapping
 
 router = APIRouter()
 ALL_TAGS = frozenset({"weights", "kv_cache", "cuda_graph"})
@@ -29,7 +33,7 @@ class MemoryBody(Strict):
     tags: list[str] | None = None
 
 
-async def _engine_call(request: Request, name: str):
+async def _engine_call(request: Request, name: str, then=None):
     state: ServeState = request.app.state.serve
     body = await parse_body(request, MemoryBody)
     if body.tags is not None and set(body.tags) != ALL_TAGS:
@@ -38,15 +42,27 @@ async def _engine_call(request: Request, name: str):
     method = getattr(state.engine, name, None)
     if method is None:
         raise RequestError(f"the served engine ({type(state.engine).__name__}) cannot {name}", 501)
+    def call():
+        result = method()
+        if then is not None:
+            then()
+        return result
+
     try:
-        return await state.worker.control(method)
+        return await state.worker.control(call)
     except MilesError as err:  # in flight: the caller must wait or abort first
         raise RequestError(str(err), 409) from None
 
 
 @router.api_route("/release_memory_occupation", methods=["GET", "POST"])
 async def release_memory_occupation(request: Request):
-    freed = await _engine_call(request, "release_memory")
+    state: ServeState = request.app.state.serve
+
+    def forget_sync_buffers() -> None:
+        forget_ipc_mapping(state.engine)
+        forget_receive_buffers(getattr(request.app.state, "weight_groups", {}))
+
+    freed = await _engine_call(request, "release_memory", then=forget_sync_buffers)
     return {"success": True, "message": "Memory released.", "miles": freed}
 
 

@@ -7,16 +7,20 @@ as one broadcast of all its bytes (`sync.flat`).
 
 Everything that touches the group or the weights runs on the batching worker's thread, between
 batches. Joining blocks that thread until every rank has joined (as in SGLang). A bucket is
-received whole into fresh tensors of the announced dtypes and shapes on the engine's device before
+received whole into tensors of the announced dtypes and shapes on the engine's device before
 anything is checked, so a bucket the engine refuses (unknown name, wrong shape) still takes part
 in every broadcast and the group stays in step; the engine checks every name and shape before it
-writes any, so a refused bucket leaves the old weights in place. A malformed request (unknown
+writes any, so a refused bucket leaves the old weights in place. A flat bucket lands in one byte
+buffer per group, reused bucket after bucket with its views cached per signature
+(`flat.FlatReceiver`: the engine copies a bucket out before the next is received, and ~300
+per-tensor views cost ~1 ms a bucket); a memory release frees it. A malformed request (unknown
 dtype, lists of different lengths, unknown group) is refused before any broadcast: the sender
 cannot be in step with it anyway.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Literal
 
 import torch
@@ -38,6 +42,8 @@ GROUP_TIMEOUT_S = 600.0
 ROUTES = frozenset({"/init_weights_update_group", "/update_weights_from_distributed",
                     "/destroy_weights_update_group"})
 """Routes that change the weights: they need the api key (see `app.PROTECTED_ROUTES`)."""
+_RECEIVERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Group -> the `FlatReceiver` of its flat buckets (weak: it goes with the group)."""
 
 
 class InitGroupBody(Strict):
@@ -145,9 +151,12 @@ def _received(group: WeightGroup, device: torch.device, dtypes: list[torch.dtype
     """The whole bucket, received before any check (the group must stay in step): one broadcast
     of its bytes (`flattened_bucket`), or one broadcast per tensor."""
     if flat:
-        buffer = torch.empty(sum(flat_bucket.byte_sizes(dtypes, shapes)), dtype=torch.uint8, device=device)
+        receiver = _RECEIVERS.get(group)
+        if receiver is None or receiver.device != device:
+            receiver = _RECEIVERS[group] = flat_bucket.FlatReceiver(device)
+        buffer, layout = receiver.buffer_for(dtypes, shapes)
         group.broadcast(buffer)
-        return flat_bucket.unflatten(buffer, dtypes, shapes)
+        return flat_bucket.unflatten_views(layout, dtypes, shapes)
     tensors = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in zip(shapes, dtypes)]
     for tensor in tensors:
         group.broadcast(tensor)
@@ -181,10 +190,18 @@ async def destroy_weights_update_group(request: Request):
         raise RequestError(f"no weight-update group '{body.group_name}'")
 
     def destroy() -> str:
+        _RECEIVERS.pop(group, None)
         group.destroy()
         return f"Destroyed weight-update group '{body.group_name}'."
 
     return await _on_worker(state, destroy, refused="destroying the weight-update group failed")
+
+
+def forget_receive_buffers(groups: dict[str, WeightGroup]) -> None:
+    """Free the flat-bucket buffers of `groups` (the engine releases its memory); the next bucket
+    allocates again."""
+    for group in groups.values():
+        _RECEIVERS.pop(group, None)
 
 
 @router.post("/weights_checksum")

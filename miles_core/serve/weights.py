@@ -1,5 +1,7 @@
 """Weight updates of a served engine: a HF checkpoint folder, safetensors blobs in a request, or
-(`load_format = "miles_cuda_ipc"`) a CUDA buffer of the trainer on the same GPU (`sync/cuda_ipc.py`).
+(`load_format = "miles_cuda_ipc"`) a CUDA buffer of the trainer on the same GPU (`sync/cuda_ipc.py`),
+which stays mapped from bucket to bucket (one `IpcMapping` per engine, dropped with the engine or
+by `forget_ipc_mapping` when the engine releases its memory).
 
 All run on the batching worker's thread, between batches. The engine checks every name and
 shape before it writes any tensor, so a refused update leaves the old weights in place. Tensors
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import weakref
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -21,7 +24,10 @@ from miles_core.checkpoint.hf import iter_dense_state_dict
 from miles_core.engine.protocol import RolloutEngine
 from miles_core.errors import MilesError
 from miles_core.serve.state import RequestError
-from miles_core.sync.cuda_ipc import LOAD_FORMAT, open_bucket, parse_description
+from miles_core.sync.cuda_ipc import LOAD_FORMAT, IpcMapping
+
+_MAPPINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Engine -> its `IpcMapping` (weak: a mapping never outlives its engine)."""
 
 
 def load_disk_weights(engine: RolloutEngine, path: Path, version: str | None, flush: bool) -> str:
@@ -56,6 +62,21 @@ def _apply(engine: RolloutEngine, named, version: str | None, flush: bool, what:
     return f"Succeeded to update model weights from {what} (weight_version {version})."
 
 
+def ipc_mapping(engine: RolloutEngine) -> IpcMapping:
+    """The engine's mapping of the trainer's buffer (made on first use)."""
+    mapping = _MAPPINGS.get(engine)
+    if mapping is None:
+        mapping = _MAPPINGS[engine] = IpcMapping()
+    return mapping
+
+
+def forget_ipc_mapping(engine: RolloutEngine) -> None:
+    """Unmap the trainer's buffer (the engine releases its memory, or the server stops)."""
+    mapping = _MAPPINGS.pop(engine, None)
+    if mapping is not None:
+        mapping.drop()
+
+
 def load_ipc_weights(engine: RolloutEngine, descriptions: list[str], version: str | None, flush: bool) -> str:
     """Copy the tensors of the trainer's CUDA buffer (one JSON description each) into the engine;
     answers only once the copies are done, so the trainer may reuse the buffer."""
@@ -63,19 +84,16 @@ def load_ipc_weights(engine: RolloutEngine, descriptions: list[str], version: st
 
     if not descriptions:
         raise RequestError(f"serialized_named_tensors is empty; expected one {LOAD_FORMAT} description")
+    device = getattr(engine, "device", torch.device("cpu"))
+    mapping = ipc_mapping(engine)
     try:
-        buckets = [parse_description(text) for text in descriptions]
+        buckets = [mapping.tensors(text, device) for text in descriptions]
     except MilesError as err:
         raise RequestError(str(err)) from None
-    device = getattr(engine, "device", torch.device("cpu"))
-    for bucket in buckets:
-        try:
-            named = open_bucket(bucket, device)
-        except (MilesError, RuntimeError) as err:  # RuntimeError: CUDA refused the handle
-            raise RequestError(f"{LOAD_FORMAT}: cannot map the trainer's buffer ({err})".replace("\n", " ")) from None
+    for named in buckets:
         try:
             message = _apply(engine, lambda: named, version, flush, f"{len(named)} CUDA IPC tensors")
         finally:
-            torch.cuda.synchronize(device)  # the copies are done before the trainer reuses the buffer
-            del named
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the copies are done before the trainer reuses the buffer
     return message

@@ -1,6 +1,8 @@
 """The weight routes of `miles serve` that need no peer: they are protected like the other weight
 routes, and `/update_weights_from_tensor` refuses unknown load formats and bad or unmappable CUDA
-IPC descriptions with one line, keeping the old weights."""
+IPC descriptions with one line, keeping the old weights; CUDA IPC pushes (on CPU, with the mapping
+faked by the process's own memory) map the trainer's buffer once across buckets and pushes, and
+bitwise."""
 
 from __future__ import annotations
 
@@ -10,7 +12,10 @@ import httpx
 import pytest
 import torch
 
-from miles_core.sync.cuda_ipc import IpcTensor, describe
+from miles_core.sync import cuda_ipc
+from miles_core.sync.cuda_ipc import IpcDescriptions, IpcTensor, describe
+from miles_core.sync.flat import FlatStaging
+from miles_core.sync.protocol import buckets
 from tests.serve.conftest import start
 
 FIELDS = {"device_index": 0, "handle": b"h", "storage_size_bytes": 4096, "storage_offset_bytes": 0,
@@ -49,3 +54,72 @@ def test_bad_cuda_ipc_descriptions_are_refused_and_nothing_changes(client, serve
     assert answer.status_code == 400  # a CPU engine cannot map a GPU buffer
     assert "the engine runs on cpu, not on the trainer's GPU GPU-x" in answer.json()["message"]
     assert served[1].engine.weight_version == version
+
+
+class FakeIpc:
+    """CUDA IPC on CPU: the trainer's buffers are this process's memory, a handle names one by its
+    address, and `open_buffer` (the server's mapping) counts how often it is called."""
+
+    def __init__(self, monkeypatch):
+        self.buffers, self.opens, self.exports = {}, 0, 0
+        monkeypatch.setattr(cuda_ipc, "export_buffer", self.export)
+        monkeypatch.setattr(cuda_ipc, "device_uuid", lambda device: "GPU-test")
+        monkeypatch.setattr(cuda_ipc, "open_buffer", self.open)
+
+    def export(self, buffer):
+        self.exports += 1
+        handle = str(buffer.data_ptr()).encode()
+        self.buffers[handle] = buffer
+        return {**FIELDS, "handle": handle, "storage_size_bytes": buffer.numel(), "buffer_bytes": buffer.numel()}
+
+    def open(self, bucket, device):
+        self.opens += 1
+        return self.buffers[bucket.fields["handle"]]
+
+
+def _noisy(engine, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return [(n, p.detach() + torch.randn(p.shape, generator=generator, dtype=p.dtype))
+            for n, p in engine.weights.model.named_parameters()]
+
+
+def _ipc_push(client, staging, descriptions, weights, version):
+    """What `CudaIpcSync` sends, on CPU: the weights in buckets through one staging buffer."""
+    sent = list(buckets(weights, 60_000))
+    for number, bucket in enumerate(sent):
+        tensors = [t for _, t in bucket]
+        _, offsets = staging.pack_with_offsets(tensors)
+        text = descriptions.text(staging.buffer, [n for n, _ in bucket], tensors, offsets)
+        answer = _tensor_update(client, serialized_named_tensors=[text], load_format="miles_cuda_ipc",
+                                weight_version=version if number == len(sent) - 1 else None)
+        assert answer.status_code == 200, answer.text
+    return len(sent)
+
+
+def _assert_holds(engine, weights):
+    for name, tensor in weights:
+        held = engine.get_weights_by_name(name)
+        assert torch.equal(held.contiguous().view(torch.uint8), tensor.contiguous().view(torch.uint8)), name
+
+
+def test_cuda_ipc_pushes_map_the_trainers_buffer_once_and_are_bitwise(monkeypatch):
+    fake = FakeIpc(monkeypatch)
+    state, thread = start(allow_unauthenticated_weight_updates=True)
+    staging, descriptions = FlatStaging(torch.device("cpu"), align=256), IpcDescriptions()
+    with thread as url, httpx.Client(base_url=url, timeout=60) as client:
+        assert _ipc_push(client, staging, descriptions, _noisy(state.engine, 1), "1") >= 3
+        second = _noisy(state.engine, 2)
+        _ipc_push(client, staging, descriptions, second, "2")
+        _assert_holds(state.engine, second)
+        assert (fake.exports, fake.opens, state.engine.weight_version) == (1, 1, "2")
+        assert client.post("/release_memory_occupation", json={}).status_code == 200  # lets the mapping go
+        assert client.post("/resume_memory_occupation", json={}).status_code == 200
+        third = _noisy(state.engine, 3)
+        _ipc_push(client, staging, descriptions, third, "3")
+        _assert_holds(state.engine, third)
+        assert (fake.exports, fake.opens) == (1, 2)
+        other = FlatStaging(torch.device("cpu"), align=256)  # another buffer: another handle, mapped anew
+        fourth = _noisy(state.engine, 4)
+        _ipc_push(client, other, descriptions, fourth, "4")
+        _assert_holds(state.engine, fourth)
+        assert (fake.exports, fake.opens) == (2, 3)
