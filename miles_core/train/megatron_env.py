@@ -7,7 +7,8 @@ where the real functions are right) and undone by `shutdown`:
 - `torch.cuda.current_device` -> "cpu": parameter and buffer allocation ask for the CUDA device;
 - `torch.cuda.synchronize` -> no-op: called around MoE dispatch and checkpoint saves;
 - the model-parallel CUDA RNG tracker's `fork` -> no-op context: it swaps CUDA RNG states around
-  dropout regions, and dropout is 0 in our configs;
+  dropout regions, and dropout is 0 in our configs (on a GPU `start` seeds the tracker instead,
+  `model_parallel_cuda_manual_seed`, as megatron's training scripts do);
 Two patches are for a missing Transformer Engine, on any device (the GPU machines have none):
 - `moe_utils.te_general_gemm` = None when the module lacks it: 0.16 names it without importing
   it when Transformer Engine is absent (NameError in the MoE layer);
@@ -103,6 +104,13 @@ def start(device: torch.device, sizes: ParallelSizes) -> None:
             tensor_model_parallel_size=sizes.tensor, pipeline_model_parallel_size=sizes.pipeline,
             expert_model_parallel_size=sizes.expert, context_parallel_size=sizes.context)
         _State.owns_model_parallel = True
+    if device.type == "cuda":
+        # megatron-core's layers fork its model-parallel CUDA RNG states (the tracker raises when
+        # they were never added); on CPU the tracker's fork is patched out instead. Dropout is 0
+        # in our configs, so the seed sets nothing that reaches the numbers.
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(0)
 
 
 def shutdown() -> None:
