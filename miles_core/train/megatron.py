@@ -51,7 +51,7 @@ from miles_core.errors import MilesError
 from miles_core.kernels import FAST_OPS
 from miles_core.kernels.logprobs import chunked_logprobs_entropy
 from miles_core.models.base import named_weights
-from miles_core.train import megatron_checkpoint, megatron_env, megatron_shards
+from miles_core.train import megatron_checkpoint, megatron_data, megatron_env, megatron_shards
 from miles_core.train.batch import TrainBatch, call_in_dtype, micro_batches, pad_ragged
 from miles_core.train.finite import BadStepGuard
 from miles_core.train.megatron_model import WeightMap, build_gpt, check_model_parallel, hf_config_of, output_weight
@@ -87,8 +87,9 @@ def check_options(cfg: TrainConfig, critic: bool) -> None:
                          "'megatron' yet; use grpo, rloo, reinforce_plus_plus or another critic-free estimator")
 
 
-class MegatronTrainer(NativeTrainer):
-    """`TrainBackend` whose policy (and reference) is a megatron-core `GPTModel`."""
+class MegatronTrainer(megatron_data.DataParallelSteps, NativeTrainer):
+    """`TrainBackend` whose policy (and reference) is a megatron-core `GPTModel`; with DP > 1
+    replicas, the data-parallel steps of `megatron_data.py`."""
 
     def __init__(self, native: nn.Module, cfg: TrainConfig, algo: AlgoConfig, *, temperature: float,
                  total_steps: int, reference: nn.Module | None = None) -> None:
@@ -97,7 +98,7 @@ class MegatronTrainer(NativeTrainer):
         check_options(cfg, critic=algo.advantage_estimator == "ppo")
         self.device = next(native.parameters()).device
         sizes = parallel_sizes(cfg)
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        self.world_size = world = dist.get_world_size() if dist.is_initialized() else 1
         megatron_env.check_sizes(sizes, world)
         self.hf_config = hf_config_of(native)
         check_model_parallel(self.hf_config, sizes)
@@ -126,7 +127,8 @@ class MegatronTrainer(NativeTrainer):
         self.qat_modules: list[str] = []
 
     def _parallel_groups(self) -> None:
-        """The TP group, this rank's place in it and its first vocabulary row; the EP size."""
+        """The TP group, this rank's place in it and its first vocabulary row; the EP size; the
+        data-parallel replicas."""
         from megatron.core import parallel_state
 
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -134,9 +136,10 @@ class MegatronTrainer(NativeTrainer):
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.vocab_start = self.tp_rank * self.hf_config["vocab_size"] // self.tp_size
         self.ep_size = parallel_state.get_expert_model_parallel_world_size()
+        self.dp = megatron_data.replicas()
 
     def _build(self, native: nn.Module, sizes: megatron_env.ParallelSizes) -> tuple[nn.Module, WeightMap]:
-        if self.tp_size * self.ep_size > 1:
+        if self.world_size > 1:
             broadcast_module(native)  # rank 0's weights on every rank, however each one loaded them
         model = build_gpt(self.hf_config, sizes, self.device)
         weights = WeightMap(model, self.hf_config)
@@ -166,11 +169,13 @@ class MegatronTrainer(NativeTrainer):
         return list(logp.split(lengths)), list(entropy.split(lengths))
 
     def _clip_grads(self) -> float:
-        """Over several ranks: the gradients completed (`megatron_shards.reduce_grads`), then the
-        whole model's norm."""
-        if self.tp_size * self.ep_size == 1:
+        """Over several ranks: the gradients completed within the replica
+        (`megatron_shards.reduce_grads`: the TP q/k norms) and over the replicas and EP copies
+        (`megatron_data.reduce_grads`), then the whole model's norm, the same on every rank."""
+        if self.world_size == 1:
             return super()._clip_grads()
-        megatron_shards.reduce_grads(self.model, self.tp_group, self.tp_size, self.ep_size)
+        megatron_shards.reduce_grads(self.model, self.tp_group, self.tp_size)
+        megatron_data.reduce_grads(self.model, self.ep_size)
         params = list(self.model.parameters())
         norm = megatron_shards.grad_norm(params, self.weights.duplicates)
         return clip_grad_norm(params, self.cfg, norm)

@@ -125,18 +125,15 @@ def assemble(local: list[Shard], pieces: list[Piece], rank: int, device: torch.d
     return full
 
 
-def reduce_grads(model: nn.Module, tp_group, tp_size: int, ep_size: int) -> None:
-    """Complete the gradients of one model replica spread over the ranks (see the module docstring)."""
+def reduce_grads(model: nn.Module, tp_group, tp_size: int) -> None:
+    """Complete the gradients of one model replica split over its TP ranks: the q/k norms' partial
+    gradients summed (see the module docstring); the sums over replicas and EP copies are
+    `megatron_data.reduce_grads`'."""
+    if tp_size == 1:
+        return
     for name, param in model.named_parameters():
-        if param.grad is None:
-            continue
-        if tp_size > 1 and ("q_layernorm" in name or "k_layernorm" in name):
+        if param.grad is not None and ("q_layernorm" in name or "k_layernorm" in name):
             dist.all_reduce(param.grad, group=tp_group)
-        if ep_size > 1 and getattr(param, "allreduce", True) is False:  # megatron's mark of an EP-split expert
-            param.grad.div_(ep_size)
-        elif ep_size > 1:
-            dist.all_reduce(param.grad)
-            param.grad.div_(ep_size)
 
 
 def grad_norm(params: list[nn.Parameter], duplicates: set[int]) -> torch.Tensor:
