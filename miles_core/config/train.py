@@ -78,11 +78,11 @@ class TrainConfig:
     qat_modules: tuple[str, ...] = ("*.mlp.experts.*",)
     """Module-name globs that `qat` fake-quantises (default: the routed experts of MoE layers)."""
     tensor_model_parallel_size: int = 1
-    """`megatron` backend: tensor-parallel ranks (slime's `--tensor-model-parallel-size`); > 1 needs that many `--nproc-per-node` ranks (dense families)."""
+    """`megatron` backend: tensor-parallel ranks (slime's `--tensor-model-parallel-size`); > 1 needs that many `--nproc-per-node` ranks or a multiple (data-parallel replicas; dense families)."""
     pipeline_model_parallel_size: int = 1
     """`megatron` backend: pipeline stages (`--pipeline-model-parallel-size`); > 1 is not run yet."""
     expert_model_parallel_size: int = 1
-    """`megatron` backend: expert-parallel ranks (`--expert-model-parallel-size`); > 1 needs that many `--nproc-per-node` ranks (MoE families)."""
+    """`megatron` backend: expert-parallel ranks (`--expert-model-parallel-size`); > 1 needs that many `--nproc-per-node` ranks or a multiple (data-parallel replicas; MoE families)."""
     context_parallel_size: int = 1
     """`megatron` backend: context-parallel ranks (`--context-parallel-size`); > 1 is not run yet."""
     sequence_parallel: bool = False

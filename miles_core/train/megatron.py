@@ -14,23 +14,28 @@ What differs from the native backend:
   `dist_checkpointing` torch_dist checkpoint (with the HF config in common.pt, so `miles convert`
   reads it), the schedule and counters in `trainer_state.pt` (`megatron_checkpoint.py`).
 
-Model parallelism over N ranks, one process each (`miles train --nproc-per-node N`), rank 0
-leading the others (`leader.py`), so every rank runs the same calls on the same micro-batches:
-- tensor parallelism (`train.tensor_model_parallel_size` = N, dense families): megatron-core
+Parallelism over N ranks, one process each (`miles train --nproc-per-node N`), rank 0 leading
+the others (`leader.py`), so every rank runs the same calls:
+- tensor parallelism (`train.tensor_model_parallel_size` = TP, dense families): megatron-core
   splits the layers; each rank loads its shard of every full tensor (`megatron_shards.py`),
   computes its vocabulary slice's log-probs and entropies with the softmax completed over the TP
   group (`vocab_parallel.py`) and sums the q/k norms' partial gradients;
-- expert parallelism (`train.expert_model_parallel_size` = N, MoE families): each rank holds
-  1/N of the routed experts (allgather dispatcher) and a copy of the rest; expert gradients are
-  divided by N (each expert saw every rank's copy of the tokens), the copies' gradients averaged.
-The gradient norm is the whole model's; `export_weights` gathers the full tensors on rank 0.
-Data parallelism beside them, and TP and EP together, are not supported yet.
+- expert parallelism (`train.expert_model_parallel_size` = EP, MoE families): each rank holds
+  1/EP of the routed experts (allgather dispatcher) and a copy of the rest; the EP ranks of one
+  replica run the same micro-batches, so expert gradients are divided by EP (each expert saw
+  every rank's copy of the tokens) and the copies' gradients averaged;
+- data parallelism beside either, as megatron does it: DP = N / (TP x EP) replicas of the model
+  (`megatron_data.py`): each replica trains its token-balanced share of every optimizer step,
+  the gradients are summed over the replicas in flattened buckets (experts over megatron's
+  expert-data-parallel group), log-probs and metrics are gathered from the replicas.
+The gradient norm is the whole model's; `export_weights` gathers the full tensors on rank 0 from
+the first replica. TP and EP together are not supported yet.
 
 MoE routing replay (`train.routing_replay`, R3) and the routing records behind
 `routing_agreement` go through megatron's router (`megatron_routing.py`), as the native backend's.
 
 Not in this version (refused with one line): pipeline and context parallelism, sequence
-parallelism, data parallelism, TP for MoE and MLA families, TP with EP, QAT, activation
+parallelism, TP for MoE and MLA families, TP with EP, QAT, activation
 checkpointing, compile, the PPO critic. `train.compute_dtype = "bfloat16"` casts the parameters
 for each forward (`batch.call_in_dtype`, as the native trainer; DeepSeek-V3's router stays fp32). On CPU through the patches of `megatron_env.py`.
 """

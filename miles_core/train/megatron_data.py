@@ -1,6 +1,8 @@
 """Data parallelism beside megatron-core's tensor or expert parallelism (`train.backend =
 "megatron"`): `miles train --nproc-per-node N` with M = TP x EP ranks per model replica runs
-DP = N / M replicas (PP = CP = 1), as megatron does: DP is implicit, what the world size leaves.
+DP = N / M replicas (PP = CP = 1). DP is implicit, what the world size leaves, as in megatron,
+except that under EP a replica's EP ranks share its samples (megatron gives each EP rank samples
+of its own): the samples split over N / EP replicas, not N.
 
 Layout: megatron-core's rank order (tp-cp-ep-dp-pp) puts the M ranks of a replica next to each
 other: replica r is ranks r*M .. r*M + M - 1. This rank's replica is its rank in megatron's
@@ -143,14 +145,16 @@ class DataParallelSteps:
         return share(batch, self.dp, self._micro_batches)
 
     def train_step(self, batch: TrainBatch, mismatch: MismatchSums | None = None,
-                   agreement: RoutingAgreement | None = None, *, positions: list[int] | None = None) -> dict[str, float]:
-        """This replica's share measures into its own sums, merged into the caller's in `_reduce_step_metrics`."""
+                   agreement: RoutingAgreement | None = None, *,
+                   positions: list[int] | None = None) -> dict[str, float]:
+        """This replica's share measures into sums of its own, merged into the caller's
+        `mismatch` and `agreement` by `_reduce_step_metrics`."""
         if self.dp.size == 1:
             return super().train_step(batch, mismatch, agreement, positions=positions)
         self._step_sums = (mismatch, agreement)
-        local = (MismatchSums() if mismatch is not None else None, RoutingAgreement() if agreement is not None else None)
-        self._local_sums = local
-        return super().train_step(batch, *local, positions=positions)
+        self._local_sums = (MismatchSums() if mismatch is not None else None,
+                            RoutingAgreement() if agreement is not None else None)
+        return super().train_step(batch, *self._local_sums, positions=positions)
 
     def _reduce_step_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Sum (min / max) the replicas' metrics; merge their mismatch, agreement and bad samples."""
@@ -168,8 +172,7 @@ class DataParallelSteps:
             if mismatch is not None:
                 mismatch.merge(part_mismatch)
             if agreement is not None:
-                agreement.equal, agreement.total = agreement.equal + part_agreement.equal, \
-                    agreement.total + part_agreement.total
+                _add_agreement(agreement, part_agreement)
         self._bad_samples = sorted(bad)
         return total
 
@@ -194,7 +197,7 @@ class DataParallelSteps:
         for part, part_agreement in gather_replicas((mine, agreement), self.dp, self.control_group):
             for i, (logp, routed) in part.items():
                 out[i], recorded[i] = logp, routed
-            total.equal, total.total = total.equal + part_agreement.equal, total.total + part_agreement.total
+            _add_agreement(total, part_agreement)
         if not reference and self.cfg.routing_replay == "record" and self._moe_shape()[0]:
             batch.trainer_routed_experts = recorded
         if not reference:
@@ -209,3 +212,8 @@ def _settled(sums: MismatchSums | None) -> MismatchSums | None:
     out = MismatchSums()
     out.merge(sums)
     return out
+
+
+def _add_agreement(total: RoutingAgreement, part: RoutingAgreement) -> None:
+    total.equal += part.equal
+    total.total += part.total

@@ -13,16 +13,17 @@ tensor it holds. Nothing here names a layer: the metadata says where every piece
 
 Loading copies each region of the full tensor into its view. Exporting is a collective in the
 plan's order: every rank sends its main pieces that rank 0 lacks, and rank 0 assembles the full
-tensors (plain copies: bitwise). Data parallelism is not supported with tensor parallelism, so
-the world group is one model replica and rank 0 holds the main copy of everything replicated.
+tensors (plain copies: bitwise). Data-parallel replicas (`megatron_data.py`) hold non-main copies
+of everything (megatron's replica id counts the DP rank), so the main pieces are the first
+replica's and rank 0 holds the main copy of everything replicated within it.
 
 Expert parallelism (EP ranks, TP = 1) gives each rank its own routed experts; the rest of the
-model is replicated (megatron-core's data-parallel copies, main on rank 0) and every rank runs
-the same micro-batches. The allgather dispatcher then hands each expert the tokens of every
+model is replicated (megatron-core's data-parallel copies, main on rank 0) and every rank of a
+replica runs the same micro-batches. The allgather dispatcher then hands each expert the tokens of every
 rank, EP identical copies, so its weight gradient is EP times the one-copy gradient: it is
 divided by EP (exactly, for EP a power of two). The replicated parameters' gradients are
 averaged over the ranks, as megatron's data parallelism does, which keeps the copies bitwise
-equal.
+equal. Both, with the sums over data-parallel replicas, are `megatron_data.reduce_grads`.
 
 Gradients under TP: a replicated parameter gets the same gradient on every TP rank, except the
 q/k norms, which see only this rank's heads: their gradients are summed over the TP group first,
