@@ -95,6 +95,11 @@ FLAGS: dict[str, Flag] = {
     "--sequence-parallel": Flag(("train.sequence_parallel",), bool,
                                 "selects train.backend = megatron; refused: not in miles' megatron backend yet",
                                 to=_parallel("train.sequence_parallel")),
+    "--use-distributed-optimizer": Flag(("train.use_distributed_optimizer",), bool,
+                                        "selects train.backend = megatron; ZeRO-1 AdamW over the data-parallel "
+                                        "ranks, checkpoints in the plain optimizer's layout",
+                                        to=lambda v: {"train.use_distributed_optimizer": v,
+                                                      **({"train.backend": "megatron"} if v else {})}),
     # engine placement
     "--rollout-num-gpus": Flag(("engine.num_gpus",), int,
                                "launches num_gpus / --rollout-num-gpus-per-engine `miles serve` servers (the native "

@@ -27,7 +27,8 @@ the others (`leader.py`), so every rank runs the same calls:
 - data parallelism beside either, as megatron does it: DP = N / (TP x EP) replicas of the model
   (`megatron_data.py`): each replica trains its token-balanced share of every optimizer step,
   the gradients are summed over the replicas in flattened buckets (experts over megatron's
-  expert-data-parallel group), log-probs and metrics are gathered from the replicas.
+  expert-data-parallel group), log-probs and metrics are gathered from the replicas;
+  `train.use_distributed_optimizer` shards AdamW over them instead (ZeRO-1, `megatron_zero.py`).
 The gradient norm is the whole model's; `export_weights` gathers the full tensors on rank 0 from
 the first replica. TP and EP together are not supported yet.
 
@@ -57,6 +58,7 @@ from miles_core.kernels import FAST_OPS
 from miles_core.kernels.logprobs import chunked_logprobs_entropy
 from miles_core.models.base import named_weights
 from miles_core.train import megatron_checkpoint, megatron_data, megatron_env, megatron_shards
+from miles_core.train.megatron_zero import ZeroOptimizer
 from miles_core.train.batch import TrainBatch, call_in_dtype, micro_batches, pad_ragged
 from miles_core.train.finite import BadStepGuard
 from miles_core.train.megatron_model import WeightMap, build_gpt, check_model_parallel, hf_config_of, output_weight
@@ -121,7 +123,10 @@ class MegatronTrainer(megatron_data.DataParallelSteps, NativeTrainer):
             self.reference.requires_grad_(False).eval()
         self.cfg, self.algo, self.critic = cfg, algo, None
         self.temperature = temperature if temperature > 0 else 1.0
-        self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), cfg, total_steps)
+        self.zero = ZeroOptimizer(self.model, cfg, total_steps, self.ep_size, self.weights.replica_duplicates) \
+            if cfg.use_distributed_optimizer else None
+        self.optimizer, self.scheduler = (self.zero.optimizer, self.zero.scheduler) if self.zero else \
+            build_optimizer(self.model.parameters(), cfg, total_steps)
         self._offloads = [OptimizerOffload(self.optimizer)]  # unused: engine.colocate refuses this backend
         self.num_optimizer_steps = 0
         self._pass_metrics: dict[str, float] = {}
@@ -177,6 +182,10 @@ class MegatronTrainer(megatron_data.DataParallelSteps, NativeTrainer):
         """Over several ranks: the gradients completed within the replica
         (`megatron_shards.reduce_grads`: the TP q/k norms) and over the replicas and EP copies
         (`megatron_data.reduce_grads`), then the whole model's norm, the same on every rank."""
+        if self.zero is not None:  # the masters' gradient slices (`megatron_zero.py`)
+            megatron_shards.reduce_grads(self.model, self.tp_group, self.tp_size)
+            self.zero.reduce_scatter_grads()
+            return clip_grad_norm([g.master for g in self.zero.groups], self.cfg, self.zero.grad_norm())
         if self.world_size == 1:
             return super()._clip_grads()
         megatron_shards.reduce_grads(self.model, self.tp_group, self.tp_size)
@@ -208,10 +217,14 @@ class MegatronTrainer(megatron_data.DataParallelSteps, NativeTrainer):
         common = {"hf_config": self.hf_config, "checkpoint_version": 3.0, "iteration": self.num_optimizer_steps}
         small = {"scheduler": self.scheduler.state_dict(), "num_optimizer_steps": self.num_optimizer_steps,
                  "bad_steps_in_row": self.guard.in_row}
-        megatron_checkpoint.save(directory, self.model, self.optimizer, self.reference, common, small)
+        optimizer = self.zero.full_optimizer() if self.zero else self.optimizer  # ZeRO: the plain layout
+        megatron_checkpoint.save(directory, self.model, optimizer, self.reference, common, small)
 
     def load(self, directory: Path) -> None:
-        small = megatron_checkpoint.load(directory, self.model, self.optimizer, self.reference, self.device)
+        optimizer = self.zero.full_optimizer() if self.zero else self.optimizer
+        small = megatron_checkpoint.load(directory, self.model, optimizer, self.reference, self.device)
+        if self.zero is not None:
+            self.zero.load_full(optimizer)
         self.scheduler.load_state_dict(small["scheduler"])
         self.num_optimizer_steps = small["num_optimizer_steps"]
         self.guard.in_row = small.get("bad_steps_in_row", 0)

@@ -52,6 +52,9 @@ class Shard:
     """Whether this copy is the one a checkpoint (or an export) takes; replicas are not."""
     stacked: tuple[int, ...]
     """Its index along the stacked axes in front (layer, then the global expert for experts)."""
+    replica_main: bool = True
+    """Whether this copy is the main one among the ranks of its model replica: megatron's replica
+    id (pipeline, tensor, data) without the data-parallel part."""
 
     def region(self) -> tuple[slice, ...]:
         return tuple(slice(o, o + n) for o, n in zip(self.offset, self.data.shape))
@@ -68,8 +71,10 @@ def shards_of(item) -> list[Shard]:
     out = []
     for piece in pieces:
         lead = piece.prepend_axis_num  # the stacked layer (and expert) axes
+        replica = piece.replica_id if isinstance(piece.replica_id, tuple) else (piece.replica_id,)
         out.append(Shard(piece.data, tuple(piece.global_offset[lead:]), tuple(piece.global_shape[lead:]),
-                         is_main_replica(piece.replica_id), tuple(piece.global_offset[:lead])))
+                         is_main_replica(piece.replica_id), tuple(piece.global_offset[:lead]),
+                         all(r == 0 for r in replica[:2])))
     return out
 
 

@@ -1,6 +1,7 @@
 """`train.backend = "megatron"` with data parallelism beside tensor or expert parallelism, on gloo
-ranks on CPU (fp32): DP = 2 replicas of one rank, TP = 2 x DP = 2 and EP = 2 x DP = 2 (4 ranks)
-give one rank's log-probs, loss, gradient norm and updated weights on the same samples; each
+ranks on CPU (fp32): DP = 2 replicas of one rank, TP = 2 x DP = 2 and EP = 2 x DP = 2 (4 ranks),
+the last two also with the distributed optimizer (ZeRO-1), give one rank's log-probs, loss,
+gradient norm and updated weights on the same samples; each
 replica trains its token-balanced share; the checkpoint resumes bitwise on the same layout and
 loads into one rank; `miles train --nproc-per-node 2` (DP = 2, MoE with R3) logs the one-rank
 run's first step."""
@@ -19,6 +20,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 
 from miles_core.checkpoint.convert import convert  # noqa: E402
 from miles_core.checkpoint.hf import iter_state_dict  # noqa: E402
+from miles_core.config import TrainConfig  # noqa: E402
 from miles_core.train import megatron_data, megatron_env  # noqa: E402
 from miles_core.train.leader import follow, release_followers  # noqa: E402
 from miles_core.train.megatron_data import Replicas  # noqa: E402
@@ -51,7 +53,9 @@ def _ranks(rank: int, family: str, parallel: dict[str, int], folder: str) -> dic
             trainer = _trainer(family, parallel)
             follow(trainer, trainer.control_group)
         return None
-    out = {"layout": layout, **_steps(trainer, Path(folder) / "ckpt")}
+    zero = own.zero.groups if own.zero is not None else []  # the distributed optimizer's slices
+    out = {"layout": layout, "masters": sum(g.master.numel() for g in zero),
+           "params": sum(p.numel() for p in own.model.parameters()), **_steps(trainer, Path(folder) / "ckpt")}
     release_followers()
     resumed = _trainer(family, parallel)
     resumed.load(Path(folder) / "ckpt")
@@ -67,12 +71,14 @@ def _single(trainer) -> dict:
     return {**trainer.train_rollout(batch().select([2])), "trained": _weights(trainer)}
 
 
+FOUR = [Replicas(2, 0, True), Replicas(2, 0, False), Replicas(2, 1, True), Replicas(2, 1, False)]
+ZERO = {"use_distributed_optimizer": True}
 LAYOUTS = {  # (family, parallel, ranks): the replicas expected on each rank
     "qwen3-dp2": ("qwen3", {}, [Replicas(2, 0, True), Replicas(2, 1, True)]),
-    "qwen3-tp2-dp2": ("qwen3", TP2, [Replicas(2, 0, True), Replicas(2, 0, False), Replicas(2, 1, True),
-                                      Replicas(2, 1, False)]),
-    "qwen3_moe-ep2-dp2": ("qwen3_moe", EP2, [Replicas(2, 0, True), Replicas(2, 0, False), Replicas(2, 1, True),
-                                              Replicas(2, 1, False)]),
+    "qwen3-tp2-dp2": ("qwen3", TP2, FOUR),
+    "qwen3_moe-ep2-dp2": ("qwen3_moe", EP2, FOUR),
+    "qwen3-tp2-dp2-zero": ("qwen3", {**TP2, **ZERO}, FOUR),
+    "qwen3_moe-ep2-dp2-zero": ("qwen3_moe", {**EP2, **ZERO}, FOUR),
 }
 
 
@@ -94,6 +100,9 @@ def test_data_parallel_matches_one_rank(tmp_path, layout):
     assert _max_diff(many["trained"], one["trained"]) < 1e-5
     assert _max_diff(many["trained_twice"], one["trained_twice"]) < 1e-5
     assert _max_diff(many["trained"], many["export"]) > 1e-5  # the step moved the weights
+    if "use_distributed_optimizer" in parallel:  # ZeRO-1: the plain update (within 1e-6), half the moments or less
+        assert _max_diff(many["trained_twice"], one["trained_twice"]) < 1e-6
+        assert 0 < many["masters"] <= -(-many["params"] // 2)
     # resumed on the same layout (weights, AdamW moments, reference, schedule): bitwise
     assert many["resumed_second"] == many["second"]
     assert all(torch.equal(many["resumed_trained_twice"][n], t) for n, t in many["trained_twice"].items())
@@ -136,3 +145,36 @@ def test_miles_train_data_parallel_matches_one_rank(tmp_path, monkeypatch):
     assert two[0]["train/grad_norm"] == pytest.approx(one[0]["train/grad_norm"], rel=1e-5)
     assert two[0]["train/routing_agreement"] == one[0]["train/routing_agreement"] == 1.0
     assert two[1]["train/loss"] == pytest.approx(one[1]["train/loss"], abs=1e-5)  # after a synced update
+
+
+def test_distributed_optimizer_needs_the_megatron_backend():
+    with pytest.raises(ValueError, match="^use_distributed_optimizer needs backend 'megatron', got 'fsdp'$"):
+        TrainConfig(backend="fsdp", use_distributed_optimizer=True)
+
+
+def test_distributed_optimizer_on_one_rank_is_the_plain_update(tmp_path):
+    """One rank: a single slice holds every parameter; two steps, a save and a load give the plain
+    optimizer's weights (AdamW is elementwise), and each optimizer reads the other's checkpoint."""
+    plain, zero = _trainer("qwen3"), _trainer("qwen3", ZERO)
+    for trainer in (plain, zero):
+        trainer.train_rollout(batch())
+    zero.save(tmp_path / "zero")
+    plain.save(tmp_path / "plain")
+    crossed = {"zero": _trainer("qwen3"), "plain": _trainer("qwen3", ZERO)}  # each loads the other's
+    for name, trainer in crossed.items():
+        trainer.load(tmp_path / name)
+    trainers = [plain, zero, *crossed.values()]
+    before = _weights(plain)
+    for trainer in trainers:
+        trainer.train_rollout(batch())
+    after = [_weights(t) for t in trainers]
+    assert _max_diff(after[0], before) > 1e-5  # the second step moved the weights
+    for weights in after[1:]:
+        assert _max_diff(weights, after[0]) < 1e-6
+
+
+def test_slime_distributed_optimizer_flag_selects_the_megatron_backend():
+    from miles_core.launch.slime_flags import FLAGS
+
+    assert FLAGS["--use-distributed-optimizer"].apply(True) == {"train.use_distributed_optimizer": True,
+                                                                "train.backend": "megatron"}
