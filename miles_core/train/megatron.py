@@ -58,11 +58,11 @@ from miles_core.kernels import FAST_OPS
 from miles_core.kernels.logprobs import chunked_logprobs_entropy
 from miles_core.models.base import named_weights
 from miles_core.train import megatron_checkpoint, megatron_data, megatron_env, megatron_shards
-from miles_core.train.megatron_zero import ZeroOptimizer
 from miles_core.train.batch import TrainBatch, call_in_dtype, micro_batches, pad_ragged
 from miles_core.train.finite import BadStepGuard
 from miles_core.train.megatron_model import WeightMap, build_gpt, check_model_parallel, hf_config_of, output_weight
 from miles_core.train.megatron_routing import RoutingHooks
+from miles_core.train.megatron_zero import ZeroOptimizer
 from miles_core.train.native import NativeTrainer
 from miles_core.train.offload import OptimizerOffload
 from miles_core.train.routing_replay import RoutingPlan
