@@ -60,7 +60,7 @@ def train(
     keep_last: Annotated[Optional[int], typer.Option(help="Keep only the newest K checkpoints (loop.keep_last).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="'auto': continue the run in --output-dir from its latest checkpoint (or start it); or a checkpoint / run folder.")] = None,
     load: Annotated[Optional[str], typer.Option(help="slime's --load: resume from DIR's latest checkpoint when it has one, else start fresh.")] = None,
-    nproc_per_node: Annotated[Optional[int], typer.Option(help="Trainer ranks on this machine (default 1), as torchrun starts them (train.backend = 'fsdp', or 'megatron' with one rank per tensor-parallel shard); rank 0 also runs the rollout engine.")] = None,
+    nproc_per_node: Annotated[Optional[int], typer.Option(help="Trainer ranks on this machine (default 1), as torchrun starts them (train.backend = 'fsdp', or 'megatron': TP x EP ranks per model replica, data parallelism over the rest); rank 0 also runs the rollout engine.")] = None,
     use_ray: Annotated[bool, typer.Option("--ray", help="Trainer ranks as Ray actors in a placement group (--nproc-per-node or --actor-num-nodes x --actor-num-gpus-per-node of them); needs pip install 'miles[ray]'.")] = False,
     async_mode: Annotated[bool, typer.Option("--async", help="Generate the next steps while training (loop.mode = async; needs algo.use_tis or use_rs).")] = False,
     rollout_num_gpus: Annotated[Optional[int], typer.Option(help="GPUs for rollout servers started for the run (engine.num_gpus; `miles serve` servers placed after the trainer's GPUs, on them with --colocate).")] = None,

@@ -78,15 +78,17 @@ class TrainConfig:
     qat_modules: tuple[str, ...] = ("*.mlp.experts.*",)
     """Module-name globs that `qat` fake-quantises (default: the routed experts of MoE layers)."""
     tensor_model_parallel_size: int = 1
-    """`megatron` backend: tensor-parallel ranks (slime's `--tensor-model-parallel-size`); > 1 needs that many `--nproc-per-node` ranks (dense families)."""
+    """`megatron` backend: tensor-parallel ranks (slime's `--tensor-model-parallel-size`); > 1 needs that many `--nproc-per-node` ranks or a multiple (data-parallel replicas; dense families)."""
     pipeline_model_parallel_size: int = 1
     """`megatron` backend: pipeline stages (`--pipeline-model-parallel-size`); > 1 is not run yet."""
     expert_model_parallel_size: int = 1
-    """`megatron` backend: expert-parallel ranks (`--expert-model-parallel-size`); > 1 needs that many `--nproc-per-node` ranks (MoE families)."""
+    """`megatron` backend: expert-parallel ranks (`--expert-model-parallel-size`); > 1 needs that many `--nproc-per-node` ranks or a multiple (data-parallel replicas; MoE families)."""
     context_parallel_size: int = 1
     """`megatron` backend: context-parallel ranks (`--context-parallel-size`); > 1 is not run yet."""
     sequence_parallel: bool = False
     """`megatron` backend: megatron's sequence parallelism (`--sequence-parallel`, needs TP > 1)."""
+    use_distributed_optimizer: bool = False
+    """`megatron` backend: ZeRO-1 AdamW (slime's `--use-distributed-optimizer`): the moments sharded over the data-parallel ranks, gradients reduce-scattered, parameters all-gathered."""
     seed: int = 0
     max_bad_steps: int = 3
     """Consecutive optimizer steps with a non-finite loss or gradient norm (each one skipped:
@@ -113,6 +115,8 @@ class TrainConfig:
                     self.expert_model_parallel_size, self.context_parallel_size)
         _check(self.backend == "megatron" or (max(parallel) == 1 and not self.sequence_parallel),
                f"model-parallel sizes {parallel} and sequence_parallel need backend 'megatron', got '{self.backend}'")
+        _check(self.backend == "megatron" or not self.use_distributed_optimizer,
+               f"use_distributed_optimizer needs backend 'megatron', got '{self.backend}'")
         _check(self.logprob_chunk_size >= 1, f"logprob_chunk_size must be >= 1, got {self.logprob_chunk_size}")
 
 

@@ -63,9 +63,10 @@ def _rollout_gpus(num_gpus: int) -> dict[str, Any]:
 
 
 MEGATRON = "above 1 selects train.backend = megatron; sizes above 1 are refused: not in miles' megatron backend yet"
-TENSOR_PARALLEL = ("above 1 selects train.backend = megatron; needs as many trainer ranks (--nproc-per-node), "
-                   "dense families (llama, qwen2, qwen3), no data parallelism beside it yet")
-EXPERT_PARALLEL = ("above 1 selects train.backend = megatron; needs as many trainer ranks (--nproc-per-node), "
+TENSOR_PARALLEL = ("above 1 selects train.backend = megatron; trainer ranks (--nproc-per-node) a multiple of it "
+                   "(data parallelism = ranks / size), dense families (llama, qwen2, qwen3)")
+EXPERT_PARALLEL = ("above 1 selects train.backend = megatron; trainer ranks (--nproc-per-node) a multiple of it "
+                   "(data parallelism = ranks / size), "
                    "MoE families (qwen3_moe, deepseek_v3), not with tensor parallelism yet")
 
 FLAGS: dict[str, Flag] = {
@@ -94,6 +95,11 @@ FLAGS: dict[str, Flag] = {
     "--sequence-parallel": Flag(("train.sequence_parallel",), bool,
                                 "selects train.backend = megatron; refused: not in miles' megatron backend yet",
                                 to=_parallel("train.sequence_parallel")),
+    "--use-distributed-optimizer": Flag(("train.use_distributed_optimizer",), bool,
+                                        "selects train.backend = megatron; ZeRO-1 AdamW over the data-parallel "
+                                        "ranks, checkpoints in the plain optimizer's layout",
+                                        to=lambda v: {"train.use_distributed_optimizer": v,
+                                                      **({"train.backend": "megatron"} if v else {})}),
     # engine placement
     "--rollout-num-gpus": Flag(("engine.num_gpus",), int,
                                "launches num_gpus / --rollout-num-gpus-per-engine `miles serve` servers (the native "

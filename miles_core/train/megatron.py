@@ -14,23 +14,29 @@ What differs from the native backend:
   `dist_checkpointing` torch_dist checkpoint (with the HF config in common.pt, so `miles convert`
   reads it), the schedule and counters in `trainer_state.pt` (`megatron_checkpoint.py`).
 
-Model parallelism over N ranks, one process each (`miles train --nproc-per-node N`), rank 0
-leading the others (`leader.py`), so every rank runs the same calls on the same micro-batches:
-- tensor parallelism (`train.tensor_model_parallel_size` = N, dense families): megatron-core
+Parallelism over N ranks, one process each (`miles train --nproc-per-node N`), rank 0 leading
+the others (`leader.py`), so every rank runs the same calls:
+- tensor parallelism (`train.tensor_model_parallel_size` = TP, dense families): megatron-core
   splits the layers; each rank loads its shard of every full tensor (`megatron_shards.py`),
   computes its vocabulary slice's log-probs and entropies with the softmax completed over the TP
   group (`vocab_parallel.py`) and sums the q/k norms' partial gradients;
-- expert parallelism (`train.expert_model_parallel_size` = N, MoE families): each rank holds
-  1/N of the routed experts (allgather dispatcher) and a copy of the rest; expert gradients are
-  divided by N (each expert saw every rank's copy of the tokens), the copies' gradients averaged.
-The gradient norm is the whole model's; `export_weights` gathers the full tensors on rank 0.
-Data parallelism beside them, and TP and EP together, are not supported yet.
+- expert parallelism (`train.expert_model_parallel_size` = EP, MoE families): each rank holds
+  1/EP of the routed experts (allgather dispatcher) and a copy of the rest; the EP ranks of one
+  replica run the same micro-batches, so expert gradients are divided by EP (each expert saw
+  every rank's copy of the tokens) and the copies' gradients averaged;
+- data parallelism beside either, as megatron does it: DP = N / (TP x EP) replicas of the model
+  (`megatron_data.py`): each replica trains its token-balanced share of every optimizer step,
+  the gradients are summed over the replicas in flattened buckets (experts over megatron's
+  expert-data-parallel group), log-probs and metrics are gathered from the replicas;
+  `train.use_distributed_optimizer` shards AdamW over them instead (ZeRO-1, `megatron_zero.py`).
+The gradient norm is the whole model's; `export_weights` gathers the full tensors on rank 0 from
+the first replica. TP and EP together are not supported yet.
 
 MoE routing replay (`train.routing_replay`, R3) and the routing records behind
 `routing_agreement` go through megatron's router (`megatron_routing.py`), as the native backend's.
 
 Not in this version (refused with one line): pipeline and context parallelism, sequence
-parallelism, data parallelism, TP for MoE and MLA families, TP with EP, QAT, activation
+parallelism, TP for MoE and MLA families, TP with EP, QAT, activation
 checkpointing, compile, the PPO critic. `train.compute_dtype = "bfloat16"` casts the parameters
 for each forward (`batch.call_in_dtype`, as the native trainer; DeepSeek-V3's router stays fp32). On CPU through the patches of `megatron_env.py`.
 """
@@ -51,11 +57,12 @@ from miles_core.errors import MilesError
 from miles_core.kernels import FAST_OPS
 from miles_core.kernels.logprobs import chunked_logprobs_entropy
 from miles_core.models.base import named_weights
-from miles_core.train import megatron_checkpoint, megatron_env, megatron_shards
+from miles_core.train import megatron_checkpoint, megatron_data, megatron_env, megatron_shards
 from miles_core.train.batch import TrainBatch, call_in_dtype, micro_batches, pad_ragged
 from miles_core.train.finite import BadStepGuard
 from miles_core.train.megatron_model import WeightMap, build_gpt, check_model_parallel, hf_config_of, output_weight
 from miles_core.train.megatron_routing import RoutingHooks
+from miles_core.train.megatron_zero import ZeroOptimizer
 from miles_core.train.native import NativeTrainer
 from miles_core.train.offload import OptimizerOffload
 from miles_core.train.routing_replay import RoutingPlan
@@ -87,8 +94,9 @@ def check_options(cfg: TrainConfig, critic: bool) -> None:
                          "'megatron' yet; use grpo, rloo, reinforce_plus_plus or another critic-free estimator")
 
 
-class MegatronTrainer(NativeTrainer):
-    """`TrainBackend` whose policy (and reference) is a megatron-core `GPTModel`."""
+class MegatronTrainer(megatron_data.DataParallelSteps, NativeTrainer):
+    """`TrainBackend` whose policy (and reference) is a megatron-core `GPTModel`; with DP > 1
+    replicas, the data-parallel steps of `megatron_data.py`."""
 
     def __init__(self, native: nn.Module, cfg: TrainConfig, algo: AlgoConfig, *, temperature: float,
                  total_steps: int, reference: nn.Module | None = None) -> None:
@@ -97,7 +105,7 @@ class MegatronTrainer(NativeTrainer):
         check_options(cfg, critic=algo.advantage_estimator == "ppo")
         self.device = next(native.parameters()).device
         sizes = parallel_sizes(cfg)
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        self.world_size = world = dist.get_world_size() if dist.is_initialized() else 1
         megatron_env.check_sizes(sizes, world)
         self.hf_config = hf_config_of(native)
         check_model_parallel(self.hf_config, sizes)
@@ -115,7 +123,10 @@ class MegatronTrainer(NativeTrainer):
             self.reference.requires_grad_(False).eval()
         self.cfg, self.algo, self.critic = cfg, algo, None
         self.temperature = temperature if temperature > 0 else 1.0
-        self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), cfg, total_steps)
+        self.zero = ZeroOptimizer(self.model, cfg, total_steps, self.ep_size, self.weights.replica_duplicates) \
+            if cfg.use_distributed_optimizer else None
+        self.optimizer, self.scheduler = (self.zero.optimizer, self.zero.scheduler) if self.zero else \
+            build_optimizer(self.model.parameters(), cfg, total_steps)
         self._offloads = [OptimizerOffload(self.optimizer)]  # unused: engine.colocate refuses this backend
         self.num_optimizer_steps = 0
         self._pass_metrics: dict[str, float] = {}
@@ -126,7 +137,8 @@ class MegatronTrainer(NativeTrainer):
         self.qat_modules: list[str] = []
 
     def _parallel_groups(self) -> None:
-        """The TP group, this rank's place in it and its first vocabulary row; the EP size."""
+        """The TP group, this rank's place in it and its first vocabulary row; the EP size; the
+        data-parallel replicas."""
         from megatron.core import parallel_state
 
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -134,9 +146,10 @@ class MegatronTrainer(NativeTrainer):
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.vocab_start = self.tp_rank * self.hf_config["vocab_size"] // self.tp_size
         self.ep_size = parallel_state.get_expert_model_parallel_world_size()
+        self.dp = megatron_data.replicas()
 
     def _build(self, native: nn.Module, sizes: megatron_env.ParallelSizes) -> tuple[nn.Module, WeightMap]:
-        if self.tp_size * self.ep_size > 1:
+        if self.world_size > 1:
             broadcast_module(native)  # rank 0's weights on every rank, however each one loaded them
         model = build_gpt(self.hf_config, sizes, self.device)
         weights = WeightMap(model, self.hf_config)
@@ -166,11 +179,17 @@ class MegatronTrainer(NativeTrainer):
         return list(logp.split(lengths)), list(entropy.split(lengths))
 
     def _clip_grads(self) -> float:
-        """Over several ranks: the gradients completed (`megatron_shards.reduce_grads`), then the
-        whole model's norm."""
-        if self.tp_size * self.ep_size == 1:
+        """Over several ranks: the gradients completed within the replica
+        (`megatron_shards.reduce_grads`: the TP q/k norms) and over the replicas and EP copies
+        (`megatron_data.reduce_grads`), then the whole model's norm, the same on every rank."""
+        if self.zero is not None:  # the masters' gradient slices (`megatron_zero.py`)
+            megatron_shards.reduce_grads(self.model, self.tp_group, self.tp_size)
+            self.zero.reduce_scatter_grads()
+            return clip_grad_norm([g.master for g in self.zero.groups], self.cfg, self.zero.grad_norm())
+        if self.world_size == 1:
             return super()._clip_grads()
-        megatron_shards.reduce_grads(self.model, self.tp_group, self.tp_size, self.ep_size)
+        megatron_shards.reduce_grads(self.model, self.tp_group, self.tp_size)
+        megatron_data.reduce_grads(self.model, self.ep_size)
         params = list(self.model.parameters())
         norm = megatron_shards.grad_norm(params, self.weights.duplicates)
         return clip_grad_norm(params, self.cfg, norm)
@@ -198,10 +217,14 @@ class MegatronTrainer(NativeTrainer):
         common = {"hf_config": self.hf_config, "checkpoint_version": 3.0, "iteration": self.num_optimizer_steps}
         small = {"scheduler": self.scheduler.state_dict(), "num_optimizer_steps": self.num_optimizer_steps,
                  "bad_steps_in_row": self.guard.in_row}
-        megatron_checkpoint.save(directory, self.model, self.optimizer, self.reference, common, small)
+        optimizer = self.zero.full_optimizer() if self.zero else self.optimizer  # ZeRO: the plain layout
+        megatron_checkpoint.save(directory, self.model, optimizer, self.reference, common, small)
 
     def load(self, directory: Path) -> None:
-        small = megatron_checkpoint.load(directory, self.model, self.optimizer, self.reference, self.device)
+        optimizer = self.zero.full_optimizer() if self.zero else self.optimizer
+        small = megatron_checkpoint.load(directory, self.model, optimizer, self.reference, self.device)
+        if self.zero is not None:
+            self.zero.load_full(optimizer)
         self.scheduler.load_state_dict(small["scheduler"])
         self.num_optimizer_steps = small["num_optimizer_steps"]
         self.guard.in_row = small.get("bad_steps_in_row", 0)

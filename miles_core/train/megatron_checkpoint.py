@@ -17,6 +17,10 @@ Layout of `DIR/` (what `save` writes and `load` reads; every rank calls both):
 AdamW's moments are created (zeros, step 0: what AdamW's first step would create) for parameters
 that have none yet, so that saving and loading always see every tensor. Checkpoints of the
 earlier layout (the optimizer and the reference model inside `trainer_state.pt`) still load.
+
+Data-parallel replicas (`megatron_data.py`): every rank calls both; megatron's replica ids mark
+the other replicas' copies as non-main, so `dist_checkpointing` writes the first replica's shards
+once (the same files as without DP) and every rank reads its own shards back.
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ Two patches are for a missing Transformer Engine, on any device (the GPU machine
 The MoE token dispatcher is set to `allgather` in the model config (the others need CUDA); under
 expert parallelism its collectives (`all_gather_into_tensor`, `reduce_scatter_tensor`) run on gloo.
 
-One world per process: `start` joins the group that is already there (a launcher's, one rank per
-tensor-parallel shard; megatron-core's groups then use its backend, gloo on CPU) or makes a
+One world per process: `start` joins the group that is already there (a launcher's: TP x EP
+ranks per model replica times the data-parallel replicas; megatron-core's groups, its data- and
+expert-data-parallel ones included, then use its backend, gloo on CPU) or makes a
 one-rank gloo (CPU) / NCCL (GPU) group itself. A later call with the same sizes is a no-op; one
 with other sizes, or after a launcher destroyed its group, starts again. `shutdown` (for tests,
 which build other process groups in the same process) undoes only what `start` did.
@@ -134,13 +135,14 @@ def shutdown() -> None:
 
 def check_sizes(sizes: ParallelSizes, world_size: int) -> None:
     """Refuse the parallel layouts this version cannot run, naming the flag: tensor or expert
-    parallelism (not both) needs exactly one rank per shard (no data parallelism beside it yet);
-    pipeline and context parallelism and sequence parallelism are not written."""
+    parallelism (not both) with data parallelism beside it, DP = world / (TP x EP) replicas, so
+    the world must be a multiple of the model-parallel size; pipeline and context parallelism and
+    sequence parallelism are not written."""
     flags = {"--pipeline-model-parallel-size": sizes.pipeline, "--context-parallel-size": sizes.context}
     for flag, size in flags.items():
         if size > 1:
             raise MilesError(f"{flag} {size} is not supported by the megatron backend yet (it runs tensor or expert "
-                             "parallelism); set it to 1")
+                             "parallelism, with data parallelism beside it); set it to 1")
     if sizes.sequence_parallel:
         raise MilesError("--sequence-parallel is not supported by the megatron backend yet; drop the flag")
     if sizes.tensor > 1 and sizes.expert > 1:
@@ -148,9 +150,10 @@ def check_sizes(sizes: ParallelSizes, world_size: int) -> None:
                          f"{sizes.expert} is not supported by the megatron backend yet; use one of them")
     flag, size = ("--expert-model-parallel-size", sizes.expert) if sizes.expert > 1 else \
         ("--tensor-model-parallel-size", sizes.tensor)
-    if world_size == size:
+    if world_size % size == 0:
         return
     if world_size == 1:
-        raise MilesError(f"{flag} {size} needs {size} trainer ranks, one per shard: add --nproc-per-node {size}")
-    raise MilesError(f"--nproc-per-node {world_size} with {flag} {size} asks for data parallelism beside model "
-                     f"parallelism, which the megatron backend does not support yet; use --nproc-per-node {size}")
+        raise MilesError(f"{flag} {size} needs {size} trainer ranks, one per shard (or a multiple of {size}: "
+                         f"data-parallel replicas): add --nproc-per-node {size}")
+    raise MilesError(f"--nproc-per-node {world_size} is not a multiple of {flag} {size} (data parallelism is "
+                     f"ranks / {size} replicas of the model); use --nproc-per-node {size} or a multiple of it")

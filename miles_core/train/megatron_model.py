@@ -159,6 +159,8 @@ class WeightMap:
         self.shards: dict[Slot, list[megatron_shards.Shard]] = {}
         self.duplicates: set[int] = set()
         """ids of the parameters this rank holds as a replica (not the main copy)."""
+        self.replica_duplicates: set[int] = set()
+        """ids of those that another rank of this model replica holds the main copy of (TP copies)."""
         for item in model.sharded_state_dict().values():
             data = getattr(item, "data", None)
             if data is None or data.data_ptr() not in names:  # `_extra_state` objects, buffers
@@ -168,6 +170,8 @@ class WeightMap:
             self.shards[self.plan.canonical(_slot(item.key, name, shards[0].stacked))] = shards
             if not all(s.main for s in shards):
                 self.duplicates.add(id(params[name]))
+            if not all(s.replica_main for s in shards):
+                self.replica_duplicates.add(id(params[name]))
         # Routed experts: this rank's own (all of them without expert parallelism).
         experts = {s.expert for s in self.shards if s.expert >= 0}
         expected = {link.slot for link in self.plan.links if link.slot.expert < 0 or link.slot.expert in experts}

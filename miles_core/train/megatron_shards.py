@@ -13,16 +13,17 @@ tensor it holds. Nothing here names a layer: the metadata says where every piece
 
 Loading copies each region of the full tensor into its view. Exporting is a collective in the
 plan's order: every rank sends its main pieces that rank 0 lacks, and rank 0 assembles the full
-tensors (plain copies: bitwise). Data parallelism is not supported with tensor parallelism, so
-the world group is one model replica and rank 0 holds the main copy of everything replicated.
+tensors (plain copies: bitwise). Data-parallel replicas (`megatron_data.py`) hold non-main copies
+of everything (megatron's replica id counts the DP rank), so the main pieces are the first
+replica's and rank 0 holds the main copy of everything replicated within it.
 
 Expert parallelism (EP ranks, TP = 1) gives each rank its own routed experts; the rest of the
-model is replicated (megatron-core's data-parallel copies, main on rank 0) and every rank runs
-the same micro-batches. The allgather dispatcher then hands each expert the tokens of every
+model is replicated (megatron-core's data-parallel copies, main on rank 0) and every rank of a
+replica runs the same micro-batches. The allgather dispatcher then hands each expert the tokens of every
 rank, EP identical copies, so its weight gradient is EP times the one-copy gradient: it is
 divided by EP (exactly, for EP a power of two). The replicated parameters' gradients are
 averaged over the ranks, as megatron's data parallelism does, which keeps the copies bitwise
-equal.
+equal. Both, with the sums over data-parallel replicas, are `megatron_data.reduce_grads`.
 
 Gradients under TP: a replicated parameter gets the same gradient on every TP rank, except the
 q/k norms, which see only this rank's heads: their gradients are summed over the TP group first,
@@ -51,6 +52,9 @@ class Shard:
     """Whether this copy is the one a checkpoint (or an export) takes; replicas are not."""
     stacked: tuple[int, ...]
     """Its index along the stacked axes in front (layer, then the global expert for experts)."""
+    replica_main: bool = True
+    """Whether this copy is the main one among the ranks of its model replica: megatron's replica
+    id (pipeline, tensor, data) without the data-parallel part."""
 
     def region(self) -> tuple[slice, ...]:
         return tuple(slice(o, o + n) for o, n in zip(self.offset, self.data.shape))
@@ -67,8 +71,10 @@ def shards_of(item) -> list[Shard]:
     out = []
     for piece in pieces:
         lead = piece.prepend_axis_num  # the stacked layer (and expert) axes
+        replica = piece.replica_id if isinstance(piece.replica_id, tuple) else (piece.replica_id,)
         out.append(Shard(piece.data, tuple(piece.global_offset[lead:]), tuple(piece.global_shape[lead:]),
-                         is_main_replica(piece.replica_id), tuple(piece.global_offset[:lead])))
+                         is_main_replica(piece.replica_id), tuple(piece.global_offset[:lead]),
+                         all(r == 0 for r in replica[:2])))
     return out
 
 
@@ -125,18 +131,15 @@ def assemble(local: list[Shard], pieces: list[Piece], rank: int, device: torch.d
     return full
 
 
-def reduce_grads(model: nn.Module, tp_group, tp_size: int, ep_size: int) -> None:
-    """Complete the gradients of one model replica spread over the ranks (see the module docstring)."""
+def reduce_grads(model: nn.Module, tp_group, tp_size: int) -> None:
+    """Complete the gradients of one model replica split over its TP ranks: the q/k norms' partial
+    gradients summed (see the module docstring); the sums over replicas and EP copies are
+    `megatron_data.reduce_grads`'."""
+    if tp_size == 1:
+        return
     for name, param in model.named_parameters():
-        if param.grad is None:
-            continue
-        if tp_size > 1 and ("q_layernorm" in name or "k_layernorm" in name):
+        if param.grad is not None and ("q_layernorm" in name or "k_layernorm" in name):
             dist.all_reduce(param.grad, group=tp_group)
-        if ep_size > 1 and getattr(param, "allreduce", True) is False:  # megatron's mark of an EP-split expert
-            param.grad.div_(ep_size)
-        elif ep_size > 1:
-            dist.all_reduce(param.grad)
-            param.grad.div_(ep_size)
 
 
 def grad_norm(params: list[nn.Parameter], duplicates: set[int]) -> torch.Tensor:

@@ -176,10 +176,10 @@ def test_checkpoint_of_the_earlier_layout_resumes_exactly(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(tensor_model_parallel_size=2), "^--tensor-model-parallel-size 2 needs 2 trainer ranks, one per shard: "
-                                         "add --nproc-per-node 2$"),
-    (dict(expert_model_parallel_size=4), "^--expert-model-parallel-size 4 needs 4 trainer ranks, one per shard: "
-                                         "add --nproc-per-node 4$"),
+    (dict(tensor_model_parallel_size=2), "^--tensor-model-parallel-size 2 needs 2 trainer ranks, one per shard "
+                                         "\\(or a multiple of 2: data-parallel replicas\\): add --nproc-per-node 2$"),
+    (dict(expert_model_parallel_size=4), "^--expert-model-parallel-size 4 needs 4 trainer ranks, one per shard "
+                                         "\\(or a multiple of 4: data-parallel replicas\\): add --nproc-per-node 4$"),
     (dict(tensor_model_parallel_size=2, expert_model_parallel_size=2),
      "^--tensor-model-parallel-size 2 with --expert-model-parallel-size 2 is not supported by the megatron backend "
      "yet; use one of them$"),
@@ -216,14 +216,18 @@ def test_refuses_model_parallel_splits_it_cannot_make(family, sizes, message):
 
 
 @pytest.mark.parametrize("sizes, world, message", [
-    (TP(2), 4, "^--nproc-per-node 4 with --tensor-model-parallel-size 2 asks for data parallelism beside model "
-               "parallelism, which the megatron backend does not support yet; use --nproc-per-node 2$"),
-    (TP(2), 3, "--nproc-per-node 3 with --tensor-model-parallel-size 2 asks for data parallelism"),
-    (EP(2), 4, "--nproc-per-node 4 with --expert-model-parallel-size 2 asks for data parallelism"),
+    (TP(2), 3, "^--nproc-per-node 3 is not a multiple of --tensor-model-parallel-size 2 \\(data parallelism is "
+               "ranks / 2 replicas of the model\\); use --nproc-per-node 2 or a multiple of it$"),
+    (EP(4), 6, "--nproc-per-node 6 is not a multiple of --expert-model-parallel-size 4"),
 ])
-def test_refuses_data_parallel_beside_model_parallel(sizes, world, message):
+def test_refuses_ranks_that_are_not_whole_replicas(sizes, world, message):
     with pytest.raises(MilesError, match=message):
         megatron_env.check_sizes(sizes, world)
+
+
+@pytest.mark.parametrize("sizes, world", [(TP(2), 4), (EP(2), 4), (TP(), 2), (TP(), 3), (TP(2), 2)])
+def test_accepts_data_parallel_replicas_beside_model_parallel(sizes, world):
+    megatron_env.check_sizes(sizes, world)  # DP = world / (TP x EP): 2, 2, 2, 3, 1
 
 
 def engine_routing(kind: str, family: str = "qwen3_moe") -> list[np.ndarray]:
@@ -325,10 +329,9 @@ def test_miles_train_runs_with_megatron_and_matches_native(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size 2 needs 2 trainer ranks, one per shard: add "
-                                            "--nproc-per-node 2"),
-    (["--nproc-per-node", "2", "--set", "train.backend=megatron"],
-     "--nproc-per-node 2 with --tensor-model-parallel-size 1 asks for data parallelism beside model parallelism"),
+    (["--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size 2 needs 2 trainer ranks, one per shard"),
+    (["--nproc-per-node", "3", "--tensor-model-parallel-size", "2"],
+     "--nproc-per-node 3 is not a multiple of --tensor-model-parallel-size 2"),
 ])
 def test_miles_train_refuses_layouts_it_cannot_run(tmp_path, args, message):
     result = CliRunner().invoke(app, ["train", "--recipe", "tiny", "--num-rollout", "1", "--output-dir",
