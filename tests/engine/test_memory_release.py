@@ -183,6 +183,10 @@ def test_stable_memory_keeps_every_address_and_brings_back_the_bits(host_regions
     reqs = requests(prompts(3, seed=4), n=2, max_new_tokens=10)
     before, weights = _tokens(engine, reqs), _state(engine)
     stats = engine.release_memory()
+    with pytest.raises(EngineReleased, match="get_weights_by_name: the engine's memory is released"):
+        engine.get_weights_by_name("lm_head.weight")
+    with pytest.raises(EngineReleased, match="update_weights: .*call resume_memory first"):
+        engine.update_weights([("lm_head.weight", torch.zeros(1))], version="9")
     weights_region, pool_region = host_regions.regions
     assert not weights_region.mapped and not pool_region.mapped and engine.released
     assert stats["kv_cache_bytes"] == pool_region.nbytes >= 335_872 and stats["weights_bytes"] <= weights_region.nbytes

@@ -138,6 +138,7 @@ class NativeEngine:
 
     # -- control ---------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> None:
+        self._check_weights_mapped("update_weights")
         targets, sources = self.weights.checked_updates(named_tensors)  # all checked before any is written
         with self._step_lock, torch.no_grad():
             if targets:  # one multi-tensor copy instead of a launch per tensor (~300 at 0.6B)
@@ -147,7 +148,14 @@ class NativeEngine:
 
     def get_weights_by_name(self, name: str) -> torch.Tensor:
         """The tensor the engine computes with under HF name `name` (SGLang's `/get_weights_by_name`)."""
+        self._check_weights_mapped("get_weights_by_name")
         return self.weights.get(name, "get_weights_by_name").detach()
+
+    def _check_weights_mapped(self, what: str) -> None:
+        """Released fixed-address weights have no pages under them: a read or write there would
+        be an illegal address on the device, which ends the CUDA context."""
+        if self._stable_released:
+            raise EngineReleased(f"{what}: the engine's memory is released (engine.colocate); call resume_memory first")
 
     def pause(self) -> None:
         self._paused.set()
