@@ -12,6 +12,7 @@ from miles_core.config import EngineConfig
 from miles_core.engine.native import NativeEngine
 from miles_core.engine.native.block_manager import BlockManager
 from miles_core.engine.native.decode_window import DecodeWindow
+from miles_core.kernels import triton_ops
 from paged_helpers import ByteTokenizer, assert_no_leak, flat, model_for, prompts, requests
 from test_decode_staging import EagerReplayGraphs
 
@@ -206,3 +207,14 @@ def test_unallocate_puts_an_unused_block_back_as_it_was():
     assert list(blocks._free) == [1, 2, 3, 0] and blocks.blocks[b].epoch == epoch - 1
     assert blocks.blocks[b].ref_count == 0 and blocks.num_free == 4
     assert blocks.allocate() == b
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not triton_ops.available(), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("graphs", [True, False])
+def test_cuda_windows_give_the_single_steps_bits(graphs):
+    """On a GPU: captured graphs (or the eager paged path) in invariant mode, K = 8 vs K = 1."""
+    model = model_for("qwen3", "invariant").cuda()
+    reqs = requests(prompts(24, seed=7), n=3, temperature=1.0, max_new_tokens=37, stop_token_ids=(7, 77, 100))
+    _, _, windowed = compare(model, reqs, 8, block_size=64, max_batch_size=64, cuda_graphs=graphs)
+    assert (windowed.runner.graphs is not None) == graphs
