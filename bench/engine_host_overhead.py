@@ -173,15 +173,17 @@ def run_batch(batch: int, args) -> dict:
 
 def report(rows: list[dict], args) -> str:
     card = f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
+    phases = [p for p in PHASES if p != "window" or args.decode_steps > 1]
     lines = [f"machine: {platform.machine()} CPU{card}, {torch.get_num_threads()} torch threads; date: "
              f"{datetime.date.today()}; torch {torch.__version__}; mode {args.mode}; vocab {args.vocab}; "
-             f"max_context_len {args.max_context_len}; decode steps per window {args.decode_steps}; "
+             f"max_context_len {args.max_context_len}; "
+             + (f"decode steps per window {args.decode_steps}; " if args.decode_steps > 1 else "") +
              f"command: `python {' '.join(sys.argv)}`", "",
-             "| batch | step us (mean) | step us (median) | " + " | ".join(PHASES) + " |",
-             "|---" * (3 + len(PHASES)) + "|"]
+             "| batch | step us (mean) | step us (median) | " + " | ".join(phases) + " |",
+             "|---" * (3 + len(phases)) + "|"]
     for r in rows:
         lines.append(f"| {r['batch']} | {r['total']:,.0f} | {r['median']:,.0f} | "
-                     + " | ".join(f"{r[p]:,.0f}" for p in PHASES) + " |")
+                     + " | ".join(f"{r[p]:,.0f}" for p in phases) + " |")
     return "\n".join(lines)
 
 
