@@ -38,10 +38,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from miles_core.engine.native import paged_cache
 from miles_core.engine.native.kv_pool import KVPool
 from miles_core.engine.native.paged_cache import PagedKVCache
 from miles_core.engine.native.sequence import Sequence
-from miles_core.kernels import model_ops
+from miles_core.kernels import model_ops, paged_attention
 
 
 def stage_decode_inputs(seqs: Seqs[Sequence], block_size: int, null_block: int, size: int,
@@ -74,6 +75,13 @@ def stage_decode_inputs(seqs: Seqs[Sequence], block_size: int, null_block: int, 
     packed[:B, 1] = positions_B
     packed[:B, 2] = packed[np.arange(B), 2 + counts_B] * P + positions_B % P
     return packed
+
+
+def capturable(model: nn.Module, device: torch.device, *, enabled: bool, block_size: int, capture_routing: bool) -> bool:
+    """Decode steps go through CUDA graphs: `engine.cuda_graphs` on CUDA with the paged kernel,
+    dense models only (MoE expert grouping syncs with the host), no routing capture."""
+    return (enabled and paged_attention.usable(device, block_size) and paged_cache.USE_PAGED_DECODE_KERNEL
+            and not capture_routing and getattr(model, "num_moe_layers", 0) == 0)
 
 
 def batch_size_ladder(max_batch_size: int) -> list[int]:
@@ -137,18 +145,43 @@ class DecodeGraphs:
     def run(self, seqs: Seqs[Sequence]) -> torch.Tensor:
         """Logits (B, V) of one decode step of `seqs` (each feeds its last token; a view into
         the graph's output: use it before the next step). Rows past B are padding."""
-        if model_ops(self.model) is not self._ops:
-            self._capture()
         B = len(seqs)
-        size = self.sizes[bisect.bisect_left(self.sizes, B)]
+        size = self.size_for(B)
         which, self._num_runs = self._num_runs % 2, self._num_runs + 1
         packed = stage_decode_inputs(seqs, self.pool.block_size, self.pool.null_block, size, self._staging_np[which])
         hosts, staged, copies = self._copy_plan(size, packed.shape[1] - 3)
         staged.copy_(hosts[which], non_blocking=True)  # one host-to-device copy per step
         for graph_input, column in copies:
             graph_input.copy_(column)
+        return self.replay(size)[:B]
+
+    def size_for(self, num_rows: int) -> int:
+        """The captured batch size a step of `num_rows` rows is padded to."""
+        return self.sizes[bisect.bisect_left(self.sizes, num_rows)]
+
+    def replay(self, size: int) -> torch.Tensor:
+        """Replay the graph of `size` rows on the inputs in its buffers; its logits (size, V)."""
+        if model_ops(self.model) is not self._ops:
+            self._capture()
         self.graphs[size].replay()
-        return self.logits[size][:B]
+        return self.logits[size]
+
+    def set_inputs(self, size: int, ids_B: torch.Tensor, positions_B: torch.Tensor, slots_B: torch.Tensor,
+                   tables_BW: torch.Tensor | None = None) -> None:
+        """Write a step's inputs into the graph's buffers from device tensors (a decode window's
+        steps, `decode_window`); with `tables_BW` also the block tables and the padding rows
+        (token 0 at position 0, the null block), as `stage_decode_inputs` packs them."""
+        B = ids_B.shape[0]
+        self.ids_G1[:B, 0].copy_(ids_B)
+        self.positions_G1[:B, 0].copy_(positions_B)
+        self.slots_G[:B].copy_(slots_B)
+        if tables_BW is not None:
+            W = tables_BW.shape[1]
+            self.tables_GM[:B, :W].copy_(tables_BW)
+            self.ids_G1[B:size].zero_()
+            self.positions_G1[B:size].zero_()
+            self.slots_G[B:size].fill_(self.null_slot)
+            self.tables_GM[B:size, :W].fill_(self.pool.null_block)
 
     def _copy_plan(self, size: int, width: int) -> tuple:
         """The views one (rows, table columns) shape of step copies through, made once (a torch

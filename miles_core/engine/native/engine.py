@@ -12,6 +12,8 @@ copies, the response text decoded) in the next step right after that step's forw
 launched, so on a GPU the host does it while the forward runs, or when there is no next forward;
 other callers (a background loop, a caller stepping itself) get each answer in the step that
 finished it, as they may act on it before the next step.
+With `engine.num_continuous_decode_steps` = K > 1, a pure decode step runs up to K decode steps
+on the device in one call (`decode_window`); the inbox, pauses and weight updates wait for its end.
 
 Colocation (`engine.colocate`): `release_memory` frees the KV pool and CUDA graphs and moves the
 weights to host memory (`memory.py`) while a trainer uses the device; requests are refused until
@@ -29,9 +31,9 @@ import torch
 from torch import nn
 
 from miles_core.config import EngineConfig
-from miles_core.engine.native import paged_cache
 from miles_core.engine.native.block_manager import BlockManager
-from miles_core.engine.native.cuda_graphs import DecodeGraphs
+from miles_core.engine.native.cuda_graphs import DecodeGraphs, capturable
+from miles_core.engine.native.decode_window import DecodeWindow
 from miles_core.engine.native.fuse import fuse_projections
 from miles_core.engine.native import stable_memory
 from miles_core.engine.native.kv_pool import KVPool, block_bytes, num_kv_blocks
@@ -43,14 +45,13 @@ from miles_core.engine.native.sampling_tensors import SamplingTensors
 from miles_core.engine.native.weight_table import WeightTable
 from miles_core.engine.native.scheduler import Row, Scheduler
 from miles_core.engine.native.stable_memory import StableMemory
-from miles_core.engine.native.sequence import RequestHandle
+from miles_core.engine.native.sequence import RequestHandle, new_handle
 from miles_core.engine.native.sequence import Sequence as Seq
-from miles_core.engine.native.sequence import sample_seed
-from miles_core.engine.native.streams import torch_stream, uniforms
+from miles_core.engine.native.streams import uniforms
 from miles_core.engine.protocol import GenerateRequest, Generation
 from miles_core.engine.sampler import sample_tokens
 from miles_core.errors import MilesError
-from miles_core.kernels import model_ops, paged_attention
+from miles_core.kernels import model_ops
 from miles_core.utils.device import on_device, to_device
 
 ABORTED = {"type": "abort", "message": "aborted by request"}
@@ -103,6 +104,10 @@ class NativeEngine:
         """`generate` calls stepping now: while any is, answers wait for the next forward."""
         self._sampling_params = SamplingTensors()
         """((setting, rows, device), tensors) of the last step sampled with one setting for all rows."""
+        self._window = DecodeWindow.of(cfg.num_continuous_decode_steps, self.scheduler, self.runner,
+                                       self._sampling_params, self._record, self._answer_finished,
+                                       capture_routing=self.capture_routing)
+        """`engine.num_continuous_decode_steps` > 1: decode windows (`decode_window`), else None."""
 
     def _new_pool(self) -> KVPool:
         num_kv_heads, head_dim, v_head_dim = self.model.kv_cache_dims()
@@ -115,18 +120,11 @@ class NativeEngine:
                       weight.device)
 
     def _capture_graphs(self) -> None:
-        if self._can_capture():
+        if capturable(self.model, self.device, enabled=self.cfg.cuda_graphs, block_size=self.cfg.block_size,
+                      capture_routing=self.capture_routing):
             with on_device(self.device):  # captures go to the current device
                 self.runner.graphs = DecodeGraphs(self.model, self.pool, max_batch_size=self.cfg.max_batch_size,
                                                   max_blocks_per_row=self.blocks.blocks_for(self.max_context_len))
-
-    def _can_capture(self) -> bool:
-        """Decode steps go through CUDA graphs: on CUDA with the paged kernel, dense models only
-        (MoE expert grouping syncs with the host), no routing capture."""
-        device = self.pool.keys[0].device
-        return (self.cfg.cuda_graphs and paged_attention.usable(device, self.cfg.block_size)
-                and paged_cache.USE_PAGED_DECODE_KERNEL and not self.capture_routing
-                and getattr(self.model, "num_moe_layers", 0) == 0)
 
     @property
     def weight_version(self) -> str:
@@ -264,26 +262,8 @@ class NativeEngine:
         if self.released:
             raise EngineReleased(f"request '{request.rid}': the engine's memory is released (engine.colocate: the "
                                  "trainer is using the GPU); call resume_memory() (POST /resume_memory_occupation) first")
-        prompt_len = len(request.input_ids)
-        if prompt_len == 0:
-            raise MilesError(f"request '{request.rid}' has an empty prompt")
-        if prompt_len >= self.max_context_len:
-            raise MilesError(f"prompt of request '{request.rid}' has {prompt_len} tokens; the context "
-                             f"holds {self.max_context_len} (engine.max_context_len or the model's limit)")
-        budget = min(request.sampling.max_new_tokens, self.max_context_len - prompt_len)
-        need = self.blocks.blocks_for(prompt_len + budget - 1)
-        if need > self.blocks.num_blocks:
-            raise MilesError(f"request '{request.rid}' needs {need} KV blocks of {self.cfg.block_size} tokens "
-                             f"({prompt_len} prompt + {budget} new); the pool has {self.blocks.num_blocks} "
-                             "(raise engine.num_kv_blocks or engine.mem_fraction)")
-        handle = RequestHandle(request, on_progress)
-        stop_ids = self.eos_token_ids | frozenset(request.sampling.stop_token_ids)
-        handle.sequences = [
-            Seq(request, handle, j, budget, torch_stream(sample_seed(request.seed, j)), list(request.input_ids),
-                prompt_len, stop_ids=stop_ids)
-            for j in range(request.sampling.n_samples_per_prompt)
-        ]
-        return handle
+        return new_handle(request, on_progress, max_context_len=self.max_context_len,
+                          eos_token_ids=self.eos_token_ids, blocks=self.blocks)
 
     # -- generation ------------------------------------------------------------------------
     def generate(self, requests: Sequence[GenerateRequest],
@@ -307,6 +287,10 @@ class NativeEngine:
         """Run one scheduled forward; False when paused or idle."""
         with self._step_lock:
             self._drain_inbox()
+            if self._window and not (self._paused.is_set() or self.released):
+                with torch.inference_mode(), on_device(self.device):
+                    if self._window.run():
+                        return True
             # released: submissions wait for resume_memory
             rows = [] if self._paused.is_set() or self.released else self.scheduler.schedule()
             if not rows:
@@ -361,7 +345,11 @@ class NativeEngine:
                                                                        logits_BV.device)
         tokens, logprobs = sample_tokens(logits_BV, temperature, top_k, top_p, uniform, flags=flags,
                                          log_softmax=model_ops(self.model).log_softmax)
-        for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist()):
+        self._record(seqs, tokens.tolist(), logprobs.tolist())
+
+    def _record(self, seqs: list[Seq], tokens: list[int], logprobs: list[float]) -> None:
+        """Append each sequence's sampled token and its log-prob; retire those that stop."""
+        for seq, token, logprob in zip(seqs, tokens, logprobs):
             token_ids = seq.token_ids
             token_ids.append(token)
             seq.logprobs.append(logprob)

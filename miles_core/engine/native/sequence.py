@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from miles_core.engine.native.streams import torch_stream
 from miles_core.engine.protocol import GenerateRequest, Generation
+from miles_core.errors import MilesError
 
 
 def sample_seed(request_seed: int, sample_index: int) -> int:
@@ -102,3 +104,29 @@ class RequestHandle:
         if not self._done.wait(timeout):
             raise TimeoutError(f"request '{self.request.rid}' did not finish in {timeout} s")
         return self.generations
+
+
+def new_handle(request: GenerateRequest, on_progress: Callable[[int], None] | None, *, max_context_len: int,
+               eos_token_ids: frozenset[int], blocks) -> RequestHandle:
+    """Check a request against the context length and the pool (`blocks`, the engine's
+    `BlockManager`) and make its handle with its n sequences."""
+    prompt_len = len(request.input_ids)
+    if prompt_len == 0:
+        raise MilesError(f"request '{request.rid}' has an empty prompt")
+    if prompt_len >= max_context_len:
+        raise MilesError(f"prompt of request '{request.rid}' has {prompt_len} tokens; the context "
+                         f"holds {max_context_len} (engine.max_context_len or the model's limit)")
+    budget = min(request.sampling.max_new_tokens, max_context_len - prompt_len)
+    need = blocks.blocks_for(prompt_len + budget - 1)
+    if need > blocks.num_blocks:
+        raise MilesError(f"request '{request.rid}' needs {need} KV blocks of {blocks.block_size} tokens "
+                         f"({prompt_len} prompt + {budget} new); the pool has {blocks.num_blocks} "
+                         "(raise engine.num_kv_blocks or engine.mem_fraction)")
+    handle = RequestHandle(request, on_progress)
+    stop_ids = eos_token_ids | frozenset(request.sampling.stop_token_ids)
+    handle.sequences = [
+        Sequence(request, handle, j, budget, torch_stream(sample_seed(request.seed, j)), list(request.input_ids),
+                 prompt_len, stop_ids=stop_ids)
+        for j in range(request.sampling.n_samples_per_prompt)
+    ]
+    return handle
