@@ -61,6 +61,18 @@ def reference(model, **cfg) -> ReferenceEngine:
                            eos_token_ids=(), max_position_embeddings=1024)
 
 
+def run_with_abort(engine: NativeEngine, reqs: list[GenerateRequest], steps: int, rid: str) -> list:
+    """Submit `reqs`, step `steps` times, abort request `rid`, step until idle; every request's
+    generations."""
+    handles = [engine.submit(r) for r in reqs]
+    for _ in range(steps):
+        engine.step()
+    engine.abort(rid)
+    while engine.step():
+        pass
+    return [h.result(timeout=0) for h in handles]
+
+
 def flat(outputs):
     return [gen for group in outputs for gen in group]
 

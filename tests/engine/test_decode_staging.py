@@ -18,7 +18,7 @@ import torch
 from miles_core.engine.native import paged_cache
 from miles_core.engine.native.cuda_graphs import DecodeGraphs, stage_decode_inputs
 from miles_core.kernels import model_ops
-from paged_helpers import assert_no_leak, flat, model_for, paged, prompts, reference, requests
+from paged_helpers import assert_no_leak, flat, model_for, paged, prompts, reference, requests, run_with_abort
 
 
 class _Seq:
@@ -116,13 +116,7 @@ def test_graph_path_with_abort_and_changing_sampling_settings():
     first = requests(prompts(4, seed=12), n=2, max_new_tokens=30)
     second = requests(prompts(4, seed=13), n=2, temperature=1.3, max_new_tokens=30)
     engine = graphed(model, block_size=16)
-    handles = [engine.submit(r) for r in first]
-    for _ in range(6):
-        engine.step()
-    engine.abort("r1")
-    while engine.step():
-        pass
-    got = [h.result(timeout=0) for h in handles]
+    got = run_with_abort(engine, first, 6, "r1")
     assert [g.finish_reason["type"] for g in got[1]] == ["abort", "abort"]
     eager = paged(model, return_routed_experts=False, block_size=16)
     expected = eager.generate([first[0], first[2], first[3]])

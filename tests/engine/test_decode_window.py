@@ -13,7 +13,7 @@ from miles_core.engine.native import NativeEngine
 from miles_core.engine.native.block_manager import BlockManager
 from miles_core.engine.native.decode_window import DecodeWindow
 from miles_core.kernels import triton_ops
-from paged_helpers import ByteTokenizer, assert_no_leak, flat, model_for, prompts, requests
+from paged_helpers import ByteTokenizer, assert_no_leak, flat, model_for, prompts, requests, run_with_abort
 from test_decode_staging import EagerReplayGraphs
 
 EOS = 5
@@ -148,13 +148,7 @@ def test_abort_mid_run_acts_at_the_window_end():
     reqs = requests(prompts(4, seed=12), n=2, temperature=1.0, max_new_tokens=30)
     full = engine_for(model, 1).generate(reqs)
     engine = engine_for(model, 4)
-    handles = [engine.submit(r) for r in reqs]
-    for _ in range(3):  # the prefill, then two windows
-        engine.step()
-    engine.abort("r1")
-    while engine.step():
-        pass
-    got = [h.result(timeout=0) for h in handles]
+    got = run_with_abort(engine, reqs, 3, "r1")  # the prefill, then two windows
     assert [g.finish_reason["type"] for g in got[1]] == ["abort", "abort"]
     for aborted, whole in zip(got[1], full[1]):  # 1 + 2 windows of 4 tokens, then the abort
         assert len(aborted.output_ids) == 9 and aborted.output_ids == whole.output_ids[:9]
