@@ -77,7 +77,7 @@ def native_tokens_per_s(model, mode: str, prompts: list[list[int]], new_tokens: 
         torch.cuda.empty_cache()  # the pool is sized from free memory: give back the peer's cached blocks
     engine = NativeEngine(model, _NoText(), EngineConfig(max_batch_size=len(prompts), mem_fraction=args.mem_fraction,
                                                          cuda_graphs=not args.no_graphs,
-                                                         num_continuous_decode_steps=args.decode_steps),
+                                                         num_continuous_decode_steps=getattr(args, "decode_steps", 1)),
                           eos_token_ids=(), max_position_embeddings=4096)
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=new_tokens)
     # Warm-up at the workload's shapes: fast mode compiles its fused kernels for the prefill
