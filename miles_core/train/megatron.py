@@ -24,19 +24,22 @@ the others (`leader.py`), so every rank runs the same calls:
   1/EP of the routed experts (allgather dispatcher) and a copy of the rest; the EP ranks of one
   replica run the same micro-batches, so expert gradients are divided by EP (each expert saw
   every rank's copy of the tokens) and the copies' gradients averaged;
-- data parallelism beside either, as megatron does it: DP = N / (TP x EP) replicas of the model
-  (`megatron_data.py`): each replica trains its token-balanced share of every optimizer step,
+- pipeline parallelism (`train.pipeline_model_parallel_size` = PP, dense families): each stage
+  holds its layers (the first the embedding, the last the final norm and output layer), one
+  micro-batch in flight through the stages, the loss on the last (`megatron_pipeline.py`);
+- data parallelism beside any of them, as megatron does it: DP = N / (TP x EP x PP) replicas
+  of the model (`megatron_data.py`): each replica trains its token-balanced share of every optimizer step,
   the gradients are summed over the replicas in flattened buckets (experts over megatron's
   expert-data-parallel group), log-probs and metrics are gathered from the replicas;
   `train.use_distributed_optimizer` shards AdamW over them instead (ZeRO-1, `megatron_zero.py`).
 The gradient norm is the whole model's; `export_weights` gathers the full tensors on rank 0 from
-the first replica. TP and EP together are not supported yet.
+the first replica. TP and EP together, PP and EP together are not supported yet.
 
 MoE routing replay (`train.routing_replay`, R3) and the routing records behind
 `routing_agreement` go through megatron's router (`megatron_routing.py`), as the native backend's.
 
-Not in this version (refused with one line): pipeline and context parallelism, sequence
-parallelism, TP for MoE and MLA families, TP with EP, QAT, activation
+Not in this version (refused with one line): context parallelism, sequence parallelism, TP
+and PP for MoE and MLA families, TP or PP with EP, PP with the distributed optimizer, QAT, activation
 checkpointing, compile, the PPO critic. `train.compute_dtype = "bfloat16"` casts the parameters
 for each forward (`batch.call_in_dtype`, as the native trainer; DeepSeek-V3's router stays fp32). On CPU through the patches of `megatron_env.py`.
 """
@@ -57,8 +60,8 @@ from miles_core.errors import MilesError
 from miles_core.kernels import FAST_OPS
 from miles_core.kernels.logprobs import chunked_logprobs_entropy
 from miles_core.models.base import named_weights
-from miles_core.train import megatron_checkpoint, megatron_data, megatron_env, megatron_shards
-from miles_core.train.batch import TrainBatch, call_in_dtype, micro_batches, pad_ragged
+from miles_core.train import megatron_checkpoint, megatron_data, megatron_env, megatron_pipeline, megatron_shards
+from miles_core.train.batch import TrainBatch, call_in_dtype, micro_batches
 from miles_core.train.finite import BadStepGuard
 from miles_core.train.megatron_model import WeightMap, build_gpt, check_model_parallel, hf_config_of, output_weight
 from miles_core.train.megatron_routing import RoutingHooks
@@ -89,14 +92,19 @@ def check_options(cfg: TrainConfig, critic: bool) -> None:
         if bad:
             raise MilesError(f"train.{name} = {getattr(cfg, name)!r} is not supported with train.backend = "
                              f"'megatron' yet; expected {allowed}")
+    if cfg.use_distributed_optimizer and cfg.pipeline_model_parallel_size > 1:
+        raise MilesError(f"train.use_distributed_optimizer = true with train.pipeline_model_parallel_size = "
+                         f"{cfg.pipeline_model_parallel_size} is not supported with train.backend = 'megatron' yet; "
+                         "expected one of them")
     if critic:
         raise MilesError("algo.advantage_estimator = 'ppo' (a critic) is not supported with train.backend = "
                          "'megatron' yet; use grpo, rloo, reinforce_plus_plus or another critic-free estimator")
 
 
-class MegatronTrainer(megatron_data.DataParallelSteps, NativeTrainer):
-    """`TrainBackend` whose policy (and reference) is a megatron-core `GPTModel`; with DP > 1
-    replicas, the data-parallel steps of `megatron_data.py`."""
+class MegatronTrainer(megatron_pipeline.PipelineSteps, megatron_data.DataParallelSteps, NativeTrainer):
+    """`TrainBackend` whose policy (and reference) is a megatron-core `GPTModel`; with PP > 1
+    stages the pipelined steps of `megatron_pipeline.py`, with DP > 1 replicas (or PP > 1, whose
+    results come from the last stage) the data-parallel steps of `megatron_data.py`."""
 
     def __init__(self, native: nn.Module, cfg: TrainConfig, algo: AlgoConfig, *, temperature: float,
                  total_steps: int, reference: nn.Module | None = None) -> None:
@@ -147,6 +155,8 @@ class MegatronTrainer(megatron_data.DataParallelSteps, NativeTrainer):
         self.vocab_start = self.tp_rank * self.hf_config["vocab_size"] // self.tp_size
         self.ep_size = parallel_state.get_expert_model_parallel_world_size()
         self.dp = megatron_data.replicas()
+        self.pp = megatron_pipeline.stages()
+        self._in_flight = (None, None)  # a pipeline stage's received input and sent output
 
     def _build(self, native: nn.Module, sizes: megatron_env.ParallelSizes) -> tuple[nn.Module, WeightMap]:
         if self.world_size > 1:
@@ -156,8 +166,10 @@ class MegatronTrainer(megatron_data.DataParallelSteps, NativeTrainer):
         weights.load({name: t.detach().to(self.device, torch.float32) for name, t in named_weights(native)})
         return model.train(), weights
 
-    def _forward(self, model: nn.Module, batch: TrainBatch, indices: list[int], routing: RoutingPlan | None = None):
-        """In `train.compute_dtype` as the native trainer: the parameters cast for the call
+    def _log_prob_forward(self, model: nn.Module, batch: TrainBatch, indices: list[int],
+                          routing: RoutingPlan | None = None):
+        """The last (only) stage's log-prob forward (`_forward` with the stages: `megatron_pipeline.py`).
+        In `train.compute_dtype` as the native trainer: the parameters cast for the call
         (differentiably, onto the fp32 masters), activations in that dtype end to end."""
         step = (_LogProbForwardFp32Router if self.hf_config["model_type"] == "deepseek_v3" else _LogProbForward)(
             self, model)
@@ -190,6 +202,7 @@ class MegatronTrainer(megatron_data.DataParallelSteps, NativeTrainer):
             return super()._clip_grads()
         megatron_shards.reduce_grads(self.model, self.tp_group, self.tp_size)
         megatron_data.reduce_grads(self.model, self.ep_size)
+        megatron_pipeline.reduce_embedding_grads(self.model, self.pp)
         params = list(self.model.parameters())
         norm = megatron_shards.grad_norm(params, self.weights.duplicates)
         return clip_grad_norm(params, self.cfg, norm)
@@ -267,10 +280,8 @@ def response_hidden_states(model: nn.Module, tokens: list[torch.Tensor], respons
     `batch.response_hidden_states` takes them from the native model; `routing` (MoE) replays
     and/or records the experts of every token through the router `hooks`."""
     device = output_weight(model).device
-    ids_BT = pad_ragged(tokens).to(device)
+    ids_BT, positions_BT, causal = megatron_pipeline.stage_inputs(tokens, device)
     B, T = ids_BT.shape
-    positions_BT = torch.arange(T, device=device)[None, :].expand(B, T)
-    causal = torch.triu(torch.ones(T, T, dtype=torch.bool, device=device), diagonal=1)[None, None]  # True: masked
     ctx = routing.context([(b, 0, len(t) - 1) for b, t in enumerate(tokens)], T, device) if routing else None
     with _hidden_states_only(model), hooks.active(ctx, B, T):
         hidden_TBE = model(ids_BT, positions_BT, attention_mask=causal)  # megatron's [s, b, h] layout

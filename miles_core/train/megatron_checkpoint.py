@@ -20,7 +20,9 @@ earlier layout (the optimizer and the reference model inside `trainer_state.pt`)
 
 Data-parallel replicas (`megatron_data.py`): every rank calls both; megatron's replica ids mark
 the other replicas' copies as non-main, so `dist_checkpointing` writes the first replica's shards
-once (the same files as without DP) and every rank reads its own shards back.
+once (the same files as without DP) and every rank reads its own shards back. Pipeline stages
+save their own layers under the same global keys (megatron's layer offsets), so a checkpoint
+written by PP stages is the one-stage checkpoint; the last stage's tied output layer is a copy.
 """
 
 from __future__ import annotations

@@ -1,13 +1,14 @@
 """Data parallelism beside megatron-core's tensor or expert parallelism (`train.backend =
 "megatron"`): `miles train --nproc-per-node N` with M = TP x EP ranks per model replica runs
-DP = N / M replicas (PP = CP = 1). DP is implicit, what the world size leaves, as in megatron,
-except that under EP a replica's EP ranks share its samples (megatron gives each EP rank samples
-of its own): the samples split over N / EP replicas, not N.
+DP = N / M replicas (CP = 1; with PP stages M = TP x EP x PP, each stage's ranks forming their own
+data-parallel group). DP is implicit, what the world size leaves, as in megatron, except that
+under EP a replica's EP ranks share its samples (megatron gives each EP rank samples of its own):
+the samples split over N / EP replicas, not N.
 
 Layout: megatron-core's rank order (tp-cp-ep-dp-pp) puts the M ranks of a replica next to each
 other: replica r is ranks r*M .. r*M + M - 1. This rank's replica is its rank in megatron's
 expert-data-parallel group (the ranks that hold the same experts, or under dense TP the same
-shard); the replica's first rank (TP and EP rank 0) reports for it.
+shard); the replica's first rank (TP and EP rank 0) of its last pipeline stage reports for it.
 
 Work split (`share`): each optimizer step's samples are split across the replicas balanced by
 tokens (`parallelize.split_by_tokens`, the FSDP backend's split), and every rank of a replica
@@ -61,15 +62,20 @@ class Replicas:
     size: int = 1
     index: int = 0
     leader: bool = True
-    """Whether this rank reports for its replica (its first rank)."""
+    """Whether this rank reports for its replica (its first rank; of the last pipeline stage)."""
+    gather: bool = False
+    """Whether results come from other ranks: DP > 1 replicas, or pipeline stages (the last one's)."""
 
 
 def replicas() -> Replicas:
     """From megatron-core's parallel state (see the module docstring)."""
     from megatron.core import parallel_state as ps
 
-    return Replicas(ps.get_expert_data_parallel_world_size(), ps.get_expert_data_parallel_rank(),
-                    ps.get_tensor_model_parallel_rank() == 0 and ps.get_expert_model_parallel_rank() == 0)
+    size = ps.get_expert_data_parallel_world_size()
+    stages = ps.get_pipeline_model_parallel_world_size()
+    leader = ps.get_tensor_model_parallel_rank() == 0 and ps.get_expert_model_parallel_rank() == 0 \
+        and ps.is_pipeline_last_stage()
+    return Replicas(size, ps.get_expert_data_parallel_rank(), leader, size > 1 or stages > 1)
 
 
 def share(batch: TrainBatch, dp: Replicas, micro_batches: Callable[[TrainBatch], list[list[int]]]) -> list[list[int]]:
@@ -140,7 +146,7 @@ class DataParallelSteps:
     dp: Replicas
 
     def _step_micro_batches(self, batch: TrainBatch) -> list[list[int]]:
-        if self.dp.size == 1:
+        if not self.dp.gather:
             return super()._step_micro_batches(batch)
         return share(batch, self.dp, self._micro_batches)
 
@@ -149,7 +155,7 @@ class DataParallelSteps:
                    positions: list[int] | None = None) -> dict[str, float]:
         """This replica's share measures into sums of its own, merged into the caller's
         `mismatch` and `agreement` by `_reduce_step_metrics`."""
-        if self.dp.size == 1:
+        if not self.dp.gather:
             return super().train_step(batch, mismatch, agreement, positions=positions)
         self._step_sums = (mismatch, agreement)
         self._local_sums = (MismatchSums() if mismatch is not None else None,
@@ -158,7 +164,7 @@ class DataParallelSteps:
 
     def _reduce_step_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Sum (min / max) the replicas' metrics; merge their mismatch, agreement and bad samples."""
-        if self.dp.size == 1:
+        if not self.dp.gather:
             return super()._reduce_step_metrics(metrics)
         local_mismatch, local_agreement = self._local_sums
         parts = gather_replicas((metrics, _settled(local_mismatch), local_agreement, self._bad_samples), self.dp,
@@ -179,7 +185,7 @@ class DataParallelSteps:
     @torch.no_grad()
     def compute_log_probs(self, batch: TrainBatch, *, reference: bool = False) -> list[torch.Tensor]:
         """Each replica computes its share; every rank gets all of them in the batch's order."""
-        if self.dp.size == 1:
+        if not self.dp.gather:
             return super().compute_log_probs(batch, reference=reference)
         model = self.reference if reference else self.model
         if model is None:

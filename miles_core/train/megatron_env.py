@@ -9,6 +9,9 @@ where the real functions are right) and undone by `shutdown`:
 - the model-parallel CUDA RNG tracker's `fork` -> no-op context: it swaps CUDA RNG states around
   dropout regions, and dropout is 0 in our configs (on a GPU `start` seeds the tracker instead,
   `model_parallel_cuda_manual_seed`, as megatron's training scripts do);
+- `LanguageModule._is_in_embd_group` -> False: with pipeline stages and tied embeddings the model
+  copies the first stage's embedding into the last stage's output layer at construction, moving
+  it with `.cuda()`; the loader (`WeightMap.load`) writes both copies from the same HF tensor;
 Two patches are for a missing Transformer Engine, on any device (the GPU machines have none):
 - `moe_utils.te_general_gemm` = None when the module lacks it: 0.16 names it without importing
   it when Transformer Engine is absent (NameError in the MoE layer);
@@ -53,6 +56,7 @@ class ParallelSizes:
 
 def _patches(device: torch.device) -> list[tuple[object, str, object]]:
     """(owner, attribute, replacement) of every patch `device` needs (see the module docstring)."""
+    from megatron.core.models.common.language_module.language_module import LanguageModule
     from megatron.core.tensor_parallel import random as mp_random
     from megatron.core.transformer import multi_latent_attention
     from megatron.core.transformer.moe import moe_utils
@@ -63,6 +67,7 @@ def _patches(device: torch.device) -> list[tuple[object, str, object]]:
             (torch.cuda, "current_device", lambda: "cpu"),
             (torch.cuda, "synchronize", lambda *args, **kwargs: None),
             (mp_random.get_cuda_rng_tracker(), "fork", lambda *args, **kwargs: contextlib.nullcontext()),
+            (LanguageModule, "_is_in_embd_group", lambda self: False),
         ]
     if not hasattr(moe_utils, "te_general_gemm"):
         patches.append((moe_utils, "te_general_gemm", None))
@@ -135,25 +140,30 @@ def shutdown() -> None:
 
 def check_sizes(sizes: ParallelSizes, world_size: int) -> None:
     """Refuse the parallel layouts this version cannot run, naming the flag: tensor or expert
-    parallelism (not both) with data parallelism beside it, DP = world / (TP x EP) replicas, so
-    the world must be a multiple of the model-parallel size; pipeline and context parallelism and
-    sequence parallelism are not written."""
-    flags = {"--pipeline-model-parallel-size": sizes.pipeline, "--context-parallel-size": sizes.context}
-    for flag, size in flags.items():
-        if size > 1:
-            raise MilesError(f"{flag} {size} is not supported by the megatron backend yet (it runs tensor or expert "
-                             "parallelism, with data parallelism beside it); set it to 1")
+    parallelism (not both), pipeline stages beside tensor parallelism (not expert), data
+    parallelism beside them, DP = world / (TP x EP x PP) replicas, so the world must be a multiple
+    of the model-parallel size; context parallelism and sequence parallelism are not written."""
+    if sizes.context > 1:
+        raise MilesError(f"--context-parallel-size {sizes.context} is not supported by the megatron backend yet "
+                         "(it runs tensor, expert and pipeline parallelism, with data parallelism beside them); "
+                         "set it to 1")
     if sizes.sequence_parallel:
         raise MilesError("--sequence-parallel is not supported by the megatron backend yet; drop the flag")
     if sizes.tensor > 1 and sizes.expert > 1:
         raise MilesError(f"--tensor-model-parallel-size {sizes.tensor} with --expert-model-parallel-size "
                          f"{sizes.expert} is not supported by the megatron backend yet; use one of them")
-    flag, size = ("--expert-model-parallel-size", sizes.expert) if sizes.expert > 1 else \
-        ("--tensor-model-parallel-size", sizes.tensor)
+    if sizes.pipeline > 1 and sizes.expert > 1:
+        raise MilesError(f"--pipeline-model-parallel-size {sizes.pipeline} with --expert-model-parallel-size "
+                         f"{sizes.expert} is not supported by the megatron backend yet; use one of them")
+    named = [(f, n) for f, n in (("--tensor-model-parallel-size", sizes.tensor), ("--expert-model-parallel-size",
+                                 sizes.expert), ("--pipeline-model-parallel-size", sizes.pipeline)) if n > 1]
+    named = named or [("--tensor-model-parallel-size", 1)]
+    flag = " x ".join(f"{f} {n}" for f, n in named)
+    size = sizes.tensor * sizes.expert * sizes.pipeline
     if world_size % size == 0:
         return
     if world_size == 1:
-        raise MilesError(f"{flag} {size} needs {size} trainer ranks, one per shard (or a multiple of {size}: "
+        raise MilesError(f"{flag} needs {size} trainer ranks, one per shard (or a multiple of {size}: "
                          f"data-parallel replicas): add --nproc-per-node {size}")
-    raise MilesError(f"--nproc-per-node {world_size} is not a multiple of {flag} {size} (data parallelism is "
+    raise MilesError(f"--nproc-per-node {world_size} is not a multiple of {flag} (data parallelism is "
                      f"ranks / {size} replicas of the model); use --nproc-per-node {size} or a multiple of it")

@@ -11,10 +11,12 @@ layers are not built).
 `WeightMap` ties every parameter to its mapping slot: `sharded_state_dict()` names each one with
 the key megatron-core checkpoints use (stacked over layers, experts under
 `mlp.experts.experts.`), which is what the mapping's slots describe; the layer and expert index
-come from the parameter's module path and its sharded tensor (PP = 1, so local layer = global;
-an expert's global index is its sharded tensor's). Under tensor parallelism (dense families) each
-slot holds this rank's shards, under expert parallelism each rank has its own experts' slots,
-placed by the same sharded tensors (`megatron_shards.py`).
+come from the parameter's module path (plus the stage's first layer under pipeline parallelism,
+whose paths count the stage's layers only) and an expert's global index from its sharded tensor.
+Under tensor parallelism (dense families) each slot holds this rank's shards, under expert parallelism each rank has its own experts' slots,
+placed by the same sharded tensors (`megatron_shards.py`); under pipeline parallelism each
+stage has its own layers' slots, and the last stage's tied output layer is a non-main copy of the
+embedding's slot.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ def hf_config_of(model: nn.Module) -> dict[str, Any]:
 
 TENSOR_PARALLEL = ("llama", "qwen2", "qwen3")
 """Families that run with tensor parallelism (dense; MoE and MLA layers are not split yet)."""
+PIPELINE_PARALLEL = TENSOR_PARALLEL
+"""Families that run with pipeline stages (dense; MoE routing records span the stages' layers)."""
 EXPERT_PARALLEL = {"qwen3_moe": "num_experts", "deepseek_v3": "n_routed_experts"}
 """Families that run with expert parallelism, with the HF field that counts their routed experts."""
 
@@ -78,6 +82,8 @@ def check_model_parallel(cfg: dict[str, Any], sizes: ParallelSizes) -> None:
     experts = EXPERT_PARALLEL.get(cfg["model_type"])
     checks.append(("--expert-model-parallel-size", sizes.expert, tuple(EXPERT_PARALLEL),
                    {experts: cfg[experts]} if experts else {}))
+    checks.append(("--pipeline-model-parallel-size", sizes.pipeline, PIPELINE_PARALLEL,
+                   {"num_hidden_layers": cfg["num_hidden_layers"]}))
     for flag, size, families, dims in checks:
         if size == 1:
             continue
@@ -117,7 +123,9 @@ def transformer_config(cfg: dict[str, Any], sizes: ParallelSizes, *, cpu: bool):
         params_dtype=torch.float32, use_cpu_initialization=cpu, perform_initialization=False,
         tensor_model_parallel_size=sizes.tensor, pipeline_model_parallel_size=sizes.pipeline,
         expert_model_parallel_size=sizes.expert, context_parallel_size=sizes.context,
-        sequence_parallel=sizes.sequence_parallel, **moe)
+        sequence_parallel=sizes.sequence_parallel,
+        # megatron's own pipeline schedules read it; ours (`megatron_pipeline.py`) sends fp32 or bf16 as computed
+        pipeline_dtype=torch.float32 if sizes.pipeline > 1 else None, **moe)
 
 
 def build_gpt(cfg: dict[str, Any], sizes: ParallelSizes, device: torch.device) -> nn.Module:
@@ -130,7 +138,13 @@ def build_gpt(cfg: dict[str, Any], sizes: ParallelSizes, device: torch.device) -
                                       normalization="RMSNorm")
     if config.multi_latent_attention and not have_transformer_engine():
         megatron_mla.use_sdpa_core_attention(spec)
+    from megatron.core import parallel_state
+
+    # Pipeline stages: the first holds the embedding, the last the final norm and output layer (the
+    # embedding's copy when tied); megatron-core picks each stage's layers from the parallel state.
     model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=cfg["vocab_size"],
+                     pre_process=parallel_state.is_pipeline_first_stage(),
+                     post_process=parallel_state.is_pipeline_last_stage(),
                      max_sequence_length=cfg["max_position_embeddings"], position_embedding_type="rope",
                      rotary_base=rope_theta(cfg), share_embeddings_and_output_weights=cfg["tie_word_embeddings"])
     # The local spec's norms (torch.nn.RMSNorm) are built on the host whatever the config says;
@@ -156,6 +170,8 @@ class WeightMap:
         # Buffers too: DeepSeek-V3's router selection bias is one (`mlp.router.expert_bias`).
         params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
         names = {p.data_ptr(): n for n, p in params.items()}
+        # A pipeline stage's module paths count its own layers; megatron numbers them globally from 1.
+        offset = model.decoder.layers[0].layer_number - 1 if len(model.decoder.layers) else 0
         self.shards: dict[Slot, list[megatron_shards.Shard]] = {}
         self.duplicates: set[int] = set()
         """ids of the parameters this rank holds as a replica (not the main copy)."""
@@ -167,20 +183,20 @@ class WeightMap:
                 continue
             name = names[data.data_ptr()]
             shards = megatron_shards.shards_of(item)
-            self.shards[self.plan.canonical(_slot(item.key, name, shards[0].stacked))] = shards
+            self.shards[self.plan.canonical(_slot(item.key, name, shards[0].stacked, offset))] = shards
             if not all(s.main for s in shards):
                 self.duplicates.add(id(params[name]))
             if not all(s.replica_main for s in shards):
                 self.replica_duplicates.add(id(params[name]))
-        # Routed experts: this rank's own (all of them without expert parallelism).
-        experts = {s.expert for s in self.shards if s.expert >= 0}
-        expected = {link.slot for link in self.plan.links if link.slot.expert < 0 or link.slot.expert in experts}
-        missing, extra = expected - self.shards.keys(), self.shards.keys() - expected
+        # Every rank's main pieces: expert parallelism splits the routed experts over the ranks,
+        # pipeline stages the layers; together they cover the whole mapping.
+        self.pieces = megatron_shards.layout(self.shards)
+        expected = {link.slot for link in self.plan.links}
+        missing, extra = expected - self.pieces.keys(), self.shards.keys() - expected
         if missing or extra:
             raise MilesError(f"megatron-core's {cfg['model_type']} model does not match the convert mapping: "
                              f"missing {sorted(s.describe() for s in missing)[:3]}, "
                              f"unexpected {sorted(s.describe() for s in extra)[:3]}")
-        self.pieces = megatron_shards.layout(self.shards)
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
@@ -222,7 +238,7 @@ def _mtp_layer(hf_name: str, num_layers: int) -> bool:
     return match is not None and int(match[1]) >= num_layers
 
 
-def _slot(key: str, param_name: str, stacked: tuple[int, ...]) -> Slot:
+def _slot(key: str, param_name: str, stacked: tuple[int, ...], offset: int = 0) -> Slot:
     """The slot of a sharded-state-dict key, its layer read off the parameter's path and a routed
     expert's global index off its sharded tensor (the last stacked axis; under expert parallelism
     the path's `local_experts.{i}` counts this rank's experts only)."""
@@ -231,4 +247,4 @@ def _slot(key: str, param_name: str, stacked: tuple[int, ...]) -> Slot:
         return Slot("", -1, -1, key)
     name = re.sub(r"^(decoder|mtp)\.layers\.(\d+\.)?", "", key)
     expert = stacked[-1] if _EXPERT.search(param_name) else -1
-    return Slot(layer[1], int(layer[2]), expert, name)
+    return Slot(layer[1], int(layer[2]) + (offset if layer[1] == "decoder" else 0), expert, name)

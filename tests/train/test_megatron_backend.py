@@ -46,9 +46,10 @@ def megatron_process_state():
     megatron_env.shutdown()
 
 
-def native(family: str) -> torch.nn.Module:
-    """A native fp32 model with every weight random (biases and norms too, norms near 1)."""
-    model = build_model(CONFIGS[family]).float()
+def native(family: str, **changes) -> torch.nn.Module:
+    """A native fp32 model with every weight random (biases and norms too, norms near 1); `changes`
+    to the family's config (e.g. `tie_word_embeddings`)."""
+    model = build_model({**CONFIGS[family], **changes}).float()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, tensor in named_weights(model):
@@ -183,7 +184,7 @@ def test_checkpoint_of_the_earlier_layout_resumes_exactly(tmp_path):
     (dict(tensor_model_parallel_size=2, expert_model_parallel_size=2),
      "^--tensor-model-parallel-size 2 with --expert-model-parallel-size 2 is not supported by the megatron backend "
      "yet; use one of them$"),
-    (dict(pipeline_model_parallel_size=2), "^--pipeline-model-parallel-size 2 is not supported"),
+    (dict(pipeline_model_parallel_size=2), "^--pipeline-model-parallel-size 2 needs 2 trainer ranks, one per shard"),
     (dict(context_parallel_size=2), "^--context-parallel-size 2 is not supported"),
     (dict(tensor_model_parallel_size=2, sequence_parallel=True), "^--sequence-parallel is not supported"),
     (dict(qat="int4"), "train.qat = 'int4' is not supported"),

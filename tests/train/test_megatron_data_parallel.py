@@ -71,10 +71,10 @@ def _single(trainer) -> dict:
     return {**trainer.train_rollout(batch().select([2])), "trained": _weights(trainer)}
 
 
-FOUR = [Replicas(2, 0, True), Replicas(2, 0, False), Replicas(2, 1, True), Replicas(2, 1, False)]
+FOUR = [Replicas(2, index, leader, gather=True) for index in (0, 1) for leader in (True, False)]
 ZERO = {"use_distributed_optimizer": True}
 LAYOUTS = {  # (family, parallel, ranks): the replicas expected on each rank
-    "qwen3-dp2": ("qwen3", {}, [Replicas(2, 0, True), Replicas(2, 1, True)]),
+    "qwen3-dp2": ("qwen3", {}, [Replicas(2, 0, True, gather=True), Replicas(2, 1, True, gather=True)]),
     "qwen3-tp2-dp2": ("qwen3", TP2, FOUR),
     "qwen3_moe-ep2-dp2": ("qwen3_moe", EP2, FOUR),
     "qwen3-tp2-dp2-zero": ("qwen3", {**TP2, **ZERO}, FOUR),

@@ -4,7 +4,8 @@ of every split layer on each rank) and expert parallelism 2 (MoE families, half 
 experts on each rank) give what one rank gives: the same HF export (bitwise), log-probs (1e-5 of
 the native trainer's), loss, gradient norm and updated weights; the two-rank torch_dist
 checkpoint resumes bitwise, converts to HF with `miles convert`, and loads into a one-rank
-trainer; `miles train --nproc-per-node 2` runs with either and logs the one-rank run's first step."""
+trainer; `miles train --nproc-per-node 2` runs with either (and with two pipeline stages,
+`test_megatron_pipeline.py`) and logs the one-rank run's first step; bf16 compute too."""
 
 from __future__ import annotations
 
@@ -135,10 +136,11 @@ def _cli_steps(tmp_path: Path, name: str, *args: str) -> list[dict]:
 
 @pytest.mark.parametrize("args", [
     ["--set", "train.tensor_model_parallel_size=2"],
+    ["--set", "train.pipeline_model_parallel_size=2"],  # two stages, one layer each
     # R3 under expert parallelism: the router replays the engine's experts (agreement 1.0)
     ["--set", "model.source=tiny-qwen3-moe", "--set", "train.expert_model_parallel_size=2", "--set",
      "train.routing_replay=rollout", "--set", "engine.return_routed_experts=true"],
-], ids=["tp2", "qwen3_moe-ep2"])
+], ids=["tp2", "pp2", "qwen3_moe-ep2"])
 def test_miles_train_on_two_ranks_matches_one_rank(tmp_path, monkeypatch, args):
     (tmp_path / "miles_test_varying_reward.py").write_text(VARYING_REWARD)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -168,7 +170,9 @@ def _bf16_log_probs(rank: int, family: str, parallel: dict[str, int]):
     return logps, grad_norm
 
 
-@pytest.mark.parametrize("family, parallel", [("qwen3", TP2), ("qwen3_moe", EP2)], ids=["qwen3-tp2", "qwen3_moe-ep2"])
+@pytest.mark.parametrize("family, parallel", [("qwen3", TP2), ("qwen3_moe", EP2),
+                                              ("qwen3", {"pipeline_model_parallel_size": 2})],
+                         ids=["qwen3-tp2", "qwen3_moe-ep2", "qwen3-pp2"])
 def test_bf16_compute_on_two_ranks_matches_one_rank_within_bf16_rounding(family, parallel):
     """bf16 compute (parameters cast per call, fp32 masters) with the layers split over two ranks:
     the one-rank bf16 run's log-probs within bf16 rounding and its gradient norm within 1%."""

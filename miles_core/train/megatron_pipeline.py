@@ -1,0 +1,162 @@
+"""Pipeline stages of the megatron trainer (`train.pipeline_model_parallel_size` = PP, slime's
+`--pipeline-model-parallel-size`; dense families): each stage is a megatron-core `GPTModel` built
+with its own layers (`megatron_model.build_gpt`: the first stage holds the embedding, the last the
+final norm and the output layer), activations and their gradients sent between stages with
+`torch.distributed` point-to-point calls on the default group.
+
+Layout: megatron-core's rank order (tp-cp-ep-dp-pp) makes the stage the outermost index: stage s
+is ranks s*M .. s*M + M - 1 of the world's M = TP x DP ranks per stage. A rank sends to the rank of
+the same TP and DP place in the next stage (megatron's `get_pipeline_model_parallel_next_rank`),
+so tensor parallelism and data parallelism (`megatron_data.py`) run inside each stage unchanged.
+
+Schedule: one micro-batch in flight. For each micro-batch the first stage runs its layers on the
+token ids and sends the (T, B, E) hidden states on; each later stage receives them, runs its
+layers and sends on; the last stage applies the final norm, our chunked (or vocab-parallel)
+log-prob kernel and the `algo/` loss with the whole step's denominators (the native trainer's
+`_micro_step`, unchanged), runs the backward and sends the gradient of its input back; each
+earlier stage receives the gradient of its output, runs its backward and sends on. Every
+optimizer step is the one-rank step: the same micro-batches, the same sums. Cost: only one
+stage computes at any time, so each stage idles (PP - 1) / PP of the step (the bubble that
+GPipe's and 1F1B's overlapping of micro-batches shrink; neither is written here), in exchange
+for holding one micro-batch's activations and 1 / PP of the layers. Log-prob passes run the same
+way without the backward.
+
+Results: only the last stage has log-probs and loss metrics; `megatron_data.DataParallelSteps`
+gathers them from the replicas' reporting ranks, which under PP are the last stage's first
+ranks (`megatron_data.replicas`), so rank 0 (first stage) reports the step and returns every
+sample's log-probs in the batch's order. Earlier stages return empty tensors in place of
+log-probs, which that gather drops.
+
+Gradients: each stage's parameters are its own, so the gradient norm (`megatron_shards.grad_norm`,
+summed over the world) counts each once. Tied embeddings (`tie_word_embeddings`) live on both ends
+(the last stage's output layer is megatron's copy of the embedding, a non-main replica): their
+gradients are summed over megatron's embedding group (`reduce_embedding_grads`, megatron's
+`_allreduce_embedding_grads`), so both copies take the same update and the norm counts the first
+stage's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from miles_core.checkpoint.loading import DTYPES
+from miles_core.train.batch import TrainBatch, call_in_dtype, pad_ragged
+from miles_core.train.megatron_data import all_reduce_grads
+
+
+@dataclass(frozen=True)
+class Stages:
+    """This rank's place in its pipeline."""
+
+    size: int = 1
+    rank: int = 0
+    prev: int = -1
+    """Global rank of the previous stage's peer (-1 on the first stage)."""
+    next: int = -1
+    """Global rank of the next stage's peer (-1 on the last stage)."""
+
+    @property
+    def first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def last(self) -> bool:
+        return self.rank == self.size - 1
+
+
+def stages() -> Stages:
+    """From megatron-core's parallel state."""
+    from megatron.core import parallel_state as ps
+
+    size, rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+    if size == 1:
+        return Stages()
+    return Stages(size, rank, ps.get_pipeline_model_parallel_prev_rank() if rank > 0 else -1,
+                  ps.get_pipeline_model_parallel_next_rank() if rank < size - 1 else -1)
+
+
+def reduce_embedding_grads(model: nn.Module, pp: Stages) -> None:
+    """Sum the tied embedding's gradient over its first-stage and last-stage copies (module docstring)."""
+    from megatron.core import parallel_state as ps
+
+    if pp.size == 1 or not model.share_embeddings_and_output_weights or not (pp.first or pp.last):
+        return
+    all_reduce_grads([model.shared_embedding_or_output_weight()], ps.get_embedding_group())
+
+
+def stage_inputs(tokens: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Right-padded (B, T) ids, their positions and the causal mask (True: masked), as megatron-core's
+    `GPTModel` takes them."""
+    ids_BT = pad_ragged(tokens).to(device)
+    B, T = ids_BT.shape
+    positions_BT = torch.arange(T, device=device)[None, :].expand(B, T)
+    causal = torch.triu(torch.ones(T, T, dtype=torch.bool, device=device), diagonal=1)[None, None]
+    return ids_BT, positions_BT, causal
+
+
+class _StageForward(nn.Module):
+    """A stage before the last: its layers' (T, B, E) output; one module so `call_in_dtype` casts it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: list[torch.Tensor]) -> torch.Tensor:
+        ids_BT, positions_BT, causal = stage_inputs(tokens, next(self.model.parameters()).device)
+        return self.model(ids_BT, positions_BT, attention_mask=causal)
+
+
+class PipelineSteps:
+    """The `NativeTrainer` hooks a megatron trainer with PP > 1 stages overrides (module docstring);
+    at PP = 1 each one is the next class's (`_forward` is then the trainer's `_log_prob_forward`).
+    Needs `self.pp` (`Stages`), `self.hf_config`, `self.cfg`, `self.model` and `self._casts`."""
+
+    pp: Stages
+
+    def _forward(self, model: nn.Module, batch: TrainBatch, indices: list[int], routing=None):
+        if self.pp.size == 1:
+            return self._log_prob_forward(model, batch, indices, routing)
+        tokens = [batch.tokens[i] for i in indices]
+        received = None if self.pp.first else self._receive(tokens, self.pp.prev)
+        model.set_input_tensor(received)
+        if self.pp.last:
+            out, hidden = self._log_prob_forward(model, batch, indices, routing), None
+        else:
+            hidden = call_in_dtype(_StageForward(model), (tokens,), DTYPES[self.cfg.compute_dtype],
+                                   self._casts if model is self.model else None)
+            dist.send(hidden.detach().contiguous(), self.pp.next)
+            empty = [torch.empty(0) for _ in indices]  # no log-probs here: the gather takes the last stage's
+            out = (empty, empty)
+        self._in_flight = (received, hidden)
+        return out
+
+    def _micro_step(self, batch: TrainBatch, indices: list[int], *args) -> dict[str, float]:
+        """The forward through the stages, the loss on the last, the backward back through them."""
+        if self.pp.size == 1:
+            return super()._micro_step(batch, indices, *args)
+        if self.pp.last:
+            metrics = super()._micro_step(batch, indices, *args)  # forward, loss, backward
+        else:
+            self._forward(self.model, batch, indices)
+            hidden = self._in_flight[1]
+            grad = torch.empty_like(hidden)
+            dist.recv(grad, self.pp.next)
+            hidden.backward(grad)
+            self._casts.fold_grads()
+            metrics = {}
+        received, _ = self._in_flight
+        if received is not None:
+            dist.send(received.grad.contiguous(), self.pp.prev)
+        self._in_flight = (None, None)
+        return metrics
+
+    def _receive(self, tokens: list[torch.Tensor], src: int) -> torch.Tensor:
+        """The previous stage's (T, B, E) output for these samples, a leaf that keeps its gradient."""
+        shape = (max(len(t) for t in tokens), len(tokens), self.hf_config["hidden_size"])
+        received = torch.empty(shape, dtype=DTYPES[self.cfg.compute_dtype], device=self.device)
+        dist.recv(received, src)
+        return received.requires_grad_(torch.is_grad_enabled())

@@ -1,0 +1,152 @@
+"""`train.backend = "megatron"` with pipeline stages on gloo ranks on CPU (rank 0 leading, the
+others following its calls, as `miles train --nproc-per-node N` runs them): two stages of one
+layer each (qwen3, untied and tied embeddings; then beside two data-parallel replicas or two
+tensor-parallel ranks) give what one rank gives: the same HF export (bitwise), log-probs (1e-5),
+loss, gradient norm and updated weights; the two-stage torch_dist checkpoint resumes bitwise,
+converts to HF with `miles convert` and loads into a one-rank trainer."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core", reason="megatron-core is not installed (the optional [megatron] extra)")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
+
+from miles_core.checkpoint.convert import convert  # noqa: E402
+from miles_core.checkpoint.hf import iter_state_dict  # noqa: E402
+from miles_core.config import AlgoConfig, TrainConfig  # noqa: E402
+from miles_core.errors import MilesError  # noqa: E402
+from miles_core.models.base import named_weights  # noqa: E402
+from miles_core.train import build_trainer, megatron_env  # noqa: E402
+from miles_core.train.leader import follow, release_followers  # noqa: E402
+from tests.train.spmd import run_spmd  # noqa: E402
+from tests.train.test_megatron_backend import batch, native  # noqa: E402
+
+# A KL loss against the reference model (a pipeline of its own) and an entropy bonus: the second
+# step has a non-zero KL; one token per micro-batch budget below makes several micro-batches.
+ALGO = AlgoConfig(use_kl_loss=True, kl_loss_coef=0.1, kl_loss_type="k3", entropy_coef=0.01)
+TRAIN = TrainConfig(backend="megatron", lr=1e-4, logprob_chunk_size=16, max_tokens_per_micro_batch=24)
+PP2 = {"pipeline_model_parallel_size": 2}
+TIED = {"tie_word_embeddings": True}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def megatron_process_state():
+    yield
+    megatron_env.shutdown()
+
+
+def _trainer(changes: dict, parallel: dict | None = None):
+    return build_trainer(replace(TRAIN, **(parallel or {})), ALGO, native("qwen3", **changes), temperature=1.0,
+                         total_steps=4)
+
+
+def _weights(trainer) -> dict[str, torch.Tensor]:
+    return {name: tensor.clone() for name, tensor in trainer.export_weights()}
+
+
+def _steps(trainer, folder: Path | None = None) -> dict:
+    """Log-probs, a step, (a save), a second step: what both layouts are compared on."""
+    out = {"export": _weights(trainer), "logps": trainer.compute_log_probs(batch())}
+    out["first"], out["trained"] = trainer.train_rollout(batch()), _weights(trainer)
+    if folder is not None:
+        trainer.save(folder)
+    out["second"], out["trained_twice"] = trainer.train_rollout(batch()), _weights(trainer)
+    return out
+
+
+def _ranks(rank: int, changes: dict, parallel: dict, folder: str) -> dict | None:
+    """Rank 0 leads: the steps with a save after the first, then a fresh trainer loads the save and
+    runs the second step again. The other ranks follow both trainers."""
+    if rank != 0:
+        for _ in range(2):
+            trainer = _trainer(changes, parallel)
+            follow(trainer, trainer.control_group)
+        return None
+    trainer = _trainer(changes, parallel)
+    out = _steps(trainer, Path(folder) / "ckpt")
+    out["params"] = [name for name, _ in trainer.trainer.model.named_parameters()]  # the leader's own
+    release_followers()
+    resumed = _trainer(changes, parallel)
+    resumed.load(Path(folder) / "ckpt")
+    out["resumed_second"], out["resumed_trained_twice"] = resumed.train_rollout(batch()), _weights(resumed)
+    release_followers()
+    return out
+
+
+def _max_diff(a: dict | list, b: dict | list) -> float:
+    pairs = zip(a.values(), b.values()) if isinstance(a, dict) else zip(a, b)
+    return max((x - y).abs().max().item() for x, y in pairs)
+
+
+def _check_against_one_rank(many: dict, one: dict, changes: dict) -> None:
+    weights = dict(named_weights(native("qwen3", **changes)))
+    assert many["export"].keys() == weights.keys()  # tied: the embedding once, no lm_head
+    assert all(torch.equal(many["export"][n], t) for n, t in weights.items())  # gathered stages: bitwise
+    assert _max_diff(many["logps"], one["logps"]) < 1e-5
+    for step in ("first", "second"):
+        for key in ("loss", "pg_loss", "entropy_loss", "kl_loss"):
+            assert many[step][key] == pytest.approx(one[step][key], abs=1e-5), (step, key)
+        assert many[step]["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-5), step
+    assert one["second"]["kl_loss"] > 0 and one["first"]["grad_norm"] > 0.1  # the checks have something to compare
+    assert _max_diff(many["trained"], one["trained"]) < 1e-5
+    assert _max_diff(many["trained_twice"], one["trained_twice"]) < 1e-5
+    assert _max_diff(many["trained"], many["export"]) > 1e-5  # the step moved the weights
+    # resumed from the pipeline's checkpoint (weights, AdamW moments, reference, schedule): bitwise
+    assert many["resumed_second"] == many["second"]
+    assert all(torch.equal(many["resumed_trained_twice"][n], t) for n, t in many["trained_twice"].items())
+
+
+@pytest.mark.parametrize("changes", [{}, TIED], ids=["qwen3", "qwen3-tied"])
+def test_two_stages_match_one_rank(tmp_path, changes):
+    many = run_spmd(_ranks, changes, PP2, str(tmp_path))
+    # rank 0 is the first stage: the embedding and layer 0 (the path counts the stage's layers)
+    assert many["params"][0] == "embedding.word_embeddings.weight" and len(many["params"]) == 9  # q/k norms too
+    assert all(n.startswith("decoder.layers.0.") for n in many["params"][1:])
+    one = _steps(_trainer(changes))
+    _check_against_one_rank(many, one, changes)
+    # the two-stage checkpoint converts to HF: the weights the stages exported after their first step
+    report = convert(tmp_path / "ckpt" / "torch_dist", tmp_path / "hf", to="hf", verify=True)
+    assert report.bitwise.ok and report.logits["bitwise"]
+    converted = dict(iter_state_dict(tmp_path / "hf"))
+    assert converted.keys() == many["trained"].keys()
+    assert all(torch.equal(t, many["trained"][n]) for n, t in converted.items())
+    # and one rank reads it (dist_checkpointing joins the stages): the same weights, then its second step
+    one_rank = _trainer(changes)
+    one_rank.load(tmp_path / "ckpt")
+    assert all(torch.equal(t, many["trained"][n]) for n, t in one_rank.export_weights())
+    assert one_rank.train_rollout(batch())["loss"] == pytest.approx(many["second"]["loss"], abs=1e-6)
+
+
+def test_refuses_pipeline_stages_it_cannot_run():
+    from miles_core.train.megatron_model import check_model_parallel, hf_config_of
+
+    with pytest.raises(MilesError, match="^--pipeline-model-parallel-size 2 is not supported for model_type "
+                                         "'qwen3_moe' yet; expected one of: llama, qwen2, qwen3 \\(or size 1\\)$"):
+        check_model_parallel(hf_config_of(native("qwen3_moe")), megatron_env.ParallelSizes(pipeline=2))
+    with pytest.raises(MilesError, match="^--pipeline-model-parallel-size 3 does not divide the model's "
+                                         "num_hidden_layers 2; use a size that divides it$"):
+        check_model_parallel(hf_config_of(native("qwen3")), megatron_env.ParallelSizes(pipeline=3))
+    with pytest.raises(MilesError, match="^--tensor-model-parallel-size 2 x --pipeline-model-parallel-size 2 needs "
+                                         "4 trainer ranks, one per shard \\(or a multiple of 4: data-parallel "
+                                         "replicas\\): add --nproc-per-node 4$"):
+        megatron_env.check_sizes(megatron_env.ParallelSizes(tensor=2, pipeline=2), 1)
+    with pytest.raises(MilesError, match="^--pipeline-model-parallel-size 2 with --expert-model-parallel-size 2 is "
+                                         "not supported by the megatron backend yet; use one of them$"):
+        megatron_env.check_sizes(megatron_env.ParallelSizes(expert=2, pipeline=2), 4)
+    with pytest.raises(MilesError, match="^train.use_distributed_optimizer = true with "
+                                         "train.pipeline_model_parallel_size = 2 is not supported"):
+        build_trainer(replace(TRAIN, use_distributed_optimizer=True, **PP2), ALGO, native("qwen3"),
+                      temperature=1.0, total_steps=1)
+
+
+@pytest.mark.parametrize("parallel", [{**PP2, "tensor_model_parallel_size": 2}, PP2], ids=["pp2-tp2", "pp2-dp2"])
+def test_four_ranks_match_one_rank(tmp_path, parallel):
+    """Two stages of two tensor-parallel ranks each, or of two data-parallel replicas each (tied
+    embeddings: their gradient summed over the replicas and the two ends)."""
+    many = run_spmd(_ranks, TIED, parallel, str(tmp_path), world_size=4)
+    _check_against_one_rank(many, _steps(_trainer(TIED)), TIED)
