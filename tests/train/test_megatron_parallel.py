@@ -9,7 +9,7 @@ trainer; `miles train --nproc-per-node 2` runs with either (and with two pipelin
 
 from __future__ import annotations
 
-import copy
+import functools
 from dataclasses import replace
 from pathlib import Path
 
@@ -62,16 +62,22 @@ def _steps(trainer, folder: Path | None = None) -> dict:
 
 
 def _two_ranks(rank: int, family: str, parallel: dict[str, int], folder: str) -> dict | None:
-    """Rank 0 leads: the steps with a save after the first, then a fresh trainer loads the save and
-    runs the second step again. Rank 1 follows both trainers."""
+    return lead_then_resume(rank, functools.partial(_trainer, family, parallel), folder)
+
+
+def lead_then_resume(rank: int, make_trainer, folder: str, record=None) -> dict | None:
+    """Rank 0 leads: the steps with a save after the first (plus `record(trainer)`), then a fresh
+    trainer loads the save and runs the second step again. The other ranks follow both trainers."""
     if rank != 0:
         for _ in range(2):
-            trainer = _trainer(family, parallel)
+            trainer = make_trainer()
             follow(trainer, trainer.control_group)
         return None
-    out = _steps(_trainer(family, parallel), Path(folder) / "ckpt")
+    trainer = make_trainer()
+    out = _steps(trainer, Path(folder) / "ckpt")
+    out.update(record(trainer) if record else {})
     release_followers()
-    resumed = _trainer(family, parallel)
+    resumed = make_trainer()
     resumed.load(Path(folder) / "ckpt")
     out["resumed_second"], out["resumed_trained_twice"] = resumed.train_rollout(batch()), _weights(resumed)
     release_followers()

@@ -7,8 +7,9 @@ converts to HF with `miles convert` and loads into a one-rank trainer."""
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,9 +23,9 @@ from miles_core.config import AlgoConfig, TrainConfig  # noqa: E402
 from miles_core.errors import MilesError  # noqa: E402
 from miles_core.models.base import named_weights  # noqa: E402
 from miles_core.train import build_trainer, megatron_env  # noqa: E402
-from miles_core.train.leader import follow, release_followers  # noqa: E402
 from tests.train.spmd import run_spmd  # noqa: E402
 from tests.train.test_megatron_backend import batch, native  # noqa: E402
+from tests.train.test_megatron_parallel import _max_diff, _steps, lead_then_resume  # noqa: E402
 
 # A KL loss against the reference model (a pipeline of its own) and an entropy bonus: the second
 # step has a non-zero KL; one token per micro-batch budget below makes several micro-batches.
@@ -45,42 +46,12 @@ def _trainer(changes: dict, parallel: dict | None = None):
                          total_steps=4)
 
 
-def _weights(trainer) -> dict[str, torch.Tensor]:
-    return {name: tensor.clone() for name, tensor in trainer.export_weights()}
-
-
-def _steps(trainer, folder: Path | None = None) -> dict:
-    """Log-probs, a step, (a save), a second step: what both layouts are compared on."""
-    out = {"export": _weights(trainer), "logps": trainer.compute_log_probs(batch())}
-    out["first"], out["trained"] = trainer.train_rollout(batch()), _weights(trainer)
-    if folder is not None:
-        trainer.save(folder)
-    out["second"], out["trained_twice"] = trainer.train_rollout(batch()), _weights(trainer)
-    return out
-
-
 def _ranks(rank: int, changes: dict, parallel: dict, folder: str) -> dict | None:
-    """Rank 0 leads: the steps with a save after the first, then a fresh trainer loads the save and
-    runs the second step again. The other ranks follow both trainers."""
-    if rank != 0:
-        for _ in range(2):
-            trainer = _trainer(changes, parallel)
-            follow(trainer, trainer.control_group)
-        return None
-    trainer = _trainer(changes, parallel)
-    out = _steps(trainer, Path(folder) / "ckpt")
-    out["params"] = [name for name, _ in trainer.trainer.model.named_parameters()]  # the leader's own
-    release_followers()
-    resumed = _trainer(changes, parallel)
-    resumed.load(Path(folder) / "ckpt")
-    out["resumed_second"], out["resumed_trained_twice"] = resumed.train_rollout(batch()), _weights(resumed)
-    release_followers()
-    return out
+    return lead_then_resume(rank, functools.partial(_trainer, changes, parallel), folder, record=_leader_params)
 
 
-def _max_diff(a: dict | list, b: dict | list) -> float:
-    pairs = zip(a.values(), b.values()) if isinstance(a, dict) else zip(a, b)
-    return max((x - y).abs().max().item() for x, y in pairs)
+def _leader_params(trainer) -> dict:
+    return {"params": [name for name, _ in trainer.trainer.model.named_parameters()]}  # the leader's own
 
 
 def _check_against_one_rank(many: dict, one: dict, changes: dict) -> None:
