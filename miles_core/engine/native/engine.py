@@ -31,23 +31,23 @@ import torch
 from torch import nn
 
 from miles_core.config import EngineConfig
+from miles_core.engine.native import stable_memory
 from miles_core.engine.native.block_manager import BlockManager
 from miles_core.engine.native.cuda_graphs import DecodeGraphs, capturable
 from miles_core.engine.native.decode_window import DecodeWindow
 from miles_core.engine.native.fuse import fuse_projections
-from miles_core.engine.native import stable_memory
 from miles_core.engine.native.kv_pool import KVPool, block_bytes, num_kv_blocks
 from miles_core.engine.native.memory import (HostWeights, device_allocated, free_cached, weights_to_device,
                                              weights_to_host)
 from miles_core.engine.native.outputs import finish_reason, to_generation
 from miles_core.engine.native.runner import ModelRunner
 from miles_core.engine.native.sampling_tensors import SamplingTensors
-from miles_core.engine.native.weight_table import WeightTable
 from miles_core.engine.native.scheduler import Row, Scheduler
-from miles_core.engine.native.stable_memory import StableMemory
 from miles_core.engine.native.sequence import RequestHandle, new_handle
 from miles_core.engine.native.sequence import Sequence as Seq
+from miles_core.engine.native.stable_memory import StableMemory
 from miles_core.engine.native.streams import uniforms
+from miles_core.engine.native.weight_table import WeightTable
 from miles_core.engine.protocol import GenerateRequest, Generation
 from miles_core.engine.sampler import sample_tokens
 from miles_core.errors import MilesError
