@@ -35,10 +35,11 @@ import torch
 from miles_core.config import SyncConfig
 from miles_core.engine.protocol import RolloutEngine
 from miles_core.errors import MilesError
-from miles_core.sync.flat import FlatStaging, aligned_offsets, signature
+from miles_core.sync.flat import FlatStaging, signature
 from miles_core.sync.group import dtype_name, parse_dtype
 from miles_core.sync.nccl import require_weight_routes
 from miles_core.sync.protocol import SyncContext, SyncStats, send_buckets
+from miles_core.utils.layout import aligned_offsets
 
 LOAD_FORMAT = "miles_cuda_ipc"
 ALIGN = 256

@@ -18,12 +18,13 @@ are of one buffer; a new buffer (grown, or on another device) starts the cache a
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+
+from miles_core.utils.layout import aligned_offsets
 
 LOAD_FORMAT = "flattened_bucket"
 MAX_LAYOUTS = 64
@@ -33,18 +34,6 @@ MAX_LAYOUTS = 64
 def byte_sizes(dtypes: list[torch.dtype], shapes: list[list[int]]) -> list[int]:
     """Bytes of each tensor of the bucket."""
     return [math.prod(shape) * dtype.itemsize for dtype, shape in zip(dtypes, shapes)]
-
-
-def aligned_offsets(sizes: list[int], align: int) -> tuple[list[int], int]:
-    """Byte offsets of tensors of `sizes` packed in order, each at a multiple of `align`, and the
-    bytes they need (align 1: back to back, SGLang's flat layout)."""
-    if align == 1:
-        return [0, *itertools.accumulate(sizes)][:-1], sum(sizes)
-    offsets, end = [], 0
-    for size in sizes:
-        offsets.append(-(-end // align) * align)
-        end = offsets[-1] + size
-    return offsets, end
 
 
 def signature(tensors: list[torch.Tensor]) -> tuple:

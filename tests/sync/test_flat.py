@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from miles_core.sync.flat import (MAX_LAYOUTS, FlatReceiver, FlatStaging, aligned_offsets, byte_sizes, signature,
+from miles_core.sync.flat import (MAX_LAYOUTS, FlatReceiver, FlatStaging, byte_sizes, signature,
                                   unflatten, unflatten_views)
+from miles_core.utils.layout import aligned_offsets
 
 
 def _bucket() -> list[torch.Tensor]:

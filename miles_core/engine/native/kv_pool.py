@@ -35,6 +35,7 @@ import math
 import torch
 
 from miles_core.errors import MilesError
+from miles_core.utils.layout import aligned_offsets
 
 CPU_KV_BYTES = 2**30
 ZERO_CHUNK = 64
@@ -93,11 +94,7 @@ class KVPool:
     def _offsets(self, align: int) -> list[int]:
         """Start of each of the layers' K tensors, then their V tensors, then the end."""
         dtype, (k_shape, v_shape), n = self.keys[0].dtype, self._shapes, len(self.keys)
-        offsets, end = [], 0
-        for shape in [k_shape] * n + [v_shape] * n:
-            start = -(-end // align) * align
-            offsets.append(start)
-            end = start + _nbytes(shape, dtype)
+        offsets, end = aligned_offsets([_nbytes(shape, dtype) for shape in [k_shape] * n + [v_shape] * n], align)
         return [*offsets, end]
 
     @property

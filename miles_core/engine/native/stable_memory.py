@@ -30,6 +30,7 @@ from torch import nn
 
 from miles_core.engine.native.kv_pool import KVPool
 from miles_core.engine.native.memory import free_cached
+from miles_core.utils.layout import aligned_offsets
 
 ALIGN = 256
 
@@ -68,12 +69,8 @@ def storage_layout(tensors: list[torch.Tensor]) -> tuple[list[tuple[torch.Untype
     for tensor in tensors:
         storage = tensor.untyped_storage()
         groups.setdefault(storage.data_ptr(), (storage, []))[1].append(tensor)
-    layout, end = [], 0
-    for storage, members in groups.values():
-        start = -(-end // ALIGN) * ALIGN
-        layout.append((storage, start, members))
-        end = start + storage.nbytes()
-    return layout, end
+    offsets, end = aligned_offsets([storage.nbytes() for storage, _ in groups.values()], ALIGN)
+    return [(storage, start, members) for (storage, members), start in zip(groups.values(), offsets)], end
 
 
 def relocate(layout, region: torch.Tensor) -> None:
