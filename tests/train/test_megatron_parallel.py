@@ -89,6 +89,22 @@ def _max_diff(a: dict | list, b: dict | list) -> float:
     return max((x - y).abs().max().item() for x, y in pairs)
 
 
+def assert_steps_match(many: dict, one: dict) -> None:
+    """`_steps` of a many-rank layout against one rank's: log-probs, both steps' losses and
+    gradient norms, the first update, and the resumed second step (weights, AdamW moments,
+    reference, schedule) bitwise against the uninterrupted one."""
+    assert _max_diff(many["logps"], one["logps"]) < 1e-5
+    for step in ("first", "second"):
+        for key in ("loss", "pg_loss", "entropy_loss", "kl_loss"):
+            assert many[step][key] == pytest.approx(one[step][key], abs=1e-5), (step, key)
+        assert many[step]["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-5), step
+    assert one["second"]["kl_loss"] > 0 and one["first"]["grad_norm"] > 0.1  # the checks have something to compare
+    assert _max_diff(many["trained"], one["trained"]) < 1e-5
+    assert _max_diff(many["trained"], many["export"]) > 1e-5  # the step moved the weights
+    assert many["resumed_second"] == many["second"]
+    assert all(torch.equal(many["resumed_trained_twice"][n], t) for n, t in many["trained_twice"].items())
+
+
 TP2, EP2 = {"tensor_model_parallel_size": 2}, {"expert_model_parallel_size": 2}
 
 
@@ -105,17 +121,7 @@ def test_two_ranks_match_one_rank(tmp_path, family, parallel):
     assert two["export"].keys() == weights.keys()  # tied llama: the embedding once, no lm_head
     assert all(torch.equal(two["export"][n], t) for n, t in weights.items())  # gathered shards: bitwise
     assert _max_diff(two["logps"], expected_logps) < 1e-5  # observed <= 9.5e-7
-    assert _max_diff(two["logps"], one["logps"]) < 1e-5
-    for step in ("first", "second"):
-        for key in ("loss", "pg_loss", "entropy_loss", "kl_loss"):
-            assert two[step][key] == pytest.approx(one[step][key], abs=1e-5), (step, key)
-        assert two[step]["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-5), step
-    assert one["second"]["kl_loss"] > 0 and one["first"]["grad_norm"] > 0.1  # the checks have something to compare
-    assert _max_diff(two["trained"], one["trained"]) < 1e-5
-    assert _max_diff(two["trained"], two["export"]) > 1e-5  # the step moved the weights
-    # resumed from the TP=2 checkpoint (weights, AdamW moments, reference, schedule): bitwise
-    assert two["resumed_second"] == two["second"]
-    assert all(torch.equal(two["resumed_trained_twice"][n], t) for n, t in two["trained_twice"].items())
+    assert_steps_match(two, one)  # resumed from the TP=2 checkpoint too
     # the two-rank checkpoint converts to HF: the weights the two ranks exported after their first
     # step (deepseek_v3's MTP layer, HF layer 3, is not built, so the checkpoint has none)
     report = convert(tmp_path / "ckpt" / "torch_dist", tmp_path / "hf", to="hf", verify=True)
