@@ -7,7 +7,8 @@ bf16 compute, micro-batches of 8192 tokens. Native: `NativeTrainer.train_step` (
 chunked log-probs, grad clip 1.0). transformers: `AutoModelForCausalLM` (SDPA) under bf16
 autocast, micro-batches of 8 sequences, `labels=` loss, grad clip 1.0, fused AdamW on CUDA.
 The 4B shape runs with activation checkpointing on both sides (fp32 masters + AdamW state of 4B
-parameters take 64 GB). `--ragged` draws response lengths 128..1024 instead (padding matters).
+parameters take 64 GB); with `--compile` it also tries the compiled trainer without checkpointing
+at micro-batches of `--no-ckpt-micro-batch-tokens` (a row of nan when that does not fit). `--ragged` draws response lengths 128..1024 instead (padding matters).
 
 FLOPs per step (model FLOPs, recomputation not counted): 6 * N * tokens + 6 * L * H * D * sum(s^2)
 over sequences of length s, with N the parameter count (the tied embedding counted once, as the
@@ -89,8 +90,8 @@ def timed(run, device: str, repeats: int) -> tuple[float, float]:
 
 
 def native_step(master, mode: str, packed: bool, checkpointing: bool, compile_layers: bool,
-                micro_batch_tokens: int = 8192):
-    model = copy.deepcopy(master)
+                micro_batch_tokens: int = 8192, device: str = "cuda"):
+    model = copy.deepcopy(master).to(device)
     set_alignment_mode(model, mode)
     cfg = TrainConfig(lr=1e-6, compute_dtype="bfloat16", max_tokens_per_micro_batch=micro_batch_tokens,
                       share_prompt_prefix=packed,
@@ -112,7 +113,8 @@ def hf_step(master, shape: dict, device: str, checkpointing: bool):
     import transformers
 
     config = transformers.Qwen3Config(**{k: v for k, v in shape.items() if k != "model_type"})
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device)
+    with torch.device(device):  # initialised on the card: a 4B fp32 init on the host takes minutes
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     missing, unexpected = model.load_state_dict(master.state_dict(), strict=False)
     assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
     if checkpointing:
@@ -136,17 +138,25 @@ def hf_step(master, shape: dict, device: str, checkpointing: bool):
 def measure(args, name: str) -> list[tuple[str, float, float, float]]:
     """Rows (config, tokens/s, MFU, peak GB) for one shape."""
     shape = SHAPES[name]
+    # At 4B a second fp32 copy on the card beside the trainer's (weights, grads, AdamW: 60 GiB) does
+    # not fit 80 GB, so the master stays in host memory and each config copies it over.
     master = random_model(shape, args.device)
+    if name == "4B":
+        master = master.cpu()
     num_params = sum(p.numel() for p in master.parameters())
     batch = make_batch(args.num_seqs, args.seq_len, shape["vocab_size"], args.ragged)
     flops, tokens = step_flops(shape, num_params, batch), sum(len(t) for t in batch.tokens)
     checkpointing = args.checkpointing or name == "4B"
     mb = args.micro_batch_tokens
     steps = {f"native {mode} {'packed' if packed else 'padded'}": (native_step, (master, mode, packed, checkpointing,
-                                                                                  False, mb))
+                                                                                  False, mb, args.device))
              for mode, packed in NATIVE}
     if args.compile:
-        steps["native fast packed compiled"] = (native_step, (master, "fast", True, checkpointing, True, mb))
+        steps["native fast packed compiled"] = (native_step, (master, "fast", True, checkpointing, True, mb,
+                                                                       args.device))
+        if checkpointing and not args.checkpointing:  # the shape forced it: also try without, smaller micro-batches
+            steps["native fast packed compiled no-ckpt"] = (native_step, (master, "fast", True, False, True,
+                                                                          args.no_ckpt_micro_batch_tokens, args.device))
     if args.megatron and not checkpointing:  # the megatron backend refuses activation checkpointing
         steps["megatron"] = (megatron_step, (master, mb))
     steps["transformers"] = (hf_step, (master, shape, args.device, checkpointing))
@@ -201,6 +211,8 @@ def main() -> None:
                         "'fast packed,fast packed compiled' (default: all)")
     parser.add_argument("--micro-batch-tokens", type=int, default=8192,
                         help="native trainer's train.max_tokens_per_micro_batch (transformers: micro-batches of 8)")
+    parser.add_argument("--no-ckpt-micro-batch-tokens", type=int, default=2048,
+                        help="micro-batch of the compiled row without activation checkpointing at 4B")
     parser.add_argument("--peak-tflops", type=float, default=790.0)
     parser.add_argument("--out", default="")
     args = parser.parse_args()
