@@ -53,6 +53,9 @@ def run_ranks(num_ranks: int, leader: Callable[[], T], worker: Callable[..., Non
     try:
         _init(0, num_ranks, init_method, backend)
         result = leader()
+        # Leave the group before waiting for the workers: NCCL's teardown waits for every rank,
+        # so a leader that joined first held each worker in its own teardown until the join timed out.
+        _leave_group()
         for process in workers:
             process.join(join_timeout)
         failed = [f"rank {p.name.rsplit('-', 1)[1]} exit code {p.exitcode}" for p in workers if p.exitcode != 0]
@@ -66,8 +69,12 @@ def run_ranks(num_ranks: int, leader: Callable[[], T], worker: Callable[..., Non
         raise
     finally:
         _stop(workers)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        _leave_group()
+
+
+def _leave_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _dead_workers(workers: list, wait: float = 3.0) -> list[str]:
@@ -111,8 +118,7 @@ def _worker_main(rank: int, world_size: int, init_method: str, backend: str, wor
         traceback.print_exc()
         raise SystemExit(1)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        _leave_group()
 
 
 def _die_with_parent() -> None:
