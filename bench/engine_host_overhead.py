@@ -14,12 +14,7 @@ work per step, split by phase:
 - sampler: `sample_tokens` (temperature, log-softmax, inverse-CDF draw; on a GPU its launches)
 - record: the rest of `NativeEngine._sample` (uniform draws, sampling tensors, token and logprob
   appends, stop checks, retiring finished sequences)
-- window (`--decode-steps K` > 1, `engine.num_continuous_decode_steps`): the rest of a decode
-  window (`DecodeWindow.run`: block reservation, uniforms, the one packed copy, the device ops
-  between steps, the read-back); its bookkeeping counts as computed and record
 - other: the rest of `NativeEngine.step` (inbox, locks, fork bookkeeping)
-
-Times are per decode step (one token for every row): a window's call covers up to K of them.
 
 On CPU the sampler's time is CPU math on a `--vocab`-wide row (on a GPU it is launches only);
 the vocabulary is small so that it stays close to its launch cost. With `--device cuda` the same
@@ -27,7 +22,6 @@ run measures a GPU host: staging goes through pinned memory and the sampler is l
 GPU, and each step waits for its tokens as the engine does (the GPU's own work is tiny).
 
 CPU:  python bench/engine_host_overhead.py --batches 64,256 --steps 64 --out bench/results/engine_host_overhead.md
-      python bench/engine_host_overhead.py --batches 64 --decode-steps 8   (decode windows of 8 steps)
 GPU host:  python bench/engine_host_overhead.py --device cuda
       (add --profile for cProfile's top functions of the timed decode steps)
 """
@@ -48,13 +42,13 @@ import torch
 from align_overhead import emit_report  # bench/ is on sys.path when run
 from miles_core.config import EngineConfig, SamplingConfig
 from miles_core.engine.native import NativeEngine
-from miles_core.engine.native import decode_window, engine as engine_module
+from miles_core.engine.native import engine as engine_module
 from miles_core.engine.native.cuda_graphs import DecodeGraphs
 from miles_core.engine.protocol import GenerateRequest
 from miles_core.kernels import model_ops, set_alignment_mode
 from miles_core.models.tiny import TINY_QWEN3_CONFIG, tiny_model
 
-PHASES = ("schedule", "stage", "computed", "sampler", "record", "window", "other")
+PHASES = ("schedule", "stage", "computed", "sampler", "record", "other")
 
 
 class _NoText:
@@ -105,8 +99,7 @@ def build_engine(batch: int, args, timer: _Timer) -> NativeEngine:
     model = tiny_model(config).to(args.device).eval()
     set_alignment_mode(model, args.mode)
     # The graphs' block tables have a column per block of the longest context (max_context_len).
-    cfg = EngineConfig(max_batch_size=batch, block_size=64, cuda_graphs=False, max_context_len=args.max_context_len,
-                       num_continuous_decode_steps=args.decode_steps)
+    cfg = EngineConfig(max_batch_size=batch, block_size=64, cuda_graphs=False, max_context_len=args.max_context_len)
     engine = NativeEngine(model, _NoText(), cfg, eos_token_ids=(), max_position_embeddings=args.max_context_len)
     engine.runner.graphs = HostOnlyGraphs(model, engine.pool, max_batch_size=batch,
                                           max_blocks_per_row=engine.blocks.blocks_for(engine.max_context_len))
@@ -114,16 +107,13 @@ def build_engine(batch: int, args, timer: _Timer) -> NativeEngine:
     engine.runner.forward = timer.wrap("stage", engine.runner.forward)
     engine.scheduler.computed = timer.wrap("computed", engine.scheduler.computed)
     engine._sample = timer.wrap("record", engine._sample)
-    if engine._window is not None:  # holds its own references to the bookkeeping it calls
-        engine._window.record = timer.wrap("record", engine._window.record)
-        engine._window.run = timer.wrap("window", engine._window.run)
     return engine
 
 
 def run_batch(batch: int, args) -> dict:
     timer = _Timer()
     real_sample_tokens = engine_module.sample_tokens
-    engine_module.sample_tokens = decode_window.sample_tokens = timer.wrap("sampler", real_sample_tokens)
+    engine_module.sample_tokens = timer.wrap("sampler", real_sample_tokens)
     try:
         engine = build_engine(batch, args, timer)
         gen = torch.Generator().manual_seed(1)
@@ -154,36 +144,29 @@ def run_batch(batch: int, args) -> dict:
             profiler.disable()
         timer.on = False
     finally:
-        engine_module.sample_tokens = decode_window.sample_tokens = real_sample_tokens
+        engine_module.sample_tokens = real_sample_tokens
     steps = args.steps
-    if args.decode_steps == 1:
-        assert len(durations) == steps + 1, (len(durations), steps)
+    assert len(durations) == steps + 1, (len(durations), steps)
     us = {phase: 1e6 * s / steps for phase, s in timer.seconds.items()}
-    # Nested phases: sample_tokens runs inside _sample, or with the bookkeeping inside a window.
-    if args.decode_steps == 1:
-        us["record"] -= us["sampler"]
-    else:
-        us["window"] -= us["sampler"] + us["computed"] + us["record"]
+    us["record"] -= us["sampler"]  # sample_tokens runs inside _sample
     total = 1e6 * sum(durations) / steps
     us["other"] = total - sum(us[p] for p in PHASES if p != "other")
     if profiler:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
-    return dict(batch=batch, total=total, median=1e6 * statistics.median(durations[:-1]) / args.decode_steps, **us)
+    return dict(batch=batch, total=total, median=1e6 * statistics.median(durations[:-1]), **us)
 
 
 def report(rows: list[dict], args) -> str:
     card = f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
-    phases = [p for p in PHASES if p != "window" or args.decode_steps > 1]
     lines = [f"machine: {platform.machine()} CPU{card}, {torch.get_num_threads()} torch threads; date: "
              f"{datetime.date.today()}; torch {torch.__version__}; mode {args.mode}; vocab {args.vocab}; "
              f"max_context_len {args.max_context_len}; "
-             + (f"decode steps per window {args.decode_steps}; " if args.decode_steps > 1 else "") +
              f"command: `python {' '.join(sys.argv)}`", "",
-             "| batch | step us (mean) | step us (median) | " + " | ".join(phases) + " |",
-             "|---" * (3 + len(phases)) + "|"]
+             "| batch | step us (mean) | step us (median) | " + " | ".join(PHASES) + " |",
+             "|---" * (3 + len(PHASES)) + "|"]
     for r in rows:
         lines.append(f"| {r['batch']} | {r['total']:,.0f} | {r['median']:,.0f} | "
-                     + " | ".join(f"{r[p]:,.0f}" for p in phases) + " |")
+                     + " | ".join(f"{r[p]:,.0f}" for p in PHASES) + " |")
     return "\n".join(lines)
 
 
@@ -195,8 +178,6 @@ def main() -> None:
     parser.add_argument("--mode", default="fast", choices=["fast", "invariant"])
     parser.add_argument("--max-context-len", type=int, default=4096,
                         help="engine.max_context_len (sets the graphs' block-table width)")
-    parser.add_argument("--decode-steps", type=int, default=1,
-                        help="engine.num_continuous_decode_steps (decode steps per window; 1: single steps)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per batch; the fastest is shown")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions")

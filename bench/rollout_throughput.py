@@ -76,8 +76,7 @@ def native_tokens_per_s(model, mode: str, prompts: list[list[int]], new_tokens: 
     if args.device == "cuda":
         torch.cuda.empty_cache()  # the pool is sized from free memory: give back the peer's cached blocks
     engine = NativeEngine(model, _NoText(), EngineConfig(max_batch_size=len(prompts), mem_fraction=args.mem_fraction,
-                                                         cuda_graphs=not args.no_graphs,
-                                                         num_continuous_decode_steps=getattr(args, "decode_steps", 1)),
+                                                         cuda_graphs=not args.no_graphs),
                           eos_token_ids=(), max_position_embeddings=4096)
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=new_tokens)
     # Warm-up at the workload's shapes: fast mode compiles its fused kernels for the prefill
@@ -149,8 +148,7 @@ def report(args, rows: list[dict], bw: float) -> str:
              f"Card: {card}; date: {datetime.date.today()}; torch {torch.__version__}; "
              f"command: `python {' '.join(sys.argv)}`.",
              f"{args.prompt_len}-token random prompts, one sample each, no eos, temperature 1; measured copy "
-             f"bandwidth {bw / 1e12:.2f} TB/s; CUDA graphs {'off' if args.no_graphs else 'on'}; "
-             f"decode steps per scheduling {args.decode_steps}.", "",
+             f"bandwidth {bw / 1e12:.2f} TB/s; CUDA graphs {'off' if args.no_graphs else 'on'}.", "",
              "| shape | batch | new tokens | mode | engine tok/s | transformers tok/s (its new tokens) "
              "| speed-up | bandwidth bound tok/s | fraction of bound |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -172,8 +170,6 @@ def main() -> None:
     parser.add_argument("--invariant-shapes", default="0.6B")
     parser.add_argument("--mem-fraction", type=float, default=0.85)
     parser.add_argument("--no-graphs", action="store_true", help="engine without CUDA graphs")
-    parser.add_argument("--decode-steps", type=int, default=1,
-                        help="engine.num_continuous_decode_steps (decode steps per scheduling)")
     parser.add_argument("--no-peer", action="store_true", help="skip transformers.generate")
     parser.add_argument("--tiny", action="store_true", help="tiny shape, 4 prompts x 8 tokens (smoke test)")
     parser.add_argument("--out", default="")

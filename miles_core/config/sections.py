@@ -71,11 +71,6 @@ class EngineConfig:
     cuda_graphs: bool = True
     """CUDA, dense models: capture the decode step as CUDA graphs at batch sizes 1, 2, 4, 8, 16, ...
     `max_batch_size` and replay them (a few seconds of capture at start-up; MoE runs eagerly)."""
-    num_continuous_decode_steps: int = 1
-    """Decode steps run back to back on the device, with no host synchronisation between them, when
-    every running sequence decodes and none waits (SGLang's `--num-continuous-decode-steps`, vLLM's
-    multi-step scheduling); 1 runs one step per scheduling. Same outputs as 1; submissions, aborts,
-    pauses and weight updates act at the window's end (at most this many steps later)."""
     stable_memory: bool = True
     """CUDA, `engine.colocate`: the KV pool and weights keep their addresses across a release
     (CUDA virtual memory), so a resume needs no graph capture; false frees and reallocates them."""
@@ -120,8 +115,6 @@ class EngineConfig:
                f"block_size must be a power of two >= 16, got {self.block_size}")
         _check(self.max_num_batched_tokens >= 1,
                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
-        _check(self.num_continuous_decode_steps >= 1,
-               f"num_continuous_decode_steps must be >= 1, got {self.num_continuous_decode_steps}")
         _check(self.request_timeout_s > 0, f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         _check(self.health_retries >= 1, f"health_retries must be >= 1, got {self.health_retries}")
         _check(self.backend != "sglang" or bool(self.urls) or self.launch,

@@ -84,24 +84,6 @@ class BlockManager:
         block.ref_count, block.epoch = 1, block.epoch + 1
         return block_id
 
-    def num_fresh(self, limit: int) -> int:
-        """How many of the next `limit` blocks `allocate` would hand out hold no cached prefix
-        (taking them evicts nothing from the prefix cache)."""
-        count = 0
-        for block_id in self._free:
-            if count == limit or self.blocks[block_id].hash is not None:
-                break
-            count += 1
-        return count
-
-    def unallocate(self, block_id: int) -> None:
-        """Undo the `allocate` of a block that held no cached prefix and was never written: it
-        goes back to the front of the free list, as if never taken (a decode window's reserve)."""
-        block = self.blocks[block_id]
-        block.ref_count, block.epoch = 0, block.epoch - 1
-        self._free[block_id] = None
-        self._free.move_to_end(block_id, last=False)
-
     def share(self, block_id: int) -> None:
         """One more owner of a block that has one already (prefix sharing between samples)."""
         self.blocks[block_id].ref_count += 1

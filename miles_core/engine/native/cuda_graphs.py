@@ -166,23 +166,6 @@ class DecodeGraphs:
         self.graphs[size].replay()
         return self.logits[size]
 
-    def set_inputs(self, size: int, ids_B: torch.Tensor, positions_B: torch.Tensor, slots_B: torch.Tensor,
-                   tables_BW: torch.Tensor | None = None) -> None:
-        """Write a step's inputs into the graph's buffers from device tensors (a decode window's
-        steps, `decode_window`); with `tables_BW` also the block tables and the padding rows
-        (token 0 at position 0, the null block), as `stage_decode_inputs` packs them."""
-        B = ids_B.shape[0]
-        self.ids_G1[:B, 0].copy_(ids_B)
-        self.positions_G1[:B, 0].copy_(positions_B)
-        self.slots_G[:B].copy_(slots_B)
-        if tables_BW is not None:
-            W = tables_BW.shape[1]
-            self.tables_GM[:B, :W].copy_(tables_BW)
-            self.ids_G1[B:size].zero_()
-            self.positions_G1[B:size].zero_()
-            self.slots_G[B:size].fill_(self.null_slot)
-            self.tables_GM[B:size, :W].fill_(self.pool.null_block)
-
     def _copy_plan(self, size: int, width: int) -> tuple:
         """The views one (rows, table columns) shape of step copies through, made once (a torch
         view costs microseconds; a step took a dozen): the two host buffers, the device buffer,

@@ -12,8 +12,6 @@ copies, the response text decoded) in the next step right after that step's forw
 launched, so on a GPU the host does it while the forward runs, or when there is no next forward;
 other callers (a background loop, a caller stepping itself) get each answer in the step that
 finished it, as they may act on it before the next step.
-With `engine.num_continuous_decode_steps` = K > 1, a pure decode step runs up to K decode steps
-on the device in one call (`decode_window`); the inbox, pauses and weight updates wait for its end.
 
 Colocation (`engine.colocate`): `release_memory` frees the KV pool and CUDA graphs and moves the
 weights to host memory (`memory.py`) while a trainer uses the device; requests are refused until
@@ -34,7 +32,6 @@ from miles_core.config import EngineConfig
 from miles_core.engine.native import stable_memory
 from miles_core.engine.native.block_manager import BlockManager
 from miles_core.engine.native.cuda_graphs import DecodeGraphs, capturable
-from miles_core.engine.native.decode_window import DecodeWindow
 from miles_core.engine.native.fuse import fuse_projections
 from miles_core.engine.native.kv_pool import KVPool, block_bytes, num_kv_blocks
 from miles_core.engine.native.memory import (HostWeights, device_allocated, free_cached, weights_to_device,
@@ -104,10 +101,6 @@ class NativeEngine:
         """`generate` calls stepping now: while any is, answers wait for the next forward."""
         self._sampling_params = SamplingTensors()
         """((setting, rows, device), tensors) of the last step sampled with one setting for all rows."""
-        self._window = DecodeWindow.of(cfg.num_continuous_decode_steps, self.scheduler, self.runner,
-                                       self._sampling_params, self._record, self._answer_finished,
-                                       capture_routing=self.capture_routing)
-        """`engine.num_continuous_decode_steps` > 1: decode windows (`decode_window`), else None."""
 
     def _new_pool(self) -> KVPool:
         num_kv_heads, head_dim, v_head_dim = self.model.kv_cache_dims()
@@ -287,10 +280,6 @@ class NativeEngine:
         """Run one scheduled forward; False when paused or idle."""
         with self._step_lock:
             self._drain_inbox()
-            if self._window and not (self._paused.is_set() or self.released):
-                with torch.inference_mode(), on_device(self.device):
-                    if self._window.run():
-                        return True
             # released: submissions wait for resume_memory
             rows = [] if self._paused.is_set() or self.released else self.scheduler.schedule()
             if not rows:
