@@ -2,7 +2,9 @@
 
 Why these are invariant: every kernel runs one fixed configuration (block sizes, warps, stages)
 whatever the problem size, never splits a reduction across programs (no split-K), and computes
-each output row from that row's inputs alone with a fixed loop order. So a token's numbers do
+each output row from that row's inputs alone with a fixed loop order. (One exception, checked:
+`linear` runs decode-sized calls on narrower tiles, used only where the device gives them the
+same bits as the default tiles; see `SMALL_M_CONFIG`.) So a token's numbers do
 not depend on how many other tokens share the launch, which is what makes the engine's decode
 and the trainer's forward agree bit for bit. The price against vendor kernels is the loss of
 size-specific tuning (cuBLAS and flash attention pick kernels per shape); `bench/align_overhead.py`
@@ -25,6 +27,7 @@ Shape legend: M rows, N out features, K in features, B batch, H heads, T queries
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import torch
@@ -42,6 +45,16 @@ except ImportError:  # CPU-only installs: the torch invariant paths are used ins
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). One configuration for every problem size: the
 # row results must not depend on M. `bench/linear_configs.py` compares candidates on H100.
 LINEAR_CONFIG = {"ieee": (64, 64, 32, 4, 2), "half": (128, 128, 64, 8, 3)}
+# Calls of at most SMALL_M rows (a decode step) on the 128 x 128 tiles give a GEMM with N = 1,024
+# only 2 x 8 programs for 132 SMs: in an H100 profile of an invariant decode step at batch 256 the
+# linears took 2.6x cuBLAS's time. Narrower tiles with the same BLOCK_K walk K in the same order,
+# and a tensor-core instruction computes an output element the same way whatever the tile's width,
+# so they should give the same bits. That is checked on the device once per weight shape
+# (`small_tiles_agree`), and only where it holds are they used: a row's bits never depend on M.
+SMALL_M = 256
+SMALL_M_CONFIG = (64, 32, 64, 4, 4)
+_agreement: dict[tuple, bool] = {}
+log = logging.getLogger("miles")
 
 
 @functools.cache
@@ -155,17 +168,52 @@ if triton is not None:
 
 def _linear_forward(x_MK: torch.Tensor, w_NK: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     x_MK, w_NK = x_MK.contiguous(), w_NK.to(x_MK.dtype).contiguous()
+    ieee = x_MK.dtype == torch.float32
+    if ieee:
+        config = LINEAR_CONFIG["ieee"]
+    elif x_MK.shape[0] <= SMALL_M and small_tiles_agree(w_NK):
+        config = SMALL_M_CONFIG
+    else:
+        config = LINEAR_CONFIG["half"]
+    return _launch_linear(x_MK, w_NK, bias, config)
+
+
+def _launch_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, bias: torch.Tensor | None, config: tuple) -> torch.Tensor:
     M, K = x_MK.shape
     N = w_NK.shape[0]
     out = torch.empty(M, N, device=x_MK.device, dtype=x_MK.dtype)
-    ieee = x_MK.dtype == torch.float32
-    block_m, block_n, block_k, warps, stages = LINEAR_CONFIG["ieee" if ieee else "half"]
+    block_m, block_n, block_k, warps, stages = config
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
     _linear_kernel[grid](x_MK, w_NK, bias if bias is not None else x_MK, out, M, N, K,
-                         x_MK.stride(0), w_NK.stride(0), out.stride(0), HAS_BIAS=bias is not None, IEEE=ieee,
-                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-                         num_warps=warps, num_stages=stages)
+                         x_MK.stride(0), w_NK.stride(0), out.stride(0), HAS_BIAS=bias is not None,
+                         IEEE=x_MK.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                         GROUP_M=8, num_warps=warps, num_stages=stages)
     return out
+
+
+def small_tiles_agree(w_NK: torch.Tensor) -> bool:
+    """Whether `SMALL_M_CONFIG` gives the default tiles' bits for this weight's shape and dtype on
+    its device: SMALL_M random rows through both, compared bitwise, once per shape. Inside a CUDA
+    graph capture an unchecked shape takes the default tiles (a check cannot run there)."""
+    key = (w_NK.device, w_NK.dtype, *w_NK.shape, SMALL_M_CONFIG, LINEAR_CONFIG["half"])
+    agree = _agreement.get(key)
+    if agree is None:
+        if _capturing(w_NK.device):
+            return False
+        gen = torch.Generator(device=w_NK.device).manual_seed(0)
+        probe = torch.randn(SMALL_M, w_NK.shape[1], generator=gen, device=w_NK.device, dtype=w_NK.dtype)
+        agree = torch.equal(_launch_linear(probe, w_NK, None, SMALL_M_CONFIG),
+                            _launch_linear(probe, w_NK, None, LINEAR_CONFIG["half"]))
+        _agreement[key] = agree
+        if not agree:
+            log.warning("invariant linear: the small-batch tiles %s differ in bits from %s for weight %s %s on %s; "
+                        "every call takes the default tiles", SMALL_M_CONFIG, LINEAR_CONFIG["half"], tuple(w_NK.shape),
+                        w_NK.dtype, w_NK.device)
+    return agree
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 class _Linear(torch.autograd.Function):
