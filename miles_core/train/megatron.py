@@ -19,7 +19,11 @@ the others (`leader.py`), so every rank runs the same calls:
 - tensor parallelism (`train.tensor_model_parallel_size` = TP, dense families): megatron-core
   splits the layers; each rank loads its shard of every full tensor (`megatron_shards.py`),
   computes its vocabulary slice's log-probs and entropies with the softmax completed over the TP
-  group (`vocab_parallel.py`) and sums the q/k norms' partial gradients;
+  group (`vocab_parallel.py`) and sums the q/k norms' partial gradients; with
+  `train.sequence_parallel` megatron-core also splits the sequence (padded to a multiple of TP)
+  over the TP ranks between its split layers, the norms' gradients are summed over them
+  (`megatron_model.SequenceParallelRMSNorm`) and the final hidden states gathered for the
+  log-probs;
 - expert parallelism (`train.expert_model_parallel_size` = EP, MoE families): each rank holds
   1/EP of the routed experts (allgather dispatcher) and a copy of the rest; the EP ranks of one
   replica run the same micro-batches, so expert gradients are divided by EP (each expert saw
@@ -38,8 +42,9 @@ the first replica. TP and EP together, PP and EP together are not supported yet.
 MoE routing replay (`train.routing_replay`, R3) and the routing records behind
 `routing_agreement` go through megatron's router (`megatron_routing.py`), as the native backend's.
 
-Not in this version (refused with one line): context parallelism, sequence parallelism, TP
-and PP for MoE and MLA families, TP or PP with EP, PP with the distributed optimizer, QAT, activation
+Not in this version (refused with one line): context parallelism (megatron-core runs it only in
+Transformer Engine's attention), sequence parallelism beside pipeline stages, TP and PP for MoE
+and MLA families, TP or PP with EP, PP with the distributed optimizer, QAT, activation
 checkpointing, compile, the PPO critic. `train.compute_dtype = "bfloat16"` casts the parameters
 for each forward (`batch.call_in_dtype`, as the native trainer; DeepSeek-V3's router stays fp32). On CPU through the patches of `megatron_env.py`.
 """
@@ -274,17 +279,30 @@ def _hidden_states_only(model: nn.Module):
         model.post_process = saved
 
 
+def sequence_parallel_gather(hidden_TBE: torch.Tensor) -> torch.Tensor:
+    """All TP ranks' sequence shards, in order. Backward keeps this rank's shard of the gradient:
+    the vocab-parallel log-prob kernel has already summed every rank's share of it
+    (`vocab_parallel.py`), so no reduce-scatter is needed here."""
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+    return gather_from_sequence_parallel_region(hidden_TBE, tensor_parallel_output_grad=False)
+
+
 def response_hidden_states(model: nn.Module, tokens: list[torch.Tensor], response_lengths: list[int],
                            hooks: RoutingHooks, routing: RoutingPlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, E) hidden states that predict the N response tokens and those tokens (N,), as
     `batch.response_hidden_states` takes them from the native model; `routing` (MoE) replays
     and/or records the experts of every token through the router `hooks`."""
     device = output_weight(model).device
-    ids_BT, positions_BT, causal = megatron_pipeline.stage_inputs(tokens, device)
+    sequence_parallel = model.config.sequence_parallel
+    ids_BT, positions_BT, causal = megatron_pipeline.stage_inputs(
+        tokens, device, model.config.tensor_model_parallel_size if sequence_parallel else 1)
     B, T = ids_BT.shape
     ctx = routing.context([(b, 0, len(t) - 1) for b, t in enumerate(tokens)], T, device) if routing else None
     with _hidden_states_only(model), hooks.active(ctx, B, T):
         hidden_TBE = model(ids_BT, positions_BT, attention_mask=causal)  # megatron's [s, b, h] layout
+    if sequence_parallel:  # this rank's 1/TP of the sequence: gather it whole
+        hidden_TBE = sequence_parallel_gather(hidden_TBE)
     if routing:
         ids_BTLK = ctx.stacked()
         routing.recorded = [ids_BTLK[b, : len(t) - 1] for b, t in enumerate(tokens)]

@@ -21,6 +21,8 @@ embedding's slot.
 
 from __future__ import annotations
 
+import copy
+
 import dataclasses
 import importlib.util
 import re
@@ -138,6 +140,8 @@ def build_gpt(cfg: dict[str, Any], sizes: ParallelSizes, device: torch.device) -
                                       normalization="RMSNorm")
     if config.multi_latent_attention and not have_transformer_engine():
         megatron_mla.use_sdpa_core_attention(spec)
+    if config.sequence_parallel and not have_transformer_engine():
+        spec = _sequence_parallel_norms(spec)
     from megatron.core import parallel_state
 
     # Pipeline stages: the first holds the embedding, the last the final norm and output layer (the
@@ -150,6 +154,45 @@ def build_gpt(cfg: dict[str, Any], sizes: ParallelSizes, device: torch.device) -
     # The local spec's norms (torch.nn.RMSNorm) are built on the host whatever the config says;
     # megatron's own training scripts move the model with `.cuda()` for the same reason.
     return model.to(device)
+
+
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm, as megatron-core's local spec builds it, with its weight marked
+    `sequence_parallel` as Transformer Engine's and Apex's norms mark theirs: under sequence
+    parallelism each TP rank normalises 1/TP of the tokens, so the weight's gradient is partial
+    and summed over the TP group (`megatron_shards.reduce_grads`)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused) -> None:
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = True
+
+
+class HeadRMSNorm(torch.nn.RMSNorm):
+    """The q/k norms under sequence parallelism: they run after the q/k projection has gathered
+    the whole sequence (per head, on this rank's heads), so nothing changes for them; this class
+    only replaces the local spec's norm, which refuses to be built with sequence parallelism on."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused) -> None:
+        super().__init__(hidden_size, eps=eps)
+
+
+def _sequence_parallel_norms(block_spec):
+    """A copy of the block spec whose local norms (megatron-core's `WrappedTorchNorm` asserts that
+    sequence parallelism is off: only TE and Apex norms support it) are the same torch RMSNorm,
+    marked; slots without a norm (llama's q/k) stay as they are."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    block_spec = copy.deepcopy(block_spec)  # the spec builders may hand out shared objects
+    for layer in block_spec.layer_specs:
+        for owner, names, norm in ((layer.submodules, ("input_layernorm", "pre_mlp_layernorm"), SequenceParallelRMSNorm),
+                                   (layer.submodules.self_attention.submodules, ("q_layernorm", "k_layernorm"),
+                                    HeadRMSNorm)):
+            for name in names:
+                if getattr(owner, name) is WrappedTorchNorm:
+                    setattr(owner, name, norm)
+    if block_spec.layer_norm is WrappedTorchNorm:
+        block_spec.layer_norm = SequenceParallelRMSNorm
+    return block_spec
 
 
 def output_weight(model: nn.Module) -> torch.Tensor:

@@ -88,10 +88,12 @@ def reduce_embedding_grads(model: nn.Module, pp: Stages) -> None:
     all_reduce_grads([model.shared_embedding_or_output_weight()], ps.get_embedding_group())
 
 
-def stage_inputs(tokens: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
+def stage_inputs(tokens: list[torch.Tensor], device: torch.device, multiple: int = 1) -> tuple[torch.Tensor, ...]:
     """Right-padded (B, T) ids, their positions and the causal mask (True: masked), as megatron-core's
-    `GPTModel` takes them."""
+    `GPTModel` takes them; T a multiple of `multiple` (sequence parallelism splits T over the TP ranks)."""
     ids_BT = pad_ragged(tokens).to(device)
+    if ids_BT.shape[1] % multiple:
+        ids_BT = torch.nn.functional.pad(ids_BT, (0, multiple - ids_BT.shape[1] % multiple))
     B, T = ids_BT.shape
     positions_BT = torch.arange(T, device=device)[None, :].expand(B, T)
     causal = torch.triu(torch.ones(T, T, dtype=torch.bool, device=device), diagonal=1)[None, None]

@@ -133,12 +133,14 @@ def assemble(local: list[Shard], pieces: list[Piece], rank: int, device: torch.d
 
 def reduce_grads(model: nn.Module, tp_group, tp_size: int) -> None:
     """Complete the gradients of one model replica split over its TP ranks: the q/k norms' partial
-    gradients summed (see the module docstring); the sums over replicas and EP copies are
-    `megatron_data.reduce_grads`'."""
+    gradients summed (see the module docstring), and under sequence parallelism those of the
+    parameters marked `sequence_parallel` (the norms, each rank saw 1/TP of the tokens); the sums
+    over replicas and EP copies are `megatron_data.reduce_grads`'."""
     if tp_size == 1:
         return
     for name, param in model.named_parameters():
-        if param.grad is not None and ("q_layernorm" in name or "k_layernorm" in name):
+        partial = "q_layernorm" in name or "k_layernorm" in name or getattr(param, "sequence_parallel", False)
+        if param.grad is not None and partial:
             dist.all_reduce(param.grad, group=tp_group)
 
 

@@ -106,12 +106,14 @@ def assert_steps_match(many: dict, one: dict) -> None:
 
 
 TP2, EP2 = {"tensor_model_parallel_size": 2}, {"expert_model_parallel_size": 2}
+TP2_SP = {**TP2, "sequence_parallel": True}  # norms on half of the (odd-length, padded) sequence each
 
 
 # llama: tied embeddings (vocab-split, one tensor); deepseek_v3: MLA, shared experts, an MTP layer
 @pytest.mark.parametrize("family, parallel", [("qwen3", TP2), ("llama", TP2), ("qwen3_moe", EP2),
-                                              ("deepseek_v3", EP2)], ids=["qwen3-tp2", "llama-tp2", "qwen3_moe-ep2",
-                                                                          "deepseek_v3-ep2"])
+                                              ("deepseek_v3", EP2), ("qwen3", TP2_SP), ("llama", TP2_SP)],
+                         ids=["qwen3-tp2", "llama-tp2", "qwen3_moe-ep2", "deepseek_v3-ep2", "qwen3-tp2-sp",
+                              "llama-tp2-sp"])
 def test_two_ranks_match_one_rank(tmp_path, family, parallel):
     two = run_spmd(_two_ranks, family, parallel, str(tmp_path))
     one = _steps(_trainer(family))
@@ -148,11 +150,12 @@ def _cli_steps(tmp_path: Path, name: str, *args: str) -> list[dict]:
 
 @pytest.mark.parametrize("args", [
     ["--set", "train.tensor_model_parallel_size=2"],
+    ["--set", "train.tensor_model_parallel_size=2", "--set", "train.sequence_parallel=true"],
     ["--set", "train.pipeline_model_parallel_size=2"],  # two stages, one layer each
     # R3 under expert parallelism: the router replays the engine's experts (agreement 1.0)
     ["--set", "model.source=tiny-qwen3-moe", "--set", "train.expert_model_parallel_size=2", "--set",
      "train.routing_replay=rollout", "--set", "engine.return_routed_experts=true"],
-], ids=["tp2", "pp2", "qwen3_moe-ep2"])
+], ids=["tp2", "tp2-sp", "pp2", "qwen3_moe-ep2"])
 def test_miles_train_on_two_ranks_matches_one_rank(tmp_path, monkeypatch, args):
     (tmp_path / "miles_test_varying_reward.py").write_text(VARYING_REWARD)
     monkeypatch.syspath_prepend(str(tmp_path))
