@@ -43,7 +43,7 @@ MoE routing replay (`train.routing_replay`, R3) and the routing records behind
 `routing_agreement` go through megatron's router (`megatron_routing.py`), as the native backend's.
 
 Not in this version (refused with one line): context parallelism (megatron-core runs it only in
-Transformer Engine's attention), sequence parallelism beside pipeline stages, TP and PP for MoE
+Transformer Engine's attention), TP and PP for MoE
 and MLA families, TP or PP with EP, PP with the distributed optimizer, QAT, activation
 checkpointing, compile, the PPO critic. `train.compute_dtype = "bfloat16"` casts the parameters
 for each forward (`batch.call_in_dtype`, as the native trainer; DeepSeek-V3's router stays fp32). On CPU through the patches of `megatron_env.py`.
@@ -294,14 +294,13 @@ def response_hidden_states(model: nn.Module, tokens: list[torch.Tensor], respons
     `batch.response_hidden_states` takes them from the native model; `routing` (MoE) replays
     and/or records the experts of every token through the router `hooks`."""
     device = output_weight(model).device
-    sequence_parallel = model.config.sequence_parallel
-    ids_BT, positions_BT, causal = megatron_pipeline.stage_inputs(
-        tokens, device, model.config.tensor_model_parallel_size if sequence_parallel else 1)
+    ids_BT, positions_BT, causal = megatron_pipeline.stage_inputs(tokens, device,
+                                                                  megatron_pipeline.sequence_multiple(model))
     B, T = ids_BT.shape
     ctx = routing.context([(b, 0, len(t) - 1) for b, t in enumerate(tokens)], T, device) if routing else None
     with _hidden_states_only(model), hooks.active(ctx, B, T):
         hidden_TBE = model(ids_BT, positions_BT, attention_mask=causal)  # megatron's [s, b, h] layout
-    if sequence_parallel:  # this rank's 1/TP of the sequence: gather it whole
+    if model.config.sequence_parallel:  # this rank's 1/TP of the sequence: gather it whole
         hidden_TBE = sequence_parallel_gather(hidden_TBE)
     if routing:
         ids_BTLK = ctx.stacked()

@@ -7,7 +7,8 @@ final norm and the output layer), activations and their gradients sent between s
 Layout: megatron-core's rank order (tp-cp-ep-dp-pp) makes the stage the outermost index: stage s
 is ranks s*M .. s*M + M - 1 of the world's M = TP x DP ranks per stage. A rank sends to the rank of
 the same TP and DP place in the next stage (megatron's `get_pipeline_model_parallel_next_rank`),
-so tensor parallelism and data parallelism (`megatron_data.py`) run inside each stage unchanged.
+so tensor parallelism and data parallelism (`megatron_data.py`) run inside each stage unchanged;
+under sequence parallelism each TP rank sends its 1/TP of the (padded) sequence.
 
 Schedule: one micro-batch in flight. For each micro-batch the first stage runs its layers on the
 token ids and sends the (T, B, E) hidden states on; each later stage receives them, runs its
@@ -88,12 +89,23 @@ def reduce_embedding_grads(model: nn.Module, pp: Stages) -> None:
     all_reduce_grads([model.shared_embedding_or_output_weight()], ps.get_embedding_group())
 
 
+def sequence_multiple(model: nn.Module) -> int:
+    """What the padded sequence length must divide by: TP under sequence parallelism (megatron
+    splits the sequence over the TP ranks between its split layers), else 1."""
+    config = model.config
+    return config.tensor_model_parallel_size if config.sequence_parallel else 1
+
+
+def padded_length(tokens: list[torch.Tensor], multiple: int) -> int:
+    longest = max(len(t) for t in tokens)
+    return -(-longest // multiple) * multiple
+
+
 def stage_inputs(tokens: list[torch.Tensor], device: torch.device, multiple: int = 1) -> tuple[torch.Tensor, ...]:
     """Right-padded (B, T) ids, their positions and the causal mask (True: masked), as megatron-core's
     `GPTModel` takes them; T a multiple of `multiple` (sequence parallelism splits T over the TP ranks)."""
     ids_BT = pad_ragged(tokens).to(device)
-    if ids_BT.shape[1] % multiple:
-        ids_BT = torch.nn.functional.pad(ids_BT, (0, multiple - ids_BT.shape[1] % multiple))
+    ids_BT = torch.nn.functional.pad(ids_BT, (0, padded_length(tokens, multiple) - ids_BT.shape[1]))
     B, T = ids_BT.shape
     positions_BT = torch.arange(T, device=device)[None, :].expand(B, T)
     causal = torch.triu(torch.ones(T, T, dtype=torch.bool, device=device), diagonal=1)[None, None]
@@ -108,7 +120,8 @@ class _StageForward(nn.Module):
         self.model = model
 
     def forward(self, tokens: list[torch.Tensor]) -> torch.Tensor:
-        ids_BT, positions_BT, causal = stage_inputs(tokens, next(self.model.parameters()).device)
+        ids_BT, positions_BT, causal = stage_inputs(tokens, next(self.model.parameters()).device,
+                                                    sequence_multiple(self.model))
         return self.model(ids_BT, positions_BT, attention_mask=causal)
 
 
@@ -157,8 +170,10 @@ class PipelineSteps:
         return metrics
 
     def _receive(self, tokens: list[torch.Tensor], src: int) -> torch.Tensor:
-        """The previous stage's (T, B, E) output for these samples, a leaf that keeps its gradient."""
-        shape = (max(len(t) for t in tokens), len(tokens), self.hf_config["hidden_size"])
+        """The previous stage's (T, B, E) output for these samples (under sequence parallelism this
+        TP rank's T / TP rows of it), a leaf that keeps its gradient."""
+        multiple = sequence_multiple(self.model)
+        shape = (padded_length(tokens, multiple) // multiple, len(tokens), self.hf_config["hidden_size"])
         received = torch.empty(shape, dtype=DTYPES[self.cfg.compute_dtype], device=self.device)
         dist.recv(received, src)
         return received.requires_grad_(torch.is_grad_enabled())

@@ -187,8 +187,6 @@ def test_checkpoint_of_the_earlier_layout_resumes_exactly(tmp_path):
     (dict(pipeline_model_parallel_size=2), "^--pipeline-model-parallel-size 2 needs 2 trainer ranks, one per shard"),
     (dict(context_parallel_size=2), "^--context-parallel-size 2 is not supported"),
     (dict(sequence_parallel=True), "^--sequence-parallel needs --tensor-model-parallel-size > 1"),
-    (dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, sequence_parallel=True),
-     "^--sequence-parallel with --pipeline-model-parallel-size 2 is not supported"),
     (dict(qat="int4"), "train.qat = 'int4' is not supported"),
 ])
 def test_refuses_what_it_cannot_run(change, message):

@@ -105,9 +105,12 @@ def test_refuses_pipeline_stages_it_cannot_run():
                       temperature=1.0, total_steps=1)
 
 
-@pytest.mark.parametrize("parallel", [{**PP2, "tensor_model_parallel_size": 2}, PP2], ids=["pp2-tp2", "pp2-dp2"])
+@pytest.mark.parametrize("parallel", [{**PP2, "tensor_model_parallel_size": 2}, PP2,
+                                      {**PP2, "tensor_model_parallel_size": 2, "sequence_parallel": True}],
+                         ids=["pp2-tp2", "pp2-dp2", "pp2-tp2-sp"])
 def test_four_ranks_match_one_rank(tmp_path, parallel):
-    """Two stages of two tensor-parallel ranks each, or of two data-parallel replicas each (tied
-    embeddings: their gradient summed over the replicas and the two ends)."""
+    """Two stages of two tensor-parallel ranks each (also with sequence parallelism: each sends
+    its half of the padded sequence on), or of two data-parallel replicas each (tied embeddings:
+    their gradient summed over the replicas and the two ends)."""
     many = run_spmd(_ranks, TIED, parallel, str(tmp_path), world_size=4)
     _check_against_one_rank(many, _steps(_trainer(TIED)), TIED)
