@@ -1,4 +1,5 @@
-"""megatron-core backend on 2 GPUs (NCCL): TP=2 (dense Qwen3) and EP=2 (Qwen3-MoE) against one rank.
+"""megatron-core backend on 2 GPUs (NCCL): TP=2 (dense Qwen3, also with sequence parallelism) and
+EP=2 (Qwen3-MoE) against one rank.
 
 For each layout, the same random model (seed 0, fp32 masters, bf16 compute) and the same batch run
 on one rank (GPU 0) and on two ranks (GPUs 0-1, one process each, rank 0 leading as `miles train
@@ -33,6 +34,9 @@ COMMON = dict(vocab_size=151936, head_dim=128, max_position_embeddings=4096, rms
 LAYOUTS = {
     "qwen3 TP=2": (dict(COMMON, model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=4,
                         num_attention_heads=16, num_key_value_heads=8), {"tensor_model_parallel_size": 2}),
+    "qwen3 TP=2 SP": (dict(COMMON, model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=4,
+                           num_attention_heads=16, num_key_value_heads=8),
+                      {"tensor_model_parallel_size": 2, "sequence_parallel": True}),
     "qwen3_moe EP=2": (dict(COMMON, model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144,
                             num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=4,
                             moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
