@@ -16,13 +16,15 @@ What differs from the native backend:
 
 Parallelism over N ranks, one process each (`miles train --nproc-per-node N`), rank 0 leading
 the others (`leader.py`), so every rank runs the same calls:
-- tensor parallelism (`train.tensor_model_parallel_size` = TP, dense families): megatron-core
+- tensor parallelism (`train.tensor_model_parallel_size` = TP; dense families, and qwen3_moe
+  with sequence parallelism, which megatron-core needs to train MoE layers so): megatron-core
   splits the layers; each rank loads its shard of every full tensor (`megatron_shards.py`),
   computes its vocabulary slice's log-probs and entropies with the softmax completed over the TP
   group (`vocab_parallel.py`) and sums the q/k norms' partial gradients; with
   `train.sequence_parallel` megatron-core also splits the sequence (padded to a multiple of TP)
-  over the TP ranks between its split layers, the norms' gradients are summed over them
-  (`megatron_model.SequenceParallelRMSNorm`) and the final hidden states gathered for the
+  over the TP ranks between its split layers, the norms' (and MoE routers') gradients are summed
+  over them (`megatron_model.SequenceParallelRMSNorm`), routing replay gathers the routers' parts
+  of the sequence (`megatron_routing.py`) and the final hidden states are gathered for the
   log-probs;
 - expert parallelism (`train.expert_model_parallel_size` = EP, MoE families): each rank holds
   1/EP of the routed experts (allgather dispatcher) and a copy of the rest; the EP ranks of one
@@ -43,8 +45,7 @@ MoE routing replay (`train.routing_replay`, R3) and the routing records behind
 `routing_agreement` go through megatron's router (`megatron_routing.py`), as the native backend's.
 
 Not in this version (refused with one line): context parallelism (megatron-core runs it only in
-Transformer Engine's attention), TP and PP for MoE
-and MLA families, TP or PP with EP, PP with the distributed optimizer, QAT, activation
+Transformer Engine's attention), TP for MLA, PP for MoE and MLA families, TP or PP with EP, PP with the distributed optimizer, QAT, activation
 checkpointing, compile, the PPO critic. `train.compute_dtype = "bfloat16"` casts the parameters
 for each forward (`batch.call_in_dtype`, as the native trainer; DeepSeek-V3's router stays fp32). On CPU through the patches of `megatron_env.py`.
 """

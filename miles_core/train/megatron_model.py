@@ -67,9 +67,10 @@ def hf_config_of(model: nn.Module) -> dict[str, Any]:
     return args
 
 
-TENSOR_PARALLEL = ("llama", "qwen2", "qwen3")
-"""Families that run with tensor parallelism (dense; MoE and MLA layers are not split yet)."""
-PIPELINE_PARALLEL = TENSOR_PARALLEL
+TENSOR_PARALLEL = ("llama", "qwen2", "qwen3", "qwen3_moe")
+"""Families that run with tensor parallelism (MLA layers are not split yet); qwen3_moe with
+sequence parallelism (megatron-core trains MoE layers tensor-parallel only with it)."""
+PIPELINE_PARALLEL = ("llama", "qwen2", "qwen3")
 """Families that run with pipeline stages (dense; MoE routing records span the stages' layers)."""
 EXPERT_PARALLEL = {"qwen3_moe": "num_experts", "deepseek_v3": "n_routed_experts"}
 """Families that run with expert parallelism, with the HF field that counts their routed experts."""
@@ -80,7 +81,8 @@ def check_model_parallel(cfg: dict[str, Any], sizes: ParallelSizes) -> None:
     checks = [("--tensor-model-parallel-size", sizes.tensor, TENSOR_PARALLEL, {
         "num_attention_heads": cfg.get("num_attention_heads"), "intermediate_size": cfg.get("intermediate_size"),
         "num_key_value_heads": cfg.get("num_key_value_heads") or cfg.get("num_attention_heads"),
-        "vocab_size": cfg["vocab_size"]})]
+        "vocab_size": cfg["vocab_size"], **({"moe_intermediate_size": cfg["moe_intermediate_size"]}
+                                            if "moe_intermediate_size" in cfg else {})})]
     experts = EXPERT_PARALLEL.get(cfg["model_type"])
     checks.append(("--expert-model-parallel-size", sizes.expert, tuple(EXPERT_PARALLEL),
                    {experts: cfg[experts]} if experts else {}))
@@ -95,6 +97,9 @@ def check_model_parallel(cfg: dict[str, Any], sizes: ParallelSizes) -> None:
         for name, value in dims.items():
             if value % size:
                 raise MilesError(f"{flag} {size} does not divide the model's {name} {value}; use a size that divides it")
+    if sizes.tensor > 1 and cfg["model_type"] in EXPERT_PARALLEL and not sizes.sequence_parallel:
+        raise MilesError(f"--tensor-model-parallel-size {sizes.tensor} for model_type '{cfg['model_type']}' needs "
+                         "--sequence-parallel (megatron-core trains MoE layers tensor-parallel only with it); add it")
 
 
 def transformer_config(cfg: dict[str, Any], sizes: ParallelSizes, *, cpu: bool):

@@ -13,7 +13,10 @@ sigmoid sum and scaling factor), so the combine weights and the router's gradien
 megatron computes for those experts, as the native MoE does under replay.
 
 megatron's router sees the tokens flattened from its [s, b] layout (token index s * B + b); the
-`RoutingContext` holds (B, T, K) per MoE layer, so the hook transposes between them.
+`RoutingContext` holds (B, T, K) per MoE layer, so the hook transposes between them. Under
+sequence parallelism a TP rank's router sees only its 1/TP of the sequence: the hook gathers the
+ranks' top-k in sequence order, every rank routes the whole (the same record on each), and each
+keeps its own rows of the result.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+
+import torch.distributed as dist
 
 from miles_core.models.routing import RoutingContext
 
@@ -36,8 +41,10 @@ class _Active:
 class _LayerHook:
     """megatron's `router_replay` interface for MoE layer `layer` (its index among MoE layers)."""
 
-    def __init__(self, layer: int, active: _Active) -> None:
+    def __init__(self, layer: int, active: _Active, sequence_group=None) -> None:
         self.layer, self.active = layer, active
+        self.sequence_group = sequence_group
+        """The TP group when sequence parallelism splits the router's tokens over it, else None."""
 
     def get_replay_topk(self, scores: torch.Tensor, topk: int, num_groups: int | None, group_topk: int | None,
                         default_compute_topk: Callable) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,24 +52,39 @@ class _LayerHook:
         if self.active.current is None:
             return values, chosen_NK
         ctx, B, T = self.active.current
-        chosen_BTK = chosen_NK.view(T, B, topk).transpose(0, 1)
-        ids_BTK = ctx.route(self.layer, chosen_BTK)
+        whole_NK = self._gather(chosen_NK)
+        ids_BTK = ctx.route(self.layer, whole_NK.view(T, B, topk).transpose(0, 1))
         if ctx.mode == "record":
             return values, chosen_NK
         ids_NK = ids_BTK.transpose(0, 1).reshape(T * B, topk)
+        if self.sequence_group is not None:  # this rank's rows: its part of the sequence
+            rank, rows = dist.get_rank(self.sequence_group), chosen_NK.shape[0]
+            ids_NK = ids_NK[rank * rows:(rank + 1) * rows]
         return scores.gather(1, ids_NK), ids_NK
+
+    def _gather(self, chosen_NK: torch.Tensor) -> torch.Tensor:
+        """Every TP rank's top-k rows in sequence order (sequence parallelism), or these."""
+        if self.sequence_group is None:
+            return chosen_NK
+        size = dist.get_world_size(self.sequence_group)
+        whole = chosen_NK.new_empty((size * chosen_NK.shape[0], chosen_NK.shape[1]))
+        dist.all_gather_into_tensor(whole, chosen_NK.contiguous(), group=self.sequence_group)
+        return whole
 
 
 class RoutingHooks:
     """The replay/record hooks of one `GPTModel`'s MoE routers (none for a dense model)."""
 
     def __init__(self, model: nn.Module) -> None:
+        from megatron.core import parallel_state
         from megatron.core.transformer.moe.router import TopKRouter
 
         self._active = _Active()
         routers = [m for m in model.modules() if isinstance(m, TopKRouter)]  # decoder layer order
+        split = routers and model.config.sequence_parallel
+        group = parallel_state.get_tensor_model_parallel_group() if split else None
         for layer, router in enumerate(routers):
-            router.router_replay = _LayerHook(layer, self._active)
+            router.router_replay = _LayerHook(layer, self._active, group)
         self.layers = len(routers)
         self.topk = routers[0].topk if routers else 0
 

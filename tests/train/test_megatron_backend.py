@@ -199,8 +199,8 @@ TP, EP = megatron_env.ParallelSizes, lambda size: megatron_env.ParallelSizes(exp
 
 
 @pytest.mark.parametrize("family, sizes, message", [
-    ("qwen3_moe", TP(2), "^--tensor-model-parallel-size 2 is not supported for model_type 'qwen3_moe' yet; expected "
-                         "one of: llama, qwen2, qwen3 \\(or size 1\\)$"),
+    ("qwen3_moe", TP(2), "^--tensor-model-parallel-size 2 for model_type 'qwen3_moe' needs --sequence-parallel "
+                         "\\(megatron-core trains MoE layers tensor-parallel only with it\\); add it$"),
     ("deepseek_v3", TP(2), "for model_type 'deepseek_v3' yet"),
     ("qwen3", TP(3), "^--tensor-model-parallel-size 3 does not divide the model's num_attention_heads 4; use a size "
                      "that divides it$"),

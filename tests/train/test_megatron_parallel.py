@@ -111,9 +111,10 @@ TP2_SP = {**TP2, "sequence_parallel": True}  # norms on half of the (odd-length,
 
 # llama: tied embeddings (vocab-split, one tensor); deepseek_v3: MLA, shared experts, an MTP layer
 @pytest.mark.parametrize("family, parallel", [("qwen3", TP2), ("llama", TP2), ("qwen3_moe", EP2),
-                                              ("deepseek_v3", EP2), ("qwen3", TP2_SP), ("llama", TP2_SP)],
+                                              ("deepseek_v3", EP2), ("qwen3", TP2_SP), ("llama", TP2_SP),
+                                              ("qwen3_moe", TP2_SP)],
                          ids=["qwen3-tp2", "llama-tp2", "qwen3_moe-ep2", "deepseek_v3-ep2", "qwen3-tp2-sp",
-                              "llama-tp2-sp"])
+                              "llama-tp2-sp", "qwen3_moe-tp2-sp"])
 def test_two_ranks_match_one_rank(tmp_path, family, parallel):
     two = run_spmd(_two_ranks, family, parallel, str(tmp_path))
     one = _steps(_trainer(family))
@@ -155,7 +156,10 @@ def _cli_steps(tmp_path: Path, name: str, *args: str) -> list[dict]:
     # R3 under expert parallelism: the router replays the engine's experts (agreement 1.0)
     ["--set", "model.source=tiny-qwen3-moe", "--set", "train.expert_model_parallel_size=2", "--set",
      "train.routing_replay=rollout", "--set", "engine.return_routed_experts=true"],
-], ids=["tp2", "tp2-sp", "pp2", "qwen3_moe-ep2"])
+    # ... and under TP with sequence parallelism: each rank's router replays its part of the sequence
+    ["--set", "model.source=tiny-qwen3-moe", "--set", "train.tensor_model_parallel_size=2", "--set",
+     "train.sequence_parallel=true", "--set", "train.routing_replay=rollout", "--set", "engine.return_routed_experts=true"],
+], ids=["tp2", "tp2-sp", "pp2", "qwen3_moe-ep2", "qwen3_moe-tp2-sp"])
 def test_miles_train_on_two_ranks_matches_one_rank(tmp_path, monkeypatch, args):
     (tmp_path / "miles_test_varying_reward.py").write_text(VARYING_REWARD)
     monkeypatch.syspath_prepend(str(tmp_path))
