@@ -39,13 +39,14 @@ the others (`leader.py`), so every rank runs the same calls:
   expert-data-parallel group), log-probs and metrics are gathered from the replicas;
   `train.use_distributed_optimizer` shards AdamW over them instead (ZeRO-1, `megatron_zero.py`).
 The gradient norm is the whole model's; `export_weights` gathers the full tensors on rank 0 from
-the first replica. TP and EP together, PP and EP together are not supported yet.
+the first replica. TP and EP together (qwen3_moe, with sequence parallelism): each expert split
+over TP within its EP rank, as megatron-core places it. PP and EP together are not supported yet.
 
 MoE routing replay (`train.routing_replay`, R3) and the routing records behind
 `routing_agreement` go through megatron's router (`megatron_routing.py`), as the native backend's.
 
 Not in this version (refused with one line): context parallelism (megatron-core runs it only in
-Transformer Engine's attention), TP for MLA, PP for MoE and MLA families, TP or PP with EP, PP with the distributed optimizer, QAT, activation
+Transformer Engine's attention), TP for MLA, PP for MoE and MLA families, PP with EP, PP with the distributed optimizer, QAT, activation
 checkpointing, compile, the PPO critic. `train.compute_dtype = "bfloat16"` casts the parameters
 for each forward (`batch.call_in_dtype`, as the native trainer; DeepSeek-V3's router stays fp32). On CPU through the patches of `megatron_env.py`.
 """

@@ -182,8 +182,7 @@ def test_checkpoint_of_the_earlier_layout_resumes_exactly(tmp_path):
     (dict(expert_model_parallel_size=4), "^--expert-model-parallel-size 4 needs 4 trainer ranks, one per shard "
                                          "\\(or a multiple of 4: data-parallel replicas\\): add --nproc-per-node 4$"),
     (dict(tensor_model_parallel_size=2, expert_model_parallel_size=2),
-     "^--tensor-model-parallel-size 2 with --expert-model-parallel-size 2 is not supported by the megatron backend "
-     "yet; use one of them$"),
+     "^--tensor-model-parallel-size 2 x --expert-model-parallel-size 2 needs 4 trainer ranks, one per shard"),
     (dict(pipeline_model_parallel_size=2), "^--pipeline-model-parallel-size 2 needs 2 trainer ranks, one per shard"),
     (dict(context_parallel_size=2), "^--context-parallel-size 2 is not supported"),
     (dict(sequence_parallel=True), "^--sequence-parallel needs --tensor-model-parallel-size > 1"),

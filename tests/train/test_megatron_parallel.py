@@ -139,6 +139,15 @@ def test_two_ranks_match_one_rank(tmp_path, family, parallel):
     assert one_rank.train_rollout(batch())["loss"] == pytest.approx(two["second"]["loss"], abs=1e-6)
 
 
+def test_tensor_and_expert_parallel_together_match_one_rank(tmp_path):
+    """qwen3_moe on 4 ranks, TP=2 x EP=2 with sequence parallelism: each EP rank's experts split
+    over its TP pair; export bitwise, and one rank's steps."""
+    many = run_spmd(_two_ranks, "qwen3_moe", {**TP2_SP, **EP2}, str(tmp_path), world_size=4)
+    weights = dict(named_weights(native("qwen3_moe")))
+    assert all(torch.equal(many["export"][n], t) for n, t in weights.items())
+    assert_steps_match(many, _steps(_trainer("qwen3_moe")))
+
+
 def _cli_steps(tmp_path: Path, name: str, *args: str) -> list[dict]:
     """Per-step metrics of a 2-step `miles train --recipe tiny` whose reward varies within groups,
     with an entropy bonus (GRPO's pg_loss is 0 at ratio 1: the loss is then the entropy term)."""
