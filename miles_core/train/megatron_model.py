@@ -22,7 +22,6 @@ embedding's slot.
 from __future__ import annotations
 
 import copy
-
 import dataclasses
 import importlib.util
 import re

@@ -25,9 +25,8 @@ import contextlib
 from collections.abc import Callable
 
 import torch
-from torch import nn
-
 import torch.distributed as dist
+from torch import nn
 
 from miles_core.models.routing import RoutingContext
 
