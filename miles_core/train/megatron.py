@@ -46,8 +46,8 @@ MoE routing replay (`train.routing_replay`, R3) and the routing records behind
 `routing_agreement` go through megatron's router (`megatron_routing.py`), as the native backend's.
 
 Not in this version (refused with one line): context parallelism (megatron-core runs it only in
-Transformer Engine's attention), TP for MLA, PP for MoE and MLA families, PP with EP, PP with the distributed optimizer, QAT, activation
-checkpointing, compile, the PPO critic. `train.compute_dtype = "bfloat16"` casts the parameters
+Transformer Engine's attention), TP for MLA, PP for MoE and MLA families, PP with EP, PP with the
+distributed optimizer, QAT, activation checkpointing, compile, the PPO critic. `train.compute_dtype = "bfloat16"` casts the parameters
 for each forward (`batch.call_in_dtype`, as the native trainer; DeepSeek-V3's router stays fp32). On CPU through the patches of `megatron_env.py`.
 """
 

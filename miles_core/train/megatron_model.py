@@ -160,24 +160,25 @@ def build_gpt(cfg: dict[str, Any], sizes: ParallelSizes, device: torch.device) -
     return model.to(device)
 
 
-class SequenceParallelRMSNorm(torch.nn.RMSNorm):
-    """torch's RMSNorm, as megatron-core's local spec builds it, with its weight marked
-    `sequence_parallel` as Transformer Engine's and Apex's norms mark theirs: under sequence
-    parallelism each TP rank normalises 1/TP of the tokens, so the weight's gradient is partial
-    and summed over the TP group (`megatron_shards.reduce_grads`)."""
-
-    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused) -> None:
-        super().__init__(hidden_size, eps=eps)
-        self.weight.sequence_parallel = True
-
-
 class HeadRMSNorm(torch.nn.RMSNorm):
-    """The q/k norms under sequence parallelism: they run after the q/k projection has gathered
-    the whole sequence (per head, on this rank's heads), so nothing changes for them; this class
-    only replaces the local spec's norm, which refuses to be built with sequence parallelism on."""
+    """torch's RMSNorm as megatron-core's local spec builds it, for the q/k norms under sequence
+    parallelism: they run after the q/k projection has gathered the whole sequence (per head, on
+    this rank's heads), so nothing changes for them; this class only replaces the local spec's
+    norm, which refuses to be built with sequence parallelism on."""
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused) -> None:
         super().__init__(hidden_size, eps=eps)
+
+
+class SequenceParallelRMSNorm(HeadRMSNorm):
+    """The same norm with its weight marked `sequence_parallel`, as Transformer Engine's and
+    Apex's norms mark theirs: under sequence parallelism each TP rank normalises 1/TP of the
+    tokens, so the weight's gradient is partial and summed over the TP group
+    (`megatron_shards.reduce_grads`)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused) -> None:
+        super().__init__(config, hidden_size, eps)
+        self.weight.sequence_parallel = True
 
 
 def _sequence_parallel_norms(block_spec):

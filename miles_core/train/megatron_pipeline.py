@@ -104,8 +104,8 @@ def padded_length(tokens: list[torch.Tensor], multiple: int) -> int:
 def stage_inputs(tokens: list[torch.Tensor], device: torch.device, multiple: int = 1) -> tuple[torch.Tensor, ...]:
     """Right-padded (B, T) ids, their positions and the causal mask (True: masked), as megatron-core's
     `GPTModel` takes them; T a multiple of `multiple` (sequence parallelism splits T over the TP ranks)."""
-    ids_BT = pad_ragged(tokens).to(device)
-    ids_BT = torch.nn.functional.pad(ids_BT, (0, padded_length(tokens, multiple) - ids_BT.shape[1]))
+    ragged_BT = pad_ragged(tokens)
+    ids_BT = torch.nn.functional.pad(ragged_BT, (0, padded_length(tokens, multiple) - ragged_BT.shape[1])).to(device)
     B, T = ids_BT.shape
     positions_BT = torch.arange(T, device=device)[None, :].expand(B, T)
     causal = torch.triu(torch.ones(T, T, dtype=torch.bool, device=device), diagonal=1)[None, None]

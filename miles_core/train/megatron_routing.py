@@ -80,7 +80,7 @@ class RoutingHooks:
 
         self._active = _Active()
         routers = [m for m in model.modules() if isinstance(m, TopKRouter)]  # decoder layer order
-        split = routers and model.config.sequence_parallel
+        split = bool(routers) and model.config.sequence_parallel
         group = parallel_state.get_tensor_model_parallel_group() if split else None
         for layer, router in enumerate(routers):
             router.router_replay = _LayerHook(layer, self._active, group)
