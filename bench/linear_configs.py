@@ -4,9 +4,10 @@ The invariant linear may not tune per problem size (a row's bits must not depend
 configuration serves every call. This times candidates on the matmul shapes of a Qwen3-0.6B
 training step (M = 16384 rows) and of decode (M = 64), in bf16, against cuBLAS.
 
-`--small` instead times candidates for `SMALL_M_CONFIG`, the tiles of decode-sized calls (at most
-`SMALL_M` rows), on the 0.6B and 4B decode shapes at M = 64 and 256, against cuBLAS and the
-default tiles, and says whether each gives the default tiles' bits (only such a one may be used).
+`--small` instead times `SMALL_M_CONFIG`, the tiles of decode-sized calls (at most `SMALL_M`
+rows), per 0.6B and 4B decode shape at M = 64, 128 and 256, against cuBLAS and the default tiles:
+whether they give the default tiles' bits (only then may they be used), which tiles the
+card-fill rule of `triton_ops` picks, and the total of that choice.
 
 Run on a GPU machine:  python bench/linear_configs.py [--small]
 """
@@ -29,30 +30,28 @@ CANDIDATES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), 
 # (N, K) of the 0.6B and 4B layers (q/k/v and gate/up fused as the engine runs them), and lm_head.
 DECODE_NK = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (151936, 1024),
              (6144, 2560), (2560, 4096), (19456, 2560), (2560, 9728)]
-SMALL_CANDIDATES = [(64, 32, 64, 4, 4), (64, 64, 64, 4, 4), (64, 32, 64, 4, 3), (64, 64, 64, 4, 3),
-                    (64, 128, 64, 4, 3), (128, 32, 64, 4, 4), (64, 16, 64, 4, 4)]
 
 
 def small_main() -> None:
     torch.manual_seed(0)
     weights = {nk: torch.randn(nk, device="cuda", dtype=torch.bfloat16) / 30 for nk in DECODE_NK}
-    for M in (64, 256):
+    small, default_tiles = triton_ops.SMALL_M_CONFIG, triton_ops.LINEAR_CONFIG["half"]
+    for M in (64, 128, 256):
         xs = {nk: torch.randn(M, nk[1], device="cuda", dtype=torch.bfloat16) for nk in DECODE_NK}
-        bench = lambda fn: sum(triton.testing.do_bench(lambda nk=nk: fn(xs[nk], weights[nk]), return_mode="median")
-                               for nk in DECODE_NK)
-        cublas = bench(torch.nn.functional.linear)
-        default = bench(lambda x, w: triton_ops._launch_linear(x, w, None, triton_ops.LINEAR_CONFIG["half"]))
-        print(f"M={M}: cuBLAS {cublas:.4f} ms, default tiles {default:.4f} ms ({default / cublas:.2f}x)", flush=True)
-        for config in SMALL_CANDIDATES:
-            try:
-                same = all(torch.equal(triton_ops._launch_linear(xs[nk], weights[nk], None, config),
-                                       triton_ops._launch_linear(xs[nk], weights[nk], None,
-                                                                 triton_ops.LINEAR_CONFIG["half"])) for nk in DECODE_NK)
-                ms = bench(lambda x, w, c=config: triton_ops._launch_linear(x, w, None, c))
-            except Exception as err:  # noqa: BLE001 - a config the compiler rejects is skipped
-                print(" ", config, "failed:", str(err).splitlines()[0][:120])
-                continue
-            print(f"  {config}: {ms:.4f} ms ({ms / cublas:.2f}x cuBLAS), same bits as the default: {same}", flush=True)
+        time = lambda fn, nk: triton.testing.do_bench(lambda: fn(xs[nk], weights[nk]), return_mode="median")
+        launch = lambda config: lambda x, w: triton_ops._launch_linear(x, w, None, config)
+        totals = {"cuBLAS": 0.0, "default": 0.0, "small": 0.0, "chosen": 0.0}
+        for nk in DECODE_NK:  # per shape: which tiles the card-fill rule picks, and what each costs
+            row = {"cuBLAS": time(torch.nn.functional.linear, nk), "default": time(launch(default_tiles), nk),
+                   "small": time(launch(small), nk)}
+            fills = triton_ops._default_tiles_fill_card(M, weights[nk])
+            row["chosen"] = row["default"] if fills else row["small"]
+            same = torch.equal(launch(small)(xs[nk], weights[nk]), launch(default_tiles)(xs[nk], weights[nk]))
+            totals = {k: totals[k] + row[k] for k in totals}
+            print(f"M={M} N,K={nk}: cuBLAS {row['cuBLAS']:.4f} ms, default {row['default']:.4f}, small {small} "
+                  f"{row['small']:.4f} (same bits: {same}), rule picks {'default' if fills else 'small'}", flush=True)
+        print(f"M={M} total: " + ", ".join(f"{k} {v:.4f} ms ({v / totals['cuBLAS']:.2f}x cuBLAS)"
+                                            for k, v in totals.items()), flush=True)
 
 
 def main() -> None:

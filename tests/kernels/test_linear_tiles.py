@@ -69,6 +69,17 @@ def test_fp32_and_unchecked_shapes_inside_a_capture_take_the_default_tiles(launc
     assert launches.calls[1:] == [(5, DEFAULT)] and triton_ops._agreement == {}  # checked later, outside
 
 
+def test_weights_whose_default_grid_fills_the_card_keep_the_default_tiles(launches, monkeypatch):
+    """A wide weight (the lm_head) already gives every SM a program on the default tiles; the
+    narrower tiles were slower there on H100, so only narrow weights take them."""
+    monkeypatch.setattr(triton_ops, "_sm_count", lambda device: 4)
+    x, w = _weights(n=512)  # 1 x 4 default tiles: fills a 4-SM card
+    triton_ops._linear_forward(x, w, None)
+    assert launches.calls == [(5, DEFAULT)]
+    triton_ops._linear_forward(x, w[:384], None)  # 1 x 3 tiles: one SM idle
+    assert launches.calls[1:] == [(triton_ops.SMALL_M, SMALL), (triton_ops.SMALL_M, DEFAULT), (5, SMALL)]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not triton_ops.available(), reason="needs CUDA and Triton")
 @pytest.mark.parametrize("n,k", [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (151936, 1024)])
