@@ -16,11 +16,16 @@ value i of a word in bits 4i..4i+3, offset by 8; `weight_scale` (N, K/g) in the 
 The weight is W = (nibble - 8) * s, rounded to the scale's dtype, then to the activations'
 dtype (exactly what dequantise-on-load computes), and y = x W^T with fp32 accumulation.
 
-Both kernels run one fixed tile configuration for every problem size (no autotune, no split-K),
-K walked from 0 in fixed steps, masks at the M, N and K edges: a row's result does not depend on
-how many rows share the launch. The references live here rather than in `quant/` because
-kernels sit below it; `quant/fp8.py` and `quant/int4.py` own the checkpoint-side math, and the
-tests check the two agree.
+On CUDA (bf16/fp16 activations): the activations are quantised by one Triton kernel
+(`quant_triton.quantize_fp8_groups`, bitwise equal to the torch version here); calls of more than
+`LARGE_M` rows run torch's block-scaled `F.scaled_mm` (cuBLAS, sm90) when a check at first use on
+the device agrees with the reference, else the Triton GEMM; INT4 calls of more than `LARGE_M` rows
+dequantise the weight (Triton) and run cuBLAS, which is then exactly the reference. Smaller calls
+(decode) run the fused Triton GEMMs on tiles picked by M (`quant_triton`). These paths serve only
+`fast` alignment mode; results repeat run to run, and like cuBLAS's may differ in the last bits
+between row counts. The references live here rather than in `quant/` because kernels sit below
+it; `quant/fp8.py` and `quant/int4.py` own the checkpoint-side math, and the tests check the two
+agree.
 
 Shape legend: M rows (tokens), N out features, K in features, R x C weight block grid, G groups.
 """
@@ -33,25 +38,21 @@ import torch
 import torch.nn.functional as F
 
 try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the references are used instead
-    triton = None
+    from miles_core.kernels import quant_triton
+except ImportError:  # CPU-only installs (no Triton): the references are used instead
+    quant_triton = None
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 FP8_BLOCK = 128
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): one configuration for every size (see module doc).
-# FP8: BLOCK_K equals the 128-wide scale block (one activation and one weight scale per step),
-# BLOCK_N 128 one weight block row, as SGLang's default block-FP8 config.
-FP8_CONFIG = (64, 128, FP8_BLOCK, 4, 3)
-# INT4: BLOCK_K 32 divides every group size (32, 64, 128).
-INT4_CONFIG = (64, 64, 32, 4, 3)
+LARGE_M = 256
+"""Calls with more rows (prefill, training-sized) leave the fused decode kernels for cuBLAS."""
+_scaled_mm_ok: dict[torch.device, bool] = {}
 
 
 @functools.cache
 def available() -> bool:
-    return triton is not None and torch.cuda.is_available()
+    return quant_triton is not None and torch.cuda.is_available()
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -100,24 +101,60 @@ def fp8_block_linear_reference(x: torch.Tensor, weight_NK: torch.Tensor, scale_R
 
 def fp8_block_linear(x: torch.Tensor, weight_NK: torch.Tensor, scale_RC: torch.Tensor,
                      bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The Triton kernel on CUDA for bf16/fp16 activations, the reference elsewhere (same
-    signature and math; fp32 activations missed the fp32 tolerance on H100 at M >= 128)."""
+    """The CUDA kernels for bf16/fp16 activations, the reference elsewhere (same signature and
+    math; fp32 activations missed the fp32 tolerance on H100 at M >= 128)."""
     if not (available() and x.is_cuda) or x.dtype == torch.float32:
         return fp8_block_linear_reference(x, weight_NK, scale_RC, bias)
     _check_fp8(x, weight_NK, scale_RC)
-    x_MK = x.reshape(-1, x.shape[-1])
-    q_MK, s_MC = quantize_fp8_groups(x_MK)
-    M, K = q_MK.shape
-    N = weight_NK.shape[0]
+    x_MK = x.reshape(-1, x.shape[-1]).contiguous()
+    q_MK, s_MC = quant_triton.quantize_fp8_groups(x_MK)
     w, s_w = weight_NK.contiguous(), scale_RC.float().contiguous()
-    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    block_m, block_n, block_k, warps, stages = FP8_CONFIG
-    grid = (_cdiv(M, block_m), _cdiv(N, block_n))
-    _fp8_kernel[grid](q_MK, s_MC, w, s_w, bias if bias is not None else out, out, M, N, K,
-                      q_MK.stride(0), s_MC.stride(0), w.stride(0), s_w.stride(0), out.stride(0),
-                      HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                      num_warps=warps, num_stages=stages)
-    return out.view(*x.shape[:-1], N)
+    out = None
+    if q_MK.shape[0] > LARGE_M and _scaled_mm_agrees(x.device, x.dtype):
+        out = _scaled_mm_block(q_MK, s_MC, w, s_w, x.dtype)
+    if out is None:
+        out = quant_triton.fp8_gemm(q_MK, s_MC, w, s_w, bias, x.dtype)
+    elif bias is not None:
+        out += bias
+    return out.view(*x.shape[:-1], weight_NK.shape[0])
+
+
+def _scaled_mm_block(q_MK, s_MC, w_NK, s_RC, dtype) -> torch.Tensor | None:
+    """torch's block-scaled GEMM (1x128 activation, 128x128 weight scales), or None where it does
+    not take this problem: it needs N and K multiples of 128 (sm90 cuBLAS), M a multiple of 4 (the
+    rows are zero-padded), activation scales outer-dim major and the weight's K blocks padded to
+    a multiple of 4."""
+    M, K = q_MK.shape
+    N = w_NK.shape[0]
+    if N % FP8_BLOCK or K % FP8_BLOCK or not hasattr(F, "scaled_mm"):
+        return None
+    pad = -M % 4
+    if pad:
+        q_MK, s_MC = F.pad(q_MK.view(torch.uint8), (0, 0, 0, pad)).view(FP8_DTYPE), F.pad(s_MC, (0, 0, 0, pad), value=1.0)
+    s_RC = F.pad(s_RC, (0, -s_RC.shape[1] % 4), value=1.0)
+    out = F.scaled_mm(q_MK, w_NK.t(), s_MC.t().contiguous().t(), F.ScalingType.BlockWise1x128, s_RC.t(),
+                      F.ScalingType.BlockWise128x128, output_dtype=dtype)
+    return out[:M]
+
+
+def _scaled_mm_agrees(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `F.scaled_mm` runs block scales on this device and gives the reference's result
+    (relative 1e-2 of the output's largest value, a bf16 rounding budget), checked once."""
+    ok = _scaled_mm_ok.get(device)
+    if ok is None:
+        gen = torch.Generator(device=device).manual_seed(0)
+        q_w = (torch.randn(256, 512, generator=gen, device=device) * 100).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        s_w = torch.rand(2, 4, generator=gen, device=device) * 1e-3 + 1e-4  # distinct per block
+        x = torch.randn(258, 512, generator=gen, device=device).to(dtype)  # M not a multiple of 4
+        q_x, s_x = quant_triton.quantize_fp8_groups(x)
+        try:
+            out = _scaled_mm_block(q_x, s_x, q_w, s_w, dtype)
+        except (RuntimeError, TypeError, ValueError, AttributeError):  # a torch or card without block scales
+            out = None
+        ref = fp8_block_linear_reference(x, q_w, s_w).float()
+        ok = out is not None and bool((out.float() - ref).abs().max() <= 1e-2 * ref.abs().max())
+        _scaled_mm_ok[device] = ok
+    return ok
 
 
 # ---- INT4 ----------------------------------------------------------------------------------
@@ -151,72 +188,16 @@ def int4_group_linear_reference(x: torch.Tensor, packed_NP: torch.Tensor, scale_
 
 def int4_group_linear(x: torch.Tensor, packed_NP: torch.Tensor, scale_NG: torch.Tensor,
                       bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The Triton kernel on CUDA, the reference elsewhere (same signature and math)."""
+    """The CUDA kernels, the reference elsewhere (same signature and math; calls of more than
+    `LARGE_M` rows dequantise on the device and equal the reference bitwise)."""
     if not (available() and x.is_cuda):
         return int4_group_linear_reference(x, packed_NP, scale_NG, bias)
     N, K, group = _check_int4(x, packed_NP, scale_NG)
     x_MK = x.reshape(-1, K).contiguous()
-    M = x_MK.shape[0]
     packed, scale = packed_NP.contiguous(), scale_NG.contiguous()
-    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    block_m, block_n, block_k, warps, stages = INT4_CONFIG
-    grid = (_cdiv(M, block_m), _cdiv(N, block_n))
-    _int4_kernel[grid](x_MK, packed, scale, bias if bias is not None else out, out, M, N, K,
-                       x_MK.stride(0), packed.stride(0), scale.stride(0), out.stride(0),
-                       GROUP=group, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-                       BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    if x_MK.shape[0] > LARGE_M or group not in (32, 64, 128):  # the fused kernel steps one group a time
+        weight = quant_triton.dequantize_int4(packed, scale, x.dtype)
+        out = F.linear(x_MK, weight, None if bias is None else bias.to(x.dtype))
+    else:
+        out = quant_triton.int4_gemm(x_MK, packed, scale, bias, group)
     return out.view(*x.shape[:-1], N)
-
-
-if triton is not None:
-
-    @triton.jit
-    def _fp8_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K,
-                    stride_am, stride_asm, stride_wn, stride_wsn, stride_cm,
-                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        ks = tl.arange(0, BLOCK_K)
-        row_ok, col_ok = rows < M, cols < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(0, tl.cdiv(K, BLOCK_K)):
-            k = kb * BLOCK_K + ks
-            a = tl.load(a_ptr + rows[:, None] * stride_am + k[None, :], mask=row_ok[:, None] & (k[None, :] < K), other=0.0)
-            w = tl.load(w_ptr + cols[None, :] * stride_wn + k[:, None], mask=col_ok[None, :] & (k[:, None] < K), other=0.0)
-            a_s = tl.load(as_ptr + rows * stride_asm + kb, mask=row_ok, other=1.0)
-            w_s = tl.load(ws_ptr + (cols // BLOCK_K) * stride_wsn + kb, mask=col_ok, other=1.0)  # 128-row weight blocks
-            acc += tl.dot(a, w) * a_s[:, None] * w_s[None, :]
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
-
-    @triton.jit
-    def _int4_kernel(x_ptr, wp_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_cm,
-                     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        ks = tl.arange(0, BLOCK_K)
-        row_ok, col_ok = rows < M, cols < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + ks
-            k_ok = k < K
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            wk_mask = k_ok[:, None] & col_ok[None, :]
-            words = tl.load(wp_ptr + cols[None, :] * stride_wn + (k // 8)[:, None], mask=wk_mask, other=0)
-            nibbles = (words >> ((k % 8) * 4)[:, None]) & 0xF  # (BLOCK_K, BLOCK_N)
-            s = tl.load(s_ptr + cols[None, :] * stride_sn + (k // GROUP)[:, None], mask=wk_mask, other=0.0)
-            # Rounded to the scale's dtype first, as dequantise-on-load does, then to x's.
-            w = ((nibbles - 8).to(tl.float32) * s.to(tl.float32)).to(s_ptr.dtype.element_ty).to(x_ptr.dtype.element_ty)
-            if IEEE:
-                acc = tl.dot(x, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, w, acc)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])

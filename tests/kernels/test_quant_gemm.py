@@ -89,7 +89,7 @@ def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,K", SHAPES)
-@pytest.mark.parametrize("M", [1, 7, 128, 129])
+@pytest.mark.parametrize("M", [1, 7, 33, 128, 129, 300])  # every tile class; 300 rows: torch's block GEMM
 def test_fp8_kernel_matches_reference(M, N, K, dtype):
     q_w, s_w = quantize_fp8_block(_weights(N, K, "cuda", torch.float32, seed=M))
     x = torch.randn(M, K, device="cuda").to(dtype)
@@ -112,7 +112,7 @@ def test_fp8_with_fp32_activations_runs_the_reference():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("group", [32, 128])
 @pytest.mark.parametrize("N,K", SHAPES)
-@pytest.mark.parametrize("M", [1, 7, 128, 129])
+@pytest.mark.parametrize("M", [1, 7, 33, 128, 129])
 def test_int4_kernel_matches_reference(M, N, K, group, dtype):
     q, scale = quantize_int4(_weights(N, K, "cuda", dtype, seed=M), group)
     packed = pack_int4(q)
@@ -123,11 +123,34 @@ def test_int4_kernel_matches_reference(M, N, K, group, dtype):
 
 @pytest.mark.gpu
 @needs_kernels
-def test_kernels_are_batch_invariant():
-    # One tile configuration for every M and no split-K: row 0 alone equals row 0 among 129.
-    x = torch.randn(129, 256, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,K", [(1, 128), (5, 200), (300, 1024), (64, 72)])
+def test_triton_activation_quantisation_is_the_torch_one_bitwise(M, K, dtype):
+    x = torch.randn(M, K, device="cuda").to(dtype) * torch.logspace(-3, 3, M, device="cuda").to(dtype)[:, None]
+    x[0, : min(K, 128)] = 0  # an all-zero group: scale 1
+    q, s = quant_gemm.quant_triton.quantize_fp8_groups(x)
+    q_ref, s_ref = quantize_fp8_groups(x)
+    assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@pytest.mark.gpu
+@needs_kernels
+@pytest.mark.parametrize("group", [32, 128])
+def test_int4_large_calls_dequantise_and_equal_the_reference_bitwise(group):
+    q, scale = quantize_int4(_weights(200, 256, "cuda"), group)
+    x = torch.randn(quant_gemm.LARGE_M + 1, 256, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(int4_group_linear(x, pack_int4(q), scale), int4_group_linear_reference(x, pack_int4(q), scale))
+
+
+@pytest.mark.gpu
+@needs_kernels
+def test_results_repeat_within_a_tile_class():
+    # Rows are computed alone (no split-K), so a row is the same among 1 or 16 rows (one class)
+    # and run to run; across classes only the last bits may differ.
+    x = torch.randn(16, 256, device="cuda", dtype=torch.bfloat16)
     q_w, s_w = quantize_fp8_block(_weights(200, 256, "cuda", torch.float32))
     assert torch.equal(fp8_block_linear(x[:1], q_w, s_w), fp8_block_linear(x, q_w, s_w)[:1])
+    assert torch.equal(fp8_block_linear(x, q_w, s_w), fp8_block_linear(x, q_w, s_w))
     q, scale = quantize_int4(_weights(200, 256, "cuda"), 128)
     assert torch.equal(int4_group_linear(x[:1], pack_int4(q), scale), int4_group_linear(x, pack_int4(q), scale)[:1])
 
