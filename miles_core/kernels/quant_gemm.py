@@ -19,8 +19,8 @@ dtype (exactly what dequantise-on-load computes), and y = x W^T with fp32 accumu
 On CUDA (bf16/fp16 activations): the activations are quantised by one Triton kernel
 (`quant_triton.quantize_fp8_groups`, bitwise equal to the torch version here); calls of more than
 `LARGE_M` rows run torch's block-scaled `F.scaled_mm` (cuBLAS, sm90) when a check at first use on
-the device agrees with the reference, else the Triton GEMM; INT4 calls of more than `LARGE_M` rows
-dequantise the weight (Triton) and run cuBLAS, which is then exactly the reference. Smaller calls
+the device agrees with the reference, else the Triton GEMM; INT4 calls of more than
+`INT4_DEQUANT_M` rows dequantise the weight (Triton) and run cuBLAS, which is then exactly the reference. Smaller calls
 (decode) run the fused Triton GEMMs on tiles picked by M (`quant_triton`). These paths serve only
 `fast` alignment mode; results repeat run to run, and like cuBLAS's may differ in the last bits
 between row counts. The references live here rather than in `quant/` because kernels sit below
@@ -44,9 +44,12 @@ except ImportError:  # CPU-only installs (no Triton): the references are used in
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
+INV_FP8_MAX = float(torch.tensor(1 / FP8_MAX, dtype=torch.float32))  # 1/448 rounded to fp32
 FP8_BLOCK = 128
 LARGE_M = 256
-"""Calls with more rows (prefill, training-sized) leave the fused decode kernels for cuBLAS."""
+"""FP8 calls with more rows (prefill, training-sized) leave the fused kernel for cuBLAS."""
+INT4_DEQUANT_M = 64
+"""INT4 calls with more rows dequantise and run cuBLAS (faster from 128 rows on H100)."""
 _scaled_mm_ok: dict[torch.device, bool] = {}
 
 
@@ -67,7 +70,9 @@ def quantize_fp8_groups(x_MK: torch.Tensor, group: int = FP8_BLOCK) -> tuple[tor
     padded = x_MK.new_zeros((M, C * group), dtype=torch.float32)
     padded[:, :K] = x_MK.float()  # zero padding never raises a group's amax
     amax_MC = padded.view(M, C, group).abs().amax(-1)
-    scale_MC = torch.where(amax_MC > 0, amax_MC / FP8_MAX, torch.ones_like(amax_MC))
+    # Times the fp32 reciprocal, written out: torch on CUDA turns a division by a scalar into that
+    # product (on CPU it divides), and the Triton kernel must give the same bits on both.
+    scale_MC = torch.where(amax_MC > 0, amax_MC * INV_FP8_MAX, torch.ones_like(amax_MC))
     q = (padded.view(M, C, group) / scale_MC[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q.view(M, C * group)[:, :K].contiguous(), scale_MC
 
@@ -189,13 +194,13 @@ def int4_group_linear_reference(x: torch.Tensor, packed_NP: torch.Tensor, scale_
 def int4_group_linear(x: torch.Tensor, packed_NP: torch.Tensor, scale_NG: torch.Tensor,
                       bias: torch.Tensor | None = None) -> torch.Tensor:
     """The CUDA kernels, the reference elsewhere (same signature and math; calls of more than
-    `LARGE_M` rows dequantise on the device and equal the reference bitwise)."""
+    `INT4_DEQUANT_M` rows dequantise on the device and equal the reference bitwise)."""
     if not (available() and x.is_cuda):
         return int4_group_linear_reference(x, packed_NP, scale_NG, bias)
     N, K, group = _check_int4(x, packed_NP, scale_NG)
     x_MK = x.reshape(-1, K).contiguous()
     packed, scale = packed_NP.contiguous(), scale_NG.contiguous()
-    if x_MK.shape[0] > LARGE_M or group not in (32, 64, 128):  # the fused kernel steps one group a time
+    if x_MK.shape[0] > INT4_DEQUANT_M or group not in (32, 64, 128):  # the fused kernel steps one group a time
         weight = quant_triton.dequantize_int4(packed, scale, x.dtype)
         out = F.linear(x_MK, weight, None if bias is None else bias.to(x.dtype))
     else:
