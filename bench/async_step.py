@@ -123,7 +123,8 @@ def run_mode(name: str, base: Path, work: Path, *extra: str) -> dict:
     def on_step(step: int, metrics: dict) -> None:  # a line a step: a slow or stuck run shows where it is
         stamps.append(time.perf_counter())
         print(f"{name} step {step}: {stamps[-1] - stamps[-2]:.3f} s (rollout {metrics.get('perf/rollout_time', 0):.3f}, "
-              f"train {metrics.get('perf/train_time', 0):.3f}, sync {metrics.get('perf/sync_time', 0):.3f})", flush=True)
+              f"train {metrics.get('perf/train_time', 0):.3f}, sync {metrics.get('perf/sync_time', 0):.3f}, "
+              f"reward {metrics.get('rollout/raw_reward', float('nan')):.4f})", flush=True)
 
     result = run_training(load_config(str(base), [*MODES[name], *extra]), work / f"{name}{len(extra)}",
                           on_step=on_step)
