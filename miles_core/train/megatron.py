@@ -70,6 +70,7 @@ from miles_core.models.base import named_weights
 from miles_core.train import megatron_checkpoint, megatron_data, megatron_env, megatron_pipeline, megatron_shards
 from miles_core.train.batch import TrainBatch, call_in_dtype, micro_batches
 from miles_core.train.finite import BadStepGuard
+from miles_core.train.megatron_context import ContextSplit, ResponseRows, context_split, split_inputs
 from miles_core.train.megatron_model import WeightMap, build_gpt, check_model_parallel, hf_config_of, output_weight
 from miles_core.train.megatron_routing import RoutingHooks
 from miles_core.train.megatron_zero import ZeroOptimizer
@@ -161,6 +162,7 @@ class MegatronTrainer(megatron_pipeline.PipelineSteps, megatron_data.DataParalle
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.vocab_start = self.tp_rank * self.hf_config["vocab_size"] // self.tp_size
         self.ep_size = parallel_state.get_expert_model_parallel_world_size()
+        self.cp = context_split()
         self.dp = megatron_data.replicas()
         self.pp = megatron_pipeline.stages()
         self._in_flight = (None, None)  # a pipeline stage's received input and sent output
@@ -187,7 +189,8 @@ class MegatronTrainer(megatron_pipeline.PipelineSteps, megatron_data.DataParalle
                           routing: RoutingPlan | None = None):
         tokens = [batch.tokens[i] for i in indices]
         lengths = [batch.response_lengths[i] for i in indices]
-        hidden_NE, targets_N = response_hidden_states(model, tokens, lengths, self.routing[id(model)], routing)
+        hidden_NE, targets_N, where = response_hidden_states(model, tokens, lengths, self.routing[id(model)], routing,
+                                                             self.cp)
         if self.tp_size > 1:  # this rank's vocabulary slice of the output layer
             logp, entropy = vocab_parallel_logprobs_entropy(hidden_NE, output_weight(model), targets_N, self.temperature,
                                                             self.cfg.logprob_chunk_size, self.tp_group,
@@ -195,6 +198,8 @@ class MegatronTrainer(megatron_pipeline.PipelineSteps, megatron_data.DataParalle
         else:
             logp, entropy = chunked_logprobs_entropy(hidden_NE, output_weight(model), targets_N, self.temperature,
                                                      self.cfg.logprob_chunk_size, FAST_OPS)
+        if where is not None:  # context parallelism: every CP rank's tokens, in sequence order
+            logp, entropy = where.gather(logp, entropy)
         return list(logp.split(lengths)), list(entropy.split(lengths))
 
     def _clip_grads(self) -> float:
@@ -291,17 +296,23 @@ def sequence_parallel_gather(hidden_TBE: torch.Tensor) -> torch.Tensor:
 
 
 def response_hidden_states(model: nn.Module, tokens: list[torch.Tensor], response_lengths: list[int],
-                           hooks: RoutingHooks, routing: RoutingPlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           hooks: RoutingHooks, routing: RoutingPlan | None = None,
+                           split: ContextSplit = ContextSplit()) -> tuple[torch.Tensor, torch.Tensor, object]:
     """(N, E) hidden states that predict the N response tokens and those tokens (N,), as
     `batch.response_hidden_states` takes them from the native model; `routing` (MoE) replays
-    and/or records the experts of every token through the router `hooks`."""
+    and/or records the experts of every token through the router `hooks`. Under context
+    parallelism (`split`) only this rank's n of the N; third, where they sit (`ResponseRows`; None
+    without CP)."""
     device = output_weight(model).device
-    ids_BT, positions_BT, causal = megatron_pipeline.stage_inputs(tokens, device,
-                                                                  megatron_pipeline.sequence_multiple(model))
+    multiple = megatron_pipeline.sequence_multiple(model) * (2 * split.size if split.size > 1 else 1)
+    ids_BT, positions_BT, mask = megatron_pipeline.stage_inputs(tokens, device, multiple)
     B, T = ids_BT.shape
+    local_BT = ids_BT
+    if split.size > 1:  # this rank's two chunks of every sequence (`megatron_context.py`)
+        local_BT, positions_BT, mask = split_inputs(ids_BT, split)
     ctx = routing.context([(b, 0, len(t) - 1) for b, t in enumerate(tokens)], T, device) if routing else None
     with _hidden_states_only(model), hooks.active(ctx, B, T):
-        hidden_TBE = model(ids_BT, positions_BT, attention_mask=causal)  # megatron's [s, b, h] layout
+        hidden_TBE = model(local_BT, positions_BT, attention_mask=mask)  # megatron's [s, b, h] layout
     if model.config.sequence_parallel:  # this rank's 1/TP of the sequence: gather it whole
         hidden_TBE = sequence_parallel_gather(hidden_TBE)
     if routing:
@@ -310,4 +321,7 @@ def response_hidden_states(model: nn.Module, tokens: list[torch.Tensor], respons
     hidden_BTE = hidden_TBE.transpose(0, 1)
     rows = torch.cat([torch.full((r,), i) for i, r in enumerate(response_lengths)]).to(device)
     cols = torch.cat([torch.arange(len(t) - r - 1, len(t) - 1) for t, r in zip(tokens, response_lengths)]).to(device)
-    return hidden_BTE[rows, cols], ids_BT[rows, cols + 1]
+    if split.size == 1:
+        return hidden_BTE[rows, cols], ids_BT[rows, cols + 1], None
+    where = ResponseRows.build(ids_BT, rows, cols, split)
+    return hidden_BTE[where.rows, where.cols], where.targets, where
