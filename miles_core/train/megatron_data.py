@@ -71,11 +71,14 @@ def replicas() -> Replicas:
     """From megatron-core's parallel state (see the module docstring)."""
     from megatron.core import parallel_state as ps
 
-    size = ps.get_expert_data_parallel_world_size()
+    # The expert-data-parallel group spans the CP ranks too (CP with EP = 1 only), a replica's
+    # CP ranks consecutive in it: they hold parts of the same samples, not samples of their own.
+    cp = ps.get_context_parallel_world_size()
+    size = ps.get_expert_data_parallel_world_size() // cp
     stages = ps.get_pipeline_model_parallel_world_size()
     leader = ps.get_tensor_model_parallel_rank() == 0 and ps.get_expert_model_parallel_rank() == 0 \
-        and ps.is_pipeline_last_stage()
-    return Replicas(size, ps.get_expert_data_parallel_rank(), leader, size > 1 or stages > 1)
+        and ps.get_context_parallel_rank() == 0 and ps.is_pipeline_last_stage()
+    return Replicas(size, ps.get_expert_data_parallel_rank() // cp, leader, size > 1 or stages > 1)
 
 
 def share(batch: TrainBatch, dp: Replicas, micro_batches: Callable[[TrainBatch], list[list[int]]]) -> list[list[int]]:
@@ -98,7 +101,9 @@ def reduce_grads(model: nn.Module, ep_size: int) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     experts = [p for p in params if getattr(p, "allreduce", True) is False]  # megatron's own mark
     dense = [p for p in params if getattr(p, "allreduce", True) is not False]
-    for group_params, group in ((dense, ps.get_data_parallel_group()), (experts, ps.get_expert_data_parallel_group())):
+    # Under CP each rank's gradient is its tokens' part: the sum over the CP ranks is the whole.
+    dense_group = ps.get_data_parallel_group(with_context_parallel=True)
+    for group_params, group in ((dense, dense_group), (experts, ps.get_expert_data_parallel_group())):
         if group_params and dist.get_world_size(group) > 1:
             all_reduce_grads(group_params, group)
     if ep_size > 1:

@@ -67,7 +67,7 @@ class ZeroOptimizer:
         experts = [p for p in self.params if getattr(p, "allreduce", True) is False]
         dense = [p for p in self.params if getattr(p, "allreduce", True) is not False]
         self.groups = [self._group(params, group, lambda p: id(p) not in tp_duplicates)
-                       for params, group in ((dense, ps.get_data_parallel_group()),
+                       for params, group in ((dense, ps.get_data_parallel_group(with_context_parallel=True)),
                                              (experts, ps.get_expert_data_parallel_group())) if params]
         self.optimizer, self.scheduler = build_optimizer([g.master for g in self.groups], cfg, total_steps)
         self.optimizer.register_step_post_hook(lambda *args: self._gather_params())
