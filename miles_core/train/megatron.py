@@ -33,7 +33,14 @@ the others (`leader.py`), so every rank runs the same calls:
 - pipeline parallelism (`train.pipeline_model_parallel_size` = PP, dense families): each stage
   holds its layers (the first the embedding, the last the final norm and output layer), one
   micro-batch in flight through the stages, the loss on the last (`megatron_pipeline.py`);
-- data parallelism beside any of them, as megatron does it: DP = N / (TP x EP x PP) replicas
+- context parallelism (`train.context_parallel_size` = CP; llama, qwen2, qwen3, qwen3_moe; with
+  TP, and sequence parallelism, beside it): each sequence (padded to a multiple of 2 x CP) is cut
+  into 2 x CP chunks and CP rank r runs chunks r and 2 x CP - 1 - r (megatron's load-balanced
+  split; megatron-core's RoPE takes the same chunks), its attention all-gathers K and V over the
+  CP group (`megatron_context.py`: megatron-core's local attention asserts CP = 1), each rank's
+  response log-probs are gathered back into sequence order so every CP rank computes the whole
+  loss, and the gradients are summed over the CP ranks with the data-parallel replicas;
+- data parallelism beside any of them, as megatron does it: DP = N / (TP x CP x EP x PP) replicas
   of the model (`megatron_data.py`): each replica trains its token-balanced share of every optimizer step,
   the gradients are summed over the replicas in flattened buckets (experts over megatron's
   expert-data-parallel group), log-probs and metrics are gathered from the replicas;
@@ -45,9 +52,8 @@ over TP within its EP rank, as megatron-core places it. PP and EP together are n
 MoE routing replay (`train.routing_replay`, R3) and the routing records behind
 `routing_agreement` go through megatron's router (`megatron_routing.py`), as the native backend's.
 
-Not in this version (refused with one line): context parallelism (megatron-core runs it only in
-Transformer Engine's attention), TP for MLA, PP for MoE and MLA families, PP with EP, PP with the
-distributed optimizer, QAT, activation checkpointing, compile, the PPO critic. `train.compute_dtype = "bfloat16"` casts the parameters
+Not in this version (refused with one line): TP and CP for MLA, PP for MoE and MLA families, PP
+with EP, CP with EP or PP, PP with the distributed optimizer, QAT, activation checkpointing, compile, the PPO critic. `train.compute_dtype = "bfloat16"` casts the parameters
 for each forward (`batch.call_in_dtype`, as the native trainer; DeepSeek-V3's router stays fp32). On CPU through the patches of `megatron_env.py`.
 """
 

@@ -1,27 +1,29 @@
-"""Data parallelism beside megatron-core's tensor or expert parallelism (`train.backend =
-"megatron"`): `miles train --nproc-per-node N` with M = TP x EP ranks per model replica runs
-DP = N / M replicas (CP = 1; with PP stages M = TP x EP x PP, each stage's ranks forming their own
-data-parallel group). DP is implicit, what the world size leaves, as in megatron, except that
+"""Data parallelism beside megatron-core's tensor, context or expert parallelism (`train.backend =
+"megatron"`): `miles train --nproc-per-node N` with M = TP x CP x EP ranks per model replica
+runs DP = N / M replicas (with PP stages M = TP x CP x EP x PP, each stage's ranks forming their
+own data-parallel group). DP is implicit, what the world size leaves, as in megatron, except that
 under EP a replica's EP ranks share its samples (megatron gives each EP rank samples of its own):
 the samples split over N / EP replicas, not N.
 
 Layout: megatron-core's rank order (tp-cp-ep-dp-pp) puts the M ranks of a replica next to each
 other: replica r is ranks r*M .. r*M + M - 1. This rank's replica is its rank in megatron's
 expert-data-parallel group (the ranks that hold the same experts, or under dense TP the same
-shard); the replica's first rank (TP and EP rank 0) of its last pipeline stage reports for it.
+shard; divided by CP, whose ranks that group spans too); the replica's first rank (TP, CP and EP
+rank 0) of its last pipeline stage reports for it.
 
 Work split (`share`): each optimizer step's samples are split across the replicas balanced by
 tokens (`parallelize.split_by_tokens`, the FSDP backend's split), and every rank of a replica
-takes its replica's share, so the TP (EP) ranks of one replica still run the same micro-batches.
-The losses keep the whole step's token and sequence counts as denominators, so the sum of the
+takes its replica's share, so the TP (EP, CP) ranks of one replica still run the same
+micro-batches (each CP rank its chunks of them). The losses keep the whole step's token and sequence counts as denominators, so the sum of the
 replicas' gradients is the one-replica gradient of the whole step. No collective crosses replicas
 in a forward or backward (the TP all-reduces and the MoE dispatcher's all-gathers stay inside a
 replica), so a replica with fewer micro-batches simply runs fewer: FSDP's zero-weight padding is
 not needed here.
 
 Gradients (`reduce_grads`, after `megatron_shards.reduce_grads` completed the TP shards):
-summed in flattened buckets over megatron's data-parallel group, and the parameters megatron
-marks as expert-parallel (`allreduce = False`) over its expert-data-parallel group; then divided
+summed in flattened buckets over megatron's data-parallel group with context parallelism (a CP
+rank's gradient is its tokens' part of its replica's: `megatron_context.py`), and the parameters
+megatron marks as expert-parallel (`allreduce = False`) over its expert-data-parallel group; then divided
 by EP, because under EP every rank of a replica feeds the same tokens: the dense copies' sum
 counts each replica EP times and each expert saw EP copies of its replica's tokens (EP a power of
 two: exact). A parameter with a gradient on some ranks of a group only (a replica given no

@@ -23,7 +23,7 @@ Two patches are for a missing Transformer Engine, on any device (the GPU machine
 The MoE token dispatcher is set to `allgather` in the model config (the others need CUDA); under
 expert parallelism its collectives (`all_gather_into_tensor`, `reduce_scatter_tensor`) run on gloo.
 
-One world per process: `start` joins the group that is already there (a launcher's: TP x EP
+One world per process: `start` joins the group that is already there (a launcher's: TP x CP x EP
 ranks per model replica times the data-parallel replicas; megatron-core's groups, its data- and
 expert-data-parallel ones included, then use its backend, gloo on CPU) or makes a
 one-rank gloo (CPU) / NCCL (GPU) group itself. A later call with the same sizes is a no-op; one

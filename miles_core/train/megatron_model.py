@@ -6,7 +6,9 @@ The model is megatron-core's own: its layer spec is the Transformer Engine one w
 qwen3 (GQA, optional q/k/v bias and q/k norm), qwen3_moe (softmax top-k router, allgather
 dispatcher) and deepseek_v3 (megatron-core's multi-latent attention with our own core attention
 on the local spec, sigmoid group-limited router with shared experts; `megatron_mla.py`; MTP
-layers are not built).
+layers are not built). Under context parallelism every layer's core attention is
+`megatron_context.ContextParallelAttention` (the local spec's asserts CP = 1; it replaces
+Transformer Engine's too, so one tested path runs everywhere).
 
 `WeightMap` ties every parameter to its mapping slot: `sharded_state_dict()` names each one with
 the key megatron-core checkpoints use (stacked over layers, experts under

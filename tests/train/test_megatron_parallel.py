@@ -213,13 +213,17 @@ def _cli_steps(tmp_path: Path, name: str, *args: str) -> list[dict]:
     ["--set", "train.tensor_model_parallel_size=2"],
     ["--set", "train.tensor_model_parallel_size=2", "--set", "train.sequence_parallel=true"],
     ["--set", "train.pipeline_model_parallel_size=2"],  # two stages, one layer each
+    ["--set", "train.context_parallel_size=2"],  # two chunks of every sequence on each rank
     # R3 under expert parallelism: the router replays the engine's experts (agreement 1.0)
     ["--set", "model.source=tiny-qwen3-moe", "--set", "train.expert_model_parallel_size=2", "--set",
      "train.routing_replay=rollout", "--set", "engine.return_routed_experts=true"],
     # ... and under TP with sequence parallelism: each rank's router replays its part of the sequence
     ["--set", "model.source=tiny-qwen3-moe", "--set", "train.tensor_model_parallel_size=2", "--set",
      "train.sequence_parallel=true", "--set", "train.routing_replay=rollout", "--set", "engine.return_routed_experts=true"],
-], ids=["tp2", "tp2-sp", "pp2", "qwen3_moe-ep2", "qwen3_moe-tp2-sp"])
+    # ... and under CP: each rank's router replays its two chunks of the sequence
+    ["--set", "model.source=tiny-qwen3-moe", "--set", "train.context_parallel_size=2", "--set",
+     "train.routing_replay=rollout", "--set", "engine.return_routed_experts=true"],
+], ids=["tp2", "tp2-sp", "pp2", "cp2", "qwen3_moe-ep2", "qwen3_moe-tp2-sp", "qwen3_moe-cp2"])
 def test_miles_train_on_two_ranks_matches_one_rank(tmp_path, monkeypatch, args):
     (tmp_path / "miles_test_varying_reward.py").write_text(VARYING_REWARD)
     monkeypatch.syspath_prepend(str(tmp_path))
