@@ -4,8 +4,9 @@ core attention that lets a rank's queries see the other ranks' keys.
 
 Why this module exists: megatron-core's local (plain PyTorch) `DotProductAttention` asserts
 CP = 1, and its CP attention lives in Transformer Engine, which cannot be installed here. So
-with CP > 1 the local layer spec gets `ContextParallelAttention` as its core attention
-(`megatron_model.build_gpt`); everything else is megatron-core's.
+with CP > 1 the layer spec gets `ContextParallelAttention` as its core attention
+(`megatron_model.build_gpt`; Transformer Engine's spec too, when it imports, so that one tested
+path runs everywhere); everything else is megatron-core's.
 
 Split (megatron's load-balanced causal split, `get_batch_on_this_cp_rank`): the right-padded
 (B, T) batch, T a multiple of 2 x CP (times TP under sequence parallelism), is cut into 2 x CP
