@@ -84,7 +84,7 @@ class TrainConfig:
     expert_model_parallel_size: int = 1
     """`megatron` backend: expert-parallel ranks (`--expert-model-parallel-size`); > 1 needs that many `--nproc-per-node` ranks or a multiple (data-parallel replicas; MoE families)."""
     context_parallel_size: int = 1
-    """`megatron` backend: context-parallel ranks (`--context-parallel-size`); > 1 is not run yet."""
+    """`megatron` backend: context-parallel ranks (`--context-parallel-size`): each sequence split over them, as megatron splits it; not with EP or PP, nor for MLA."""
     sequence_parallel: bool = False
     """`megatron` backend: megatron's sequence parallelism (`--sequence-parallel`, needs TP > 1)."""
     use_distributed_optimizer: bool = False

@@ -33,7 +33,14 @@ the others (`leader.py`), so every rank runs the same calls:
 - pipeline parallelism (`train.pipeline_model_parallel_size` = PP, dense families): each stage
   holds its layers (the first the embedding, the last the final norm and output layer), one
   micro-batch in flight through the stages, the loss on the last (`megatron_pipeline.py`);
-- data parallelism beside any of them, as megatron does it: DP = N / (TP x EP x PP) replicas
+- context parallelism (`train.context_parallel_size` = CP; llama, qwen2, qwen3, qwen3_moe; with
+  TP, and sequence parallelism, beside it): each sequence (padded to a multiple of 2 x CP) is cut
+  into 2 x CP chunks and CP rank r runs chunks r and 2 x CP - 1 - r (megatron's load-balanced
+  split; megatron-core's RoPE takes the same chunks), its attention all-gathers K and V over the
+  CP group (`megatron_context.py`: megatron-core's local attention asserts CP = 1), each rank's
+  response log-probs are gathered back into sequence order so every CP rank computes the whole
+  loss, and the gradients are summed over the CP ranks with the data-parallel replicas;
+- data parallelism beside any of them, as megatron does it: DP = N / (TP x CP x EP x PP) replicas
   of the model (`megatron_data.py`): each replica trains its token-balanced share of every optimizer step,
   the gradients are summed over the replicas in flattened buckets (experts over megatron's
   expert-data-parallel group), log-probs and metrics are gathered from the replicas;
@@ -45,9 +52,8 @@ over TP within its EP rank, as megatron-core places it. PP and EP together are n
 MoE routing replay (`train.routing_replay`, R3) and the routing records behind
 `routing_agreement` go through megatron's router (`megatron_routing.py`), as the native backend's.
 
-Not in this version (refused with one line): context parallelism (megatron-core runs it only in
-Transformer Engine's attention), TP for MLA, PP for MoE and MLA families, PP with EP, PP with the
-distributed optimizer, QAT, activation checkpointing, compile, the PPO critic. `train.compute_dtype = "bfloat16"` casts the parameters
+Not in this version (refused with one line): TP and CP for MLA, PP for MoE and MLA families, PP
+with EP, CP with EP or PP, PP with the distributed optimizer, QAT, activation checkpointing, compile, the PPO critic. `train.compute_dtype = "bfloat16"` casts the parameters
 for each forward (`batch.call_in_dtype`, as the native trainer; DeepSeek-V3's router stays fp32). On CPU through the patches of `megatron_env.py`.
 """
 
@@ -70,6 +76,7 @@ from miles_core.models.base import named_weights
 from miles_core.train import megatron_checkpoint, megatron_data, megatron_env, megatron_pipeline, megatron_shards
 from miles_core.train.batch import TrainBatch, call_in_dtype, micro_batches
 from miles_core.train.finite import BadStepGuard
+from miles_core.train.megatron_context import ContextSplit, ResponseRows, context_split, split_inputs
 from miles_core.train.megatron_model import WeightMap, build_gpt, check_model_parallel, hf_config_of, output_weight
 from miles_core.train.megatron_routing import RoutingHooks
 from miles_core.train.megatron_zero import ZeroOptimizer
@@ -161,6 +168,7 @@ class MegatronTrainer(megatron_pipeline.PipelineSteps, megatron_data.DataParalle
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.vocab_start = self.tp_rank * self.hf_config["vocab_size"] // self.tp_size
         self.ep_size = parallel_state.get_expert_model_parallel_world_size()
+        self.cp = context_split()
         self.dp = megatron_data.replicas()
         self.pp = megatron_pipeline.stages()
         self._in_flight = (None, None)  # a pipeline stage's received input and sent output
@@ -187,7 +195,8 @@ class MegatronTrainer(megatron_pipeline.PipelineSteps, megatron_data.DataParalle
                           routing: RoutingPlan | None = None):
         tokens = [batch.tokens[i] for i in indices]
         lengths = [batch.response_lengths[i] for i in indices]
-        hidden_NE, targets_N = response_hidden_states(model, tokens, lengths, self.routing[id(model)], routing)
+        hidden_NE, targets_N, where = response_hidden_states(model, tokens, lengths, self.routing[id(model)], routing,
+                                                             self.cp)
         if self.tp_size > 1:  # this rank's vocabulary slice of the output layer
             logp, entropy = vocab_parallel_logprobs_entropy(hidden_NE, output_weight(model), targets_N, self.temperature,
                                                             self.cfg.logprob_chunk_size, self.tp_group,
@@ -195,6 +204,8 @@ class MegatronTrainer(megatron_pipeline.PipelineSteps, megatron_data.DataParalle
         else:
             logp, entropy = chunked_logprobs_entropy(hidden_NE, output_weight(model), targets_N, self.temperature,
                                                      self.cfg.logprob_chunk_size, FAST_OPS)
+        if where is not None:  # context parallelism: every CP rank's tokens, in sequence order
+            logp, entropy = where.gather(logp, entropy)
         return list(logp.split(lengths)), list(entropy.split(lengths))
 
     def _clip_grads(self) -> float:
@@ -291,17 +302,23 @@ def sequence_parallel_gather(hidden_TBE: torch.Tensor) -> torch.Tensor:
 
 
 def response_hidden_states(model: nn.Module, tokens: list[torch.Tensor], response_lengths: list[int],
-                           hooks: RoutingHooks, routing: RoutingPlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           hooks: RoutingHooks, routing: RoutingPlan | None = None,
+                           split: ContextSplit = ContextSplit()) -> tuple[torch.Tensor, torch.Tensor, object]:
     """(N, E) hidden states that predict the N response tokens and those tokens (N,), as
     `batch.response_hidden_states` takes them from the native model; `routing` (MoE) replays
-    and/or records the experts of every token through the router `hooks`."""
+    and/or records the experts of every token through the router `hooks`. Under context
+    parallelism (`split`) only this rank's n of the N; third, where they sit (`ResponseRows`; None
+    without CP)."""
     device = output_weight(model).device
-    ids_BT, positions_BT, causal = megatron_pipeline.stage_inputs(tokens, device,
-                                                                  megatron_pipeline.sequence_multiple(model))
+    multiple = megatron_pipeline.sequence_multiple(model) * (2 * split.size if split.size > 1 else 1)
+    ids_BT, positions_BT, mask = megatron_pipeline.stage_inputs(tokens, device, multiple)
     B, T = ids_BT.shape
+    local_BT = ids_BT
+    if split.size > 1:  # this rank's two chunks of every sequence (`megatron_context.py`)
+        local_BT, positions_BT, mask = split_inputs(ids_BT, split)
     ctx = routing.context([(b, 0, len(t) - 1) for b, t in enumerate(tokens)], T, device) if routing else None
     with _hidden_states_only(model), hooks.active(ctx, B, T):
-        hidden_TBE = model(ids_BT, positions_BT, attention_mask=causal)  # megatron's [s, b, h] layout
+        hidden_TBE = model(local_BT, positions_BT, attention_mask=mask)  # megatron's [s, b, h] layout
     if model.config.sequence_parallel:  # this rank's 1/TP of the sequence: gather it whole
         hidden_TBE = sequence_parallel_gather(hidden_TBE)
     if routing:
@@ -310,4 +327,7 @@ def response_hidden_states(model: nn.Module, tokens: list[torch.Tensor], respons
     hidden_BTE = hidden_TBE.transpose(0, 1)
     rows = torch.cat([torch.full((r,), i) for i, r in enumerate(response_lengths)]).to(device)
     cols = torch.cat([torch.arange(len(t) - r - 1, len(t) - 1) for t, r in zip(tokens, response_lengths)]).to(device)
-    return hidden_BTE[rows, cols], ids_BT[rows, cols + 1]
+    if split.size == 1:
+        return hidden_BTE[rows, cols], ids_BT[rows, cols + 1], None
+    where = ResponseRows.build(ids_BT, rows, cols, split)
+    return hidden_BTE[where.rows, where.cols], where.targets, where

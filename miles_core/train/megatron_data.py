@@ -1,27 +1,29 @@
-"""Data parallelism beside megatron-core's tensor or expert parallelism (`train.backend =
-"megatron"`): `miles train --nproc-per-node N` with M = TP x EP ranks per model replica runs
-DP = N / M replicas (CP = 1; with PP stages M = TP x EP x PP, each stage's ranks forming their own
-data-parallel group). DP is implicit, what the world size leaves, as in megatron, except that
+"""Data parallelism beside megatron-core's tensor, context or expert parallelism (`train.backend =
+"megatron"`): `miles train --nproc-per-node N` with M = TP x CP x EP ranks per model replica
+runs DP = N / M replicas (with PP stages M = TP x CP x EP x PP, each stage's ranks forming their
+own data-parallel group). DP is implicit, what the world size leaves, as in megatron, except that
 under EP a replica's EP ranks share its samples (megatron gives each EP rank samples of its own):
 the samples split over N / EP replicas, not N.
 
 Layout: megatron-core's rank order (tp-cp-ep-dp-pp) puts the M ranks of a replica next to each
 other: replica r is ranks r*M .. r*M + M - 1. This rank's replica is its rank in megatron's
 expert-data-parallel group (the ranks that hold the same experts, or under dense TP the same
-shard); the replica's first rank (TP and EP rank 0) of its last pipeline stage reports for it.
+shard; divided by CP, whose ranks that group spans too); the replica's first rank (TP, CP and EP
+rank 0) of its last pipeline stage reports for it.
 
 Work split (`share`): each optimizer step's samples are split across the replicas balanced by
 tokens (`parallelize.split_by_tokens`, the FSDP backend's split), and every rank of a replica
-takes its replica's share, so the TP (EP) ranks of one replica still run the same micro-batches.
-The losses keep the whole step's token and sequence counts as denominators, so the sum of the
+takes its replica's share, so the TP (EP, CP) ranks of one replica still run the same
+micro-batches (each CP rank its chunks of them). The losses keep the whole step's token and sequence counts as denominators, so the sum of the
 replicas' gradients is the one-replica gradient of the whole step. No collective crosses replicas
 in a forward or backward (the TP all-reduces and the MoE dispatcher's all-gathers stay inside a
 replica), so a replica with fewer micro-batches simply runs fewer: FSDP's zero-weight padding is
 not needed here.
 
 Gradients (`reduce_grads`, after `megatron_shards.reduce_grads` completed the TP shards):
-summed in flattened buckets over megatron's data-parallel group, and the parameters megatron
-marks as expert-parallel (`allreduce = False`) over its expert-data-parallel group; then divided
+summed in flattened buckets over megatron's data-parallel group with context parallelism (a CP
+rank's gradient is its tokens' part of its replica's: `megatron_context.py`), and the parameters
+megatron marks as expert-parallel (`allreduce = False`) over its expert-data-parallel group; then divided
 by EP, because under EP every rank of a replica feeds the same tokens: the dense copies' sum
 counts each replica EP times and each expert saw EP copies of its replica's tokens (EP a power of
 two: exact). A parameter with a gradient on some ranks of a group only (a replica given no
@@ -71,11 +73,14 @@ def replicas() -> Replicas:
     """From megatron-core's parallel state (see the module docstring)."""
     from megatron.core import parallel_state as ps
 
-    size = ps.get_expert_data_parallel_world_size()
+    # The expert-data-parallel group spans the CP ranks too (CP with EP = 1 only), a replica's
+    # CP ranks consecutive in it: they hold parts of the same samples, not samples of their own.
+    cp = ps.get_context_parallel_world_size()
+    size = ps.get_expert_data_parallel_world_size() // cp
     stages = ps.get_pipeline_model_parallel_world_size()
     leader = ps.get_tensor_model_parallel_rank() == 0 and ps.get_expert_model_parallel_rank() == 0 \
-        and ps.is_pipeline_last_stage()
-    return Replicas(size, ps.get_expert_data_parallel_rank(), leader, size > 1 or stages > 1)
+        and ps.get_context_parallel_rank() == 0 and ps.is_pipeline_last_stage()
+    return Replicas(size, ps.get_expert_data_parallel_rank() // cp, leader, size > 1 or stages > 1)
 
 
 def share(batch: TrainBatch, dp: Replicas, micro_batches: Callable[[TrainBatch], list[list[int]]]) -> list[list[int]]:
@@ -98,7 +103,9 @@ def reduce_grads(model: nn.Module, ep_size: int) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     experts = [p for p in params if getattr(p, "allreduce", True) is False]  # megatron's own mark
     dense = [p for p in params if getattr(p, "allreduce", True) is not False]
-    for group_params, group in ((dense, ps.get_data_parallel_group()), (experts, ps.get_expert_data_parallel_group())):
+    # Under CP each rank's gradient is its tokens' part: the sum over the CP ranks is the whole.
+    dense_group = ps.get_data_parallel_group(with_context_parallel=True)
+    for group_params, group in ((dense, dense_group), (experts, ps.get_expert_data_parallel_group())):
         if group_params and dist.get_world_size(group) > 1:
             all_reduce_grads(group_params, group)
     if ep_size > 1:

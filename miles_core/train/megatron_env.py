@@ -12,6 +12,8 @@ where the real functions are right) and undone by `shutdown`:
 - `LanguageModule._is_in_embd_group` -> False: with pipeline stages and tied embeddings the model
   copies the first stage's embedding into the last stage's output layer at construction, moving
   it with `.cuda()`; the loader (`WeightMap.load`) writes both copies from the same HF tensor;
+- `rotary_pos_embedding.get_pos_emb_on_this_cp_rank` -> `megatron_context`'s CPU version: under
+  context parallelism the RoPE table is sliced with an index built in pinned memory and `.cuda()`;
 Two patches are for a missing Transformer Engine, on any device (the GPU machines have none):
 - `moe_utils.te_general_gemm` = None when the module lacks it: 0.16 names it without importing
   it when Transformer Engine is absent (NameError in the MoE layer);
@@ -21,7 +23,7 @@ Two patches are for a missing Transformer Engine, on any device (the GPU machine
 The MoE token dispatcher is set to `allgather` in the model config (the others need CUDA); under
 expert parallelism its collectives (`all_gather_into_tensor`, `reduce_scatter_tensor`) run on gloo.
 
-One world per process: `start` joins the group that is already there (a launcher's: TP x EP
+One world per process: `start` joins the group that is already there (a launcher's: TP x CP x EP
 ranks per model replica times the data-parallel replicas; megatron-core's groups, its data- and
 expert-data-parallel ones included, then use its backend, gloo on CPU) or makes a
 one-rank gloo (CPU) / NCCL (GPU) group itself. A later call with the same sizes is a no-op; one
@@ -41,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from miles_core.errors import MilesError
+from miles_core.train.megatron_context import cpu_pos_emb_on_this_cp_rank
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class ParallelSizes:
 
 def _patches(device: torch.device) -> list[tuple[object, str, object]]:
     """(owner, attribute, replacement) of every patch `device` needs (see the module docstring)."""
+    from megatron.core.models.common.embeddings import rotary_pos_embedding
     from megatron.core.models.common.language_module.language_module import LanguageModule
     from megatron.core.tensor_parallel import random as mp_random
     from megatron.core.transformer import multi_latent_attention
@@ -68,6 +72,7 @@ def _patches(device: torch.device) -> list[tuple[object, str, object]]:
             (torch.cuda, "synchronize", lambda *args, **kwargs: None),
             (mp_random.get_cuda_rng_tracker(), "fork", lambda *args, **kwargs: contextlib.nullcontext()),
             (LanguageModule, "_is_in_embd_group", lambda self: False),
+            (rotary_pos_embedding, "get_pos_emb_on_this_cp_rank", cpu_pos_emb_on_this_cp_rank),
         ]
     if not hasattr(moe_utils, "te_general_gemm"):
         patches.append((moe_utils, "te_general_gemm", None))
@@ -140,26 +145,26 @@ def shutdown() -> None:
 
 def check_sizes(sizes: ParallelSizes, world_size: int) -> None:
     """Refuse the parallel layouts this version cannot run, naming the flag: tensor and expert
-    parallelism (together too), pipeline stages beside tensor parallelism (not expert), data
-    parallelism beside them, DP = world / (TP x EP x PP) replicas, so the world must be a multiple
-    of the model-parallel size; sequence parallelism with tensor parallelism only (megatron's rule);
-    context parallelism is not written (megatron-core runs it only in
-    Transformer Engine's attention)."""
-    if sizes.context > 1:
-        raise MilesError(f"--context-parallel-size {sizes.context} is not supported by the megatron backend yet "
-                         "(it runs tensor, expert and pipeline parallelism, with data parallelism beside them); "
-                         "set it to 1")
+    parallelism (together too), pipeline stages beside tensor parallelism (not expert), context
+    parallelism beside tensor parallelism (not pipeline or expert), data parallelism beside them,
+    DP = world / (TP x CP x EP x PP) replicas, so the world must be a multiple of the
+    model-parallel size; sequence parallelism with tensor parallelism only (megatron's rule)."""
     if sizes.sequence_parallel and sizes.tensor == 1:
         raise MilesError("--sequence-parallel needs --tensor-model-parallel-size > 1 (it splits the sequence "
                          "over the tensor-parallel ranks); set both or drop the flag")
+    for flag, n in (("--pipeline-model-parallel-size", sizes.pipeline), ("--expert-model-parallel-size", sizes.expert)):
+        if sizes.context > 1 and n > 1:
+            raise MilesError(f"--context-parallel-size {sizes.context} with {flag} {n} is not supported by the "
+                             "megatron backend yet; use one of them")
     if sizes.pipeline > 1 and sizes.expert > 1:
         raise MilesError(f"--pipeline-model-parallel-size {sizes.pipeline} with --expert-model-parallel-size "
                          f"{sizes.expert} is not supported by the megatron backend yet; use one of them")
-    named = [(f, n) for f, n in (("--tensor-model-parallel-size", sizes.tensor), ("--expert-model-parallel-size",
-                                 sizes.expert), ("--pipeline-model-parallel-size", sizes.pipeline)) if n > 1]
+    named = [(f, n) for f, n in (("--tensor-model-parallel-size", sizes.tensor), ("--context-parallel-size",
+                                 sizes.context), ("--expert-model-parallel-size", sizes.expert),
+                                 ("--pipeline-model-parallel-size", sizes.pipeline)) if n > 1]
     named = named or [("--tensor-model-parallel-size", 1)]
     flag = " x ".join(f"{f} {n}" for f, n in named)
-    size = sizes.tensor * sizes.expert * sizes.pipeline
+    size = sizes.tensor * sizes.context * sizes.expert * sizes.pipeline
     if world_size % size == 0:
         return
     if world_size == 1:

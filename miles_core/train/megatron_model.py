@@ -6,7 +6,9 @@ The model is megatron-core's own: its layer spec is the Transformer Engine one w
 qwen3 (GQA, optional q/k/v bias and q/k norm), qwen3_moe (softmax top-k router, allgather
 dispatcher) and deepseek_v3 (megatron-core's multi-latent attention with our own core attention
 on the local spec, sigmoid group-limited router with shared experts; `megatron_mla.py`; MTP
-layers are not built).
+layers are not built). Under context parallelism every layer's core attention is
+`megatron_context.ContextParallelAttention` (the local spec's asserts CP = 1; it replaces
+Transformer Engine's too, so one tested path runs everywhere).
 
 `WeightMap` ties every parameter to its mapping slot: `sharded_state_dict()` names each one with
 the key megatron-core checkpoints use (stacked over layers, experts under
@@ -36,7 +38,7 @@ from torch import nn
 from miles_core.checkpoint import mapping
 from miles_core.checkpoint.mapping.base import TRANSFORMS, Slot, rope_theta
 from miles_core.errors import MilesError
-from miles_core.train import megatron_mla, megatron_shards
+from miles_core.train import megatron_context, megatron_mla, megatron_shards
 from miles_core.train.megatron_env import ParallelSizes
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "qwen3_moe", "deepseek_v3")
@@ -71,6 +73,8 @@ TENSOR_PARALLEL = ("llama", "qwen2", "qwen3", "qwen3_moe")
 sequence parallelism (megatron-core trains MoE layers tensor-parallel only with it)."""
 PIPELINE_PARALLEL = ("llama", "qwen2", "qwen3")
 """Families that run with pipeline stages (dense; MoE routing records span the stages' layers)."""
+CONTEXT_PARALLEL = ("llama", "qwen2", "qwen3", "qwen3_moe")
+"""Families that run with context parallelism (MLA computes its own RoPE and core attention)."""
 EXPERT_PARALLEL = {"qwen3_moe": "num_experts", "deepseek_v3": "n_routed_experts"}
 """Families that run with expert parallelism, with the HF field that counts their routed experts."""
 
@@ -87,6 +91,7 @@ def check_model_parallel(cfg: dict[str, Any], sizes: ParallelSizes) -> None:
                    {experts: cfg[experts]} if experts else {}))
     checks.append(("--pipeline-model-parallel-size", sizes.pipeline, PIPELINE_PARALLEL,
                    {"num_hidden_layers": cfg["num_hidden_layers"]}))
+    checks.append(("--context-parallel-size", sizes.context, CONTEXT_PARALLEL, {}))  # sequences are padded
     for flag, size, families, dims in checks:
         if size == 1:
             continue
@@ -146,6 +151,8 @@ def build_gpt(cfg: dict[str, Any], sizes: ParallelSizes, device: torch.device) -
         megatron_mla.use_sdpa_core_attention(spec)
     if config.sequence_parallel and not have_transformer_engine():
         spec = _sequence_parallel_norms(spec)
+    if config.context_parallel_size > 1:
+        spec = megatron_context.use_context_parallel_attention(spec)
     from megatron.core import parallel_state
 
     # Pipeline stages: the first holds the embedding, the last the final norm and output layer (the

@@ -16,7 +16,9 @@ megatron's router sees the tokens flattened from its [s, b] layout (token index 
 `RoutingContext` holds (B, T, K) per MoE layer, so the hook transposes between them. Under
 sequence parallelism a TP rank's router sees only its 1/TP of the sequence: the hook gathers the
 ranks' top-k in sequence order, every rank routes the whole (the same record on each), and each
-keeps its own rows of the result.
+keeps its own rows of the result. Under context parallelism a CP rank's router sees its two
+chunks of the sequence (`megatron_context.py`): the hook gathers the CP ranks' rows too and puts
+them in sequence order, and each rank keeps its chunks' rows of the result.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from miles_core.models.routing import RoutingContext
+from miles_core.train.megatron_context import ContextSplit, context_split
 
 
 class _Active:
@@ -40,10 +43,12 @@ class _Active:
 class _LayerHook:
     """megatron's `router_replay` interface for MoE layer `layer` (its index among MoE layers)."""
 
-    def __init__(self, layer: int, active: _Active, sequence_group=None) -> None:
+    def __init__(self, layer: int, active: _Active, sequence_group=None, split: ContextSplit = ContextSplit()) -> None:
         self.layer, self.active = layer, active
         self.sequence_group = sequence_group
         """The TP group when sequence parallelism splits the router's tokens over it, else None."""
+        self.split = split
+        """This rank's CP place: under context parallelism the router sees its chunks only."""
 
     def get_replay_topk(self, scores: torch.Tensor, topk: int, num_groups: int | None, group_topk: int | None,
                         default_compute_topk: Callable) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,24 +56,38 @@ class _LayerHook:
         if self.active.current is None:
             return values, chosen_NK
         ctx, B, T = self.active.current
-        whole_NK = self._gather(chosen_NK)
-        ids_BTK = ctx.route(self.layer, whole_NK.view(T, B, topk).transpose(0, 1))
+        whole_TBK = self._gather(chosen_NK, B, T)
+        ids_BTK = ctx.route(self.layer, whole_TBK.transpose(0, 1))
         if ctx.mode == "record":
             return values, chosen_NK
-        ids_NK = ids_BTK.transpose(0, 1).reshape(T * B, topk)
-        if self.sequence_group is not None:  # this rank's rows: its part of the sequence
-            rank, rows = dist.get_rank(self.sequence_group), chosen_NK.shape[0]
-            ids_NK = ids_NK[rank * rows:(rank + 1) * rows]
+        ids_NK = self._local(ids_BTK.transpose(0, 1), chosen_NK.shape[0])
         return scores.gather(1, ids_NK), ids_NK
 
-    def _gather(self, chosen_NK: torch.Tensor) -> torch.Tensor:
-        """Every TP rank's top-k rows in sequence order (sequence parallelism), or these."""
-        if self.sequence_group is None:
-            return chosen_NK
-        size = dist.get_world_size(self.sequence_group)
-        whole = chosen_NK.new_empty((size * chosen_NK.shape[0], chosen_NK.shape[1]))
-        dist.all_gather_into_tensor(whole, chosen_NK.contiguous(), group=self.sequence_group)
-        return whole
+    def _gather(self, chosen_NK: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """Every rank's top-k rows as (T, B, K) in sequence order: the TP ranks' parts
+        (sequence parallelism), then the CP ranks' chunks."""
+        if self.sequence_group is not None:
+            size = dist.get_world_size(self.sequence_group)
+            whole = chosen_NK.new_empty((size * chosen_NK.shape[0], chosen_NK.shape[1]))
+            dist.all_gather_into_tensor(whole, chosen_NK.contiguous(), group=self.sequence_group)
+            chosen_NK = whole
+        if self.split.size == 1:
+            return chosen_NK.view(T, B, -1)
+        every = chosen_NK.new_empty((self.split.size * chosen_NK.shape[0], chosen_NK.shape[1]))
+        dist.all_gather_into_tensor(every, chosen_NK.contiguous(), group=self.split.group)
+        whole_TBK = torch.empty_like(every).view(T, B, -1)
+        whole_TBK[self.split.positions(T, every.device).flatten()] = every.view(T, B, -1)
+        return whole_TBK
+
+    def _local(self, ids_TBK: torch.Tensor, rows: int) -> torch.Tensor:
+        """This rank's `rows` of the (T, B, K) ids: its CP chunks, then its TP part of them."""
+        if self.split.size > 1:
+            ids_TBK = ids_TBK[self.split.positions(ids_TBK.shape[0], ids_TBK.device)[self.split.rank]]
+        ids_NK = ids_TBK.reshape(-1, ids_TBK.shape[-1])
+        if self.sequence_group is not None:
+            rank = dist.get_rank(self.sequence_group)
+            ids_NK = ids_NK[rank * rows:(rank + 1) * rows]
+        return ids_NK
 
 
 class RoutingHooks:
@@ -82,8 +101,9 @@ class RoutingHooks:
         routers = [m for m in model.modules() if isinstance(m, TopKRouter)]  # decoder layer order
         split = bool(routers) and model.config.sequence_parallel
         group = parallel_state.get_tensor_model_parallel_group() if split else None
+        split = context_split()
         for layer, router in enumerate(routers):
-            router.router_replay = _LayerHook(layer, self._active, group)
+            router.router_replay = _LayerHook(layer, self._active, group, split)
         self.layers = len(routers)
         self.topk = routers[0].topk if routers else 0
 

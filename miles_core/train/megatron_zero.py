@@ -1,11 +1,12 @@
 """The megatron trainer's distributed optimizer (`train.use_distributed_optimizer`, slime's
-`--use-distributed-optimizer`): ZeRO-1 over the data-parallel replicas (`megatron_data.py`).
+`--use-distributed-optimizer`): ZeRO-1 over the data-parallel replicas (`megatron_data.py`) and
+their context-parallel ranks.
 
-Each reduction group (the dense parameters over megatron's data-parallel group, the EP-split
-experts over its expert-data-parallel group) flattens its parameters, in model order, into one
-vector padded to a multiple of the group size n; rank r of the group owns elements
-[r*S, (r+1)*S), S = padded length / n, and keeps them as an fp32 master with its own AdamW
-moments, so the moments take 1/n of the memory. A step:
+Each reduction group (the dense parameters over megatron's data-parallel group with context
+parallelism, the EP-split experts over its expert-data-parallel group) flattens its parameters,
+in model order, into one vector padded to a multiple of the group size n; rank r of the group
+owns elements [r*S, (r+1)*S), S = padded length / n, and keeps them as an fp32 master with its
+own AdamW moments, so the moments take 1/n of the memory. A step:
 - `reduce_scatter_grads`: the flattened gradients (zeros for a parameter without one) are
   reduce-scattered (summed), so each rank receives its slice of the summed gradient, divided
   by EP as `megatron_data.reduce_grads` does; the model's gradients are then dropped;
@@ -67,7 +68,7 @@ class ZeroOptimizer:
         experts = [p for p in self.params if getattr(p, "allreduce", True) is False]
         dense = [p for p in self.params if getattr(p, "allreduce", True) is not False]
         self.groups = [self._group(params, group, lambda p: id(p) not in tp_duplicates)
-                       for params, group in ((dense, ps.get_data_parallel_group()),
+                       for params, group in ((dense, ps.get_data_parallel_group(with_context_parallel=True)),
                                              (experts, ps.get_expert_data_parallel_group())) if params]
         self.optimizer, self.scheduler = build_optimizer([g.master for g in self.groups], cfg, total_steps)
         self.optimizer.register_step_post_hook(lambda *args: self._gather_params())

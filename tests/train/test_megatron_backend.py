@@ -184,7 +184,12 @@ def test_checkpoint_of_the_earlier_layout_resumes_exactly(tmp_path):
     (dict(tensor_model_parallel_size=2, expert_model_parallel_size=2),
      "^--tensor-model-parallel-size 2 x --expert-model-parallel-size 2 needs 4 trainer ranks, one per shard"),
     (dict(pipeline_model_parallel_size=2), "^--pipeline-model-parallel-size 2 needs 2 trainer ranks, one per shard"),
-    (dict(context_parallel_size=2), "^--context-parallel-size 2 is not supported"),
+    (dict(context_parallel_size=2), "^--context-parallel-size 2 needs 2 trainer ranks, one per shard"),
+    (dict(context_parallel_size=2, expert_model_parallel_size=2),
+     "^--context-parallel-size 2 with --expert-model-parallel-size 2 is not supported by the megatron backend yet; "
+     "use one of them$"),
+    (dict(context_parallel_size=2, pipeline_model_parallel_size=2),
+     "^--context-parallel-size 2 with --pipeline-model-parallel-size 2 is not supported"),
     (dict(sequence_parallel=True), "^--sequence-parallel needs --tensor-model-parallel-size > 1"),
     (dict(qat="int4"), "train.qat = 'int4' is not supported"),
 ])
@@ -207,6 +212,8 @@ TP, EP = megatron_env.ParallelSizes, lambda size: megatron_env.ParallelSizes(exp
     ("qwen3", EP(2), "^--expert-model-parallel-size 2 is not supported for model_type 'qwen3' yet; expected one of: "
                      "qwen3_moe, deepseek_v3 \\(or size 1\\)$"),
     ("qwen3_moe", EP(3), "--expert-model-parallel-size 3 does not divide the model's num_experts 8"),
+    ("deepseek_v3", megatron_env.ParallelSizes(context=2), "^--context-parallel-size 2 is not supported for "
+                    "model_type 'deepseek_v3' yet; expected one of: llama, qwen2, qwen3, qwen3_moe \\(or size 1\\)$"),
 ])
 def test_refuses_model_parallel_splits_it_cannot_make(family, sizes, message):
     from miles_core.train.megatron_model import check_model_parallel, hf_config_of
@@ -219,15 +226,18 @@ def test_refuses_model_parallel_splits_it_cannot_make(family, sizes, message):
     (TP(2), 3, "^--nproc-per-node 3 is not a multiple of --tensor-model-parallel-size 2 \\(data parallelism is "
                "ranks / 2 replicas of the model\\); use --nproc-per-node 2 or a multiple of it$"),
     (EP(4), 6, "--nproc-per-node 6 is not a multiple of --expert-model-parallel-size 4"),
+    (megatron_env.ParallelSizes(tensor=2, context=2), 6,
+     "^--nproc-per-node 6 is not a multiple of --tensor-model-parallel-size 2 x --context-parallel-size 2 "),
 ])
 def test_refuses_ranks_that_are_not_whole_replicas(sizes, world, message):
     with pytest.raises(MilesError, match=message):
         megatron_env.check_sizes(sizes, world)
 
 
-@pytest.mark.parametrize("sizes, world", [(TP(2), 4), (EP(2), 4), (TP(), 2), (TP(), 3), (TP(2), 2)])
+@pytest.mark.parametrize("sizes, world", [(TP(2), 4), (EP(2), 4), (TP(), 2), (TP(), 3), (TP(2), 2),
+                                         (megatron_env.ParallelSizes(tensor=2, context=2), 8)])
 def test_accepts_data_parallel_replicas_beside_model_parallel(sizes, world):
-    megatron_env.check_sizes(sizes, world)  # DP = world / (TP x EP): 2, 2, 2, 3, 1
+    megatron_env.check_sizes(sizes, world)  # DP = world / (TP x CP x EP): 2, 2, 2, 3, 1, 2
 
 
 def engine_routing(kind: str, family: str = "qwen3_moe") -> list[np.ndarray]:

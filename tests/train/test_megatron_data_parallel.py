@@ -1,7 +1,7 @@
-"""`train.backend = "megatron"` with data parallelism beside tensor or expert parallelism, on gloo
-ranks on CPU (fp32): DP = 2 replicas of one rank, TP = 2 x DP = 2 and EP = 2 x DP = 2 (4 ranks),
-the last two also with the distributed optimizer (ZeRO-1), give one rank's log-probs, loss,
-gradient norm and updated weights on the same samples; each
+"""`train.backend = "megatron"` with data parallelism beside tensor, expert or context parallelism,
+on gloo ranks on CPU (fp32): DP = 2 replicas of one rank, TP = 2 x DP = 2 and EP = 2 x DP = 2
+(4 ranks), the last two also with the distributed optimizer (ZeRO-1), and CP = 2 x DP = 2 with
+it, give one rank's log-probs, loss, gradient norm and updated weights on the same samples; each
 replica trains its token-balanced share; the checkpoint resumes bitwise on the same layout and
 loads into one rank; `miles train --nproc-per-node 2` (DP = 2, MoE with R3) logs the one-rank
 run's first step."""
@@ -26,8 +26,8 @@ from miles_core.train.leader import follow, release_followers  # noqa: E402
 from miles_core.train.megatron_data import Replicas  # noqa: E402
 from tests.train.spmd import run_spmd  # noqa: E402
 from tests.train.test_megatron_backend import VARYING_REWARD, batch  # noqa: E402
-from tests.train.test_megatron_parallel import (EP2, TP2, _cli_steps, _max_diff, _steps, _trainer, _weights,  # noqa: E402
-                                               assert_steps_match)
+from tests.train.test_megatron_parallel import (CP2, EP2, TP2, _cli_steps, _max_diff, _steps, _trainer,  # noqa: E402
+                                               _weights, assert_steps_match)
 
 # batch(): 12, 9, 15, 12 tokens. By tokens, longest first: 15 -> replica 0, 12 (sample 0) -> 1,
 # 12 (sample 3) -> 1 (12 < 15), 9 -> 0 (15 < 24): replica 0 trains samples 1 and 2, replica 1
@@ -80,6 +80,8 @@ LAYOUTS = {  # (family, parallel, ranks): the replicas expected on each rank
     "qwen3_moe-ep2-dp2": ("qwen3_moe", EP2, FOUR),
     "qwen3-tp2-dp2-zero": ("qwen3", {**TP2, **ZERO}, FOUR),
     "qwen3_moe-ep2-dp2-zero": ("qwen3_moe", {**EP2, **ZERO}, FOUR),
+    # a replica's two CP ranks share its samples (rank 1 does not report); ZeRO over the 4 DP x CP ranks
+    "qwen3-cp2-dp2-zero": ("qwen3", {**CP2, **ZERO}, FOUR),
 }
 
 

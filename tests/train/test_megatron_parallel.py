@@ -1,11 +1,14 @@
 """`train.backend = "megatron"` on two gloo ranks on CPU (rank 0 leading, rank 1 following its
 calls, as `miles train --nproc-per-node 2` runs them): tensor parallelism 2 (dense families, half
-of every split layer on each rank) and expert parallelism 2 (MoE families, half of the routed
-experts on each rank) give what one rank gives: the same HF export (bitwise), log-probs (1e-5 of
+of every split layer on each rank), expert parallelism 2 (MoE families, half of the routed
+experts on each rank) and context parallelism 2 (dense families, two of the four chunks of every
+sequence on each rank) give what one rank gives: the same HF export (bitwise), log-probs (1e-5 of
 the native trainer's), loss, gradient norm and updated weights; the two-rank torch_dist
 checkpoint resumes bitwise, converts to HF with `miles convert`, and loads into a one-rank
-trainer; `miles train --nproc-per-node 2` runs with either (and with two pipeline stages,
-`test_megatron_pipeline.py`) and logs the one-rank run's first step; bf16 compute too."""
+trainer; on four ranks TP x EP (qwen3_moe) and CP x TP (qwen3; qwen3_moe with sequence
+parallelism and routing recorded then replayed) do too; `miles train --nproc-per-node 2` runs
+with TP or EP (and with two pipeline stages, `test_megatron_pipeline.py`) and logs the one-rank
+run's first step; bf16 compute too."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import functools
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -28,6 +32,7 @@ from miles_core.metrics import read_metrics  # noqa: E402
 from miles_core.models.base import named_weights  # noqa: E402
 from miles_core.train import build_trainer, megatron_env  # noqa: E402
 from miles_core.train.leader import follow, release_followers  # noqa: E402
+from miles_core.train.megatron_context import ContextSplit, ResponseRows, split_inputs  # noqa: E402
 from tests.train.spmd import run_spmd  # noqa: E402
 from tests.train.test_megatron_backend import VARYING_REWARD, batch, native  # noqa: E402
 
@@ -107,14 +112,15 @@ def assert_steps_match(many: dict, one: dict) -> None:
 
 TP2, EP2 = {"tensor_model_parallel_size": 2}, {"expert_model_parallel_size": 2}
 TP2_SP = {**TP2, "sequence_parallel": True}  # norms on half of the (odd-length, padded) sequence each
+CP2 = {"context_parallel_size": 2}  # chunks 0 and 3 of every (padded) sequence on CP rank 0, 1 and 2 on rank 1
 
 
 # llama: tied embeddings (vocab-split, one tensor); deepseek_v3: MLA, shared experts, an MTP layer
 @pytest.mark.parametrize("family, parallel", [("qwen3", TP2), ("llama", TP2), ("qwen3_moe", EP2),
                                               ("deepseek_v3", EP2), ("qwen3", TP2_SP), ("llama", TP2_SP),
-                                              ("qwen3_moe", TP2_SP)],
+                                              ("qwen3_moe", TP2_SP), ("qwen3", CP2), ("llama", CP2)],
                          ids=["qwen3-tp2", "llama-tp2", "qwen3_moe-ep2", "deepseek_v3-ep2", "qwen3-tp2-sp",
-                              "llama-tp2-sp", "qwen3_moe-tp2-sp"])
+                              "llama-tp2-sp", "qwen3_moe-tp2-sp", "qwen3-cp2", "llama-cp2"])
 def test_two_ranks_match_one_rank(tmp_path, family, parallel):
     two = run_spmd(_two_ranks, family, parallel, str(tmp_path))
     one = _steps(_trainer(family))
@@ -148,6 +154,51 @@ def test_tensor_and_expert_parallel_together_match_one_rank(tmp_path):
     assert_steps_match(many, _steps(_trainer("qwen3_moe")))
 
 
+def test_context_split_holds_chunks_r_and_2cp_minus_1_minus_r():
+    """T = 8, CP = 2: four chunks of two; rank 0 holds chunks 0 and 3, rank 1 (this one) 1 and 2."""
+    split, ids_BT = ContextSplit(2, 1), torch.arange(10, 18)[None]
+    assert split.positions(8).tolist() == [[0, 1, 6, 7], [2, 3, 4, 5]]
+    local_BT, positions_BT, mask = split_inputs(ids_BT, split)
+    assert local_BT.tolist() == [[12, 13, 14, 15]] and positions_BT.tolist() == [[2, 3, 4, 5]]
+    # keys in gathered order 0 1 6 7 | 2 3 4 5: the query at position 2 sees 0, 1 and itself
+    assert (~mask[0, 0, 0]).int().tolist() == [1, 1, 0, 0, 1, 0, 0, 0]
+    # response predictors at columns 1, 5, 6: rank 1 holds 5 (its local column 3, target id 16);
+    # gathered in rank order (1, 6 | 5), put back by order [0, 2, 1]
+    where = ResponseRows.build(ids_BT, torch.zeros(3, dtype=torch.long), torch.tensor([1, 5, 6]), split)
+    assert where.cols.tolist() == [3] and where.targets.tolist() == [16] and where.counts == [2, 1]
+    assert where.order.tolist() == [0, 2, 1]
+
+
+def _routing(trainer) -> dict:
+    """The experts the policy's log-prob pass recorded (`routing_replay = "record"`), and a step
+    that replays them."""
+    recorded = batch()
+    trainer.compute_log_probs(recorded)
+    return {"routed": recorded.trainer_routed_experts, "replayed": trainer.train_rollout(recorded)}
+
+
+@pytest.mark.parametrize("family, parallel", [
+    ("qwen3", {**CP2, **TP2}),
+    # routing recorded by the log-prob pass, replayed by the steps: the routers' parts gathered over TP and CP
+    ("qwen3_moe", {**CP2, **TP2_SP, "routing_replay": "record"}),
+], ids=["qwen3-cp2-tp2", "qwen3_moe-cp2-tp2-sp-record"])
+def test_context_and_tensor_parallel_together_match_one_rank(tmp_path, family, parallel):
+    """4 ranks, CP=2 x TP=2: each CP rank's two chunks of the sequence, its layers split over its
+    TP pair; one rank's steps (and MoE routing records) on the same samples."""
+    record = _routing if "routing_replay" in parallel else None
+    make = functools.partial(_trainer, family, parallel)
+    many = run_spmd(lead_then_resume, make, str(tmp_path), record, world_size=4)
+    one_rank = _trainer(family, {k: v for k, v in parallel.items() if k == "routing_replay"})
+    one = _steps(one_rank)
+    assert_steps_match(many, one)
+    if record:
+        routing = _routing(one_rank)
+        assert len(routing["routed"]) == 4
+        assert all(np.array_equal(a, b) for a, b in zip(many["routed"], routing["routed"]))
+        assert many["replayed"]["loss"] == pytest.approx(routing["replayed"]["loss"], abs=1e-5)
+        assert many["replayed"]["grad_norm"] == pytest.approx(routing["replayed"]["grad_norm"], rel=1e-5)
+
+
 def _cli_steps(tmp_path: Path, name: str, *args: str) -> list[dict]:
     """Per-step metrics of a 2-step `miles train --recipe tiny` whose reward varies within groups,
     with an entropy bonus (GRPO's pg_loss is 0 at ratio 1: the loss is then the entropy term)."""
@@ -162,13 +213,17 @@ def _cli_steps(tmp_path: Path, name: str, *args: str) -> list[dict]:
     ["--set", "train.tensor_model_parallel_size=2"],
     ["--set", "train.tensor_model_parallel_size=2", "--set", "train.sequence_parallel=true"],
     ["--set", "train.pipeline_model_parallel_size=2"],  # two stages, one layer each
+    ["--set", "train.context_parallel_size=2"],  # two chunks of every sequence on each rank
     # R3 under expert parallelism: the router replays the engine's experts (agreement 1.0)
     ["--set", "model.source=tiny-qwen3-moe", "--set", "train.expert_model_parallel_size=2", "--set",
      "train.routing_replay=rollout", "--set", "engine.return_routed_experts=true"],
     # ... and under TP with sequence parallelism: each rank's router replays its part of the sequence
     ["--set", "model.source=tiny-qwen3-moe", "--set", "train.tensor_model_parallel_size=2", "--set",
      "train.sequence_parallel=true", "--set", "train.routing_replay=rollout", "--set", "engine.return_routed_experts=true"],
-], ids=["tp2", "tp2-sp", "pp2", "qwen3_moe-ep2", "qwen3_moe-tp2-sp"])
+    # ... and under CP: each rank's router replays its two chunks of the sequence
+    ["--set", "model.source=tiny-qwen3-moe", "--set", "train.context_parallel_size=2", "--set",
+     "train.routing_replay=rollout", "--set", "engine.return_routed_experts=true"],
+], ids=["tp2", "tp2-sp", "pp2", "cp2", "qwen3_moe-ep2", "qwen3_moe-tp2-sp", "qwen3_moe-cp2"])
 def test_miles_train_on_two_ranks_matches_one_rank(tmp_path, monkeypatch, args):
     (tmp_path / "miles_test_varying_reward.py").write_text(VARYING_REWARD)
     monkeypatch.syspath_prepend(str(tmp_path))
