@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from miles_core.errors import MilesError
+from miles_core.train.megatron_mla import check_causal_without_dropout
 
 
 @dataclass(frozen=True)
@@ -102,14 +103,9 @@ class ContextParallelAttention(nn.Module):
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
                  cp_comm_type: str | None = None, pg_collection=None) -> None:
         from megatron.core import parallel_state
-        from megatron.core.transformer.enums import AttnMaskType
 
         super().__init__()
-        if attn_mask_type != AttnMaskType.causal:
-            raise MilesError(f"the context-parallel core attention is causal only, got mask type {attn_mask_type}")
-        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
-        if dropout:
-            raise MilesError(f"the context-parallel core attention has no dropout, got attention_dropout {dropout}")
+        check_causal_without_dropout("context-parallel", config, attn_mask_type, attention_dropout)
         if config.window_size is not None or config.softmax_type != "vanilla":
             raise MilesError(f"the context-parallel core attention is plain softmax attention, got window_size "
                              f"{config.window_size}, softmax_type {config.softmax_type!r}")

@@ -25,6 +25,18 @@ from miles_core.checkpoint.mapping.base import Heads
 from miles_core.errors import MilesError
 
 
+def check_causal_without_dropout(name: str, config, attn_mask_type, attention_dropout: float | None) -> None:
+    """Refuse what our core attentions do not compute (they replace megatron's in the layer spec):
+    a non-causal mask or attention dropout."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    if attn_mask_type != AttnMaskType.causal:
+        raise MilesError(f"the {name} core attention is causal only, got mask type {attn_mask_type}")
+    dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+    if dropout:
+        raise MilesError(f"the {name} core attention has no dropout, got attention_dropout {dropout}")
+
+
 class SDPACoreAttention(nn.Module):
     """Causal attention over [s, b, heads, dim] q/k/v with different q/k and v head dims."""
 
@@ -32,14 +44,8 @@ class SDPACoreAttention(nn.Module):
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
                  k_channels: int | None = None, v_channels: int | None = None, cp_comm_type: str | None = None,
                  pg_collection=None) -> None:
-        from megatron.core.transformer.enums import AttnMaskType
-
         super().__init__()
-        if attn_mask_type != AttnMaskType.causal:
-            raise MilesError(f"the MLA core attention is causal only, got mask type {attn_mask_type}")
-        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
-        if dropout:
-            raise MilesError(f"the MLA core attention has no dropout, got attention_dropout {dropout}")
+        check_causal_without_dropout("MLA", config, attn_mask_type, attention_dropout)
         self.softmax_scale = softmax_scale
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask=None,
