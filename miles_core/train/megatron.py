@@ -30,9 +30,11 @@ the others (`leader.py`), so every rank runs the same calls:
   1/EP of the routed experts (allgather dispatcher) and a copy of the rest; the EP ranks of one
   replica run the same micro-batches, so expert gradients are divided by EP (each expert saw
   every rank's copy of the tokens) and the copies' gradients averaged;
-- pipeline parallelism (`train.pipeline_model_parallel_size` = PP, dense families): each stage
+- pipeline parallelism (`train.pipeline_model_parallel_size` = PP, every family): each stage
   holds its layers (the first the embedding, the last the final norm and output layer), one
-  micro-batch in flight through the stages, the loss on the last (`megatron_pipeline.py`);
+  micro-batch in flight through the stages, the loss on the last (`megatron_pipeline.py`); MoE:
+  each stage replays and records its own MoE layers, the records sent on with the activations
+  to the last stage, in the global layer order;
 - data parallelism beside any of them, as megatron does it: DP = N / (TP x EP x PP) replicas
   of the model (`megatron_data.py`): each replica trains its token-balanced share of every optimizer step,
   the gradients are summed over the replicas in flattened buckets (experts over megatron's
@@ -46,8 +48,7 @@ MoE routing replay (`train.routing_replay`, R3) and the routing records behind
 `routing_agreement` go through megatron's router (`megatron_routing.py`), as the native backend's.
 
 Not in this version (refused with one line): context parallelism (megatron-core runs it only in
-Transformer Engine's attention), TP for MLA, PP for MoE and MLA families, PP with EP, PP with the
-distributed optimizer, QAT, activation checkpointing, compile, the PPO critic. `train.compute_dtype = "bfloat16"` casts the parameters
+Transformer Engine's attention), TP for MLA, PP with EP, PP with the distributed optimizer, QAT, activation checkpointing, compile, the PPO critic. `train.compute_dtype = "bfloat16"` casts the parameters
 for each forward (`batch.call_in_dtype`, as the native trainer; DeepSeek-V3's router stays fp32). On CPU through the patches of `megatron_env.py`.
 """
 
@@ -296,17 +297,10 @@ def response_hidden_states(model: nn.Module, tokens: list[torch.Tensor], respons
     `batch.response_hidden_states` takes them from the native model; `routing` (MoE) replays
     and/or records the experts of every token through the router `hooks`."""
     device = output_weight(model).device
-    ids_BT, positions_BT, causal = megatron_pipeline.stage_inputs(tokens, device,
-                                                                  megatron_pipeline.sequence_multiple(model))
-    B, T = ids_BT.shape
-    ctx = routing.context([(b, 0, len(t) - 1) for b, t in enumerate(tokens)], T, device) if routing else None
-    with _hidden_states_only(model), hooks.active(ctx, B, T):
-        hidden_TBE = model(ids_BT, positions_BT, attention_mask=causal)  # megatron's [s, b, h] layout
+    with _hidden_states_only(model):  # under pipeline stages, this stage's MoE records (the pipeline adds the others')
+        hidden_TBE, ids_BT = megatron_pipeline.run_layers(model, tokens, hooks, routing)
     if model.config.sequence_parallel:  # this rank's 1/TP of the sequence: gather it whole
         hidden_TBE = sequence_parallel_gather(hidden_TBE)
-    if routing:
-        ids_BTLK = ctx.stacked()
-        routing.recorded = [ids_BTLK[b, : len(t) - 1] for b, t in enumerate(tokens)]
     hidden_BTE = hidden_TBE.transpose(0, 1)
     rows = torch.cat([torch.full((r,), i) for i, r in enumerate(response_lengths)]).to(device)
     cols = torch.cat([torch.arange(len(t) - r - 1, len(t) - 1) for t, r in zip(tokens, response_lengths)]).to(device)

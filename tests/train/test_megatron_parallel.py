@@ -51,13 +51,15 @@ def _weights(trainer) -> dict[str, torch.Tensor]:
     return {name: tensor.clone() for name, tensor in trainer.export_weights()}
 
 
-def _steps(trainer, folder: Path | None = None) -> dict:
-    """Log-probs, a step, (a save), a second step: what both layouts are compared on."""
-    out = {"export": _weights(trainer), "logps": trainer.compute_log_probs(batch())}
-    out["first"], out["trained"] = trainer.train_rollout(batch()), _weights(trainer)
+def _steps(trainer, folder: Path | None = None, make_batch=batch) -> dict:
+    """Log-probs (and their pass's routing agreement), a step, (a save), a second step: what both
+    layouts are compared on."""
+    out = {"export": _weights(trainer), "logps": trainer.compute_log_probs(make_batch()),
+           "pass": trainer.last_pass_metrics()}
+    out["first"], out["trained"] = trainer.train_rollout(make_batch()), _weights(trainer)
     if folder is not None:
         trainer.save(folder)
-    out["second"], out["trained_twice"] = trainer.train_rollout(batch()), _weights(trainer)
+    out["second"], out["trained_twice"] = trainer.train_rollout(make_batch()), _weights(trainer)
     return out
 
 
@@ -65,7 +67,7 @@ def _two_ranks(rank: int, family: str, parallel: dict[str, int], folder: str) ->
     return lead_then_resume(rank, functools.partial(_trainer, family, parallel), folder)
 
 
-def lead_then_resume(rank: int, make_trainer, folder: str, record=None) -> dict | None:
+def lead_then_resume(rank: int, make_trainer, folder: str, record=None, make_batch=batch) -> dict | None:
     """Rank 0 leads: the steps with a save after the first (plus `record(trainer)`), then a fresh
     trainer loads the save and runs the second step again. The other ranks follow both trainers."""
     if rank != 0:
@@ -74,12 +76,12 @@ def lead_then_resume(rank: int, make_trainer, folder: str, record=None) -> dict 
             follow(trainer, trainer.control_group)
         return None
     trainer = make_trainer()
-    out = _steps(trainer, Path(folder) / "ckpt")
+    out = _steps(trainer, Path(folder) / "ckpt", make_batch)
     out.update(record(trainer) if record else {})
     release_followers()
     resumed = make_trainer()
     resumed.load(Path(folder) / "ckpt")
-    out["resumed_second"], out["resumed_trained_twice"] = resumed.train_rollout(batch()), _weights(resumed)
+    out["resumed_second"], out["resumed_trained_twice"] = resumed.train_rollout(make_batch()), _weights(resumed)
     release_followers()
     return out
 
@@ -90,11 +92,13 @@ def _max_diff(a: dict | list, b: dict | list) -> float:
 
 
 def assert_steps_match(many: dict, one: dict) -> None:
-    """`_steps` of a many-rank layout against one rank's: log-probs, both steps' losses and
-    gradient norms, the first update, and the resumed second step (weights, AdamW moments,
+    """`_steps` of a many-rank layout against one rank's: log-probs, routing agreement (exact:
+    counts of equal expert ids), both steps' losses and gradient norms, the first update, and the resumed second step (weights, AdamW moments,
     reference, schedule) bitwise against the uninterrupted one."""
     assert _max_diff(many["logps"], one["logps"]) < 1e-5
+    assert many["pass"] == one["pass"]  # MoE with the engine's routing: the same routing agreement
     for step in ("first", "second"):
+        assert many[step].get("routing_agreement") == one[step].get("routing_agreement"), step
         for key in ("loss", "pg_loss", "entropy_loss", "kl_loss"):
             assert many[step][key] == pytest.approx(one[step][key], abs=1e-5), (step, key)
         assert many[step]["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-5), step
