@@ -42,14 +42,17 @@ the others (`leader.py`), so every rank runs the same calls:
   `train.use_distributed_optimizer` shards AdamW over them instead (ZeRO-1, `megatron_zero.py`).
 The gradient norm is the whole model's; `export_weights` gathers the full tensors on rank 0 from
 the first replica. TP and EP together (qwen3_moe, with sequence parallelism): each expert split
-over TP within its EP rank, as megatron-core places it. PP and EP together are not supported yet.
+over TP within its EP rank, as megatron-core places it. PP and EP together (MoE families): each
+stage's routed experts split over its EP ranks, which run the stage's micro-batches alike.
 
 MoE routing replay (`train.routing_replay`, R3) and the routing records behind
 `routing_agreement` go through megatron's router (`megatron_routing.py`), as the native backend's.
 
 Not in this version (refused with one line): context parallelism (megatron-core runs it only in
-Transformer Engine's attention), TP for MLA, PP with EP, PP with the distributed optimizer, QAT, activation checkpointing, compile, the PPO critic. `train.compute_dtype = "bfloat16"` casts the parameters
-for each forward (`batch.call_in_dtype`, as the native trainer; DeepSeek-V3's router stays fp32). On CPU through the patches of `megatron_env.py`.
+Transformer Engine's attention), TP for MLA, PP with the distributed optimizer, QAT, activation
+checkpointing, compile, the PPO critic. `train.compute_dtype = "bfloat16"` casts the parameters
+for each forward (`batch.call_in_dtype`, as the native trainer; DeepSeek-V3's router stays fp32).
+On CPU through the patches of `megatron_env.py`.
 """
 
 from __future__ import annotations

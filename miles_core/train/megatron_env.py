@@ -140,8 +140,7 @@ def shutdown() -> None:
 
 def check_sizes(sizes: ParallelSizes, world_size: int) -> None:
     """Refuse the parallel layouts this version cannot run, naming the flag: tensor and expert
-    parallelism (together too), pipeline stages beside tensor parallelism (not expert), data
-    parallelism beside them, DP = world / (TP x EP x PP) replicas, so the world must be a multiple
+    parallelism (together too), pipeline stages beside either or both, data parallelism beside them, DP = world / (TP x EP x PP) replicas, so the world must be a multiple
     of the model-parallel size; sequence parallelism with tensor parallelism only (megatron's rule);
     context parallelism is not written (megatron-core runs it only in
     Transformer Engine's attention)."""
@@ -152,9 +151,6 @@ def check_sizes(sizes: ParallelSizes, world_size: int) -> None:
     if sizes.sequence_parallel and sizes.tensor == 1:
         raise MilesError("--sequence-parallel needs --tensor-model-parallel-size > 1 (it splits the sequence "
                          "over the tensor-parallel ranks); set both or drop the flag")
-    if sizes.pipeline > 1 and sizes.expert > 1:
-        raise MilesError(f"--pipeline-model-parallel-size {sizes.pipeline} with --expert-model-parallel-size "
-                         f"{sizes.expert} is not supported by the megatron backend yet; use one of them")
     named = [(f, n) for f, n in (("--tensor-model-parallel-size", sizes.tensor), ("--expert-model-parallel-size",
                                  sizes.expert), ("--pipeline-model-parallel-size", sizes.pipeline)) if n > 1]
     named = named or [("--tensor-model-parallel-size", 1)]

@@ -5,10 +5,11 @@ final norm and the output layer), activations and their gradients sent between s
 `torch.distributed` point-to-point calls on the default group.
 
 Layout: megatron-core's rank order (tp-cp-ep-dp-pp) makes the stage the outermost index: stage s
-is ranks s*M .. s*M + M - 1 of the world's M = TP x DP ranks per stage. A rank sends to the rank of
-the same TP and DP place in the next stage (megatron's `get_pipeline_model_parallel_next_rank`),
-so tensor parallelism and data parallelism (`megatron_data.py`) run inside each stage unchanged;
-under sequence parallelism each TP rank sends its 1/TP of the (padded) sequence.
+is ranks s*M .. s*M + M - 1 of the world's M = TP x EP x DP ranks per stage. A rank sends to the
+rank of the same TP, EP and DP place in the next stage (megatron's
+`get_pipeline_model_parallel_next_rank`), so tensor, expert and data parallelism
+(`megatron_data.py`) run inside each stage unchanged; under sequence parallelism each TP rank
+sends its 1/TP of the (padded) sequence, under EP each EP rank its copy of the same activations.
 
 Schedule: one micro-batch in flight. For each micro-batch the first stage runs its layers on the
 token ids and sends the (T, B, E) hidden states on; each later stage receives them, runs its

@@ -6,7 +6,8 @@ loss, gradient norm and updated weights; the two-stage torch_dist checkpoint res
 converts to HF with `miles convert` and loads into a one-rank trainer. MoE (qwen3_moe and
 deepseek_v3, four layers, a dense one in the first stage) too: each stage routes, replays (R3,
 `routing_replay = "record"`) and records its own MoE layers, and the routing agreement and every
-number are one rank's."""
+number are one rank's; also on 4 ranks, two stages of two expert-parallel ranks (PP x EP), of
+two tensor-parallel ranks with sequence parallelism, or of two data-parallel replicas."""
 
 from __future__ import annotations
 
@@ -100,9 +101,10 @@ def test_refuses_pipeline_stages_it_cannot_run():
                                          "4 trainer ranks, one per shard \\(or a multiple of 4: data-parallel "
                                          "replicas\\): add --nproc-per-node 4$"):
         megatron_env.check_sizes(megatron_env.ParallelSizes(tensor=2, pipeline=2), 1)
-    with pytest.raises(MilesError, match="^--pipeline-model-parallel-size 2 with --expert-model-parallel-size 2 is "
-                                         "not supported by the megatron backend yet; use one of them$"):
-        megatron_env.check_sizes(megatron_env.ParallelSizes(expert=2, pipeline=2), 4)
+    with pytest.raises(MilesError, match="^--nproc-per-node 2 is not a multiple of --expert-model-parallel-size 2 x "
+                                         "--pipeline-model-parallel-size 2 \\(data parallelism"):
+        megatron_env.check_sizes(megatron_env.ParallelSizes(expert=2, pipeline=2), 2)
+    megatron_env.check_sizes(megatron_env.ParallelSizes(expert=2, pipeline=2), 4)  # PP x EP: 4 ranks
     with pytest.raises(MilesError, match="^train.use_distributed_optimizer = true with "
                                          "train.pipeline_model_parallel_size = 2 is not supported"):
         build_trainer(replace(TRAIN, use_distributed_optimizer=True, **PP2), ALGO, native("qwen3"),
@@ -140,8 +142,8 @@ def _moe_routing(family: str, kind: str) -> list[np.ndarray]:
             for t in batch().tokens]
 
 
-def _check_moe(many: dict, one: dict, family: str) -> None:
-    weights = dict(named_weights(native(family, **MOE[family])))
+def _check_moe(many: dict, one: dict, family: str, changes: dict | None = None) -> None:
+    weights = dict(named_weights(native(family, **(changes or MOE[family]))))
     assert all(torch.equal(many["export"][n], weights[n]) for n in weights)  # gathered stages: bitwise
     assert_steps_match(many, one)
 
@@ -174,3 +176,22 @@ def test_moe_routing_replay_two_stages_match_one_rank(tmp_path, kind):
         agreement = many["pass"]["routing_agreement"]
         assert agreement == 1.0 if kind == "own" else agreement < 0.5
         assert many["first"]["routing_agreement"] == agreement  # the first step runs on the rollout's weights
+
+
+@pytest.mark.parametrize("parallel", [{**PP2, "expert_model_parallel_size": 2},
+                                      {**PP2, "tensor_model_parallel_size": 2, "sequence_parallel": True}, PP2],
+                         ids=["pp2-ep2", "pp2-tp2-sp", "pp2-dp2"])
+def test_moe_four_ranks_match_one_rank(tmp_path, parallel):
+    """qwen3_moe on 4 ranks, two stages of two expert-parallel ranks (each stage's routed experts
+    split over them; they run the same micro-batches), of two tensor-parallel ranks with sequence
+    parallelism (each router replays its part of the sequence) or of two data-parallel replicas;
+    R3 with random ids, replayed on each stage's own layers. Tied embeddings: their gradient
+    summed over both ends (and the EP copies or replicas)."""
+    make_batch = functools.partial(replayed_batch, _moe_routing("qwen3_moe", "random"))
+    train, changes = replace(TRAIN, routing_replay="rollout"), {**MOE["qwen3_moe"], **TIED}
+    many = run_spmd(_ranks, changes, parallel, str(tmp_path), "qwen3_moe", train, make_batch, world_size=4)
+    experts = [n for n in many["params"] if ".local_experts." in n]  # rank 0: stage 0's MoE layer only
+    assert len(experts) == 2 * 8 // parallel.get("expert_model_parallel_size", 1)  # fc1, fc2 of its experts
+    assert all(n.startswith("decoder.layers.0.mlp.experts.") for n in experts)
+    one = _steps(_trainer(changes, family="qwen3_moe", train=train), make_batch=make_batch)
+    _check_moe(many, one, "qwen3_moe", changes)
