@@ -4,7 +4,7 @@ of every split layer on each rank) and expert parallelism 2 (MoE families, half 
 experts on each rank) give what one rank gives: the same HF export (bitwise), log-probs (1e-5 of
 the native trainer's), loss, gradient norm and updated weights; the two-rank torch_dist
 checkpoint resumes bitwise, converts to HF with `miles convert`, and loads into a one-rank
-trainer; `miles train --nproc-per-node 2` runs with either (and with two pipeline stages,
+trainer; `miles train --nproc-per-node 2` runs with either (and with two pipeline stages, dense and MoE,
 `test_megatron_pipeline.py`) and logs the one-rank run's first step; bf16 compute too."""
 
 from __future__ import annotations
@@ -172,7 +172,10 @@ def _cli_steps(tmp_path: Path, name: str, *args: str) -> list[dict]:
     # ... and under TP with sequence parallelism: each rank's router replays its part of the sequence
     ["--set", "model.source=tiny-qwen3-moe", "--set", "train.tensor_model_parallel_size=2", "--set",
      "train.sequence_parallel=true", "--set", "train.routing_replay=rollout", "--set", "engine.return_routed_experts=true"],
-], ids=["tp2", "tp2-sp", "pp2", "qwen3_moe-ep2", "qwen3_moe-tp2-sp"])
+    # ... and over two pipeline stages: each replays its own MoE layer, the last measures both
+    ["--set", "model.source=tiny-qwen3-moe", "--set", "train.pipeline_model_parallel_size=2", "--set",
+     "train.routing_replay=rollout", "--set", "engine.return_routed_experts=true"],
+], ids=["tp2", "tp2-sp", "pp2", "qwen3_moe-ep2", "qwen3_moe-tp2-sp", "qwen3_moe-pp2"])
 def test_miles_train_on_two_ranks_matches_one_rank(tmp_path, monkeypatch, args):
     (tmp_path / "miles_test_varying_reward.py").write_text(VARYING_REWARD)
     monkeypatch.syspath_prepend(str(tmp_path))
