@@ -7,7 +7,8 @@ converts to HF with `miles convert` and loads into a one-rank trainer. MoE (qwen
 deepseek_v3, four layers, a dense one in the first stage) too: each stage routes, replays (R3,
 `routing_replay = "record"`) and records its own MoE layers, and the routing agreement and every
 number are one rank's; also on 4 ranks, two stages of two expert-parallel ranks (PP x EP), of
-two tensor-parallel ranks with sequence parallelism, or of two data-parallel replicas."""
+two tensor-parallel ranks with sequence parallelism, or of two data-parallel replicas; in bf16
+deepseek_v3's first-stage routers stay fp32."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from miles_core.config import AlgoConfig, TrainConfig  # noqa: E402
 from miles_core.errors import MilesError  # noqa: E402
 from miles_core.models.base import named_weights  # noqa: E402
 from miles_core.train import build_trainer, megatron_env  # noqa: E402
+from miles_core.train.leader import follow, release_followers  # noqa: E402
 from tests.train.spmd import run_spmd  # noqa: E402
 from tests.train.test_megatron_backend import batch, native, replayed_batch  # noqa: E402
 from tests.train.test_megatron_parallel import _max_diff, _steps, assert_steps_match, lead_then_resume  # noqa: E402
@@ -195,3 +197,21 @@ def test_moe_four_ranks_match_one_rank(tmp_path, parallel):
     assert all(n.startswith("decoder.layers.0.mlp.experts.") for n in experts)
     one = _steps(_trainer(changes, family="qwen3_moe", train=train), make_batch=make_batch)
     _check_moe(many, one, "qwen3_moe", changes)
+
+
+def _bf16_log_probs(rank: int, family: str):
+    trainer = _trainer(MOE[family], PP2, family, replace(TRAIN, compute_dtype="bfloat16"))
+    if rank != 0:
+        follow(trainer, trainer.control_group)
+        return None
+    logps = trainer.compute_log_probs(batch())
+    release_followers()
+    return logps
+
+
+def test_deepseek_v3_two_stages_in_bf16_keep_the_router_fp32():
+    """bf16 compute: the first stage's routers stay fp32 as the last stage's (and one rank's) do;
+    log-probs equal to one rank's (observed 0; a bf16 router on stage 0 moves them by 2.2e-2)."""
+    logps = run_spmd(_bf16_log_probs, "deepseek_v3")
+    one = _trainer(MOE["deepseek_v3"], family="deepseek_v3", train=replace(TRAIN, compute_dtype="bfloat16"))
+    assert _max_diff(logps, one.compute_log_probs(batch())) < 1e-3
