@@ -139,11 +139,12 @@ def shutdown() -> None:
 
 
 def check_sizes(sizes: ParallelSizes, world_size: int) -> None:
-    """Refuse the parallel layouts this version cannot run, naming the flag: tensor and expert
-    parallelism (together too), pipeline stages beside either or both, data parallelism beside them, DP = world / (TP x EP x PP) replicas, so the world must be a multiple
-    of the model-parallel size; sequence parallelism with tensor parallelism only (megatron's rule);
-    context parallelism is not written (megatron-core runs it only in
-    Transformer Engine's attention)."""
+    """Refuse the parallel layouts this version cannot run, naming the flag. It runs tensor and
+    expert parallelism (together too), pipeline stages beside either or both, and data parallelism
+    beside them: DP = world / (TP x EP x PP) replicas, so the world must be a multiple of the
+    model-parallel size; sequence parallelism with tensor parallelism only (megatron's rule).
+    Context parallelism is not written (megatron-core runs it only in Transformer Engine's
+    attention)."""
     if sizes.context > 1:
         raise MilesError(f"--context-parallel-size {sizes.context} is not supported by the megatron backend yet "
                          "(it runs tensor, expert and pipeline parallelism, with data parallelism beside them); "

@@ -93,8 +93,9 @@ def _max_diff(a: dict | list, b: dict | list) -> float:
 
 def assert_steps_match(many: dict, one: dict) -> None:
     """`_steps` of a many-rank layout against one rank's: log-probs, routing agreement (exact:
-    counts of equal expert ids), both steps' losses and gradient norms, the first update, and the resumed second step (weights, AdamW moments,
-    reference, schedule) bitwise against the uninterrupted one."""
+    counts of equal expert ids), both steps' losses and gradient norms, the first update, and the
+    resumed second step (weights, AdamW moments, reference, schedule) bitwise against the
+    uninterrupted one."""
     assert _max_diff(many["logps"], one["logps"]) < 1e-5
     assert many["pass"] == one["pass"]  # MoE with the engine's routing: the same routing agreement
     for step in ("first", "second"):
