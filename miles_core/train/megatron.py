@@ -300,7 +300,8 @@ def response_hidden_states(model: nn.Module, tokens: list[torch.Tensor], respons
     `batch.response_hidden_states` takes them from the native model; `routing` (MoE) replays
     and/or records the experts of every token through the router `hooks`."""
     device = output_weight(model).device
-    with _hidden_states_only(model):  # under pipeline stages, this stage's MoE records (the pipeline adds the others')
+    # Under pipeline stages `routing.recorded` is this stage's MoE layers (the pipeline adds the others').
+    with _hidden_states_only(model):
         hidden_TBE, ids_BT = megatron_pipeline.run_layers(model, tokens, hooks, routing)
     if model.config.sequence_parallel:  # this rank's 1/TP of the sequence: gather it whole
         hidden_TBE = sequence_parallel_gather(hidden_TBE)

@@ -101,7 +101,8 @@ class RoutingHooks:
     def context(self, plan: RoutingPlan, rows: list[tuple[int, int, int]], width: int, device) -> RoutingContext:
         """`plan.context` with only this stage's layers' replay entries (each stage replays its own)."""
         ctx = plan.context(rows, width, device)
-        ctx.replay = {layer: ids for layer, ids in ctx.replay.items() if self.first <= layer < self.first + self.local}
+        mine = range(self.first, self.first + self.local)
+        ctx.replay = {layer: ids for layer, ids in ctx.replay.items() if layer in mine}
         return ctx
 
     def stacked(self, ctx: RoutingContext, batch: int, width: int) -> np.ndarray:

@@ -140,8 +140,8 @@ def _moe_routing(family: str, kind: str) -> list[np.ndarray]:
         recorder.compute_log_probs(routed)
         return routed.trainer_routed_experts
     rng = np.random.default_rng(0)
-    return [np.stack([[rng.choice(8, 2, replace=False) for _ in range(3)] for _ in range(len(t) - 1)]).astype(np.int32)
-            for t in batch().tokens]
+    return [np.stack([[rng.choice(8, 2, replace=False) for _ in range(3)] for _ in range(len(t) - 1)])
+            .astype(np.int32) for t in batch().tokens]
 
 
 def _check_moe(many: dict, one: dict, family: str, changes: dict | None = None) -> None:
