@@ -80,7 +80,7 @@ class TrainConfig:
     tensor_model_parallel_size: int = 1
     """`megatron` backend: tensor-parallel ranks (slime's `--tensor-model-parallel-size`); > 1 needs that many `--nproc-per-node` ranks or a multiple (data-parallel replicas; dense families)."""
     pipeline_model_parallel_size: int = 1
-    """`megatron` backend: pipeline stages (`--pipeline-model-parallel-size`); > 1 needs that many times TP `--nproc-per-node` ranks or a multiple (dense families; one micro-batch in flight)."""
+    """`megatron` backend: pipeline stages (`--pipeline-model-parallel-size`); > 1 needs that many times TP x EP `--nproc-per-node` ranks or a multiple (every family; one micro-batch in flight)."""
     expert_model_parallel_size: int = 1
     """`megatron` backend: expert-parallel ranks (`--expert-model-parallel-size`); > 1 needs that many `--nproc-per-node` ranks or a multiple (data-parallel replicas; MoE families)."""
     context_parallel_size: int = 1

@@ -65,6 +65,9 @@ def _rollout_gpus(num_gpus: int) -> dict[str, Any]:
 MEGATRON = "above 1 selects train.backend = megatron; sizes above 1 are refused: not in miles' megatron backend yet"
 TENSOR_PARALLEL = ("above 1 selects train.backend = megatron; trainer ranks (--nproc-per-node) a multiple of it "
                    "(data parallelism = ranks / size), dense families (llama, qwen2, qwen3)")
+PIPELINE_PARALLEL = ("above 1 selects train.backend = megatron; trainer ranks (--nproc-per-node) a multiple of it "
+                     "times TP x EP (data parallelism beside), every family (MoE stages replay their own layers); "
+                     "one micro-batch in flight (no 1F1B), not with --use-distributed-optimizer")
 EXPERT_PARALLEL = ("above 1 selects train.backend = megatron; trainer ranks (--nproc-per-node) a multiple of it "
                    "(data parallelism = ranks / size), "
                    "MoE families (qwen3_moe, deepseek_v3), not with tensor parallelism yet")
@@ -86,7 +89,7 @@ FLAGS: dict[str, Flag] = {
     # megatron-core parallelism (train.backend = megatron)
     "--tensor-model-parallel-size": Flag(("train.tensor_model_parallel_size",), int, TENSOR_PARALLEL,
                                          to=_parallel("train.tensor_model_parallel_size")),
-    "--pipeline-model-parallel-size": Flag(("train.pipeline_model_parallel_size",), int, MEGATRON,
+    "--pipeline-model-parallel-size": Flag(("train.pipeline_model_parallel_size",), int, PIPELINE_PARALLEL,
                                            to=_parallel("train.pipeline_model_parallel_size")),
     "--expert-model-parallel-size": Flag(("train.expert_model_parallel_size",), int, EXPERT_PARALLEL,
                                          to=_parallel("train.expert_model_parallel_size")),

@@ -30,9 +30,11 @@ the others (`leader.py`), so every rank runs the same calls:
   1/EP of the routed experts (allgather dispatcher) and a copy of the rest; the EP ranks of one
   replica run the same micro-batches, so expert gradients are divided by EP (each expert saw
   every rank's copy of the tokens) and the copies' gradients averaged;
-- pipeline parallelism (`train.pipeline_model_parallel_size` = PP, dense families): each stage
+- pipeline parallelism (`train.pipeline_model_parallel_size` = PP, every family): each stage
   holds its layers (the first the embedding, the last the final norm and output layer), one
-  micro-batch in flight through the stages, the loss on the last (`megatron_pipeline.py`);
+  micro-batch in flight through the stages, the loss on the last (`megatron_pipeline.py`); MoE:
+  each stage replays and records its own MoE layers, the records sent on with the activations
+  to the last stage, in the global layer order;
 - context parallelism (`train.context_parallel_size` = CP; llama, qwen2, qwen3, qwen3_moe; with
   TP, and sequence parallelism, beside it): each sequence (padded to a multiple of 2 x CP) is cut
   into 2 x CP chunks and CP rank r runs chunks r and 2 x CP - 1 - r (megatron's load-balanced
@@ -47,14 +49,17 @@ the others (`leader.py`), so every rank runs the same calls:
   `train.use_distributed_optimizer` shards AdamW over them instead (ZeRO-1, `megatron_zero.py`).
 The gradient norm is the whole model's; `export_weights` gathers the full tensors on rank 0 from
 the first replica. TP and EP together (qwen3_moe, with sequence parallelism): each expert split
-over TP within its EP rank, as megatron-core places it. PP and EP together are not supported yet.
+over TP within its EP rank, as megatron-core places it. PP and EP together (MoE families): each
+stage's routed experts split over its EP ranks, which run the stage's micro-batches alike.
 
 MoE routing replay (`train.routing_replay`, R3) and the routing records behind
 `routing_agreement` go through megatron's router (`megatron_routing.py`), as the native backend's.
 
-Not in this version (refused with one line): TP and CP for MLA, PP for MoE and MLA families, PP
-with EP, CP with EP or PP, PP with the distributed optimizer, QAT, activation checkpointing, compile, the PPO critic. `train.compute_dtype = "bfloat16"` casts the parameters
-for each forward (`batch.call_in_dtype`, as the native trainer; DeepSeek-V3's router stays fp32). On CPU through the patches of `megatron_env.py`.
+Not in this version (refused with one line): TP and CP for MLA, CP with EP or PP, PP with the
+distributed optimizer, QAT, activation checkpointing, compile, the PPO critic.
+`train.compute_dtype = "bfloat16"` casts the parameters for each forward (`batch.call_in_dtype`,
+as the native trainer; DeepSeek-V3's router stays fp32). On CPU through the patches of
+`megatron_env.py`.
 """
 
 from __future__ import annotations
@@ -76,7 +81,7 @@ from miles_core.models.base import named_weights
 from miles_core.train import megatron_checkpoint, megatron_data, megatron_env, megatron_pipeline, megatron_shards
 from miles_core.train.batch import TrainBatch, call_in_dtype, micro_batches
 from miles_core.train.finite import BadStepGuard
-from miles_core.train.megatron_context import ContextSplit, ResponseRows, context_split, split_inputs
+from miles_core.train.megatron_context import ContextSplit, ResponseRows, context_split
 from miles_core.train.megatron_model import WeightMap, build_gpt, check_model_parallel, hf_config_of, output_weight
 from miles_core.train.megatron_routing import RoutingHooks
 from miles_core.train.megatron_zero import ZeroOptimizer
@@ -310,20 +315,11 @@ def response_hidden_states(model: nn.Module, tokens: list[torch.Tensor], respons
     parallelism (`split`) only this rank's n of the N; third, where they sit (`ResponseRows`; None
     without CP)."""
     device = output_weight(model).device
-    multiple = megatron_pipeline.sequence_multiple(model) * (2 * split.size if split.size > 1 else 1)
-    ids_BT, positions_BT, mask = megatron_pipeline.stage_inputs(tokens, device, multiple)
-    B, T = ids_BT.shape
-    local_BT = ids_BT
-    if split.size > 1:  # this rank's two chunks of every sequence (`megatron_context.py`)
-        local_BT, positions_BT, mask = split_inputs(ids_BT, split)
-    ctx = routing.context([(b, 0, len(t) - 1) for b, t in enumerate(tokens)], T, device) if routing else None
-    with _hidden_states_only(model), hooks.active(ctx, B, T):
-        hidden_TBE = model(local_BT, positions_BT, attention_mask=mask)  # megatron's [s, b, h] layout
+    # Under pipeline stages `routing.recorded` is this stage's MoE layers (the pipeline adds the others').
+    with _hidden_states_only(model):
+        hidden_TBE, ids_BT = megatron_pipeline.run_layers(model, tokens, hooks, routing, split)
     if model.config.sequence_parallel:  # this rank's 1/TP of the sequence: gather it whole
         hidden_TBE = sequence_parallel_gather(hidden_TBE)
-    if routing:
-        ids_BTLK = ctx.stacked()
-        routing.recorded = [ids_BTLK[b, : len(t) - 1] for b, t in enumerate(tokens)]
     hidden_BTE = hidden_TBE.transpose(0, 1)
     rows = torch.cat([torch.full((r,), i) for i, r in enumerate(response_lengths)]).to(device)
     cols = torch.cat([torch.arange(len(t) - r - 1, len(t) - 1) for t, r in zip(tokens, response_lengths)]).to(device)

@@ -203,7 +203,8 @@ class DataParallelSteps:
             logps, _ = self._forward(model, batch, indices, plan)
             self._measure_routing(batch, indices, plan, agreement)
             for j, (i, logp) in enumerate(zip(indices, logps)):
-                mine[i] = (logp.float().cpu(), plan.recorded[j] if plan else None)
+                # an earlier pipeline stage keeps no records (the last stage reports them)
+                mine[i] = (logp.float().cpu(), plan.recorded[j] if plan and plan.recorded else None)
         out: list = [None] * len(batch)
         recorded: list = [None] * len(batch)
         total = RoutingAgreement()

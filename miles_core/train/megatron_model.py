@@ -71,8 +71,9 @@ def hf_config_of(model: nn.Module) -> dict[str, Any]:
 TENSOR_PARALLEL = ("llama", "qwen2", "qwen3", "qwen3_moe")
 """Families that run with tensor parallelism (MLA layers are not split yet); qwen3_moe with
 sequence parallelism (megatron-core trains MoE layers tensor-parallel only with it)."""
-PIPELINE_PARALLEL = ("llama", "qwen2", "qwen3")
-"""Families that run with pipeline stages (dense; MoE routing records span the stages' layers)."""
+PIPELINE_PARALLEL = ("llama", "qwen2", "qwen3", "qwen3_moe", "deepseek_v3")
+"""Families that run with pipeline stages; MoE: each stage replays and records its own MoE layers,
+the records gathered on the last stage in layer order (`megatron_pipeline.py`)."""
 CONTEXT_PARALLEL = ("llama", "qwen2", "qwen3", "qwen3_moe")
 """Families that run with context parallelism (MLA computes its own RoPE and core attention)."""
 EXPERT_PARALLEL = {"qwen3_moe": "num_experts", "deepseek_v3": "n_routed_experts"}

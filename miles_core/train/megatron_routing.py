@@ -19,6 +19,12 @@ ranks' top-k in sequence order, every rank routes the whole (the same record on 
 keeps its own rows of the result. Under context parallelism a CP rank's router sees its two
 chunks of the sequence (`megatron_context.py`): the hook gathers the CP ranks' rows too and puts
 them in sequence order, and each rank keeps its chunks' rows of the result.
+
+Pipeline stages (`megatron_pipeline.py`): a stage holds a contiguous run of the decoder layers,
+so its MoE layers are a contiguous run of the global MoE layer indices (dense `mlp_only_layers` /
+`first_k_dense_replace` layers are not counted). Its hooks carry those global indices, and its
+context keeps only their replay entries (`RoutingHooks.context`), so every stage replays its own
+layers and records them; the pipeline gathers the records on the last stage in layer order.
 """
 
 from __future__ import annotations
@@ -26,12 +32,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from miles_core.models.routing import RoutingContext
 from miles_core.train.megatron_context import ContextSplit, context_split
+from miles_core.train.routing_replay import RoutingPlan
 
 
 class _Active:
@@ -91,7 +99,8 @@ class _LayerHook:
 
 
 class RoutingHooks:
-    """The replay/record hooks of one `GPTModel`'s MoE routers (none for a dense model)."""
+    """The replay/record hooks of one `GPTModel`'s (one pipeline stage's) MoE routers (none for a
+    dense model): global MoE layers `first` .. `first + local - 1` of `layers`."""
 
     def __init__(self, model: nn.Module) -> None:
         from megatron.core import parallel_state
@@ -101,11 +110,27 @@ class RoutingHooks:
         routers = [m for m in model.modules() if isinstance(m, TopKRouter)]  # decoder layer order
         split = bool(routers) and model.config.sequence_parallel
         group = parallel_state.get_tensor_model_parallel_group() if split else None
-        split = context_split()
-        for layer, router in enumerate(routers):
-            router.router_replay = _LayerHook(layer, self._active, group, split)
-        self.layers = len(routers)
-        self.topk = routers[0].topk if routers else 0
+        cp_split = context_split()
+        pattern = moe_pattern(model.config)
+        start = model.decoder.layers[0].layer_number - 1 if len(model.decoder.layers) else 0
+        self.first, self.local, self.layers = sum(pattern[:start]), len(routers), sum(pattern)
+        for layer, router in enumerate(routers, start=self.first):
+            router.router_replay = _LayerHook(layer, self._active, group, cp_split)
+        self.topk = model.config.moe_router_topk if self.layers else 0
+
+    def context(self, plan: RoutingPlan, rows: list[tuple[int, int, int]], width: int, device) -> RoutingContext:
+        """`plan.context` with only this stage's layers' replay entries (each stage replays its own)."""
+        ctx = plan.context(rows, width, device)
+        mine = range(self.first, self.first + self.local)
+        ctx.replay = {layer: ids for layer, ids in ctx.replay.items() if layer in mine}
+        return ctx
+
+    def stacked(self, ctx: RoutingContext, batch: int, width: int) -> np.ndarray:
+        """This stage's records of one forward, int32 (B, T, local, K) (`RoutingContext.stacked`)."""
+        if not self.local:
+            ctx.check_all_consumed()
+            return np.zeros((batch, width, 0, self.topk), dtype=np.int32)
+        return ctx.stacked()
 
     @contextlib.contextmanager
     def active(self, ctx: RoutingContext | None, batch: int, width: int):
@@ -115,3 +140,14 @@ class RoutingHooks:
             yield
         finally:
             self._active.current = None
+
+
+def moe_pattern(config) -> list[int]:
+    """1 for each MoE decoder layer, 0 for a dense one, over the whole model (megatron's
+    `moe_layer_freq`: a list, or every n-th layer); all 0 for a dense model."""
+    freq = config.moe_layer_freq
+    if not config.num_moe_experts:
+        return [0] * config.num_layers
+    if isinstance(freq, int):
+        return [int(i % freq == 0) for i in range(config.num_layers)]
+    return list(freq)

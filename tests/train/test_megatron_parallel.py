@@ -7,7 +7,8 @@ the native trainer's), loss, gradient norm and updated weights; the two-rank tor
 checkpoint resumes bitwise, converts to HF with `miles convert`, and loads into a one-rank
 trainer; on four ranks TP x EP (qwen3_moe) and CP x TP (qwen3; qwen3_moe with sequence
 parallelism and routing recorded then replayed) do too; `miles train --nproc-per-node 2` runs
-with TP or EP (and with two pipeline stages, `test_megatron_pipeline.py`) and logs the one-rank
+with TP or EP (and with two pipeline stages, dense and MoE,
+`test_megatron_pipeline.py`) and logs the one-rank
 run's first step; bf16 compute too."""
 
 from __future__ import annotations
@@ -56,13 +57,15 @@ def _weights(trainer) -> dict[str, torch.Tensor]:
     return {name: tensor.clone() for name, tensor in trainer.export_weights()}
 
 
-def _steps(trainer, folder: Path | None = None) -> dict:
-    """Log-probs, a step, (a save), a second step: what both layouts are compared on."""
-    out = {"export": _weights(trainer), "logps": trainer.compute_log_probs(batch())}
-    out["first"], out["trained"] = trainer.train_rollout(batch()), _weights(trainer)
+def _steps(trainer, folder: Path | None = None, make_batch=batch) -> dict:
+    """Log-probs (and their pass's routing agreement), a step, (a save), a second step: what both
+    layouts are compared on."""
+    out = {"export": _weights(trainer), "logps": trainer.compute_log_probs(make_batch()),
+           "pass": trainer.last_pass_metrics()}
+    out["first"], out["trained"] = trainer.train_rollout(make_batch()), _weights(trainer)
     if folder is not None:
         trainer.save(folder)
-    out["second"], out["trained_twice"] = trainer.train_rollout(batch()), _weights(trainer)
+    out["second"], out["trained_twice"] = trainer.train_rollout(make_batch()), _weights(trainer)
     return out
 
 
@@ -70,7 +73,7 @@ def _two_ranks(rank: int, family: str, parallel: dict[str, int], folder: str) ->
     return lead_then_resume(rank, functools.partial(_trainer, family, parallel), folder)
 
 
-def lead_then_resume(rank: int, make_trainer, folder: str, record=None) -> dict | None:
+def lead_then_resume(rank: int, make_trainer, folder: str, record=None, make_batch=batch) -> dict | None:
     """Rank 0 leads: the steps with a save after the first (plus `record(trainer)`), then a fresh
     trainer loads the save and runs the second step again. The other ranks follow both trainers."""
     if rank != 0:
@@ -79,12 +82,12 @@ def lead_then_resume(rank: int, make_trainer, folder: str, record=None) -> dict 
             follow(trainer, trainer.control_group)
         return None
     trainer = make_trainer()
-    out = _steps(trainer, Path(folder) / "ckpt")
+    out = _steps(trainer, Path(folder) / "ckpt", make_batch)
     out.update(record(trainer) if record else {})
     release_followers()
     resumed = make_trainer()
     resumed.load(Path(folder) / "ckpt")
-    out["resumed_second"], out["resumed_trained_twice"] = resumed.train_rollout(batch()), _weights(resumed)
+    out["resumed_second"], out["resumed_trained_twice"] = resumed.train_rollout(make_batch()), _weights(resumed)
     release_followers()
     return out
 
@@ -95,11 +98,14 @@ def _max_diff(a: dict | list, b: dict | list) -> float:
 
 
 def assert_steps_match(many: dict, one: dict) -> None:
-    """`_steps` of a many-rank layout against one rank's: log-probs, both steps' losses and
-    gradient norms, the first update, and the resumed second step (weights, AdamW moments,
-    reference, schedule) bitwise against the uninterrupted one."""
+    """`_steps` of a many-rank layout against one rank's: log-probs, routing agreement (exact:
+    counts of equal expert ids), both steps' losses and gradient norms, the first update, and the
+    resumed second step (weights, AdamW moments, reference, schedule) bitwise against the
+    uninterrupted one."""
     assert _max_diff(many["logps"], one["logps"]) < 1e-5
+    assert many["pass"] == one["pass"]  # MoE with the engine's routing: the same routing agreement
     for step in ("first", "second"):
+        assert many[step].get("routing_agreement") == one[step].get("routing_agreement"), step
         for key in ("loss", "pg_loss", "entropy_loss", "kl_loss"):
             assert many[step][key] == pytest.approx(one[step][key], abs=1e-5), (step, key)
         assert many[step]["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-5), step
@@ -223,7 +229,10 @@ def _cli_steps(tmp_path: Path, name: str, *args: str) -> list[dict]:
     # ... and under CP: each rank's router replays its two chunks of the sequence
     ["--set", "model.source=tiny-qwen3-moe", "--set", "train.context_parallel_size=2", "--set",
      "train.routing_replay=rollout", "--set", "engine.return_routed_experts=true"],
-], ids=["tp2", "tp2-sp", "pp2", "cp2", "qwen3_moe-ep2", "qwen3_moe-tp2-sp", "qwen3_moe-cp2"])
+    # ... and over two pipeline stages: each replays its own MoE layer, the last measures both
+    ["--set", "model.source=tiny-qwen3-moe", "--set", "train.pipeline_model_parallel_size=2", "--set",
+     "train.routing_replay=rollout", "--set", "engine.return_routed_experts=true"],
+], ids=["tp2", "tp2-sp", "pp2", "cp2", "qwen3_moe-ep2", "qwen3_moe-tp2-sp", "qwen3_moe-cp2", "qwen3_moe-pp2"])
 def test_miles_train_on_two_ranks_matches_one_rank(tmp_path, monkeypatch, args):
     (tmp_path / "miles_test_varying_reward.py").write_text(VARYING_REWARD)
     monkeypatch.syspath_prepend(str(tmp_path))
