@@ -56,7 +56,7 @@ MoE routing replay (`train.routing_replay`, R3) and the routing records behind
 `routing_agreement` go through megatron's router (`megatron_routing.py`), as the native backend's.
 
 Not in this version (refused with one line): TP and CP for MLA, CP with EP or PP, PP with the
-distributed optimizer, QAT, activation checkpointing, compile, the PPO critic.
+distributed optimizer, QAT, FP8 GEMMs, activation checkpointing, compile, the PPO critic.
 `train.compute_dtype = "bfloat16"` casts the parameters for each forward (`batch.call_in_dtype`,
 as the native trainer; DeepSeek-V3's router stays fp32). On CPU through the patches of
 `megatron_env.py`.
@@ -104,6 +104,8 @@ def check_options(cfg: TrainConfig, critic: bool) -> None:
     """Refuse the `[train]` options this backend does not implement, naming each."""
     refused = {
         "qat": (cfg.qat != "off", "'off'"),
+        # FP8 GEMMs under megatron-core are Transformer Engine's; without it they would silently be bf16.
+        "precision": (cfg.precision != "bf16", "'bf16' (FP8 under megatron needs Transformer Engine)"),
         "activation_checkpointing": (cfg.activation_checkpointing, "false"),
         "compile": (cfg.compile, "false"),
     }

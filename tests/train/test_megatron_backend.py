@@ -192,6 +192,8 @@ def test_checkpoint_of_the_earlier_layout_resumes_exactly(tmp_path):
      "^--context-parallel-size 2 with --pipeline-model-parallel-size 2 is not supported"),
     (dict(sequence_parallel=True), "^--sequence-parallel needs --tensor-model-parallel-size > 1"),
     (dict(qat="int4"), "train.qat = 'int4' is not supported"),
+    (dict(precision="fp8"), "^train.precision = 'fp8' is not supported with train.backend = 'megatron' yet; "
+                            "expected 'bf16'"),
 ])
 def test_refuses_what_it_cannot_run(change, message):
     cfg = TrainConfig(backend="megatron", **change)
