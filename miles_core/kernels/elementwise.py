@@ -8,8 +8,7 @@ on CUDA, under `torch.inference_mode` (the engine's forwards), these chains run 
 autograd is not measured to help; `train.compile` compiles whole layers instead). The fused
 kernel computes in fp32 and rounds once at the end, so its bits can differ from eager's
 (fast mode promises no bitwise equality). `invariant` mode, CPU, code already being compiled, or
-`USE_COMPILED = False` run the eager references, so the engine and trainer compute the same bits
-(the invariant engine's RoPE as one Triton kernel with eager's bits: `rotary_triton`).
+`USE_COMPILED = False` run the eager references, so the engine and trainer compute the same bits.
 
 Shape legend: B batch, H heads, T tokens, D head dim.
 """

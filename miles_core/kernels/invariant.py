@@ -10,14 +10,8 @@ import torch
 
 from miles_core.kernels import triton_ops
 from miles_core.kernels.attention import attention_invariant
-from miles_core.kernels.elementwise import rotary_reference
 from miles_core.kernels.matmul import linear_invariant
 from miles_core.kernels.norms import log_softmax_invariant, rms_norm_invariant
-
-try:
-    from miles_core.kernels import rotary_triton
-except ImportError:  # no Triton: the eager op
-    rotary_triton = None
 
 
 def _triton(tensor: torch.Tensor) -> bool:
@@ -43,14 +37,3 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def log_softmax(z: torch.Tensor) -> torch.Tensor:
     return triton_ops.log_softmax(z) if _triton(z) else log_softmax_invariant(z)
-
-
-def rotary(x_BHTD: torch.Tensor, cos_BTD: torch.Tensor, sin_BTD: torch.Tensor) -> torch.Tensor:
-    """Eager RoPE's bits: one Triton kernel for half-precision CUDA tensors that need no gradient
-    (the engine; `rotary_triton`), the eager op otherwise (the trainer, CPU, fp32)."""
-    half = x_BHTD.shape[-1] // 2
-    one_pass = (_triton(x_BHTD) and rotary_triton is not None and x_BHTD.dtype in (torch.bfloat16, torch.float16)
-                and cos_BTD.dtype == sin_BTD.dtype == x_BHTD.dtype and x_BHTD.shape[-1] == 2 * half
-                and half & (half - 1) == 0
-                and not (torch.is_grad_enabled() and (x_BHTD.requires_grad or cos_BTD.requires_grad)))
-    return rotary_triton.rotary(x_BHTD, cos_BTD, sin_BTD) if one_pass else rotary_reference(x_BHTD, cos_BTD, sin_BTD)
