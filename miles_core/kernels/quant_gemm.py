@@ -3,13 +3,13 @@ for CUDA next to a pure-torch reference with the same signature.
 
 FP8 (DeepSeek-V3 / SGLang `w8a8_block_fp8_matmul`). Weight W (N, K) in e4m3fn with fp32
 `weight_scale_inv` s_w per 128 x 128 block (R = ceil(N/128), C = ceil(K/128)). Activations are
-quantised on the fly per token and group of 128 inputs: s_a = amax(|x_group|) / 448 (1 for an
-all-zero group), x_q = e4m3fn(x / s_a). Then
+quantised on the fly per token and group of 128 inputs: s_a = amax(|x_group|) times 1/448
+rounded to fp32 (1 for an all-zero group), x_q = e4m3fn(x / s_a). Then
     y[m, n] = sum over k-blocks c of (x_q[m, c] . W_q[n, c]) * s_a[m, c] * s_w[n // 128, c]
 accumulated in fp32 and cast to x's dtype. e4m3 products are exact in fp32, so the reference
 (dequantise both operands to fp32, one matmul) and the kernel differ only in summation order.
-The activation quantisation is one torch function shared by both paths (`quantize_fp8_groups`),
-so both see the same e4m3 integers.
+The activation quantisation (`quantize_fp8_groups` here, its Triton twin on CUDA: equal bitwise)
+gives both the same e4m3 integers.
 
 INT4 (compressed-tensors `pack-quantized`, symmetric, W4A16). `weight_packed` int32 (N, K/8),
 value i of a word in bits 4i..4i+3, offset by 8; `weight_scale` (N, K/g) in the weight's dtype.
@@ -17,11 +17,11 @@ The weight is W = (nibble - 8) * s, rounded to the scale's dtype, then to the ac
 dtype (exactly what dequantise-on-load computes), and y = x W^T with fp32 accumulation.
 
 On CUDA (bf16/fp16 activations): the activations are quantised by one Triton kernel
-(`quant_triton.quantize_fp8_groups`, bitwise equal to the torch version here); calls of more than
-`LARGE_M` rows run torch's block-scaled `F.scaled_mm` (cuBLAS, sm90) when a check at first use on
-the device agrees with the reference, else the Triton GEMM; INT4 calls of more than
-`INT4_DEQUANT_M` rows dequantise the weight (Triton) and run cuBLAS, which is then exactly the reference. Smaller calls
-(decode) run the fused Triton GEMMs on tiles picked by M (`quant_triton`). These paths serve only
+(`quant_triton.quantize_fp8_groups`); FP8 calls of more than `LARGE_M` rows run torch's
+block-scaled `F.scaled_mm` (cuBLAS, sm90) when a check at first use on the device agrees with
+the reference, else the Triton GEMM; INT4 calls of more than `INT4_DEQUANT_M` rows dequantise
+the weight (Triton) and run cuBLAS, which is then exactly the reference. Smaller calls (decode)
+run the fused Triton GEMMs on tiles picked by M (`quant_triton`). These paths serve only
 `fast` alignment mode; results repeat run to run, and like cuBLAS's may differ in the last bits
 between row counts. The references live here rather than in `quant/` because kernels sit below
 it; `quant/fp8.py` and `quant/int4.py` own the checkpoint-side math, and the tests check the two
