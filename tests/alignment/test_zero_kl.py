@@ -62,14 +62,19 @@ def _generate(loaded, prompts, batch_size: int, device: str):
 
 
 def _mismatch(model, tokens, lengths, rollout, forward, budget: int) -> dict[str, float]:
-    """Trainer log-probs in micro-batches of `budget` tokens, compared with the engine's."""
+    """Trainer log-probs in micro-batches of `budget` tokens, compared with the engine's. The
+    forward runs with gradients on, as a training step's does: a kernel that dispatched otherwise
+    under autograd would give the training loss other bits than a no-grad check sees."""
     sums = MismatchSums()
-    with torch.no_grad():
+    for p in model.parameters():
+        p.requires_grad_(True)
+    with torch.enable_grad():
         for group in micro_batches([len(t) for t in tokens], budget):
             logps, _ = forward(model, [tokens[i] for i in group], [lengths[i] for i in group],
                                temperature=0.8, chunk_size=64)
             for i, logp in zip(group, logps):
-                sums.add(logp.cpu(), rollout[i])
+                assert logp.requires_grad  # the training path, not an inference shortcut
+                sums.add(logp.detach().cpu(), rollout[i])
     return sums.metrics()
 
 
