@@ -1,5 +1,5 @@
-"""megatron-core backend on 2 GPUs (NCCL): TP=2 (dense Qwen3, also with sequence parallelism) and
-EP=2 (Qwen3-MoE) against one rank.
+"""megatron-core backend on 2 GPUs (NCCL): TP=2 (dense Qwen3, also with sequence parallelism),
+CP=2 and PP=2 (dense Qwen3), EP=2 and PP=2 (Qwen3-MoE) against one rank.
 
 For each layout, the same random model (seed 0, fp32 masters, bf16 compute) and the same batch run
 on one rank (GPU 0) and on two ranks (GPUs 0-1, one process each, rank 0 leading as `miles train
@@ -41,6 +41,14 @@ LAYOUTS = {
                             num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=4,
                             moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
                             decoder_sparse_step=1, mlp_only_layers=[]), {"expert_model_parallel_size": 2}),
+    "qwen3 CP=2": (dict(COMMON, model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=4,
+                        num_attention_heads=16, num_key_value_heads=8), {"context_parallel_size": 2}),
+    "qwen3 PP=2": (dict(COMMON, model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=4,
+                        num_attention_heads=16, num_key_value_heads=8), {"pipeline_model_parallel_size": 2}),
+    "qwen3_moe PP=2": (dict(COMMON, model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144,
+                            num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=4,
+                            moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                            decoder_sparse_step=1, mlp_only_layers=[]), {"pipeline_model_parallel_size": 2}),
 }
 
 
@@ -115,7 +123,7 @@ def compare(name: str, one: dict, two: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma-separated, of: {', '.join(LAYOUTS)}")
     parser.add_argument("--tiny", action="store_true", help="small widths (a CPU smoke run of the script)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
