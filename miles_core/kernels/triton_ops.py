@@ -201,6 +201,7 @@ def _default_tiles_fill_card(M: int, w_NK: torch.Tensor) -> bool:
     return -(-M // block_m) * -(-w_NK.shape[0] // block_n) >= _sm_count(w_NK.device)
 
 
+@functools.cache  # asked on every decode-sized call
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 1 << 30

@@ -96,17 +96,26 @@ def gather_replicas(obj, dp: Replicas, group) -> list:
     return [part for leader, part in every if leader]
 
 
-def reduce_grads(model: nn.Module, ep_size: int) -> None:
-    """Sum the gradients over the replicas (and EP copies), then divide by EP (module docstring)."""
+def reduction_groups(params: list[nn.Parameter]) -> list[tuple[list[nn.Parameter], object]]:
+    """(parameters, the group their gradients are summed over), for the non-empty ones: the dense
+    parameters over megatron's data-parallel group with context parallelism (under CP each rank's
+    gradient is its tokens' part: the sum over the CP ranks is the whole), the experts megatron
+    marks `allreduce = False` over its expert-data-parallel group. `reduce_grads` and the ZeRO
+    optimizer share it."""
     from megatron.core import parallel_state as ps
 
-    params = [p for p in model.parameters() if p.requires_grad]
     experts = [p for p in params if getattr(p, "allreduce", True) is False]  # megatron's own mark
     dense = [p for p in params if getattr(p, "allreduce", True) is not False]
-    # Under CP each rank's gradient is its tokens' part: the sum over the CP ranks is the whole.
-    dense_group = ps.get_data_parallel_group(with_context_parallel=True)
-    for group_params, group in ((dense, dense_group), (experts, ps.get_expert_data_parallel_group())):
-        if group_params and dist.get_world_size(group) > 1:
+    return [(group_params, group) for group_params, group in
+            ((dense, ps.get_data_parallel_group(with_context_parallel=True)),
+             (experts, ps.get_expert_data_parallel_group())) if group_params]
+
+
+def reduce_grads(model: nn.Module, ep_size: int) -> None:
+    """Sum the gradients over the replicas (and EP copies), then divide by EP (module docstring)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for group_params, group in reduction_groups(params):
+        if dist.get_world_size(group) > 1:
             all_reduce_grads(group_params, group)
     if ep_size > 1:
         for p in params:

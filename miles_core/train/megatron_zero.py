@@ -2,11 +2,12 @@
 `--use-distributed-optimizer`): ZeRO-1 over the data-parallel replicas (`megatron_data.py`) and
 their context-parallel ranks.
 
-Each reduction group (the dense parameters over megatron's data-parallel group with context
-parallelism, the EP-split experts over its expert-data-parallel group) flattens its parameters,
-in model order, into one vector padded to a multiple of the group size n; rank r of the group
-owns elements [r*S, (r+1)*S), S = padded length / n, and keeps them as an fp32 master with its
-own AdamW moments, so the moments take 1/n of the memory. A step:
+Each reduction group (`megatron_data.reduction_groups`: the dense parameters over megatron's
+data-parallel group with context parallelism, the EP-split experts over its expert-data-parallel
+group) flattens its parameters, in model order, into one vector padded to a multiple of the
+group size n; rank r of the group owns elements [r*S, (r+1)*S), S = padded length / n, and
+keeps them as an fp32 master with its own AdamW moments, so the moments take 1/n of the memory.
+A step:
 - `reduce_scatter_grads`: the flattened gradients (zeros for a parameter without one) are
   reduce-scattered (summed), so each rank receives its slice of the summed gradient, divided
   by EP as `megatron_data.reduce_grads` does; the model's gradients are then dropped;
@@ -35,6 +36,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from miles_core.config import TrainConfig
+from miles_core.train.megatron_data import reduction_groups
 from miles_core.train.optim import build_optimizer
 
 
@@ -62,14 +64,9 @@ class ZeroOptimizer:
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, total_steps: int, ep_size: int,
                  tp_duplicates: set[int]) -> None:
-        from megatron.core import parallel_state as ps
-
         self.ep_size, self.params = ep_size, [p for p in model.parameters() if p.requires_grad]
-        experts = [p for p in self.params if getattr(p, "allreduce", True) is False]
-        dense = [p for p in self.params if getattr(p, "allreduce", True) is not False]
         self.groups = [self._group(params, group, lambda p: id(p) not in tp_duplicates)
-                       for params, group in ((dense, ps.get_data_parallel_group(with_context_parallel=True)),
-                                             (experts, ps.get_expert_data_parallel_group())) if params]
+                       for params, group in reduction_groups(self.params)]
         self.optimizer, self.scheduler = build_optimizer([g.master for g in self.groups], cfg, total_steps)
         self.optimizer.register_step_post_hook(lambda *args: self._gather_params())
 
