@@ -21,9 +21,9 @@ from torch import nn
 
 from miles_core.kernels import invariant
 from miles_core.kernels.attention import attention_reference
-from miles_core.kernels.elementwise import rms_norm_fast, rotary_fast, rotary_reference, silu_mul_fast, silu_mul_reference
+from miles_core.kernels.elementwise import rms_norm_fast, rotary_fast, silu_mul_fast, silu_mul_reference
 from miles_core.kernels.matmul import linear_reference
-from miles_core.kernels.packed import packed_attention_fast, segment_attention
+from miles_core.kernels.packed import packed_attention_fast
 from miles_core.kernels.norms import (
     log_softmax_reference,
     sigmoid_invariant,
@@ -54,10 +54,10 @@ class Ops:
 FAST_OPS = Ops("fast", linear_reference, attention_reference, rms_norm_fast, log_softmax_reference,
                softmax_reference, torch.sigmoid, functools.partial(packed_attention_fast, attention_reference),
                rotary_fast, silu_mul_fast)
-# Invariant packed attention runs the invariant op per segment: the same bits as a padded row.
+# Invariant packed attention gives each segment the bits of its padded row.
 INVARIANT_OPS = Ops("invariant", invariant.linear, invariant.attention, invariant.rms_norm, invariant.log_softmax,
-                    softmax_invariant, sigmoid_invariant, functools.partial(segment_attention, invariant.attention),
-                    rotary_reference, silu_mul_reference)
+                    softmax_invariant, sigmoid_invariant, invariant.packed_attention, invariant.rotary,
+                    silu_mul_reference)
 OPS = {"fast": FAST_OPS, "invariant": INVARIANT_OPS}
 
 

@@ -73,8 +73,9 @@ class PackedSegments:
 
     @staticmethod
     def for_device(segments: list[tuple[int, int, int, int]], device) -> PackedSegments:
-        """The segments, with their varlen layout when `device` is CUDA."""
-        cuda = torch.device(device).type == "cuda" and varlen_attn is not None
+        """The segments, with their varlen layout when `device` is CUDA (read by fast mode's flash
+        call and invariant mode's Triton kernel)."""
+        cuda = torch.device(device).type == "cuda"
         return PackedSegments(segments, VarlenLayout.of(segments, device) if cuda else None)
 
     @property

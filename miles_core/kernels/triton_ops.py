@@ -1,4 +1,5 @@
-"""Batch-invariant CUDA kernels in Triton: linear, RMSNorm, log-softmax and causal attention.
+"""Batch-invariant CUDA kernels in Triton: linear, RMSNorm, log-softmax and causal attention
+(padded rows and packed ones).
 
 Why these are invariant: every kernel runs one fixed configuration (block sizes, warps, stages)
 whatever the problem size, never splits a reduction across programs (no split-K), and computes
@@ -17,6 +18,8 @@ measures it.
 - `attention`: flash-attention forward (online softmax over BLOCK_N keys from position 0) with
   explicit query positions; keys sit at their index; a query at position p sees keys 0..p.
   Decode (one query) uses the same kernel and tile shape as prefill.
+- `packed_attention`: the same kernel over a packed row's segments in one launch (the trainer's
+  packed forward): each segment's tiles and loop are those of a separate call on that segment.
 
 Backward passes are not invariant and need not be: they recompute with the plain PyTorch
 reference (`matmul`, `norms`, `attention` modules) and differentiate that.
@@ -34,6 +37,7 @@ import torch
 
 from miles_core.kernels.attention import attention_reference
 from miles_core.kernels.norms import rms_norm_reference
+from miles_core.kernels.packed import PackedSegments, VarlenLayout, segment_attention, varlen_applies, varlen_packed_attention
 
 try:
     import triton
@@ -127,46 +131,53 @@ if triton is not None:
                      mask=start + cols < V)
 
     @triton.jit
-    def _attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, T, S, H, G, D, DV, scale,
+    def _attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, cu_q_ptr, cu_k_ptr, T, S, H, G, D, DV, scale,
                           sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_t, sp_b,
-                          IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          BLOCK_DV: tl.constexpr):
+                          VARLEN: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
         pid_m, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // H, bh % H
         kv = h // G
+        if VARLEN:  # row b is segment b of one packed row: its queries and keys start at offsets
+            q_off, k_off = tl.load(cu_q_ptr + b), tl.load(cu_k_ptr + b)
+            n_q, n_k = tl.load(cu_q_ptr + b + 1) - q_off, tl.load(cu_k_ptr + b + 1) - k_off
+            b = 0
+        else:
+            q_off, k_off, n_q, n_k = 0, 0, T, S
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         d, dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
-        q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_t + d[None, :],
-                    mask=(rows[:, None] < T) & (d[None, :] < D), other=0.0)
-        qpos = tl.load(pos_ptr + b * sp_b + rows, mask=rows < T, other=-1)
+        q = tl.load(q_ptr + b * sq_b + h * sq_h + (q_off + rows[:, None]) * sq_t + d[None, :],
+                    mask=(rows[:, None] < n_q) & (d[None, :] < D), other=0.0)
+        qpos = tl.load(pos_ptr + b * sp_b + q_off + rows, mask=rows < n_q, other=-1)
         m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
-        last = tl.minimum(tl.max(qpos, axis=0) + 1, S)  # trailing fully-masked blocks change nothing
+        last = tl.minimum(tl.max(qpos, axis=0) + 1, n_k)  # trailing fully-masked blocks change nothing
+        k_row = k_ptr + b * sk_b + kv * sk_h + k_off * sk_s
+        v_row = v_ptr + b * sv_b + kv * sv_h + k_off * sv_s
         for start in range(0, last, BLOCK_N):
             keys = start + tl.arange(0, BLOCK_N)
-            k = tl.load(k_ptr + b * sk_b + kv * sk_h + keys[None, :] * sk_s + d[:, None],
-                        mask=(keys[None, :] < S) & (d[:, None] < D), other=0.0)
+            k = tl.load(k_row + keys[None, :] * sk_s + d[:, None], mask=(keys[None, :] < n_k) & (d[:, None] < D), other=0.0)
             if IEEE:
                 s = tl.dot(q, k, input_precision="ieee") * scale
             else:
                 s = tl.dot(q, k) * scale
-            s = tl.where((keys[None, :] <= qpos[:, None]) & (keys[None, :] < S), s, float("-inf"))
+            s = tl.where((keys[None, :] <= qpos[:, None]) & (keys[None, :] < n_k), s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp(m - safe)
             p = tl.exp(s - safe[:, None])
             l = l * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + b * sv_b + kv * sv_h + keys[:, None] * sv_s + dv[None, :],
-                        mask=(keys[:, None] < S) & (dv[None, :] < DV), other=0.0)
+            v = tl.load(v_row + keys[:, None] * sv_s + dv[None, :], mask=(keys[:, None] < n_k) & (dv[None, :] < DV),
+                        other=0.0)
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
         out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
-        tl.store(o_ptr + b * so_b + h * so_h + rows[:, None] * so_t + dv[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=(rows[:, None] < T) & (dv[None, :] < DV))
+        tl.store(o_ptr + b * so_b + h * so_h + (q_off + rows[:, None]) * so_t + dv[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=(rows[:, None] < n_q) & (dv[None, :] < DV))
 
 
 def _linear_forward(x_MK: torch.Tensor, w_NK: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -252,7 +263,7 @@ def linear(x_MK: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     return _Linear.apply(x_MK, weight, bias)
 
 
-def _with_reference_backward(forward_fn, reference_fn):
+def with_reference_backward(forward_fn, reference_fn):
     """An autograd op whose forward is a Triton kernel and whose backward differentiates the
     PyTorch reference (gradients need no invariance)."""
 
@@ -285,7 +296,7 @@ def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
     return y.view(x.shape)
 
 
-rms_norm = _with_reference_backward(_rms_norm_forward, rms_norm_reference)
+rms_norm = with_reference_backward(_rms_norm_forward, rms_norm_reference)
 
 
 def log_softmax(z: torch.Tensor) -> torch.Tensor:
@@ -297,21 +308,44 @@ def log_softmax(z: torch.Tensor) -> torch.Tensor:
     return out.view(z.shape)
 
 
+ATTENTION_BLOCK = 64
+"""Queries and keys per attention tile: one size for every call (prefill, decode, packed rows)."""
+
+
 def _attention_forward(q_BHTD, k_BKSD, v_BKSD, position_ids_BT) -> torch.Tensor:
-    B, H, T, D = q_BHTD.shape
-    K, S, DV = k_BKSD.shape[1], k_BKSD.shape[2], v_BKSD.shape[3]
+    B, H, T, _ = q_BHTD.shape
     q = q_BHTD.contiguous()
     k, v = k_BKSD.to(q.dtype).contiguous(), v_BKSD.to(q.dtype).contiguous()
     pos = position_ids_BT.to(torch.int32).contiguous()
-    out = torch.empty(B, H, T, DV, device=q.device, dtype=q.dtype)
-    block_m, block_n = 64, 64
-    grid = (triton.cdiv(T, block_m), B * H)
-    _attention_kernel[grid](q, k, v, pos, out, T, S, H, H // K, D, DV, 1.0 / math.sqrt(D),
-                            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-                            pos.stride(0), IEEE=q.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
-                            BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(DV)),
-                            num_warps=4, num_stages=2)
+    out = torch.empty(B, H, T, v.shape[3], device=q.device, dtype=q.dtype)
+    return _launch_attention(q, k, v, pos, out, (triton.cdiv(T, ATTENTION_BLOCK), B * H), None)
+
+
+def _packed_attention_forward(q_1HTD, k_1KTD, v_1KTD, position_ids_1T, packed: PackedSegments) -> torch.Tensor:
+    """One launch for a packed row: program (i, s * H + h) runs query tile i of segment s over the
+    segment's keys (its prefix gathered in front of its own tokens), the same tiles and loop a
+    separate call per segment runs, so each token gets the padded forward's and the engine's bits."""
+    layout = packed.varlen if packed.varlen is not None else VarlenLayout.of(packed.segments, q_1HTD.device)
+    q = q_1HTD.contiguous()
+    k, v = k_1KTD.to(q.dtype), v_1KTD.to(q.dtype)
+    if layout.key_index is not None:
+        k, v = k[:, :, layout.key_index], v[:, :, layout.key_index]
+    k, v = k.contiguous(), v.contiguous()
+    pos = position_ids_1T.to(torch.int32).contiguous()
+    out = torch.empty(*q.shape[:3], v.shape[3], device=q.device, dtype=q.dtype)
+    grid = (triton.cdiv(layout.max_q, ATTENTION_BLOCK), (layout.cu_q.numel() - 1) * q.shape[1])
+    return _launch_attention(q, k, v, pos, out, grid, layout)
+
+
+def _launch_attention(q, k, v, pos, out, grid, layout: VarlenLayout | None) -> torch.Tensor:
+    H, D, DV = q.shape[1], q.shape[3], v.shape[3]
+    cu_q, cu_k = (layout.cu_q, layout.cu_k) if layout is not None else (pos, pos)  # unread without VARLEN
+    _attention_kernel[grid](q, k, v, pos, out, cu_q, cu_k, q.shape[2], k.shape[2], H, H // k.shape[1], D, DV,
+                            1.0 / math.sqrt(D), q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                            k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
+                            out.stride(2), pos.stride(0), VARLEN=layout is not None, IEEE=q.dtype == torch.float32,
+                            BLOCK_M=ATTENTION_BLOCK, BLOCK_N=ATTENTION_BLOCK, BLOCK_D=max(16, triton.next_power_of_2(D)),
+                            BLOCK_DV=max(16, triton.next_power_of_2(DV)), num_warps=4, num_stages=2)
     return out
 
 
@@ -319,4 +353,14 @@ def _attention_reference(q_BHTD, k_BKSD, v_BKSD, position_ids_BT):
     return attention_reference(q_BHTD, k_BKSD.to(q_BHTD.dtype), v_BKSD.to(q_BHTD.dtype), position_ids_BT, True)
 
 
-attention = _with_reference_backward(_attention_forward, _attention_reference)
+def _packed_attention_reference(q_1HTD, k_1KTD, v_1KTD, position_ids_1T, packed: PackedSegments) -> torch.Tensor:
+    """What the backward differentiates: flash attention's varlen call where it applies, else the
+    segment loop (gradients need no invariance)."""
+    k, v = k_1KTD.to(q_1HTD.dtype), v_1KTD.to(q_1HTD.dtype)
+    if varlen_applies(q_1HTD, v):
+        return varlen_packed_attention(q_1HTD, k, v, packed)
+    return segment_attention(attention_reference, q_1HTD, k, v, position_ids_1T, packed)
+
+
+attention = with_reference_backward(_attention_forward, _attention_reference)
+packed_attention = with_reference_backward(_packed_attention_forward, _packed_attention_reference)

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from miles_core.kernels import model_ops
 from miles_core.kernels.packed import PackedSegments
 from miles_core.utils.device import to_device
 from miles_core.train.batch import _prompt_slots, _token_log_probs, has_room, prompt_groups
@@ -107,9 +106,7 @@ def packed_hidden_states(model: nn.Module, tokens: Sequence[torch.Tensor], respo
     # Replay pieces: a shared prompt's routing is written once (its first sample's), the rest
     # only repeat it; the context fills each row offset from one of them.
     ctx = routing.packed_context(pieces, row.length, device) if routing else None
-    # Only fast mode reads the variable-length layout; invariant mode keeps the per-segment loop.
-    fast = model_ops(model).name == "fast"
-    packed = PackedSegments.for_device(row.segments, device) if fast else PackedSegments(row.segments)
+    packed = PackedSegments.for_device(row.segments, device)
     hidden_1TE = model(ids_1T, positions_1T, packed, routing=ctx)
     if routing:
         ids_1TLK = ctx.stacked()

@@ -1,11 +1,12 @@
 """Invariant mode: engine and trainer log-probs are bitwise equal (KL exactly 0) for tiny Llama
-and Qwen3 models, across engine batch sizes 1..64, mixed prompt lengths, both trainer forward
-paths and different micro-batch budgets; fast mode shows a small non-zero mismatch. GPU tests
+and Qwen3 models, across engine batch sizes 1..64, mixed prompt lengths, every trainer forward
+path (padded, shared prompt, packed) and different micro-batch budgets; fast mode shows a small non-zero mismatch. GPU tests
 repeat the check on CUDA (Triton kernels) and skip themselves without CUDA."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import shutil
 
 import pytest
@@ -18,8 +19,12 @@ from miles_core.engine.protocol import GenerateRequest
 from miles_core.algo.mismatch import MismatchSums
 from miles_core.checkpoint.loading import load_model
 from miles_core.train.batch import micro_batches, response_log_probs, shared_prefix_log_probs
+from miles_core.train.packing import packed_log_probs
 
 BATCH_SIZES = (1, 3, 16, 64)
+# Every trainer forward: padded rows, prompts run once, packed rows (plain and prompt-sharing).
+TRAINER_FORWARDS = ((response_log_probs, 10_000), (shared_prefix_log_probs, 200), (packed_log_probs, 300),
+                    (functools.partial(packed_log_probs, share_prompt_prefix=True), 300))
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +90,10 @@ def test_invariant_mode_gives_bitwise_equal_log_probs(model_dirs, family):
     prompts = _prompts(32)
     for batch_size in BATCH_SIZES:
         tokens, lengths, rollout = _generate(loaded, prompts, batch_size, "cpu")
-        for forward, budget in ((response_log_probs, 10_000), (shared_prefix_log_probs, 200)):
+        for forward, budget in TRAINER_FORWARDS:
             stats = _mismatch(trainer_model, tokens, lengths, rollout, forward, budget)
             assert stats["num_tokens"] == 640
-            assert stats["kl_k1"] == 0.0 and stats["kl_k3"] == 0.0, (batch_size, forward.__name__)
+            assert stats["kl_k1"] == 0.0 and stats["kl_k3"] == 0.0, (batch_size, forward)
             assert stats["bitwise_equal"] == 1.0 and stats["max_abs_diff"] == 0.0
 
 
@@ -118,9 +123,9 @@ def test_invariant_mode_on_cuda(model_dirs, dtype):
     prompts = _prompts(32)
     for batch_size in BATCH_SIZES:
         tokens, lengths, rollout = _generate(loaded, prompts, batch_size, "cuda")
-        for forward, budget in ((response_log_probs, 10_000), (shared_prefix_log_probs, 200)):
+        for forward, budget in TRAINER_FORWARDS:
             stats = _mismatch(trainer_model, tokens, lengths, rollout, forward, budget)
-            assert stats["kl_k3"] == 0.0 and stats["bitwise_equal"] == 1.0, (dtype, batch_size, forward.__name__, stats)
+            assert stats["kl_k3"] == 0.0 and stats["bitwise_equal"] == 1.0, (dtype, batch_size, forward, stats)
 
 
 @pytest.mark.gpu
