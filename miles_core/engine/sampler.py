@@ -16,6 +16,11 @@ import torch
 
 from miles_core.kernels.norms import log_softmax_reference
 
+try:
+    from miles_core.kernels import sampling_triton
+except ImportError:  # no Triton: the torch sampler serves every device
+    sampling_triton = None
+
 
 @dataclass(frozen=True)
 class SamplerFlags:
@@ -63,11 +68,15 @@ def process_logits(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B
 
 def sample_tokens(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor,
                   top_p_B: torch.Tensor, uniform_B: torch.Tensor, log_softmax=log_softmax_reference,
-                  flags: SamplerFlags | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  flags: SamplerFlags | None = None, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row. Returns (token ids (B,), their logprobs (B,)). `log_softmax` is
     the trainer's kernel in invariant mode, so both sides compute the same bits. `flags`: what
-    the rows need, if the caller knows (else read from the tensors)."""
+    the rows need, if the caller knows (else read from the tensors). `fused` (fast mode): CUDA
+    rows without top-k / top-p take one Triton kernel (`kernels.sampling_triton`; same rule, not
+    the same bits)."""
     flags = flags or flags_of(temperature_B, top_k_B, top_p_B)
+    if fused and not flags.filtered and logits_BV.is_cuda and sampling_triton is not None:
+        return sampling_triton.sample(logits_BV, temperature_B, uniform_B)
     logits = process_logits(logits_BV, temperature_B, top_k_B, top_p_B, filtered=flags.filtered, scaled=flags.scaled)
     logprobs_BV = log_softmax(logits)
     cdf_BV = logprobs_BV.exp().cumsum(dim=-1)

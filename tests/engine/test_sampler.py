@@ -1,6 +1,7 @@
 """Next-token sampling on hand-made logits: temperature, top-k, top-p (alone and together),
 greedy rows, inverse-CDF draws from a given uniform, zero-probability tokens at bin edges,
-per-row parameters in one batch, and an empirical check of the sampled distribution."""
+per-row parameters in one batch, and an empirical check of the sampled distribution; on GPU the
+fast mode's fused Triton sampler against the same cases and the torch sampler."""
 
 from __future__ import annotations
 
@@ -174,3 +175,54 @@ def test_the_engines_flags_skip_passes_without_changing_a_bit(temperatures):
     full = sample_tokens(logits, temperature, top_k, top_p, uniform,
                          flags=type(flags)(filtered=True, greedy=True, scaled=True))
     assert torch.equal(fast[0], full[0]) and torch.equal(fast[1], full[1])
+
+
+def _fused(logits, temperature, uniform):
+    """The fast-mode Triton sampler on CUDA, through `sample_tokens` as the engine calls it."""
+    count = logits.shape[0]
+    return sample_tokens(logits.cuda(), temperature.cuda(), torch.full((count,), -1, device="cuda"),
+                         torch.ones(count, device="cuda"), uniform.cuda(), fused=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("uniform", "token"), [(0.0, 0), (0.05, 0), (0.25, 1), (0.59, 2), (0.61, 3), (1.0 - 2.0**-24, 3)])
+def test_fused_sampler_picks_the_bin_holding_the_uniform(uniform, token):
+    logits = torch.tensor([[0.1, 0.2, 0.3, 0.4]]).log()
+    tokens, logprobs = _fused(logits, rows(1.0), rows(uniform))
+    assert int(tokens[0]) == token
+    assert float(logprobs[0]) == pytest.approx(math.log([0.1, 0.2, 0.3, 0.4][token]), abs=1e-6)
+    middle = torch.tensor([[0.0, NEG_INF, 0.0]])  # a zero-probability bin is never drawn
+    assert int(_fused(middle, rows(1.0), rows(0.5))[0][0]) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_sampler_matches_the_torch_sampler_on_a_real_vocabulary():
+    """bf16 logits over 151,936 tokens (37 blocks and a partial one), greedy, scaled and plain
+    rows: the same tokens (a draw within rounding of a bin edge could differ: none may here) and
+    log-probs within fp32 rounding."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    logits = (torch.randn(256, 151936, device="cuda", generator=gen) * 3).to(torch.bfloat16)
+    temperature = torch.tensor([0.0, 0.7, 1.0, 1.3], device="cuda").repeat(64)
+    uniform = torch.rand(256, device="cuda", generator=gen)
+    off = torch.full((256,), -1, device="cuda")
+    tokens, logprobs = sample_tokens(logits, temperature, off, torch.ones(256, device="cuda"), uniform, fused=True)
+    expected, expected_logprobs = sample_tokens(logits, temperature, off, torch.ones(256, device="cuda"), uniform)
+    assert torch.equal(tokens, expected)
+    torch.testing.assert_close(logprobs, expected_logprobs, rtol=0, atol=2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_sampler_frequencies_are_the_distribution():
+    """Evenly spaced uniforms: each token is drawn for its probability's share of them."""
+    draws = 20000
+    logits = torch.tensor([1.0, 0.0, 2.0, -0.5, 1.5, NEG_INF])
+    target = torch.softmax(logits / 0.7, -1)
+    uniform = (torch.arange(draws) + 0.5) / draws
+    tokens, logprobs = _fused(logits.expand(draws, -1), torch.full((draws,), 0.7), uniform)
+    counts = torch.bincount(tokens.cpu(), minlength=6).double()
+    assert counts[5] == 0
+    assert ((counts / draws - target).abs() <= 2 / draws).all(), (counts / draws, target)
+    torch.testing.assert_close(logprobs.cpu(), target.log()[tokens.cpu()])

@@ -332,8 +332,9 @@ class NativeEngine:
         uniform = to_device(uniforms([seq.stream for seq in seqs]), logits_BV.device)
         temperature, top_k, top_p, flags = self._sampling_params.of([s.request.sampling for s in seqs],
                                                                        logits_BV.device)
+        ops = model_ops(self.model)
         tokens, logprobs = sample_tokens(logits_BV, temperature, top_k, top_p, uniform, flags=flags,
-                                         log_softmax=model_ops(self.model).log_softmax)
+                                         log_softmax=ops.log_softmax, fused=ops.name == "fast")
         self._record(seqs, tokens.tolist(), logprobs.tolist())
 
     def _record(self, seqs: list[Seq], tokens: list[int], logprobs: list[float]) -> None:
