@@ -27,7 +27,8 @@ import triton.language as tl
 BLOCK = 4096
 
 
-def sample(logits_BV: torch.Tensor, temperature_B: torch.Tensor, uniform_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(logits_BV: torch.Tensor, temperature_B: torch.Tensor,
+           uniform_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(token ids (B,), their log-probs (B,) under the temperature-scaled distribution; greedy
     rows, temperature 0: the argmax and its unscaled log-prob)."""
     logits = logits_BV if logits_BV.stride(-1) == 1 else logits_BV.contiguous()

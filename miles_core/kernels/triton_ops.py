@@ -37,7 +37,13 @@ import torch
 
 from miles_core.kernels.attention import attention_reference
 from miles_core.kernels.norms import rms_norm_reference
-from miles_core.kernels.packed import PackedSegments, VarlenLayout, segment_attention, varlen_applies, varlen_packed_attention
+from miles_core.kernels.packed import (
+    PackedSegments,
+    VarlenLayout,
+    segment_attention,
+    varlen_applies,
+    varlen_packed_attention,
+)
 
 try:
     import triton
@@ -157,7 +163,8 @@ if triton is not None:
         v_row = v_ptr + b * sv_b + kv * sv_h + k_off * sv_s
         for start in range(0, last, BLOCK_N):
             keys = start + tl.arange(0, BLOCK_N)
-            k = tl.load(k_row + keys[None, :] * sk_s + d[:, None], mask=(keys[None, :] < n_k) & (d[:, None] < D), other=0.0)
+            k = tl.load(k_row + keys[None, :] * sk_s + d[:, None], mask=(keys[None, :] < n_k) & (d[:, None] < D),
+                        other=0.0)
             if IEEE:
                 s = tl.dot(q, k, input_precision="ieee") * scale
             else:

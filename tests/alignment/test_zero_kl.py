@@ -1,7 +1,8 @@
 """Invariant mode: engine and trainer log-probs are bitwise equal (KL exactly 0) for tiny Llama
 and Qwen3 models, across engine batch sizes 1..64, mixed prompt lengths, every trainer forward
-path (padded, shared prompt, packed) and different micro-batch budgets; fast mode shows a small non-zero mismatch. GPU tests
-repeat the check on CUDA (Triton kernels) and skip themselves without CUDA."""
+path (padded, shared prompt, packed) and different micro-batch budgets; fast mode shows a small
+non-zero mismatch. GPU tests repeat the check on CUDA (Triton kernels) and skip themselves
+without CUDA."""
 
 from __future__ import annotations
 

@@ -186,7 +186,8 @@ def _fused(logits, temperature, uniform):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize(("uniform", "token"), [(0.0, 0), (0.05, 0), (0.25, 1), (0.59, 2), (0.61, 3), (1.0 - 2.0**-24, 3)])
+@pytest.mark.parametrize(("uniform", "token"),
+                         [(0.0, 0), (0.05, 0), (0.25, 1), (0.59, 2), (0.61, 3), (1.0 - 2.0**-24, 3)])
 def test_fused_sampler_picks_the_bin_holding_the_uniform(uniform, token):
     logits = torch.tensor([[0.1, 0.2, 0.3, 0.4]]).log()
     tokens, logprobs = _fused(logits, rows(1.0), rows(uniform))
