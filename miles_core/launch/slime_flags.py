@@ -64,13 +64,14 @@ def _rollout_gpus(num_gpus: int) -> dict[str, Any]:
 
 MEGATRON = "above 1 selects train.backend = megatron; sizes above 1 are refused: not in miles' megatron backend yet"
 TENSOR_PARALLEL = ("above 1 selects train.backend = megatron; trainer ranks (--nproc-per-node) a multiple of it "
-                   "(data parallelism = ranks / size), dense families (llama, qwen2, qwen3)")
+                   "(data parallelism = ranks / size), every family (qwen3_moe and deepseek_v3 with "
+                   "--sequence-parallel)")
 PIPELINE_PARALLEL = ("above 1 selects train.backend = megatron; trainer ranks (--nproc-per-node) a multiple of it "
                      "times TP x EP (data parallelism beside), every family (MoE stages replay their own layers); "
                      "one micro-batch in flight (no 1F1B), not with --use-distributed-optimizer")
 EXPERT_PARALLEL = ("above 1 selects train.backend = megatron; trainer ranks (--nproc-per-node) a multiple of it "
                    "(data parallelism = ranks / size), "
-                   "MoE families (qwen3_moe, deepseek_v3), not with tensor parallelism yet")
+                   "MoE families (qwen3_moe, deepseek_v3), with tensor parallelism too (TP x EP ranks a replica)")
 
 FLAGS: dict[str, Flag] = {
     # batch shape

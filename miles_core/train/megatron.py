@@ -16,9 +16,10 @@ What differs from the native backend:
 
 Parallelism over N ranks, one process each (`miles train --nproc-per-node N`), rank 0 leading
 the others (`leader.py`), so every rank runs the same calls:
-- tensor parallelism (`train.tensor_model_parallel_size` = TP; dense families, and qwen3_moe
+- tensor parallelism (`train.tensor_model_parallel_size` = TP; dense families, and the MoE ones
   with sequence parallelism, which megatron-core needs to train MoE layers so): megatron-core
-  splits the layers; each rank loads its shard of every full tensor (`megatron_shards.py`),
+  splits the layers (MLA by heads, its down projections replicated: `megatron_mla.py`); each
+  rank loads its shard of every full tensor (`megatron_shards.py`),
   computes its vocabulary slice's log-probs and entropies with the softmax completed over the TP
   group (`vocab_parallel.py`) and sums the q/k norms' partial gradients; with
   `train.sequence_parallel` megatron-core also splits the sequence (padded to a multiple of TP)
@@ -48,14 +49,14 @@ the others (`leader.py`), so every rank runs the same calls:
   expert-data-parallel group), log-probs and metrics are gathered from the replicas;
   `train.use_distributed_optimizer` shards AdamW over them instead (ZeRO-1, `megatron_zero.py`).
 The gradient norm is the whole model's; `export_weights` gathers the full tensors on rank 0 from
-the first replica. TP and EP together (qwen3_moe, with sequence parallelism): each expert split
+the first replica. TP and EP together (MoE families, with sequence parallelism): each expert split
 over TP within its EP rank, as megatron-core places it. PP and EP together (MoE families): each
 stage's routed experts split over its EP ranks, which run the stage's micro-batches alike.
 
 MoE routing replay (`train.routing_replay`, R3) and the routing records behind
 `routing_agreement` go through megatron's router (`megatron_routing.py`), as the native backend's.
 
-Not in this version (refused with one line): TP and CP for MLA, CP with EP or PP, PP with the
+Not in this version (refused with one line): CP for MLA, CP with EP or PP, PP with the
 distributed optimizer, QAT, FP8 GEMMs, activation checkpointing, compile, the PPO critic.
 `train.compute_dtype = "bfloat16"` casts the parameters for each forward (`batch.call_in_dtype`,
 as the native trainer; DeepSeek-V3's router stays fp32). On CPU through the patches of
