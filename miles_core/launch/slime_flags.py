@@ -68,7 +68,7 @@ TENSOR_PARALLEL = ("above 1 selects train.backend = megatron; trainer ranks (--n
                    "--sequence-parallel)")
 PIPELINE_PARALLEL = ("above 1 selects train.backend = megatron; trainer ranks (--nproc-per-node) a multiple of it "
                      "times TP x EP (data parallelism beside), every family (MoE stages replay their own layers); "
-                     "one micro-batch in flight (no 1F1B), not with --use-distributed-optimizer")
+                     "one micro-batch in flight (no 1F1B)")
 EXPERT_PARALLEL = ("above 1 selects train.backend = megatron; trainer ranks (--nproc-per-node) a multiple of it "
                    "(data parallelism = ranks / size), "
                    "MoE families (qwen3_moe, deepseek_v3), with tensor parallelism too (TP x EP ranks a replica)")
@@ -101,7 +101,7 @@ FLAGS: dict[str, Flag] = {
                                 to=_parallel("train.sequence_parallel")),
     "--use-distributed-optimizer": Flag(("train.use_distributed_optimizer",), bool,
                                         "selects train.backend = megatron; ZeRO-1 AdamW over the data-parallel "
-                                        "ranks, checkpoints in the plain optimizer's layout",
+                                        "ranks (of each pipeline stage), checkpoints in the plain optimizer's layout",
                                         to=lambda v: {"train.use_distributed_optimizer": v,
                                                       **({"train.backend": "megatron"} if v else {})}),
     # engine placement

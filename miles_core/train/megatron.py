@@ -56,8 +56,8 @@ stage's routed experts split over its EP ranks, which run the stage's micro-batc
 MoE routing replay (`train.routing_replay`, R3) and the routing records behind
 `routing_agreement` go through megatron's router (`megatron_routing.py`), as the native backend's.
 
-Not in this version (refused with one line): CP for MLA, CP with EP or PP, PP with the
-distributed optimizer, QAT, FP8 GEMMs, activation checkpointing, compile, the PPO critic.
+Not in this version (refused with one line): CP for MLA, CP with EP or PP, QAT, FP8 GEMMs,
+activation checkpointing, compile, the PPO critic.
 `train.compute_dtype = "bfloat16"` casts the parameters for each forward (`batch.call_in_dtype`,
 as the native trainer; DeepSeek-V3's router stays fp32). On CPU through the patches of
 `megatron_env.py`.
@@ -114,10 +114,6 @@ def check_options(cfg: TrainConfig, critic: bool) -> None:
         if bad:
             raise MilesError(f"train.{name} = {getattr(cfg, name)!r} is not supported with train.backend = "
                              f"'megatron' yet; expected {allowed}")
-    if cfg.use_distributed_optimizer and cfg.pipeline_model_parallel_size > 1:
-        raise MilesError(f"train.use_distributed_optimizer = true with train.pipeline_model_parallel_size = "
-                         f"{cfg.pipeline_model_parallel_size} is not supported with train.backend = 'megatron' yet; "
-                         "expected one of them")
     if critic:
         raise MilesError("algo.advantage_estimator = 'ppo' (a critic) is not supported with train.backend = "
                          "'megatron' yet; use grpo, rloo, reinforce_plus_plus or another critic-free estimator")
@@ -222,6 +218,8 @@ class MegatronTrainer(megatron_pipeline.PipelineSteps, megatron_data.DataParalle
         (`megatron_data.reduce_grads`), then the whole model's norm, the same on every rank."""
         if self.zero is not None:  # the masters' gradient slices (`megatron_zero.py`)
             megatron_shards.reduce_grads(self.model, self.tp_group, self.tp_size)
+            # the tied embedding's two pipeline ends first: after the reduce-scatter each holds slices only
+            megatron_pipeline.reduce_embedding_grads(self.model, self.pp)
             self.zero.reduce_scatter_grads()
             return clip_grad_norm([g.master for g in self.zero.groups], self.cfg, self.zero.grad_norm())
         if self.world_size == 1:
