@@ -97,7 +97,8 @@ FLAGS: dict[str, Flag] = {
     "--context-parallel-size": Flag(("train.context_parallel_size",), int, MEGATRON,
                                     to=_parallel("train.context_parallel_size")),
     "--sequence-parallel": Flag(("train.sequence_parallel",), bool,
-                                "selects train.backend = megatron; refused: not in miles' megatron backend yet",
+                                "selects train.backend = megatron; with TP > 1 the sequence split over the TP "
+                                "ranks between the split layers (needed by MoE families under TP)",
                                 to=_parallel("train.sequence_parallel")),
     "--use-distributed-optimizer": Flag(("train.use_distributed_optimizer",), bool,
                                         "selects train.backend = megatron; ZeRO-1 AdamW over the data-parallel "
