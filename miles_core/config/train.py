@@ -78,7 +78,7 @@ class TrainConfig:
     qat_modules: tuple[str, ...] = ("*.mlp.experts.*",)
     """Module-name globs that `qat` fake-quantises (default: the routed experts of MoE layers)."""
     tensor_model_parallel_size: int = 1
-    """`megatron` backend: tensor-parallel ranks (slime's `--tensor-model-parallel-size`); > 1 needs that many `--nproc-per-node` ranks or a multiple (data-parallel replicas; dense families)."""
+    """`megatron` backend: tensor-parallel ranks (slime's `--tensor-model-parallel-size`); > 1 needs that many `--nproc-per-node` ranks or a multiple (data-parallel replicas; every family, the MoE ones with `sequence_parallel`)."""
     pipeline_model_parallel_size: int = 1
     """`megatron` backend: pipeline stages (`--pipeline-model-parallel-size`); > 1 needs that many times TP x EP `--nproc-per-node` ranks or a multiple (every family; one micro-batch in flight)."""
     expert_model_parallel_size: int = 1

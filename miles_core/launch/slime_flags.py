@@ -64,13 +64,14 @@ def _rollout_gpus(num_gpus: int) -> dict[str, Any]:
 
 MEGATRON = "above 1 selects train.backend = megatron; sizes above 1 are refused: not in miles' megatron backend yet"
 TENSOR_PARALLEL = ("above 1 selects train.backend = megatron; trainer ranks (--nproc-per-node) a multiple of it "
-                   "(data parallelism = ranks / size), dense families (llama, qwen2, qwen3)")
+                   "(data parallelism = ranks / size), every family (qwen3_moe and deepseek_v3 with "
+                   "--sequence-parallel)")
 PIPELINE_PARALLEL = ("above 1 selects train.backend = megatron; trainer ranks (--nproc-per-node) a multiple of it "
                      "times TP x EP (data parallelism beside), every family (MoE stages replay their own layers); "
-                     "one micro-batch in flight (no 1F1B), not with --use-distributed-optimizer")
+                     "one micro-batch in flight (no 1F1B)")
 EXPERT_PARALLEL = ("above 1 selects train.backend = megatron; trainer ranks (--nproc-per-node) a multiple of it "
                    "(data parallelism = ranks / size), "
-                   "MoE families (qwen3_moe, deepseek_v3), not with tensor parallelism yet")
+                   "MoE families (qwen3_moe, deepseek_v3), with tensor parallelism too (TP x EP ranks a replica)")
 
 FLAGS: dict[str, Flag] = {
     # batch shape
@@ -96,11 +97,12 @@ FLAGS: dict[str, Flag] = {
     "--context-parallel-size": Flag(("train.context_parallel_size",), int, MEGATRON,
                                     to=_parallel("train.context_parallel_size")),
     "--sequence-parallel": Flag(("train.sequence_parallel",), bool,
-                                "selects train.backend = megatron; refused: not in miles' megatron backend yet",
+                                "selects train.backend = megatron; with TP > 1 the sequence split over the TP "
+                                "ranks between the split layers (needed by MoE families under TP)",
                                 to=_parallel("train.sequence_parallel")),
     "--use-distributed-optimizer": Flag(("train.use_distributed_optimizer",), bool,
                                         "selects train.backend = megatron; ZeRO-1 AdamW over the data-parallel "
-                                        "ranks, checkpoints in the plain optimizer's layout",
+                                        "ranks (of each pipeline stage), checkpoints in the plain optimizer's layout",
                                         to=lambda v: {"train.use_distributed_optimizer": v,
                                                       **({"train.backend": "megatron"} if v else {})}),
     # engine placement

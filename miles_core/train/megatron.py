@@ -16,9 +16,10 @@ What differs from the native backend:
 
 Parallelism over N ranks, one process each (`miles train --nproc-per-node N`), rank 0 leading
 the others (`leader.py`), so every rank runs the same calls:
-- tensor parallelism (`train.tensor_model_parallel_size` = TP; dense families, and qwen3_moe
+- tensor parallelism (`train.tensor_model_parallel_size` = TP; dense families, and the MoE ones
   with sequence parallelism, which megatron-core needs to train MoE layers so): megatron-core
-  splits the layers; each rank loads its shard of every full tensor (`megatron_shards.py`),
+  splits the layers (MLA by heads, its down projections replicated: `megatron_mla.py`); each
+  rank loads its shard of every full tensor (`megatron_shards.py`),
   computes its vocabulary slice's log-probs and entropies with the softmax completed over the TP
   group (`vocab_parallel.py`) and sums the q/k norms' partial gradients; with
   `train.sequence_parallel` megatron-core also splits the sequence (padded to a multiple of TP)
@@ -48,15 +49,15 @@ the others (`leader.py`), so every rank runs the same calls:
   expert-data-parallel group), log-probs and metrics are gathered from the replicas;
   `train.use_distributed_optimizer` shards AdamW over them instead (ZeRO-1, `megatron_zero.py`).
 The gradient norm is the whole model's; `export_weights` gathers the full tensors on rank 0 from
-the first replica. TP and EP together (qwen3_moe, with sequence parallelism): each expert split
+the first replica. TP and EP together (MoE families, with sequence parallelism): each expert split
 over TP within its EP rank, as megatron-core places it. PP and EP together (MoE families): each
 stage's routed experts split over its EP ranks, which run the stage's micro-batches alike.
 
 MoE routing replay (`train.routing_replay`, R3) and the routing records behind
 `routing_agreement` go through megatron's router (`megatron_routing.py`), as the native backend's.
 
-Not in this version (refused with one line): TP and CP for MLA, CP with EP or PP, PP with the
-distributed optimizer, QAT, FP8 GEMMs, activation checkpointing, compile, the PPO critic.
+Not in this version (refused with one line): CP for MLA, CP with EP or PP, QAT, FP8 GEMMs,
+activation checkpointing, compile, the PPO critic.
 `train.compute_dtype = "bfloat16"` casts the parameters for each forward (`batch.call_in_dtype`,
 as the native trainer; DeepSeek-V3's router stays fp32). On CPU through the patches of
 `megatron_env.py`.
@@ -113,10 +114,6 @@ def check_options(cfg: TrainConfig, critic: bool) -> None:
         if bad:
             raise MilesError(f"train.{name} = {getattr(cfg, name)!r} is not supported with train.backend = "
                              f"'megatron' yet; expected {allowed}")
-    if cfg.use_distributed_optimizer and cfg.pipeline_model_parallel_size > 1:
-        raise MilesError(f"train.use_distributed_optimizer = true with train.pipeline_model_parallel_size = "
-                         f"{cfg.pipeline_model_parallel_size} is not supported with train.backend = 'megatron' yet; "
-                         "expected one of them")
     if critic:
         raise MilesError("algo.advantage_estimator = 'ppo' (a critic) is not supported with train.backend = "
                          "'megatron' yet; use grpo, rloo, reinforce_plus_plus or another critic-free estimator")
@@ -221,6 +218,8 @@ class MegatronTrainer(megatron_pipeline.PipelineSteps, megatron_data.DataParalle
         (`megatron_data.reduce_grads`), then the whole model's norm, the same on every rank."""
         if self.zero is not None:  # the masters' gradient slices (`megatron_zero.py`)
             megatron_shards.reduce_grads(self.model, self.tp_group, self.tp_size)
+            # the tied embedding's two pipeline ends first: after the reduce-scatter each holds slices only
+            megatron_pipeline.reduce_embedding_grads(self.model, self.pp)
             self.zero.reduce_scatter_grads()
             return clip_grad_norm([g.master for g in self.zero.groups], self.cfg, self.zero.grad_norm())
         if self.world_size == 1:

@@ -8,6 +8,22 @@ MLA's q/k heads are `qk_nope_head_dim + qk_rope_head_dim` wide and its v heads `
 `SDPACoreAttention` takes megatron's core-attention constructor and call arguments and runs
 `torch.nn.functional.scaled_dot_product_attention`, causal, with the scale MLA computes.
 
+Tensor parallelism: the up projections (`linear_q_up_proj`, `linear_kv_up_proj`) are
+column-parallel and `linear_proj` row-parallel, split by heads as megatron-core builds them. The
+down projections (`linear_q_down_proj`, `linear_kv_down_proj`) and the q/kv norms on their
+outputs are replicated on every TP rank, as the Transformer Engine spec builds them
+(`TELinear`, "duplicated"): the local spec makes the down projections column-parallel, and then
+megatron-core gathers their outputs without summing the gradient of the shared RoPE key part
+(`k_pos_emb`, used by every rank's heads) over the TP ranks, so the rank holding those columns
+would train on its own heads' share only. `use_local_spec` puts megatron-core's own replicated
+linear (`post_training.modelopt.layers.Linear`, which MLA accepts) there instead. megatron-core
+trains MLA tensor-parallel with sequence parallelism (MoE layers need it: enforced by
+`megatron_model.check_model_parallel`), where every replicated piece sees 1/TP of the tokens:
+the down projections' weights (megatron marks them `sequence_parallel`) and the q/kv norms
+(`megatron_model.SequenceParallelRMSNorm`) have their gradients summed over the TP group, and
+the RoPE key part is gathered over the sequence (its gradient reduce-scattered: summed over
+every rank's heads) by megatron-core.
+
 Not built: MTP layers (`num_nextn_predict_layers`; the trainer's loss does not use them, as in
 the native trainer, and their HF weights pass through `export_weights` unchanged) and YaRN RoPE
 (refused by `megatron_model.hf_config_of`).
@@ -104,7 +120,12 @@ def check_mla(cfg: dict[str, Any]) -> None:
                          "(q_lora_rank = null) yet; expected a q_lora_rank")
 
 
-def use_sdpa_core_attention(block_spec) -> None:
-    """Put `SDPACoreAttention` in every MLA layer of a local block spec (in place)."""
+def use_local_spec(block_spec) -> None:
+    """Put `SDPACoreAttention` and the replicated down projections (module docstring) in every
+    MLA layer of a local block spec (in place)."""
+    from megatron.core.post_training.modelopt.layers import Linear
+
     for layer in block_spec.layer_specs:
-        layer.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+        attention = layer.submodules.self_attention.submodules
+        attention.core_attention = SDPACoreAttention
+        attention.linear_q_down_proj = attention.linear_kv_down_proj = Linear

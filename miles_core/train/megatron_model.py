@@ -15,10 +15,11 @@ the key megatron-core checkpoints use (stacked over layers, experts under
 `mlp.experts.experts.`), which is what the mapping's slots describe; the layer and expert index
 come from the parameter's module path (plus the stage's first layer under pipeline parallelism,
 whose paths count the stage's layers only) and an expert's global index from its sharded tensor.
-Under tensor parallelism (dense families) each slot holds this rank's shards, under expert parallelism each rank has its own experts' slots,
-placed by the same sharded tensors (`megatron_shards.py`); under pipeline parallelism each
-stage has its own layers' slots, and the last stage's tied output layer is a non-main copy of the
-embedding's slot.
+Under tensor parallelism each slot holds this rank's shards (MLA's down projections and their
+norms whole, replicated: `megatron_mla.py`), under expert parallelism each rank has its own
+experts' slots, placed by the same sharded tensors (`megatron_shards.py`); under pipeline
+parallelism each stage has its own layers' slots, and the last stage's tied output layer is a
+non-main copy of the embedding's slot.
 """
 
 from __future__ import annotations
@@ -68,9 +69,9 @@ def hf_config_of(model: nn.Module) -> dict[str, Any]:
     return args
 
 
-TENSOR_PARALLEL = ("llama", "qwen2", "qwen3", "qwen3_moe")
-"""Families that run with tensor parallelism (MLA layers are not split yet); qwen3_moe with
-sequence parallelism (megatron-core trains MoE layers tensor-parallel only with it)."""
+TENSOR_PARALLEL = ("llama", "qwen2", "qwen3", "qwen3_moe", "deepseek_v3")
+"""Families that run with tensor parallelism; the MoE ones with sequence parallelism (megatron-core
+trains MoE layers tensor-parallel only with it); MLA split by heads (`megatron_mla.py`)."""
 PIPELINE_PARALLEL = ("llama", "qwen2", "qwen3", "qwen3_moe", "deepseek_v3")
 """Families that run with pipeline stages; MoE: each stage replays and records its own MoE layers,
 the records gathered on the last stage in layer order (`megatron_pipeline.py`)."""
@@ -149,7 +150,7 @@ def build_gpt(cfg: dict[str, Any], sizes: ParallelSizes, device: torch.device) -
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=have_transformer_engine(),
                                       normalization="RMSNorm")
     if config.multi_latent_attention and not have_transformer_engine():
-        megatron_mla.use_sdpa_core_attention(spec)
+        megatron_mla.use_local_spec(spec)
     if config.sequence_parallel and not have_transformer_engine():
         spec = _sequence_parallel_norms(spec)
     if config.context_parallel_size > 1:
@@ -192,16 +193,19 @@ class SequenceParallelRMSNorm(HeadRMSNorm):
 def _sequence_parallel_norms(block_spec):
     """A copy of the block spec whose local norms (megatron-core's `WrappedTorchNorm` asserts that
     sequence parallelism is off: only TE and Apex norms support it) are the same torch RMSNorm,
-    marked; slots without a norm (llama's q/k) stay as they are."""
+    marked; slots without a norm (llama's q/k) stay as they are. MLA's q/kv norms act on the
+    replicated latents of this rank's tokens (`megatron_mla.py`): marked like the layer norms."""
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     block_spec = copy.deepcopy(block_spec)  # the spec builders may hand out shared objects
     for layer in block_spec.layer_specs:
+        attention = layer.submodules.self_attention.submodules
+        mla = hasattr(attention, "kv_layernorm")
         for owner, names, norm in ((layer.submodules, ("input_layernorm", "pre_mlp_layernorm"), SequenceParallelRMSNorm),
-                                   (layer.submodules.self_attention.submodules, ("q_layernorm", "k_layernorm"),
-                                    HeadRMSNorm)):
+                                   (attention, ("q_layernorm", "kv_layernorm"), SequenceParallelRMSNorm) if mla else
+                                   (attention, ("q_layernorm", "k_layernorm"), HeadRMSNorm)):
             for name in names:
-                if getattr(owner, name) is WrappedTorchNorm:
+                if getattr(owner, name, None) is WrappedTorchNorm:
                     setattr(owner, name, norm)
     if block_spec.layer_norm is WrappedTorchNorm:
         block_spec.layer_norm = SequenceParallelRMSNorm

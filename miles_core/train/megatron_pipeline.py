@@ -45,7 +45,8 @@ summed over the world) counts each once. Tied embeddings (`tie_word_embeddings`)
 (the last stage's output layer is megatron's copy of the embedding, a non-main replica): their
 gradients are summed over megatron's embedding group (`reduce_embedding_grads`, megatron's
 `_allreduce_embedding_grads`), so both copies take the same update and the norm counts the first
-stage's.
+stage's. The distributed optimizer (`megatron_zero.py`) shards each stage's parameters over that
+stage's data-parallel ranks, after the tied copies' sum.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ equal. Both, with the sums over data-parallel replicas, are `megatron_data.reduc
 
 Gradients under TP: a replicated parameter gets the same gradient on every TP rank, except the
 q/k norms, which see only this rank's heads: their gradients are summed over the TP group first,
-by megatron-core's own rule (`finalize_model_grads._allreduce_non_tensor_model_parallel_grads`).
+by megatron-core's own rule (`finalize_model_grads._allreduce_non_tensor_model_parallel_grads`;
+not MLA's q/kv norms, which see every head: `megatron_mla.py`).
 The gradient norm counts every element once: each rank's shards plus the replicated parameters
 of rank 0, summed over the ranks.
 """
@@ -138,8 +139,12 @@ def reduce_grads(model: nn.Module, tp_group, tp_size: int) -> None:
     over replicas and EP copies are `megatron_data.reduce_grads`'."""
     if tp_size == 1:
         return
+    # MLA's q/kv norms act on the latents, whole on every rank: partial only under sequence
+    # parallelism, where they are marked (`megatron_mla.py`).
+    head_norms = not getattr(model.config, "multi_latent_attention", False)
     for name, param in model.named_parameters():
-        partial = "q_layernorm" in name or "k_layernorm" in name or getattr(param, "sequence_parallel", False)
+        partial = getattr(param, "sequence_parallel", False) or (
+            head_norms and ("q_layernorm" in name or "k_layernorm" in name))
         if param.grad is not None and partial:
             dist.all_reduce(param.grad, group=tp_group)
 

@@ -1,6 +1,7 @@
 """The megatron trainer's distributed optimizer (`train.use_distributed_optimizer`, slime's
 `--use-distributed-optimizer`): ZeRO-1 over the data-parallel replicas (`megatron_data.py`) and
-their context-parallel ranks.
+their context-parallel ranks; under pipeline parallelism over those of each stage, which hold
+the stage's own parameters (megatron's data-parallel groups lie within a stage).
 
 Each reduction group (`megatron_data.reduction_groups`: the dense parameters over megatron's
 data-parallel group with context parallelism, the EP-split experts over its expert-data-parallel
@@ -10,10 +11,12 @@ keeps them as an fp32 master with its own AdamW moments, so the moments take 1/n
 A step:
 - `reduce_scatter_grads`: the flattened gradients (zeros for a parameter without one) are
   reduce-scattered (summed), so each rank receives its slice of the summed gradient, divided
-  by EP as `megatron_data.reduce_grads` does; the model's gradients are then dropped;
+  by EP as `megatron_data.reduce_grads` does; the model's gradients are then dropped (the
+  trainer sums a tied embedding's two pipeline ends before: `megatron_pipeline.reduce_embedding_grads`);
 - `grad_norm`: each rank's slices, every element once: the slices partition each group's vector,
-  and a parameter replicated over the TP ranks counts on TP rank 0 only (`WeightMap.replica_duplicates`,
-  from megatron's replica ids); summed over the world;
+  and a parameter replicated over the TP ranks counts on TP rank 0 only, the last stage's copy
+  of a tied embedding not at all (`WeightMap.replica_duplicates`, from megatron's replica ids);
+  summed over the world, so over every stage's groups;
 - the trainer clips the masters' gradients and steps AdamW (`optimizer` here: a plain torch AdamW
   over the masters, so the schedule, clipping and non-finite guard are the usual ones; AdamW is
   elementwise, so the update equals the plain optimizer's);

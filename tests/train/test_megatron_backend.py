@@ -207,7 +207,9 @@ TP, EP = megatron_env.ParallelSizes, lambda size: megatron_env.ParallelSizes(exp
 @pytest.mark.parametrize("family, sizes, message", [
     ("qwen3_moe", TP(2), "^--tensor-model-parallel-size 2 for model_type 'qwen3_moe' needs --sequence-parallel "
                          "\\(megatron-core trains MoE layers tensor-parallel only with it\\); add it$"),
-    ("deepseek_v3", TP(2), "for model_type 'deepseek_v3' yet"),
+    ("deepseek_v3", TP(2), "^--tensor-model-parallel-size 2 for model_type 'deepseek_v3' needs --sequence-parallel "),
+    ("deepseek_v3", TP(3, sequence_parallel=True), "^--tensor-model-parallel-size 3 does not divide the model's "
+                                                   "num_attention_heads 4; use a size that divides it$"),
     ("qwen3", TP(3), "^--tensor-model-parallel-size 3 does not divide the model's num_attention_heads 4; use a size "
                      "that divides it$"),
     ("qwen3", TP(4), "--tensor-model-parallel-size 4 does not divide the model's num_key_value_heads 2"),

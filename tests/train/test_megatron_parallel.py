@@ -1,11 +1,12 @@
 """`train.backend = "megatron"` on two gloo ranks on CPU (rank 0 leading, rank 1 following its
-calls, as `miles train --nproc-per-node 2` runs them): tensor parallelism 2 (dense families, half
-of every split layer on each rank), expert parallelism 2 (MoE families, half of the routed
+calls, as `miles train --nproc-per-node 2` runs them): tensor parallelism 2 (dense families; MoE
+ones with sequence parallelism, deepseek_v3's MLA split by heads; half of every split layer on
+each rank), expert parallelism 2 (MoE families, half of the routed
 experts on each rank) and context parallelism 2 (dense families, two of the four chunks of every
 sequence on each rank) give what one rank gives: the same HF export (bitwise), log-probs (1e-5 of
 the native trainer's), loss, gradient norm and updated weights; the two-rank torch_dist
 checkpoint resumes bitwise, converts to HF with `miles convert`, and loads into a one-rank
-trainer; on four ranks TP x EP (qwen3_moe) and CP x TP (qwen3; qwen3_moe with sequence
+trainer; on four ranks TP x EP (qwen3_moe, deepseek_v3) and CP x TP (qwen3; qwen3_moe with sequence
 parallelism and routing recorded then replayed) do too; `miles train --nproc-per-node 2` runs
 with TP or EP (and with two pipeline stages, dense and MoE,
 `test_megatron_pipeline.py`) and logs the one-rank
@@ -124,9 +125,10 @@ CP2 = {"context_parallel_size": 2}  # chunks 0 and 3 of every (padded) sequence 
 # llama: tied embeddings (vocab-split, one tensor); deepseek_v3: MLA, shared experts, an MTP layer
 @pytest.mark.parametrize("family, parallel", [("qwen3", TP2), ("llama", TP2), ("qwen3_moe", EP2),
                                               ("deepseek_v3", EP2), ("qwen3", TP2_SP), ("llama", TP2_SP),
-                                              ("qwen3_moe", TP2_SP), ("qwen3", CP2), ("llama", CP2)],
+                                              ("qwen3_moe", TP2_SP), ("deepseek_v3", TP2_SP), ("qwen3", CP2),
+                                              ("llama", CP2)],
                          ids=["qwen3-tp2", "llama-tp2", "qwen3_moe-ep2", "deepseek_v3-ep2", "qwen3-tp2-sp",
-                              "llama-tp2-sp", "qwen3_moe-tp2-sp", "qwen3-cp2", "llama-cp2"])
+                              "llama-tp2-sp", "qwen3_moe-tp2-sp", "deepseek_v3-tp2-sp", "qwen3-cp2", "llama-cp2"])
 def test_two_ranks_match_one_rank(tmp_path, family, parallel):
     two = run_spmd(_two_ranks, family, parallel, str(tmp_path))
     one = _steps(_trainer(family))
@@ -158,6 +160,31 @@ def test_tensor_and_expert_parallel_together_match_one_rank(tmp_path):
     weights = dict(named_weights(native("qwen3_moe")))
     assert all(torch.equal(many["export"][n], t) for n, t in weights.items())
     assert_steps_match(many, _steps(_trainer("qwen3_moe")))
+
+
+def _lead(rank: int, make_trainer) -> dict | None:
+    """Rank 0 leads `_steps` (no save), the other ranks follow."""
+    trainer = make_trainer()
+    if rank != 0:
+        follow(trainer, trainer.control_group)
+        return None
+    out = _steps(trainer)
+    release_followers()
+    return out
+
+
+def test_deepseek_v3_tensor_and_expert_parallel_together_match_one_rank():
+    """deepseek_v3 on 4 ranks, TP=2 x EP=2 with sequence parallelism: MLA's heads split over each
+    TP pair (its down projections replicated), each EP rank's experts split over it too; export
+    bitwise, and one rank's steps (no save: the TP=2 checkpoint above covers MLA's shards)."""
+    many = run_spmd(_lead, functools.partial(_trainer, "deepseek_v3", {**TP2_SP, **EP2}), world_size=4)
+    one = _steps(_trainer("deepseek_v3"))
+    assert all(torch.equal(many["export"][n], t) for n, t in named_weights(native("deepseek_v3")))
+    assert _max_diff(many["logps"], one["logps"]) < 1e-5  # observed 9.5e-7
+    for step in ("first", "second"):
+        assert many[step]["loss"] == pytest.approx(one[step]["loss"], abs=1e-5), step
+        assert many[step]["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-5), step
+    assert _max_diff(many["trained_twice"], one["trained_twice"]) < 1e-5  # observed 3.5e-6
 
 
 def test_context_split_holds_chunks_r_and_2cp_minus_1_minus_r():

@@ -8,7 +8,8 @@ deepseek_v3, four layers, a dense one in the first stage) too: each stage routes
 `routing_replay = "record"`) and records its own MoE layers, and the routing agreement and every
 number are one rank's; also on 4 ranks, two stages of two expert-parallel ranks (PP x EP), of
 two tensor-parallel ranks with sequence parallelism, or of two data-parallel replicas; in bf16
-deepseek_v3's first-stage routers stay fp32."""
+deepseek_v3's first-stage routers stay fp32. Two stages of two replicas with the distributed
+optimizer (ZeRO-1 over each stage's replicas) give one rank's numbers and resume bitwise."""
 
 from __future__ import annotations
 
@@ -107,10 +108,6 @@ def test_refuses_pipeline_stages_it_cannot_run():
                                          "--pipeline-model-parallel-size 2 \\(data parallelism"):
         megatron_env.check_sizes(megatron_env.ParallelSizes(expert=2, pipeline=2), 2)
     megatron_env.check_sizes(megatron_env.ParallelSizes(expert=2, pipeline=2), 4)  # PP x EP: 4 ranks
-    with pytest.raises(MilesError, match="^train.use_distributed_optimizer = true with "
-                                         "train.pipeline_model_parallel_size = 2 is not supported"):
-        build_trainer(replace(TRAIN, use_distributed_optimizer=True, **PP2), ALGO, native("qwen3"),
-                      temperature=1.0, total_steps=1)
 
 
 @pytest.mark.parametrize("parallel", [{**PP2, "tensor_model_parallel_size": 2}, PP2,
@@ -122,6 +119,28 @@ def test_four_ranks_match_one_rank(tmp_path, parallel):
     their gradient summed over the replicas and the two ends)."""
     many = run_spmd(_ranks, TIED, parallel, str(tmp_path), world_size=4)
     _check_against_one_rank(many, _steps(_trainer(TIED)), TIED)
+
+
+def _zero_slices(trainer) -> dict:
+    zero = trainer.trainer.zero  # the leader's (stage 0's) distributed optimizer
+    return {"masters": sum(g.master.numel() for g in zero.groups),
+            "params": sum(p.numel() for p in trainer.trainer.model.parameters())}
+
+
+def test_distributed_optimizer_over_stages_matches_one_rank(tmp_path):
+    """PP=2 x DP=2 with the distributed optimizer (ZeRO-1 over each stage's two replicas), tied
+    embeddings (both ends' gradients summed before the reduce-scatter, the last stage's copy left
+    out of the norm): one rank's log-probs, losses, gradient norms and updated weights; the
+    checkpoint resumes bitwise on the same layout and one rank reads it."""
+    parallel = {**PP2, "use_distributed_optimizer": True}
+    make = functools.partial(_trainer, TIED, parallel)
+    many = run_spmd(lead_then_resume, make, str(tmp_path), _zero_slices, world_size=4)
+    _check_against_one_rank(many, _steps(_trainer(TIED)), TIED)
+    assert 0 < many["masters"] <= -(-many["params"] // 2)  # stage 0's moments: half of its parameters
+    one_rank = _trainer(TIED)  # the ZeRO checkpoint is in the plain optimizer's layout
+    one_rank.load(tmp_path / "ckpt")
+    assert all(torch.equal(t, many["trained"][n]) for n, t in one_rank.export_weights())
+    assert one_rank.train_rollout(batch())["loss"] == pytest.approx(many["second"]["loss"], abs=1e-6)
 
 
 # Four layers, one of stage 0's dense (qwen3_moe the second, deepseek_v3 the first): stage 0 holds
