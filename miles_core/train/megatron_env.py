@@ -13,7 +13,9 @@ where the real functions are right) and undone by `shutdown`:
   copies the first stage's embedding into the last stage's output layer at construction, moving
   it with `.cuda()`; the loader (`WeightMap.load`) writes both copies from the same HF tensor;
 - `rotary_pos_embedding.get_pos_emb_on_this_cp_rank` -> `megatron_context`'s CPU version: under
-  context parallelism the RoPE table is sliced with an index built in pinned memory and `.cuda()`;
+  context parallelism the RoPE table is sliced with an index built in pinned memory and `.cuda()`
+  (dense RoPE and MLA's; YaRN's module imports its own copy, patched too though YaRN is refused
+  today, so lifting that refusal does not break CP on CPU);
 Two patches are for a missing Transformer Engine, on any device (the GPU machines have none):
 - `moe_utils.te_general_gemm` = None when the module lacks it: 0.16 names it without importing
   it when Transformer Engine is absent (NameError in the MoE layer);
@@ -59,7 +61,7 @@ class ParallelSizes:
 
 def _patches(device: torch.device) -> list[tuple[object, str, object]]:
     """(owner, attribute, replacement) of every patch `device` needs (see the module docstring)."""
-    from megatron.core.models.common.embeddings import rotary_pos_embedding
+    from megatron.core.models.common.embeddings import rotary_pos_embedding, yarn_rotary_pos_embedding
     from megatron.core.models.common.language_module.language_module import LanguageModule
     from megatron.core.tensor_parallel import random as mp_random
     from megatron.core.transformer import multi_latent_attention
@@ -73,6 +75,7 @@ def _patches(device: torch.device) -> list[tuple[object, str, object]]:
             (mp_random.get_cuda_rng_tracker(), "fork", lambda *args, **kwargs: contextlib.nullcontext()),
             (LanguageModule, "_is_in_embd_group", lambda self: False),
             (rotary_pos_embedding, "get_pos_emb_on_this_cp_rank", cpu_pos_emb_on_this_cp_rank),
+            (yarn_rotary_pos_embedding, "get_pos_emb_on_this_cp_rank", cpu_pos_emb_on_this_cp_rank),
         ]
     if not hasattr(moe_utils, "te_general_gemm"):
         patches.append((moe_utils, "te_general_gemm", None))

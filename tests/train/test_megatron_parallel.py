@@ -1,8 +1,8 @@
 """`train.backend = "megatron"` on two gloo ranks on CPU (rank 0 leading, rank 1 following its
 calls, as `miles train --nproc-per-node 2` runs them): tensor parallelism 2 (dense families, half
 of every split layer on each rank), expert parallelism 2 (MoE families, half of the routed
-experts on each rank) and context parallelism 2 (dense families, two of the four chunks of every
-sequence on each rank) give what one rank gives: the same HF export (bitwise), log-probs (1e-5 of
+experts on each rank) and context parallelism 2 (dense families and deepseek_v3's MLA, two of the
+four chunks of every sequence on each rank) give what one rank gives: the same HF export (bitwise), log-probs (1e-5 of
 the native trainer's), loss, gradient norm and updated weights; the two-rank torch_dist
 checkpoint resumes bitwise, converts to HF with `miles convert`, and loads into a one-rank
 trainer; on four ranks TP x EP (qwen3_moe) and CP x TP (qwen3; qwen3_moe with sequence
@@ -124,9 +124,10 @@ CP2 = {"context_parallel_size": 2}  # chunks 0 and 3 of every (padded) sequence 
 # llama: tied embeddings (vocab-split, one tensor); deepseek_v3: MLA, shared experts, an MTP layer
 @pytest.mark.parametrize("family, parallel", [("qwen3", TP2), ("llama", TP2), ("qwen3_moe", EP2),
                                               ("deepseek_v3", EP2), ("qwen3", TP2_SP), ("llama", TP2_SP),
-                                              ("qwen3_moe", TP2_SP), ("qwen3", CP2), ("llama", CP2)],
+                                              ("qwen3_moe", TP2_SP), ("qwen3", CP2), ("llama", CP2),
+                                              ("deepseek_v3", CP2)],
                          ids=["qwen3-tp2", "llama-tp2", "qwen3_moe-ep2", "deepseek_v3-ep2", "qwen3-tp2-sp",
-                              "llama-tp2-sp", "qwen3_moe-tp2-sp", "qwen3-cp2", "llama-cp2"])
+                              "llama-tp2-sp", "qwen3_moe-tp2-sp", "qwen3-cp2", "llama-cp2", "deepseek_v3-cp2"])
 def test_two_ranks_match_one_rank(tmp_path, family, parallel):
     two = run_spmd(_two_ranks, family, parallel, str(tmp_path))
     one = _steps(_trainer(family))
