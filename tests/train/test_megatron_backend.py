@@ -185,9 +185,6 @@ def test_checkpoint_of_the_earlier_layout_resumes_exactly(tmp_path):
      "^--tensor-model-parallel-size 2 x --expert-model-parallel-size 2 needs 4 trainer ranks, one per shard"),
     (dict(pipeline_model_parallel_size=2), "^--pipeline-model-parallel-size 2 needs 2 trainer ranks, one per shard"),
     (dict(context_parallel_size=2), "^--context-parallel-size 2 needs 2 trainer ranks, one per shard"),
-    (dict(context_parallel_size=2, expert_model_parallel_size=2),
-     "^--context-parallel-size 2 with --expert-model-parallel-size 2 is not supported by the megatron backend yet; "
-     "use one of them$"),
     (dict(context_parallel_size=2, pipeline_model_parallel_size=2),
      "^--context-parallel-size 2 with --pipeline-model-parallel-size 2 is not supported"),
     (dict(sequence_parallel=True), "^--sequence-parallel needs --tensor-model-parallel-size > 1"),

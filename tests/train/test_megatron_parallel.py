@@ -5,8 +5,9 @@ experts on each rank) and context parallelism 2 (dense families and deepseek_v3'
 four chunks of every sequence on each rank) give what one rank gives: the same HF export (bitwise), log-probs (1e-5 of
 the native trainer's), loss, gradient norm and updated weights; the two-rank torch_dist
 checkpoint resumes bitwise, converts to HF with `miles convert`, and loads into a one-rank
-trainer; on four ranks TP x EP (qwen3_moe) and CP x TP (qwen3; qwen3_moe with sequence
-parallelism and routing recorded then replayed) do too; `miles train --nproc-per-node 2` runs
+trainer; on four ranks TP x EP (qwen3_moe), CP x TP (qwen3; qwen3_moe with sequence
+parallelism and routing recorded then replayed) and CP x EP (qwen3_moe, routing recorded then
+replayed) do too; `miles train --nproc-per-node 2` runs
 with TP or EP (and with two pipeline stages, dense and MoE,
 `test_megatron_pipeline.py`) and logs the one-rank
 run's first step; bf16 compute too."""
@@ -188,10 +189,14 @@ def _routing(trainer) -> dict:
     ("qwen3", {**CP2, **TP2}),
     # routing recorded by the log-prob pass, replayed by the steps: the routers' parts gathered over TP and CP
     ("qwen3_moe", {**CP2, **TP2_SP, "routing_replay": "record"}),
-], ids=["qwen3-cp2-tp2", "qwen3_moe-cp2-tp2-sp-record"])
-def test_context_and_tensor_parallel_together_match_one_rank(tmp_path, family, parallel):
-    """4 ranks, CP=2 x TP=2: each CP rank's two chunks of the sequence, its layers split over its
-    TP pair; one rank's steps (and MoE routing records) on the same samples."""
+    # each CP rank routes its own chunks; the experts' gradients summed over megatron's expert-data-
+    # parallel group, which spans the CP ranks
+    ("qwen3_moe", {**CP2, **EP2, "routing_replay": "record"}),
+], ids=["qwen3-cp2-tp2", "qwen3_moe-cp2-tp2-sp-record", "qwen3_moe-cp2-ep2-record"])
+def test_context_parallel_beside_tensor_or_expert_parallel_matches_one_rank(tmp_path, family, parallel):
+    """4 ranks, CP=2 x TP=2 (CP=2 x EP=2): each CP rank's two chunks of the sequence, its layers
+    split over its TP pair (its experts over its EP pair); one rank's steps (and MoE routing
+    records) on the same samples."""
     record = _routing if "routing_replay" in parallel else None
     make = functools.partial(_trainer, family, parallel)
     many = run_spmd(lead_then_resume, make, str(tmp_path), record, world_size=4)
