@@ -36,13 +36,15 @@ the others (`leader.py`), so every rank runs the same calls:
   micro-batch in flight through the stages, the loss on the last (`megatron_pipeline.py`); MoE:
   each stage replays and records its own MoE layers, the records sent on with the activations
   to the last stage, in the global layer order;
-- context parallelism (`train.context_parallel_size` = CP; llama, qwen2, qwen3, qwen3_moe; with
-  TP, and sequence parallelism, beside it): each sequence (padded to a multiple of 2 x CP) is cut
+- context parallelism (`train.context_parallel_size` = CP; every family, MLA too; with TP, and
+  sequence parallelism, or EP beside it): each sequence (padded to a multiple of 2 x CP) is cut
   into 2 x CP chunks and CP rank r runs chunks r and 2 x CP - 1 - r (megatron's load-balanced
   split; megatron-core's RoPE takes the same chunks), its attention all-gathers K and V over the
   CP group (`megatron_context.py`: megatron-core's local attention asserts CP = 1), each rank's
   response log-probs are gathered back into sequence order so every CP rank computes the whole
-  loss, and the gradients are summed over the CP ranks with the data-parallel replicas;
+  loss, and the gradients are summed over the CP ranks with the data-parallel replicas (experts
+  over megatron's expert-data-parallel group, which spans the CP ranks: each CP rank routes its
+  own chunks);
 - data parallelism beside any of them, as megatron does it: DP = N / (TP x CP x EP x PP) replicas
   of the model (`megatron_data.py`): each replica trains its token-balanced share of every optimizer step,
   the gradients are summed over the replicas in flattened buckets (experts over megatron's
@@ -56,8 +58,8 @@ stage's routed experts split over its EP ranks, which run the stage's micro-batc
 MoE routing replay (`train.routing_replay`, R3) and the routing records behind
 `routing_agreement` go through megatron's router (`megatron_routing.py`), as the native backend's.
 
-Not in this version (refused with one line): CP for MLA, CP with EP or PP, QAT, FP8 GEMMs,
-activation checkpointing, compile, the PPO critic.
+Not in this version (refused with one line): CP with PP, QAT, FP8 GEMMs, activation
+checkpointing, compile, the PPO critic.
 `train.compute_dtype = "bfloat16"` casts the parameters for each forward (`batch.call_in_dtype`,
 as the native trainer; DeepSeek-V3's router stays fp32). On CPU through the patches of
 `megatron_env.py`.

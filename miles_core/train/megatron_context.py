@@ -23,7 +23,11 @@ in rank order (rank 0's two chunks, then rank 1's, ...), so the (T / CP, T) mask
 the global positions of the local queries and of the gathered keys (`split_inputs`): masked
 where the key's position is after the query's. Right padding sits after every real token, so
 the causal mask alone keeps real tokens from attending to it, as on one rank. GQA: each query
-head reads its group's key head.
+head reads its group's key head. MLA (deepseek_v3): the same attention in place of
+`megatron_mla.SDPACoreAttention`, with MLA's softmax scale and its v heads narrower than its q/k
+heads; megatron-core's `MLASelfAttention` applies the decoupled RoPE before the core attention
+with a `RotaryEmbedding` whose table it slices by the same `get_pos_emb_on_this_cp_rank`, so the
+local queries and keys carry their global positions' rotations.
 
 Log-probs (`ResponseRows`): each rank computes the log-probs and entropies of the response
 tokens whose predicting position it holds; they are all-gathered (padded to the largest count)
@@ -101,7 +105,8 @@ class ContextParallelAttention(nn.Module):
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
-                 cp_comm_type: str | None = None, pg_collection=None) -> None:
+                 k_channels: int | None = None, v_channels: int | None = None, cp_comm_type: str | None = None,
+                 pg_collection=None) -> None:
         from megatron.core import parallel_state
 
         super().__init__()
@@ -118,7 +123,8 @@ class ContextParallelAttention(nn.Module):
 
         if packed_seq_params is not None or attention_bias is not None:
             raise MilesError("the context-parallel core attention takes no packed sequences or attention bias")
-        # One all-gather for K and V (same head count); its backward reduce-scatters their gradients.
+        # One all-gather for K and V (same head count; MLA's v heads are narrower than its k heads,
+        # so split at k's width); its backward reduce-scatters their gradients.
         dim = key.shape[-1]
         kv_TBGD = gather_from_sequence_parallel_region(torch.cat([key, value], dim=-1), True, self.group)
         q_BHSD = query.permute(1, 2, 0, 3)

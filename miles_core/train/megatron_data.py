@@ -26,7 +26,11 @@ rank's gradient is its tokens' part of its replica's: `megatron_context.py`), an
 megatron marks as expert-parallel (`allreduce = False`) over its expert-data-parallel group; then divided
 by EP, because under EP every rank of a replica feeds the same tokens: the dense copies' sum
 counts each replica EP times and each expert saw EP copies of its replica's tokens (EP a power of
-two: exact). A parameter with a gradient on some ranks of a group only (a replica given no
+two: exact). Under CP with EP each CP rank routes its own chunks and its EP group's dispatcher
+gathers them, so an expert's gradient on one rank is only some tokens' part; the expert-data-
+parallel group holds every rank with that expert (CP ranks included: megatron's expert layout
+folds CP into it), so its sum covers every token of every CP rank, EP times as for the dense
+parameters. A parameter with a gradient on some ranks of a group only (a replica given no
 samples) takes zeros on the others; one with none anywhere keeps none, so AdamW skips it as on
 one rank. All-reduce leaves every copy bitwise equal, so the gradient norm
 (`megatron_shards.grad_norm`: megatron marks the DP copies as non-main replicas, each element
@@ -73,8 +77,9 @@ def replicas() -> Replicas:
     """From megatron-core's parallel state (see the module docstring)."""
     from megatron.core import parallel_state as ps
 
-    # The expert-data-parallel group spans the CP ranks too (CP with EP = 1 only), a replica's
-    # CP ranks consecutive in it: they hold parts of the same samples, not samples of their own.
+    # The expert-data-parallel group spans the CP ranks too (megatron's expert layout has no CP
+    # dimension: world / (TP x EP x PP) ranks), a replica's CP ranks consecutive in it: they hold
+    # parts of the same samples, not samples of their own.
     cp = ps.get_context_parallel_world_size()
     size = ps.get_expert_data_parallel_world_size() // cp
     stages = ps.get_pipeline_model_parallel_world_size()

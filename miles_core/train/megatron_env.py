@@ -13,7 +13,9 @@ where the real functions are right) and undone by `shutdown`:
   copies the first stage's embedding into the last stage's output layer at construction, moving
   it with `.cuda()`; the loader (`WeightMap.load`) writes both copies from the same HF tensor;
 - `rotary_pos_embedding.get_pos_emb_on_this_cp_rank` -> `megatron_context`'s CPU version: under
-  context parallelism the RoPE table is sliced with an index built in pinned memory and `.cuda()`;
+  context parallelism the RoPE table is sliced with an index built in pinned memory and `.cuda()`
+  (dense RoPE and MLA's; YaRN's module imports its own copy, patched too though YaRN is refused
+  today, so lifting that refusal does not break CP on CPU);
 Two patches are for a missing Transformer Engine, on any device (the GPU machines have none):
 - `moe_utils.te_general_gemm` = None when the module lacks it: 0.16 names it without importing
   it when Transformer Engine is absent (NameError in the MoE layer);
@@ -59,7 +61,7 @@ class ParallelSizes:
 
 def _patches(device: torch.device) -> list[tuple[object, str, object]]:
     """(owner, attribute, replacement) of every patch `device` needs (see the module docstring)."""
-    from megatron.core.models.common.embeddings import rotary_pos_embedding
+    from megatron.core.models.common.embeddings import rotary_pos_embedding, yarn_rotary_pos_embedding
     from megatron.core.models.common.language_module.language_module import LanguageModule
     from megatron.core.tensor_parallel import random as mp_random
     from megatron.core.transformer import multi_latent_attention
@@ -73,6 +75,7 @@ def _patches(device: torch.device) -> list[tuple[object, str, object]]:
             (mp_random.get_cuda_rng_tracker(), "fork", lambda *args, **kwargs: contextlib.nullcontext()),
             (LanguageModule, "_is_in_embd_group", lambda self: False),
             (rotary_pos_embedding, "get_pos_emb_on_this_cp_rank", cpu_pos_emb_on_this_cp_rank),
+            (yarn_rotary_pos_embedding, "get_pos_emb_on_this_cp_rank", cpu_pos_emb_on_this_cp_rank),
         ]
     if not hasattr(moe_utils, "te_general_gemm"):
         patches.append((moe_utils, "te_general_gemm", None))
@@ -146,16 +149,15 @@ def shutdown() -> None:
 def check_sizes(sizes: ParallelSizes, world_size: int) -> None:
     """Refuse the parallel layouts this version cannot run, naming the flag: tensor and expert
     parallelism (together too), pipeline stages beside either or both, context parallelism beside
-    tensor parallelism (not pipeline or expert), data parallelism beside them,
+    tensor and/or expert parallelism (not pipeline stages), data parallelism beside them,
     DP = world / (TP x CP x EP x PP) replicas, so the world must be a multiple of the
     model-parallel size; sequence parallelism with tensor parallelism only (megatron's rule)."""
     if sizes.sequence_parallel and sizes.tensor == 1:
         raise MilesError("--sequence-parallel needs --tensor-model-parallel-size > 1 (it splits the sequence "
                          "over the tensor-parallel ranks); set both or drop the flag")
-    for flag, n in (("--pipeline-model-parallel-size", sizes.pipeline), ("--expert-model-parallel-size", sizes.expert)):
-        if sizes.context > 1 and n > 1:
-            raise MilesError(f"--context-parallel-size {sizes.context} with {flag} {n} is not supported by the "
-                             "megatron backend yet; use one of them")
+    if sizes.context > 1 and sizes.pipeline > 1:
+        raise MilesError(f"--context-parallel-size {sizes.context} with --pipeline-model-parallel-size "
+                         f"{sizes.pipeline} is not supported by the megatron backend yet; use one of them")
     named = [(f, n) for f, n in (("--tensor-model-parallel-size", sizes.tensor), ("--context-parallel-size",
                                  sizes.context), ("--expert-model-parallel-size", sizes.expert),
                                  ("--pipeline-model-parallel-size", sizes.pipeline)) if n > 1]

@@ -6,7 +6,9 @@ RoPE) is used as is. Only the core attention (softmax(q k^T * scale) v) is ours 
 Engine is absent: the local spec's `DotProductAttention` takes one head dim for q, k and v, while
 MLA's q/k heads are `qk_nope_head_dim + qk_rope_head_dim` wide and its v heads `v_head_dim`.
 `SDPACoreAttention` takes megatron's core-attention constructor and call arguments and runs
-`torch.nn.functional.scaled_dot_product_attention`, causal, with the scale MLA computes.
+`torch.nn.functional.scaled_dot_product_attention`, causal, with the scale MLA computes. Under
+context parallelism `megatron_context.ContextParallelAttention` replaces it (it takes the same
+arguments and keeps k's and v's head dims apart).
 
 Tensor parallelism: the up projections (`linear_q_up_proj`, `linear_kv_up_proj`) are
 column-parallel and `linear_proj` row-parallel, split by heads as megatron-core builds them. The

@@ -75,8 +75,9 @@ trains MoE layers tensor-parallel only with it); MLA split by heads (`megatron_m
 PIPELINE_PARALLEL = ("llama", "qwen2", "qwen3", "qwen3_moe", "deepseek_v3")
 """Families that run with pipeline stages; MoE: each stage replays and records its own MoE layers,
 the records gathered on the last stage in layer order (`megatron_pipeline.py`)."""
-CONTEXT_PARALLEL = ("llama", "qwen2", "qwen3", "qwen3_moe")
-"""Families that run with context parallelism (MLA computes its own RoPE and core attention)."""
+CONTEXT_PARALLEL = ("llama", "qwen2", "qwen3", "qwen3_moe", "deepseek_v3")
+"""Families that run with context parallelism (every one: MLA's core attention is replaced like
+the others', its RoPE table sliced by megatron-core's CP split)."""
 EXPERT_PARALLEL = {"qwen3_moe": "num_experts", "deepseek_v3": "n_routed_experts"}
 """Families that run with expert parallelism, with the HF field that counts their routed experts."""
 

@@ -185,9 +185,6 @@ def test_checkpoint_of_the_earlier_layout_resumes_exactly(tmp_path):
      "^--tensor-model-parallel-size 2 x --expert-model-parallel-size 2 needs 4 trainer ranks, one per shard"),
     (dict(pipeline_model_parallel_size=2), "^--pipeline-model-parallel-size 2 needs 2 trainer ranks, one per shard"),
     (dict(context_parallel_size=2), "^--context-parallel-size 2 needs 2 trainer ranks, one per shard"),
-    (dict(context_parallel_size=2, expert_model_parallel_size=2),
-     "^--context-parallel-size 2 with --expert-model-parallel-size 2 is not supported by the megatron backend yet; "
-     "use one of them$"),
     (dict(context_parallel_size=2, pipeline_model_parallel_size=2),
      "^--context-parallel-size 2 with --pipeline-model-parallel-size 2 is not supported"),
     (dict(sequence_parallel=True), "^--sequence-parallel needs --tensor-model-parallel-size > 1"),
@@ -216,8 +213,6 @@ TP, EP = megatron_env.ParallelSizes, lambda size: megatron_env.ParallelSizes(exp
     ("qwen3", EP(2), "^--expert-model-parallel-size 2 is not supported for model_type 'qwen3' yet; expected one of: "
                      "qwen3_moe, deepseek_v3 \\(or size 1\\)$"),
     ("qwen3_moe", EP(3), "--expert-model-parallel-size 3 does not divide the model's num_experts 8"),
-    ("deepseek_v3", megatron_env.ParallelSizes(context=2), "^--context-parallel-size 2 is not supported for "
-                    "model_type 'deepseek_v3' yet; expected one of: llama, qwen2, qwen3, qwen3_moe \\(or size 1\\)$"),
 ])
 def test_refuses_model_parallel_splits_it_cannot_make(family, sizes, message):
     from miles_core.train.megatron_model import check_model_parallel, hf_config_of

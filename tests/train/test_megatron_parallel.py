@@ -1,13 +1,14 @@
 """`train.backend = "megatron"` on two gloo ranks on CPU (rank 0 leading, rank 1 following its
 calls, as `miles train --nproc-per-node 2` runs them): tensor parallelism 2 (dense families; MoE
 ones with sequence parallelism, deepseek_v3's MLA split by heads; half of every split layer on
-each rank), expert parallelism 2 (MoE families, half of the routed
-experts on each rank) and context parallelism 2 (dense families, two of the four chunks of every
+each rank), expert parallelism 2 (MoE families, half of the routed experts on each rank) and
+context parallelism 2 (dense families and deepseek_v3's MLA, two of the four chunks of every
 sequence on each rank) give what one rank gives: the same HF export (bitwise), log-probs (1e-5 of
 the native trainer's), loss, gradient norm and updated weights; the two-rank torch_dist
 checkpoint resumes bitwise, converts to HF with `miles convert`, and loads into a one-rank
-trainer; on four ranks TP x EP (qwen3_moe, deepseek_v3) and CP x TP (qwen3; qwen3_moe with sequence
-parallelism and routing recorded then replayed) do too; `miles train --nproc-per-node 2` runs
+trainer; on four ranks TP x EP (qwen3_moe, deepseek_v3), CP x TP (qwen3; qwen3_moe with sequence
+parallelism and routing recorded then replayed) and CP x EP (qwen3_moe, routing recorded then
+replayed) do too; `miles train --nproc-per-node 2` runs
 with TP or EP (and with two pipeline stages, dense and MoE,
 `test_megatron_pipeline.py`) and logs the one-rank
 run's first step; bf16 compute too."""
@@ -126,9 +127,10 @@ CP2 = {"context_parallel_size": 2}  # chunks 0 and 3 of every (padded) sequence 
 @pytest.mark.parametrize("family, parallel", [("qwen3", TP2), ("llama", TP2), ("qwen3_moe", EP2),
                                               ("deepseek_v3", EP2), ("qwen3", TP2_SP), ("llama", TP2_SP),
                                               ("qwen3_moe", TP2_SP), ("deepseek_v3", TP2_SP), ("qwen3", CP2),
-                                              ("llama", CP2)],
+                                              ("llama", CP2), ("deepseek_v3", CP2)],
                          ids=["qwen3-tp2", "llama-tp2", "qwen3_moe-ep2", "deepseek_v3-ep2", "qwen3-tp2-sp",
-                              "llama-tp2-sp", "qwen3_moe-tp2-sp", "deepseek_v3-tp2-sp", "qwen3-cp2", "llama-cp2"])
+                              "llama-tp2-sp", "qwen3_moe-tp2-sp", "deepseek_v3-tp2-sp", "qwen3-cp2", "llama-cp2",
+                              "deepseek_v3-cp2"])
 def test_two_ranks_match_one_rank(tmp_path, family, parallel):
     two = run_spmd(_two_ranks, family, parallel, str(tmp_path))
     one = _steps(_trainer(family))
@@ -214,10 +216,14 @@ def _routing(trainer) -> dict:
     ("qwen3", {**CP2, **TP2}),
     # routing recorded by the log-prob pass, replayed by the steps: the routers' parts gathered over TP and CP
     ("qwen3_moe", {**CP2, **TP2_SP, "routing_replay": "record"}),
-], ids=["qwen3-cp2-tp2", "qwen3_moe-cp2-tp2-sp-record"])
-def test_context_and_tensor_parallel_together_match_one_rank(tmp_path, family, parallel):
-    """4 ranks, CP=2 x TP=2: each CP rank's two chunks of the sequence, its layers split over its
-    TP pair; one rank's steps (and MoE routing records) on the same samples."""
+    # each CP rank routes its own chunks; the experts' gradients summed over megatron's expert-data-
+    # parallel group, which spans the CP ranks
+    ("qwen3_moe", {**CP2, **EP2, "routing_replay": "record"}),
+], ids=["qwen3-cp2-tp2", "qwen3_moe-cp2-tp2-sp-record", "qwen3_moe-cp2-ep2-record"])
+def test_context_parallel_beside_tensor_or_expert_parallel_matches_one_rank(tmp_path, family, parallel):
+    """4 ranks, CP=2 x TP=2 (CP=2 x EP=2): each CP rank's two chunks of the sequence, its layers
+    split over its TP pair (its experts over its EP pair); one rank's steps (and MoE routing
+    records) on the same samples."""
     record = _routing if "routing_replay" in parallel else None
     make = functools.partial(_trainer, family, parallel)
     many = run_spmd(lead_then_resume, make, str(tmp_path), record, world_size=4)
