@@ -4,7 +4,8 @@ Models: Qwen3-0.6B and Qwen3-4B shapes (bench/train_throughput.py's SHAPES), ran
 no eos (every sequence decodes all its new tokens), temperature 1. Workloads: `--prompts` random
 128-token prompts (one sample each) x `--new-tokens`. The native engine runs each workload once
 after a warm-up of 4 tokens at the same batch (CUDA-graph capture happens when the engine is
-built, and fast mode compiles its fused kernels on the first prefill: neither is timed) in `fast` mode,
+built, and fast mode compiles its fused kernels on the first prefill: neither is timed; the prefix
+cache is flushed after it, so the timed prompts are prefilled whole) in `fast` mode,
 and at the 0.6B shape also in `invariant` mode. `transformers.generate` (sampling, SDPA, dynamic
 cache) runs the same prompts with at most `--peer-new-tokens` new tokens: its per-token cost
 grows with the context, so a shorter generation favours it and the speed-up shown is a lower
@@ -83,6 +84,10 @@ def native_tokens_per_s(model, mode: str, prompts: list[list[int]], new_tokens: 
     # shapes on first use (decode graphs were captured when the engine was built).
     engine.generate([GenerateRequest(input_ids=p, sampling=SamplingConfig(temperature=1.0, max_new_tokens=4), seed=i)
                      for i, p in enumerate(prompts)])
+    # The timed run prefills its prompts whole, as the warm-up did and as fresh RL prompts are
+    # (and as `transformers` does): with the warm-up's blocks still cached it would take a
+    # cached-prefix prefill path the warm-up never ran, and pay its first-use costs in the timing.
+    engine.flush_cache()
     requests = [GenerateRequest(input_ids=p, sampling=sampling, seed=i) for i, p in enumerate(prompts)]
     sync(args.device)
     start = time.perf_counter()
