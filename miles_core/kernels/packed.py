@@ -15,7 +15,8 @@ as in a KV cache, so each segment can be handed to the ordinary per-row attentio
 `cached = True` (or `False` when it has no prefix: keys are then the queries, a plain causal
 row). That is what `segment_attention` does, one op call per segment: with the batch-invariant
 op it gives the bits of the padded forward and of the engine (a row's result depends on that
-row alone), and with SDPA each plain segment takes the flash path.
+row alone), and with SDPA each plain segment takes the flash path. (On CUDA, invariant mode runs
+all segments in one launch of the same kernel instead: `triton_ops.packed_attention`.)
 
 On CUDA in fast mode (bf16/fp16, equal q/k and v head dims) the whole row instead goes through
 one variable-length flash-attention call (`torch.nn.attention.varlen.varlen_attn`, the

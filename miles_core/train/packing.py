@@ -13,8 +13,8 @@ then each sample's response tokens as a branch that attends to the prompt and to
 mask), so the prompt's work is done once per micro-batch, as in `batch.shared_prefix_hidden_states`
 but without a KV cache, its row copies or any padding. A prompt with one sample is packed plainly.
 
-Exactness: in `invariant` mode the per-segment attention is the engine's per-row kernel and every
-other op is row-invariant, so the packed log-probs are bitwise equal to the padded ones (zero KL is
+Exactness: in `invariant` mode each segment's attention is the engine's per-row kernel (on CUDA
+one launch for all segments, each on its own call's tiles) and every other op is row-invariant, so the packed log-probs are bitwise equal to the padded ones (zero KL is
 kept). In `fast` mode the vendor kernels see other shapes, so results agree to rounding (fp32:
 ~1e-6; `tests/train/test_packing.py` states the tolerances).
 
