@@ -58,6 +58,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
         # An output the loss does not use (entropy, when it is only a metric) gets grad None
         # instead of zeros, and backward skips its term: three fewer passes over (C, V).
         ctx.set_materialize_grads(False)
+        if not logprobs:  # N = 0: a context-parallel rank can hold none of a micro-batch's targets
+            return tuple(hidden_NE.new_zeros(0, dtype=_acc_dtype(hidden_NE)) for _ in range(2))
         return torch.cat(logprobs), torch.cat(entropies)
 
     @staticmethod

@@ -37,7 +37,7 @@ the others (`leader.py`), so every rank runs the same calls:
   each stage replays and records its own MoE layers, the records sent on with the activations
   to the last stage, in the global layer order;
 - context parallelism (`train.context_parallel_size` = CP; every family, MLA too; with TP, and
-  sequence parallelism, or EP beside it): each sequence (padded to a multiple of 2 x CP) is cut
+  sequence parallelism, EP or PP beside it): each sequence (padded to a multiple of 2 x CP) is cut
   into 2 x CP chunks and CP rank r runs chunks r and 2 x CP - 1 - r (megatron's load-balanced
   split; megatron-core's RoPE takes the same chunks), its attention all-gathers K and V over the
   CP group (`megatron_context.py`: megatron-core's local attention asserts CP = 1), each rank's
@@ -54,11 +54,13 @@ The gradient norm is the whole model's; `export_weights` gathers the full tensor
 the first replica. TP and EP together (MoE families, with sequence parallelism): each expert split
 over TP within its EP rank, as megatron-core places it. PP and EP together (MoE families): each
 stage's routed experts split over its EP ranks, which run the stage's micro-batches alike.
+PP and CP together: each stage's CP ranks hold their two chunks of every sequence, the stages
+pass those T / CP rows on, the last stage gathers the log-probs over its CP ranks.
 
 MoE routing replay (`train.routing_replay`, R3) and the routing records behind
 `routing_agreement` go through megatron's router (`megatron_routing.py`), as the native backend's.
 
-Not in this version (refused with one line): CP with PP, QAT, FP8 GEMMs, activation
+Not in this version (refused with one line): QAT, FP8 GEMMs, activation
 checkpointing, compile, the PPO critic.
 `train.compute_dtype = "bfloat16"` casts the parameters for each forward (`batch.call_in_dtype`,
 as the native trainer; DeepSeek-V3's router stays fp32). On CPU through the patches of

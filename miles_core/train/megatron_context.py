@@ -36,6 +36,9 @@ backward keeps this rank's slice of the gradient (every rank's loss is the same 
 nothing is summed there): each rank's parameter gradients are then its own tokens' part of the
 one-rank gradient, and the trainer sums them over the CP ranks together with the data-parallel
 replicas (megatron's data-parallel group with context parallelism; `megatron_data.reduce_grads`).
+With pipeline stages every stage splits the sequence the same way and passes its CP rank's two
+chunks on (`megatron_pipeline.py`); only the last stage computes and gathers log-probs, and each
+stage's group with CP holds that stage's ranks, so every stage sums its own parameters' parts.
 """
 
 from __future__ import annotations

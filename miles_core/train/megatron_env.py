@@ -149,15 +149,12 @@ def shutdown() -> None:
 def check_sizes(sizes: ParallelSizes, world_size: int) -> None:
     """Refuse the parallel layouts this version cannot run, naming the flag: tensor and expert
     parallelism (together too), pipeline stages beside either or both, context parallelism beside
-    tensor and/or expert parallelism (not pipeline stages), data parallelism beside them,
+    any of them, data parallelism beside them,
     DP = world / (TP x CP x EP x PP) replicas, so the world must be a multiple of the
     model-parallel size; sequence parallelism with tensor parallelism only (megatron's rule)."""
     if sizes.sequence_parallel and sizes.tensor == 1:
         raise MilesError("--sequence-parallel needs --tensor-model-parallel-size > 1 (it splits the sequence "
                          "over the tensor-parallel ranks); set both or drop the flag")
-    if sizes.context > 1 and sizes.pipeline > 1:
-        raise MilesError(f"--context-parallel-size {sizes.context} with --pipeline-model-parallel-size "
-                         f"{sizes.pipeline} is not supported by the megatron backend yet; use one of them")
     named = [(f, n) for f, n in (("--tensor-model-parallel-size", sizes.tensor), ("--context-parallel-size",
                                  sizes.context), ("--expert-model-parallel-size", sizes.expert),
                                  ("--pipeline-model-parallel-size", sizes.pipeline)) if n > 1]

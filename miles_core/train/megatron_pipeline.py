@@ -5,11 +5,15 @@ final norm and the output layer), activations and their gradients sent between s
 `torch.distributed` point-to-point calls on the default group.
 
 Layout: megatron-core's rank order (tp-cp-ep-dp-pp) makes the stage the outermost index: stage s
-is ranks s*M .. s*M + M - 1 of the world's M = TP x EP x DP ranks per stage. A rank sends to the
-rank of the same TP, EP and DP place in the next stage (megatron's
-`get_pipeline_model_parallel_next_rank`), so tensor, expert and data parallelism
+is ranks s*M .. s*M + M - 1 of the world's M = TP x CP x EP x DP ranks per stage. A rank sends to the
+rank of the same TP, CP, EP and DP place in the next stage (megatron's
+`get_pipeline_model_parallel_next_rank`), so tensor, context, expert and data parallelism
 (`megatron_data.py`) run inside each stage unchanged; under sequence parallelism each TP rank
-sends its 1/TP of the (padded) sequence, under EP each EP rank its copy of the same activations.
+sends its 1/TP of the (padded) sequence, under EP each EP rank its copy of the same activations,
+under context parallelism each CP rank its two chunks of every sequence (T / CP rows,
+`megatron_context.py`): every stage splits the sequence the same way, the last one gathers the
+log-probs over its CP ranks, and each stage's gradients are summed over its own CP ranks (its
+data-parallel group with CP).
 
 Schedule: one micro-batch in flight. For each micro-batch the first stage runs its layers on the
 token ids and sends the (T, B, E) hidden states on; each later stage receives them, runs its
@@ -113,6 +117,11 @@ def sequence_multiple(model: nn.Module) -> int:
     return config.tensor_model_parallel_size if config.sequence_parallel else 1
 
 
+def context_multiple(split: ContextSplit) -> int:
+    """2 x CP under context parallelism (each CP rank holds two of 2 x CP equal chunks), else 1."""
+    return 2 * split.size if split.size > 1 else 1
+
+
 def padded_length(tokens: list[torch.Tensor], multiple: int) -> int:
     longest = max(len(t) for t in tokens)
     return -(-longest // multiple) * multiple
@@ -137,7 +146,7 @@ def run_layers(model: nn.Module, tokens: list[torch.Tensor], hooks: RoutingHooks
     `routing` (MoE) replays and/or records this stage's MoE layers through the router `hooks`,
     leaving per sample (len - 1, this stage's MoE layers, K) in `routing.recorded`."""
     device = next(model.parameters()).device
-    multiple = sequence_multiple(model) * (2 * split.size if split.size > 1 else 1)
+    multiple = sequence_multiple(model) * context_multiple(split)
     ids_BT, positions_BT, mask = stage_inputs(tokens, device, multiple)
     B, T = ids_BT.shape
     local_BT = ids_BT
@@ -155,13 +164,14 @@ def run_layers(model: nn.Module, tokens: list[torch.Tensor], hooks: RoutingHooks
 class _StageForward(nn.Module):
     """A stage before the last: its layers' (T, B, E) output; one module so `call_in_dtype` casts it."""
 
-    def __init__(self, model: nn.Module, hooks: RoutingHooks) -> None:
+    def __init__(self, model: nn.Module, hooks: RoutingHooks, split: ContextSplit) -> None:
         super().__init__()
         self.model = model
         self._hooks = [hooks]  # not a submodule
+        self.split = split
 
     def forward(self, tokens: list[torch.Tensor], routing: RoutingPlan | None) -> torch.Tensor:
-        return run_layers(self.model, tokens, self._hooks[0], routing)[0]
+        return run_layers(self.model, tokens, self._hooks[0], routing, self.split)[0]
 
 
 class _StageForwardFp32Router(_StageForward):
@@ -173,8 +183,8 @@ class _StageForwardFp32Router(_StageForward):
 class PipelineSteps:
     """The `NativeTrainer` hooks a megatron trainer with PP > 1 stages overrides (module docstring);
     at PP = 1 each one is the next class's (`_forward` is then the trainer's `_log_prob_forward`).
-    Needs `self.pp` (`Stages`), `self.hf_config`, `self.cfg`, `self.model`, `self.routing` (each
-    model's `RoutingHooks`) and `self._casts`."""
+    Needs `self.pp` (`Stages`), `self.cp` (`ContextSplit`), `self.hf_config`, `self.cfg`,
+    `self.model`, `self.routing` (each model's `RoutingHooks`) and `self._casts`."""
 
     pp: Stages
 
@@ -189,7 +199,7 @@ class PipelineSteps:
             out, hidden = self._log_prob_forward(model, batch, indices, routing), None
         else:
             stage = (_StageForwardFp32Router if self.hf_config["model_type"] == "deepseek_v3" else _StageForward)(
-                model, self.routing[id(model)])
+                model, self.routing[id(model)], self.cp)
             hidden = call_in_dtype(stage, (tokens, routing), DTYPES[self.cfg.compute_dtype],
                                    self._casts if model is self.model else None)
             dist.send(hidden.detach().contiguous(), self.pp.next)
@@ -221,10 +231,12 @@ class PipelineSteps:
         return metrics
 
     def _receive(self, tokens: list[torch.Tensor], src: int) -> torch.Tensor:
-        """The previous stage's (T, B, E) output for these samples (under sequence parallelism this
-        TP rank's T / TP rows of it), a leaf that keeps its gradient."""
-        multiple = sequence_multiple(self.model)
-        shape = (padded_length(tokens, multiple) // multiple, len(tokens), self.hf_config["hidden_size"])
+        """The previous stage's (T, B, E) output for these samples, a leaf that keeps its gradient:
+        under context parallelism this CP rank's T / CP rows (its two chunks), under sequence
+        parallelism this TP rank's 1 / TP of those, as `run_layers` pads and splits them."""
+        tp, cp = sequence_multiple(self.model), self.cp.size
+        length = padded_length(tokens, tp * context_multiple(self.cp))
+        shape = (length // (tp * cp), len(tokens), self.hf_config["hidden_size"])
         received = torch.empty(shape, dtype=DTYPES[self.cfg.compute_dtype], device=self.device)
         dist.recv(received, src)
         return received.requires_grad_(torch.is_grad_enabled())

@@ -50,6 +50,16 @@ def test_gradcheck_in_double(use):
         lambda h, w: pick(chunked_logprobs_entropy(h, w, targets, 0.7, chunk_size=2)), (hidden, weight))
 
 
+def test_no_tokens_gives_empty_values_and_zero_gradients():
+    """A context-parallel rank may hold none of a micro-batch's targets: (0,) values, zero gradients."""
+    hidden = torch.randn(0, 4, requires_grad=True)
+    weight = torch.randn(6, 4, requires_grad=True)
+    logp, entropy = chunked_logprobs_entropy(hidden, weight, torch.zeros(0, dtype=torch.long), chunk_size=2)
+    assert logp.shape == entropy.shape == (0,)
+    (logp.sum() + entropy.sum()).backward()
+    assert hidden.grad.shape == (0, 4) and torch.equal(weight.grad, torch.zeros(6, 4))
+
+
 def test_chunk_size_must_be_positive():
     hidden, weight, targets = _inputs(3)
     with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):

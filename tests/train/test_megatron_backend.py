@@ -186,7 +186,7 @@ def test_checkpoint_of_the_earlier_layout_resumes_exactly(tmp_path):
     (dict(pipeline_model_parallel_size=2), "^--pipeline-model-parallel-size 2 needs 2 trainer ranks, one per shard"),
     (dict(context_parallel_size=2), "^--context-parallel-size 2 needs 2 trainer ranks, one per shard"),
     (dict(context_parallel_size=2, pipeline_model_parallel_size=2),
-     "^--context-parallel-size 2 with --pipeline-model-parallel-size 2 is not supported"),
+     "^--context-parallel-size 2 x --pipeline-model-parallel-size 2 needs 4 trainer ranks, one per shard"),
     (dict(sequence_parallel=True), "^--sequence-parallel needs --tensor-model-parallel-size > 1"),
     (dict(qat="int4"), "train.qat = 'int4' is not supported"),
     (dict(precision="fp8"), "^train.precision = 'fp8' is not supported with train.backend = 'megatron' yet; "

@@ -164,13 +164,13 @@ def test_tensor_and_expert_parallel_together_match_one_rank(tmp_path):
     assert_steps_match(many, _steps(_trainer("qwen3_moe")))
 
 
-def _lead(rank: int, make_trainer) -> dict | None:
+def _lead(rank: int, make_trainer, make_batch=batch) -> dict | None:
     """Rank 0 leads `_steps` (no save), the other ranks follow."""
     trainer = make_trainer()
     if rank != 0:
         follow(trainer, trainer.control_group)
         return None
-    out = _steps(trainer)
+    out = _steps(trainer, make_batch=make_batch)
     release_followers()
     return out
 
