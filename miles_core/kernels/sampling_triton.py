@@ -5,7 +5,8 @@ Why: the torch sampler (`engine.sampler.sample_tokens`) materialises the (B, V) 
 their log-softmax, its exp and its cumulative sum: at batch 256 and a 151,936-token vocabulary
 that is about 1.2 GB of memory traffic and 0.7 ms of an H100 decode step of 5.9 ms (profile in
 `bench/results/rollout_throughput.md`, run 3). Here each row is read twice in bf16 (max and
-sum-exp online, then the running cumulative mass until the draw), nothing (B, V) is written.
+sum-exp online with the invariant log-softmax kernel's helpers, then the running cumulative mass
+until the draw), nothing (B, V) is written.
 
 The draw is the same rule as the torch sampler's (the first token whose cumulative probability
 exceeds the row's uniform number, never a zero-probability token), so a sequence's samples still
@@ -23,6 +24,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from miles_core.kernels.triton_ops import lanes_logsumexp, online_logsumexp_step
 
 BLOCK = 4096
 
@@ -55,12 +58,8 @@ def _sample_kernel(z_ptr, temp_ptr, u_ptr, tok_ptr, logp_ptr, V, stride, BLOCK: 
     for start in range(0, V, BLOCK):
         z = tl.load(z_row + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32) / scale
         best_idx = tl.where(z > m_vec, start + cols, best_idx)
-        m_new = tl.maximum(m_vec, z)
-        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s_vec = s_vec * tl.exp(m_vec - safe) + tl.exp(z - safe)
-        m_vec = m_new
-    m = tl.max(m_vec, axis=0)
-    lse = m + tl.log(tl.sum(s_vec * tl.exp(m_vec - m), axis=0))
+        m_vec, s_vec = online_logsumexp_step(m_vec, s_vec, z)
+    lse, m = lanes_logsumexp(m_vec, s_vec)
     argmax = tl.min(tl.where(m_vec == m, best_idx, V), axis=0)
     # Pass 2: the first token whose cumulative probability exceeds the uniform number; if
     # rounding leaves the total below it, the last token with non-zero probability.

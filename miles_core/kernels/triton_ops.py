@@ -118,6 +118,20 @@ if triton is not None:
         tl.store(y_ptr + row * stride + cols, y, mask=cols < E)
 
     @triton.jit
+    def online_logsumexp_step(m_vec, s_vec, z):
+        """One chunk of a per-lane online log-sum-exp: the lanes' new max and their sum of
+        exp(z - max) rescaled to it (lanes that saw only -inf keep max -inf and sum 0)."""
+        m_new = tl.maximum(m_vec, z)
+        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        return m_new, s_vec * tl.exp(m_vec - safe) + tl.exp(z - safe)
+
+    @triton.jit
+    def lanes_logsumexp(m_vec, s_vec):
+        """The row's log-sum-exp from the lanes' (max, sum) and the row's max."""
+        m = tl.max(m_vec, axis=0)
+        return m + tl.log(tl.sum(s_vec * tl.exp(m_vec - m), axis=0)), m
+
+    @triton.jit
     def _log_softmax_kernel(z_ptr, out_ptr, V, stride, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
@@ -125,12 +139,8 @@ if triton is not None:
         s_vec = tl.zeros((BLOCK,), tl.float32)
         for start in range(0, V, BLOCK):  # per-lane online max / sum, fixed chunk order
             z = tl.load(z_ptr + row * stride + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m_vec, z)
-            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s_vec = s_vec * tl.exp(m_vec - safe) + tl.exp(z - safe)
-            m_vec = m_new
-        m = tl.max(m_vec, axis=0)
-        lse = m + tl.log(tl.sum(s_vec * tl.exp(m_vec - m), axis=0))
+            m_vec, s_vec = online_logsumexp_step(m_vec, s_vec, z)
+        lse, _ = lanes_logsumexp(m_vec, s_vec)
         for start in range(0, V, BLOCK):
             z = tl.load(z_ptr + row * stride + start + cols, mask=start + cols < V, other=0.0).to(tl.float32)
             tl.store(out_ptr + row * stride + start + cols, (z - lse).to(out_ptr.dtype.element_ty),
