@@ -1,5 +1,6 @@
 """megatron-core backend on 2 GPUs (NCCL): TP=2 (dense Qwen3, also with sequence parallelism),
-CP=2 and PP=2 (dense Qwen3), EP=2 and PP=2 (Qwen3-MoE) against one rank.
+CP=2 and PP=2 (dense Qwen3), EP=2 and PP=2 (Qwen3-MoE), TP=2 with sequence parallelism (DeepSeek-V3's MLA)
+against one rank.
 
 For each layout, the same random model (seed 0, fp32 masters, bf16 compute) and the same batch run
 on one rank (GPU 0) and on two ranks (GPUs 0-1, one process each, rank 0 leading as `miles train
@@ -49,6 +50,16 @@ LAYOUTS = {
                             num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=4,
                             moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
                             decoder_sparse_step=1, mlp_only_layers=[]), {"pipeline_model_parallel_size": 2}),
+    # DeepSeek-V3's MLA and expert dims (q/kv LoRA ranks 1536/512, 128 + 64 head dims, 2,048-wide
+    # experts, 8 of 64 routed, one shared) at hidden 2048 and 16 heads, one dense and one MoE layer
+    "deepseek_v3 TP=2 SP": (dict(COMMON, model_type="deepseek_v3", hidden_size=2048, intermediate_size=6144,
+                              num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=16,
+                              moe_intermediate_size=2048, n_routed_experts=64, n_shared_experts=1,
+                              num_experts_per_tok=8, n_group=8, topk_group=4, routed_scaling_factor=2.5,
+                              norm_topk_prob=True, kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128,
+                              qk_rope_head_dim=64, v_head_dim=128, first_k_dense_replace=1,
+                              num_nextn_predict_layers=0, scoring_func="sigmoid", topk_method="noaux_tc"),
+                            {"tensor_model_parallel_size": 2, "sequence_parallel": True}),
 }
 
 
@@ -134,6 +145,9 @@ def main() -> None:
             config = dict(config, vocab_size=512, hidden_size=64, intermediate_size=128, head_dim=16,
                           num_attention_heads=4, num_key_value_heads=2, moe_intermediate_size=32, num_experts=8,
                           num_experts_per_tok=2)
+            if config["model_type"] == "deepseek_v3":
+                config.update(num_key_value_heads=4, n_routed_experts=8, n_group=2, topk_group=1, kv_lora_rank=32,
+                              q_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
         try:
             rows.append(compare(name, run(config, parallel, 1), run(config, parallel, 2)))
         except Exception as err:  # noqa: BLE001 - one failing layout is reported, the other still runs

@@ -49,4 +49,6 @@ def test_cuda_fast_mode_compiles_and_stays_close(monkeypatch):
         torch.testing.assert_close(FAST_OPS.rotary(x, cos, sin), rope, **tol)
         torch.testing.assert_close(FAST_OPS.silu_mul(x, x.flip(-1)), swiglu, **tol)
     assert torch.equal(FAST_OPS.rotary(x, cos, sin), rope)
-    assert torch.equal(INVARIANT_OPS.rotary(x, cos, sin), rope)  # invariant mode never compiles
+    # invariant mode never compiles: its RoPE is one Triton kernel (engine and trainer share it,
+    # tests/kernels/test_invariant_triton.py), within rounding of eager's, not eager's bits
+    torch.testing.assert_close(INVARIANT_OPS.rotary(x, cos, sin), rope, **tol)
