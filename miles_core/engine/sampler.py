@@ -21,6 +21,10 @@ try:
 except ImportError:  # no Triton: the torch sampler serves every device
     sampling_triton = None
 
+FUSED_SAMPLER_MODES = ("fast", "invariant")
+"""Alignment modes whose engine samples with the fused kernel: its log-probs are the invariant
+log-softmax kernel's bits (`kernels.sampling_triton`), so invariant mode keeps KL = 0."""
+
 
 @dataclass(frozen=True)
 class SamplerFlags:
@@ -71,9 +75,9 @@ def sample_tokens(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B:
                   flags: SamplerFlags | None = None, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row. Returns (token ids (B,), their logprobs (B,)). `log_softmax` is
     the trainer's kernel in invariant mode, so both sides compute the same bits. `flags`: what
-    the rows need, if the caller knows (else read from the tensors). `fused` (fast mode): CUDA
-    rows without top-k / top-p take one Triton kernel (`kernels.sampling_triton`; same rule, not
-    the same bits)."""
+    the rows need, if the caller knows (else read from the tensors). `fused`: CUDA rows without
+    top-k / top-p take one Triton kernel (`kernels.sampling_triton`: the same rule; its log-probs
+    are the invariant log-softmax's bits, its draws not always this path's)."""
     flags = flags or flags_of(temperature_B, top_k_B, top_p_B)
     if fused and not flags.filtered and logits_BV.is_cuda and sampling_triton is not None:
         return sampling_triton.sample(logits_BV, temperature_B, uniform_B)

@@ -316,12 +316,18 @@ def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
 rms_norm = with_reference_backward(_rms_norm_forward, rms_norm_reference)
 
 
+# The log-softmax kernel's chunk width and warps fix its lanes' reduction order; the fused sampler
+# (`sampling_triton`) reduces with the same pair, so its log-sum-exp is this kernel's bits.
+LOG_SOFTMAX_BLOCK, LOG_SOFTMAX_WARPS = 4096, 8
+
+
 def log_softmax(z: torch.Tensor) -> torch.Tensor:
     """Row-wise log-softmax over the last dim (forward only: used under no-grad / inside
     autograd Functions that provide their own backward)."""
     z2 = z.reshape(-1, z.shape[-1]).contiguous()
     out = torch.empty_like(z2)
-    _log_softmax_kernel[(z2.shape[0],)](z2, out, z2.shape[1], z2.stride(0), BLOCK=4096, num_warps=8)
+    _log_softmax_kernel[(z2.shape[0],)](z2, out, z2.shape[1], z2.stride(0), BLOCK=LOG_SOFTMAX_BLOCK,
+                                        num_warps=LOG_SOFTMAX_WARPS)
     return out.view(z.shape)
 
 

@@ -238,3 +238,24 @@ def test_fused_sampler_frequencies_are_the_distribution():
     assert counts[5] == 0
     assert ((counts / draws - target).abs() <= 2 / draws).all(), (counts / draws, target)
     torch.testing.assert_close(logprobs.cpu(), target.log()[tokens.cpu()])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_sampler_logprobs_are_the_invariant_log_softmax_bits_at_any_batch():
+    """Invariant mode samples with the fused kernel: each log-prob must be exactly what the
+    trainer's invariant log-softmax gives that token (temperatures divided as the trainer
+    divides), and a row's token and log-prob must not depend on its batch."""
+    from miles_core.kernels import invariant
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    logits = (torch.randn(256, 151936, device="cuda", generator=gen) * 3).to(torch.bfloat16)
+    temperature = torch.tensor([0.0, 0.7, 1.0, 1.3], device="cuda").repeat(64)
+    uniform = torch.rand(256, device="cuda", generator=gen)
+    tokens, logprobs = _fused(logits, temperature, uniform)
+    scale = torch.where(temperature == 0, torch.ones_like(temperature), temperature)
+    trainer = invariant.log_softmax(logits.float() / scale[:, None]).gather(1, tokens[:, None])[:, 0]
+    assert torch.equal(logprobs, trainer)
+    for rows in (slice(0, 1), slice(5, 8), slice(100, 164)):
+        alone = _fused(logits[rows], temperature[rows], uniform[rows])
+        assert torch.equal(alone[0], tokens[rows]) and torch.equal(alone[1], logprobs[rows])
