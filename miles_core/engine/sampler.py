@@ -21,10 +21,6 @@ try:
 except ImportError:  # no Triton: the torch sampler serves every device
     sampling_triton = None
 
-FUSED_SAMPLER_MODES = ("fast", "invariant")
-"""Alignment modes whose engine samples with the fused kernel: its log-probs are the invariant
-log-softmax kernel's bits (`kernels.sampling_triton`), so invariant mode keeps KL = 0."""
-
 
 @dataclass(frozen=True)
 class SamplerFlags:
@@ -72,14 +68,19 @@ def process_logits(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B
 
 def sample_tokens(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor,
                   top_p_B: torch.Tensor, uniform_B: torch.Tensor, log_softmax=log_softmax_reference,
-                  flags: SamplerFlags | None = None, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  flags: SamplerFlags | None = None, fused: bool = False,
+                  exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row. Returns (token ids (B,), their logprobs (B,)). `log_softmax` is
     the trainer's kernel in invariant mode, so both sides compute the same bits. `flags`: what
     the rows need, if the caller knows (else read from the tensors). `fused`: CUDA rows without
-    top-k / top-p take one Triton kernel (`kernels.sampling_triton`: the same rule; its log-probs
-    are the invariant log-softmax's bits, its draws not always this path's)."""
+    top-k / top-p take one Triton kernel (`kernels.sampling_triton`; the same rule, its draws not
+    always this path's); `exact` (invariant mode): its log-probs are then the invariant
+    log-softmax's bits."""
     flags = flags or flags_of(temperature_B, top_k_B, top_p_B)
     if fused and not flags.filtered and logits_BV.is_cuda and sampling_triton is not None:
+        if exact:
+            z = process_logits(logits_BV, temperature_B, top_k_B, top_p_B, filtered=False, scaled=flags.scaled)
+            return sampling_triton.sample_exact(z, temperature_B, uniform_B)
         return sampling_triton.sample(logits_BV, temperature_B, uniform_B)
     logits = process_logits(logits_BV, temperature_B, top_k_B, top_p_B, filtered=flags.filtered, scaled=flags.scaled)
     logprobs_BV = log_softmax(logits)

@@ -14,7 +14,8 @@ measures it.
 - `linear`: C = A W^T (+ b), tiles of BLOCK_M x BLOCK_N, K walked in BLOCK_K steps from 0.
   fp32 inputs use IEEE products (no tf32) so fp32 results stay fp32-accurate.
 - `rms_norm`: one program per row, the whole row in one block (hidden sizes up to 16384).
-- `log_softmax`: one program per row, online max / sum-exp over fixed vocab chunks, then z - lse.
+- `log_softmax`: one program per row for the log-sum-exp (online max / sum-exp over fixed vocab
+  chunks, `row_logsumexp`), then z - lse (an exactly rounded fp32 subtraction).
 - `attention`: flash-attention forward (online softmax over BLOCK_N keys from position 0) with
   explicit query positions; keys sit at their index; a query at position p sees keys 0..p.
   Decode (one query) uses the same kernel and tile shape as prefill.
@@ -132,7 +133,7 @@ if triton is not None:
         return m + tl.log(tl.sum(s_vec * tl.exp(m_vec - m), axis=0)), m
 
     @triton.jit
-    def _log_softmax_kernel(z_ptr, out_ptr, V, stride, BLOCK: tl.constexpr):
+    def _row_logsumexp_kernel(z_ptr, lse_ptr, V, stride, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         m_vec = tl.full((BLOCK,), float("-inf"), tl.float32)
@@ -141,10 +142,7 @@ if triton is not None:
             z = tl.load(z_ptr + row * stride + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
             m_vec, s_vec = online_logsumexp_step(m_vec, s_vec, z)
         lse, _ = lanes_logsumexp(m_vec, s_vec)
-        for start in range(0, V, BLOCK):
-            z = tl.load(z_ptr + row * stride + start + cols, mask=start + cols < V, other=0.0).to(tl.float32)
-            tl.store(out_ptr + row * stride + start + cols, (z - lse).to(out_ptr.dtype.element_ty),
-                     mask=start + cols < V)
+        tl.store(lse_ptr + row, lse)
 
     @triton.jit
     def _attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, cu_q_ptr, cu_k_ptr, T, S, H, G, D, DV, scale,
@@ -316,19 +314,26 @@ def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
 rms_norm = with_reference_backward(_rms_norm_forward, rms_norm_reference)
 
 
-# The log-softmax kernel's chunk width and warps fix its lanes' reduction order; the fused sampler
-# (`sampling_triton`) reduces with the same pair, so its log-sum-exp is this kernel's bits.
 LOG_SOFTMAX_BLOCK, LOG_SOFTMAX_WARPS = 4096, 8
+"""Chunk width and warps of the row log-sum-exp (they fix its lanes' reduction order); the
+fused sampler's own first pass (fast mode) reduces over the same."""
+
+
+def row_logsumexp(z_RV: torch.Tensor) -> torch.Tensor:
+    """(R,) fp32 log-sum-exp of each row of a contiguous (R, V) tensor, in a fixed order: the
+    invariant log-softmax and the engine's exact sampler (`sampling_triton.sample_exact`) both
+    take theirs from this one kernel, so their log-probs agree bit for bit."""
+    lse = torch.empty(z_RV.shape[0], device=z_RV.device, dtype=torch.float32)
+    _row_logsumexp_kernel[(z_RV.shape[0],)](z_RV, lse, z_RV.shape[1], z_RV.stride(0), BLOCK=LOG_SOFTMAX_BLOCK,
+                                            num_warps=LOG_SOFTMAX_WARPS)
+    return lse
 
 
 def log_softmax(z: torch.Tensor) -> torch.Tensor:
-    """Row-wise log-softmax over the last dim (forward only: used under no-grad / inside
-    autograd Functions that provide their own backward)."""
+    """Row-wise log-softmax over the last dim, z - log-sum-exp in fp32 (forward only: used under
+    no-grad / inside autograd Functions that provide their own backward)."""
     z2 = z.reshape(-1, z.shape[-1]).contiguous()
-    out = torch.empty_like(z2)
-    _log_softmax_kernel[(z2.shape[0],)](z2, out, z2.shape[1], z2.stride(0), BLOCK=LOG_SOFTMAX_BLOCK,
-                                        num_warps=LOG_SOFTMAX_WARPS)
-    return out.view(z.shape)
+    return (z2.float() - row_logsumexp(z2)[:, None]).to(z.dtype).view(z.shape)
 
 
 ATTENTION_BLOCK = 64

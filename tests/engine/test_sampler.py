@@ -177,11 +177,12 @@ def test_the_engines_flags_skip_passes_without_changing_a_bit(temperatures):
     assert torch.equal(fast[0], full[0]) and torch.equal(fast[1], full[1])
 
 
-def _fused(logits, temperature, uniform):
-    """The fast-mode Triton sampler on CUDA, through `sample_tokens` as the engine calls it."""
+def _fused(logits, temperature, uniform, exact=False):
+    """The Triton sampler on CUDA, through `sample_tokens` as the engine calls it (`exact`:
+    invariant mode's)."""
     count = logits.shape[0]
     return sample_tokens(logits.cuda(), temperature.cuda(), torch.full((count,), -1, device="cuda"),
-                         torch.ones(count, device="cuda"), uniform.cuda(), fused=True)
+                         torch.ones(count, device="cuda"), uniform.cuda(), fused=True, exact=exact)
 
 
 @pytest.mark.gpu
@@ -242,20 +243,24 @@ def test_fused_sampler_frequencies_are_the_distribution():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fused_sampler_logprobs_are_the_invariant_log_softmax_bits_at_any_batch():
+def test_exact_fused_sampler_logprobs_are_the_invariant_log_softmax_bits_at_any_batch():
     """Invariant mode samples with the fused kernel: each log-prob must be exactly what the
     trainer's invariant log-softmax gives that token (temperatures divided as the trainer
-    divides), and a row's token and log-prob must not depend on its batch."""
+    divides), and a row's token and log-prob must not depend on its batch. Its draws follow the
+    same rule as fast mode's."""
     from miles_core.kernels import invariant
 
     gen = torch.Generator(device="cuda").manual_seed(1)
     logits = (torch.randn(256, 151936, device="cuda", generator=gen) * 3).to(torch.bfloat16)
     temperature = torch.tensor([0.0, 0.7, 1.0, 1.3], device="cuda").repeat(64)
     uniform = torch.rand(256, device="cuda", generator=gen)
-    tokens, logprobs = _fused(logits, temperature, uniform)
+    tokens, logprobs = _fused(logits, temperature, uniform, exact=True)
     scale = torch.where(temperature == 0, torch.ones_like(temperature), temperature)
     trainer = invariant.log_softmax(logits.float() / scale[:, None]).gather(1, tokens[:, None])[:, 0]
     assert torch.equal(logprobs, trainer)
+    fast_tokens, fast_logprobs = _fused(logits, temperature, uniform)
+    assert (fast_tokens == tokens).float().mean() >= 0.95
+    torch.testing.assert_close(fast_logprobs, logprobs, rtol=0, atol=2e-5)
     for rows in (slice(0, 1), slice(5, 8), slice(100, 164)):
-        alone = _fused(logits[rows], temperature[rows], uniform[rows])
+        alone = _fused(logits[rows], temperature[rows], uniform[rows], exact=True)
         assert torch.equal(alone[0], tokens[rows]) and torch.equal(alone[1], logprobs[rows])

@@ -46,7 +46,7 @@ from miles_core.engine.native.stable_memory import StableMemory
 from miles_core.engine.native.streams import uniforms
 from miles_core.engine.native.weight_table import WeightTable
 from miles_core.engine.protocol import GenerateRequest, Generation
-from miles_core.engine.sampler import FUSED_SAMPLER_MODES, sample_tokens
+from miles_core.engine.sampler import sample_tokens
 from miles_core.errors import MilesError
 from miles_core.kernels import model_ops
 from miles_core.utils.device import on_device, to_device
@@ -334,7 +334,7 @@ class NativeEngine:
                                                                        logits_BV.device)
         ops = model_ops(self.model)
         tokens, logprobs = sample_tokens(logits_BV, temperature, top_k, top_p, uniform, flags=flags,
-                                         log_softmax=ops.log_softmax, fused=ops.name in FUSED_SAMPLER_MODES)
+                                         log_softmax=ops.log_softmax, fused=True, exact=ops.name == "invariant")
         self._record(seqs, tokens.tolist(), logprobs.tolist())
 
     def _record(self, seqs: list[Seq], tokens: list[int], logprobs: list[float]) -> None:
