@@ -345,8 +345,7 @@ class NativeEngine:
             seq.logprobs.append(logprob)
             # `finish_reason` is None unless a stop token, a stop string or the length limit can
             # apply: most rows of most steps skip the call (a per-row cost at every step).
-            if (token in seq.stop_ids or seq.request.sampling.stop
-                    or len(token_ids) - seq.prompt_len >= seq.max_new_tokens):
+            if token in seq.stop_ids or len(token_ids) >= seq.check_finish_from:
                 seq.finish_reason = finish_reason(seq, token, self.eos_token_ids, self.tokenizer)
                 if seq.done:
                     self._retire(seq)

@@ -160,16 +160,17 @@ class Scheduler:
     def computed(self, rows: list[Row]) -> None:
         """Record the step's computed tokens and enter newly full blocks into the prefix cache;
         rows whose prompt is done move to `running` (caller samples their next token)."""
+        size, prefilling = self.blocks.block_size, self.prefilling  # read once: a loop over every row
         for row in rows:
             seq = row.seq
-            seq.num_computed = row.start + row.num_tokens
-            full = seq.num_computed // self.blocks.block_size
+            seq.num_computed = num_computed = row.start + row.num_tokens
+            full = num_computed // size
             if full > seq.num_registered:
                 routing = np.concatenate(seq.routing) if self.cache_routing else None
                 self.blocks.register(seq.block_table, seq.token_ids, seq.num_registered, full, routing)
                 seq.num_registered = full
-            if self.prefilling and row.completes and seq in self.prefilling:
-                self.prefilling.remove(seq)
+            if prefilling and row.completes and seq in prefilling:
+                prefilling.remove(seq)
                 self.running.append(seq)
 
     def fork(self, leader: Sequence) -> list[Sequence]:
