@@ -75,6 +75,10 @@ class EngineConfig:
     cuda_graphs: bool = True
     """CUDA, dense models: capture the decode step as CUDA graphs at batch sizes 1, 2, 4, 8, 16, ...
     `max_batch_size` and replay them (a few seconds of capture at start-up; MoE runs eagerly)."""
+    overlap: bool = True
+    """Plan and launch each decode step before reading the previous one's tokens, so the host's
+    per-step work runs while the GPU computes (SGLang's overlap scheduler does the same); the
+    outputs are the same bits either way (`engine/native/overlap.py`)."""
     stable_memory: bool = True
     """CUDA, `engine.colocate`: the KV pool and weights keep their addresses across a release
     (CUDA virtual memory), so a resume needs no graph capture; false frees and reallocates them."""

@@ -184,7 +184,7 @@ def miles_command(cfg: EngineConfig, model_path: str, host: str, port: int, *, d
     settings = {"model.dtype": dtype, "model.device": "cuda" if on_gpu else "cpu",
                 "alignment.mode": context.alignment_mode, **{f"engine.{name}": getattr(cfg, name) for name in (
                     "max_batch_size", "max_context_len", "mem_fraction", "num_kv_blocks", "block_size",
-                    "max_num_batched_tokens", "weights", "cuda_graphs", "return_routed_experts")}}
+                    "max_num_batched_tokens", "weights", "cuda_graphs", "overlap", "return_routed_experts")}}
     command = [sys.executable, "-m", "miles_cli.app", "serve", "--model", str(model_path), "--host", host,
                "--port", str(port), "--api-key", cfg.api_key]
     for root in context.weight_roots:

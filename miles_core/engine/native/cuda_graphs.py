@@ -17,8 +17,8 @@ once (`stage_decode_inputs`), in page-locked memory on CUDA, and copied to the d
 asynchronous copy, then on the device into the graph's inputs (through views made once per
 shape). Only the table columns some row reads are staged (M is the longest context's
 blocks: 640 columns for a 40,960-token model, of which a 1,000-token step reads 16). Two staging buffers alternate; a buffer is written again two steps
-later, after the step between has read its sampled tokens back (a host synchronisation), so its
-copy has long finished.
+later, after the tokens of the step that used it were read back (a host synchronisation ordered
+after its copy; with overlapped steps that read comes one step later, still before the reuse).
 
 Not captured: MoE models (expert grouping sizes its launches on the host) and steps that record
 routing; those run eagerly. Weight updates copy into the same parameter storage, so graphs see
@@ -46,16 +46,18 @@ from miles_core.kernels import model_ops, paged_attention
 
 
 def stage_decode_inputs(seqs: Seqs[Sequence], block_size: int, null_block: int, size: int,
-                        buffer: np.ndarray) -> np.ndarray:
+                        buffer: np.ndarray, ahead: bool = False) -> np.ndarray:
     """Pack one decode step into the front of the flat `buffer`; returns it as (size, 3 + W):
     per row the token fed (the sequence's last), its position, its pool slot, then its block
     table up to the position's block and `null_block` after, over W columns, W = the largest
     row's table entries; rows past B are padding (token 0 at position 0, the null block's slot 0).
-    The graph's table columns past W keep older entries: no row reads past its position's block."""
+    The graph's table columns past W keep older entries: no row reads past its position's block.
+    `ahead`: each row feeds a token sampled but not yet appended (position `len(token_ids)`; the
+    token column is left 0 for the caller to fill on the device)."""
     B, P = len(seqs), block_size
     tables = list(map(attrgetter("block_table"), seqs))  # map with C callables: no Python frame per row
     token_lists = list(map(attrgetter("token_ids"), seqs))
-    positions_B = np.fromiter(map(len, token_lists), dtype=np.int64, count=B) - 1
+    positions_B = np.fromiter(map(len, token_lists), dtype=np.int64, count=B) - (0 if ahead else 1)
     counts_B = positions_B // P + 1  # table entries up to the position's block
     W = int(counts_B.max())
     packed = buffer[: size * (3 + W)].reshape(size, 3 + W)
@@ -71,7 +73,8 @@ def stage_decode_inputs(seqs: Seqs[Sequence], block_size: int, null_block: int, 
     else:  # an admission gives blocks for every token: a table may hold one past the position's
         keep = col < counts_B[row]
         packed[row[keep], 3 + col[keep]] = flat[keep]
-    packed[:B, 0] = np.fromiter(map(itemgetter(-1), token_lists), dtype=np.int64, count=B)
+    if not ahead:
+        packed[:B, 0] = np.fromiter(map(itemgetter(-1), token_lists), dtype=np.int64, count=B)
     packed[:B, 1] = positions_B
     packed[:B, 2] = packed[np.arange(B), 2 + counts_B] * P + positions_B % P
     return packed
@@ -142,17 +145,21 @@ class DecodeGraphs:
                 self.graphs[size] = graph
         torch.cuda.synchronize()
 
-    def run(self, seqs: Seqs[Sequence]) -> torch.Tensor:
-        """Logits (B, V) of one decode step of `seqs` (each feeds its last token; a view into
-        the graph's output: use it before the next step). Rows past B are padding."""
+    def run(self, seqs: Seqs[Sequence], fed: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, V) of one decode step of `seqs` (each feeds its last token, or `fed[b]`, a
+        device tensor of tokens not yet appended; a view into the graph's output: use it before
+        the next step). Rows past B are padding."""
         B = len(seqs)
         size = self.size_for(B)
         which, self._num_runs = self._num_runs % 2, self._num_runs + 1
-        packed = stage_decode_inputs(seqs, self.pool.block_size, self.pool.null_block, size, self._staging_np[which])
+        packed = stage_decode_inputs(seqs, self.pool.block_size, self.pool.null_block, size, self._staging_np[which],
+                                     ahead=fed is not None)
         hosts, staged, copies = self._copy_plan(size, packed.shape[1] - 3)
         staged.copy_(hosts[which], non_blocking=True)  # one host-to-device copy per step
         for graph_input, column in copies:
             graph_input.copy_(column)
+        if fed is not None:
+            self.ids_G1[:B, 0].copy_(fed)
         return self.replay(size)[:B]
 
     def size_for(self, num_rows: int) -> int:

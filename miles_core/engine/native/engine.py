@@ -13,11 +13,8 @@ launched, so on a GPU the host does it while the forward runs, or when there is 
 other callers (a background loop, a caller stepping itself) get each answer in the step that
 finished it, as they may act on it before the next step.
 
-Colocation (`engine.colocate`): `release_memory` frees the KV pool and CUDA graphs and moves the
-weights to host memory (`memory.py`) while a trainer uses the device; requests are refused until
-`resume_memory` brings the same weights back and allocates a fresh pool; on CUDA with
-`engine.stable_memory` both keep their addresses instead, so the CUDA graphs survive
-(`stable_memory.py`).
+Colocation (`engine.colocate`): `release_memory` / `resume_memory` (`colocation.py`).
+With `engine.overlap` a decode step is read one step late (`overlap.py`).
 """
 
 from __future__ import annotations
@@ -29,20 +26,18 @@ import torch
 from torch import nn
 
 from miles_core.config import EngineConfig
-from miles_core.engine.native import stable_memory
 from miles_core.engine.native.block_manager import BlockManager
+from miles_core.engine.native.colocation import EngineReleased, MemoryControl
 from miles_core.engine.native.cuda_graphs import DecodeGraphs, capturable
 from miles_core.engine.native.fuse import fuse_projections
 from miles_core.engine.native.kv_pool import KVPool, block_bytes, num_kv_blocks
-from miles_core.engine.native.memory import (HostWeights, device_allocated, free_cached, weights_to_device,
-                                             weights_to_host)
 from miles_core.engine.native.outputs import finish_reason, to_generation
+from miles_core.engine.native.overlap import PendingTokens
 from miles_core.engine.native.runner import ModelRunner
 from miles_core.engine.native.sampling_tensors import SamplingTensors
 from miles_core.engine.native.scheduler import Row, Scheduler
 from miles_core.engine.native.sequence import RequestHandle, new_handle
 from miles_core.engine.native.sequence import Sequence as Seq
-from miles_core.engine.native.stable_memory import StableMemory
 from miles_core.engine.native.streams import uniforms
 from miles_core.engine.native.weight_table import WeightTable
 from miles_core.engine.protocol import GenerateRequest, Generation
@@ -54,11 +49,7 @@ from miles_core.utils.device import on_device, to_device
 ABORTED = {"type": "abort", "message": "aborted by request"}
 
 
-class EngineReleased(MilesError):
-    """A request reached an engine whose memory is released (`release_memory`)."""
-
-
-class NativeEngine:
+class NativeEngine(MemoryControl):
     """`RolloutEngine` over a native model in this process."""
 
     def __init__(self, model: nn.Module, tokenizer, cfg: EngineConfig, *, eos_token_ids: Iterable[int],
@@ -81,11 +72,7 @@ class NativeEngine:
         self.runner = ModelRunner(self.model, self.pool, capture_routing=self.capture_routing)
         self._capture_graphs()
         self.weights = WeightTable(self.model)
-        self._host: HostWeights | None = None
-        """Set while the memory is released (`release_memory`): where the weights went."""
-        self._stable: StableMemory | None = None
-        """`engine.stable_memory`: the fixed-address regions, from the first release on."""
-        self._stable_released = False
+        self._init_memory_control()
         self._paused = threading.Event()
         self._inbox: list[tuple[str, object]] = []
         self._inbox_lock = threading.Lock()
@@ -101,6 +88,8 @@ class NativeEngine:
         """`generate` calls stepping now: while any is, answers wait for the next forward."""
         self._sampling_params = SamplingTensors()
         """((setting, rows, device), tensors) of the last step sampled with one setting for all rows."""
+        self._pending: PendingTokens | None = None
+        """`engine.overlap`: the last decode step's tokens, not yet read (`overlap.py`)."""
 
     def _new_pool(self) -> KVPool:
         num_kv_heads, head_dim, v_head_dim = self.model.kv_cache_dims()
@@ -132,6 +121,7 @@ class NativeEngine:
         self._check_weights_mapped("update_weights")
         targets, sources = self.weights.checked_updates(named_tensors)  # all checked before any is written
         with self._step_lock, torch.no_grad():
+            self._settle()  # tokens of the old weights finish their requests under the old version
             if targets:  # one multi-tensor copy instead of a launch per tensor (~300 at 0.6B)
                 torch._foreach_copy_(targets, sources)
             self.blocks.flush()  # cached K/V were computed by the old weights
@@ -162,70 +152,6 @@ class NativeEngine:
 
     def health(self) -> bool:
         return not self._paused.is_set()
-
-    # -- memory (engine.colocate) ----------------------------------------------------------
-    @property
-    def released(self) -> bool:
-        """Whether `release_memory` gave the device memory away (generation is refused)."""
-        return self._host is not None or self._stable_released
-
-    def release_memory(self) -> dict[str, int]:
-        """Free the KV pool and the CUDA graphs and move the weights to host memory (pinned on
-        CUDA) so a colocated trainer can use the GPU; refused while requests are in flight.
-        With `engine.stable_memory` (CUDA) the pool and weights keep their addresses and the
-        graphs stay (`stable_memory.py`). Returns the bytes of each part and `gpu_freed_bytes`
-        (the CUDA allocator's drop plus the pages given back; 0 on CPU)."""
-        with self._step_lock:
-            if self.released:
-                return {"kv_cache_bytes": 0, "weights_bytes": 0, "gpu_freed_bytes": 0}
-            with self._inbox_lock:
-                busy = len(self._handles) + len(self._inbox)
-            if busy:
-                raise MilesError(f"release_memory: {busy} requests are in flight; let them finish or abort them first")
-            self.blocks.flush()  # the cached K/V go with the pool
-            if self.cfg.stable_memory and stable_memory.supported(self.device):
-                return self._release_stable()
-            device, before = self.device, device_allocated(self.device)
-            self.runner.graphs = None  # graphs point into the pool and at the weights' addresses
-            kv_bytes = self.pool.release()
-            self._host = weights_to_host(self.model)
-            self.weights.invalidate()  # buffers were replaced
-            free_cached(device)
-            return {"kv_cache_bytes": kv_bytes, "weights_bytes": self._host.num_bytes,
-                    "gpu_freed_bytes": before - device_allocated(device)}
-
-    def _release_stable(self) -> dict[str, int]:
-        device = self.device
-        if self._stable is None:
-            self.runner.graphs = None  # captured at the addresses the move changes
-            try:
-                self._stable = StableMemory.adopt(self.model, self.pool, device)
-            except MilesError as err:
-                raise MilesError(f"release_memory: {err}; set engine.stable_memory = false to free and "
-                                 "reallocate the memory instead") from None
-            self.weights.invalidate()
-        before = device_allocated(device)
-        unmapped = self._stable.release()
-        self._stable_released = True
-        free_cached(device)
-        return {"kv_cache_bytes": self._stable.pool_bytes, "weights_bytes": self._stable.weights_bytes,
-                "gpu_freed_bytes": unmapped + before - device_allocated(device)}
-
-    def resume_memory(self) -> None:
-        """Undo `release_memory`: the same weights (bitwise), a fresh KV pool (or the same
-        addresses, `engine.stable_memory`), graphs captured again when they were dropped."""
-        with self._step_lock:
-            if self._stable_released:
-                self._stable.restore(self.pool)
-                self._stable_released = False
-            elif self._host is not None:
-                weights_to_device(self.model, self._host)
-                self.weights.invalidate()
-                self.pool.restore()
-                self._host = None
-            if self.runner.graphs is None:
-                self._capture_graphs()
-        self._notify()
 
     # -- submission ------------------------------------------------------------------------
     def submit(self, request: GenerateRequest, on_progress: Callable[[int], None] | None = None) -> RequestHandle:
@@ -280,6 +206,10 @@ class NativeEngine:
         """Run one scheduled forward; False when paused or idle."""
         with self._step_lock:
             self._drain_inbox()
+            if self._pending is not None:
+                if not self._paused.is_set() and self._step_ahead():
+                    return True
+                self._settle()
             # released: submissions wait for resume_memory
             rows = [] if self._paused.is_set() or self.released else self.scheduler.schedule()
             if not rows:
@@ -292,6 +222,8 @@ class NativeEngine:
     def _drain_inbox(self) -> None:
         with self._inbox_lock:
             inbox, self._inbox = self._inbox, []
+        if inbox:  # what arrives sees the tokens computed so far, as in the plain order
+            self._settle()
         for kind, item in inbox:
             if kind == "submit":
                 self._handles[id(item)] = item
@@ -314,7 +246,11 @@ class NativeEngine:
         self._answer_finished()  # host work while the forward runs on a GPU
         self.scheduler.computed(rows)
         if decoding:  # every row samples from its own logits row; no decoding sequence has forks
-            self._sample([row.seq for row in rows], logits_RV)
+            pending = self._launch_sample([row.seq for row in rows], logits_RV)
+            if self.cfg.overlap:
+                self._pending = pending  # read in the next step, once its forward is queued
+            else:
+                self._record_pending(pending)
             return
         sampled, logit_rows = [], []
         for index, row in enumerate(r for r in rows if r.completes):  # logits row `index`
@@ -328,14 +264,45 @@ class NativeEngine:
         else:
             self._sample(sampled, logits_RV.index_select(0, torch.tensor(logit_rows, device=logits_RV.device)))
 
+    def _step_ahead(self) -> bool:
+        """Launch the decode step after the pending one, then read the pending tokens while it
+        runs (`overlap.py`); False when the scheduler cannot plan it blind."""
+        pending = self._pending
+        rows = self.scheduler.decode_rows_ahead(pending.seqs)
+        if rows is None:
+            return False
+        with torch.inference_mode(), on_device(self.device):
+            logits_RV = self.runner.forward(rows, decoding=True, fed=pending.tokens)
+            self._pending = self._launch_sample([row.seq for row in rows], logits_RV)
+            self._record_pending(pending)
+        self.scheduler.computed([row for row in rows if not row.seq.done])  # after the fed tokens are in
+        return True
+
+    def _settle(self) -> None:
+        """Read the pending decode step's tokens, if any."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._record_pending(pending)
+
     def _sample(self, seqs: list[Seq], logits_BV: torch.Tensor) -> None:
+        self._record_pending(self._launch_sample(seqs, logits_BV))
+
+    def _launch_sample(self, seqs: list[Seq], logits_BV: torch.Tensor) -> PendingTokens:
         uniform = to_device(uniforms([seq.stream for seq in seqs]), logits_BV.device)
         temperature, top_k, top_p, flags = self._sampling_params.of([s.request.sampling for s in seqs],
                                                                        logits_BV.device)
         ops = model_ops(self.model)
         tokens, logprobs = sample_tokens(logits_BV, temperature, top_k, top_p, uniform, flags=flags,
                                          log_softmax=ops.log_softmax, fused=True, exact=ops.name == "invariant")
-        self._record(seqs, tokens.tolist(), logprobs.tolist())
+        return PendingTokens.start(seqs, tokens, logprobs)
+
+    def _record_pending(self, pending: PendingTokens) -> None:
+        tokens, logprobs = pending.read()
+        seqs = pending.seqs
+        if any(seq.done for seq in seqs):  # finished since it was launched (overlap, abort): token dropped
+            kept = [i for i, seq in enumerate(seqs) if not seq.done]
+            seqs, tokens, logprobs = [seqs[i] for i in kept], [tokens[i] for i in kept], [logprobs[i] for i in kept]
+        self._record(seqs, tokens, logprobs)
 
     def _record(self, seqs: list[Seq], tokens: list[int], logprobs: list[float]) -> None:
         """Append each sequence's sampled token and its log-prob; retire those that stop."""

@@ -38,17 +38,19 @@ class ModelRunner:
     def device(self) -> torch.device:
         return self.pool.keys[0].device
 
-    def forward(self, rows: list[Row], *, decoding: bool = False) -> torch.Tensor:
+    def forward(self, rows: list[Row], *, decoding: bool = False, fed: torch.Tensor | None = None) -> torch.Tensor:
         """Run the step; returns logits (R, V) of the rows that complete, in row order.
-        `decoding`: the scheduler made a decode step (spares checking every row)."""
+        `decoding`: the scheduler made a decode step (spares checking every row). `fed`: a decode
+        step planned ahead (`Scheduler.decode_rows_ahead`): the (B,) device tensor of the tokens
+        the rows feed, sampled by the step before and not yet in their token lists."""
         if self.graphs is not None and self._graphable(rows, decoding):
-            return self.graphs.run([row.seq for row in rows])
-        ids_BT, positions_BT, cache = self._inputs(rows)
+            return self.graphs.run([row.seq for row in rows], fed=fed)
+        ids_BT, positions_BT, cache = self._inputs(rows, fed)
         routing = RoutingContext("record") if self.capture_routing else None
         hidden_BTE = self.model(ids_BT, positions_BT, cache, routing=routing)
         if routing is not None:
             self._record_routing(rows, routing)
-        sampling = [(b, row.num_tokens - 1) for b, row in enumerate(rows) if row.completes]
+        sampling = [(b, row.num_tokens - 1) for b, row in enumerate(rows) if fed is not None or row.completes]
         if not sampling:
             return hidden_BTE.new_empty(0)
         index = torch.tensor(sampling, device=hidden_BTE.device)
@@ -62,7 +64,7 @@ class ModelRunner:
         return len(rows) <= self.graphs.max_batch_size and (
             decoding or all(r.num_tokens == 1 and r.completes for r in rows))
 
-    def _inputs(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor, PagedKVCache]:
+    def _inputs(self, rows: list[Row], fed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, PagedKVCache]:
         B, T = len(rows), max(row.num_tokens for row in rows)
         size = self.pool.block_size
         ids = torch.zeros(B, T, dtype=torch.long)
@@ -73,7 +75,8 @@ class ModelRunner:
         slots, token_index = [], []
         for b, row in enumerate(rows):
             seq, end = row.seq, row.start + row.num_tokens
-            ids[b, : row.num_tokens] = torch.tensor(seq.token_ids[row.start : end])
+            if fed is None:
+                ids[b, : row.num_tokens] = torch.tensor(seq.token_ids[row.start : end])
             positions[b] = torch.arange(row.start, row.start + T)
             table = seq.block_table[: -(-end // size)]
             tables[b, : len(table)] = torch.tensor(table)
@@ -85,7 +88,7 @@ class ModelRunner:
         cache = PagedKVCache(self.pool, tables.to(device), torch.tensor(slots, device=device),
                              torch.tensor(token_index, device=device) if padded else None, num_keys,
                              decode_positions_B=positions[:, 0].to(device) if decode else None)
-        return ids.to(device), positions.to(device), cache
+        return (ids.to(device) if fed is None else fed.view(B, 1)), positions.to(device), cache
 
     def _record_routing(self, rows: list[Row], routing: RoutingContext) -> None:
         ids_BTLK = routing.stacked()

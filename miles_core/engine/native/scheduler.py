@@ -121,6 +121,25 @@ class Scheduler:
             seq.block_table.append(self.blocks.allocate())
         return [Row(seq, len(seq.token_ids) - 1, 1) for seq in self.running]
 
+    def decode_rows_ahead(self, seqs: list[Sequence]) -> list[Row] | None:
+        """Rows of the decode step after one whose sampled tokens are not read yet (`seqs`, its
+        rows): each feeds that pending token, at position `len(token_ids)`. None when the step
+        cannot be planned without the tokens: a prefill step comes next (waiting or prefilling
+        sequences), the running set changed, a pending token ends its sequence by length, or the
+        pool is short of blocks (the plain decode step preempts)."""
+        if self.waiting or self.prefilling or seqs != self.running:
+            return None
+        if any(len(seq.token_ids) + 1 >= seq.prompt_len + seq.max_new_tokens for seq in seqs):
+            return None
+        size = self.blocks.block_size
+        short = [seq for seq in seqs if len(seq.token_ids) >= size * len(seq.block_table)]
+        if len(short) > self.blocks.num_free:
+            return None
+        for seq in short:
+            seq.block_table.append(self.blocks.allocate())
+        self.decoding = True
+        return [Row(seq, len(seq.token_ids), 1) for seq in seqs]
+
     def _decode_rows_preempting(self) -> list[Row]:
         """Decode rows when the pool cannot give every running sequence its next block."""
         scheduled: list[Sequence] = []
