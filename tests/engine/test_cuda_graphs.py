@@ -38,7 +38,8 @@ def _generate(model, graphs: bool, max_batch_size: int, prompt_ids, n=3):
 def test_replayed_decode_gives_the_eager_bits(family, max_batch_size, monkeypatch):
     replays = []
     real_run = cuda_graphs.DecodeGraphs.run
-    monkeypatch.setattr(cuda_graphs.DecodeGraphs, "run", lambda self, *a: replays.append(len(a[0])) or real_run(self, *a))
+    monkeypatch.setattr(cuda_graphs.DecodeGraphs, "run",
+                        lambda self, *a, **kw: replays.append(len(a[0])) or real_run(self, *a, **kw))
     model = model_for(family, "invariant").cuda()
     prompt_ids = prompts(24, seed=max_batch_size)
     _, eager = _generate(model, False, max_batch_size, prompt_ids)
