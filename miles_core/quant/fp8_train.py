@@ -1,5 +1,5 @@
-"""FP8 training GEMMs (`train.precision = "fp8"`): row-wise scaled e4m3 forward, straight-through
-backward.
+"""FP8 training GEMMs (`train.precision = "fp8"`): all three GEMMs of a Linear in row-wise scaled
+e4m3, with straight-through gradients.
 
 Math. For y = x W^T (+ b) with x (M, K) and W (N, K), each row of x (a token) and each row of W
 (an output channel) gets one fp32 scale: s_x[m] = amax(|x[m, :]|) / 448, s_w[n] = amax(|W[n, :]|)
@@ -11,10 +11,14 @@ rate; on CPU, or when the shapes or dtypes do not suit `_scaled_mm` (K and N mul
 bf16 output), the same numbers are computed by dequantising both operands and one fp32 matmul
 (the emulated path, also what the tests check against hand-computed values).
 
-Backward (straight-through estimator, Bengio et al. 2013): quantisation counts as the identity,
-so dL/dx = dL/dy W and dL/dW = dL/dy^T x with the unquantised operands, in the compute dtype. The
-backward GEMMs are therefore not FP8 (torchao also quantises them); the forward is where the
-train/rollout numerics meet an FP8 engine.
+Backward (straight-through estimator, Bengio et al. 2013): quantisation counts as the identity in
+the chain rule, dL/dx = dL/dy W and dL/dW = dL/dy^T x, and each of the two GEMMs runs in FP8 the
+same way as the forward, with its operands scaled along its contraction dimension (torchao's
+row-wise recipe): dL/dx = fp8(dL/dy) . fp8(W^T) with one scale per token of dL/dy and one per
+input feature of W; dL/dW = fp8(dL/dy^T) . fp8(x^T) with one scale per output channel of dL/dy
+and per input feature of x, both over the tokens. The tokens are padded with zero rows to a
+multiple of 16 for that contraction (`_scaled_mm` needs it; zeros change no sum and no amax).
+The bias gradient is the plain sum of dL/dy.
 
 torchao's `Float8Linear` is not used: it is not installed here and swaps modules in ways that
 would hide our `Linear` (parameter names, alignment kernels); this module keeps both.
@@ -56,7 +60,8 @@ def _scaled_mm_ok(x_MK: torch.Tensor, w_NK: torch.Tensor) -> bool:
 
 
 def fp8_matmul(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor | None = None) -> torch.Tensor:
-    """Row-wise FP8 forward: torch's `_scaled_mm` on CUDA where it applies, else emulated."""
+    """x W^T with one FP8 scale per row of each operand (every GEMM of `_FP8LinearSTE`): torch's
+    `_scaled_mm` on CUDA where it applies, else emulated."""
     if not _scaled_mm_ok(x_MK, w_NK):
         return fp8_matmul_emulated(x_MK, w_NK, bias_N)
     q_x, s_x = quantize_rowwise(x_MK)
@@ -78,19 +83,26 @@ class _FP8LinearSTE(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor):
         x, weight = ctx.saved_tensors
         grad_MN = grad_y.reshape(-1, grad_y.shape[-1])
-        grad_x = (grad_MN @ weight.to(grad_MN.dtype)).view_as(x)
-        grad_w = (grad_MN.t() @ x.reshape(-1, x.shape[-1]).to(grad_MN.dtype)).to(weight.dtype)
+        grad_x = fp8_matmul(grad_MN, weight.t().contiguous()).to(x.dtype).view_as(x)
+        grad_PN, x_PK = _pad_tokens(grad_MN), _pad_tokens(x.reshape(-1, x.shape[-1]).to(grad_MN.dtype))
+        grad_w = fp8_matmul(grad_PN.t().contiguous(), x_PK.t().contiguous()).to(weight.dtype)
         grad_b = grad_MN.sum(0) if ctx.has_bias else None
         return grad_x, grad_w, grad_b
 
 
+def _pad_tokens(t_MK: torch.Tensor, multiple: int = 16) -> torch.Tensor:
+    """`t_MK` with zero rows appended up to a multiple of `multiple` rows."""
+    pad = -t_MK.shape[0] % multiple
+    return F.pad(t_MK, (0, 0, 0, pad)) if pad else t_MK
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T (+ b) with the row-wise FP8 forward and the straight-through backward."""
+    """y = x W^T (+ b) with row-wise FP8 GEMMs forward and backward (straight-through)."""
     return _FP8LinearSTE.apply(x, weight, bias)
 
 
 class FP8TrainLinear(Linear):
-    """A `Linear` whose forward matmul runs in row-wise FP8 (parameters unchanged)."""
+    """A `Linear` whose matmuls (forward and backward) run in row-wise FP8 (parameters unchanged)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.bias)

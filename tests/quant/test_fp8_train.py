@@ -1,5 +1,5 @@
 """`train.precision = "fp8"`: the row-wise FP8 forward against hand-computed numbers, its
-straight-through gradient, the module swap, and a tiny run end to end."""
+straight-through gradients as FP8 GEMMs, the module swap, and a tiny run end to end."""
 
 from __future__ import annotations
 
@@ -39,19 +39,39 @@ def test_forward_equals_quantise_dequantise_matmul():
     assert (fp8_linear(x, w) - x @ w.T).abs().max() < 0.1 * (x @ w.T).abs().max()
 
 
-def test_gradient_is_straight_through():
+def _dequantised(t):
+    q, scale = quantize_rowwise(t)
+    return q.float() * scale
+
+
+def test_gradients_are_fp8_gemms_of_the_straight_through_chain():
+    """dL/dx = fp8(g) fp8(W^T)^T, dL/dW = fp8(g^T) fp8(x^T)^T, scales along each contraction; 6
+    tokens (padded to 16 for the weight gradient: zero rows change nothing); bias: the sum of g."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 16, generator=gen, requires_grad=True)
     w = torch.randn(4, 16, generator=gen, requires_grad=True)
     b = torch.randn(4, generator=gen, requires_grad=True)
     g = torch.randn(2, 3, 4, generator=gen)
     fp8_linear(x, w, b).backward(g)
-    x2, w2, b2 = (t.detach().clone().requires_grad_() for t in (x, w, b))
-    F.linear(x2, w2, b2).backward(g)  # STE: the gradient of the unquantised matmul
-    assert torch.allclose(x.grad, x2.grad, atol=1e-6) and torch.allclose(w.grad, w2.grad, atol=1e-6)
-    assert torch.equal(b.grad, b2.grad)
-    # By hand for one entry: dL/dW[0, 0] = sum over tokens of g[..., 0] * x[..., 0].
-    assert torch.allclose(w.grad[0, 0], (g[..., 0] * x.detach()[..., 0]).sum(), atol=1e-6)
+    g_MN, x_MK = g.reshape(6, 4), x.detach().reshape(6, 16)
+    assert torch.equal(x.grad, (_dequantised(g_MN) @ _dequantised(w.detach().T).T).view(2, 3, 16))
+    assert torch.equal(w.grad, _dequantised(g_MN.T) @ _dequantised(x_MK.T).T)
+    assert torch.equal(b.grad, g.sum((0, 1)))
+    x2, w2 = (t.detach().clone().requires_grad_() for t in (x, w))
+    F.linear(x2, w2).backward(g)  # close to the unquantised gradient, not equal to it
+    for fp8, exact in ((x.grad, x2.grad), (w.grad, w2.grad)):
+        assert not torch.equal(fp8, exact) and (fp8 - exact).abs().max() < 0.1 * exact.abs().max()
+
+
+def test_backward_hand_computed():
+    # One token: g = [3, 0.1] (scale 3/448, 0.1 rounds to 15 scales as in the forward test), W^T
+    # rows [1, 1] exact: dL/dx = 3 + 15 * 3/448. dL/dW = g^T x: each row of g^T and of x^T holds one
+    # value, quantised exactly (v / (|v| / 448) = +-448), so dL/dW = g^T x exactly.
+    x = torch.tensor([[2.0]], requires_grad=True)
+    w = torch.tensor([[1.0], [1.0]], requires_grad=True)
+    fp8_linear(x, w).backward(torch.tensor([[3.0, 0.1]]))
+    assert torch.equal(x.grad, (torch.tensor(3.0) + 15 * (torch.tensor(3.0) / 448)).view(1, 1))
+    assert torch.equal(w.grad, torch.tensor([[6.0], [0.2]]))
 
 
 def test_swap_keeps_head_and_routers():
@@ -79,3 +99,20 @@ def test_scaled_mm_path_matches_emulation():
     w = torch.randn(192, 256, device="cuda", generator=gen).bfloat16()
     fast, ref = fp8_matmul(x, w).float(), fp8_matmul_emulated(x, w).float()
     assert (fast - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+@pytest.mark.gpu
+def test_scaled_mm_backward_matches_emulation(monkeypatch):
+    from miles_core.quant import fp8_train
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(100, 256, device="cuda", generator=gen).bfloat16().requires_grad_()  # 100: padded to 112
+    w = torch.randn(192, 256, device="cuda", generator=gen).requires_grad_()  # an fp32 master
+    g = torch.randn(100, 192, device="cuda", generator=gen).bfloat16()
+    fp8_linear(x, w).backward(g)
+    fast = (x.grad.float(), w.grad.float())
+    x.grad = w.grad = None
+    monkeypatch.setattr(fp8_train, "_scaled_mm_ok", lambda *a: False)
+    fp8_linear(x, w).backward(g)
+    for got, ref in zip(fast, (x.grad.float(), w.grad.float())):
+        assert (got - ref).abs().max() <= 2e-2 * ref.abs().max()

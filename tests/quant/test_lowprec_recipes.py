@@ -80,3 +80,11 @@ def test_fp8_training_gemms_train_end_to_end(tmp_path, reward):
     steps = run(tmp_path, reward, "tiny-moe", 'train.precision="fp8"')
     assert len(steps) == 2 and all(r["train/grad_norm"] > 0 for r in steps)
     assert all(0 < r["train/train_rollout_kl"] < 0.05 for r in steps)
+
+
+def test_fp8_training_with_fp8_rollout_trains(tmp_path, reward):
+    """All three GEMMs of every policy Linear in FP8 (forward and both gradients) still train."""
+    steps = run(tmp_path, reward, "tiny-moe-fp8", 'train.precision="fp8"')
+    assert len(steps) == 2
+    assert all(r["train/grad_norm"] > 0 and 0 < r["train/train_rollout_kl"] < 1e-3 for r in steps)
+    assert all(r["train/train_rollout_logprob_abs_diff"] < 0.05 for r in steps)
