@@ -75,10 +75,12 @@ class EngineConfig:
     cuda_graphs: bool = True
     """CUDA, dense models: capture the decode step as CUDA graphs at batch sizes 1, 2, 4, 8, 16, ...
     `max_batch_size` and replay them (a few seconds of capture at start-up; MoE runs eagerly)."""
-    overlap: bool = True
+    overlap: Literal["auto", "on", "off"] = "auto"
     """Plan and launch each decode step before reading the previous one's tokens, so the host's
-    per-step work runs while the GPU computes (SGLang's overlap scheduler does the same); the
-    outputs are the same bits either way (`engine/native/overlap.py`)."""
+    per-step work runs while the GPU computes (SGLang's overlap scheduler does the same); `auto`:
+    on CUDA, off on CPU (where nothing runs asynchronously). Invariant mode gives the same bits
+    either way; fast mode's rounding follows its batch sizes, which a stop found a step late
+    changes for one step (`engine/native/overlap.py`)."""
     stable_memory: bool = True
     """CUDA, `engine.colocate`: the KV pool and weights keep their addresses across a release
     (CUDA virtual memory), so a resume needs no graph capture; false frees and reallocates them."""

@@ -183,7 +183,7 @@ def test_a_late_answer_carries_the_weight_version_its_request_finished_under(ove
     model = model_for("llama", "invariant")
     short, long = requests(prompts(2, seed=17), n=2, max_new_tokens=3)
     long = replace(long, sampling=replace(long.sampling, max_new_tokens=8))
-    engine = paged(model, block_size=16, overlap=overlap)
+    engine = paged(model, block_size=16, overlap="on" if overlap else "off")
     engine._num_answering_late += 1  # what `generate` does while it steps
     first, second = engine.submit(short), engine.submit(long)
     while not all(seq.done for seq in first.sequences):

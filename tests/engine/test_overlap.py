@@ -1,6 +1,7 @@
-"""Overlapped decode steps (`engine.overlap`): the same outputs bit for bit as the plain order,
-with steps actually planned ahead, through stops found a step late, length limits, preemption,
-chunked prefill, forks, aborts and weight updates; no block leaks."""
+"""Overlapped decode steps (`engine.overlap`): in invariant mode the same outputs bit for bit as
+the plain order, with steps actually planned ahead, through stops found a step late, length
+limits, preemption, chunked prefill, forks, aborts and weight updates; no block leaks; `auto` is
+off on CPU."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ EOS = (7, 11, 200)  # frequent enough in 256 bytes that some samples stop early
 
 def engine_for(model, overlap: bool, **cfg) -> NativeEngine:
     cfg = {"return_routed_experts": True, **cfg}
-    return NativeEngine(model, ByteTokenizer(), EngineConfig(overlap=overlap, **cfg), eos_token_ids=EOS,
-                        max_position_embeddings=1024)
+    return NativeEngine(model, ByteTokenizer(), EngineConfig(overlap="on" if overlap else "off", **cfg),
+                        eos_token_ids=EOS, max_position_embeddings=1024)
 
 
 def outputs(gens) -> list[tuple]:
@@ -62,6 +63,12 @@ def test_overlap_gives_the_plain_orders_bits(family, forced):
     assert {reason["type"] for _, _, reason, _ in expected} == {"stop", "length"}
     assert_no_leak(engine)
     assert_no_leak(plain)
+
+
+def test_auto_overlaps_on_cuda_only():
+    model = model_for("qwen3")
+    engine = NativeEngine(model, ByteTokenizer(), EngineConfig(), eos_token_ids=EOS, max_position_embeddings=1024)
+    assert engine._overlap is False  # CPU
 
 
 def test_most_decode_steps_of_a_steady_batch_go_ahead():

@@ -88,6 +88,7 @@ class NativeEngine(MemoryControl):
         """`generate` calls stepping now: while any is, answers wait for the next forward."""
         self._sampling_params = SamplingTensors()
         """((setting, rows, device), tensors) of the last step sampled with one setting for all rows."""
+        self._overlap = cfg.overlap == "on" or (cfg.overlap == "auto" and self.device.type == "cuda")
         self._pending: PendingTokens | None = None
         """`engine.overlap`: the last decode step's tokens, not yet read (`overlap.py`)."""
 
@@ -247,7 +248,7 @@ class NativeEngine(MemoryControl):
         self.scheduler.computed(rows)
         if decoding:  # every row samples from its own logits row; no decoding sequence has forks
             pending = self._launch_sample([row.seq for row in rows], logits_RV)
-            if self.cfg.overlap:
+            if self._overlap:
                 self._pending = pending  # read in the next step, once its forward is queued
             else:
                 self._record_pending(pending)
@@ -275,6 +276,7 @@ class NativeEngine(MemoryControl):
             logits_RV = self.runner.forward(rows, decoding=True, fed=pending.tokens)
             self._pending = self._launch_sample([row.seq for row in rows], logits_RV)
             self._record_pending(pending)
+            self._answer_finished()  # while the GPU runs the step just launched
         self.scheduler.computed([row for row in rows if not row.seq.done])  # after the fed tokens are in
         return True
 

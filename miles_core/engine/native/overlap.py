@@ -9,10 +9,13 @@ token (the graph's token input is filled on the device from step N's sampler out
 position after its last, so nothing of N+1's plan needs the token values. Then it reads step N's
 tokens, while the GPU runs N+1.
 
-What may differ from the plain order: a sequence that step N finishes (a stop token or stop
-string) got a row in step N+1; that row's token is dropped unread and the uniform number it drew
-is never used again (a finished sequence draws no more), so the outputs are those of the plain
-order bit for bit. Steps that cannot be planned blind fall back to the plain order
+What differs from the plain order: a sequence that step N finishes (a stop token or stop string)
+got a row in step N+1; that row's token is dropped unread and the uniform number it drew is never
+used again (a finished sequence draws no more). In invariant mode (every row's bits independent
+of its batch) the outputs are the plain order's bit for bit; in fast mode that step ran one row
+more than the plain order's, and fast kernels round by batch size, so later tokens may differ as
+they may after any change of batch (an arrival, a preemption). `engine.overlap = "auto"` turns it
+on for CUDA only: on CPU nothing runs asynchronously, so there is nothing to overlap. Steps that cannot be planned blind fall back to the plain order
 (`Scheduler.decode_rows_ahead`: prefill next, a length limit reached, the pool short of blocks),
 as does any step after requests arrive or are aborted, a pause, or a weight update.
 """
