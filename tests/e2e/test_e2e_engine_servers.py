@@ -154,8 +154,8 @@ def test_miles_command_serves_the_runs_model_and_engine_settings():
                             context=LaunchContext(weight_roots=("/runs/r/weight_sync",), alignment_mode="invariant"))
     sets = ["model.dtype=\"bfloat16\"", "model.device=\"cuda\"", "alignment.mode=\"invariant\"",
             "engine.max_batch_size=8", "engine.max_context_len=0", "engine.mem_fraction=0.5", "engine.num_kv_blocks=0",
-            "engine.block_size=64", "engine.max_num_batched_tokens=8192", "engine.weights=\"dense\"",
-            "engine.cuda_graphs=true", "engine.return_routed_experts=false"]
+            "engine.block_size=64", "engine.max_num_batched_tokens=16384", "engine.weights=\"dense\"",
+            "engine.cuda_graphs=true", "engine.overlap=\"auto\"", "engine.return_routed_experts=false"]
     assert command == [sys.executable, "-m", "miles_cli.app", "serve", "--model", "/models/m", "--host", "127.0.0.1",
                        "--port", "30001", "--api-key", "k", "--allowed-model-root", "/runs/r/weight_sync",
                        *[part for item in sets for part in ("--set", item)], "--batch-window-ms", "1"]
