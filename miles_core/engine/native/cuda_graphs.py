@@ -15,10 +15,12 @@ Staging: a step's inputs (token, position, slot and block table of each row, pad
 them) are packed on the host into one int64 array by a few numpy operations over all rows at
 once (`stage_decode_inputs`), in page-locked memory on CUDA, and copied to the device in one
 asynchronous copy, then on the device into the graph's inputs (through views made once per
-shape). Only the table columns some row reads are staged (M is the longest context's
-blocks: 640 columns for a 40,960-token model, of which a 1,000-token step reads 16). Two staging buffers alternate; a buffer is written again two steps
-later, after the tokens of the step that used it were read back (a host synchronisation ordered
-after its copy; with overlapped steps that read comes one step later, still before the reuse).
+shape). Only the table columns some row reads are staged (M is the longest context's blocks:
+640 columns for a 40,960-token model, of which a 1,000-token step reads 16). Two staging
+buffers alternate; a buffer is written again two steps later, after the tokens of the step that
+used it were read back (a host synchronisation ordered after its copy; with overlapped steps
+that read comes one step later, still before the reuse). With overlapped steps the token column
+is filled on the device from the previous step's sampler output.
 
 Not captured: MoE models (expert grouping sizes its launches on the host) and steps that record
 routing; those run eagerly. Weight updates copy into the same parameter storage, so graphs see

@@ -14,10 +14,11 @@ got a row in step N+1; that row's token is dropped unread and the uniform number
 used again (a finished sequence draws no more). In invariant mode (every row's bits independent
 of its batch) the outputs are the plain order's bit for bit; in fast mode that step ran one row
 more than the plain order's, and fast kernels round by batch size, so later tokens may differ as
-they may after any change of batch (an arrival, a preemption). `engine.overlap = "auto"` turns it
-on for CUDA only: on CPU nothing runs asynchronously, so there is nothing to overlap. Steps that cannot be planned blind fall back to the plain order
-(`Scheduler.decode_rows_ahead`: prefill next, a length limit reached, the pool short of blocks),
-as does any step after requests arrive or are aborted, a pause, or a weight update.
+they may after any change of batch (an arrival, a preemption). Steps that cannot be planned
+blind fall back to the plain order (`Scheduler.decode_rows_ahead`: prefill next, a length limit
+reached, the pool short of blocks), as does any step after requests arrive or are aborted, a
+pause, or a weight update. `engine.overlap = "auto"` turns it on for CUDA only: on CPU nothing
+runs asynchronously, so there is nothing to overlap.
 """
 
 from __future__ import annotations
