@@ -123,21 +123,33 @@ def test_four_ranks_match_one_rank(tmp_path, parallel):
     _check_against_one_rank(many, _steps(_trainer(TIED)), TIED)
 
 
-@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe"])
-def test_context_parallel_stages_match_one_rank(family):
+def test_context_parallel_stages_match_one_rank_and_resume(tmp_path):
     """PP=2 x CP=2, tied embeddings: each stage's two CP ranks run their two chunks of every
     sequence through its layers and send those T / CP rows on to the next stage's rank of the same
     CP place; the last stage gathers the log-probs over its CP pair; each stage's gradients are
-    summed over its CP ranks. qwen3_moe (four layers): R3 with random ids, each CP rank replaying
-    its chunks' rows of its stage's MoE layers. One rank's log-probs, losses, gradient norms,
-    routing agreement and updated weights (no save: the two-stage and CP checkpoints are tested
-    apart). Observed: log-probs 4.8e-7, losses 2.4e-7, gradient norms 9.5e-7, weights 1.4e-6."""
-    parallel, train, make_batch, changes = {**PP2, "context_parallel_size": 2}, TRAIN, batch, TIED
-    if family == "qwen3_moe":
+    summed over its CP ranks. One rank's log-probs, losses, gradient norms and updated weights;
+    the four ranks' checkpoint resumes the second step bitwise. Observed: log-probs 4.8e-7,
+    losses 2.4e-7, weights 1.5e-7."""
+    many = run_spmd(_ranks, TIED, {**PP2, "context_parallel_size": 2}, str(tmp_path), world_size=4)
+    _check_against_one_rank(many, _steps(_trainer(TIED)), TIED)
+
+
+@pytest.mark.parametrize("kind", ["random", "record"])
+def test_context_parallel_moe_stages_replay_routing_like_one_rank(kind):
+    """The same layout for qwen3_moe (four layers, tied): R3 with random ids, each CP rank
+    replaying its chunks' rows of its stage's MoE layers; `record`: the old log-prob pass's
+    records (each CP rank's chunks of each stage's layers, gathered in sequence order) replayed in
+    the rollout's two optimizer steps. One rank's log-probs, losses, gradient norms, routing
+    agreement and updated weights (no save: the layout's checkpoint is tested above). Observed
+    (random): log-probs 4.8e-7, gradient norms 9.5e-7, weights 1.4e-6."""
+    parallel, changes = {**PP2, "context_parallel_size": 2}, {**MOE["qwen3_moe"], **TIED}
+    if kind == "record":
+        make_batch, train = batch, replace(TRAIN, routing_replay="record", num_steps_per_rollout=2)
+    else:
         make_batch = functools.partial(replayed_batch, _moe_routing("qwen3_moe", "random"))
-        train, changes = replace(TRAIN, routing_replay="rollout"), {**MOE["qwen3_moe"], **TIED}
-    many = run_spmd(_lead, functools.partial(_trainer, changes, parallel, family, train), make_batch, world_size=4)
-    one = _steps(_trainer(changes, family=family, train=train), make_batch=make_batch)
+        train = replace(TRAIN, routing_replay="rollout")
+    many = run_spmd(_lead, functools.partial(_trainer, changes, parallel, "qwen3_moe", train), make_batch, world_size=4)
+    one = _steps(_trainer(changes, family="qwen3_moe", train=train), make_batch=make_batch)
     assert _max_diff(many["logps"], one["logps"]) < 1e-5
     for step in ("first", "second"):
         assert many[step].get("routing_agreement") == one[step].get("routing_agreement"), step
