@@ -258,6 +258,16 @@ def test_moe_four_ranks_match_one_rank(tmp_path, parallel):
     _check_moe(many, one, "qwen3_moe", changes)
 
 
+def test_deepseek_v3_stages_of_tensor_parallel_ranks_match_one_rank(tmp_path):
+    """deepseek_v3 (MLA, shared experts, an MTP layer) on 4 ranks: two stages of two tensor-parallel
+    ranks with sequence parallelism (MLA's up projections split by heads, its down projections
+    replicated; each router on its part of the sequence), routing its own layers. One rank's
+    numbers and a bitwise resume."""
+    parallel = {**PP2, "tensor_model_parallel_size": 2, "sequence_parallel": True}
+    many = run_spmd(_ranks, MOE["deepseek_v3"], parallel, str(tmp_path), "deepseek_v3", world_size=4)
+    _check_moe(many, _steps(_trainer(MOE["deepseek_v3"], family="deepseek_v3")), "deepseek_v3")
+
+
 def _bf16_log_probs(rank: int, family: str):
     trainer = _trainer(MOE[family], PP2, family, replace(TRAIN, compute_dtype="bfloat16"))
     if rank != 0:
