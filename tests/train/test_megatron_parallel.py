@@ -219,7 +219,9 @@ def _routing(trainer) -> dict:
     # each CP rank routes its own chunks; the experts' gradients summed over megatron's expert-data-
     # parallel group, which spans the CP ranks
     ("qwen3_moe", {**CP2, **EP2, "routing_replay": "record"}),
-], ids=["qwen3-cp2-tp2", "qwen3_moe-cp2-tp2-sp-record", "qwen3_moe-cp2-ep2-record"])
+    # MLA's core attention over the CP pair's gathered K/V beside the EP split of routed experts
+    ("deepseek_v3", {**CP2, **EP2}),
+], ids=["qwen3-cp2-tp2", "qwen3_moe-cp2-tp2-sp-record", "qwen3_moe-cp2-ep2-record", "deepseek_v3-cp2-ep2"])
 def test_context_parallel_beside_tensor_or_expert_parallel_matches_one_rank(tmp_path, family, parallel):
     """4 ranks, CP=2 x TP=2 (CP=2 x EP=2): each CP rank's two chunks of the sequence, its layers
     split over its TP pair (its experts over its EP pair); one rank's steps (and MoE routing
