@@ -112,14 +112,22 @@ class Scheduler:
         return True
 
     def _decode_rows(self) -> list[Row]:
+        if not self._grow_tables(self.running, fed_offset=1):
+            return self._decode_rows_preempting()
+        return [Row(seq, len(seq.token_ids) - 1, 1) for seq in self.running]
+
+    def _grow_tables(self, seqs: list[Sequence], fed_offset: int) -> bool:
+        """Give each sequence the block of the token it feeds (position `len(token_ids) -
+        fed_offset`), in order, the blocks `_decode_rows_preempting` would take; False, taking
+        none, when the pool has too few."""
         size = self.blocks.block_size
         # The fed token's block is missing only when it starts a new block.
-        short = [seq for seq in self.running if len(seq.token_ids) - 1 >= size * len(seq.block_table)]
+        short = [seq for seq in seqs if len(seq.token_ids) - fed_offset >= size * len(seq.block_table)]
         if len(short) > self.blocks.num_free:
-            return self._decode_rows_preempting()
-        for seq in short:  # the blocks `_decode_rows_preempting` would take, in the same order
+            return False
+        for seq in short:
             seq.block_table.append(self.blocks.allocate())
-        return [Row(seq, len(seq.token_ids) - 1, 1) for seq in self.running]
+        return True
 
     def decode_rows_ahead(self, seqs: list[Sequence]) -> list[Row] | None:
         """Rows of the decode step after one whose sampled tokens are not read yet (`seqs`, its
@@ -129,14 +137,10 @@ class Scheduler:
         pool is short of blocks (the plain decode step preempts)."""
         if self.waiting or self.prefilling or seqs != self.running:
             return None
-        if any(len(seq.token_ids) + 1 >= seq.prompt_len + seq.max_new_tokens for seq in seqs):
+        if any(len(seq.token_ids) + 1 >= seq.length_limit for seq in seqs):
             return None
-        size = self.blocks.block_size
-        short = [seq for seq in seqs if len(seq.token_ids) >= size * len(seq.block_table)]
-        if len(short) > self.blocks.num_free:
+        if not self._grow_tables(seqs, fed_offset=0):
             return None
-        for seq in short:
-            seq.block_table.append(self.blocks.allocate())
         self.decoding = True
         return [Row(seq, len(seq.token_ids), 1) for seq in seqs]
 

@@ -52,12 +52,15 @@ class Sequence:
     stop_ids: frozenset[int] = frozenset()
     """Tokens that stop it: the engine's eos ids and the request's stop ids (the engine sets it;
     a token outside it, with no stop strings and below the length limit, cannot finish it)."""
+    length_limit: int = field(init=False)
+    """Token count at which it finishes by length: prompt + max_new_tokens."""
     check_finish_from: int = field(init=False)
     """Token count from which every sampled token may finish it (0 with stop strings; else the
-    length limit, prompt + max_new_tokens), so the engine's per-row test is one comparison."""
+    length limit), so the engine's per-row test is one comparison."""
 
     def __post_init__(self) -> None:
-        self.check_finish_from = 0 if self.request.sampling.stop else self.prompt_len + self.max_new_tokens
+        self.length_limit = self.prompt_len + self.max_new_tokens
+        self.check_finish_from = 0 if self.request.sampling.stop else self.length_limit
 
     @property
     def output_ids(self) -> list[int]:
