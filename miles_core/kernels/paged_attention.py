@@ -14,10 +14,17 @@ tile is one block, so the tiles, their order and every product are the dense ker
 invariant mode (BLOCK_M = 64, the dense kernel's query tile) the output is bitwise identical:
 a row of `tl.dot` and of the softmax depends only on that row, so the other heads in the
 dense kernel's masked rows change nothing.
+Invariant mode on a narrower query tile: with G query heads per KV head, 64 - G of the 64 rows
+are masked work (G = 2 for Qwen3-0.6B: an H200 timed the kernel at 107 us for 256 sequences
+against 91 us on 16 rows). 16 rows per warp is how the 64-row tile lays out over its 4 warps, so
+a tile of 16 rows per warp (`narrow_tile`) computes each row as one warp of the reference tile
+does; on the H200 that held for 16 rows on one warp (bitwise over 64 and 256 sequences) and not
+for 16 rows on two or four warps (which split a row across warps). It is checked on the device
+once per shape against the 64-row tile (`narrow_tile_agrees`) and used only where it holds.
 Keys past a row's position (a block's unwritten tail) are masked to -inf before the softmax
 and get weight exactly 0; the pool keeps only finite numbers there (blocks are zeroed on first
 use), so they add exact zeros, as the dense kernel's masked keys do. Fast mode uses a 16-row
-query tile (the smallest tl.dot accepts, or G rounded up to a power of two).
+query tile on 4 warps (the smallest tl.dot accepts, or G rounded up to a power of two).
 
 Shape legend: B sequences, H query heads, K kv heads, G = H / K, D key dim, V value dim,
 N pool blocks, P block size, M blocks per row.
@@ -25,6 +32,7 @@ N pool blocks, P block size, M blocks per row.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -33,6 +41,10 @@ from miles_core.kernels import triton_ops
 
 BLOCK_N = 64
 """Key tile of `triton_ops._attention_kernel`; the pool's block size must equal it."""
+INVARIANT_TILE = (64, 4)
+"""(query rows, warps) of invariant mode's reference tile: the dense kernel's."""
+_narrow_agrees: dict[tuple, bool] = {}
+log = logging.getLogger("miles")
 
 try:
     import triton
@@ -101,16 +113,66 @@ def paged_decode(q_BHD: torch.Tensor, keys_NPKD: torch.Tensor, values_NPKV: torc
     """Attention of one query per row (at `positions_B`) over keys 0..position of that row,
     read through its block table. Returns (B, H, V) in q's dtype. No host synchronisation and
     fixed launch shapes, so it can be captured in a CUDA graph."""
+    G = q_BHD.shape[1] // keys_NPKD.shape[2]
+    if not invariant:
+        tile = (_rows_for(G), 4)
+    else:
+        narrow = narrow_tile(G)
+        tile = narrow if narrow != INVARIANT_TILE and narrow_tile_agrees(q_BHD, keys_NPKD, values_NPKV) else INVARIANT_TILE
+    return _launch(q_BHD, keys_NPKD, values_NPKV, block_tables_BM, positions_B, tile)
+
+
+def narrow_tile(G: int) -> tuple[int, int]:
+    """(rows, warps) of the smallest tile holding G query heads with 16 rows per warp, as the
+    reference tile lays them out (the reference itself once G needs all its rows)."""
+    rows = _rows_for(G)
+    return (rows, rows // 16) if rows < INVARIANT_TILE[0] else INVARIANT_TILE
+
+
+def _rows_for(G: int) -> int:
+    """G query heads rounded up to a power of two, at least the 16 rows tl.dot takes."""
+    return max(16, 1 << (G - 1).bit_length())
+
+
+def narrow_tile_agrees(q_BHD: torch.Tensor, keys_NPKD: torch.Tensor, values_NPKV: torch.Tensor) -> bool:
+    """Whether `narrow_tile` gives the reference tile's bits for this shape and dtype on this
+    device: 64 random sequences of up to 640 keys through both, compared bitwise, once per shape.
+    Inside a CUDA graph capture an unchecked shape takes the reference tile."""
+    H, D = q_BHD.shape[1:]
+    K, DV = keys_NPKD.shape[2], values_NPKV.shape[3]
+    key = (q_BHD.device, q_BHD.dtype, keys_NPKD.dtype, H, K, D, DV)
+    agree = _narrow_agrees.get(key)
+    if agree is None:
+        if q_BHD.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False
+        B, blocks = 64, 10
+        gen = torch.Generator(device=q_BHD.device).manual_seed(0)
+        rand = lambda *shape, dtype: torch.randn(*shape, generator=gen, device=q_BHD.device, dtype=dtype)
+        keys, values = rand(B * blocks, BLOCK_N, K, D, dtype=keys_NPKD.dtype), rand(B * blocks, BLOCK_N, K, DV, dtype=values_NPKV.dtype)
+        q = rand(B, H, D, dtype=q_BHD.dtype)
+        tables = torch.randperm(B * blocks, generator=gen, device=q.device).view(B, blocks).to(torch.int32)
+        positions = torch.randint(0, blocks * BLOCK_N, (B,), generator=gen, device=q.device, dtype=torch.int32)
+        args = (q, keys, values, tables, positions)
+        agree = torch.equal(_launch(*args, narrow_tile(H // K)), _launch(*args, INVARIANT_TILE))
+        _narrow_agrees[key] = agree
+        if not agree:
+            log.warning("paged attention: the %s-row query tile differs in bits from the %s-row tile for %s heads "
+                        "over %s KV heads on %s; invariant mode takes the wider tile", narrow_tile(H // K)[0],
+                        INVARIANT_TILE[0], H, K, q.device)
+    return agree
+
+
+def _launch(q_BHD, keys_NPKD, values_NPKV, block_tables_BM, positions_B, tile: tuple[int, int]) -> torch.Tensor:
     B, H, D = q_BHD.shape
     K, DV = keys_NPKD.shape[2], values_NPKV.shape[3]
     q = q_BHD.contiguous()
     keys, values = keys_NPKD.view(-1, K, D), values_NPKV.view(-1, K, DV)  # (N * P, K, D): slot-major
     out = torch.empty(B, H, DV, device=q.device, dtype=q.dtype)
-    G = H // K
+    rows, warps = tile
     _paged_decode_kernel[(B * K,)](
-        q, keys, values, block_tables_BM, positions_B, out, K, G, D, DV, 1.0 / math.sqrt(D),
+        q, keys, values, block_tables_BM, positions_B, out, K, H // K, D, DV, 1.0 / math.sqrt(D),
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
         block_tables_BM.stride(0), out.stride(0), out.stride(1), IEEE=q.dtype == torch.float32,
-        BLOCK_M=64 if invariant else max(16, triton.next_power_of_2(G)), BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        BLOCK_DV=max(16, triton.next_power_of_2(DV)), num_warps=4, num_stages=2)
+        BLOCK_M=rows, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_DV=max(16, triton.next_power_of_2(DV)), num_warps=warps, num_stages=2)
     return out

@@ -13,7 +13,8 @@ measures it.
 
 - `linear`: C = A W^T (+ b), tiles of BLOCK_M x BLOCK_N, K walked in BLOCK_K steps from 0.
   fp32 inputs use IEEE products (no tf32) so fp32 results stay fp32-accurate.
-- `rms_norm`: one program per row, the whole row in one block (hidden sizes up to 16384).
+- `rms_norm`: one program per row, the whole row in one block (hidden sizes up to 16384), warps
+  by row width (`rms_norm_warps`).
 - `log_softmax`: one program per row for the log-sum-exp (online max / sum-exp over fixed vocab
   chunks, `row_logsumexp`), then z - lse (an exactly rounded fp32 subtraction).
 - `attention`: flash-attention forward (online softmax over BLOCK_N keys from position 0) with
@@ -64,9 +65,13 @@ LINEAR_CONFIG = {"ieee": (64, 64, 32, 4, 2), "half": (128, 128, 64, 8, 3)}
 # (`small_tiles_agree`), and only where it holds are they used: a row's bits never depend on M.
 # They are used only where the default grid leaves SMs idle: on H100 at M = 256 they were slower
 # than the default tiles over the 0.6B decode shapes, dominated by the lm_head (N = 151,936), whose
-# default grid already has over a thousand programs.
+# default grid already has over a thousand programs. Of the narrower tiles, the 64-wide ones are
+# taken where they still give every SM a program (an H200, timed inside CUDA graphs at M = 256:
+# 7.4 / 9.8 us against 8.9 / 13.1 us on the 32-wide tiles for N = 4,096 / 6,144, K = 1,024), the
+# 32-wide ones elsewhere (N = 1,024: 64 programs on 64-wide tiles, 7.5 vs 8.8 us).
 SMALL_M = 256
 SMALL_M_CONFIG = (64, 32, 64, 4, 4)
+SMALL_M_WIDE_CONFIG = (64, 64, 64, 4, 4)
 _agreement: dict[tuple, bool] = {}
 log = logging.getLogger("miles")
 
@@ -200,8 +205,9 @@ def _linear_forward(x_MK: torch.Tensor, w_NK: torch.Tensor, bias: torch.Tensor |
     ieee = x_MK.dtype == torch.float32
     if ieee:
         config = LINEAR_CONFIG["ieee"]
-    elif x_MK.shape[0] <= SMALL_M and not _default_tiles_fill_card(x_MK.shape[0], w_NK) and small_tiles_agree(w_NK):
-        config = SMALL_M_CONFIG
+    elif x_MK.shape[0] <= SMALL_M and not _default_tiles_fill_card(x_MK.shape[0], w_NK):
+        small = _small_tiles(x_MK.shape[0], w_NK)
+        config = small if small_tiles_agree(w_NK, small) else LINEAR_CONFIG["half"]
     else:
         config = LINEAR_CONFIG["half"]
     return _launch_linear(x_MK, w_NK, bias, config)
@@ -223,7 +229,16 @@ def _launch_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, bias: torch.Tensor | 
 def _default_tiles_fill_card(M: int, w_NK: torch.Tensor) -> bool:
     """Whether the default tiles give every SM of the weight's device a program (always false
     off CUDA, where only the tests' stand-in launcher runs)."""
-    block_m, block_n = LINEAR_CONFIG["half"][:2]
+    return _fills_card(M, w_NK, LINEAR_CONFIG["half"])
+
+
+def _small_tiles(M: int, w_NK: torch.Tensor) -> tuple:
+    """The wider of the decode-sized tiles where they still fill the card, else the narrow ones."""
+    return SMALL_M_WIDE_CONFIG if _fills_card(M, w_NK, SMALL_M_WIDE_CONFIG) else SMALL_M_CONFIG
+
+
+def _fills_card(M: int, w_NK: torch.Tensor, config: tuple) -> bool:
+    block_m, block_n = config[:2]
     return -(-M // block_m) * -(-w_NK.shape[0] // block_n) >= _sm_count(w_NK.device)
 
 
@@ -234,23 +249,23 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def small_tiles_agree(w_NK: torch.Tensor) -> bool:
-    """Whether `SMALL_M_CONFIG` gives the default tiles' bits for this weight's shape and dtype on
-    its device: SMALL_M random rows through both, compared bitwise, once per shape. Inside a CUDA
-    graph capture an unchecked shape takes the default tiles (a check cannot run there)."""
-    key = (w_NK.device, w_NK.dtype, *w_NK.shape, SMALL_M_CONFIG, LINEAR_CONFIG["half"])
+def small_tiles_agree(w_NK: torch.Tensor, small: tuple = SMALL_M_CONFIG) -> bool:
+    """Whether the decode-sized tiles `small` give the default tiles' bits for this weight's shape
+    and dtype on its device: SMALL_M random rows through both, compared bitwise, once per shape.
+    Inside a CUDA graph capture an unchecked shape takes the default tiles (a check cannot run there)."""
+    key = (w_NK.device, w_NK.dtype, *w_NK.shape, small, LINEAR_CONFIG["half"])
     agree = _agreement.get(key)
     if agree is None:
         if _capturing(w_NK.device):
             return False
         gen = torch.Generator(device=w_NK.device).manual_seed(0)
         probe = torch.randn(SMALL_M, w_NK.shape[1], generator=gen, device=w_NK.device, dtype=w_NK.dtype)
-        agree = torch.equal(_launch_linear(probe, w_NK, None, SMALL_M_CONFIG),
+        agree = torch.equal(_launch_linear(probe, w_NK, None, small),
                             _launch_linear(probe, w_NK, None, LINEAR_CONFIG["half"]))
         _agreement[key] = agree
         if not agree:
             log.warning("invariant linear: the small-batch tiles %s differ in bits from %s for weight %s %s on %s; "
-                        "every call takes the default tiles", SMALL_M_CONFIG, LINEAR_CONFIG["half"], tuple(w_NK.shape),
+                        "every call takes the default tiles", small, LINEAR_CONFIG["half"], tuple(w_NK.shape),
                         w_NK.dtype, w_NK.device)
     return agree
 
@@ -306,9 +321,18 @@ def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     E = x2.shape[1]
     y = torch.empty_like(x2)
+    block = triton.next_power_of_2(E)
     _rms_norm_kernel[(x2.shape[0],)](x2, weight.to(x.dtype).contiguous(), y, E, x2.stride(0), eps,
-                                     BLOCK=triton.next_power_of_2(E), num_warps=8)
+                                     BLOCK=block, num_warps=rms_norm_warps(block))
     return y.view(x.shape)
+
+
+def rms_norm_warps(block: int) -> int:
+    """Warps per row: 512 elements a warp, 1 to 8. A function of the row width alone, so it fixes the
+    sum's order for every batch. (An H200 inside CUDA graphs: Qwen3's per-head q/k norms, width 128
+    over 262,144 rows, 160 us on one warp against 246 us on eight; width 1,024 over 16,384 rows,
+    17.7 us on two against 23.5 us on eight.)"""
+    return min(8, max(1, block // 512))
 
 
 rms_norm = with_reference_backward(_rms_norm_forward, rms_norm_reference)

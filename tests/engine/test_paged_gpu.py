@@ -54,6 +54,19 @@ def test_paged_decode_is_bitwise_the_dense_invariant_kernel(dtype, heads):
     torch.testing.assert_close(fast.float(), ref, atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("heads", [(16, 8, 128, 128), (32, 8, 128, 128), (64, 4, 128, 128), (64, 2, 128, 128)])
+def test_narrow_invariant_query_tiles_agree_with_the_wide_tile(heads):
+    """On the GPUs we run (H100/H200) the 16-rows-a-warp tiles give the 64-row tile's bits for
+    G = 2, 4, 16 and 32 query heads per KV head (Qwen3-0.6B is G = 2), so invariant decode takes them."""
+    from miles_core.kernels import paged_attention
+
+    H, K, D, DV = heads
+    q, keys, values, tables, pos, _, _ = _pool_and_dense(torch.bfloat16, H, K, D, DV, list(range(0, 1000, 37)), 32)
+    assert paged_attention.narrow_tile_agrees(q, keys, values)
+    narrow = paged_attention._launch(q, keys, values, tables, pos, paged_attention.narrow_tile(H // K))
+    assert torch.equal(narrow, paged_attention._launch(q, keys, values, tables, pos, paged_attention.INVARIANT_TILE))
+
+
 def test_engine_decode_steps_use_the_paged_kernel(monkeypatch):
     from miles_core.kernels import paged_attention
 

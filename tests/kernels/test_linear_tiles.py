@@ -12,7 +12,7 @@ import torch
 
 from miles_core.kernels import triton_ops
 
-SMALL, DEFAULT = triton_ops.SMALL_M_CONFIG, triton_ops.LINEAR_CONFIG["half"]
+SMALL, WIDE, DEFAULT = triton_ops.SMALL_M_CONFIG, triton_ops.SMALL_M_WIDE_CONFIG, triton_ops.LINEAR_CONFIG["half"]
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def launches(monkeypatch):
     def fake(x_MK, w_NK, bias, config):
         calls.append((x_MK.shape[0], config))
         out = x_MK.float() @ w_NK.float().T
-        if config == SMALL and fake.apart:
+        if config != DEFAULT and fake.apart:
             out = torch.nextafter(out, torch.full_like(out, float("inf")))
         return out.to(x_MK.dtype)
 
@@ -76,8 +76,17 @@ def test_weights_whose_default_grid_fills_the_card_keep_the_default_tiles(launch
     x, w = _weights(n=512)  # 1 x 4 default tiles: fills a 4-SM card
     triton_ops._linear_forward(x, w, None)
     assert launches.calls == [(5, DEFAULT)]
-    triton_ops._linear_forward(x, w[:384], None)  # 1 x 3 tiles: one SM idle
-    assert launches.calls[1:] == [(triton_ops.SMALL_M, SMALL), (triton_ops.SMALL_M, DEFAULT), (5, SMALL)]
+    triton_ops._linear_forward(x, w[:384], None)  # 1 x 3 tiles: one SM idle; 1 x 6 of 64-wide tiles fill it
+    assert launches.calls[1:] == [(triton_ops.SMALL_M, WIDE), (triton_ops.SMALL_M, DEFAULT), (5, WIDE)]
+
+
+def test_decode_sized_calls_take_the_wider_small_tiles_only_where_they_fill_the_card(launches, monkeypatch):
+    monkeypatch.setattr(triton_ops, "_sm_count", lambda device: 8)
+    x, w = _weights(n=384)  # default tiles 1 x 3, 64-wide tiles 1 x 6: neither fills 8 SMs
+    triton_ops._linear_forward(x, w, None)
+    assert launches.calls[-1] == (5, SMALL)
+    triton_ops._linear_forward(torch.zeros(128, 32, dtype=torch.bfloat16), w, None)  # 2 x 6 wide tiles fill it
+    assert launches.calls[-3:] == [(triton_ops.SMALL_M, WIDE), (triton_ops.SMALL_M, DEFAULT), (128, WIDE)]
 
 
 @pytest.mark.gpu
@@ -90,7 +99,7 @@ def test_cuda_small_tiles_agree_at_the_qwen3_0_6b_shapes(n, k):
     gen = torch.Generator(device="cuda").manual_seed(0)
     w = torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) / 30
     x = torch.randn(300, k, device="cuda", generator=gen, dtype=torch.bfloat16)
-    assert triton_ops.small_tiles_agree(w)
+    assert triton_ops.small_tiles_agree(w) and triton_ops.small_tiles_agree(w, WIDE)
     full = triton_ops.linear(x, w)
-    for rows in (slice(0, 1), slice(3, 67), slice(0, triton_ops.SMALL_M)):
+    for rows in (slice(0, 1), slice(3, 67), slice(0, 128), slice(0, triton_ops.SMALL_M)):
         assert torch.equal(triton_ops.linear(x[rows], w), full[rows])
