@@ -7,7 +7,7 @@ training step (M = 16384 rows) and of decode (M = 64), in bf16, against cuBLAS.
 `--small` instead times `SMALL_M_CONFIG`, the tiles of decode-sized calls (at most `SMALL_M`
 rows), per 0.6B and 4B decode shape at M = 64, 128 and 256, against cuBLAS and the default tiles:
 whether they give the default tiles' bits (only then may they be used), which tiles the
-card-fill rule of `triton_ops` picks, and the total of that choice.
+card-fill rule of `triton_linear` picks, and the total of that choice.
 
 Run on a GPU machine:  python bench/linear_configs.py [--small]
 """
@@ -19,7 +19,7 @@ import sys
 import torch
 import triton
 
-from miles_core.kernels import triton_ops
+from miles_core.kernels import triton_linear
 
 SHAPES = [(16384, 1024, 4096), (16384, 2048, 1024), (16384, 1024, 3072), (16384, 3072, 1024),
           (1024, 1024, 151936), (64, 1024, 4096), (64, 3072, 1024), (64, 1024, 151936)]
@@ -35,16 +35,16 @@ DECODE_NK = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (151936, 10
 def small_main() -> None:
     torch.manual_seed(0)
     weights = {nk: torch.randn(nk, device="cuda", dtype=torch.bfloat16) / 30 for nk in DECODE_NK}
-    small, default_tiles = triton_ops.SMALL_M_CONFIG, triton_ops.LINEAR_CONFIG["half"]
+    small, default_tiles = triton_linear.SMALL_M_CONFIG, triton_linear.LINEAR_CONFIG["half"]
     for M in (64, 128, 256):
         xs = {nk: torch.randn(M, nk[1], device="cuda", dtype=torch.bfloat16) for nk in DECODE_NK}
         time = lambda fn, nk: triton.testing.do_bench(lambda: fn(xs[nk], weights[nk]), return_mode="median")
-        launch = lambda config: lambda x, w: triton_ops._launch_linear(x, w, None, config)
+        launch = lambda config: lambda x, w: triton_linear._launch_linear(x, w, None, config)
         totals = {"cuBLAS": 0.0, "default": 0.0, "small": 0.0, "chosen": 0.0}
         for nk in DECODE_NK:  # per shape: which tiles the card-fill rule picks, and what each costs
             row = {"cuBLAS": time(torch.nn.functional.linear, nk), "default": time(launch(default_tiles), nk),
                    "small": time(launch(small), nk)}
-            fills = triton_ops._default_tiles_fill_card(M, weights[nk])
+            fills = triton_linear._default_tiles_fill_card(M, weights[nk])
             row["chosen"] = row["default"] if fills else row["small"]
             same = torch.equal(launch(small)(xs[nk], weights[nk]), launch(default_tiles)(xs[nk], weights[nk]))
             totals = {k: totals[k] + row[k] for k in totals}
@@ -65,9 +65,9 @@ def main() -> None:
     print("cuBLAS ms:", {f"{s[0]}x{s[1]}x{s[2]}": round(t, 4) for s, t in cublas.items()})
     results = []
     for config in CANDIDATES:
-        triton_ops.LINEAR_CONFIG["half"] = config
+        triton_linear.LINEAR_CONFIG["half"] = config
         try:
-            times = {s: triton.testing.do_bench(lambda x=x, w=w: triton_ops._linear_forward(x, w, None), return_mode="median")
+            times = {s: triton.testing.do_bench(lambda x=x, w=w: triton_linear._linear_forward(x, w, None), return_mode="median")
                      for s, (x, w) in inputs.items()}
         except Exception as err:  # a config the compiler rejects (shared memory) is skipped
             print(config, "failed:", str(err).splitlines()[0][:120])

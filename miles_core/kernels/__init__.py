@@ -49,15 +49,18 @@ class Ops:
     """(x, cos, sin): rotate-half RoPE."""
     silu_mul: Callable
     """(gate, up): silu(gate) * up."""
+    fusion_agrees: Callable
+    """(stacked weight, block sizes) -> whether `linear` on the stacked weight gives each block's
+    own bits: the engine's fused q/k/v and gate/up are read only where it holds."""
 
 
 FAST_OPS = Ops("fast", linear_reference, attention_reference, rms_norm_fast, log_softmax_reference,
                softmax_reference, torch.sigmoid, functools.partial(packed_attention_fast, attention_reference),
-               rotary_fast, silu_mul_fast)
+               rotary_fast, silu_mul_fast, lambda weight, sizes: True)
 # Invariant packed attention gives each segment the bits of its padded row.
 INVARIANT_OPS = Ops("invariant", invariant.linear, invariant.attention, invariant.rms_norm, invariant.log_softmax,
                     softmax_invariant, sigmoid_invariant, invariant.packed_attention, invariant.rotary,
-                    silu_mul_reference)
+                    silu_mul_reference, invariant.fusion_agrees)
 OPS = {"fast": FAST_OPS, "invariant": INVARIANT_OPS}
 
 

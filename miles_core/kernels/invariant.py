@@ -1,6 +1,6 @@
-"""The batch-invariant ops, chosen per call: the Triton kernels (`triton_ops`, `rotary_triton`) for
-CUDA tensors when Triton is installed, else the plain-PyTorch invariant variants (`matmul`,
-`attention`, `norms`, `packed`, eager RoPE). Both give a row's result independent of the batch;
+"""The batch-invariant ops, chosen per call: the Triton kernels (`triton_linear`, `triton_ops`,
+`rotary_triton`) for CUDA tensors when Triton is installed, else the plain-PyTorch invariant
+variants (`matmul`, `attention`, `norms`, `packed`, eager RoPE). Both give a row's result independent of the batch;
 they are not bitwise equal to each other, so engine and trainer must run on the same kind of
 device to agree.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from miles_core.kernels import triton_ops
+from miles_core.kernels import triton_linear, triton_ops
 from miles_core.kernels.attention import attention_invariant
 from miles_core.kernels.elementwise import rotary_reference
 from miles_core.kernels.matmul import linear_invariant
@@ -29,8 +29,14 @@ def _triton(tensor: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     if _triton(x):
         lead = x.shape[:-1]
-        return triton_ops.linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*lead, weight.shape[0])
+        return triton_linear.linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*lead, weight.shape[0])
     return linear_invariant(x, weight, bias)
+
+
+def fusion_agrees(fused_NK: torch.Tensor, sizes: tuple[int, ...]) -> bool:
+    """Whether a stacked weight's linear gives each block's own bits (Triton, checked on the device);
+    the torch path is never asked (the engine fuses on CUDA only) and says no."""
+    return _triton(fused_NK) and triton_linear.fusion_agrees(fused_NK, sizes)
 
 
 def attention(q_BHTD, k_BKSD, v_BKSD, position_ids_BT, cached: bool) -> torch.Tensor:

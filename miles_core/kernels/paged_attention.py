@@ -17,10 +17,11 @@ dense kernel's masked rows change nothing.
 Invariant mode on a narrower query tile: with G query heads per KV head, 64 - G of the 64 rows
 are masked work (G = 2 for Qwen3-0.6B: an H200 timed the kernel at 107 us for 256 sequences
 against 91 us on 16 rows). 16 rows per warp is how the 64-row tile lays out over its 4 warps, so
-a tile of 16 rows per warp (`narrow_tile`) computes each row as one warp of the reference tile
-does; on the H200 that held for 16 rows on one warp (bitwise over 64 and 256 sequences) and not
-for 16 rows on two or four warps (which split a row across warps). It is checked on the device
-once per shape against the 64-row tile (`narrow_tile_agrees`) and used only where it holds.
+a tile of 16 rows on one warp (`narrow_tile`, G <= 16) computes each row as one warp of the
+reference tile does; on the H200 that held (bitwise over 64 and 256 sequences), and not for 16
+rows on two or four warps (which split a row across warps) nor for 32 rows on two warps. It is
+checked on the device once per shape against the 64-row tile (`narrow_tile_agrees`) and used
+only where it holds.
 Keys past a row's position (a block's unwritten tail) are masked to -inf before the softmax
 and get weight exactly 0; the pool keeps only finite numbers there (blocks are zeroed on first
 use), so they add exact zeros, as the dense kernel's masked keys do. Fast mode uses a 16-row
@@ -123,10 +124,9 @@ def paged_decode(q_BHD: torch.Tensor, keys_NPKD: torch.Tensor, values_NPKV: torc
 
 
 def narrow_tile(G: int) -> tuple[int, int]:
-    """(rows, warps) of the smallest tile holding G query heads with 16 rows per warp, as the
-    reference tile lays them out (the reference itself once G needs all its rows)."""
-    rows = _rows_for(G)
-    return (rows, rows // 16) if rows < INVARIANT_TILE[0] else INVARIANT_TILE
+    """(rows, warps): 16 rows on one warp, as one warp of the reference tile holds them, where G
+    query heads fit; else the reference tile (32 rows on two warps gave other bits on an H200)."""
+    return (16, 1) if G <= 16 else INVARIANT_TILE
 
 
 def _rows_for(G: int) -> int:

@@ -1,18 +1,14 @@
-"""Batch-invariant CUDA kernels in Triton: linear, RMSNorm, log-softmax and causal attention
-(padded rows and packed ones).
+"""Batch-invariant CUDA kernels in Triton: RMSNorm, log-softmax and causal attention (padded rows
+and packed ones); the linear is `triton_linear`'s.
 
 Why these are invariant: every kernel runs one fixed configuration (block sizes, warps, stages)
 whatever the problem size, never splits a reduction across programs (no split-K), and computes
-each output row from that row's inputs alone with a fixed loop order. (One exception, checked:
-`linear` runs decode-sized calls on narrower tiles, used only where the device gives them the
-same bits as the default tiles; see `SMALL_M_CONFIG`.) So a token's numbers do
+each output row from that row's inputs alone with a fixed loop order. So a token's numbers do
 not depend on how many other tokens share the launch, which is what makes the engine's decode
 and the trainer's forward agree bit for bit. The price against vendor kernels is the loss of
 size-specific tuning (cuBLAS and flash attention pick kernels per shape); `bench/align_overhead.py`
 measures it.
 
-- `linear`: C = A W^T (+ b), tiles of BLOCK_M x BLOCK_N, K walked in BLOCK_K steps from 0.
-  fp32 inputs use IEEE products (no tf32) so fp32 results stay fp32-accurate.
 - `rms_norm`: one program per row, the whole row in one block (hidden sizes up to 16384), warps
   by row width (`rms_norm_warps`).
 - `log_softmax`: one program per row for the log-sum-exp (online max / sum-exp over fixed vocab
@@ -26,13 +22,12 @@ measures it.
 Backward passes are not invariant and need not be: they recompute with the plain PyTorch
 reference (`matmul`, `norms`, `attention` modules) and differentiate that.
 
-Shape legend: M rows, N out features, K in features, B batch, H heads, T queries, S keys, D head dim.
+Shape legend: B batch, H heads, T queries, S keys, D head dim, R rows, V vocab.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import math
 
 import torch
@@ -54,26 +49,6 @@ except ImportError:  # CPU-only installs: the torch invariant paths are used ins
     triton = None
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). One configuration for every problem size: the
-# row results must not depend on M. `bench/linear_configs.py` compares candidates on H100.
-LINEAR_CONFIG = {"ieee": (64, 64, 32, 4, 2), "half": (128, 128, 64, 8, 3)}
-# Calls of at most SMALL_M rows (a decode step) on the 128 x 128 tiles give a GEMM with N = 1,024
-# only 2 x 8 programs for 132 SMs: in an H100 profile of an invariant decode step at batch 256 the
-# linears took 2.6x cuBLAS's time. Narrower tiles with the same BLOCK_K walk K in the same order,
-# and a tensor-core instruction computes an output element the same way whatever the tile's width,
-# so they should give the same bits. That is checked on the device once per weight shape
-# (`small_tiles_agree`), and only where it holds are they used: a row's bits never depend on M.
-# They are used only where the default grid leaves SMs idle: on H100 at M = 256 they were slower
-# than the default tiles over the 0.6B decode shapes, dominated by the lm_head (N = 151,936), whose
-# default grid already has over a thousand programs. Of the narrower tiles, the 64-wide ones are
-# taken where they still give every SM a program (an H200, timed inside CUDA graphs at M = 256:
-# 7.4 / 9.8 us against 8.9 / 13.1 us on the 32-wide tiles for N = 4,096 / 6,144, K = 1,024), the
-# 32-wide ones elsewhere (N = 1,024: 64 programs on 64-wide tiles, 7.5 vs 8.8 us).
-SMALL_M = 256
-SMALL_M_CONFIG = (64, 32, 64, 4, 4)
-SMALL_M_WIDE_CONFIG = (64, 64, 64, 4, 4)
-_agreement: dict[tuple, bool] = {}
-log = logging.getLogger("miles")
 
 
 @functools.cache
@@ -82,35 +57,6 @@ def available() -> bool:
 
 
 if triton is not None:
-
-    @triton.jit
-    def _linear_kernel(a_ptr, w_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_wn, stride_cm,
-                       HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        pid = tl.program_id(0)
-        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        group = pid // (GROUP_M * num_n)  # grouped order: neighbouring programs share W tiles in L2
-        first_m = group * GROUP_M
-        size_m = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
-        pid_n = (pid % (GROUP_M * num_n)) // size_m
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        ks = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            a = tl.load(a_ptr + rows[:, None] * stride_am + (k0 + ks)[None, :],
-                        mask=(rows[:, None] < M) & (k0 + ks[None, :] < K), other=0.0)
-            w = tl.load(w_ptr + cols[None, :] * stride_wn + (k0 + ks)[:, None],
-                        mask=(cols[None, :] < N) & (k0 + ks[:, None] < K), other=0.0)
-            if IEEE:
-                acc = tl.dot(a, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, w, acc)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
-                 mask=(rows[:, None] < M) & (cols[None, :] < N))
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, E, stride, eps, BLOCK: tl.constexpr):
@@ -198,99 +144,6 @@ if triton is not None:
         out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
         tl.store(o_ptr + b * so_b + h * so_h + (q_off + rows[:, None]) * so_t + dv[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=(rows[:, None] < n_q) & (dv[None, :] < DV))
-
-
-def _linear_forward(x_MK: torch.Tensor, w_NK: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    x_MK, w_NK = x_MK.contiguous(), w_NK.to(x_MK.dtype).contiguous()
-    ieee = x_MK.dtype == torch.float32
-    if ieee:
-        config = LINEAR_CONFIG["ieee"]
-    elif x_MK.shape[0] <= SMALL_M and not _default_tiles_fill_card(x_MK.shape[0], w_NK):
-        small = _small_tiles(x_MK.shape[0], w_NK)
-        config = small if small_tiles_agree(w_NK, small) else LINEAR_CONFIG["half"]
-    else:
-        config = LINEAR_CONFIG["half"]
-    return _launch_linear(x_MK, w_NK, bias, config)
-
-
-def _launch_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, bias: torch.Tensor | None, config: tuple) -> torch.Tensor:
-    M, K = x_MK.shape
-    N = w_NK.shape[0]
-    out = torch.empty(M, N, device=x_MK.device, dtype=x_MK.dtype)
-    block_m, block_n, block_k, warps, stages = config
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
-    _linear_kernel[grid](x_MK, w_NK, bias if bias is not None else x_MK, out, M, N, K,
-                         x_MK.stride(0), w_NK.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-                         IEEE=x_MK.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                         GROUP_M=8, num_warps=warps, num_stages=stages)
-    return out
-
-
-def _default_tiles_fill_card(M: int, w_NK: torch.Tensor) -> bool:
-    """Whether the default tiles give every SM of the weight's device a program (always false
-    off CUDA, where only the tests' stand-in launcher runs)."""
-    return _fills_card(M, w_NK, LINEAR_CONFIG["half"])
-
-
-def _small_tiles(M: int, w_NK: torch.Tensor) -> tuple:
-    """The wider of the decode-sized tiles where they still fill the card, else the narrow ones."""
-    return SMALL_M_WIDE_CONFIG if _fills_card(M, w_NK, SMALL_M_WIDE_CONFIG) else SMALL_M_CONFIG
-
-
-def _fills_card(M: int, w_NK: torch.Tensor, config: tuple) -> bool:
-    block_m, block_n = config[:2]
-    return -(-M // block_m) * -(-w_NK.shape[0] // block_n) >= _sm_count(w_NK.device)
-
-
-@functools.cache  # asked on every decode-sized call
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1 << 30
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def small_tiles_agree(w_NK: torch.Tensor, small: tuple = SMALL_M_CONFIG) -> bool:
-    """Whether the decode-sized tiles `small` give the default tiles' bits for this weight's shape
-    and dtype on its device: SMALL_M random rows through both, compared bitwise, once per shape.
-    Inside a CUDA graph capture an unchecked shape takes the default tiles (a check cannot run there)."""
-    key = (w_NK.device, w_NK.dtype, *w_NK.shape, small, LINEAR_CONFIG["half"])
-    agree = _agreement.get(key)
-    if agree is None:
-        if _capturing(w_NK.device):
-            return False
-        gen = torch.Generator(device=w_NK.device).manual_seed(0)
-        probe = torch.randn(SMALL_M, w_NK.shape[1], generator=gen, device=w_NK.device, dtype=w_NK.dtype)
-        agree = torch.equal(_launch_linear(probe, w_NK, None, small),
-                            _launch_linear(probe, w_NK, None, LINEAR_CONFIG["half"]))
-        _agreement[key] = agree
-        if not agree:
-            log.warning("invariant linear: the small-batch tiles %s differ in bits from %s for weight %s %s on %s; "
-                        "every call takes the default tiles", small, LINEAR_CONFIG["half"], tuple(w_NK.shape),
-                        w_NK.dtype, w_NK.device)
-    return agree
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-class _Linear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight, bias)
-        return _linear_forward(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, bias = ctx.saved_tensors
-        grad_x = grad @ weight.to(grad.dtype)
-        grad_w = (grad.T @ x).to(weight.dtype)
-        grad_b = grad.sum(0).to(bias.dtype) if bias is not None else None
-        return grad_x, grad_w, grad_b
-
-
-def linear(x_MK: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return _Linear.apply(x_MK, weight, bias)
 
 
 def with_reference_backward(forward_fn, reference_fn):

@@ -238,8 +238,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
 
     fused_qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
-    """Inference only (the engine on CUDA, fast mode): [Wq; Wk; Wv] and their bias, of which the
-    three projections' parameters are views (`engine.native.fuse`)."""
+    """Inference only (the engine on CUDA): [Wq; Wk; Wv] and their bias, of which the three
+    projections' parameters are views (`engine.native.fuse`); read where `ops.fusion_agrees`."""
 
     def forward(self, x_BTE: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 position_ids_BT: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
@@ -257,9 +257,10 @@ class Attention(nn.Module):
 
 
     def _project(self, x_BTE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.fused_qkv is not None and self.ops.name == "fast":  # one GEMM instead of three
-            sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
-            return self.ops.linear(x_BTE, *self.fused_qkv).split(sizes, dim=-1)
+        if self.fused_qkv is not None:  # one GEMM instead of three, where it gives the same bits
+            sizes = (self.num_heads * self.head_dim,) + (self.num_kv_heads * self.head_dim,) * 2
+            if self.ops.fusion_agrees(self.fused_qkv[0], sizes):
+                return self.ops.linear(x_BTE, *self.fused_qkv).split(sizes, dim=-1)
         return self.q_proj(x_BTE), self.k_proj(x_BTE), self.v_proj(x_BTE)
 
 
@@ -293,7 +294,8 @@ class GatedMLP(nn.Module):
     """Inference only (as `Attention.fused_qkv`): [W_gate; W_up], the two weights being its views."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_gate_up is not None and self.ops.name == "fast":  # one GEMM instead of two
+        fused = self.fused_gate_up
+        if fused is not None and self.ops.fusion_agrees(fused, (fused.shape[0] // 2,) * 2):  # one GEMM, not two
             gate, up = self.ops.linear(x, self.fused_gate_up, None).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)

@@ -131,17 +131,17 @@ def test_invariant_mode_on_cuda(model_dirs, dtype):
 
 @pytest.mark.gpu
 def test_triton_kernels_match_the_reference_and_are_row_invariant():
-    from miles_core.kernels import triton_ops
+    from miles_core.kernels import triton_linear, triton_ops
     from miles_core.kernels.attention import attention_reference
 
     torch.manual_seed(0)
     x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(768, 512, device="cuda", dtype=torch.bfloat16) / 20
-    full = triton_ops.linear(x, w)
+    full = triton_linear.linear(x, w)
     ref = torch.nn.functional.linear(x.float(), w.float())
     assert ((full.float() - ref).norm() / ref.norm()) < 1e-2
     for rows in (slice(5, 6), slice(0, 7), slice(100, 229)):
-        assert torch.equal(triton_ops.linear(x[rows], w), full[rows])
+        assert torch.equal(triton_linear.linear(x[rows], w), full[rows])
     normed = triton_ops.rms_norm(x, torch.rand(512, device="cuda", dtype=torch.bfloat16), 1e-6)
     assert torch.equal(triton_ops.rms_norm(x[7:8], torch.ones(512, device="cuda", dtype=torch.bfloat16), 1e-6),
                        triton_ops.rms_norm(x, torch.ones(512, device="cuda", dtype=torch.bfloat16), 1e-6)[7:8])

@@ -1,16 +1,18 @@
-"""Fused q/k/v and gate/up projections (the engine's fast mode on CUDA): run here on CPU to check
-the math; the parameters stay the fused weight's views, so weight updates reach it; invariant
-mode never reads it."""
+"""Fused q/k/v and gate/up projections (the engine on CUDA): run here on CPU to check the math; the
+parameters stay the fused weight's views, so weight updates reach it; invariant mode reads it only
+where its ops say the fused linear gives each block's bits (never on CPU; on GPUs see
+tests/kernels/test_linear_tiles.py and the zero-KL tests)."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from miles_core.engine.native.fuse import fuse_projections
-from miles_core.kernels import set_alignment_mode
+from miles_core.kernels import INVARIANT_OPS, set_alignment_mode
 from paged_helpers import model_for
 
 
@@ -44,3 +46,25 @@ def test_weight_updates_reach_the_fused_weight_and_invariant_mode_ignores_it():
     for model in (plain, fused):
         set_alignment_mode(model, "fast")
     torch.testing.assert_close(_logits(fused, ids), _logits(plain, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_invariant_mode_reads_the_fused_weights_where_its_ops_agree():
+    model = model_for("qwen3", "invariant")
+    fuse_projections(model)
+    asked, gemms = [], []
+
+    def linear(x, weight, bias=None):
+        gemms.append(weight.shape[0])
+        return INVARIANT_OPS.linear(x, weight, bias)
+
+    ops = dataclasses.replace(INVARIANT_OPS, linear=linear, fusion_agrees=lambda w, sizes: asked.append(sizes) or True)
+    for module in model.modules():
+        if hasattr(type(module), "ops"):
+            module.ops = ops
+    ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(2))
+    _logits(model, ids)
+    args, layers = model.args, model.args.num_hidden_layers
+    q, kv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
+    assert asked == [(q, kv, kv), (args.intermediate_size,) * 2] * layers
+    assert gemms[:4] == [q + 2 * kv, args.hidden_size, 2 * args.intermediate_size, args.hidden_size]
+    assert len(gemms) == 4 * layers + 1  # the lm_head

@@ -63,7 +63,7 @@ class NativeEngine(MemoryControl):
         self.capture_routing = cfg.return_routed_experts and getattr(model, "num_moe_layers", 0) > 0
         self._weight_version = weight_version
         if self.model.lm_head.weight.device.type == "cuda":
-            fuse_projections(self.model)  # fast mode's q/k/v and gate/up GEMMs, one each
+            fuse_projections(self.model)  # q/k/v and gate/up GEMMs, one each
         self.pool = self._new_pool()
         self.blocks = BlockManager(self.pool.num_blocks, cfg.block_size, on_first_use=self.pool.zero_block)
         self.scheduler = Scheduler(self.blocks, self.pool.copy_block, max_batch_size=cfg.max_batch_size,

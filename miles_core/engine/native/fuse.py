@@ -4,9 +4,12 @@ A decode step of a small model is bound by kernel launches and small GEMMs; vLLM
 q/k/v and gate/up as one weight each (`QKVParallelLinear`, `MergedColumnParallelLinear`). Here
 the checkpoint layout and the HF parameter names stay: the fused weight is allocated once and
 each projection's parameter becomes a view of its rows, so `update_weights` (which copies into
-the parameters) updates the fused weight too, and no memory is added. Only `fast` mode reads the
-fused weights: in `invariant` mode the engine must run the trainer's exact kernels, one per
-projection. Projections that are not plain `Linear`s (a quantised module) stay apart.
+the parameters) updates the fused weight too, and no memory is added. `fast` mode reads the fused
+weights; `invariant` mode must give the bits of the trainer's separate projections, and reads them
+where the invariant linear does so on the device (`Ops.fusion_agrees`, checked once per shape: an
+output element's reduction does not depend on its column; an H200 profile of an invariant decode
+step at batch 64 showed 7 GEMMs a layer at 8.5 us each against fast mode's 4). Projections that are
+not plain `Linear`s (a quantised module) stay apart.
 """
 
 from __future__ import annotations
