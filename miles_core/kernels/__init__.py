@@ -21,7 +21,7 @@ from torch import nn
 
 from miles_core.kernels import invariant
 from miles_core.kernels.attention import attention_reference
-from miles_core.kernels.elementwise import rms_norm_fast, rotary_fast, silu_mul_fast, silu_mul_reference
+from miles_core.kernels.elementwise import rms_norm_fast, rotary_fast, silu_mul_fast
 from miles_core.kernels.matmul import linear_reference
 from miles_core.kernels.packed import packed_attention_fast
 from miles_core.kernels.norms import (
@@ -60,7 +60,7 @@ FAST_OPS = Ops("fast", linear_reference, attention_reference, rms_norm_fast, log
 # Invariant packed attention gives each segment the bits of its padded row.
 INVARIANT_OPS = Ops("invariant", invariant.linear, invariant.attention, invariant.rms_norm, invariant.log_softmax,
                     softmax_invariant, sigmoid_invariant, invariant.packed_attention, invariant.rotary,
-                    silu_mul_reference, invariant.fusion_agrees)
+                    invariant.silu_mul, invariant.fusion_agrees)
 OPS = {"fast": FAST_OPS, "invariant": INVARIANT_OPS}
 
 

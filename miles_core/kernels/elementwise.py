@@ -7,8 +7,9 @@ on CUDA, under `torch.inference_mode` (the engine's forwards), these chains run 
 (dynamic shapes), one fused kernel each; the trainer runs them eagerly (compiling them under
 autograd is not measured to help; `train.compile` compiles whole layers instead). The fused
 kernel computes in fp32 and rounds once at the end, so its bits can differ from eager's
-(fast mode promises no bitwise equality). `invariant` mode, CPU, code already being compiled, or
-`USE_COMPILED = False` run the eager references, so the engine and trainer compute the same bits.
+(fast mode promises no bitwise equality). CPU, code already being compiled, or `USE_COMPILED =
+False` run the eager references; `invariant` mode runs its own Triton kernels on CUDA
+(`rotary_triton`, `swiglu_triton`), the same in the engine and the trainer.
 
 Shape legend: B batch, H heads, T tokens, D head dim.
 """

@@ -1,5 +1,5 @@
 """The batch-invariant ops, chosen per call: the Triton kernels (`triton_linear`, `triton_ops`,
-`rotary_triton`) for CUDA tensors when Triton is installed, else the plain-PyTorch invariant
+`rotary_triton`, `swiglu_triton`) for CUDA tensors when Triton is installed, else the plain-PyTorch invariant
 variants (`matmul`, `attention`, `norms`, `packed`, eager RoPE). Both give a row's result independent of the batch;
 they are not bitwise equal to each other, so engine and trainer must run on the same kind of
 device to agree.
@@ -11,15 +11,15 @@ import torch
 
 from miles_core.kernels import triton_linear, triton_ops
 from miles_core.kernels.attention import attention_invariant
-from miles_core.kernels.elementwise import rotary_reference
+from miles_core.kernels.elementwise import rotary_reference, silu_mul_reference
 from miles_core.kernels.matmul import linear_invariant
 from miles_core.kernels.norms import log_softmax_invariant, rms_norm_invariant
 from miles_core.kernels.packed import PackedSegments, segment_attention
 
 try:
-    from miles_core.kernels import rotary_triton
-except ImportError:  # no Triton: eager RoPE, which is elementwise and so invariant already
-    rotary_triton = None
+    from miles_core.kernels import rotary_triton, swiglu_triton
+except ImportError:  # no Triton: eager RoPE and SwiGLU, which are elementwise and so invariant already
+    rotary_triton = swiglu_triton = None
 
 
 def _triton(tensor: torch.Tensor) -> bool:
@@ -67,3 +67,10 @@ def rotary(x_BHTD: torch.Tensor, cos_BTD: torch.Tensor, sin_BTD: torch.Tensor) -
     if _triton(x_BHTD) and rotary_triton is not None:
         return rotary_triton.rotary(x_BHTD, cos_BTD, sin_BTD)
     return rotary_reference(x_BHTD, cos_BTD, sin_BTD)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """One Triton kernel on CUDA (engine and trainer alike; not eager's bits), eager elsewhere."""
+    if _triton(gate) and swiglu_triton is not None:
+        return swiglu_triton.silu_mul(gate, up)
+    return silu_mul_reference(gate, up)

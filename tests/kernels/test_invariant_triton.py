@@ -1,4 +1,4 @@
-"""Invariant-mode Triton kernels for RoPE and packed attention (GPU): close to the eager
+"""Invariant-mode Triton kernels for RoPE, SwiGLU and packed attention (GPU): close to the eager
 references, a row's bits independent of the rest of the launch, packed rows bitwise equal to one
 call per segment, and gradients equal to the references' (the trainer differentiates them)."""
 
@@ -9,7 +9,7 @@ import torch
 
 from miles_core.kernels import invariant, triton_ops
 from miles_core.kernels.attention import attention_reference
-from miles_core.kernels.elementwise import rotary_reference
+from miles_core.kernels.elementwise import rotary_reference, silu_mul_reference
 from miles_core.kernels.packed import PackedSegments, segment_attention
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not triton_ops.available(), reason="needs CUDA and Triton")]
@@ -49,6 +49,23 @@ def test_rotary_kernel_gradient_is_eager_rope_gradient():
     (grad,) = torch.autograd.grad(rotary_triton.rotary(x, cos, sin), x, upstream)
     (expected,) = torch.autograd.grad(rotary_reference(x, cos, sin), x, upstream)
     torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_swiglu_kernel_is_close_to_eager_row_invariant_and_differentiable(dtype):
+    """On the fused gate/up projection's halves (strided views), as the engine calls it."""
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    gate, up = (torch.randn(4, 9, 2 * 3072, device="cuda", generator=gen) * 3).to(dtype).chunk(2, dim=-1)
+    out = invariant.silu_mul(gate, up)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5  # one rounding of the fp32 result
+    torch.testing.assert_close(out.float(), silu_mul_reference(gate.float(), up.float()), rtol=tol, atol=tol)
+    assert torch.equal(invariant.silu_mul(gate[2:3, 4:5], up[2:3, 4:5]), out[2:3, 4:5])  # one token alone
+    g, u = gate.float().requires_grad_(), up.float().requires_grad_()
+    upstream = torch.randn(g.shape, device="cuda", generator=gen)
+    grads = torch.autograd.grad(invariant.silu_mul(g, u), (g, u), upstream)
+    expected = torch.autograd.grad(silu_mul_reference(g, u), (g, u), upstream)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 def _packed_row(dtype, gen):
