@@ -15,6 +15,8 @@ over sequences of length s, with N the parameter count (the tied embedding count
 lm_head matmul) and causal attention as half of the s^2 score and value matmuls.
 MFU = FLOPs / time / peak (`--peak-tflops`, 790 bf16 dense for H100/H200 by the issue's figure).
 
+`--fp8` adds the packed fast trainer with FP8 training GEMMs (`train.precision = "fp8"`), and every
+native row's log shows its first step's loss and gradient norm (same master weights: comparable).
 `--megatron` adds the megatron-core backend (one rank, bf16 compute, fp32 masters; not at 4B,
 which needs activation checkpointing that backend refuses).
 
@@ -90,14 +92,20 @@ def timed(run, device: str, repeats: int) -> tuple[float, float]:
 
 
 def native_step(master, mode: str, packed: bool, checkpointing: bool, compile_layers: bool,
-                micro_batch_tokens: int = 8192, device: str = "cuda"):
+                micro_batch_tokens: int = 8192, device: str = "cuda", precision: str = "bf16"):
     model = copy.deepcopy(master).to(device)
     set_alignment_mode(model, mode)
     cfg = TrainConfig(lr=1e-6, compute_dtype="bfloat16", max_tokens_per_micro_batch=micro_batch_tokens,
-                      share_prompt_prefix=packed,
-                      pack_sequences=packed, activation_checkpointing=checkpointing, compile=compile_layers)
+                      share_prompt_prefix=packed, pack_sequences=packed, activation_checkpointing=checkpointing,
+                      compile=compile_layers, precision=precision)
     trainer = NativeTrainer(model, cfg, AlgoConfig(), temperature=1.0, total_steps=100)
-    return lambda batch: trainer.train_step(batch)
+
+    def run(batch: TrainBatch) -> dict:
+        metrics = trainer.train_step(batch)
+        if not hasattr(run, "first"):  # from the master weights, as every row's first step: comparable
+            run.first = metrics
+        return metrics
+    return run
 
 
 def megatron_step(master, micro_batch_tokens: int = 8192):
@@ -190,6 +198,9 @@ def measure(args, name: str) -> list[tuple[str, float, float, float]]:
         if checkpointing and not args.checkpointing:  # the shape forced it: also try without, smaller micro-batches
             steps["native fast packed compiled no-ckpt"] = (native_step, (master, "fast", True, False, True,
                                                                           args.no_ckpt_micro_batch_tokens, args.device))
+    if args.fp8:  # FP8 training GEMMs (row-wise `_scaled_mm`) beside the same row in bf16
+        steps["native fast packed fp8"] = (native_step, (master, "fast", True, checkpointing, False, mb, args.device,
+                                                         "fp8"))
     if args.megatron and not checkpointing:  # the megatron backend refuses activation checkpointing
         steps["megatron"] = (megatron_step, (master, mb))
     if args.configs:  # a subset of the native rows (the peer always runs: every ratio is against it)
@@ -201,6 +212,9 @@ def measure(args, name: str) -> list[tuple[str, float, float, float]]:
             run = factory(*factory_args)
             seconds, peak = timed(lambda: run(batch), args.device, args.repeats)
             rows.append((label, tokens / seconds, flops / seconds / (args.peak_tflops * 1e12), peak))
+            first = getattr(run, "first", None)
+            if first is not None:
+                print(f"{name} {label}: first step loss {first.get('loss'):.6g}, grad norm {first.get('grad_norm'):.6g}")
         except torch.OutOfMemoryError:
             rows.append((label, float("nan"), float("nan"), float("nan")))
         run = None
@@ -236,6 +250,7 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing at every shape")
     parser.add_argument("--compile", action="store_true", help="also time the packed fast trainer with train.compile")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--fp8", action="store_true", help="also time the packed fast trainer with train.precision = fp8")
     parser.add_argument("--megatron", action="store_true", help="also time the megatron-core backend (one rank)")
     parser.add_argument("--configs", default="", help="comma-separated subset of the native rows, e.g. "
                         "'fast packed,fast packed compiled' (default: all)")
