@@ -67,7 +67,8 @@ def main() -> None:
     for config in CANDIDATES:
         triton_linear.LINEAR_CONFIG["half"] = config
         try:
-            times = {s: triton.testing.do_bench(lambda x=x, w=w: triton_linear._linear_forward(x, w, None), return_mode="median")
+            times = {s: triton.testing.do_bench(lambda x=x, w=w: triton_linear._linear_forward(x, w, None),
+                                                return_mode="median")
                      for s, (x, w) in inputs.items()}
         except Exception as err:  # a config the compiler rejects (shared memory) is skipped
             print(config, "failed:", str(err).splitlines()[0][:120])

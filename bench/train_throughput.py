@@ -214,7 +214,8 @@ def measure(args, name: str) -> list[tuple[str, float, float, float]]:
             rows.append((label, tokens / seconds, flops / seconds / (args.peak_tflops * 1e12), peak))
             first = getattr(run, "first", None)
             if first is not None:
-                print(f"{name} {label}: first step loss {first.get('loss'):.6g}, grad norm {first.get('grad_norm'):.6g}")
+                print(f"{name} {label}: first step loss {first.get('loss'):.6g}, "
+                      f"grad norm {first.get('grad_norm'):.6g}")
         except torch.OutOfMemoryError:
             rows.append((label, float("nan"), float("nan"), float("nan")))
         run = None
@@ -250,7 +251,8 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing at every shape")
     parser.add_argument("--compile", action="store_true", help="also time the packed fast trainer with train.compile")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--fp8", action="store_true", help="also time the packed fast trainer with train.precision = fp8")
+    parser.add_argument("--fp8", action="store_true",
+                        help="also time the packed fast trainer with train.precision = fp8")
     parser.add_argument("--megatron", action="store_true", help="also time the megatron-core backend (one rank)")
     parser.add_argument("--configs", default="", help="comma-separated subset of the native rows, e.g. "
                         "'fast packed,fast packed compiled' (default: all)")

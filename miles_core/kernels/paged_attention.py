@@ -119,7 +119,8 @@ def paged_decode(q_BHD: torch.Tensor, keys_NPKD: torch.Tensor, values_NPKV: torc
         tile = (_rows_for(G), 4)
     else:
         narrow = narrow_tile(G)
-        tile = narrow if narrow != INVARIANT_TILE and narrow_tile_agrees(q_BHD, keys_NPKD, values_NPKV) else INVARIANT_TILE
+        agrees = narrow != INVARIANT_TILE and narrow_tile_agrees(q_BHD, keys_NPKD, values_NPKV)
+        tile = narrow if agrees else INVARIANT_TILE
     return _launch(q_BHD, keys_NPKD, values_NPKV, block_tables_BM, positions_B, tile)
 
 
@@ -148,7 +149,8 @@ def narrow_tile_agrees(q_BHD: torch.Tensor, keys_NPKD: torch.Tensor, values_NPKV
         B, blocks = 64, 10
         gen = torch.Generator(device=q_BHD.device).manual_seed(0)
         rand = lambda *shape, dtype: torch.randn(*shape, generator=gen, device=q_BHD.device, dtype=dtype)
-        keys, values = rand(B * blocks, BLOCK_N, K, D, dtype=keys_NPKD.dtype), rand(B * blocks, BLOCK_N, K, DV, dtype=values_NPKV.dtype)
+        keys = rand(B * blocks, BLOCK_N, K, D, dtype=keys_NPKD.dtype)
+        values = rand(B * blocks, BLOCK_N, K, DV, dtype=values_NPKV.dtype)
         q = rand(B, H, D, dtype=q_BHD.dtype)
         tables = torch.randperm(B * blocks, generator=gen, device=q.device).view(B, blocks).to(torch.int32)
         positions = torch.randint(0, blocks * BLOCK_N, (B,), generator=gen, device=q.device, dtype=torch.int32)

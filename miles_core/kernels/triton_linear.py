@@ -166,7 +166,8 @@ def fusion_agrees(fused_NK: torch.Tensor, sizes: tuple[int, ...]) -> bool:
             return False
         gen = torch.Generator(device=fused_NK.device).manual_seed(0)
         rand = lambda *shape: torch.randn(*shape, generator=gen, device=fused_NK.device, dtype=fused_NK.dtype)
-        weight, probe = rand(*fused_NK.shape) / fused_NK.shape[1] ** 0.5, rand(max(FUSION_PROBE_ROWS), fused_NK.shape[1])
+        weight = rand(*fused_NK.shape) / fused_NK.shape[1] ** 0.5
+        probe = rand(max(FUSION_PROBE_ROWS), fused_NK.shape[1])
         blocks = weight.split(list(sizes))
         agree = all(torch.equal(_linear_forward(probe[:rows], weight, None),
                                 torch.cat([_linear_forward(probe[:rows], block, None) for block in blocks], dim=1))

@@ -12,7 +12,8 @@ import torch
 
 from miles_core.kernels import triton_linear, triton_ops
 
-SMALL, WIDE, DEFAULT = triton_linear.SMALL_M_CONFIG, triton_linear.SMALL_M_WIDE_CONFIG, triton_linear.LINEAR_CONFIG["half"]
+SMALL, WIDE = triton_linear.SMALL_M_CONFIG, triton_linear.SMALL_M_WIDE_CONFIG
+DEFAULT = triton_linear.LINEAR_CONFIG["half"]
 
 
 @pytest.fixture
@@ -140,4 +141,5 @@ def test_cuda_fused_weights_give_each_block_its_own_bits(sizes, k):
     assert triton_linear.fusion_agrees(w, sizes)
     for rows in (3, 200, 700):
         x = torch.randn(rows, k, device="cuda", generator=gen, dtype=torch.bfloat16)
-        assert torch.equal(triton_linear.linear(x, w), torch.cat([triton_linear.linear(x, b) for b in w.split(sizes)], 1))
+        separate = torch.cat([triton_linear.linear(x, block) for block in w.split(sizes)], dim=1)
+        assert torch.equal(triton_linear.linear(x, w), separate)

@@ -34,8 +34,9 @@ def launches(monkeypatch):
 
 
 def _inputs(H=16, K=8, D=32):
-    return torch.zeros(3, H, D, dtype=torch.bfloat16), torch.zeros(4, 64, K, D, dtype=torch.bfloat16), \
-        torch.zeros(4, 64, K, D, dtype=torch.bfloat16), torch.zeros(3, 2, dtype=torch.int32), torch.zeros(3, dtype=torch.int32)
+    pool = torch.zeros(4, 64, K, D, dtype=torch.bfloat16)
+    return torch.zeros(3, H, D, dtype=torch.bfloat16), pool, pool, torch.zeros(3, 2, dtype=torch.int32), \
+        torch.zeros(3, dtype=torch.int32)
 
 
 @pytest.mark.parametrize("G,tile", [(1, (16, 1)), (2, (16, 1)), (16, (16, 1)), (17, WIDE), (64, WIDE)])
