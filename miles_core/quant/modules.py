@@ -20,11 +20,12 @@ FP8 engine differs from the dequantised model by that rounding (as SGLang's and 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
+from miles_core.errors import MilesError
 from miles_core.kernels import FAST_OPS, Ops, quant_gemm
 from miles_core.models.layers import Linear
 from miles_core.quant.fp8 import BLOCK_SIZE, FP8_DTYPE, dequantize_fp8_block
@@ -148,6 +149,60 @@ def quantize_updates(model: nn.Module, named_tensors: Iterable[tuple[str, torch.
         prefix = name.removesuffix("weight")
         for part, value in module.quantized_tensors(tensor):
             yield prefix + part, value
+
+
+def dense_updates(held: Mapping[str, torch.Tensor], named_tensors: list[tuple[str, torch.Tensor]]
+                  ) -> list[tuple[str, torch.Tensor]]:
+    """Weight-sync tensors for an engine that holds some modules dense (`held`: its tensors by
+    name) while the sender quantised them (`sync.quantize` over `nccl` / `cuda_ipc`, as SGLang
+    takes FP8 weights): each such module's parts (FP8 `weight` + `weight_scale_inv`, INT4
+    `weight_packed` + `weight_scale` + `weight_shape`) become its dense `weight`, dequantised in
+    fp32 as a dense round trip does; the rest pass through. The parts must travel in one call
+    (`sync.protocol.buckets` keeps them together); a lone part is an error, never a bad copy."""
+    if not any(_dense_target(held, n, t) for n, t in named_tensors):
+        return named_tensors
+    parts = dict(named_tensors)
+    out = []
+    for name, tensor in named_tensors:
+        if name.endswith(_COMPANIONS) and name not in held:
+            _part(parts, _weight_of(name), name)  # consumed with its weight below
+            continue
+        if tensor.dtype == FP8_DTYPE and _dense_target(held, name, tensor):
+            scale_inv = _part(parts, f"{name}_scale_inv", name)
+            out.append((name, dequantize_fp8_block(tensor, scale_inv, torch.float32)))
+        elif name.endswith(".weight_packed") and name not in held:
+            module = name.removesuffix(".weight_packed")
+            shape = tuple(int(v) for v in _part(parts, f"{module}.weight_shape", name))
+            scale = _part(parts, f"{module}.weight_scale", name)
+            out.append((f"{module}.weight", dequantize_int4(unpack_int4(tensor, shape), scale).float()))
+        else:
+            out.append((name, tensor))
+    return out
+
+
+_COMPANIONS = (".weight_scale_inv", ".weight_scale", ".weight_shape")
+
+
+def _dense_target(held: Mapping[str, torch.Tensor], name: str, tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a quantised weight's part aimed at a module the engine holds dense."""
+    if tensor.dtype == FP8_DTYPE:
+        target = held.get(name)
+        return target is not None and target.dtype != FP8_DTYPE
+    return name.endswith(_COMPANIONS + (".weight_packed",)) and name not in held
+
+
+def _weight_of(companion: str) -> str:
+    """The quantised weight a companion completes: `X.weight` (FP8) or `X.weight_packed` (INT4)."""
+    if companion.endswith(".weight_scale_inv"):
+        return companion.removesuffix("_scale_inv")
+    return companion.rsplit(".", 1)[0] + ".weight_packed"
+
+
+def _part(parts: dict[str, torch.Tensor], name: str, other: str) -> torch.Tensor:
+    if name not in parts:
+        raise MilesError(f"update_weights: '{other}' came without '{name}' in the same update "
+                         "(a quantised weight's parts travel together)")
+    return parts[name]
 
 
 def quantize_linears(model: nn.Module, spec: QuantSpec) -> list[str]:

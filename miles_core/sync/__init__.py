@@ -56,7 +56,8 @@ def build_weight_sync(cfg: SyncConfig, engine: RolloutEngine, context: SyncConte
     if cfg.quantize != "off":
         include = context.quantize_include if context is not None else ()
         spec = QuantSpec(cfg.quantize, cfg.quantize_group_size, include=include)
-        sync = QuantizedSync(sync, spec, to_disk=name == "disk")
+        route = {"disk": "disk", "inprocess": "local"}.get(name, "remote")
+        sync = QuantizedSync(sync, spec, route=route)
     return TimedSync(sync, cfg.timeout_s) if cfg.timeout_s > 0 else sync
 
 

@@ -11,12 +11,19 @@ ones bit for bit). Then, by transport:
 - `inprocess`: an engine holding quantised weights (`engine.weights = "quantized"`) takes the
   quantised tensors as they are; an engine holding dense weights gets each tensor dequantised
   right after quantisation, one at a time.
+- `nccl`, `cuda_ipc`: the quantised tensors travel (half the bytes of bf16 for FP8, a quarter and
+  a bit for INT4), as slime sends FP8 weights to SGLang servers that hold FP8 weights; a native
+  server holding quantised weights takes them as they are, one holding dense weights dequantises
+  each module on arrival (`quant.modules.dense_updates`; a bucket keeps a weight's parts
+  together). `sync.check_weight_update_equal` then compares the quantised tensors, so it needs
+  servers that hold them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Iterator
+from typing import Literal
 
 import torch
 
@@ -46,13 +53,16 @@ def round_tripped(weights: Iterable[tuple[str, torch.Tensor]], spec: QuantSpec) 
 
 
 class QuantizedSync:
-    """`WeightSync` that quantises on the way into another transport (`disk` or `inprocess`)."""
+    """`WeightSync` that quantises on the way into another transport: `route` is `disk` (a
+    quantised checkpoint), `local` (`inprocess`) or `remote` (`nccl`, `cuda_ipc`)."""
 
-    def __init__(self, inner: WeightSync, spec: QuantSpec, *, to_disk: bool) -> None:
-        self.inner, self.spec, self.to_disk = inner, spec, to_disk
+    def __init__(self, inner: WeightSync, spec: QuantSpec, *, route: Literal["disk", "local", "remote"]) -> None:
+        self.inner, self.spec, self.route = inner, spec, route
 
     def push(self, weights: Iterable[tuple[str, torch.Tensor]], version: str) -> SyncStats:
-        if not self.to_disk:
+        if self.route == "remote":
+            return self.inner.push(quantized(weights, self.spec), version)
+        if self.route == "local":
             engine_model = getattr(getattr(self.inner, "engine", None), "model", None)
             if engine_model is not None and holds_quantized(engine_model):  # engine.weights = "quantized"
                 return self.inner.push(quantized(weights, self.spec), version)

@@ -15,10 +15,12 @@ import pytest
 from miles_core.checkpoint.loading import load_model
 from miles_core.config import ModelConfig, SyncConfig
 from miles_core.errors import MilesError
+from miles_core.quant.formats import QuantSpec
 from miles_core.sync import SyncContext, buckets, build_weight_sync
 from miles_core.sync.guarded import CheckedSync
 from miles_core.sync.group import tensor_sha256
 from miles_core.sync.nccl import NcclSync
+from miles_core.sync.quantized import quantized, round_tripped
 from tests.sync.servers import ServeProcess, client_engine, digests, trained, version_of
 
 
@@ -79,6 +81,25 @@ def test_push_over_gloo_in_several_buckets_is_bitwise(servers, model, flatten):
     assert answer.status_code == 400 and "load_format 'zip' is not supported" in answer.json()["error"]["message"]
     sync.close()
     assert inner.group is None
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+def test_quantised_pushes_travel_quantised_and_a_dense_server_dequantises_them(servers, model, fmt):
+    """sync.quantize over nccl sends what `miles quantize` writes (as slime sends FP8 to SGLang);
+    a server holding dense weights ends up with the dense round trip's bits."""
+    engine = client_engine(servers[1])
+    sync = build_weight_sync(SyncConfig(transport="nccl", quantize=fmt, quantize_group_size=32, timeout_s=60), engine)
+    _innermost(sync).bucket_bytes = 5_000  # many buckets: a weight's parts must stay in one
+    weights = trained(model, seed=5)
+    spec = QuantSpec(fmt, 32)
+    sent = list(quantized(weights, spec))
+    stats = sync.push(weights, version=f"q-{fmt}")
+    assert stats.num_tensors == len(sent) and stats.num_buckets > 5
+    assert stats.num_bytes == sum(t.numel() * t.element_size() for _, t in sent) < sum(
+        t.numel() * t.element_size() for _, t in weights)
+    _assert_holds(servers[1].url, list(round_tripped(weights, spec)))
+    assert version_of(servers[1].url) == f"q-{fmt}"
+    sync.close()
 
 
 def test_disk_pushes_to_servers_are_checked_bitwise(servers, loaded):

@@ -18,7 +18,7 @@ from torch import nn
 
 from miles_core.errors import MilesError
 from miles_core.models.base import named_weights
-from miles_core.quant.modules import QuantLinear, quantize_updates
+from miles_core.quant.modules import QuantLinear, dense_updates, quantize_updates
 
 
 MAX_CHECKED = 64
@@ -46,9 +46,12 @@ class WeightTable:
     def checked_updates(self, named_tensors: Iterable[tuple[str, torch.Tensor]]
                         ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(destinations, sources) once every name and shape is checked. A dense weight aimed at a
-        quantised module (engine.weights = "quantized") is quantised as `miles quantize` does."""
+        quantised module (engine.weights = "quantized") is quantised as `miles quantize` does; a
+        quantised weight aimed at a dense module is dequantised."""
         tensors = self._tensors()
-        updates = list(quantize_updates(self.model, named_tensors) if self._has_quantized else named_tensors)
+        updates = dense_updates(tensors, list(named_tensors))
+        if self._has_quantized:
+            updates = list(quantize_updates(self.model, updates))
         sources = [tensor for _, tensor in updates]
         key = tuple([(name, tensor.shape) for name, tensor in updates])
         targets = self._checked.get(key)
