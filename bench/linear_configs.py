@@ -4,10 +4,11 @@ The invariant linear may not tune per problem size (a row's bits must not depend
 configuration serves every call. This times candidates on the matmul shapes of a Qwen3-0.6B
 training step (M = 16384 rows) and of decode (M = 64), in bf16, against cuBLAS.
 
-`--small` instead times `SMALL_M_CONFIG`, the tiles of decode-sized calls (at most `SMALL_M`
-rows), per 0.6B and 4B decode shape at M = 64, 128 and 256, against cuBLAS and the default tiles:
-whether they give the default tiles' bits (only then may they be used), which tiles the
-card-fill rule of `triton_linear` picks, and the total of that choice.
+`--small` instead times the tiles of decode-sized calls (at most `SMALL_M` rows: `SMALL_M_CONFIG`
+and `SMALL_M_WIDE_CONFIG`), per 0.6B and 4B decode shape at M = 64, 128 and 256, against cuBLAS
+and the default tiles, inside CUDA graphs (`do_bench_cudagraph`: plain `do_bench` times a 5-10 us
+kernel by its Python launch): whether they give the default tiles' bits (only then may they be
+used), which tiles the card-fill rules of `triton_linear` pick, and the total of that choice.
 
 Run on a GPU machine:  python bench/linear_configs.py [--small]
 """
@@ -35,22 +36,24 @@ DECODE_NK = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (151936, 10
 def small_main() -> None:
     torch.manual_seed(0)
     weights = {nk: torch.randn(nk, device="cuda", dtype=torch.bfloat16) / 30 for nk in DECODE_NK}
-    small, default_tiles = triton_linear.SMALL_M_CONFIG, triton_linear.LINEAR_CONFIG["half"]
+    tiles = {"default": triton_linear.LINEAR_CONFIG["half"], "narrow": triton_linear.SMALL_M_CONFIG,
+             "wide": triton_linear.SMALL_M_WIDE_CONFIG}
     for M in (64, 128, 256):
         xs = {nk: torch.randn(M, nk[1], device="cuda", dtype=torch.bfloat16) for nk in DECODE_NK}
-        time = lambda fn, nk: triton.testing.do_bench(lambda: fn(xs[nk], weights[nk]), return_mode="median")
+        time = lambda fn, nk: triton.testing.do_bench_cudagraph(lambda: fn(xs[nk], weights[nk]), return_mode="median")
         launch = lambda config: lambda x, w: triton_linear._launch_linear(x, w, None, config)
-        totals = {"cuBLAS": 0.0, "default": 0.0, "small": 0.0, "chosen": 0.0}
-        for nk in DECODE_NK:  # per shape: which tiles the card-fill rule picks, and what each costs
-            row = {"cuBLAS": time(torch.nn.functional.linear, nk), "default": time(launch(default_tiles), nk),
-                   "small": time(launch(small), nk)}
-            fills = triton_linear._default_tiles_fill_card(M, weights[nk])
-            row["chosen"] = row["default"] if fills else row["small"]
-            same = torch.equal(launch(small)(xs[nk], weights[nk]), launch(default_tiles)(xs[nk], weights[nk]))
+        totals = dict.fromkeys(["cuBLAS", *tiles, "chosen"], 0.0)
+        for nk in DECODE_NK:  # per shape: which tiles the card-fill rules pick, and what each costs
+            w = weights[nk]
+            row = {"cuBLAS": time(torch.nn.functional.linear, nk)} | {k: time(launch(c), nk) for k, c in tiles.items()}
+            fills = triton_linear._default_tiles_fill_card(M, w)
+            pick = "default" if fills else "wide" if triton_linear._small_tiles(M, w) == tiles["wide"] else "narrow"
+            row["chosen"] = row[pick]
+            same = {k: torch.equal(launch(c)(xs[nk], w), launch(tiles["default"])(xs[nk], w)) for k, c in tiles.items()}
             totals = {k: totals[k] + row[k] for k in totals}
-            print(f"M={M} N,K={nk}: cuBLAS {row['cuBLAS']:.4f} ms, default {row['default']:.4f}, small {small} "
-                  f"{row['small']:.4f} (same bits: {same}), rule picks {'default' if fills else 'small'}", flush=True)
-        print(f"M={M} total: " + ", ".join(f"{k} {v:.4f} ms ({v / totals['cuBLAS']:.2f}x cuBLAS)"
+            print(f"M={M} N,K={nk}: " + ", ".join(f"{k} {v * 1e3:.1f} us" for k, v in row.items())
+                  + f"; same bits as default: {same}; rules pick {pick}", flush=True)
+        print(f"M={M} total: " + ", ".join(f"{k} {v * 1e3:.1f} us ({v / totals['cuBLAS']:.2f}x cuBLAS)"
                                             for k, v in totals.items()), flush=True)
 
 
