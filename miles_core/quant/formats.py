@@ -33,6 +33,9 @@ from miles_core.quant.fp8 import BLOCK_SIZE, FP8_DTYPE, dequantize_fp8_block, qu
 from miles_core.quant.int4 import GROUP_SIZES, check_group_size, dequantize_int4, pack_int4, quantize_int4, unpack_int4
 
 FORMATS = ("fp8", "int4")
+COMPANION_SUFFIXES = (".weight_scale_inv", ".weight_scale", ".weight_shape")
+"""Tensors that complete a quantised weight (block FP8's scales; INT4's scales and shape), written
+right after it (`quantize_tensor`)."""
 DEFAULT_IGNORE = ("lm_head", "*embed_tokens", "*norm", "*.mlp.gate", "*shared_expert_gate", "*.shared_head.head")
 """Module-name globs kept dense: output heads (main and MTP), embeddings, norms, MoE routers."""
 

@@ -29,7 +29,7 @@ from miles_core.errors import MilesError
 from miles_core.kernels import FAST_OPS, Ops, quant_gemm
 from miles_core.models.layers import Linear
 from miles_core.quant.fp8 import BLOCK_SIZE, FP8_DTYPE, dequantize_fp8_block
-from miles_core.quant.formats import QuantSpec, is_quantized_weight, quantize_tensor
+from miles_core.quant.formats import COMPANION_SUFFIXES, QuantSpec, is_quantized_weight, quantize_tensor
 from miles_core.quant.int4 import PER_WORD, dequantize_int4, unpack_int4
 
 
@@ -164,7 +164,7 @@ def dense_updates(held: Mapping[str, torch.Tensor], named_tensors: list[tuple[st
     parts = dict(named_tensors)
     out = []
     for name, tensor in named_tensors:
-        if name.endswith(_COMPANIONS) and name not in held:
+        if name.endswith(COMPANION_SUFFIXES) and name not in held:
             _part(parts, _weight_of(name), name)  # consumed with its weight below
             continue
         if tensor.dtype == FP8_DTYPE and _dense_target(held, name, tensor):
@@ -180,15 +180,12 @@ def dense_updates(held: Mapping[str, torch.Tensor], named_tensors: list[tuple[st
     return out
 
 
-_COMPANIONS = (".weight_scale_inv", ".weight_scale", ".weight_shape")
-
-
 def _dense_target(held: Mapping[str, torch.Tensor], name: str, tensor: torch.Tensor) -> bool:
     """Whether `tensor` is a quantised weight's part aimed at a module the engine holds dense."""
     if tensor.dtype == FP8_DTYPE:
         target = held.get(name)
         return target is not None and target.dtype != FP8_DTYPE
-    return name.endswith(_COMPANIONS + (".weight_packed",)) and name not in held
+    return name.endswith(COMPANION_SUFFIXES + (".weight_packed",)) and name not in held
 
 
 def _weight_of(companion: str) -> str:

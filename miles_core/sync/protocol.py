@@ -15,6 +15,8 @@ from typing import Any, Protocol
 
 import torch
 
+from miles_core.quant.formats import COMPANION_SUFFIXES
+
 
 @dataclass
 class SyncStats:
@@ -41,14 +43,10 @@ class WeightSync(Protocol):
         """Deliver `weights` to the engine(s) and stamp `version`; raise on any failure."""
 
 
-COMPANION_SUFFIXES = (".weight_scale_inv", ".weight_scale", ".weight_shape")
-"""Tensors that complete the quantised weight sent just before them (block FP8's scales, INT4's
-scales and shape): a bucket never starts with one, so a receiver can dequantise bucket by bucket."""
-
-
 def buckets(weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Consecutive groups of named tensors of at most `bucket_bytes` each (a larger tensor goes
-    alone, a quantised weight's companions go with it), in the order given."""
+    alone), in the order given. A bucket never starts with a quantised weight's companion (its
+    scales, its shape), so a receiver can dequantise bucket by bucket."""
     bucket: list[tuple[str, torch.Tensor]] = []
     size = 0
     for name, tensor in weights:

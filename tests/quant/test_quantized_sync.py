@@ -14,7 +14,8 @@ from miles_core.engine.native.weight_table import WeightTable
 from miles_core.errors import MilesError
 from miles_core.quant.formats import QuantSpec
 from miles_core.quant.modules import dense_updates
-from miles_core.sync.protocol import COMPANION_SUFFIXES, buckets
+from miles_core.quant.formats import COMPANION_SUFFIXES
+from miles_core.sync.protocol import buckets
 from miles_core.sync.quantized import quantized, round_tripped
 
 
