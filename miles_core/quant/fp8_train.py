@@ -18,7 +18,10 @@ row-wise recipe): dL/dx = fp8(dL/dy) . fp8(W^T) with one scale per token of dL/d
 input feature of W; dL/dW = fp8(dL/dy^T) . fp8(x^T) with one scale per output channel of dL/dy
 and per input feature of x, both over the tokens. The tokens are padded with zero rows to a
 multiple of 16 for that contraction (`_scaled_mm` needs it; zeros change no sum and no amax).
-The bias gradient is the plain sum of dL/dy.
+The bias gradient is the plain sum of dL/dy. On CUDA each `_scaled_mm` operand is quantised by
+one Triton kernel (`kernels/fp8_rowwise_triton.py`: rows or columns, padded, no transpose copy)
+where a check on the device gives this module's torch bits (`quantize_rows`), else by the torch
+functions below.
 
 torchao's `Float8Linear` is not used: it is not installed here and swaps modules in ways that
 would hide our `Linear` (parameter names, alignment kernels); this module keeps both.
@@ -29,6 +32,7 @@ Shape legend: M rows (tokens), K in features, N out features.
 from __future__ import annotations
 
 import fnmatch
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -38,12 +42,61 @@ from miles_core.models.layers import Linear
 from miles_core.quant.fp8 import FP8_DTYPE, FP8_MAX
 from miles_core.quant.formats import DEFAULT_IGNORE
 
+try:
+    from miles_core.kernels import fp8_rowwise_triton
+except ImportError:  # no Triton: the torch path quantises
+    fp8_rowwise_triton = None
+_kernel_agrees: dict[tuple, bool] = {}
+log = logging.getLogger("miles")
+
 
 def quantize_rowwise(t_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3fn values (M, K), fp32 scales (M, 1)): one scale per row, amax / 448."""
     amax_M1 = t_MK.detach().float().abs().amax(-1, keepdim=True)
     scale_M1 = torch.where(amax_M1 > 0, amax_M1 / FP8_MAX, torch.ones_like(amax_M1))
     return (t_MK.detach().float() / scale_M1).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale_M1
+
+
+def quantize_rows(t: torch.Tensor, *, columns: bool = False, pad_to: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 (R, P) row-major, fp32 scales (R, 1)) of the rows of 2-D `t` (or of its columns),
+    the quantised dimension zero-padded to a multiple of `pad_to`: one Triton kernel on CUDA where
+    it gives `quantize_rowwise`'s bits, else that function on a transposed, padded copy."""
+    if t.is_cuda and _kernel_ok(t):
+        return fp8_rowwise_triton.quantize_rows(t, columns=columns, pad_to=pad_to)
+    return _quantize_rows_torch(t, columns, pad_to)
+
+
+def _quantize_rows_torch(t: torch.Tensor, columns: bool, pad_to: int) -> tuple[torch.Tensor, torch.Tensor]:
+    src = t.t() if columns else t
+    pad = -src.shape[1] % pad_to
+    return quantize_rowwise((F.pad(src, (0, pad)) if pad else src).contiguous())
+
+
+def _kernel_ok(t: torch.Tensor) -> bool:
+    """Whether the Triton quantiser gives the torch path's bits for `t`'s device and dtype: random
+    rows (one all zero) through both, rows and padded columns, compared bitwise, once."""
+    key = (t.device, t.dtype)
+    ok = _kernel_agrees.get(key)
+    if ok is None:
+        ok = False
+        if fp8_rowwise_triton is not None:
+            gen = torch.Generator(device=t.device).manual_seed(0)
+            probe = (torch.randn(70, 300, generator=gen, device=t.device) * 40).to(t.dtype)
+            probe[3] = 0
+            try:
+                ok = all(_same(fp8_rowwise_triton.quantize_rows(probe, columns=c, pad_to=p),
+                               _quantize_rows_torch(probe, c, p)) for c, p in ((False, 1), (True, 16)))
+            except Exception as err:  # noqa: BLE001 - a kernel that does not build here: the torch path is always right
+                log.warning("FP8 training: the Triton quantiser failed on %s (%s)", t.device, err)
+            if not ok:
+                log.warning("FP8 training: the Triton quantiser does not give the torch bits for %s on %s; "
+                            "quantising with torch", t.dtype, t.device)
+        _kernel_agrees[key] = ok
+    return ok
+
+
+def _same(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    return torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8)) and torch.equal(a[1], b[1])
 
 
 def fp8_matmul_emulated(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,8 +108,11 @@ def fp8_matmul_emulated(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Te
 
 
 def _scaled_mm_ok(x_MK: torch.Tensor, w_NK: torch.Tensor) -> bool:
-    return (x_MK.is_cuda and x_MK.dtype == torch.bfloat16 and hasattr(torch, "_scaled_mm")
-            and x_MK.shape[1] % 16 == 0 and w_NK.shape[0] % 16 == 0)
+    return _fp8_device(x_MK) and x_MK.shape[1] % 16 == 0 and w_NK.shape[0] % 16 == 0
+
+
+def _fp8_device(t: torch.Tensor) -> bool:
+    return t.is_cuda and t.dtype == torch.bfloat16 and hasattr(torch, "_scaled_mm")
 
 
 def fp8_matmul(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor | None = None) -> torch.Tensor:
@@ -64,10 +120,15 @@ def fp8_matmul(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor | No
     `_scaled_mm` on CUDA where it applies, else emulated."""
     if not _scaled_mm_ok(x_MK, w_NK):
         return fp8_matmul_emulated(x_MK, w_NK, bias_N)
-    q_x, s_x = quantize_rowwise(x_MK)
-    q_w, s_w = quantize_rowwise(w_NK)
-    # _scaled_mm wants the second operand column-major: W_q^T of a row-major W_q is.
-    y = torch._scaled_mm(q_x.contiguous(), q_w.t(), scale_a=s_x, scale_b=s_w.t(), out_dtype=torch.bfloat16)
+    return _scaled(quantize_rows(x_MK), quantize_rows(w_NK), bias_N)
+
+
+def _scaled(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
+            bias_N: torch.Tensor | None = None) -> torch.Tensor:
+    """a_q b_q^T with the scales of (a_q (M, K), s_a (M, 1)) and (b_q (N, K), s_b (N, 1)), in bf16."""
+    (q_a, s_a), (q_b, s_b) = a, b
+    # _scaled_mm wants the second operand column-major: b_q^T of a row-major b_q is.
+    y = torch._scaled_mm(q_a, q_b.t(), scale_a=s_a, scale_b=s_b.t(), out_dtype=torch.bfloat16)
     return y if bias_N is None else y + bias_N.to(y.dtype)
 
 
@@ -83,9 +144,20 @@ class _FP8LinearSTE(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor):
         x, weight = ctx.saved_tensors
         grad_MN = grad_y.reshape(-1, grad_y.shape[-1])
-        grad_x = fp8_matmul(grad_MN, weight.t().contiguous()).to(x.dtype).view_as(x)
-        grad_PN, x_PK = _pad_tokens(grad_MN), _pad_tokens(x.reshape(-1, x.shape[-1]).to(grad_MN.dtype))
-        grad_w = fp8_matmul(grad_PN.t().contiguous(), x_PK.t().contiguous()).to(weight.dtype)
+        x_MK = x.reshape(-1, x.shape[-1]).to(grad_MN.dtype)
+        # Each GEMM's operands quantised along its contraction (columns where that is the tokens or
+        # the weight's output channels), straight into `_scaled_mm`'s layouts where it applies.
+        if _scaled_mm_ok(grad_MN, weight.t()):
+            grad_x = _scaled(quantize_rows(grad_MN), quantize_rows(weight, columns=True))
+        else:
+            grad_x = fp8_matmul_emulated(grad_MN, weight.t().contiguous())
+        if _fp8_device(grad_MN) and x_MK.shape[1] % 16 == 0:  # tokens padded to 16: K and the device decide
+            grad_w = _scaled(quantize_rows(grad_MN, columns=True, pad_to=16),
+                             quantize_rows(x_MK, columns=True, pad_to=16))
+        else:
+            grad_PN, x_PK = _pad_tokens(grad_MN), _pad_tokens(x_MK)
+            grad_w = fp8_matmul_emulated(grad_PN.t().contiguous(), x_PK.t().contiguous())
+        grad_x, grad_w = grad_x.to(x.dtype).view_as(x), grad_w.to(weight.dtype)
         grad_b = grad_MN.sum(0) if ctx.has_bias else None
         return grad_x, grad_w, grad_b
 

@@ -112,7 +112,48 @@ def test_scaled_mm_backward_matches_emulation(monkeypatch):
     fp8_linear(x, w).backward(g)
     fast = (x.grad.float(), w.grad.float())
     x.grad = w.grad = None
-    monkeypatch.setattr(fp8_train, "_scaled_mm_ok", lambda *a: False)
+    monkeypatch.setattr(fp8_train, "_fp8_device", lambda t: False)  # every GEMM emulated
     fp8_linear(x, w).backward(g)
     for got, ref in zip(fast, (x.grad.float(), w.grad.float())):
         assert (got - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_quantiser_gives_the_torch_bits(dtype):
+    """Rows, and columns with the tokens padded to 16, as the three GEMMs quantise their operands."""
+    from miles_core.kernels import fp8_rowwise_triton
+    from miles_core.quant import fp8_train
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    t = (torch.randn(100, 272, device="cuda", generator=gen) * 50).to(dtype)
+    t[7] = 0
+    assert fp8_train._kernel_ok(t)
+    for columns, pad in ((False, 1), (True, 16), (True, 1), (False, 16)):
+        q, scale = fp8_rowwise_triton.quantize_rows(t, columns=columns, pad_to=pad)
+        ref_q, ref_scale = fp8_train._quantize_rows_torch(t, columns, pad)
+        assert q.is_contiguous() and q.shape == ref_q.shape
+        assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(scale, ref_scale)
+
+
+@pytest.mark.parametrize("behaviour", ["same", "apart", "fails"])
+def test_the_triton_quantiser_is_used_only_where_it_gives_the_torch_bits(monkeypatch, caplog, behaviour):
+    """A stand-in kernel (here on CPU) that rounds like the torch path, unlike it, or does not build."""
+    import logging
+    import types
+
+    from miles_core.quant import fp8_train
+
+    def quantize_rows(t, *, columns=False, pad_to=1):
+        if behaviour == "fails":
+            raise RuntimeError("no kernel here")
+        q, scale = fp8_train._quantize_rows_torch(t, columns, pad_to)
+        return q, scale * (2 if behaviour == "apart" else 1)
+
+    monkeypatch.setattr(fp8_train, "fp8_rowwise_triton", types.SimpleNamespace(quantize_rows=quantize_rows))
+    monkeypatch.setattr(fp8_train, "_kernel_agrees", {})
+    with caplog.at_level(logging.WARNING, logger="miles"):
+        assert fp8_train._kernel_ok(torch.zeros(2, 2)) is (behaviour == "same")
+        fp8_train._kernel_ok(torch.zeros(2, 2))  # checked once per device and dtype
+    assert len(caplog.records) == {"same": 0, "apart": 1, "fails": 2}[behaviour]
+    assert list(fp8_train._kernel_agrees.values()) == [behaviour == "same"]
