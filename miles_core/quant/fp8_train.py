@@ -101,10 +101,7 @@ def _same(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Ten
 
 def fp8_matmul_emulated(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor | None = None) -> torch.Tensor:
     """The row-wise FP8 forward computed from dequantised operands in fp32, cast to x's dtype."""
-    q_x, s_x = quantize_rowwise(x_MK)
-    q_w, s_w = quantize_rowwise(w_NK)
-    y = F.linear(q_x.float() * s_x, q_w.float() * s_w, None if bias_N is None else bias_N.float())
-    return y.to(x_MK.dtype)
+    return _emulated(quantize_rows(x_MK), quantize_rows(w_NK), x_MK.dtype, bias_N)
 
 
 def _scaled_mm_ok(x_MK: torch.Tensor, w_NK: torch.Tensor) -> bool:
@@ -118,13 +115,27 @@ def _fp8_device(t: torch.Tensor) -> bool:
 def fp8_matmul(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T with one FP8 scale per row of each operand (every GEMM of `_FP8LinearSTE`): torch's
     `_scaled_mm` on CUDA where it applies, else emulated."""
-    if not _scaled_mm_ok(x_MK, w_NK):
-        return fp8_matmul_emulated(x_MK, w_NK, bias_N)
-    return _scaled(quantize_rows(x_MK), quantize_rows(w_NK), bias_N)
+    return _gemm(quantize_rows(x_MK), quantize_rows(w_NK), _scaled_mm_ok(x_MK, w_NK), x_MK.dtype, bias_N)
 
 
-def _scaled(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
-            bias_N: torch.Tensor | None = None) -> torch.Tensor:
+Quantized = tuple[torch.Tensor, torch.Tensor]
+"""An operand as (e4m3 rows (R, K), fp32 scales (R, 1))."""
+
+
+def _gemm(a: Quantized, b: Quantized, scaled_mm: bool, dtype: torch.dtype, bias_N: torch.Tensor | None = None
+          ) -> torch.Tensor:
+    """a_q b_q^T with the operands' scales: `_scaled_mm` (bf16 out) or emulated (`dtype` out)."""
+    return _scaled(a, b, bias_N) if scaled_mm else _emulated(a, b, dtype, bias_N)
+
+
+def _emulated(a: Quantized, b: Quantized, dtype: torch.dtype, bias_N: torch.Tensor | None = None) -> torch.Tensor:
+    """The same product from dequantised operands in fp32, cast to `dtype`."""
+    (q_a, s_a), (q_b, s_b) = a, b
+    y = F.linear(q_a.float() * s_a, q_b.float() * s_b, None if bias_N is None else bias_N.float())
+    return y.to(dtype)
+
+
+def _scaled(a: Quantized, b: Quantized, bias_N: torch.Tensor | None = None) -> torch.Tensor:
     """a_q b_q^T with the scales of (a_q (M, K), s_a (M, 1)) and (b_q (N, K), s_b (N, 1)), in bf16."""
     (q_a, s_a), (q_b, s_b) = a, b
     # _scaled_mm wants the second operand column-major: b_q^T of a row-major b_q is.
@@ -146,26 +157,14 @@ class _FP8LinearSTE(torch.autograd.Function):
         grad_MN = grad_y.reshape(-1, grad_y.shape[-1])
         x_MK = x.reshape(-1, x.shape[-1]).to(grad_MN.dtype)
         # Each GEMM's operands quantised along its contraction (columns where that is the tokens or
-        # the weight's output channels), straight into `_scaled_mm`'s layouts where it applies.
-        if _scaled_mm_ok(grad_MN, weight.t()):
-            grad_x = _scaled(quantize_rows(grad_MN), quantize_rows(weight, columns=True))
-        else:
-            grad_x = fp8_matmul_emulated(grad_MN, weight.t().contiguous())
-        if _fp8_device(grad_MN) and x_MK.shape[1] % 16 == 0:  # tokens padded to 16: K and the device decide
-            grad_w = _scaled(quantize_rows(grad_MN, columns=True, pad_to=16),
-                             quantize_rows(x_MK, columns=True, pad_to=16))
-        else:
-            grad_PN, x_PK = _pad_tokens(grad_MN), _pad_tokens(x_MK)
-            grad_w = fp8_matmul_emulated(grad_PN.t().contiguous(), x_PK.t().contiguous())
+        # the weight's output channels), in `_scaled_mm`'s layouts; the tokens padded to 16.
+        grad_x = _gemm(quantize_rows(grad_MN), quantize_rows(weight, columns=True),
+                       _scaled_mm_ok(grad_MN, weight.t()), grad_MN.dtype)
+        grad_w = _gemm(quantize_rows(grad_MN, columns=True, pad_to=16), quantize_rows(x_MK, columns=True, pad_to=16),
+                       _fp8_device(grad_MN) and x_MK.shape[1] % 16 == 0, grad_MN.dtype)
         grad_x, grad_w = grad_x.to(x.dtype).view_as(x), grad_w.to(weight.dtype)
         grad_b = grad_MN.sum(0) if ctx.has_bias else None
         return grad_x, grad_w, grad_b
-
-
-def _pad_tokens(t_MK: torch.Tensor, multiple: int = 16) -> torch.Tensor:
-    """`t_MK` with zero rows appended up to a multiple of `multiple` rows."""
-    pad = -t_MK.shape[0] % multiple
-    return F.pad(t_MK, (0, 0, 0, pad)) if pad else t_MK
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
