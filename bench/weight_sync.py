@@ -107,7 +107,7 @@ def start_server(model_dir: Path, gpu: int, log: Path) -> tuple[subprocess.Popen
     raise RuntimeError(f"miles serve on GPU {gpu} did not come up: {log.read_text()[-2000:]}")
 
 
-def timed_pushes(sync, weights: list[tuple[str, torch.Tensor]], repeats: int) -> float:
+def timed_pushes(sync, weights: list[tuple[str, torch.Tensor]], repeats: int, profile: bool = False) -> float:
     times = []
     for version in range(repeats + 1):
         torch.cuda.synchronize()
@@ -115,7 +115,22 @@ def timed_pushes(sync, weights: list[tuple[str, torch.Tensor]], repeats: int) ->
         sync.push(iter(weights), version=str(version + 1))
         torch.cuda.synchronize()  # an in-process push returns once its copies are queued
         times.append(time.perf_counter() - start)
+    if profile:
+        print_push_profile(sync, weights, version=str(repeats + 2))
     return statistics.median(times[1:])
+
+
+def print_push_profile(sync, weights: list[tuple[str, torch.Tensor]], version: str) -> None:
+    """One more push under cProfile: where the trainer side's host time goes (HTTP waits, packing)."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    sync.push(iter(weights), version=version)
+    torch.cuda.synchronize()
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
 
 
 def measure_shape(name: str, args, work: Path) -> tuple[list[tuple[str, float, float]], int]:
@@ -136,15 +151,15 @@ def measure_shape(name: str, args, work: Path) -> tuple[list[tuple[str, float, f
         try:
             if transport == "inprocess":
                 engine = build_engine(EngineConfig(), loaded)
-                seconds = timed_pushes(build_weight_sync(SyncConfig(transport="inprocess"), engine), weights,
-                                       args.repeats)
+                sync = build_weight_sync(SyncConfig(transport="inprocess", bucket_mb=args.bucket_mb), engine)
+                seconds = timed_pushes(sync, weights, args.repeats, args.profile)
             else:
                 gpu = 0 if transport == "cuda_ipc" else 1
                 process, url = start_server(model_dir, gpu, work / f"{name}-{transport}.log")
                 try:
                     engine = SGLangHttpEngine(EngineConfig(backend="sglang", urls=[url], api_key=API_KEY), urls=[url])
                     sync = build_weight_sync(SyncConfig(transport=transport, bucket_mb=args.bucket_mb), engine, context)
-                    seconds = timed_pushes(sync, weights, args.repeats)
+                    seconds = timed_pushes(sync, weights, args.repeats, args.profile)
                     getattr(sync, "close", lambda: None)()
                 finally:
                     process.terminate()
@@ -194,6 +209,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="0.6B,4B")
     parser.add_argument("--transports", default="inprocess,cuda_ipc,nccl,disk")
     parser.add_argument("--bucket-mb", type=int, default=512)
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of one extra push per transport")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokenizer", default=".gpuassets/smollm2-tok", help="tokenizer folder (SmolLM2's)")
     parser.add_argument("--out", default="")

@@ -92,7 +92,7 @@ def _iter_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     try:
         with safe_open(file, framework="pt") as handle:
             for name in handle.keys():
-                yield name, handle.get_tensor(name)
+                yield name, _own_memory(handle.get_tensor(name))
     except (SafetensorError, OSError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MilesError(f"cannot read safetensors file '{file}': {reason}") from None
@@ -162,6 +162,23 @@ def load_weights_into(model: nn.Module, model_dir: str | Path, dtype: torch.dtyp
     if missing or unexpected:
         raise MilesError(f"checkpoint '{model_dir}' does not match the model: "
                          f"missing keys {_first(missing)}, unexpected keys {_first(unexpected)}")
+
+
+CPU_ALIGNMENT = 64
+"""Bytes torch's CPU allocator aligns every buffer to."""
+
+
+def _own_memory(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, copied into torch's own memory where it lies at an address that memory never has.
+
+    safetensors >= 0.8 hands out CPU tensors in buffers aligned to 8 bytes; CPU GEMM kernels take
+    other code paths for them and round differently, so a model computing with them differs in the
+    last bits from the same weights anywhere else (a clone, a copy the engine fuses, a converted
+    checkpoint's): every tensor read here goes through this.
+    """
+    if tensor.device.type == "cpu" and tensor.data_ptr() % CPU_ALIGNMENT:
+        return tensor.clone()
+    return tensor
 
 
 def _first(names: list[str]) -> str:
@@ -305,7 +322,7 @@ class HFTensors(contextlib.ExitStack):
         return self._handles[file]
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle(self._file_of[name]).get_tensor(name)
+        return _own_memory(self._handle(self._file_of[name]).get_tensor(name))
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(self._file_of[name]).get_slice(name).get_shape())

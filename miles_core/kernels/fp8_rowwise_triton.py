@@ -12,8 +12,10 @@ as `_scaled_mm` needs), so each `_scaled_mm` operand costs one launch and no tra
 
 Bits: scale = amax / 448 (1 for an all-zero row) and values x / scale clamped to +-448 and
 rounded to nearest even, both divisions in IEEE fp32 (`div_rn`; Triton's `/` is approximate),
-as `quantize_rowwise` computes them. `quant.fp8_train` uses the kernel where a check on the
-device gives that function's bits (`agrees`, once per device and dtype), else the torch path.
+as `quantize_rowwise` computes them (its amax / 448 through `quant.scales.divide_rounded`: a
+plain `/ 448.0` is a product with the rounded reciprocal on CUDA, one ulp off in ~half the
+rows). `quant.fp8_train` uses the kernel where a check on the device gives that function's bits
+(once per device and dtype), else the torch path.
 
 Shape legend: R rows quantised (each with one scale), C their length, P = C padded.
 """

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from miles_core.quant.scales import divide_rounded
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 BLOCK_SIZE = 128
@@ -46,7 +48,7 @@ def fp8_block_scales(weight_NK: torch.Tensor, block: int = BLOCK_SIZE) -> torch.
     padded = torch.zeros(R * block, C * block, dtype=torch.float32, device=weight_NK.device)
     padded[:N, :K] = weight_NK.float().abs()  # zero padding never raises a block's amax
     amax_RC = padded.view(R, block, C, block).amax(dim=(1, 3))
-    return torch.where(amax_RC > 0, amax_RC / FP8_MAX, torch.ones_like(amax_RC))
+    return torch.where(amax_RC > 0, divide_rounded(amax_RC, FP8_MAX), torch.ones_like(amax_RC))
 
 
 def quantize_fp8_block(weight_NK: torch.Tensor, block: int = BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,6 +41,7 @@ from torch import nn
 from miles_core.models.layers import Linear
 from miles_core.quant.fp8 import FP8_DTYPE, FP8_MAX
 from miles_core.quant.formats import DEFAULT_IGNORE
+from miles_core.quant.scales import divide_rounded
 
 try:
     from miles_core.kernels import fp8_rowwise_triton
@@ -53,7 +54,7 @@ log = logging.getLogger("miles")
 def quantize_rowwise(t_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3fn values (M, K), fp32 scales (M, 1)): one scale per row, amax / 448."""
     amax_M1 = t_MK.detach().float().abs().amax(-1, keepdim=True)
-    scale_M1 = torch.where(amax_M1 > 0, amax_M1 / FP8_MAX, torch.ones_like(amax_M1))
+    scale_M1 = torch.where(amax_M1 > 0, divide_rounded(amax_M1, FP8_MAX), torch.ones_like(amax_M1))
     return (t_MK.detach().float() / scale_M1).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale_M1
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from miles_core.quant.scales import divide_rounded
+
 NUM_BITS = 4
 Q_MIN, Q_MAX = -8, 7
 HALF_RANGE = 7.5
@@ -39,7 +41,7 @@ def int4_group_scales(weight_NK: torch.Tensor, group_size: int) -> torch.Tensor:
     check_group_size(tuple(weight_NK.shape), group_size)
     N, K = weight_NK.shape
     amax_NG = weight_NK.view(N, K // group_size, group_size).abs().amax(-1)
-    scale_NG = amax_NG / HALF_RANGE
+    scale_NG = divide_rounded(amax_NG, HALF_RANGE)
     return torch.where(scale_NG == 0, torch.finfo(scale_NG.dtype).eps, scale_NG)
 
 

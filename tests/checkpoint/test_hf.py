@@ -216,3 +216,13 @@ def test_load_weights_ignores_rotary_inv_freq(tmp_path):
     fresh = build_model(CONFIG)
     load_weights_into(fresh, out)
     assert torch.equal(fresh.model.norm.weight, model.model.norm.weight)
+
+
+def test_loaded_weights_lie_in_aligned_memory(tmp_path):
+    """CPU GEMMs round differently on buffers off torch's 64-byte alignment (safetensors >= 0.8
+    hands out 8-byte-aligned ones): loaded weights must compute as their clones do."""
+    out = save_hf_checkpoint(tmp_path / "ckpt", native_model().state_dict().items(), CONFIG)
+    model = build_model(CONFIG)
+    load_weights_into(model, out)
+    assert all(p.data_ptr() % 64 == 0 for p in model.parameters())
+    assert torch.equal(model.state_dict()["lm_head.weight"], load_state_dict(out)["lm_head.weight"])

@@ -5,7 +5,9 @@ is 0, so the `-ent` runs add `algo.entropy_coef = 0.01` (non-zero gradients: the
 and `tiny-dapo` exercises dynamic sampling with non-zero rewards.
 
 On the machine that recorded them the metrics were bitwise equal; the comparison allows a
-relative 1e-6 so another CPU's kernels cannot fail it while any change of the math does.
+relative 1e-6 so another CPU's kernels cannot fail it while any change of the math does, and the
+fast-mode engine-vs-trainer gaps (`KERNEL_NOISE`: pure rounding noise, which an AMD CPU rounds
+differently from the Intel one that recorded them) only absolute bounds.
 
 Re-recorded on 2026-11-27 (paged engine, issue 12), only the `train/train_rollout_*` values of
 `tiny-moe-ent`, `tiny-deepseek-ent` and `tiny-deepseek`: in fast mode finished rows now leave
@@ -25,6 +27,7 @@ import pytest
 
 from miles_core.config import load_config
 from miles_core.rl.loop import run_training
+from tests.kernel_noise import KERNEL_NOISE
 
 EXACT = bool(os.environ.get("MILES_GOLDEN_EXACT"))  # bitwise, on the recording machine
 GOLDEN = Path(__file__).parent / "golden"
@@ -39,8 +42,10 @@ RUNS = {
 }
 
 
-def _close(a, b) -> bool:
+def _close(key, a, b) -> bool:
     if isinstance(a, float) and isinstance(b, float) and not EXACT:
+        if key in KERNEL_NOISE:  # rounding noise: absolute bounds
+            return abs(a - b) <= KERNEL_NOISE[key]
         return a == b or math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
     return a == b
 
@@ -56,5 +61,5 @@ def test_metrics_equal_the_recording(name, tmp_path):
     got = [{k: v for k, v in record.items() if not k.startswith("perf/")} for record in got]
     assert [sorted(r) for r in got] == [sorted(r) for r in expected]
     for step, (g, e) in enumerate(zip(got, expected)):
-        differ = {k: (g[k], e[k]) for k in e if not _close(g[k], e[k])}
+        differ = {k: (g[k], e[k]) for k in e if not _close(k, g[k], e[k])}
         assert not differ, f"step {step}: {differ}"
