@@ -75,7 +75,7 @@ def _quantize_rows_torch(t: torch.Tensor, columns: bool, pad_to: int) -> tuple[t
 
 def _kernel_ok(t: torch.Tensor) -> bool:
     """Whether the Triton quantiser gives the torch path's bits for `t`'s device and dtype: random
-    rows (one all zero) through both, rows and padded columns, compared bitwise, once."""
+    rows (one all zero) through both, rows and padded columns, either schedule, compared bitwise, once."""
     key = (t.device, t.dtype)
     ok = _kernel_agrees.get(key)
     if ok is None:
@@ -85,8 +85,9 @@ def _kernel_ok(t: torch.Tensor) -> bool:
             probe = (torch.randn(70, 300, generator=gen, device=t.device) * 40).to(t.dtype)
             probe[3] = 0
             try:
-                ok = all(_same(fp8_rowwise_triton.quantize_rows(probe, columns=c, pad_to=p),
-                               _quantize_rows_torch(probe, c, p)) for c, p in ((False, 1), (True, 16)))
+                ok = all(_same(fp8_rowwise_triton.quantize_rows(probe, columns=c, pad_to=p, split=split),
+                               _quantize_rows_torch(probe, c, p))
+                         for c, p in ((False, 1), (True, 16)) for split in (False, True))
             except Exception as err:  # noqa: BLE001 - a kernel that does not build here: the torch path is always right
                 log.warning("FP8 training: the Triton quantiser failed on %s (%s)", t.device, err)
             if not ok:

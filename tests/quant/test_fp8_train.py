@@ -121,7 +121,8 @@ def test_scaled_mm_backward_matches_emulation(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_triton_quantiser_gives_the_torch_bits(dtype):
-    """Rows, and columns with the tokens padded to 16, as the three GEMMs quantise their operands."""
+    """Rows, and columns with the tokens padded to 16, as the three GEMMs quantise their operands,
+    in either schedule (one pass over many rows, or split over few)."""
     from miles_core.kernels import fp8_rowwise_triton
     from miles_core.quant import fp8_train
 
@@ -129,9 +130,12 @@ def test_triton_quantiser_gives_the_torch_bits(dtype):
     t = (torch.randn(100, 272, device="cuda", generator=gen) * 50).to(dtype)
     t[7] = 0
     assert fp8_train._kernel_ok(t)
-    for columns, pad in ((False, 1), (True, 16), (True, 1), (False, 16)):
-        q, scale = fp8_rowwise_triton.quantize_rows(t, columns=columns, pad_to=pad)
-        ref_q, ref_scale = fp8_train._quantize_rows_torch(t, columns, pad)
+    tall = (torch.randn(9000, 40, device="cuda", generator=gen) * 3).to(dtype)  # enough rows for one pass
+    for operand, columns, pad, split in ((t, False, 1, None), (t, True, 16, None), (t, True, 1, False),
+                                         (t, False, 16, False), (tall, False, 1, None), (tall, False, 16, True),
+                                         (tall, True, 16, None)):
+        q, scale = fp8_rowwise_triton.quantize_rows(operand, columns=columns, pad_to=pad, split=split)
+        ref_q, ref_scale = fp8_train._quantize_rows_torch(operand, columns, pad)
         assert q.is_contiguous() and q.shape == ref_q.shape
         assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(scale, ref_scale)
 
@@ -144,7 +148,7 @@ def test_the_triton_quantiser_is_used_only_where_it_gives_the_torch_bits(monkeyp
 
     from miles_core.quant import fp8_train
 
-    def quantize_rows(t, *, columns=False, pad_to=1):
+    def quantize_rows(t, *, columns=False, pad_to=1, split=None):
         if behaviour == "fails":
             raise RuntimeError("no kernel here")
         q, scale = fp8_train._quantize_rows_torch(t, columns, pad_to)
