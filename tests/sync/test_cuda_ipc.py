@@ -121,3 +121,35 @@ def test_nccl_push_over_nccl_to_a_served_engine_on_another_gpu():
         sync.close()
     finally:
         server.stop()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transport", ["cuda_ipc", "nccl"])
+@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+def test_quantised_pushes_from_the_gpu_hold_the_cpu_round_trips_bits(transport, fmt):
+    """sync.quantize on the trainer's GPU sends what `miles quantize` writes on CPU: a dense server
+    dequantises it to the bits of the CPU round trip (the scales divide alike on both devices)."""
+    if transport == "nccl" and torch.cuda.device_count() < 2:
+        pytest.skip("NCCL needs the trainer and the server on different GPUs")
+    from miles_core.checkpoint.loading import load_model
+    from miles_core.config import ModelConfig, SyncConfig
+    from miles_core.quant.formats import QuantSpec
+    from miles_core.sync import build_weight_sync
+    from miles_core.sync.group import tensor_sha256
+    from miles_core.sync.quantized import round_tripped
+    from tests.sync.servers import ServeProcess, client_engine, digests, trained, version_of
+
+    model = load_model(ModelConfig(source="tiny-qwen3", device="cpu")).model
+    server = ServeProcess(device="cuda:0" if transport == "cuda_ipc" else "cuda:1").wait_ready()
+    try:
+        sync = build_weight_sync(SyncConfig(transport=transport, quantize=fmt, quantize_group_size=32, timeout_s=120),
+                                 client_engine(server))
+        weights = trained(model, seed=6)
+        sync.push([(n, t.to("cuda:0")) for n, t in weights], version=f"gpu-{fmt}")
+        expected = list(round_tripped(weights, QuantSpec(fmt, 32)))
+        held = digests(server.url, [n for n, _ in expected])
+        assert {n: held[n]["sha256"] for n, _ in expected} == {n: tensor_sha256(t) for n, t in expected}
+        assert version_of(server.url) == f"gpu-{fmt}"
+        getattr(sync, "close", lambda: None)()
+    finally:
+        server.stop()
