@@ -53,9 +53,9 @@ class WeightRoutes:
         """Every server receives one bucket from the group; with `version`, each must then report it."""
         body = {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name, "flush_cache": flush,
                 "weight_version": version, "load_format": load_format}
-        self._post_all("/update_weights_from_distributed", [body] * len(self._live()))
+        answers = self._post_all("/update_weights_from_distributed", [body] * len(self._live()))
         if version is not None:
-            self._expect_version(version)
+            self._expect_version(version, answers)
 
     def destroy_weights_update_group(self, group_name: str) -> None:
         self._post_all("/destroy_weights_update_group", [{"group_name": group_name}] * len(self._live()))
@@ -64,9 +64,9 @@ class WeightRoutes:
                                    flush: bool) -> None:
         body = {"serialized_named_tensors": serialized, "load_format": load_format, "flush_cache": flush,
                 "weight_version": version}
-        self._post_all("/update_weights_from_tensor", [body] * len(self._live()))
+        answers = self._post_all("/update_weights_from_tensor", [body] * len(self._live()))
         if version is not None:
-            self._expect_version(version)
+            self._expect_version(version, answers)
 
     def weights_checksums(self, names: list[str]) -> list[tuple[str, dict]]:
         """(url, {name: {"dtype", "shape", "sha256"}}) of every live server (miles serve only)."""
@@ -77,6 +77,8 @@ class WeightRoutes:
     # -- helpers -----------------------------------------------------------------------------
     def _post_all(self, path: str, bodies: list[dict]) -> list[dict]:
         servers = self._live()
+        if len(servers) == 1:  # no pool for one server: starting its thread costs more than the call
+            return [self._post_one(servers[0], path, bodies[0])]
         with ThreadPoolExecutor(max_workers=len(servers)) as pool:
             futures = [pool.submit(self._post_one, server, path, body) for server, body in zip(servers, bodies)]
             errors, answers = [], []
@@ -100,9 +102,12 @@ class WeightRoutes:
             raise MilesError(f"{server.url}{path} failed: {answer.get('message')}")
         return answer
 
-    def _expect_version(self, version: str) -> None:
-        for server in self._live():
-            reported = self._get(server, "/get_model_info").get("weight_version")
+    def _expect_version(self, version: str, answers: list[dict]) -> None:
+        """Every server must report `version`: in its answer to the update (`miles serve`), else
+        from `/get_model_info` (SGLang's answers carry no version)."""
+        for server, answer in zip(self._live(), answers):
+            reported = answer["weight_version"] if isinstance(answer, dict) and "weight_version" in answer else \
+                self._get(server, "/get_model_info").get("weight_version")
             if str(reported) != str(version):
                 raise MilesError(f"{server.url} reports weight_version '{reported}' after the update to '{version}'")
         self._weight_version = str(version)

@@ -281,4 +281,4 @@ async def _update(state: ServeState, load, abort_all: bool, extra: dict | None =
         # SGLang's shape (success, message) plus the error shape every other route answers
         return JSONResponse({"success": False, "message": str(err), **(extra or {}),
                              "error": {"message": str(err), "code": err.status}}, status_code=err.status)
-    return {"success": True, "message": message, **(extra or {})}
+    return {"success": True, "message": message, "weight_version": state.engine.weight_version, **(extra or {})}

@@ -95,8 +95,9 @@ def _device(state: ServeState) -> torch.device:
 
 async def _on_worker(state: ServeState, fn, *, refused: str) -> dict:
     """Run `fn` on the worker thread; a failure answers SGLang's `{success: false, message}` (400)."""
-    try:
-        return {"success": True, "message": await state.worker.control(fn)}
+    try:  # the version the update left, so the trainer needs no /get_model_info call to check it
+        message = await state.worker.control(fn)
+        return {"success": True, "message": message, "weight_version": state.engine.weight_version}
     except (RequestError, MilesError, RuntimeError, ValueError) as err:  # gloo/NCCL failures are RuntimeErrors
         message = f"{refused}: {err}".replace("\n", " ")
         raise RequestError(message) from None

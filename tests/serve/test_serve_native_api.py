@@ -115,7 +115,7 @@ def test_update_weights_from_disk_checks_the_root_and_sets_the_version(served, c
         body = {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 4, "sampling_seed": 0}, "return_logprob": True}
         before = client.post("/generate", json=body).json()
         ok = client.post("/update_weights_from_disk", json={"model_path": str(tmp_path / "v7"), "weight_version": "7"})
-        assert ok.status_code == 200 and ok.json()["success"] is True
+        assert ok.status_code == 200 and ok.json()["success"] is True and ok.json()["weight_version"] == "7"
         after = client.post("/generate", json=body).json()
         assert after["meta_info"]["weight_version"] == "7"
         assert after["meta_info"]["output_token_logprobs"] != before["meta_info"]["output_token_logprobs"]
@@ -134,7 +134,7 @@ def test_update_weights_from_tensor_takes_safetensors_and_refuses_other_bytes(se
     name, tensor = next(iter(iter_state_dict(state.facts.model_path)))
     blob = base64.b64encode(save_safetensors({name: tensor.clone()})).decode()
     ok = client.post("/update_weights_from_tensor", json={"serialized_named_tensors": [blob], "weight_version": "0"})
-    assert ok.status_code == 200 and ok.json()["success"] is True
+    assert ok.status_code == 200 and ok.json()["success"] is True and ok.json()["weight_version"] == "0"
     pickled = base64.b64encode(b"\x80\x04K\x01.").decode()
     bad = client.post("/update_weights_from_tensor", json={"serialized_named_tensors": [pickled]})
     assert bad.status_code == 400 and "not base64 safetensors" in bad.json()["message"]
