@@ -59,14 +59,33 @@ def test_check_catches_a_tensor_the_engine_did_not_take(setup, transport, monkey
 
 def test_a_stuck_engine_is_an_error_not_a_hang(setup, monkeypatch):
     engine, trained, context = setup
-    release = threading.Event()
+    release, original = threading.Event(), engine.update_weights
     monkeypatch.setattr(engine, "update_weights", lambda named, version: release.wait())
     sync = build_weight_sync(SyncConfig(timeout_s=0.2), engine, context)
     try:
         with pytest.raises(MilesError, match=r"weight sync of version 7 did not finish within sync.timeout_s = 0.2 s"):
             sync.push(trained.named_parameters(), version="7")
+        monkeypatch.setattr(engine, "update_weights", original)  # the engine recovers: the next push gets
+        sync.push(trained.named_parameters(), version="8")     # a fresh thread, not the stuck one's queue
+        assert engine.weight_version == "8"
     finally:
         release.set()
+
+
+def test_pushes_share_one_worker_thread(setup, monkeypatch):
+    engine, trained, context = setup
+    threads, original = [], engine.update_weights
+
+    def recorded(named, version):
+        threads.append(threading.get_ident())
+        original(named, version)
+
+    monkeypatch.setattr(engine, "update_weights", recorded)
+    sync = build_weight_sync(SyncConfig(timeout_s=30, bucket_mb=1), engine, context)
+    for version in ("1", "2", "3"):
+        sync.push(trained.named_parameters(), version=version)
+    assert len(threads) >= 3 and len(set(threads)) == 1 and threads[0] != threading.get_ident()
+    sync.close()
 
 
 def test_errors_of_the_transport_reach_the_caller_through_the_deadline(setup, monkeypatch):
