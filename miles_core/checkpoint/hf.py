@@ -78,36 +78,39 @@ def _weight_files(model_dir: Path) -> list[Path]:
     raise MilesError(f"no weights in '{model_dir}': expected {WEIGHTS_NAME} or {INDEX_NAME}")
 
 
-def iter_state_dict(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, CPU tensor) one at a time from a directory's safetensors files."""
+def iter_state_dict(model_dir: str | Path, *, aligned: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, CPU tensor) one at a time from a directory's safetensors files; with
+    `aligned=False` in safetensors' own buffers (`_own_memory`), for a caller that copies each
+    tensor anyway (to the GPU, to another dtype) and aligns what it keeps on the CPU."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise MilesError(f"model directory '{model_dir}' does not exist")
     for file in _weight_files(model_dir):
-        yield from _iter_file(file)
+        yield from _iter_file(file, aligned)
 
 
-def _iter_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_file(file: Path, aligned: bool) -> Iterator[tuple[str, torch.Tensor]]:
     # safetensors reports corruption as a multi-line Rust error without the path: say which file.
     try:
         with safe_open(file, framework="pt") as handle:
             for name in handle.keys():
-                yield name, _own_memory(handle.get_tensor(name))
+                tensor = handle.get_tensor(name)
+                yield name, _own_memory(tensor) if aligned else tensor
     except (SafetensorError, OSError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MilesError(f"cannot read safetensors file '{file}': {reason}") from None
 
 
-def iter_dense_state_dict(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_dense_state_dict(model_dir: str | Path, *, aligned: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """`iter_state_dict`, with the weights of a quantised checkpoint (block FP8, compressed-tensors
     INT4: `quant/formats.py`) dequantised to fp32 under their dense names. A folder without
     config.json is read as dense."""
     model_dir = Path(model_dir)
     fmt = checkpoint_format(read_hf_config(model_dir)) if (model_dir / CONFIG_NAME).is_file() else None
     if fmt is None:
-        yield from iter_state_dict(model_dir)
+        yield from iter_state_dict(model_dir, aligned=aligned)
         return
-    with HFTensors(model_dir) as tensors:
+    with HFTensors(model_dir, aligned=aligned) as tensors:
         try:
             yield from iter_dequantized(sorted(tensors.names), tensors.get, fmt, torch.float32)
         except ValueError as err:
@@ -140,7 +143,9 @@ def load_weights_into(model: nn.Module, model_dir: str | Path, dtype: torch.dtyp
         raise ValueError("load_weights_into needs a materialised model, not one on the meta device")
     loaded: set[int] = set()
     unexpected: list[str] = []
-    for name, tensor in iter_dense_state_dict(model_dir) if dequantize else iter_state_dict(model_dir):
+    # Unaligned reads: each tensor is copied below anyway where it goes to the GPU or changes dtype.
+    read = iter_dense_state_dict if dequantize else iter_state_dict
+    for name, tensor in read(model_dir, aligned=False):
         if name.endswith(_IGNORED_SUFFIXES):
             continue
         target = targets.get(name)
@@ -155,7 +160,7 @@ def load_weights_into(model: nn.Module, model_dir: str | Path, dtype: torch.dtyp
             raise MilesError(f"checkpoint '{model_dir}' holds NaN/Inf in '{name}'; refusing to load it")
         keep_fp32 = bool(fp32_suffixes) and name.endswith(fp32_suffixes)
         cast = tensor.dtype if as_stored else torch.float32 if keep_fp32 else dtype or target.dtype
-        target.data = tensor.to(device=target.device, dtype=cast)
+        target.data = _own_memory(tensor.to(device=target.device, dtype=cast))
         loaded.add(id(target))
     # Identity, not names: a tied lm_head is the embedding's own Parameter, loaded under its name.
     missing = [name for name, target in targets.items() if id(target) not in loaded]
@@ -174,7 +179,7 @@ def _own_memory(tensor: torch.Tensor) -> torch.Tensor:
     safetensors >= 0.8 hands out CPU tensors in buffers aligned to 8 bytes; CPU GEMM kernels take
     other code paths for them and round differently, so a model computing with them differs in the
     last bits from the same weights anywhere else (a clone, a copy the engine fuses, a converted
-    checkpoint's): every tensor read here goes through this.
+    checkpoint's): every tensor read here that stays on the CPU goes through this.
     """
     if tensor.device.type == "cpu" and tensor.data_ptr() % CPU_ALIGNMENT:
         return tensor.clone()
@@ -304,8 +309,10 @@ def _copy_side_files(source_dir: Path, out_dir: Path) -> None:
 class HFTensors(contextlib.ExitStack):
     """Random access by name to the tensors of a HF directory (one open handle per file)."""
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, *, aligned: bool = True) -> None:
         super().__init__()
+        self._aligned = aligned
+        """False: tensors in safetensors' own buffers (`iter_state_dict`'s `aligned`)."""
         self._file_of: dict[str, Path] = {}
         self._handles: dict[Path, Any] = {}
         for file in _weight_files(Path(model_dir)):
@@ -322,7 +329,8 @@ class HFTensors(contextlib.ExitStack):
         return self._handles[file]
 
     def get(self, name: str) -> torch.Tensor:
-        return _own_memory(self._handle(self._file_of[name]).get_tensor(name))
+        tensor = self._handle(self._file_of[name]).get_tensor(name)
+        return _own_memory(tensor) if self._aligned else tensor
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(self._file_of[name]).get_slice(name).get_shape())

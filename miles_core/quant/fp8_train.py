@@ -60,8 +60,8 @@ def quantize_rowwise(t_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_rows(t: torch.Tensor, *, columns: bool = False, pad_to: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 (R, P) row-major, fp32 scales (R, 1)) of the rows of 2-D `t` (or of its columns),
-    the quantised dimension zero-padded to a multiple of `pad_to`: one Triton kernel on CUDA where
-    it gives `quantize_rowwise`'s bits, else that function on a transposed, padded copy."""
+    the quantised dimension zero-padded to a multiple of `pad_to`: Triton on CUDA where it gives
+    `quantize_rowwise`'s bits, else that function on a transposed, padded copy."""
     if t.is_cuda and _kernel_ok(t):
         return fp8_rowwise_triton.quantize_rows(t, columns=columns, pad_to=pad_to)
     return _quantize_rows_torch(t, columns, pad_to)
@@ -75,7 +75,8 @@ def _quantize_rows_torch(t: torch.Tensor, columns: bool, pad_to: int) -> tuple[t
 
 def _kernel_ok(t: torch.Tensor) -> bool:
     """Whether the Triton quantiser gives the torch path's bits for `t`'s device and dtype: random
-    rows (one all zero) through both, rows and padded columns, either schedule, compared bitwise, once."""
+    rows (one all zero) through both, rows and padded columns, in either of its schedules,
+    compared bitwise, once."""
     key = (t.device, t.dtype)
     ok = _kernel_agrees.get(key)
     if ok is None:

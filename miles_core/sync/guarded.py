@@ -4,9 +4,10 @@ the engine holds exactly what was sent.
 
 The deadline runs the transport on a worker thread (one, kept across pushes) and waits for it; a
 push that has not finished in time is an error naming the version and the limit (the stuck thread
-is left behind: the run stops). The check reads every tensor back from the engine (`get_weights_by_name`, SGLang's name
-for it) after the push and compares it with the tensor the transport was handed, cast to the
-engine's dtype as the engine's own copy casts it; it also checks the version stamp. For engines in
+is left behind: the run stops). The check reads every tensor back from the engine
+(`get_weights_by_name`, SGLang's name for it) after the push and compares it with the tensor the
+transport was handed, cast to the engine's dtype as the engine's own copy casts it; it also
+checks the version stamp. For engines in
 other processes (`miles serve` servers) only digests travel: every server answers a sha256 per
 tensor (`/weights_checksum`), compared with the digest of the trainer's tensor in the server's
 dtype, so `nccl`, `cuda_ipc` and `disk` pushes are verified bitwise too.
@@ -39,8 +40,8 @@ class TimedSync:
         if self._worker is None:
             self._worker = _Worker()
         try:
-            return self._worker.run(lambda: self.inner.push(weights, version), self.timeout_s)
-        except TimeoutError:
+            return self._worker.submit(lambda: self.inner.push(weights, version)).result(self.timeout_s)
+        except FutureTimeout:
             self._worker = None  # stuck: left behind; a later push gets a fresh thread
             raise MilesError(f"weight sync of version {version} did not finish within sync.timeout_s = "
                              f"{self.timeout_s:g} s; the engine did not take the weights (stuck or unreachable)"
@@ -62,14 +63,11 @@ class _Worker:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._serve, name="weight-sync", daemon=True).start()
 
-    def run(self, fn: Callable[[], SyncStats], timeout_s: float) -> SyncStats:
-        """`fn()` on the thread; its exception re-raised here; `TimeoutError` after `timeout_s`."""
+    def submit(self, fn: Callable[[], SyncStats]) -> Future:
+        """`fn()` queued for the thread; the future holds its result or its exception."""
         future: Future = Future()
         self._jobs.put((fn, future))
-        try:
-            return future.result(timeout_s)
-        except FutureTimeout:
-            raise TimeoutError from None
+        return future
 
     def stop(self) -> None:
         self._jobs.put(None)
@@ -79,7 +77,7 @@ class _Worker:
             fn, future = job
             try:
                 future.set_result(fn())
-            except BaseException as err:  # handed to the caller's thread by `run`
+            except BaseException as err:  # raised in the caller's thread by `Future.result`
                 future.set_exception(err)
 
 
