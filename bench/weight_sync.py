@@ -4,10 +4,12 @@ For each model shape (Qwen3 at 0.6B and 4B with the SmolLM2 vocabulary, random b
 as a HF checkpoint), the
 trainer side pushes the full bf16 state dict (`sync.bucket_mb` buckets) to an engine:
 
-- `inprocess`: a native engine in this process on GPU 0 (a device-to-device copy per tensor);
-- `cuda_ipc`: a `miles serve` process on GPU 0 (colocated): one IPC handle per bucket;
+- `inprocess`: a native engine in this process on GPU 0 (one multi-tensor copy a bucket);
+- `cuda_ipc`: a `miles serve` process on GPU 0 (colocated): the warm-up push is staged (buckets
+  through one shared buffer), the timed ones go direct (the server maps the pushed tensors where
+  they lie, since they stay in place as a trainer's parameters do: one call, one copy);
 - `nccl`: a `miles serve` process on GPU 1: SGLang's `/init_weights_update_group` +
-  `/update_weights_from_distributed`, one broadcast per tensor;
+  `/update_weights_from_distributed`, one flattened broadcast per bucket;
 - `disk`: the same server, a HF checkpoint written and loaded by path (for scale).
 
 Bounds, measured here: the device-to-device copy of the same bytes on GPU 0 (`copy_`), and the
@@ -164,11 +166,18 @@ def measure_shape(name: str, args, work: Path) -> tuple[list[tuple[str, float, f
                 finally:
                     process.terminate()
                     process.wait(timeout=60)
-            rows.append((transport, seconds, nbytes / seconds / 1e9))
+            rows.append((transport + _way(sync), seconds, nbytes / seconds / 1e9))
         except Exception as err:  # noqa: BLE001 - a failing transport is reported, the others still run
             rows.append((f"{transport} (failed: {str(err).splitlines()[0][:160]})", float("nan"), float("nan")))
         print(name, rows[-1], flush=True)
     return rows, nbytes
+
+
+def _way(sync) -> str:
+    """' (direct)' when the cuda_ipc pushes named the tensors where they lie."""
+    while hasattr(sync, "inner"):
+        sync = sync.inner
+    return " (direct)" if getattr(sync, "num_direct", 0) else ""
 
 
 def save_random_checkpoint(name: str, folder: Path, tokenizer: Path) -> Path:

@@ -49,10 +49,11 @@ class WeightRoutes:
 
     def update_weights_from_distributed(self, *, names: list[str], dtypes: list[str], shapes: list[list[int]],
                                         group_name: str, version: str | None, flush: bool,
-                                        load_format: str | None = None) -> None:
-        """Every server receives one bucket from the group; with `version`, each must then report it."""
+                                        load_format: str | None = None, abort_all: bool = False) -> None:
+        """Every server receives one bucket from the group; with `version`, each must then report it.
+        `abort_all`: each aborts its running requests and holds new ones until the bucket is in."""
         body = {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name, "flush_cache": flush,
-                "weight_version": version, "load_format": load_format}
+                "weight_version": version, "load_format": load_format, "abort_all_requests": abort_all}
         answers = self._post_all("/update_weights_from_distributed", [body] * len(self._live()))
         if version is not None:
             self._expect_version(version, answers)
@@ -61,9 +62,9 @@ class WeightRoutes:
         self._post_all("/destroy_weights_update_group", [{"group_name": group_name}] * len(self._live()))
 
     def update_weights_from_tensor(self, serialized: list[str], *, load_format: str | None, version: str | None,
-                                   flush: bool) -> None:
+                                   flush: bool, abort_all: bool = False) -> None:
         body = {"serialized_named_tensors": serialized, "load_format": load_format, "flush_cache": flush,
-                "weight_version": version}
+                "weight_version": version, "abort_all_requests": abort_all}
         answers = self._post_all("/update_weights_from_tensor", [body] * len(self._live()))
         if version is not None:
             self._expect_version(version, answers)

@@ -93,10 +93,12 @@ def _device(state: ServeState) -> torch.device:
     return getattr(state.engine, "device", torch.device("cpu"))
 
 
-async def _on_worker(state: ServeState, fn, *, refused: str) -> dict:
-    """Run `fn` on the worker thread; a failure answers SGLang's `{success: false, message}` (400)."""
+async def _on_worker(state: ServeState, fn, *, refused: str, alone: bool = False) -> dict:
+    """Run `fn` on the worker thread (`alone`: with running requests aborted and new ones held,
+    `BatchingWorker.control_alone`); a failure answers SGLang's `{success: false, message}` (400)."""
     try:  # the version the update left, so the trainer needs no /get_model_info call to check it
-        message = await state.worker.control(fn)
+        control = state.worker.control_alone if alone else state.worker.control
+        message = await control(fn)
         return {"success": True, "message": message, "weight_version": state.engine.weight_version}
     except (RequestError, MilesError, RuntimeError, ValueError) as err:  # gloo/NCCL failures are RuntimeErrors
         message = f"{refused}: {err}".replace("\n", " ")
@@ -130,8 +132,6 @@ async def update_weights_from_distributed(request: Request):
     if group is None:
         raise RequestError(f"no weight-update group '{body.group_name}' (POST /init_weights_update_group first)")
     dtypes = _announced(body)
-    if body.abort_all_requests:
-        state.worker.abort(abort_all=True)
 
     def receive() -> str:
         tensors = _received(group, _device(state), dtypes, body.shapes, flat=body.load_format == flat_bucket.LOAD_FORMAT)
@@ -144,7 +144,8 @@ async def update_weights_from_distributed(request: Request):
             state.engine.flush_cache()
         return f"Succeeded to update model weights from the distributed group (weight_version {version})."
 
-    return await _on_worker(state, receive, refused="weights from the distributed group refused")
+    return await _on_worker(state, receive, refused="weights from the distributed group refused",
+                            alone=body.abort_all_requests)
 
 
 def _received(group: WeightGroup, device: torch.device, dtypes: list[torch.dtype], shapes: list[list[int]],

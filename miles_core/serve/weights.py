@@ -1,7 +1,8 @@
 """Weight updates of a served engine: a HF checkpoint folder, safetensors blobs in a request, or
-(`load_format = "miles_cuda_ipc"`) a CUDA buffer of the trainer on the same GPU (`sync/cuda_ipc.py`),
-which stays mapped from bucket to bucket (one `IpcMapping` per engine, dropped with the engine or
-by `forget_ipc_mapping` when the engine releases its memory).
+(`load_format = "miles_cuda_ipc"`) CUDA memory of the trainer on the same GPU (its staging buffer
+or its weights where they lie, `sync/cuda_ipc.py`), which stays mapped from push to push (one
+`IpcMapping` per engine, dropped with the engine or by `forget_ipc_mapping` when the engine
+releases its memory).
 
 All run on the batching worker's thread, between batches. The engine checks every name and
 shape before it writes any tensor, so a refused update leaves the old weights in place. Tensors
@@ -24,7 +25,8 @@ from miles_core.checkpoint.hf import iter_dense_state_dict
 from miles_core.engine.protocol import RolloutEngine
 from miles_core.errors import MilesError
 from miles_core.serve.state import RequestError
-from miles_core.sync.cuda_ipc import LOAD_FORMAT, IpcMapping
+from miles_core.sync.ipc_format import LOAD_FORMAT
+from miles_core.sync.ipc_mapping import IpcMapping
 
 _MAPPINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """Engine -> its `IpcMapping` (weak: a mapping never outlives its engine)."""
@@ -63,7 +65,7 @@ def _apply(engine: RolloutEngine, named, version: str | None, flush: bool, what:
 
 
 def ipc_mapping(engine: RolloutEngine) -> IpcMapping:
-    """The engine's mapping of the trainer's buffer (made on first use)."""
+    """The engine's mapping of the trainer's memory (made on first use)."""
     mapping = _MAPPINGS.get(engine)
     if mapping is None:
         mapping = _MAPPINGS[engine] = IpcMapping()
@@ -71,15 +73,15 @@ def ipc_mapping(engine: RolloutEngine) -> IpcMapping:
 
 
 def forget_ipc_mapping(engine: RolloutEngine) -> None:
-    """Unmap the trainer's buffer (the engine releases its memory, or the server stops)."""
+    """Unmap the trainer's memory (the engine releases its memory, or the server stops)."""
     mapping = _MAPPINGS.pop(engine, None)
     if mapping is not None:
         mapping.drop()
 
 
 def load_ipc_weights(engine: RolloutEngine, descriptions: list[str], version: str | None, flush: bool) -> str:
-    """Copy the tensors of the trainer's CUDA buffer (one JSON description each) into the engine;
-    answers only once the copies are done, so the trainer may reuse the buffer."""
+    """Copy the tensors of the trainer's CUDA memory (one JSON description each) into the engine;
+    answers only once the copies are done, so the trainer may write there again."""
     import torch
 
     if not descriptions:

@@ -126,6 +126,19 @@ class BatchingWorker:
         self._queue.put(item)
         return await asyncio.wrap_future(item.future)
 
+    async def control_alone(self, fn: Callable[[], Any]) -> Any:
+        """`control(fn)` with every running request aborted and new ones held until it is done
+        (SGLang's `abort_all_requests` on a weight update: one call does what pause -> update ->
+        continue do, and no request sees both the old and the new weights)."""
+        paused_before = self.paused
+        self.pause()
+        self.abort(abort_all=True)
+        try:
+            return await self.control(fn)
+        finally:
+            if not paused_before:  # a server the trainer paused stays paused
+                self.resume()
+
     async def _generate_continuously(self, requests: list[GenerateRequest]) -> list[list[Generation]]:
         """Continuous batching: the requests join the engine's running batch at its next step and
         each is answered when its own sequences finish, as SGLang answers; an abort answers a

@@ -5,13 +5,15 @@ SGLang servers as well as `miles serve`.
 Once, on the first push: rank 0 hosts the group's store on a free port, asks every server to join
 (`/init_weights_update_group`: server i's `rank_offset` is 1 + the ranks of the servers before it,
 `world_size` 1 + every server rank) and joins as rank 0 meanwhile (`group.WeightGroup`, apart
-from the default process group FSDP uses). Each push: pause the servers; per bucket
-(`sync.bucket_mb`), POST `/update_weights_from_distributed` (names, dtypes, shapes) to every
-server in threads while broadcasting the bucket, and wait for every answer (a server answers once
-it holds the bucket). With `sync.nccl_flatten` (the default) a bucket is one broadcast of its bytes
-packed into a reused staging buffer (SGLang's `flattened_bucket`); without it, one broadcast per
-tensor, which every SGLang release understands; the last bucket stamps the version and flushes the
-cache; continue. A server that refuses a bucket (unknown name, wrong shape) has still received all
+from the default process group FSDP uses). Each push, per bucket (`sync.bucket_mb`): POST
+`/update_weights_from_distributed` (names, dtypes, shapes) to every server in threads while
+broadcasting the bucket, and wait for every answer (a server answers once it holds the bucket).
+With `sync.nccl_flatten` (the default) a bucket is one broadcast of its bytes packed into a reused
+staging buffer (SGLang's `flattened_bucket`); without it, one broadcast per tensor, which every
+SGLang release understands; the last bucket stamps the version and flushes the cache. A push of
+one bucket is that one call, which aborts the servers' running requests and holds new ones until
+it is in (`abort_all_requests`); a push of several pauses the servers around them
+(`protocol.send_paused`). A server that refuses a bucket (unknown name, wrong shape) has still received all
 of it, so the group stays in step and the next push works; a server that is gone fails the push
 with one line, and `sync.timeout_s` (`TimedSync`) turns a server that never answers into an error.
 Backend `sync.nccl_backend`: `auto` is nccl for CUDA weights, gloo for CPU ones (tests).
@@ -20,11 +22,13 @@ Backend `sync.nccl_backend`: `auto` is nccl for CUDA weights, gloo for CPU ones 
 from __future__ import annotations
 
 import itertools
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import Future
+from urllib.parse import urlsplit
 
 import torch
 
@@ -33,7 +37,7 @@ from miles_core.engine.protocol import RolloutEngine
 from miles_core.errors import MilesError
 from miles_core.sync import flat
 from miles_core.sync.group import WeightGroup, dtype_name, host_store, resolve_backend
-from miles_core.sync.protocol import SyncContext, SyncStats, send_buckets
+from miles_core.sync.protocol import SyncContext, SyncStats, send_paused
 
 NO_LIMIT_S = 1800.0
 """Collective timeout when `sync.timeout_s` is 0 (no limit on the push as a whole)."""
@@ -65,16 +69,9 @@ class NcclSync:
             return SyncStats(0, 0, 0, time.perf_counter() - start)
         if self.group is None:
             self._join(first[1].device)
-        try:
-            self.engine.pause()
-        except MilesError as err:
-            raise MilesError(f"sync.transport = 'nccl': {err}") from None
-        try:
-            self._check_servers()  # after pause, which takes out a server that stopped answering
-            counts = send_buckets(itertools.chain([first], weights), self.bucket_bytes,
-                                  lambda bucket, last: self._send(bucket, version if last else None))
-        finally:
-            self.engine.resume()
+        self._check_servers()
+        counts = send_paused(self.engine, itertools.chain([first], weights), self.bucket_bytes,
+                             lambda bucket, last, alone: self._send(bucket, version if last else None, alone))
         return SyncStats(*counts, time.perf_counter() - start)
 
     def close(self) -> None:
@@ -114,16 +111,19 @@ class NcclSync:
         self._members = [s for s in self.engine.servers if s.alive]
 
     def _check_servers(self) -> None:
-        gone = [s.url for s in self._members if not s.alive]
+        """Every server of the group still runs: a push without a pause call would otherwise
+        broadcast to a rank that is gone and wait for it until the timeout."""
+        gone = [s.url for s in self._members if not s.alive or not accepts_connections(s.url)]
         if gone:
             raise MilesError(f"sync.transport = 'nccl': server {gone[0]} has left; the weight-update group "
                              "needs every server it was built with (restart the run)")
 
-    def _send(self, bucket: list[tuple[str, torch.Tensor]], version: str | None) -> None:
+    def _send(self, bucket: list[tuple[str, torch.Tensor]], version: str | None, alone: bool) -> None:
         tensors = [t for _, t in bucket]
         body = dict(names=[n for n, _ in bucket], dtypes=[dtype_name(t.dtype) for t in tensors],
                     shapes=[list(t.shape) for t in tensors], group_name=self.group.name, version=version,
-                    flush=version is not None, load_format=flat.LOAD_FORMAT if self.staging else None)
+                    flush=version is not None, load_format=flat.LOAD_FORMAT if self.staging else None,
+                    abort_all=alone)
         # Packed before the servers are asked: each waits in the broadcast as soon as it reads the request.
         outgoing = [self.staging.pack(tensors)] if self.staging else [
             t.detach().to(self.device).contiguous() for t in tensors]
@@ -134,6 +134,17 @@ class NcclSync:
         except Exception as err:  # noqa: BLE001 - gloo/NCCL errors: one line, with what the servers said
             raise MilesError(f"weight broadcast to the servers failed: {_error_of(answers) or err}") from None
         answers.result()
+
+
+def accepts_connections(url: str) -> bool:
+    """Whether something listens at `url`'s host and port (a TCP connect: ~0.1 ms on one machine;
+    a process that is gone refuses at once)."""
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname, parts.port or 80), timeout=5):
+            return True
+    except OSError:
+        return False
 
 
 def background(fn, **kwargs) -> Future:

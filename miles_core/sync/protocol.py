@@ -8,6 +8,7 @@ pause -> update -> flush -> continue sequence, so no request is answered by half
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,7 @@ def buckets(weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> I
     bucket: list[tuple[str, torch.Tensor]] = []
     size = 0
     for name, tensor in weights:
-        nbytes = tensor.numel() * tensor.element_size()
+        nbytes = tensor.nbytes
         if bucket and size + nbytes > bucket_bytes and not name.endswith(COMPANION_SUFFIXES):
             yield bucket
             bucket, size = [], 0
@@ -74,6 +75,32 @@ def with_last(items: Iterable) -> Iterator[tuple[object, bool]]:
 _END = object()
 
 
+def send_paused(engine, weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
+                send: Callable[[list[tuple[str, torch.Tensor]], bool, bool], None]) -> tuple[int, int, int]:
+    """`send(bucket, is_last, alone)` for each bucket of `weights`, so that no request sees half the
+    new weights: a push of one bucket goes `alone`, as one call that aborts the servers' running
+    requests and holds new ones while it updates (SGLang's `abort_all_requests`), a push of several
+    with the engine paused around them (two more round trips). Returns (tensors, buckets, bytes)."""
+    sent = with_last(buckets(weights, bucket_bytes))
+    first = next(sent, None)
+    if first is None:
+        return 0, 0, 0
+    if first[1]:
+        send(first[0], True, True)
+        return len(first[0]), 1, sum(t.nbytes for _, t in first[0])
+    num_tensors = num_buckets = num_bytes = 0
+    engine.pause()
+    try:
+        for bucket, last in itertools.chain([first], sent):
+            send(bucket, last, False)
+            num_buckets += 1
+            num_tensors += len(bucket)
+            num_bytes += sum(t.nbytes for _, t in bucket)
+    finally:
+        engine.resume()
+    return num_tensors, num_buckets, num_bytes
+
+
 def send_buckets(weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
                  send: Callable[[list[tuple[str, torch.Tensor]], bool], None]) -> tuple[int, int, int]:
     """`send(bucket, is_last)` for each bucket of `weights`; returns (tensors, buckets, bytes) sent."""
@@ -82,5 +109,5 @@ def send_buckets(weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
         send(bucket, last)
         num_buckets += 1
         num_tensors += len(bucket)
-        num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+        num_bytes += sum(t.nbytes for _, t in bucket)
     return num_tensors, num_buckets, num_bytes

@@ -12,8 +12,9 @@ import httpx
 import pytest
 import torch
 
-from miles_core.sync import cuda_ipc
-from miles_core.sync.cuda_ipc import IpcDescriptions, IpcTensor, describe
+from miles_core.sync import cuda_ipc, ipc_mapping
+from miles_core.sync.cuda_ipc import IpcDescriptions, StorageExports
+from miles_core.sync.ipc_format import IpcTensor, describe
 from miles_core.sync.flat import FlatStaging
 from miles_core.sync.protocol import buckets
 from tests.serve.conftest import start
@@ -44,12 +45,12 @@ def test_unknown_load_format_is_refused(client):
 
 def test_bad_cuda_ipc_descriptions_are_refused_and_nothing_changes(client, served):
     version = served[1].engine.weight_version
-    raw = json.loads(describe(FIELDS, "GPU-x", [IpcTensor("model.norm.weight", torch.float32, (64,), 0)]))
-    raw["storage_size_bytes"] = "4096"
+    raw = json.loads(describe([FIELDS], "GPU-x", [IpcTensor("model.norm.weight", torch.float32, (64,), 0)]))
+    raw["storages"][0]["storage_size_bytes"] = "4096"
     answer = _tensor_update(client, serialized_named_tensors=[json.dumps(raw)], load_format="miles_cuda_ipc")
     assert answer.status_code == 400
-    assert "storage_size_bytes must be an integer >= 0, got '4096'" in answer.json()["message"]
-    good = describe(FIELDS, "GPU-x", [IpcTensor("model.norm.weight", torch.float32, (64,), 0)])
+    assert "storage 0: storage_size_bytes must be an integer >= 0, got '4096'" in answer.json()["message"]
+    good = describe([FIELDS], "GPU-x", [IpcTensor("model.norm.weight", torch.float32, (64,), 0)])
     answer = _tensor_update(client, serialized_named_tensors=[good], load_format="miles_cuda_ipc")
     assert answer.status_code == 400  # a CPU engine cannot map a GPU buffer
     assert "the engine runs on cpu, not on the trainer's GPU GPU-x" in answer.json()["message"]
@@ -57,24 +58,25 @@ def test_bad_cuda_ipc_descriptions_are_refused_and_nothing_changes(client, serve
 
 
 class FakeIpc:
-    """CUDA IPC on CPU: the trainer's buffers are this process's memory, a handle names one by its
-    address, and `open_buffer` (the server's mapping) counts how often it is called."""
+    """CUDA IPC on CPU: the trainer's storages are this process's memory, a handle names one by its
+    address, and `open_storage` (the server's mapping) counts how often it is called."""
 
     def __init__(self, monkeypatch):
-        self.buffers, self.opens, self.exports = {}, 0, 0
-        monkeypatch.setattr(cuda_ipc, "export_buffer", self.export)
+        self.storages, self.opens, self.exports = {}, 0, 0
+        monkeypatch.setattr(cuda_ipc, "export_storage", self.export)
         monkeypatch.setattr(cuda_ipc, "device_uuid", lambda device: "GPU-test")
-        monkeypatch.setattr(cuda_ipc, "open_buffer", self.open)
+        monkeypatch.setattr(ipc_mapping, "open_storage", self.open)
 
-    def export(self, buffer):
+    def export(self, tensor):
         self.exports += 1
-        handle = str(buffer.data_ptr()).encode()
-        self.buffers[handle] = buffer
-        return {**FIELDS, "handle": handle, "storage_size_bytes": buffer.numel(), "buffer_bytes": buffer.numel()}
+        whole = torch.empty(0, dtype=torch.uint8).set_(tensor.untyped_storage())
+        handle = str(whole.data_ptr()).encode()
+        self.storages[handle] = whole
+        return {**FIELDS, "handle": handle, "storage_size_bytes": whole.numel(), "buffer_bytes": whole.numel()}
 
-    def open(self, bucket, device):
+    def open(self, fields, uuid, device):
         self.opens += 1
-        return self.buffers[bucket.fields["handle"]]
+        return self.storages[fields["handle"]]
 
 
 def _noisy(engine, seed):
@@ -89,7 +91,7 @@ def _ipc_push(client, staging, descriptions, weights, version):
     for number, bucket in enumerate(sent):
         tensors = [t for _, t in bucket]
         _, offsets = staging.pack_with_offsets(tensors)
-        text = descriptions.text(staging.buffer, [n for n, _ in bucket], tensors, offsets)
+        text = descriptions.staged(staging.buffer, [n for n, _ in bucket], tensors, offsets)
         answer = _tensor_update(client, serialized_named_tensors=[text], load_format="miles_cuda_ipc",
                                 weight_version=version if number == len(sent) - 1 else None)
         assert answer.status_code == 200, answer.text
@@ -123,3 +125,39 @@ def test_cuda_ipc_pushes_map_the_trainers_buffer_once_and_are_bitwise(monkeypatc
         _ipc_push(client, other, descriptions, fourth, "4")
         _assert_holds(state.engine, fourth)
         assert (fake.exports, fake.opens) == (2, 3)
+
+
+def test_direct_pushes_map_each_trainer_storage_once_and_are_bitwise(monkeypatch):
+    """The trainer's weights where they lie: one description naming every storage, one call a push;
+    a push after the first maps nothing, and a storage made afresh is mapped afresh."""
+    fake = FakeIpc(monkeypatch)
+    state, thread = start(allow_unauthenticated_weight_updates=True)
+    descriptions = IpcDescriptions(StorageExports(device_type="cpu"))
+    weights = _noisy(state.engine, 1)
+    _known_after_a_staged_push(descriptions, weights)
+    with thread as url, httpx.Client(base_url=url, timeout=60) as client:
+        for version in ("1", "2"):
+            answer = _tensor_update(client, serialized_named_tensors=[descriptions.direct(weights)],
+                                    load_format="miles_cuda_ipc", weight_version=version, abort_all_requests=True)
+            assert answer.status_code == 200, answer.text
+            _assert_holds(state.engine, weights)
+            for _, tensor in weights:  # the trainer's step writes in place
+                tensor.add_(0.5)
+        assert (fake.exports, fake.opens, state.engine.weight_version) == (len(weights), len(weights), "2")
+        assert not state.worker.paused  # the call held requests while it ran, and let them go
+        weights[0] = (weights[0][0], weights[0][1].clone())  # one weight moved: a new storage
+        _known_after_a_staged_push(descriptions, weights)
+        answer = _tensor_update(client, serialized_named_tensors=[descriptions.direct(weights)],
+                                load_format="miles_cuda_ipc", weight_version="3")
+        assert answer.status_code == 200, answer.text
+        _assert_holds(state.engine, weights)
+        assert (fake.exports, fake.opens) == (len(weights) + 1, len(weights) + 1)
+
+
+def _known_after_a_staged_push(descriptions, weights):
+    """What `CudaIpcSync` does after a staged push: the storages it saw may go direct next time."""
+    noted: dict = {}
+    for _, tensor in weights:
+        descriptions.exports.note(tensor, noted)
+    descriptions.exports.remember(noted)
+    descriptions.forget_direct()

@@ -1,6 +1,6 @@
-"""`sync.transport = "cuda_ipc"`: the JSON description of a shared bucket (layout, encoding, every
-check the server makes before it maps anything) on CPU, and a real push to a `miles serve`
-subprocess on the same GPU (GPU tests)."""
+"""`sync.transport = "cuda_ipc"`: the JSON description of shared storages (layout, encoding, every
+check the server makes before it maps anything) and which weights may go direct, on CPU; real
+pushes to a `miles serve` subprocess on the same GPU, staged and direct (GPU tests)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from miles_core.errors import MilesError
-from miles_core.sync.cuda_ipc import IpcTensor, describe, layout, parse_description
+from miles_core.sync.cuda_ipc import StorageExports
+from miles_core.sync.ipc_format import IpcTensor, describe, layout, parse_description
 
 FIELDS = {"device_index": 0, "handle": b"\x01handle\xff", "storage_size_bytes": 4096, "storage_offset_bytes": 512,
           "ref_counter_handle": b"ref", "ref_counter_offset": 3, "event_handle": b"\x00ev",
           "event_sync_required": True, "buffer_offset": 0, "buffer_bytes": 1024}
+OTHER = {**FIELDS, "handle": b"other", "buffer_bytes": 64}
 
 
 def test_layout_aligns_every_tensor_to_256_bytes():
@@ -25,26 +27,34 @@ def test_layout_aligns_every_tensor_to_256_bytes():
 
 
 def _tensors():
-    return [IpcTensor("a.weight", torch.float32, (3,), 0), IpcTensor("b.weight", torch.bfloat16, (2, 2), 256)]
+    return [IpcTensor("a.weight", torch.float32, (3,), 0), IpcTensor("b.weight", torch.bfloat16, (2, 2), 256),
+            IpcTensor("c.weight", torch.bfloat16, (5,), 2, storage=1)]
 
 
 def test_description_round_trips_through_json():
-    text = describe(FIELDS, "GPU-1234", _tensors())
+    text = describe([FIELDS, OTHER], "GPU-1234", _tensors())
     raw = json.loads(text)
-    assert raw["handle"] == base64.b64encode(b"\x01handle\xff").decode() and raw["tensors"][1]["dtype"] == "bfloat16"
-    bucket = parse_description(text)
-    assert bucket.device_uuid == "GPU-1234" and bucket.fields == FIELDS and list(bucket.tensors) == _tensors()
-    assert [t.nbytes for t in bucket.tensors] == [12, 8]
+    assert raw["storages"][0]["handle"] == base64.b64encode(b"\x01handle\xff").decode()
+    assert raw["tensors"][1]["dtype"] == "bfloat16" and raw["tensors"][2]["storage"] == 1
+    parsed = parse_description(text)
+    assert parsed.device_uuid == "GPU-1234" and parsed.storages == (FIELDS, OTHER)
+    assert list(parsed.tensors) == _tensors() and [t.nbytes for t in parsed.tensors] == [12, 8, 10]
 
 
 def _edited(**changes) -> str:
-    raw = json.loads(describe(FIELDS, "GPU-1234", _tensors()))
+    raw = json.loads(describe([FIELDS, OTHER], "GPU-1234", _tensors()))
     raw.update(changes)
     return json.dumps(raw)
 
 
+def _storage_edit(**changes) -> str:
+    raw = json.loads(describe([FIELDS, OTHER], "GPU-1234", _tensors()))
+    raw["storages"][1].update(changes)
+    return json.dumps(raw)
+
+
 def _tensor_edit(**changes) -> str:
-    raw = json.loads(describe(FIELDS, "GPU-1234", _tensors()))
+    raw = json.loads(describe([FIELDS, OTHER], "GPU-1234", _tensors()))
     raw["tensors"][1].update(changes)
     return json.dumps(raw)
 
@@ -52,22 +62,40 @@ def _tensor_edit(**changes) -> str:
 @pytest.mark.parametrize("text, message", [
     ("not json", "the description is not JSON"),
     (json.dumps({"format": "pickle"}), "expected a JSON object with format 'miles_cuda_ipc'"),
-    (_edited(storage_size_bytes=-1), r"storage_size_bytes must be an integer >= 0, got -1"),
-    (_edited(ref_counter_offset=True), r"ref_counter_offset must be an integer >= 0, got True"),
-    (_edited(handle="%%%"), "handle must be base64"),
-    (_edited(event_sync_required=1), "event_sync_required must be true or false"),
     (_edited(device_uuid=""), "device_uuid must be a non-empty string"),
-    (_edited(buffer_offset=3584), r"buffer \[3584, \+1024\) lies outside its storage of 4096 bytes"),
+    (_edited(storages=[]), "storages must be a non-empty list"),
+    (_edited(storages=[7]), "storage 0: expected a JSON object of handle fields"),
+    (_storage_edit(storage_size_bytes=-1), r"storage 1: storage_size_bytes must be an integer >= 0, got -1"),
+    (_storage_edit(ref_counter_offset=True), r"storage 1: ref_counter_offset must be an integer >= 0, got True"),
+    (_storage_edit(handle="%%%"), "storage 1: handle must be base64"),
+    (_storage_edit(event_sync_required=1), "storage 1: event_sync_required must be true or false"),
+    (_storage_edit(buffer_offset=4090), r"storage 1: range \[4090, \+64\) lies outside its storage of 4096 bytes"),
     (_edited(tensors=[]), "tensors must be a non-empty list"),
     (_tensor_edit(name="a.weight"), "tensor 'a.weight' is listed twice"),
     (_tensor_edit(dtype="complex64"), "unknown dtype 'complex64'"),
     (_tensor_edit(shape=[2, -2]), r"tensor 'b.weight' has shape \[2, -2\]"),
-    (_tensor_edit(offset=260), "tensor 'b.weight' at byte 260 \\(\\+8\\) is not 256-aligned"),
-    (_tensor_edit(shape=[600]), "tensor 'b.weight' at byte 256 \\(\\+1200\\) is not 256-aligned inside the 1024-byte"),
+    (_tensor_edit(storage=2), "tensor 'b.weight' names storage 2; the description has 2"),
+    (_tensor_edit(offset=257), "tensor 'b.weight' at byte 257 \\(\\+8\\) is not 2-byte aligned"),
+    (_tensor_edit(shape=[600]), r"tensor 'b.weight' at byte 256 \(\+1200\) is not 2-byte aligned inside the 1024 "
+                                r"shared bytes of storage 0"),
 ])
 def test_every_bad_field_is_refused_by_name(text, message):
     with pytest.raises(MilesError, match=message):
         parse_description(text)
+
+
+def test_a_storage_is_known_while_it_is_the_same_and_only_then():
+    exports = StorageExports(device_type="cpu")
+    weight, other = torch.ones(8), torch.zeros(8)
+    assert not exports.knows(weight)  # never seen: the first push is staged
+    noted: dict = {}
+    exports.note(weight, noted)
+    exports.remember(noted)
+    assert exports.knows(weight) and exports.knows(weight.detach()) and not exports.knows(other)
+    assert not exports.knows(torch.ones(4, 4).t())  # not contiguous: staged
+    del weight
+    fresh = torch.ones(8)  # may lie at the same address: a new storage all the same
+    assert not exports.knows(fresh)
 
 
 @pytest.mark.gpu
@@ -97,6 +125,37 @@ def test_cuda_ipc_push_to_a_served_engine_on_the_same_gpu_is_bitwise():
         for name, tensor in again:
             assert held[name]["sha256"] == tensor_sha256(tensor.to(getattr(torch, held[name]["dtype"])))
         assert version_of(server.url) == "4"
+    finally:
+        server.stop()
+
+
+@pytest.mark.gpu
+def test_pushes_of_the_trainers_own_weights_go_direct_in_one_call():
+    """Weights that stay where they are (a trainer's parameters, written in place each step): the
+    first push is staged, every later one names them where they lie, one call, bitwise."""
+    from miles_core.checkpoint.loading import load_model
+    from miles_core.config import ModelConfig, SyncConfig
+    from miles_core.sync import build_weight_sync
+    from tests.sync.servers import ServeProcess, client_engine, trained, version_of
+
+    model = load_model(ModelConfig(source="tiny-qwen3", device="cpu")).model
+    server = ServeProcess(device="cuda:0").wait_ready()
+    try:
+        engine = client_engine(server)
+        sync = build_weight_sync(SyncConfig(transport="cuda_ipc", check_weight_update_equal=True, timeout_s=120,
+                                            bucket_mb=1), engine)  # the staged push takes several buckets
+        inner = sync.inner.inner
+        weights = [(n, t.cuda()) for n, t in trained(model, seed=1)]
+        assert sync.push(weights, version="1").num_buckets > 1 and inner.num_direct == 0
+        for step in (2, 3):
+            with torch.no_grad():
+                for _, tensor in weights:
+                    tensor.add_(0.25 * step)  # the optimizer's step, in place
+            stats = sync.push(weights, version=str(step))  # the check reads every weight back bitwise
+            assert (stats.num_buckets, stats.num_tensors, inner.num_direct) == (1, len(weights), step - 1)
+        assert version_of(server.url) == "3"
+        fresh = [(n, t.clone()) for n, t in weights]  # made afresh (FSDP's gathered weights): staged again
+        assert sync.push(fresh, version="4").num_buckets > 1 and inner.num_direct == 2
     finally:
         server.stop()
 
