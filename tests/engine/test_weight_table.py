@@ -1,5 +1,5 @@
-"""`WeightTable.checked_updates`: a (name, shape) list checked once is not checked again, yet a
-list that differs in one name or shape is, and the targets are the engine's own tensors."""
+"""`WeightTable.checked_updates`: a (name, dtype, shape) list checked once is not checked again, yet
+a list that differs in one name, dtype or shape is, and the targets are the engine's own tensors."""
 
 from __future__ import annotations
 
@@ -19,11 +19,14 @@ def _table():
 def test_a_list_checked_before_gives_the_same_targets():
     model, table = _table()
     updates = [(n, torch.zeros_like(p)) for n, p in model.named_parameters()]
-    first, sources = table.checked_updates(updates)
-    again, sources_again = table.checked_updates([(n, t + 1) for n, t in updates])
+    first, sources, key = table.checked_updates(updates)
+    again, sources_again, key_again = table.checked_updates([(n, t + 1) for n, t in updates])
     params = [p for _, p in model.named_parameters()]
     assert all(a is b and b is p for a, b, p in zip(first, again, params)) and len(again) == len(params) == 25
     assert torch.equal(sources_again[0], updates[0][1] + 1)  # the sources are this call's
+    assert key == key_again and key[0] == (updates[0][0], torch.float32, updates[0][1].shape)
+    _, _, other = table.checked_updates([(n, t.double()) for n, t in updates])  # same names, other dtype
+    assert other != key
 
 
 def test_a_list_that_differs_in_one_shape_or_name_is_checked_again():

@@ -43,10 +43,10 @@ def test_buckets_never_split_a_quantised_weight_from_its_parts(model, fmt):
 def test_a_dense_engine_dequantises_to_the_round_trips_bits(model, fmt):
     spec = QuantSpec(fmt, 32)
     weights = _weights(model, seed=1)
-    targets, sources = WeightTable(model).checked_updates(quantized(weights, spec))
+    targets, sources, key = WeightTable(model).checked_updates(quantized(weights, spec))
     expected = dict(round_tripped(weights, spec))
     held = dict(model.named_parameters())
-    assert len(sources) == len(expected)
+    assert len(sources) == len(expected) and key is None  # converted: never kept as passed through
     for target, source in zip(targets, sources):
         name = next(n for n, p in held.items() if p is target)
         assert torch.equal(source.to(target.dtype), expected[name]), name

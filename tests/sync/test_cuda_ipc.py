@@ -142,9 +142,10 @@ def test_pushes_of_the_trainers_own_weights_go_direct_in_one_call():
     server = ServeProcess(device="cuda:0").wait_ready()
     try:
         engine = client_engine(server)
-        sync = build_weight_sync(SyncConfig(transport="cuda_ipc", check_weight_update_equal=True, timeout_s=120,
-                                            bucket_mb=1), engine)  # the staged push takes several buckets
+        sync = build_weight_sync(SyncConfig(transport="cuda_ipc", check_weight_update_equal=True, timeout_s=120),
+                                 engine)
         inner = sync.inner.inner
+        inner.bucket_bytes = 100_000  # the staged push takes several buckets
         weights = [(n, t.cuda()) for n, t in trained(model, seed=1)]
         assert sync.push(weights, version="1").num_buckets > 1 and inner.num_direct == 0
         for step in (2, 3):

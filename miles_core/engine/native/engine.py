@@ -44,6 +44,7 @@ from miles_core.engine.protocol import GenerateRequest, Generation
 from miles_core.engine.sampler import sample_tokens
 from miles_core.errors import MilesError
 from miles_core.kernels import model_ops
+from miles_core.kernels.batched_copy import BatchedCopier
 from miles_core.utils.device import on_device, to_device
 
 ABORTED = {"type": "abort", "message": "aborted by request"}
@@ -72,6 +73,7 @@ class NativeEngine(MemoryControl):
         self.runner = ModelRunner(self.model, self.pool, capture_routing=self.capture_routing)
         self._capture_graphs()
         self.weights = WeightTable(self.model)
+        self.copier = BatchedCopier()
         self._init_memory_control()
         self._paused = threading.Event()
         self._inbox: list[tuple[str, object]] = []
@@ -120,11 +122,11 @@ class NativeEngine(MemoryControl):
     # -- control ---------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> None:
         self._check_weights_mapped("update_weights")
-        targets, sources = self.weights.checked_updates(named_tensors)  # all checked before any is written
+        targets, sources, key = self.weights.checked_updates(named_tensors)  # all checked before any is written
         with self._step_lock, torch.no_grad():
             self._settle()  # tokens of the old weights finish their requests under the old version
-            if targets:  # one multi-tensor copy instead of a launch per tensor (~300 at 0.6B)
-                torch._foreach_copy_(targets, sources)
+            if targets:  # one launch instead of one per tensor (~300 at 0.6B)
+                self.copier.copy(targets, sources, key)
             self.blocks.flush()  # cached K/V were computed by the old weights
         self._weight_version = str(version)
 

@@ -44,16 +44,17 @@ class WeightTable:
         return tensors[name]
 
     def checked_updates(self, named_tensors: Iterable[tuple[str, torch.Tensor]]
-                        ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(destinations, sources) once every name and shape is checked. A dense weight aimed at a
-        quantised module (engine.weights = "quantized") is quantised as `miles quantize` does; a
-        quantised weight aimed at a dense module is dequantised."""
+                        ) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple | None]:
+        """(destinations, sources, key) once every name and shape is checked; `key` is the sources'
+        (name, dtype, shape) list where they pass as they came (None where they were converted). A
+        dense weight aimed at a quantised module (engine.weights = "quantized") is quantised as
+        `miles quantize` does; a quantised weight aimed at a dense module is dequantised."""
         named = list(named_tensors)
         key = tuple([(name, tensor.dtype, tensor.shape) for name, tensor in named])
         targets = self._checked.get(key)
         if targets is not None:  # seen before: checked, and nothing to quantise or dequantise
             self._checked.move_to_end(key)
-            return list(targets), [tensor for _, tensor in named]
+            return list(targets), [tensor for _, tensor in named], key
         tensors = self._tensors()
         updates = dense_updates(tensors, named)
         if self._has_quantized:
@@ -64,11 +65,12 @@ class WeightTable:
                 raise MilesError(f"update_weights: '{name}' has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(target.shape)}")
         targets = [tensors[name] for name, _ in updates]
-        if updates is named:  # passed through as they came: the next same list needs no look
-            self._checked[key] = targets
-            if len(self._checked) > MAX_CHECKED:
-                self._checked.popitem(last=False)
-        return list(targets), [tensor for _, tensor in updates]
+        if updates is not named:
+            return targets, [tensor for _, tensor in updates], None
+        self._checked[key] = targets  # passed through as they came: the next same list needs no look
+        if len(self._checked) > MAX_CHECKED:
+            self._checked.popitem(last=False)
+        return list(targets), [tensor for _, tensor in named], key
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         if self._by_name is None:
