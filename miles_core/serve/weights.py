@@ -26,7 +26,7 @@ from miles_core.engine.protocol import RolloutEngine
 from miles_core.errors import MilesError
 from miles_core.serve.state import RequestError
 from miles_core.sync.ipc_format import LOAD_FORMAT
-from miles_core.sync.ipc_mapping import IpcMapping
+from miles_core.sync.ipc_mapping import IpcMapping, UnknownReference
 
 _MAPPINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """Engine -> its `IpcMapping` (weak: a mapping never outlives its engine)."""
@@ -90,6 +90,8 @@ def load_ipc_weights(engine: RolloutEngine, descriptions: list[str], version: st
     mapping = ipc_mapping(engine)
     try:
         buckets = [mapping.tensors(text, device) for text in descriptions]
+    except UnknownReference as err:  # the trainer sends the whole description again
+        raise RequestError(str(err), 409) from None
     except MilesError as err:
         raise RequestError(str(err)) from None
     for named in buckets:

@@ -18,7 +18,8 @@ the last push (torch keeps one Python object per live storage) is alive and the 
 if that memory was not freed since. A storage is exported once (each export takes one of torch's
 IPC ref counters and events) and its description built once per (names, layout).
 
-A push of one call (direct, or one bucket) asks the server to abort what runs and hold new
+A description the servers have travels again as its sha256 (`ipc_format.reference`). A push of
+one call (direct, or one bucket) asks the server to abort what runs and hold new
 requests while it updates (SGLang's `abort_all_requests`); a push of several buckets pauses the
 servers around them instead, so no request ever sees half-updated weights. The last call stamps
 the version and flushes the cache.
@@ -38,7 +39,7 @@ from miles_core.config import SyncConfig
 from miles_core.engine.protocol import RolloutEngine
 from miles_core.errors import MilesError
 from miles_core.sync.flat import FlatStaging, signature
-from miles_core.sync.ipc_format import ALIGN, LOAD_FORMAT, IpcTensor, describe
+from miles_core.sync.ipc_format import ALIGN, LOAD_FORMAT, IpcTensor, describe, reference
 from miles_core.sync.ipc_mapping import device_uuid
 from miles_core.sync.nccl import require_weight_routes
 from miles_core.sync.protocol import SyncContext, SyncStats, send_paused
@@ -170,6 +171,8 @@ class CudaIpcSync:
         self.descriptions = IpcDescriptions()
         self.num_direct = 0
         """Pushes that went direct (the rest were staged)."""
+        self._delivered: OrderedDict[str, str] = OrderedDict()
+        """Descriptions the servers have, and the reference that stands for each."""
 
     @property
     def buffer(self) -> torch.Tensor | None:
@@ -208,8 +211,7 @@ class CudaIpcSync:
     def _send_direct(self, named: list[Named], version: str) -> tuple[int, int, int]:
         text = self.descriptions.direct(named)
         torch.cuda.synchronize(named[0][1].device)  # the server reads them from its own stream
-        self.engine.update_weights_from_tensor([text], load_format=LOAD_FORMAT, version=version, flush=True,
-                                               abort_all=True)  # one call: it holds requests while it copies
+        self._update(text, version=version, flush=True, abort_all=True)  # one call: it holds requests meanwhile
         self.num_direct += 1
         return len(named), 1, sum(t.nbytes for _, t in named)
 
@@ -223,5 +225,21 @@ class CudaIpcSync:
         torch.cuda.synchronize(device)  # the server reads the buffer from its own stream
         text = self.descriptions.staged(self.staging.buffer, [name for name, _ in bucket], tensors, offsets)
         # returns once every server has copied the bucket out: only then may the buffer change
-        self.engine.update_weights_from_tensor([text], load_format=LOAD_FORMAT, version=version,
-                                               flush=version is not None, abort_all=alone)
+        self._update(text, version=version, flush=version is not None, abort_all=alone)
+
+    def _update(self, text: str, **options) -> None:
+        """POST the description, as its reference once the servers have it (a server that lost it
+        answers 409: then the whole text, which every server applies alike)."""
+        sent = self._delivered.get(text)
+        if sent is not None:
+            try:
+                self.engine.update_weights_from_tensor([sent], load_format=LOAD_FORMAT, **options)
+                self._delivered.move_to_end(text)
+                return
+            except MilesError as err:
+                if "HTTP 409" not in str(err):
+                    raise
+        self.engine.update_weights_from_tensor([text], load_format=LOAD_FORMAT, **options)
+        self._delivered[text] = reference(text)
+        if len(self._delivered) > IpcDescriptions.MAX_DESCRIPTIONS:
+            self._delivered.popitem(last=False)

@@ -7,6 +7,11 @@ shared), and the tensors to load: name, dtype, shape, which storage and at which
 staged bucket is one storage (the trainer's staging buffer, every tensor 256-byte aligned); a
 direct push names the storages of the trainer's own weights, each tensor where it lies.
 
+A description already delivered travels again as a reference, `{"format", "same_as": its
+sha256}` (a 0.6B push names ~300 storages: ~150 KB of JSON that took the server ~1 ms to read on
+an H200's host each push); a server that does not know it (restarted, or its memory released)
+answers 409 and gets the whole text.
+
 Nothing is ever unpickled: a pickle from the network could run arbitrary code.
 """
 
@@ -14,7 +19,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
+import re
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -70,6 +77,32 @@ def describe(storages: list[dict], device_uuid: str, tensors: list[IpcTensor]) -
     return json.dumps({"format": LOAD_FORMAT, "device_uuid": device_uuid, "storages": encoded, "tensors": [
         {"name": t.name, "dtype": dtype_name(t.dtype), "shape": list(t.shape), "storage": t.storage,
          "offset": t.offset} for t in tensors]})
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def reference(text: str) -> str:
+    """What stands for the delivered description `text`."""
+    return json.dumps({"format": LOAD_FORMAT, "same_as": digest(text)})
+
+
+def referenced(text: str) -> str | None:
+    """The digest a reference names, or None for a whole description; a `MilesError` for a
+    reference that is malformed."""
+    if len(text) > 512 or '"same_as"' not in text:
+        return None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError:
+        return None  # not a reference; the description's own check names the problem
+    if not isinstance(raw, dict) or "same_as" not in raw:
+        return None
+    value = raw["same_as"]
+    if raw.get("format") != LOAD_FORMAT or not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise MilesError(f"{LOAD_FORMAT}: same_as must be a description's sha256 (64 hex digits), got {str(value)[:80]!r}")
+    return value
 
 
 def parse_description(text: str) -> IpcDescription:

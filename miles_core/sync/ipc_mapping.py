@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from miles_core.errors import MilesError
-from miles_core.sync.ipc_format import LOAD_FORMAT, IpcDescription, parse_description
+from miles_core.sync.ipc_format import LOAD_FORMAT, IpcDescription, digest, parse_description, referenced
 
 
 def device_uuid(device: torch.device) -> str:
@@ -53,6 +53,10 @@ class _Described:
     named: list[tuple[str, torch.Tensor]]
 
 
+class UnknownReference(MilesError):
+    """A reference to a description this server has not kept (it needs the whole text)."""
+
+
 class IpcMapping:
     """The storages a server has mapped and the views of the descriptions it has seen."""
 
@@ -61,11 +65,20 @@ class IpcMapping:
     def __init__(self) -> None:
         self._mapped: dict[tuple, torch.Tensor] = {}
         self._described: OrderedDict[str, _Described] = OrderedDict()
+        self._texts: dict[str, str] = {}
+        """sha256 -> text of the descriptions kept (what references name)."""
         self.num_opens = 0
 
     def tensors(self, text: str, device: torch.device) -> list[tuple[str, torch.Tensor]]:
         """(name, view) of each tensor the description `text` names, in the mapped storages; a
-        `MilesError` for a bad description or a storage that cannot be mapped."""
+        `MilesError` for a bad description or a storage that cannot be mapped, `UnknownReference`
+        for a reference to a description not kept."""
+        wanted = referenced(text)
+        if wanted is not None:
+            if wanted not in self._texts:
+                raise UnknownReference(f"{LOAD_FORMAT}: description {wanted[:12]}... is not known here (new server, "
+                                       "or its memory was released); send it whole")
+            text = self._texts[wanted]
         seen = self._described.get(text)
         if seen is not None and seen.device == device:
             self._described.move_to_end(text)
@@ -78,14 +91,17 @@ class IpcMapping:
         named = [(t.name, buffers[t.storage][t.offset:t.offset + t.nbytes].view(t.dtype).view(t.shape))
                  for t in description.tensors]
         self._described[text] = _Described(device, frozenset(keys), named)
+        self._texts[digest(text)] = text
         if len(self._described) > self.MAX_DESCRIPTIONS:
-            self._described.popitem(last=False)
+            old, _ = self._described.popitem(last=False)
+            del self._texts[digest(old)]
             self._forget_unnamed()
         return named
 
     def drop(self) -> None:
         """Unmap every storage (their views go with them)."""
         self._described.clear()
+        self._texts.clear()
         self._mapped.clear()
 
     def _buffer(self, key: tuple, fields: dict, description: IpcDescription, device: torch.device) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 
 from miles_core.sync import cuda_ipc, ipc_mapping
 from miles_core.sync.cuda_ipc import IpcDescriptions, StorageExports
-from miles_core.sync.ipc_format import IpcTensor, describe
+from miles_core.sync.ipc_format import IpcTensor, describe, reference
 from miles_core.sync.flat import FlatStaging
 from miles_core.sync.protocol import buckets
 from tests.serve.conftest import start
@@ -144,6 +144,15 @@ def test_direct_pushes_map_each_trainer_storage_once_and_are_bitwise(monkeypatch
             for _, tensor in weights:  # the trainer's step writes in place
                 tensor.add_(0.5)
         assert (fake.exports, fake.opens, state.engine.weight_version) == (len(weights), len(weights), "2")
+        text = descriptions.direct(weights)
+        answer = _tensor_update(client, serialized_named_tensors=[reference(text)], load_format="miles_cuda_ipc",
+                                weight_version="2r")  # the description again, by its sha256
+        assert answer.status_code == 200, answer.text
+        _assert_holds(state.engine, weights)
+        unknown = reference(text + " ")
+        answer = _tensor_update(client, serialized_named_tensors=[unknown], load_format="miles_cuda_ipc")
+        assert answer.status_code == 409 and "is not known here" in answer.json()["message"]
+        assert state.engine.weight_version == "2r"
         assert not state.worker.paused  # the call held requests while it ran, and let them go
         weights[0] = (weights[0][0], weights[0][1].clone())  # one weight moved: a new storage
         _known_after_a_staged_push(descriptions, weights)

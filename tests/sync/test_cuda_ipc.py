@@ -12,7 +12,7 @@ import torch
 
 from miles_core.errors import MilesError
 from miles_core.sync.cuda_ipc import StorageExports
-from miles_core.sync.ipc_format import IpcTensor, describe, layout, parse_description
+from miles_core.sync.ipc_format import IpcTensor, describe, digest, layout, parse_description, reference, referenced
 
 FIELDS = {"device_index": 0, "handle": b"\x01handle\xff", "storage_size_bytes": 4096, "storage_offset_bytes": 512,
           "ref_counter_handle": b"ref", "ref_counter_offset": 3, "event_handle": b"\x00ev",
@@ -82,6 +82,14 @@ def _tensor_edit(**changes) -> str:
 def test_every_bad_field_is_refused_by_name(text, message):
     with pytest.raises(MilesError, match=message):
         parse_description(text)
+
+
+def test_a_reference_names_its_description_by_sha256():
+    text = describe([FIELDS], "GPU-1234", _tensors()[:2])
+    assert referenced(reference(text)) == digest(text) and len(digest(text)) == 64
+    assert referenced(text) is None  # a whole description
+    with pytest.raises(MilesError, match="same_as must be a description's sha256 \\(64 hex digits\\), got 'abc'"):
+        referenced(json.dumps({"format": "miles_cuda_ipc", "same_as": "abc"}))
 
 
 def test_a_storage_is_known_while_it_is_the_same_and_only_then():
@@ -155,8 +163,11 @@ def test_pushes_of_the_trainers_own_weights_go_direct_in_one_call():
             stats = sync.push(weights, version=str(step))  # the check reads every weight back bitwise
             assert (stats.num_buckets, stats.num_tensors, inner.num_direct) == (1, len(weights), step - 1)
         assert version_of(server.url) == "3"
+        engine.release_memory()  # the server forgets every mapping and description: answers 409, gets the text
+        engine.resume_memory()
+        assert sync.push(weights, version="3b").num_buckets == 1 and inner.num_direct == 3
         fresh = [(n, t.clone()) for n, t in weights]  # made afresh (FSDP's gathered weights): staged again
-        assert sync.push(fresh, version="4").num_buckets > 1 and inner.num_direct == 2
+        assert sync.push(fresh, version="4").num_buckets > 1 and inner.num_direct == 3
     finally:
         server.stop()
 
