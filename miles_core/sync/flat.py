@@ -125,7 +125,7 @@ class FlatStaging:
         for index in layout.unaligned:
             sources[index] = as_bytes(tensors[index])
         with torch.no_grad():  # parameters require grad; the copy is no part of any graph
-            self.copier.copy(layout.views, sources, key)  # one launch on CUDA; any layout or device
+            self.copier.copy(layout.views, sources, (key, buffer.data_ptr()))  # one launch on CUDA
         return buffer[:layout.nbytes], layout.offsets
 
     def _fit(self, nbytes: int) -> torch.Tensor:

@@ -56,7 +56,6 @@ class MemoryControl:
             kv_bytes = self.pool.release()
             self._host = weights_to_host(self.model)
             self.weights.invalidate()  # buffers were replaced
-            self.copier.clear()
             free_cached(device)
             return {"kv_cache_bytes": kv_bytes, "weights_bytes": self._host.num_bytes,
                     "gpu_freed_bytes": before - device_allocated(device)}

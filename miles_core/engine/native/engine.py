@@ -44,7 +44,6 @@ from miles_core.engine.protocol import GenerateRequest, Generation
 from miles_core.engine.sampler import sample_tokens
 from miles_core.errors import MilesError
 from miles_core.kernels import model_ops
-from miles_core.kernels.batched_copy import BatchedCopier
 from miles_core.utils.device import on_device, to_device
 
 ABORTED = {"type": "abort", "message": "aborted by request"}
@@ -73,7 +72,6 @@ class NativeEngine(MemoryControl):
         self.runner = ModelRunner(self.model, self.pool, capture_routing=self.capture_routing)
         self._capture_graphs()
         self.weights = WeightTable(self.model)
-        self.copier = BatchedCopier()
         self._init_memory_control()
         self._paused = threading.Event()
         self._inbox: list[tuple[str, object]] = []
@@ -126,7 +124,7 @@ class NativeEngine(MemoryControl):
         with self._step_lock, torch.no_grad():
             self._settle()  # tokens of the old weights finish their requests under the old version
             if targets:  # one launch instead of one per tensor (~300 at 0.6B)
-                self.copier.copy(targets, sources, key)
+                self.weights.write(targets, sources, key)
             self.blocks.flush()  # cached K/V were computed by the old weights
         self._weight_version = str(version)
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from miles_core.errors import MilesError
+from miles_core.kernels.batched_copy import BatchedCopier
 from miles_core.models.base import named_weights
 from miles_core.quant.modules import QuantLinear, dense_updates, quantize_updates
 
@@ -31,10 +32,17 @@ class WeightTable:
         self._by_name: dict[str, torch.Tensor] | None = None
         self._has_quantized = False
         self._checked: OrderedDict[tuple, list[torch.Tensor]] = OrderedDict()
+        self.copier = BatchedCopier()
 
     def invalidate(self) -> None:
+        """The weights moved (a memory release or resume): forget every name, list and copy plan."""
         self._by_name = None
         self._checked.clear()
+        self.copier.clear()
+
+    def write(self, targets: list[torch.Tensor], sources: list[torch.Tensor], key: tuple | None) -> None:
+        """Copy `checked_updates`' sources into its targets: one launch on CUDA (`kernels.batched_copy`)."""
+        self.copier.copy(targets, sources, key)
 
     def get(self, name: str, where: str) -> torch.Tensor:
         """The tensor the engine computes with under HF name `name` (parameter or persistent buffer)."""
