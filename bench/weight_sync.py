@@ -203,12 +203,12 @@ def report(args, bounds: dict, results: dict) -> str:
              f"Bounds measured in this run: device-to-device copy on GPU 0 {bounds['copy']:.0f} GB/s; "
              f"NCCL all-reduce bus bandwidth GPU 0 <-> GPU 1 {bounds['nccl']:.0f} GB/s.", ""]
     for name, (rows, nbytes) in results.items():
-        lines += [f"## {name} ({nbytes / 1e9:.2f} GB)", "", "| transport | seconds | GB/s | bound | share of bound |",
+        lines += [f"## {name} ({nbytes / 1e9:.2f} GB)", "", "| transport | ms | GB/s | bound | share of bound |",
                   "|---|---|---|---|---|"]
         for transport, seconds, rate in rows:
             bound = bounds["nccl"] if transport.startswith("nccl") else bounds["copy"]
             label = "NCCL bus" if transport.startswith("nccl") else "copy"
-            lines.append(f"| {transport} | {seconds:.3f} | {rate:.1f} | {label} {bound:.0f} GB/s | {rate / bound:.1%} |")
+            lines.append(f"| {transport} | {seconds * 1e3:.2f} | {rate:.1f} | {label} {bound:.0f} GB/s | {rate / bound:.1%} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -63,6 +63,30 @@ def test_worker_batches_concurrent_jobs_and_isolates_a_bad_one():
     assert engine.calls[0] == 6 and sorted(engine.calls[1:]) == [1] * 6  # one batch, then each alone
 
 
+def test_an_update_alone_aborts_waiting_jobs_holds_the_worker_and_restores_its_pause():
+    worker = BatchingWorker(EchoEngine(), max_batch_size=8, window_s=0.0)
+    seen: list[bool] = []
+
+    async def run():
+        worker.pause()  # a job waits, as it would behind a running batch
+        waiting = asyncio.ensure_future(worker.generate([_request(5)]))
+        await asyncio.sleep(0.05)
+        worker.resume()
+        await worker.control_alone(lambda: seen.append(worker.paused))
+        assert not worker.paused  # held only while the update ran
+        worker.pause()
+        await worker.control_alone(lambda: seen.append(worker.paused))
+        assert worker.paused  # a pause the caller made outlives the update
+        return await asyncio.gather(waiting, return_exceptions=True)
+
+    try:
+        outcome = asyncio.run(run())
+    finally:
+        worker.close()
+    assert seen == [True, True]
+    assert isinstance(outcome[0], Aborted)
+
+
 def test_worker_aborts_waiting_jobs_by_rid():
     worker = BatchingWorker(EchoEngine(), max_batch_size=8, window_s=0.0)
     worker.pause()

@@ -14,6 +14,7 @@ from miles_core.checkpoint.loading import load_model
 from miles_core.engine import build_engine
 from miles_core.errors import MilesError
 from miles_core.sync import SYNC_TRANSPORTS, build_weight_sync, buckets
+from miles_core.sync.protocol import send_paused
 
 
 def _named(*sizes: int) -> list[tuple[str, torch.Tensor]]:
@@ -25,6 +26,46 @@ def test_buckets_keep_order_and_budget():
     # the budget and goes alone, never split or dropped; t4 (4 B) cannot join it
     groups = list(buckets(_named(2, 6, 4, 20, 1), bucket_bytes=40))
     assert [[name for name, _ in g] for g in groups] == [["t0", "t1"], ["t2"], ["t3"], ["t4"]]
+
+
+class _Calls:
+    """An engine that records pause and resume, and a `send` that records each bucket."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def pause(self) -> None:
+        self.calls.append("pause")
+
+    def resume(self) -> None:
+        self.calls.append("resume")
+
+    def send(self, bucket, last, alone) -> None:
+        self.calls.append(([name for name, _ in bucket], last, alone))
+
+
+def test_a_push_of_one_bucket_is_one_call_alone_and_more_are_paused_around():
+    one = _Calls()
+    assert send_paused(one, _named(2, 3), 40, one.send) == (2, 1, 20)
+    assert one.calls == [(["t0", "t1"], True, True)]  # no pause or resume round trips
+    several = _Calls()
+    assert send_paused(several, _named(2, 6, 4), 40, several.send) == (3, 2, 48)
+    assert several.calls == ["pause", (["t0", "t1"], False, False), (["t2"], True, False), "resume"]
+    empty = _Calls()
+    assert send_paused(empty, [], 40, empty.send) == (0, 0, 0) and empty.calls == []
+
+
+def test_a_failing_bucket_still_resumes_the_paused_engine():
+    engine = _Calls()
+
+    def refuse_second(bucket, last, alone):
+        engine.send(bucket, last, alone)
+        if last:
+            raise MilesError("refused")
+
+    with pytest.raises(MilesError, match="refused"):
+        send_paused(engine, _named(8, 8), 40, refuse_second)
+    assert engine.calls[0] == "pause" and engine.calls[-1] == "resume"
 
 
 def test_one_bucket_when_everything_fits():
