@@ -32,7 +32,7 @@ CHUNK_WORDS = 8192
 BLOCK = 4096
 NUM_WARPS = 8
 MAX_PLANS = 64
-"""(sources, destinations) lists whose chunk tables are kept (a 4B push is ~10 buckets)."""
+"""Keys (bucket signatures) whose chunk tables are kept (a 4B push is ~16 buckets of 512 MiB)."""
 
 if triton is not None:
 
@@ -99,32 +99,34 @@ def run_plan(plan: CopyPlan, destinations: list[torch.Tensor], sources: list[tor
 
 
 class BatchedCopier:
-    """`copy(destinations, sources)` with the plans of the last `MAX_PLANS` address lists kept.
+    """`copy(destinations, sources, key)` with the plan of each of the last `MAX_PLANS` keys kept.
 
-    A plan holds addresses, so it is keyed by the sources' addresses and by `key`, which must
-    fix the destinations and name the sources' dtypes and shapes: the engine's weight table passes
-    its checked (name, dtype, shape) list and clears the plans when its weights move; the staging
-    buffer passes its layout's signature and the buffer's address. The same key and source
-    addresses are then the same bytes to copy (a key built without the ~300 destination addresses
-    saves host time on every push)."""
+    A plan holds addresses, so `key` must fix the destinations and name the sources' dtypes and
+    shapes: the engine's weight table passes its checked (name, dtype, shape) list and clears the
+    plans when its weights move; the staging buffer passes its layout's signature and the buffer's
+    address. A key's plan serves while the sources lie at the same addresses and is replaced when
+    they move (weights gathered afresh each push), so the tables on the device stay one per key."""
 
     def __init__(self) -> None:
-        self._plans: OrderedDict[tuple, CopyPlan] = OrderedDict()
+        self._plans: OrderedDict[tuple, tuple[tuple[int, ...], CopyPlan]] = OrderedDict()
 
     def copy(self, destinations: list[torch.Tensor], sources: list[torch.Tensor], key: tuple | None) -> None:
         if key is None or triton is None or not destinations or not destinations[0].is_cuda:
             torch._foreach_copy_(destinations, sources)  # any layout or device: copy_ per pair
             return
-        addresses = (key, tuple([t.data_ptr() for t in sources]))
-        plan = self._plans.get(addresses)
-        if plan is None:
-            plan = self._plans[addresses] = plan_copies(destinations, sources)
+        addresses = tuple([t.data_ptr() for t in sources])
+        kept = self._plans.get(key)
+        if kept is not None and kept[0] == addresses:
+            plan = kept[1]
+            self._plans.move_to_end(key)
+        else:
+            plan = plan_copies(destinations, sources)
+            self._plans[key] = (addresses, plan)
+            self._plans.move_to_end(key)
             if len(self._plans) > MAX_PLANS:
                 self._plans.popitem(last=False)
-        else:
-            self._plans.move_to_end(addresses)
         run_plan(plan, destinations, sources)
 
     def clear(self) -> None:
-        """Forget every plan (the engine's weights moved: a memory release)."""
+        """Forget every plan (the destinations moved: a memory release)."""
         self._plans.clear()

@@ -11,9 +11,10 @@ where ~300 per-tensor broadcasts at 0.6B spend most of their time in per-call ov
 Host time: a sync sends the same buckets push after push, so both ends keep, per bucket
 signature (every tensor's dtype and shape), the offsets and the views of their buffer typed and
 shaped as each tensor. A pack is then one batched copy (`kernels.batched_copy`: one launch on
-CUDA) from the tensors as they are into those views, and an unpack hands out the same views again: of ~2000 small torch ops a bucket
-(5 of the 24 ms of a 0.6B CUDA IPC push on an H100) only the signature's tuple is left. The views
-are of one buffer; a new buffer (grown, or on another device) starts the cache afresh.
+CUDA) from the tensors as they are into those views, and an unpack hands out the same views
+again: of ~2000 small torch ops a bucket (5 of the 24 ms of a 0.6B CUDA IPC push on an H100) only
+the signature's tuple is left. The views are of one buffer; a new buffer (grown, or on another
+device) starts the cache afresh.
 """
 
 from __future__ import annotations

@@ -106,22 +106,31 @@ def test_a_storage_is_known_while_it_is_the_same_and_only_then():
     assert not exports.knows(fresh)
 
 
+def _checked_ipc_sync(server):
+    """A `cuda_ipc` sync to `server`, checked bitwise after every push, staging 100 kB buckets:
+    (engine, sync, the transport inside its guards)."""
+    from miles_core.config import SyncConfig
+    from miles_core.sync import build_weight_sync
+    from tests.sync.servers import client_engine
+
+    engine = client_engine(server)
+    sync = build_weight_sync(SyncConfig(transport="cuda_ipc", check_weight_update_equal=True, timeout_s=120), engine)
+    inner = sync.inner.inner
+    inner.bucket_bytes = 100_000
+    return engine, sync, inner
+
+
 @pytest.mark.gpu
 def test_cuda_ipc_push_to_a_served_engine_on_the_same_gpu_is_bitwise():
     from miles_core.checkpoint.loading import load_model
-    from miles_core.config import ModelConfig, SyncConfig
-    from miles_core.sync import build_weight_sync
+    from miles_core.config import ModelConfig
     from miles_core.sync.group import tensor_sha256
-    from tests.sync.servers import ServeProcess, client_engine, digests, trained, version_of
+    from tests.sync.servers import ServeProcess, digests, trained, version_of
 
     model = load_model(ModelConfig(source="tiny-qwen3", device="cpu")).model
     server = ServeProcess(device="cuda:0").wait_ready()
     try:
-        engine = client_engine(server)
-        sync = build_weight_sync(SyncConfig(transport="cuda_ipc", check_weight_update_equal=True, timeout_s=120),
-                                 engine)
-        inner = sync.inner.inner
-        inner.bucket_bytes = 100_000  # several buckets through one buffer
+        _, sync, inner = _checked_ipc_sync(server)  # several buckets through one buffer
         weights = [(n, t.cuda()) for n, t in trained(model, seed=1)]
         stats = sync.push(weights, version="3")
         assert stats.num_buckets == 5 and version_of(server.url) == "3"
@@ -142,18 +151,13 @@ def test_pushes_of_the_trainers_own_weights_go_direct_in_one_call():
     """Weights that stay where they are (a trainer's parameters, written in place each step): the
     first push is staged, every later one names them where they lie, one call, bitwise."""
     from miles_core.checkpoint.loading import load_model
-    from miles_core.config import ModelConfig, SyncConfig
-    from miles_core.sync import build_weight_sync
-    from tests.sync.servers import ServeProcess, client_engine, trained, version_of
+    from miles_core.config import ModelConfig
+    from tests.sync.servers import ServeProcess, trained, version_of
 
     model = load_model(ModelConfig(source="tiny-qwen3", device="cpu")).model
     server = ServeProcess(device="cuda:0").wait_ready()
     try:
-        engine = client_engine(server)
-        sync = build_weight_sync(SyncConfig(transport="cuda_ipc", check_weight_update_equal=True, timeout_s=120),
-                                 engine)
-        inner = sync.inner.inner
-        inner.bucket_bytes = 100_000  # the staged push takes several buckets
+        engine, sync, inner = _checked_ipc_sync(server)  # the staged push takes several buckets
         weights = [(n, t.cuda()) for n, t in trained(model, seed=1)]
         assert sync.push(weights, version="1").num_buckets > 1 and inner.num_direct == 0
         for step in (2, 3):
