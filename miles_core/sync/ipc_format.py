@@ -101,7 +101,8 @@ def referenced(text: str) -> str | None:
         return None
     value = raw["same_as"]
     if raw.get("format") != LOAD_FORMAT or not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
-        raise MilesError(f"{LOAD_FORMAT}: same_as must be a description's sha256 (64 hex digits), got {str(value)[:80]!r}")
+        raise MilesError(f"{LOAD_FORMAT}: same_as must be a description's sha256 (64 hex digits), "
+                         f"got {str(value)[:80]!r}")
     return value
 
 

@@ -13,9 +13,10 @@ staging buffer (SGLang's `flattened_bucket`); without it, one broadcast per tens
 SGLang release understands; the last bucket stamps the version and flushes the cache. A push of
 one bucket is that one call, which aborts the servers' running requests and holds new ones until
 it is in (`abort_all_requests`); a push of several pauses the servers around them
-(`protocol.send_paused`). A server that refuses a bucket (unknown name, wrong shape) has still received all
-of it, so the group stays in step and the next push works; a server that is gone fails the push
-with one line, and `sync.timeout_s` (`TimedSync`) turns a server that never answers into an error.
+(`protocol.send_paused`). A server that refuses a bucket (unknown name, wrong shape) has still
+received all of it, so the group stays in step and the next push works; a server that is gone
+(found before each push by a TCP connect, since no pause call goes first) fails the push with one
+line, and `sync.timeout_s` (`TimedSync`) turns a server that never answers into an error.
 Backend `sync.nccl_backend`: `auto` is nccl for CUDA weights, gloo for CPU ones (tests).
 """
 
