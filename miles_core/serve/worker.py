@@ -225,6 +225,7 @@ class BatchingWorker:
 
     def resume(self) -> None:
         self._unpaused.set()
+        self._queue.put(None)  # wake the loop: jobs may be waiting
 
     @property
     def alive(self) -> bool:
@@ -257,7 +258,8 @@ class BatchingWorker:
 
     def _loop(self) -> None:
         while not self._stop:
-            self._drain(block=not self._pending_jobs())
+            # paused with jobs waiting: sleep until something is queued (resume wakes it), not spin
+            self._drain(block=not self._pending_jobs() or not self._unpaused.is_set())
             if self._stop:
                 break
             if not self._pending_jobs() or not self._unpaused.is_set():

@@ -87,6 +87,26 @@ def test_an_update_alone_aborts_waiting_jobs_holds_the_worker_and_restores_its_p
     assert isinstance(outcome[0], Aborted)
 
 
+def test_a_paused_worker_with_a_waiting_job_sleeps_and_resume_runs_it():
+    worker = BatchingWorker(EchoEngine(), max_batch_size=8, window_s=0.0)
+    worker.pause()
+
+    async def run():
+        job = asyncio.ensure_future(worker.generate([_request(7)]))
+        await asyncio.sleep(0.05)
+        start = time.process_time()
+        await asyncio.sleep(0.4)
+        used = time.process_time() - start  # a spinning worker thread burns ~0.4 s of CPU here
+        worker.resume()
+        return used, await asyncio.wait_for(job, timeout=10)
+
+    try:
+        used, result = asyncio.run(run())
+    finally:
+        worker.close()
+    assert used < 0.15 and result[0][0].output_ids == [7, 1]
+
+
 def test_worker_aborts_waiting_jobs_by_rid():
     worker = BatchingWorker(EchoEngine(), max_batch_size=8, window_s=0.0)
     worker.pause()
