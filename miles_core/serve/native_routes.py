@@ -274,7 +274,7 @@ async def update_weights_from_tensor(request: Request):
 
 async def _update(state: ServeState, load, abort_all: bool, extra: dict | None = None):
     try:
-        message = await (state.worker.control_alone(load) if abort_all else state.worker.control(load))
+        message = await state.worker.control(load, alone=abort_all)
     except RequestError as err:
         # SGLang's shape (success, message) plus the error shape every other route answers
         return JSONResponse({"success": False, "message": str(err), **(extra or {}),

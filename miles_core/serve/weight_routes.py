@@ -95,10 +95,9 @@ def _device(state: ServeState) -> torch.device:
 
 async def _on_worker(state: ServeState, fn, *, refused: str, alone: bool = False) -> dict:
     """Run `fn` on the worker thread (`alone`: with running requests aborted and new ones held,
-    `BatchingWorker.control_alone`); a failure answers SGLang's `{success: false, message}` (400)."""
+    `BatchingWorker.control`); a failure answers SGLang's `{success: false, message}` (400)."""
     try:  # the version the update left, so the trainer needs no /get_model_info call to check it
-        control = state.worker.control_alone if alone else state.worker.control
-        message = await control(fn)
+        message = await state.worker.control(fn, alone=alone)
         return {"success": True, "message": message, "weight_version": state.engine.weight_version}
     except (RequestError, MilesError, RuntimeError, ValueError) as err:  # gloo/NCCL failures are RuntimeErrors
         message = f"{refused}: {err}".replace("\n", " ")

@@ -120,23 +120,21 @@ class BatchingWorker:
             self._abort_jobs(lambda j: j is job)
             raise
 
-    async def control(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` on the worker thread between batches (weight updates, flush)."""
+    async def control(self, fn: Callable[[], Any], *, alone: bool = False) -> Any:
+        """Run `fn` on the worker thread between batches (weight updates, flush). `alone`: with
+        every running request aborted and new ones held until it is done (SGLang's
+        `abort_all_requests` on a weight update: one call does what pause -> update -> continue
+        do, and no request sees both the old and the new weights)."""
+        paused_before = self.paused
+        if alone:
+            self.pause()
+            self.abort(abort_all=True)
         item = _Control(fn, Future())
         self._queue.put(item)
-        return await asyncio.wrap_future(item.future)
-
-    async def control_alone(self, fn: Callable[[], Any]) -> Any:
-        """`control(fn)` with every running request aborted and new ones held until it is done
-        (SGLang's `abort_all_requests` on a weight update: one call does what pause -> update ->
-        continue do, and no request sees both the old and the new weights)."""
-        paused_before = self.paused
-        self.pause()
-        self.abort(abort_all=True)
         try:
-            return await self.control(fn)
+            return await asyncio.wrap_future(item.future)
         finally:
-            if not paused_before:  # a server the trainer paused stays paused
+            if alone and not paused_before:  # a server the trainer paused stays paused
                 self.resume()
 
     async def _generate_continuously(self, requests: list[GenerateRequest]) -> list[list[Generation]]:

@@ -74,17 +74,18 @@ class StorageExports:
         """Whether `tensor` lies, contiguous, in a storage seen before that is still the same."""
         if tensor.device.type != self.device_type or not tensor.is_contiguous():
             return False
-        storage = tensor.untyped_storage()
-        entry = self._known.get(storage.data_ptr())
-        return entry is not None and entry[0]() is storage
+        return self._entry(tensor.untyped_storage()) is not None
 
     def note(self, tensor: torch.Tensor, noted: dict) -> None:
         """Add `tensor`'s storage to `noted` (a weak reference, or the entry kept for it)."""
         if tensor.device.type == self.device_type:
             storage = tensor.untyped_storage()
-            entry = self._known.get(storage.data_ptr())
-            same = entry is not None and entry[0]() is storage
-            noted[storage.data_ptr()] = entry if same else (weakref.ref(storage), None)
+            noted[storage.data_ptr()] = self._entry(storage) or (weakref.ref(storage), None)
+
+    def _entry(self, storage) -> tuple[weakref.ref, dict | None] | None:
+        """The entry of `storage` if it is the one seen at its address (None otherwise)."""
+        entry = self._known.get(storage.data_ptr())
+        return entry if entry is not None and entry[0]() is storage else None
 
     def remember(self, noted: dict) -> None:
         """Know the storages `note` collected, and no others."""

@@ -51,6 +51,7 @@ class _Described:
     device: torch.device
     keys: frozenset
     named: list[tuple[str, torch.Tensor]]
+    digest: str
 
 
 class UnknownReference(MilesError):
@@ -90,11 +91,11 @@ class IpcMapping:
         buffers = [self._buffer(key, fields, description, device) for key, fields in zip(keys, description.storages)]
         named = [(t.name, buffers[t.storage][t.offset:t.offset + t.nbytes].view(t.dtype).view(t.shape))
                  for t in description.tensors]
-        self._described[text] = _Described(device, frozenset(keys), named)
-        self._texts[digest(text)] = text
+        described = self._described[text] = _Described(device, frozenset(keys), named, digest(text))
+        self._texts[described.digest] = text
         if len(self._described) > self.MAX_DESCRIPTIONS:
-            old, _ = self._described.popitem(last=False)
-            del self._texts[digest(old)]
+            _, old = self._described.popitem(last=False)
+            del self._texts[old.digest]
             self._forget_unnamed()
         return named
 

@@ -72,10 +72,10 @@ def test_an_update_alone_aborts_waiting_jobs_holds_the_worker_and_restores_its_p
         waiting = asyncio.ensure_future(worker.generate([_request(5)]))
         await asyncio.sleep(0.05)
         worker.resume()
-        await worker.control_alone(lambda: seen.append(worker.paused))
+        await worker.control(lambda: seen.append(worker.paused), alone=True)
         assert not worker.paused  # held only while the update ran
         worker.pause()
-        await worker.control_alone(lambda: seen.append(worker.paused))
+        await worker.control(lambda: seen.append(worker.paused), alone=True)
         assert worker.paused  # a pause the caller made outlives the update
         return await asyncio.gather(waiting, return_exceptions=True)
 
