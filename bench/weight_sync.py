@@ -7,7 +7,8 @@ trainer side pushes the full bf16 state dict (`sync.bucket_mb` buckets) to an en
 - `inprocess`: a native engine in this process on GPU 0 (one multi-tensor copy a bucket);
 - `cuda_ipc`: a `miles serve` process on GPU 0 (colocated): the warm-up push is staged (buckets
   through one shared buffer), the timed ones go direct (the server maps the pushed tensors where
-  they lie, since they stay in place as a trainer's parameters do: one call, one copy);
+  they lie, since they stay in place as a trainer's parameters do: one call, one copy), each
+  call over the server's local weight channel (a Unix socket beside its HTTP API);
 - `nccl`: a `miles serve` process on GPU 1: SGLang's `/init_weights_update_group` +
   `/update_weights_from_distributed`, one flattened broadcast per bucket;
 - `disk`: the same server, a HF checkpoint written and loaded by path (for scale).
@@ -174,10 +175,14 @@ def measure_shape(name: str, args, work: Path) -> tuple[list[tuple[str, float, f
 
 
 def _way(sync) -> str:
-    """' (direct)' when the cuda_ipc pushes named the tensors where they lie."""
+    """' (direct, local channel)' when the cuda_ipc pushes named the tensors where they lie, over
+    the server's local weight channel."""
     while hasattr(sync, "inner"):
         sync = sync.inner
-    return " (direct)" if getattr(sync, "num_direct", 0) else ""
+    ways = ["direct"] if getattr(sync, "num_direct", 0) else []
+    channels = getattr(getattr(sync, "engine", None), "_channels", None)
+    ways += ["local channel"] if channels and channels[1] else []
+    return f" ({', '.join(ways)})" if ways else ""
 
 
 def save_random_checkpoint(name: str, folder: Path, tokenizer: Path) -> Path:

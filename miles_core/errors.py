@@ -15,6 +15,14 @@ class MilesError(Exception):
     """A bad input, reported to the user as one line (exit code 2 in the CLI)."""
 
 
+class Refused(MilesError):
+    """A server refused a request with a 4xx `status` (its one-line reason is the message)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class RunStopped(Exception):
     """A run stopped between steps because it was asked to (a signal); `checkpoint` is where it
     can resume from (None when no step had finished since the last one)."""

@@ -39,7 +39,7 @@ from miles_core.engine.http_submit import MAX_SUBMITTED, Submissions, wire_rids
 from miles_core.engine.http_weights import WeightRoutes
 from miles_core.engine.native import sample_seed
 from miles_core.engine.protocol import GenerateRequest, Generation
-from miles_core.errors import MilesError
+from miles_core.errors import MilesError, Refused
 from miles_core.utils.http import client as http_client
 
 
@@ -89,6 +89,9 @@ class SGLangHttpEngine(WeightRoutes, Submissions):
         self._rids = itertools.count()
         self._in_flight: dict[str, list[str]] = {}
         self._init_submissions()
+        self._channels: tuple[list[str], list] | None = None
+        """(server urls, their local weight channels, none where one has none) for
+        `update_weights_from_tensor(local=True)`."""
         self._context_limits = [cfg.max_context_len or max_position_embeddings]
         self._wait_healthy()
         self._weight_version = str(self._get(self.servers[0], "/get_model_info").get("weight_version") or "0")
@@ -132,8 +135,8 @@ class SGLangHttpEngine(WeightRoutes, Submissions):
         if response.status_code >= 500:
             raise ServerFailed(f"{server.url}{path}: HTTP {response.status_code}: {response.text[:300]}")
         if response.status_code >= 400:
-            raise MilesError(f"{server.url}{path} refused the request: HTTP {response.status_code}: "
-                             f"{_error_text(response)}")
+            raise Refused(f"{server.url}{path} refused the request: HTTP {response.status_code}: "
+                          f"{_error_text(response)}", response.status_code)
         return response
 
     def _get(self, server: _Server, path: str) -> dict:
@@ -213,6 +216,7 @@ class SGLangHttpEngine(WeightRoutes, Submissions):
 
     def close(self) -> None:
         self._close_submissions()
+        self.close_weight_channels()
         self.client.close()
         if self.owned is not None:
             self.owned.stop()

@@ -11,11 +11,15 @@ its weights would fall behind.
 
 from __future__ import annotations
 
+import logging
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
-from miles_core.errors import MilesError
+from miles_core.engine.local_channel import WeightChannel
+from miles_core.errors import MilesError, Refused
+
+logger = logging.getLogger(__name__)
 
 
 class WeightRoutes:
@@ -62,12 +66,61 @@ class WeightRoutes:
         self._post_all("/destroy_weights_update_group", [{"group_name": group_name}] * len(self._live()))
 
     def update_weights_from_tensor(self, serialized: list[str], *, load_format: str | None, version: str | None,
-                                   flush: bool, abort_all: bool = False) -> None:
+                                   flush: bool, abort_all: bool = False, local: bool = False) -> None:
+        """Every server loads the tensors; `local`: over each one's local weight channel (a
+        `miles serve` on this machine; opened on first use), over HTTP where one has none."""
         body = {"serialized_named_tensors": serialized, "load_format": load_format, "flush_cache": flush,
                 "weight_version": version, "abort_all_requests": abort_all}
-        answers = self._post_all("/update_weights_from_tensor", [body] * len(self._live()))
+        channels = self._weight_channels() if local else None
+        if channels:
+            answers = self._over_channels(channels, body)
+        else:
+            answers = self._post_all("/update_weights_from_tensor", [body] * len(self._live()))
         if version is not None:
             self._expect_version(version, answers)
+
+    def close_weight_channels(self) -> None:
+        for channel in self._channels[1] if self._channels else ():
+            channel.close()
+        self._channels = None
+
+    def _weight_channels(self) -> list[WeightChannel]:
+        """One open channel per live server; none (once warned) where a server offers none."""
+        urls = [server.url for server in self._live()]
+        if self._channels is not None and self._channels[0] == urls:
+            return self._channels[1]
+        self.close_weight_channels()
+        channels = []
+        try:
+            for server in self._live():
+                where = self._post_one(server, "/weight_channel", {})
+                channels.append(WeightChannel(server.url, where["path"], where["token"], self.cfg.request_timeout_s))
+        except (MilesError, OSError, KeyError, TypeError) as err:
+            for channel in channels:
+                channel.close()
+            logger.warning("no local weight channel (%s); weight updates go over HTTP", err)
+            channels = []  # not asked again until the servers change
+        self._channels = (urls, channels)
+        return channels
+
+    def _over_channels(self, channels: list[WeightChannel], body: dict) -> list[dict]:
+        """Send to every server, then read every answer (a refusal is raised once all are read);
+        a broken channel drops them all (an answer left unread would be taken for the next)."""
+        answers, refusals = [], []
+        try:
+            for channel in channels:
+                channel.send(body)
+            for channel in channels:
+                try:
+                    answers.append(channel.receive())
+                except Refused as err:
+                    refusals.append(err)
+        except BaseException:
+            self.close_weight_channels()
+            raise
+        if refusals:
+            raise refusals[0]
+        return answers
 
     def weights_checksums(self, names: list[str]) -> list[tuple[str, dict]]:
         """(url, {name: {"dtype", "shape", "sha256"}}) of every live server (miles serve only)."""

@@ -19,10 +19,13 @@ def error_response(message: str, status: int) -> JSONResponse:
 async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
     """The request body validated against `model`; `RequestError` (400/413) otherwise."""
     state: ServeState = request.app.state.serve
-    body = await request.body()
-    if len(body) > state.options.max_request_bytes:
-        raise RequestError(f"request body of {len(body)} bytes exceeds --max-request-bytes "
-                           f"({state.options.max_request_bytes})", 413)
+    return parse_bytes(await request.body(), model, state.options.max_request_bytes)
+
+
+def parse_bytes(body: bytes, model: type[BaseModel], max_bytes: int) -> BaseModel:
+    """A JSON body (HTTP, or a local weight-channel message) validated against `model`."""
+    if len(body) > max_bytes:
+        raise RequestError(f"request body of {len(body)} bytes exceeds --max-request-bytes ({max_bytes})", 413)
     if not body.strip():
         body = b"{}"
     try:

@@ -73,7 +73,7 @@ def serve(state: ServeState, *, on_ready=None) -> None:
     try:
         server.run(sockets=[sock])
     finally:
-        state.worker.close()
+        state.close()
         sock.close()
 
 
@@ -112,5 +112,5 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=15)
-        self.state.worker.close()
+        self.state.close()
         self.sock.close()

@@ -66,6 +66,14 @@ class ServeState:
     tokenizer: Any
     options: ServeOptions
     facts: ModelFacts
+    weight_channel: Any = None
+    """The local weight channel's server (`weight_channel.WeightChannelServer`), once asked for."""
+
+    def close(self) -> None:
+        """Stop the worker and the local weight channel (the server stops)."""
+        self.worker.close()
+        if self.weight_channel is not None:
+            self.weight_channel.close()
 
     @property
     def model_name(self) -> str:

@@ -1,7 +1,8 @@
 """Weight routes of `miles serve` beyond disk and safetensors: SGLang's distributed weight update
 (`/init_weights_update_group`, `/update_weights_from_distributed`,
 `/destroy_weights_update_group`, the server side of the `nccl` sync transport) and
-`/weights_checksum` (sha256 of tensors the engine holds, for `sync.check_weight_update_equal`).
+`/weights_checksum` (sha256 of tensors the engine holds, for `sync.check_weight_update_equal`) and
+`/weight_channel` (where the local weight channel listens, `weight_channel.py`).
 A bucket comes as one broadcast per tensor, or with SGLang's `load_format = "flattened_bucket"`
 as one broadcast of all its bytes (`sync.flat`).
 
@@ -31,6 +32,7 @@ from miles_core.errors import MilesError
 from miles_core.serve.bodies import parse_body
 from miles_core.serve.schemas import Strict
 from miles_core.serve.state import RequestError, ServeState
+from miles_core.serve.weight_channel import WeightChannelServer
 from miles_core.sync import flat as flat_bucket
 from miles_core.sync.group import WeightGroup, dtype_name, parse_dtype, tensor_sha256
 
@@ -40,7 +42,7 @@ GROUP_TIMEOUT_S = 600.0
 """Seconds a join or a broadcast may wait for the other ranks before it fails."""
 
 ROUTES = frozenset({"/init_weights_update_group", "/update_weights_from_distributed",
-                    "/destroy_weights_update_group"})
+                    "/destroy_weights_update_group", "/weight_channel"})
 """Routes that change the weights: they need the api key (see `app.PROTECTED_ROUTES`)."""
 _RECEIVERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """Group -> the `FlatReceiver` of its flat buckets (weak: it goes with the group)."""
@@ -203,6 +205,18 @@ def forget_receive_buffers(groups: dict[str, WeightGroup]) -> None:
     allocates again."""
     for group in groups.values():
         _RECEIVERS.pop(group, None)
+
+
+@router.post("/weight_channel")
+async def weight_channel(request: Request):
+    """{"path", "token"} of the local weight channel (`weight_channel.py`), opened on first ask."""
+    state = _state(request)
+    if state.weight_channel is None:
+        try:
+            state.weight_channel = WeightChannelServer(state)
+        except OSError as err:
+            raise RequestError(f"cannot open a local weight channel: {err}", 501) from None
+    return {"path": state.weight_channel.path, "token": state.weight_channel.token}
 
 
 @router.post("/weights_checksum")

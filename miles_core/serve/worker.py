@@ -25,7 +25,8 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,16 +126,31 @@ class BatchingWorker:
         every running request aborted and new ones held until it is done (SGLang's
         `abort_all_requests` on a weight update: one call does what pause -> update -> continue
         do, and no request sees both the old and the new weights)."""
+        with self._held(alone):
+            return await asyncio.wrap_future(self._queued(fn))
+
+    def control_blocking(self, fn: Callable[[], Any], *, alone: bool = False) -> Any:
+        """`control` for a caller on another thread (the local weight channel): waits for the result."""
+        with self._held(alone):
+            return self._queued(fn).result()
+
+    def _queued(self, fn: Callable[[], Any]) -> Future:
+        item = _Control(fn, Future())
+        self._queue.put(item)
+        return item.future
+
+    @contextmanager
+    def _held(self, alone: bool) -> Iterator[None]:
+        """With `alone`: running requests aborted and new ones held meanwhile (a server the
+        trainer paused before stays paused)."""
         paused_before = self.paused
         if alone:
             self.pause()
             self.abort(abort_all=True)
-        item = _Control(fn, Future())
-        self._queue.put(item)
         try:
-            return await asyncio.wrap_future(item.future)
+            yield
         finally:
-            if alone and not paused_before:  # a server the trainer paused stays paused
+            if alone and not paused_before:
                 self.resume()
 
     async def _generate_continuously(self, requests: list[GenerateRequest]) -> list[list[Generation]]:

@@ -37,7 +37,7 @@ import torch
 
 from miles_core.config import SyncConfig
 from miles_core.engine.protocol import RolloutEngine
-from miles_core.errors import MilesError
+from miles_core.errors import MilesError, Refused
 from miles_core.sync.flat import FlatStaging, signature
 from miles_core.sync.ipc_format import ALIGN, LOAD_FORMAT, IpcTensor, describe, reference
 from miles_core.sync.ipc_mapping import device_uuid
@@ -63,26 +63,33 @@ def export_storage(tensor: torch.Tensor) -> dict:
 
 class StorageExports:
     """Storages by address, each with a weak reference (alive and the same object only while that
-    memory is not freed) and, once exported, its handle fields."""
+    memory is not freed), its device and, once exported, its handle fields."""
 
     def __init__(self, device_type: str = "cuda") -> None:
         self.device_type = device_type
         """Where shareable tensors lie (CUDA; CPU in tests, with the export faked)."""
-        self._known: dict[int, tuple[weakref.ref, dict | None]] = {}
+        self._known: dict[int, tuple[weakref.ref, torch.device, dict | None]] = {}
+
+    def device_of(self, tensor: torch.Tensor) -> torch.device | None:
+        """The device of `tensor` if it lies, contiguous, in a storage seen before that is still
+        the same (None otherwise). Called per weight per push: only the storage is looked at (a
+        storage stays on its device), no `tensor.device`."""
+        if not tensor.is_contiguous():
+            return None
+        entry = self._entry(tensor.untyped_storage())
+        return None if entry is None else entry[1]
 
     def knows(self, tensor: torch.Tensor) -> bool:
-        """Whether `tensor` lies, contiguous, in a storage seen before that is still the same."""
-        if tensor.device.type != self.device_type or not tensor.is_contiguous():
-            return False
-        return self._entry(tensor.untyped_storage()) is not None
+        return self.device_of(tensor) is not None
 
     def note(self, tensor: torch.Tensor, noted: dict) -> None:
         """Add `tensor`'s storage to `noted` (a weak reference, or the entry kept for it)."""
-        if tensor.device.type == self.device_type:
+        device = tensor.device
+        if device.type == self.device_type:
             storage = tensor.untyped_storage()
-            noted[storage.data_ptr()] = self._entry(storage) or (weakref.ref(storage), None)
+            noted[storage.data_ptr()] = self._entry(storage) or (weakref.ref(storage), device, None)
 
-    def _entry(self, storage) -> tuple[weakref.ref, dict | None] | None:
+    def _entry(self, storage) -> tuple[weakref.ref, torch.device, dict | None] | None:
         """The entry of `storage` if it is the one seen at its address (None otherwise)."""
         entry = self._known.get(storage.data_ptr())
         return entry if entry is not None and entry[0]() is storage else None
@@ -94,10 +101,10 @@ class StorageExports:
     def fields(self, tensor: torch.Tensor) -> dict:
         """The handle fields of a known tensor's storage (exported on first use)."""
         key = tensor.untyped_storage().data_ptr()
-        ref, fields = self._known[key]
+        ref, device, fields = self._known[key]
         if fields is None:
             fields = export_storage(tensor)
-            self._known[key] = (ref, fields)
+            self._known[key] = (ref, device, fields)
         return fields
 
 
@@ -196,10 +203,12 @@ class CudaIpcSync:
     def _take_known(self, weights: Iterator[Named]) -> tuple[list[Named], Iterator[Named] | None]:
         """The weights while every one lies where the last push found it, on one device; and the
         rest from the first that does not (None when all do)."""
-        known, exports = [], self.descriptions.exports
+        known, device_of, device = [], self.descriptions.exports.device_of, None
         for name, tensor in weights:
-            if not exports.knows(tensor) or (known and tensor.device != known[0][1].device):
+            found = device_of(tensor)
+            if found is None or (device is not None and found != device):
                 return known, itertools.chain([(name, tensor)], weights)
+            device = found
             known.append((name, tensor))
         return known, None
 
@@ -229,18 +238,19 @@ class CudaIpcSync:
         self._update(text, version=version, flush=version is not None, abort_all=alone)
 
     def _update(self, text: str, **options) -> None:
-        """POST the description, as its reference once the servers have it (a server that lost it
-        answers 409: then the whole text, which every server applies alike)."""
+        """Send the description over each server's local weight channel (HTTP where it has none),
+        as its reference once the servers have it (a server that lost it answers 409: then the
+        whole text, which every server applies alike)."""
         sent = self._delivered.get(text)
         if sent is not None:
             try:
-                self.engine.update_weights_from_tensor([sent], load_format=LOAD_FORMAT, **options)
+                self.engine.update_weights_from_tensor([sent], load_format=LOAD_FORMAT, local=True, **options)
                 self._delivered.move_to_end(text)
                 return
-            except MilesError as err:
-                if "HTTP 409" not in str(err):
+            except Refused as err:
+                if err.status != 409:
                     raise
-        self.engine.update_weights_from_tensor([text], load_format=LOAD_FORMAT, **options)
+        self.engine.update_weights_from_tensor([text], load_format=LOAD_FORMAT, local=True, **options)
         self._delivered[text] = reference(text)
         if len(self._delivered) > IpcDescriptions.MAX_DESCRIPTIONS:
             self._delivered.popitem(last=False)

@@ -50,7 +50,7 @@ def open_storage(fields: dict, uuid: str, device: torch.device) -> torch.Tensor:
 class _Described:
     device: torch.device
     keys: frozenset
-    named: list[tuple[str, torch.Tensor]]
+    named: tuple[tuple[str, torch.Tensor], ...]
     digest: str
 
 
@@ -70,7 +70,7 @@ class IpcMapping:
         """sha256 -> text of the descriptions kept (what references name)."""
         self.num_opens = 0
 
-    def tensors(self, text: str, device: torch.device) -> list[tuple[str, torch.Tensor]]:
+    def tensors(self, text: str, device: torch.device) -> tuple[tuple[str, torch.Tensor], ...]:
         """(name, view) of each tensor the description `text` names, in the mapped storages; a
         `MilesError` for a bad description or a storage that cannot be mapped, `UnknownReference`
         for a reference to a description not kept."""
@@ -89,8 +89,8 @@ class IpcMapping:
         if not self._mapped.keys() & set(keys):
             self.drop()
         buffers = [self._buffer(key, fields, description, device) for key, fields in zip(keys, description.storages)]
-        named = [(t.name, buffers[t.storage][t.offset:t.offset + t.nbytes].view(t.dtype).view(t.shape))
-                 for t in description.tensors]
+        named = tuple((t.name, buffers[t.storage][t.offset:t.offset + t.nbytes].view(t.dtype).view(t.shape))
+                      for t in description.tensors)  # a tuple: the engine knows it again by identity
         described = self._described[text] = _Described(device, frozenset(keys), named, digest(text))
         self._texts[described.digest] = text
         if len(self._described) > self.MAX_DESCRIPTIONS:

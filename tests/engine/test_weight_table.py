@@ -48,3 +48,17 @@ def test_invalidate_and_the_limit_forget_checked_lists():
     assert len(table._checked) == MAX_CHECKED
     table.invalidate()
     assert len(table._checked) == 0
+
+
+def test_the_very_tuple_of_the_last_update_skips_its_key_and_a_list_does_not():
+    model, table = _table()
+    updates = tuple((n, torch.zeros_like(p)) for n, p in model.named_parameters())
+    targets, sources, key = table.checked_updates(updates)
+    again, sources_again, key_again = table.checked_updates(updates)
+    assert key_again is key  # not built again (the kept list's key would be an equal, new tuple)
+    assert again == targets and all(a is b for a, b in zip(sources_again, (t for _, t in updates)))
+    _, _, from_list = table.checked_updates(list(updates))
+    assert from_list == key and from_list is not key and table._last is None  # lists can change: not kept
+    table.checked_updates(updates)
+    table.invalidate()
+    assert table._last is None

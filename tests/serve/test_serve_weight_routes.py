@@ -25,7 +25,7 @@ FIELDS = {"device_index": 0, "handle": b"h", "storage_size_bytes": 4096, "storag
 
 
 @pytest.mark.parametrize("path", ["/init_weights_update_group", "/update_weights_from_distributed",
-                                  "/destroy_weights_update_group"])
+                                  "/destroy_weights_update_group", "/weight_channel"])
 def test_distributed_routes_need_the_api_key(path):
     state, thread = start()
     with thread as url:

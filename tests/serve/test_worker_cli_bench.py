@@ -63,19 +63,25 @@ def test_worker_batches_concurrent_jobs_and_isolates_a_bad_one():
     assert engine.calls[0] == 6 and sorted(engine.calls[1:]) == [1] * 6  # one batch, then each alone
 
 
-def test_an_update_alone_aborts_waiting_jobs_holds_the_worker_and_restores_its_pause():
+@pytest.mark.parametrize("blocking", [False, True], ids=["route", "local-channel"])
+def test_an_update_alone_aborts_waiting_jobs_holds_the_worker_and_restores_its_pause(blocking):
     worker = BatchingWorker(EchoEngine(), max_batch_size=8, window_s=0.0)
     seen: list[bool] = []
+
+    async def alone(fn):  # the local weight channel calls from its own thread
+        if blocking:
+            return await asyncio.to_thread(worker.control_blocking, fn, alone=True)
+        return await worker.control(fn, alone=True)
 
     async def run():
         worker.pause()  # a job waits, as it would behind a running batch
         waiting = asyncio.ensure_future(worker.generate([_request(5)]))
         await asyncio.sleep(0.05)
         worker.resume()
-        await worker.control(lambda: seen.append(worker.paused), alone=True)
+        await alone(lambda: seen.append(worker.paused))
         assert not worker.paused  # held only while the update ran
         worker.pause()
-        await worker.control(lambda: seen.append(worker.paused), alone=True)
+        await alone(lambda: seen.append(worker.paused))
         assert worker.paused  # a pause the caller made outlives the update
         return await asyncio.gather(waiting, return_exceptions=True)
 

@@ -166,7 +166,7 @@ def test_pushes_of_the_trainers_own_weights_go_direct_in_one_call():
                     tensor.add_(0.25 * step)  # the optimizer's step, in place
             stats = sync.push(weights, version=str(step))  # the check reads every weight back bitwise
             assert (stats.num_buckets, stats.num_tensors, inner.num_direct) == (1, len(weights), step - 1)
-        assert version_of(server.url) == "3"
+        assert version_of(server.url) == "3" and len(engine._channels[1]) == 1  # over the local channel
         engine.release_memory()  # the server forgets every mapping and description: answers 409, gets the text
         engine.resume_memory()
         assert sync.push(weights, version="3b").num_buckets == 1 and inner.num_direct == 3

@@ -6,6 +6,8 @@ in-process weight sync on an H100. Releasing the engine's memory replaces the bu
 parameters keep their objects), so the engine calls `invalidate` then. A sync sends the same
 buckets push after push, so the targets of the last `MAX_CHECKED` checked (name, dtype, shape)
 lists that need no (de)quantisation are kept, and a list seen before skips every per-name step.
+The very tuple of the last update (a `cuda_ipc` server hands out the same views push after push)
+skips even building that list's key (~0.1 ms at 0.6B).
 """
 
 from __future__ import annotations
@@ -32,12 +34,16 @@ class WeightTable:
         self._by_name: dict[str, torch.Tensor] | None = None
         self._has_quantized = False
         self._checked: OrderedDict[tuple, list[torch.Tensor]] = OrderedDict()
+        self._last: tuple | None = None
+        """(the tuple of (name, tensor) last passed, its targets, its sources, its key): immutable,
+        so the same object is the same update."""
         self.copier = BatchedCopier()
 
     def invalidate(self) -> None:
         """The weights moved (a memory release or resume): forget every name, list and copy plan."""
         self._by_name = None
         self._checked.clear()
+        self._last = None
         self.copier.clear()
 
     def write(self, targets: list[torch.Tensor], sources: list[torch.Tensor], key: tuple | None) -> None:
@@ -57,11 +63,15 @@ class WeightTable:
         (name, dtype, shape) list where they pass as they came (None where they were converted). A
         dense weight aimed at a quantised module (engine.weights = "quantized") is quantised as
         `miles quantize` does; a quantised weight aimed at a dense module is dequantised."""
+        last = self._last
+        if last is not None and last[0] is named_tensors:
+            return list(last[1]), list(last[2]), last[3]
         named = list(named_tensors)
         key = tuple([(name, tensor.dtype, tensor.shape) for name, tensor in named])
         targets = self._checked.get(key)
         if targets is not None:  # seen before: checked, and nothing to quantise or dequantise
             self._checked.move_to_end(key)
+            self._remember(named_tensors, targets, key)
             return list(targets), [tensor for _, tensor in named], key
         tensors = self._tensors()
         updates = dense_updates(tensors, named)
@@ -78,7 +88,14 @@ class WeightTable:
         self._checked[key] = targets  # passed through as they came: the next same list needs no look
         if len(self._checked) > MAX_CHECKED:
             self._checked.popitem(last=False)
+        self._remember(named_tensors, targets, key)
         return list(targets), [tensor for _, tensor in named], key
+
+    def _remember(self, named_tensors: Iterable, targets: list[torch.Tensor], key: tuple) -> None:
+        if isinstance(named_tensors, tuple):
+            self._last = (named_tensors, targets, [tensor for _, tensor in named_tensors], key)
+        else:
+            self._last = None
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         if self._by_name is None:

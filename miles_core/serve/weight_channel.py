@@ -1,0 +1,117 @@
+"""The server's end of the local weight channel (`engine/local_channel.py`): a Unix socket beside
+the HTTP API that takes `/update_weights_from_tensor` bodies and answers as the route does.
+
+Opened on the first `POST /weight_channel` (a protected route), which answers the socket's path
+and a token; closed with the server. The socket lies in a fresh folder only this user may enter
+(mode 0700), and a connection that does not first show the token is answered 401 and closed.
+Each connection has its own thread, which parses a body exactly as the route does
+(`bodies.parse_bytes`, the same schema and size limit) and runs the update on the batching worker
+(`BatchingWorker.control_blocking`: the same hand-off, abort and hold as the route's), so the
+worker's thread still owns every write to the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import shutil
+import socket
+import tempfile
+import threading
+from pathlib import Path
+
+from miles_core.engine.local_channel import ChannelClosed, FrameTooLarge, receive_frame, send_frame
+from miles_core.engine.native.engine import EngineReleased
+from miles_core.serve.bodies import parse_bytes
+from miles_core.serve.schemas import UpdateFromTensorBody
+from miles_core.serve.state import RequestError, ServeState
+from miles_core.serve.weights import load_tensor_weights
+
+logger = logging.getLogger("miles.serve")
+
+
+class WeightChannelServer:
+    """The listening socket, its token, and a thread per connection."""
+
+    def __init__(self, state: ServeState) -> None:
+        self.state = state
+        self.folder = Path(tempfile.mkdtemp(prefix="miles-serve-"))  # mode 0700: this user only
+        self.path = str(self.folder / "weights.sock")
+        self.token = secrets.token_hex(16)
+        self._connections: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.listener.bind(self.path)
+            self.listener.listen(16)
+        except OSError:
+            self.close()
+            raise
+        threading.Thread(target=self._accept, name="miles-serve-weight-channel", daemon=True).start()
+
+    def close(self) -> None:
+        """Stop listening, drop every connection, remove the folder."""
+        self.listener.close()
+        with self._lock:
+            for connection in self._connections:
+                _shut(connection)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            with self._lock:
+                self._connections.append(connection)
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        limit = self.state.options.max_request_bytes
+        try:
+            hello = json.loads(receive_frame(connection, limit))
+            if not secrets.compare_digest(str(hello.get("token", "")).encode(), self.token.encode()):
+                _answer(connection, {"success": False, "message": "wrong token (POST /weight_channel)", "code": 401})
+                return
+            _answer(connection, {"success": True})
+            while True:
+                _answer(connection, self._update(receive_frame(connection, limit)))
+        except FrameTooLarge as err:  # the rest of it is unread: answered, then closed
+            _answer(connection, {"success": False, "message": f"{err} (--max-request-bytes)", "code": 413})
+        except (OSError, ChannelClosed, ValueError, AttributeError):  # gone, or not speaking the protocol
+            pass
+        finally:
+            with self._lock:
+                self._connections.remove(connection)
+            _shut(connection)
+
+    def _update(self, raw: bytes) -> dict:
+        """The route's answer to one body: success and the version, or the refusal and its code."""
+        state = self.state
+        try:
+            body = parse_bytes(raw, UpdateFromTensorBody, state.options.max_request_bytes)
+            message = state.worker.control_blocking(
+                lambda: load_tensor_weights(state.engine, body.serialized_named_tensors, body.weight_version,
+                                            body.flush_cache, body.load_format), alone=body.abort_all_requests)
+        except RequestError as err:
+            return {"success": False, "message": str(err), "code": err.status}
+        except EngineReleased as err:  # the caller's turn-taking, as the route answers it
+            return {"success": False, "message": str(err), "code": 409}
+        except Exception as err:  # noqa: BLE001 - answered (the route's 500), never a dead channel
+            logger.exception("miles serve: an update over the local weight channel failed")
+            return {"success": False, "message": f"internal error ({type(err).__name__}): {err}", "code": 500}
+        return {"success": True, "message": message, "weight_version": state.engine.weight_version}
+
+
+def _answer(connection: socket.socket, answer: dict) -> None:
+    send_frame(connection, json.dumps(answer).encode())
+
+
+def _shut(connection: socket.socket) -> None:
+    try:
+        connection.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    connection.close()
