@@ -66,18 +66,25 @@ class WeightRoutes:
         self._post_all("/destroy_weights_update_group", [{"group_name": group_name}] * len(self._live()))
 
     def update_weights_from_tensor(self, serialized: list[str], *, load_format: str | None, version: str | None,
-                                   flush: bool, abort_all: bool = False, local: bool = False) -> None:
-        """Every server loads the tensors; `local`: over each one's local weight channel (a
-        `miles serve` on this machine; opened on first use), over HTTP where one has none."""
+                                   flush: bool, abort_all: bool = False, local: bool = False,
+                                   timeout_s: float | None = None) -> list[dict]:
+        """Every server loads the tensors; returns their answers. `local`: over each one's local
+        weight channel (a `miles serve` on this machine; opened on first use; no answer within
+        `timeout_s`, else `request_timeout_s`, is an error), over HTTP where one has none."""
         body = {"serialized_named_tensors": serialized, "load_format": load_format, "flush_cache": flush,
                 "weight_version": version, "abort_all_requests": abort_all}
         channels = self._weight_channels() if local else None
         if channels:
-            answers = self._over_channels(channels, body)
+            answers = self._over_channels(channels, body, timeout_s or self.cfg.request_timeout_s)
         else:
             answers = self._post_all("/update_weights_from_tensor", [body] * len(self._live()))
         if version is not None:
             self._expect_version(version, answers)
+        return answers
+
+    def weight_channels_open(self) -> bool:
+        """Whether every live server's local weight channel is open (an update will make no HTTP call)."""
+        return bool(self._channels and self._channels[1]) and self._channels[0] == [s.url for s in self._live()]
 
     def close_weight_channels(self) -> None:
         for channel in self._channels[1] if self._channels else ():
@@ -103,12 +110,13 @@ class WeightRoutes:
         self._channels = (urls, channels)
         return channels
 
-    def _over_channels(self, channels: list[WeightChannel], body: dict) -> list[dict]:
+    def _over_channels(self, channels: list[WeightChannel], body: dict, timeout_s: float) -> list[dict]:
         """Send to every server, then read every answer (a refusal is raised once all are read);
         a broken channel drops them all (an answer left unread would be taken for the next)."""
         answers, refusals = [], []
         try:
             for channel in channels:
+                channel.timeout_s = timeout_s
                 channel.send(body)
             for channel in channels:
                 try:

@@ -63,7 +63,8 @@ class WeightChannel:
     def __init__(self, url: str, path: str, token: str, timeout_s: float) -> None:
         self.url = url
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout_s)
+        self._timeout_s = 0.0
+        self.timeout_s = timeout_s
         try:
             try:
                 self.sock.connect(path)
@@ -75,6 +76,17 @@ class WeightChannel:
             self.close()
             raise
 
+    @property
+    def timeout_s(self) -> float:
+        """Seconds any one send or read may wait."""
+        return self._timeout_s
+
+    @timeout_s.setter
+    def timeout_s(self, seconds: float) -> None:
+        if seconds != self._timeout_s:
+            self.sock.settimeout(seconds)
+            self._timeout_s = seconds
+
     def send(self, body: dict) -> None:
         try:
             send_frame(self.sock, json.dumps(body).encode())
@@ -85,7 +97,10 @@ class WeightChannel:
         """The server's answer; `Refused` (with its status) when it says no."""
         try:
             answer = json.loads(receive_frame(self.sock, MAX_ANSWER_BYTES))
-        except (OSError, ChannelClosed, ValueError) as err:  # socket.timeout is an OSError
+        except TimeoutError:
+            raise MilesError(f"{self.url}: no answer over the local weight channel within {self._timeout_s:g} s "
+                             "(the server is stuck or gone)") from None
+        except (OSError, ChannelClosed, ValueError) as err:
             reason = str(err) or type(err).__name__
             raise MilesError(f"{self.url}: the local weight channel failed: {reason}") from None
         if not answer.get("success"):

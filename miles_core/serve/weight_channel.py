@@ -5,9 +5,12 @@ Opened on the first `POST /weight_channel` (a protected route), which answers th
 and a token; closed with the server. The socket lies in a fresh folder only this user may enter
 (mode 0700), and a connection that does not first show the token is answered 401 and closed.
 Each connection has its own thread, which parses a body exactly as the route does
-(`bodies.parse_bytes`, the same schema and size limit) and runs the update on the batching worker
-(`BatchingWorker.control_blocking`: the same hand-off, abort and hold as the route's), so the
-worker's thread still owns every write to the weights.
+(`bodies.parse_bytes`, the same schema and size limit) and runs the update itself, between the
+batching worker's batches and control items (`BatchingWorker.control_here`: the route's abort and
+hold, under the worker's lock, without two thread hand-offs). A CUDA IPC update is answered once
+its copies are queued, with `copied_event`: the handle of an interprocess event recorded after
+them, which the trainer's stream waits on (the trainer's next writes come after the copies; the
+engine's next forward is on the same stream as the copies, so it computes with the new weights).
 """
 
 from __future__ import annotations
@@ -21,12 +24,16 @@ import tempfile
 import threading
 from pathlib import Path
 
+import torch
+
 from miles_core.engine.local_channel import ChannelClosed, FrameTooLarge, receive_frame, send_frame
 from miles_core.engine.native.engine import EngineReleased
 from miles_core.serve.bodies import parse_bytes
 from miles_core.serve.schemas import UpdateFromTensorBody
 from miles_core.serve.state import RequestError, ServeState
-from miles_core.serve.weights import load_tensor_weights
+from miles_core.serve.weights import copied_event, load_tensor_weights
+from miles_core.sync.ipc_format import LOAD_FORMAT
+from miles_core.utils.device import on_device
 
 logger = logging.getLogger("miles.serve")
 
@@ -92,9 +99,7 @@ class WeightChannelServer:
         state = self.state
         try:
             body = parse_bytes(raw, UpdateFromTensorBody, state.options.max_request_bytes)
-            message = state.worker.control_blocking(
-                lambda: load_tensor_weights(state.engine, body.serialized_named_tensors, body.weight_version,
-                                            body.flush_cache, body.load_format), alone=body.abort_all_requests)
+            answer = state.worker.control_here(lambda: self._load(body), alone=body.abort_all_requests)
         except RequestError as err:
             return {"success": False, "message": str(err), "code": err.status}
         except EngineReleased as err:  # the caller's turn-taking, as the route answers it
@@ -102,7 +107,18 @@ class WeightChannelServer:
         except Exception as err:  # noqa: BLE001 - answered (the route's 500), never a dead channel
             logger.exception("miles serve: an update over the local weight channel failed")
             return {"success": False, "message": f"internal error ({type(err).__name__}): {err}", "code": 500}
-        return {"success": True, "message": message, "weight_version": state.engine.weight_version}
+        return answer
+
+    def _load(self, body: UpdateFromTensorBody) -> dict:
+        """Load the body's tensors on this thread (the engine's device made current); CUDA IPC copies
+        are answered once queued, with the event the trainer's stream waits on."""
+        engine = self.state.engine
+        with on_device(getattr(engine, "device", torch.device("cpu"))):
+            message = load_tensor_weights(engine, body.serialized_named_tensors, body.weight_version,
+                                          body.flush_cache, body.load_format, wait=False)
+            event = copied_event(engine) if body.load_format == LOAD_FORMAT else None
+        answer = {"success": True, "message": message, "weight_version": engine.weight_version}
+        return answer if event is None else {**answer, "copied_event": event}
 
 
 def _answer(connection: socket.socket, answer: dict) -> None:

@@ -38,10 +38,11 @@ def load_disk_weights(engine: RolloutEngine, path: Path, version: str | None, fl
 
 
 def load_tensor_weights(engine: RolloutEngine, blobs: list[str], version: str | None, flush: bool,
-                        load_format: str | None = None) -> str:
-    """Load base64 safetensors blobs (`serialized_named_tensors`) into the engine."""
+                        load_format: str | None = None, *, wait: bool = True) -> str:
+    """Load base64 safetensors blobs (`serialized_named_tensors`) into the engine (`miles_cuda_ipc`:
+    descriptions of the trainer's memory, `load_ipc_weights`)."""
     if load_format == LOAD_FORMAT:
-        return load_ipc_weights(engine, blobs, version, flush)
+        return load_ipc_weights(engine, blobs, version, flush, wait=wait)
     if load_format not in (None, "safetensors"):
         raise RequestError(f"load_format '{load_format}' is not supported; expected safetensors or {LOAD_FORMAT}")
     tensors = {}
@@ -79,9 +80,12 @@ def forget_ipc_mapping(engine: RolloutEngine) -> None:
         mapping.drop()
 
 
-def load_ipc_weights(engine: RolloutEngine, descriptions: list[str], version: str | None, flush: bool) -> str:
-    """Copy the tensors of the trainer's CUDA memory (one JSON description each) into the engine;
-    answers only once the copies are done, so the trainer may write there again."""
+def load_ipc_weights(engine: RolloutEngine, descriptions: list[str], version: str | None, flush: bool, *,
+                     wait: bool = True) -> str:
+    """Copy the tensors of the trainer's CUDA memory (one JSON description each) into the engine.
+    `wait`: answer only once the copies are done, so the trainer may write there again; else (the
+    local channel) once they are queued, with `copied_event` recorded after them for the
+    trainer's stream to wait on (a failure still waits)."""
     import torch
 
     if not descriptions:
@@ -94,10 +98,22 @@ def load_ipc_weights(engine: RolloutEngine, descriptions: list[str], version: st
         raise RequestError(str(err), 409) from None
     except MilesError as err:
         raise RequestError(str(err)) from None
-    for named in buckets:
-        try:
+    waited = wait or device.type != "cuda"
+    try:
+        for named in buckets:
             message = _apply(engine, lambda: named, version, flush, f"{len(named)} CUDA IPC tensors")
-        finally:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # the copies are done before the trainer reuses the buffer
+    except BaseException:
+        waited = True
+        raise
+    finally:
+        if device.type == "cuda" and waited:
+            torch.cuda.synchronize(device)  # the copies are done before the trainer reuses its memory
     return message
+
+
+def copied_event(engine: RolloutEngine) -> str | None:
+    """The handle of the event recorded after the engine's last CUDA IPC copies (None on CPU)."""
+    device = getattr(engine, "device", None)
+    if device is None or device.type != "cuda":
+        return None
+    return ipc_mapping(engine).record_copied(device)

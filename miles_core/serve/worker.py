@@ -16,7 +16,8 @@ jobs for `window_s` (or until `max_batch_size` sequences are gathered), runs the
 is dropped; one whose batch already runs is answered at once as aborted (its result discarded).
 
 Control operations (weight updates, flush, memory) run on the worker thread, between batches; with
-continuous batching they also take the engine's step lock, so they fall between two steps.
+continuous batching they also take the engine's step lock, so they fall between two steps. The
+local weight channel runs its updates on its own thread under the same lock (`control_here`).
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ class BatchingWorker:
         self._waiting: list[_Job] = []
         """Requests of the continuous path waiting for the server to be resumed (abortable)."""
         self._lock = threading.Lock()
+        self._control_lock = threading.Lock()
+        """Held while a control item or a batch runs (`control_here` runs beside the thread)."""
         self._unpaused = threading.Event()
         self._unpaused.set()
         self._stop = False
@@ -129,10 +132,12 @@ class BatchingWorker:
         with self._held(alone):
             return await asyncio.wrap_future(self._queued(fn))
 
-    def control_blocking(self, fn: Callable[[], Any], *, alone: bool = False) -> Any:
-        """`control` for a caller on another thread (the local weight channel): waits for the result."""
-        with self._held(alone):
-            return self._queued(fn).result()
+    def control_here(self, fn: Callable[[], Any], *, alone: bool = False) -> Any:
+        """`control` run on the caller's own thread (the local weight channel's), under the lock every
+        control item and batch of the worker runs under: between batches as `control` is, without
+        the two thread hand-offs (~0.1 ms each way on a GPU host, a fifth of a 0.6B push)."""
+        with self._held(alone), self._control_lock:
+            return fn()
 
     def _queued(self, fn: Callable[[], Any]) -> Future:
         item = _Control(fn, Future())
@@ -295,7 +300,8 @@ class BatchingWorker:
             return
         while True:
             if isinstance(item, _Control):
-                _settle(item.future, item.fn)
+                with self._control_lock:
+                    _settle(item.future, item.fn)
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
@@ -324,7 +330,8 @@ class BatchingWorker:
 
     def _run_batch(self, jobs: list[_Job]) -> None:
         try:
-            self._generate(jobs)
+            with self._control_lock:
+                self._generate(jobs)
         finally:
             with self._lock:
                 self._running = []

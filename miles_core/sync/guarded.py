@@ -4,7 +4,9 @@ the engine holds exactly what was sent.
 
 The deadline runs the transport on a worker thread (one, kept across pushes) and waits for it; a
 push that has not finished in time is an error naming the version and the limit (the stuck thread
-is left behind: the run stops). The check reads every tensor back from the engine
+is left behind: the run stops). A transport with `push_within` (`cuda_ipc`) runs on the caller's
+thread what it bounds itself (a direct push: one answer on a socket with that timeout) and hands
+the rest to the worker thread: two thread hand-offs are a tenth of a 0.6B push. The check reads every tensor back from the engine
 (`get_weights_by_name`, SGLang's name for it) after the push and compares it with the tensor the
 transport was handed, cast to the engine's dtype as the engine's own copy casts it; it also
 checks the version stamp. For engines in
@@ -18,6 +20,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -37,10 +40,17 @@ class TimedSync:
         self._worker: _Worker | None = None
 
     def push(self, weights: Iterable[tuple[str, torch.Tensor]], version: str) -> SyncStats:
+        push_within = getattr(self.inner, "push_within", None)
+        if push_within is not None:  # it bounds its own waits where it can and hands us the rest
+            return push_within(weights, version, lambda fn: self._within(fn, version))
+        return self._within(lambda: self.inner.push(weights, version), version)
+
+    def _within(self, fn: Callable[[], Any], version: str) -> Any:
+        """`fn()` on the worker thread, or the error once `timeout_s` has passed."""
         if self._worker is None:
             self._worker = _Worker()
         try:
-            return self._worker.submit(lambda: self.inner.push(weights, version)).result(self.timeout_s)
+            return self._worker.submit(fn).result(self.timeout_s)
         except FutureTimeout:
             self._worker = None  # stuck: left behind; a later push gets a fresh thread
             raise MilesError(f"weight sync of version {version} did not finish within sync.timeout_s = "
@@ -63,7 +73,7 @@ class _Worker:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._serve, name="weight-sync", daemon=True).start()
 
-    def submit(self, fn: Callable[[], SyncStats]) -> Future:
+    def submit(self, fn: Callable[[], Any]) -> Future:
         """`fn()` queued for the thread; the future holds its result or its exception."""
         future: Future = Future()
         self._jobs.put((fn, future))

@@ -17,6 +17,7 @@ instead of its buffer); all go on `/release_memory_occupation` and with the engi
 
 from __future__ import annotations
 
+import base64
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -69,6 +70,19 @@ class IpcMapping:
         self._texts: dict[str, str] = {}
         """sha256 -> text of the descriptions kept (what references name)."""
         self.num_opens = 0
+        self._copied: tuple[torch.cuda.Event, str] | None = None
+
+    def record_copied(self, device: torch.device) -> str:
+        """Record, on `device`'s current stream, that the copies queued so far are done reading the
+        trainer's memory; returns the interprocess event's handle (base64), which the trainer's
+        stream waits on instead of this side synchronising (`local_channel`)."""
+        if self._copied is None or self._copied[0].device != device:
+            event = torch.cuda.Event(interprocess=True)
+            event.record(torch.cuda.current_stream(device))
+            self._copied = (event, base64.b64encode(event.ipc_handle()).decode())
+        else:
+            self._copied[0].record(torch.cuda.current_stream(device))
+        return self._copied[1]
 
     def tensors(self, text: str, device: torch.device) -> tuple[tuple[str, torch.Tensor], ...]:
         """(name, view) of each tensor the description `text` names, in the mapped storages; a
@@ -103,7 +117,7 @@ class IpcMapping:
         """Unmap every storage (their views go with them)."""
         self._described.clear()
         self._texts.clear()
-        self._mapped.clear()
+        self._unmap(list(self._mapped))
 
     def _buffer(self, key: tuple, fields: dict, description: IpcDescription, device: torch.device) -> torch.Tensor:
         buffer = self._mapped.get(key)
@@ -120,5 +134,13 @@ class IpcMapping:
 
     def _forget_unnamed(self) -> None:
         named = frozenset().union(*(seen.keys for seen in self._described.values()))
-        for key in [key for key in self._mapped if key not in named]:
+        self._unmap([key for key in self._mapped if key not in named])
+
+    def _unmap(self, keys: list) -> None:
+        """Let these storages go, once copies still queued from them are done (an answer may have
+        come before its copies ran: `record_copied`)."""
+        devices = {self._mapped[key].device for key in keys if self._mapped[key].is_cuda}
+        for device in devices:
+            torch.cuda.synchronize(device)
+        for key in keys:
             del self._mapped[key]

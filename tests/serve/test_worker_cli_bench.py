@@ -8,6 +8,7 @@ import asyncio
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def test_an_update_alone_aborts_waiting_jobs_holds_the_worker_and_restores_its_p
 
     async def alone(fn):  # the local weight channel calls from its own thread
         if blocking:
-            return await asyncio.to_thread(worker.control_blocking, fn, alone=True)
+            return await asyncio.to_thread(worker.control_here, fn, alone=True)
         return await worker.control(fn, alone=True)
 
     async def run():
@@ -91,6 +92,28 @@ def test_an_update_alone_aborts_waiting_jobs_holds_the_worker_and_restores_its_p
         worker.close()
     assert seen == [True, True]
     assert isinstance(outcome[0], Aborted)
+
+
+def test_an_update_on_the_callers_thread_waits_for_a_running_control_item():
+    worker = BatchingWorker(EchoEngine(), max_batch_size=8, window_s=0.0)
+    running, order = threading.Event(), []
+
+    def slow():
+        running.set()
+        time.sleep(0.2)
+        order.append("worker item")
+
+    async def run():
+        item = asyncio.ensure_future(worker.control(slow))
+        await asyncio.to_thread(running.wait, 10)
+        await asyncio.to_thread(worker.control_here, lambda: order.append("channel update"), alone=True)
+        await item
+
+    try:
+        asyncio.run(run())
+    finally:
+        worker.close()
+    assert order == ["worker item", "channel update"]  # never beside each other
 
 
 def test_a_paused_worker_with_a_waiting_job_sleeps_and_resume_runs_it():

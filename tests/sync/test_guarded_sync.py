@@ -101,3 +101,41 @@ def test_bad_settings_are_refused(setup):
         build_weight_sync(SyncConfig(transport="disk", quantize="fp8", check_weight_update_equal=True), engine, context)
     with pytest.raises(ValueError, match="timeout_s must be >= 0"):
         SyncConfig(timeout_s=-1)
+
+
+class _SplitTransport:
+    """A transport with `push_within`: what it bounds itself runs on the caller's thread, the rest
+    (here: versions starting with 's') through the deadline's `run`."""
+
+    def __init__(self, stuck: threading.Event | None = None) -> None:
+        self.threads: list[tuple[str, int]] = []
+        self.stuck = stuck
+
+    def push_within(self, weights, version, run):
+        if not version.startswith("s"):
+            self.threads.append((version, threading.get_ident()))
+            return "inline"
+        return run(lambda: self._slow(version))
+
+    def _slow(self, version):
+        self.threads.append((version, threading.get_ident()))
+        if self.stuck is not None:
+            self.stuck.wait()
+        return "slow"
+
+
+def test_a_transport_that_bounds_its_own_waits_runs_them_on_the_callers_thread():
+    from miles_core.sync.guarded import TimedSync
+
+    inner = _SplitTransport()
+    sync = TimedSync(inner, timeout_s=30)
+    assert (sync.push([], "1"), sync.push([], "s2"), sync.push([], "3")) == ("inline", "slow", "inline")
+    here = threading.get_ident()
+    assert [(v, t == here) for v, t in inner.threads] == [("1", True), ("s2", False), ("3", True)]
+    stuck = threading.Event()
+    sync = TimedSync(_SplitTransport(stuck), timeout_s=0.2)  # the part it hands over is still under the deadline
+    try:
+        with pytest.raises(MilesError, match=r"weight sync of version s9 did not finish within sync.timeout_s = 0.2 s"):
+            sync.push([], "s9")
+    finally:
+        stuck.set()
