@@ -110,8 +110,8 @@ class BatchedCopier:
     def __init__(self) -> None:
         self._plans: OrderedDict[tuple, tuple[tuple[int, ...], CopyPlan]] = OrderedDict()
         self._last: tuple | None = None
-        """(key, addresses, plan) of the last copy: the same key object again (the weight table's
-        very tuple, `WeightTable.checked_updates`) is known without hashing it."""
+        """(key, addresses, plan) of the last copy: the same key object again (the weight table
+        hands out the key it kept) is known without hashing it (~300 entries at 0.6B)."""
 
     def copy(self, destinations: list[torch.Tensor], sources: list[torch.Tensor], key: tuple | None) -> None:
         if key is None or triton is None or not destinations or not destinations[0].is_cuda:

@@ -24,7 +24,7 @@ def test_a_list_checked_before_gives_the_same_targets():
     params = [p for _, p in model.named_parameters()]
     assert all(a is b and b is p for a, b, p in zip(first, again, params)) and len(again) == len(params) == 25
     assert torch.equal(sources_again[0], updates[0][1] + 1)  # the sources are this call's
-    assert key == key_again and key[0] == (updates[0][0], torch.float32, updates[0][1].shape)
+    assert key_again is key and key[0] == (updates[0][0], torch.float32, updates[0][1].shape)  # the kept key
     _, _, other = table.checked_updates([(n, t.double()) for n, t in updates])  # same names, other dtype
     assert other != key
 
@@ -55,10 +55,10 @@ def test_the_very_tuple_of_the_last_update_skips_its_key_and_a_list_does_not():
     updates = tuple((n, torch.zeros_like(p)) for n, p in model.named_parameters())
     targets, sources, key = table.checked_updates(updates)
     again, sources_again, key_again = table.checked_updates(updates)
-    assert key_again is key  # not built again (the kept list's key would be an equal, new tuple)
+    assert key_again is key and table._last[0] is updates  # known by identity: no key built, no lookup
     assert again == targets and all(a is b for a, b in zip(sources_again, (t for _, t in updates)))
-    _, _, from_list = table.checked_updates(list(updates))
-    assert from_list == key and from_list is not key and table._last is None  # lists can change: not kept
+    table.checked_updates(list(updates))
+    assert table._last is None  # lists can change: not kept
     table.checked_updates(updates)
     table.invalidate()
     assert table._last is None

@@ -33,7 +33,8 @@ class WeightTable:
         self.model = model
         self._by_name: dict[str, torch.Tensor] | None = None
         self._has_quantized = False
-        self._checked: OrderedDict[tuple, list[torch.Tensor]] = OrderedDict()
+        self._checked: OrderedDict[tuple, tuple[tuple, list[torch.Tensor]]] = OrderedDict()
+        """(name, dtype, shape) list -> (that list, its targets)."""
         self._last: tuple | None = None
         """(the tuple of (name, tensor) last passed, its targets, its sources, its key): immutable,
         so the same object is the same update."""
@@ -68,9 +69,10 @@ class WeightTable:
             return list(last[1]), list(last[2]), last[3]
         named = list(named_tensors)
         key = tuple([(name, tensor.dtype, tensor.shape) for name, tensor in named])
-        targets = self._checked.get(key)
-        if targets is not None:  # seen before: checked, and nothing to quantise or dequantise
+        kept = self._checked.get(key)
+        if kept is not None:  # seen before: checked, and nothing to quantise or dequantise
             self._checked.move_to_end(key)
+            key, targets = kept  # the kept key object: the copier knows it without hashing it again
             self._remember(named_tensors, targets, key)
             return list(targets), [tensor for _, tensor in named], key
         tensors = self._tensors()
@@ -85,7 +87,7 @@ class WeightTable:
         targets = [tensors[name] for name, _ in updates]
         if updates is not named:
             return targets, [tensor for _, tensor in updates], None
-        self._checked[key] = targets  # passed through as they came: the next same list needs no look
+        self._checked[key] = (key, targets)  # passed through as they came: the next same list needs no look
         if len(self._checked) > MAX_CHECKED:
             self._checked.popitem(last=False)
         self._remember(named_tensors, targets, key)
