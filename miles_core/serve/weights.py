@@ -98,16 +98,15 @@ def load_ipc_weights(engine: RolloutEngine, descriptions: list[str], version: st
         raise RequestError(str(err), 409) from None
     except MilesError as err:
         raise RequestError(str(err)) from None
-    waited = wait or device.type != "cuda"
     try:
         for named in buckets:
             message = _apply(engine, lambda: named, version, flush, f"{len(named)} CUDA IPC tensors")
     except BaseException:
-        waited = True
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # a refusal is answered once the copies before it are done
         raise
-    finally:
-        if device.type == "cuda" and waited:
-            torch.cuda.synchronize(device)  # the copies are done before the trainer reuses its memory
+    if device.type == "cuda" and wait:
+        torch.cuda.synchronize(device)  # the copies are done before the trainer reuses its memory
     return message
 
 
