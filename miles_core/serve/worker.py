@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from miles_core.engine.protocol import GenerateRequest, Generation, RolloutEngine
+from miles_core.serve.stream_updates import StreamUpdate, stream_updates
 
 
 class Aborted(Exception):
@@ -54,18 +55,6 @@ class _Job:
 class _Control:
     fn: Callable[[], Any]
     future: Future
-
-
-@dataclass
-class StreamUpdate:
-    """Progress of one sequence: flat index `i * n + j` (prompt i, sample j), its output ids so far,
-    and its `Generation` once the whole request has finished (then `output_ids` is the final list)."""
-
-    index: int
-    request_index: int
-    output_ids: list[int]
-    output_logprobs: list[float]
-    generation: Generation | None = None
 
 
 @dataclass
@@ -222,7 +211,7 @@ class BatchingWorker:
                 self._streams += handles
             sent: dict[int, int] = {}  # flat index -> output ids already reported (-1: final sent)
             while True:
-                updates = _updates(handles, sent)
+                updates = stream_updates(handles, sent)
                 if updates:
                     yield updates
                 if all(h.done for h in handles):
@@ -362,29 +351,6 @@ class BatchingWorker:
         self.stats.num_jobs += len(jobs)
         self.stats.num_sequences += size
         self.stats.batch_sizes.append(size)
-
-
-def _updates(handles: list, sent: dict[int, int]) -> list[StreamUpdate]:
-    """What moved since `sent`: new output ids of running sequences, the final answer of finished
-    requests (each once). Reads lists the engine thread appends to; a copy is a consistent prefix."""
-    updates, flat = [], 0
-    for i, handle in enumerate(handles):
-        done = handle.done  # read first: generations are complete once `done` is seen
-        for j, seq in enumerate(handle.sequences):
-            index, flat = flat, flat + 1
-            if sent.get(index) == -1:
-                continue
-            if done:
-                gen = handle.generations[j]
-                updates.append(StreamUpdate(index, i, list(gen.output_ids), list(gen.output_logprobs), gen))
-                sent[index] = -1
-                continue
-            ids, logprobs = seq.output_ids, list(seq.logprobs)  # a token lands before its logprob
-            ids = ids[:len(logprobs)]
-            if len(ids) > sent.get(index, 0):
-                updates.append(StreamUpdate(index, i, ids, logprobs[:len(ids)]))
-                sent[index] = len(ids)
-    return updates
 
 
 def _settle_once(future: asyncio.Future, handle: Any) -> None:
