@@ -93,13 +93,14 @@ class WeightRoutes:
 
     def _weight_channels(self) -> list[WeightChannel]:
         """One open channel per live server; none (once warned) where a server offers none."""
-        urls = [server.url for server in self._live()]
+        live = self._live()
+        urls = [server.url for server in live]
         if self._channels is not None and self._channels[0] == urls:
             return self._channels[1]
         self.close_weight_channels()
         channels = []
         try:
-            for server in self._live():
+            for server in live:
                 where = self._post_one(server, "/weight_channel", {})
                 channels.append(WeightChannel(server.url, where["path"], where["token"], self.cfg.request_timeout_s))
         except (MilesError, OSError, KeyError, TypeError) as err:
