@@ -124,7 +124,8 @@ class BatchingWorker:
     def control_here(self, fn: Callable[[], Any], *, alone: bool = False) -> Any:
         """`control` run on the caller's own thread (the local weight channel's), under the lock every
         control item and batch of the worker runs under: between batches as `control` is, without
-        the two thread hand-offs (~0.1 ms each way on a GPU host, a fifth of a 0.6B push)."""
+        the two thread hand-offs (with the pause around them ~0.13 ms of a 0.6B push on a GPU host,
+        `bench/results/weight_sync.md` run 14)."""
         with self._held(alone), self._control_lock:
             return fn()
 
