@@ -25,17 +25,28 @@ from tests.serve.conftest import start
 from tests.serve.test_serve_weight_routes import FakeIpc, _assert_holds, _known_after_a_staged_push, _noisy
 
 
+def _server_and_weights(monkeypatch, **options):
+    """(state, thread, descriptions, weights): a server (not started) and weights whose storages
+    the trainer knows (direct pushes)."""
+    FakeIpc(monkeypatch)
+    state, thread = start(allow_unauthenticated_weight_updates=True, **options)
+    descriptions = IpcDescriptions(StorageExports(device_type="cpu"))
+    weights = _noisy(state.engine, 1)
+    _known_after_a_staged_push(descriptions, weights)
+    return state, thread, descriptions, weights
+
+
+def _client(url: str) -> SGLangHttpEngine:
+    return SGLangHttpEngine(EngineConfig(backend="sglang", urls=[url], request_timeout_s=30), urls=[url])
+
+
 @pytest.fixture
 def channel_server(monkeypatch):
     """(state, url, engine, descriptions, weights, paths) of a server, a client engine recording
     the HTTP paths it posts, and weights whose storages the trainer knows (direct pushes)."""
-    FakeIpc(monkeypatch)
-    state, thread = start(allow_unauthenticated_weight_updates=True, max_request_bytes=64 << 10)
-    descriptions = IpcDescriptions(StorageExports(device_type="cpu"))
-    weights = _noisy(state.engine, 1)
-    _known_after_a_staged_push(descriptions, weights)
+    state, thread, descriptions, weights = _server_and_weights(monkeypatch, max_request_bytes=64 << 10)
     with thread as url:
-        engine = SGLangHttpEngine(EngineConfig(backend="sglang", urls=[url], request_timeout_s=30), urls=[url])
+        engine = _client(url)
         paths: list[str] = []
         post_one = engine._post_one
         monkeypatch.setattr(engine, "_post_one", lambda server, path, body: (paths.append(path),
@@ -120,13 +131,9 @@ def test_bad_messages_are_refused_with_one_line_and_nothing_changes(channel_serv
 
 
 def test_a_stopped_server_is_a_clear_error(monkeypatch):
-    FakeIpc(monkeypatch)
-    state, thread = start(allow_unauthenticated_weight_updates=True)
-    descriptions = IpcDescriptions(StorageExports(device_type="cpu"))
-    weights = _noisy(state.engine, 1)
-    _known_after_a_staged_push(descriptions, weights)
+    state, thread, descriptions, weights = _server_and_weights(monkeypatch)
     with thread as url:
-        engine = SGLangHttpEngine(EngineConfig(backend="sglang", urls=[url], request_timeout_s=30), urls=[url])
+        engine = _client(url)
         _push(engine, descriptions.direct(weights), "1")
         folder = os.path.dirname(state.weight_channel.path)
     assert not os.path.exists(folder)  # the server removed its socket on the way out
