@@ -1,5 +1,6 @@
 """The batched copy of the engine's weight updates: its chunk table by hand on CPU; on a GPU, a
-mix of pairs the kernel takes and pairs it leaves to torch, copied bitwise, with the plan kept."""
+mix of pairs the kernel takes and pairs it leaves to torch, copied bitwise, with the plan kept
+and its launch replayed from a CUDA graph."""
 
 from __future__ import annotations
 
@@ -36,12 +37,14 @@ def test_a_mix_of_pairs_is_copied_bitwise_in_one_launch_and_the_rest():
     plan = plan_copies(destinations, sources)
     assert plan.rest == [2, 3, 4] and plan.table.shape[0] == 4 + 1
     copier = BatchedCopier()
-    for _ in range(2):
+    for _ in range(4):  # launched twice, then replayed from a CUDA graph: each copy reads the bytes of now
         for tensor in destinations:
             tensor.zero_()
+        for tensor in sources:
+            tensor.add_(1)
         copier.copy(destinations, sources, key=("same",))
         torch.cuda.synchronize()
         for destination, source in zip(destinations, sources):
             expected = torch.empty_like(destination).copy_(source)
             assert torch.equal(destination.view(torch.uint8), expected.view(torch.uint8))
-    assert len(copier._plans) == 1
+    assert len(copier._plans) == 1 and isinstance(copier._last[2].graph, torch.cuda.CUDAGraph)
