@@ -1,8 +1,11 @@
 """Seconds and GB/s of one weight sync per transport, against the bounds measured in the same run.
 
 For each model shape (Qwen3 at 0.6B and 4B with the SmolLM2 vocabulary, random bf16 weights saved
-as a HF checkpoint), the
-trainer side pushes the full bf16 state dict (`sync.bucket_mb` buckets) to an engine:
+as a HF checkpoint), the trainer side pushes the full bf16 state dict (`sync.bucket_mb` buckets)
+to an engine, timed two ways on the same engine: handed as one `KeptWeights` tuple, the same
+object each push (what the native trainer's `export_weights` hands out while its parameters stay
+in place: a transport reuses what it worked out for it), and as a plain iterator of (name,
+tensor) pairs (gathered or generated weights: every weight looked at each push). Transports:
 
 - `inprocess`: a native engine in this process on GPU 0 (one multi-tensor copy a bucket);
 - `cuda_ipc`: a `miles serve` process on GPU 0 (colocated): the warm-up push is staged (buckets
@@ -39,6 +42,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from miles_core.launch.local import free_port
+from miles_core.models.kept_weights import KeptWeights
 
 from align_overhead import random_model  # bench/ is on sys.path when run
 from train_throughput import SHAPES
@@ -110,34 +114,43 @@ def start_server(model_dir: Path, gpu: int, log: Path) -> tuple[subprocess.Popen
     raise RuntimeError(f"miles serve on GPU {gpu} did not come up: {log.read_text()[-2000:]}")
 
 
-def timed_pushes(sync, weights: list[tuple[str, torch.Tensor]], repeats: int, profile: bool = False) -> float:
+def timed_pushes(sync, weights, repeats: int, profile: bool = False, *, kept: bool, first_version: int = 1) -> float:
+    """Median seconds of `repeats` pushes after a warm-up one: `weights` (a `KeptWeights`) itself
+    each push if `kept`, else a fresh iterator over it."""
     times = []
-    for version in range(repeats + 1):
+    for version in range(first_version, first_version + repeats + 1):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        sync.push(iter(weights), version=str(version + 1))
+        sync.push(weights if kept else iter(weights), version=str(version))
         torch.cuda.synchronize()  # an in-process push returns once its copies are queued
         times.append(time.perf_counter() - start)
     if profile:
-        print_push_profile(sync, weights, version=str(repeats + 2))
+        print_push_profile(sync, weights if kept else iter(weights), version=f"{first_version + repeats + 1}p")
     return statistics.median(times[1:])
 
 
-def print_push_profile(sync, weights: list[tuple[str, torch.Tensor]], version: str) -> None:
+def timed_both_ways(sync, weights, repeats: int, profile: bool) -> tuple[float, float]:
+    """(seconds handed as the kept tuple, seconds handed as an iterator) on the same engine."""
+    kept = timed_pushes(sync, weights, repeats, profile, kept=True)
+    return kept, timed_pushes(sync, weights, repeats, profile, kept=False, first_version=repeats + 3)
+
+
+def print_push_profile(sync, weights, version: str) -> None:
     """One more push under cProfile: where the trainer side's host time goes (HTTP waits, packing)."""
     import cProfile
     import pstats
 
     profiler = cProfile.Profile()
     profiler.enable()
-    sync.push(iter(weights), version=version)
+    sync.push(weights, version=version)
     torch.cuda.synchronize()
     profiler.disable()
     pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
 
 
 def measure_shape(name: str, args, work: Path) -> tuple[list[tuple[str, float, float]], int]:
-    """Rows (transport, seconds, GB/s) for one model shape, and the bytes pushed."""
+    """Rows (transport, seconds handed kept, seconds handed as an iterator) for one model shape,
+    and the bytes pushed."""
     from miles_core.checkpoint.loading import load_model
     from miles_core.config import EngineConfig, ModelConfig, SyncConfig
     from miles_core.engine import build_engine
@@ -146,7 +159,7 @@ def measure_shape(name: str, args, work: Path) -> tuple[list[tuple[str, float, f
 
     model_dir = save_random_checkpoint(name, work / name, Path(args.tokenizer))
     loaded = load_model(ModelConfig(source=str(model_dir), device="cuda", dtype="bfloat16"))
-    weights = [(k, v.detach().clone()) for k, v in loaded.model.state_dict().items()]
+    weights = KeptWeights((k, v.detach().clone()) for k, v in loaded.model.state_dict().items())
     nbytes = sum(v.numel() * v.element_size() for _, v in weights)
     context = SyncContext(hf_config=loaded.hf_config, source_dir=model_dir, work_dir=work / f"{name}-disk")
     rows = []
@@ -155,19 +168,19 @@ def measure_shape(name: str, args, work: Path) -> tuple[list[tuple[str, float, f
             if transport == "inprocess":
                 engine = build_engine(EngineConfig(), loaded)
                 sync = build_weight_sync(SyncConfig(transport="inprocess", bucket_mb=args.bucket_mb), engine)
-                seconds = timed_pushes(sync, weights, args.repeats, args.profile)
+                seconds = timed_both_ways(sync, weights, args.repeats, args.profile)
             else:
                 gpu = 0 if transport == "cuda_ipc" else 1
                 process, url = start_server(model_dir, gpu, work / f"{name}-{transport}.log")
                 try:
                     engine = SGLangHttpEngine(EngineConfig(backend="sglang", urls=[url], api_key=API_KEY), urls=[url])
                     sync = build_weight_sync(SyncConfig(transport=transport, bucket_mb=args.bucket_mb), engine, context)
-                    seconds = timed_pushes(sync, weights, args.repeats, args.profile)
+                    seconds = timed_both_ways(sync, weights, args.repeats, args.profile)
                     getattr(sync, "close", lambda: None)()
                 finally:
                     process.terminate()
                     process.wait(timeout=60)
-            rows.append((transport + _way(sync), seconds, nbytes / seconds / 1e9))
+            rows.append((transport + _way(sync), *seconds))
         except Exception as err:  # noqa: BLE001 - a failing transport is reported, the others still run
             rows.append((f"{transport} (failed: {str(err).splitlines()[0][:160]})", float("nan"), float("nan")))
         print(name, rows[-1], flush=True)
@@ -208,12 +221,14 @@ def report(args, bounds: dict, results: dict) -> str:
              f"Bounds measured in this run: device-to-device copy on GPU 0 {bounds['copy']:.0f} GB/s; "
              f"NCCL all-reduce bus bandwidth GPU 0 <-> GPU 1 {bounds['nccl']:.0f} GB/s.", ""]
     for name, (rows, nbytes) in results.items():
-        lines += [f"## {name} ({nbytes / 1e9:.2f} GB)", "", "| transport | ms | GB/s | bound | share of bound |",
-                  "|---|---|---|---|---|"]
-        for transport, seconds, rate in rows:
+        lines += [f"## {name} ({nbytes / 1e9:.2f} GB)", "",
+                  "| transport | bound | kept tuple: ms | GB/s | share of bound | iterator: ms | GB/s | share of bound |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for transport, *seconds in rows:
             bound = bounds["nccl"] if transport.startswith("nccl") else bounds["copy"]
             label = "NCCL bus" if transport.startswith("nccl") else "copy"
-            lines.append(f"| {transport} | {seconds * 1e3:.2f} | {rate:.1f} | {label} {bound:.0f} GB/s | {rate / bound:.1%} |")
+            cells = [f"{s * 1e3:.2f} | {nbytes / s / 1e9:.1f} | {nbytes / s / 1e9 / bound:.1%}" for s in seconds]
+            lines.append(f"| {transport} | {label} {bound:.0f} GB/s | {' | '.join(cells)} |")
         lines.append("")
     return "\n".join(lines)
 

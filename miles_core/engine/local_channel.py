@@ -7,7 +7,7 @@ same again or more in Python on both ends. The channel carries the same JSON bod
 as the route, framed (a 4-byte big-endian length, then the JSON), with no per-call headers,
 parsing or event-loop hops; the server runs each between its worker's batches, as the route does
 (`serve/weight_channel.py`), and answers a CUDA IPC update once its copies are queued, with an
-event for the trainer's stream to wait on.
+event for the trainer to wait on.
 
 Who may use it: the socket lies in a folder only the server's user can enter, and a connection
 must first show the token the server handed out on `POST /weight_channel` (a protected route:

@@ -9,8 +9,8 @@ Each connection has its own thread, which parses a body exactly as the route doe
 batching worker's batches and control items (`BatchingWorker.control_here`: the route's abort and
 hold, under the worker's lock, without two thread hand-offs). A CUDA IPC update is answered once
 its copies are queued, with `copied_event`: the handle of an interprocess event recorded after
-them, which the trainer's stream waits on (the trainer's next writes come after the copies; the
-engine's next forward is on the same stream as the copies, so it computes with the new weights).
+them, which the trainer waits on before it writes its weights again (the engine's next forward
+is on the same stream as the copies, so it computes with the new weights).
 """
 
 from __future__ import annotations

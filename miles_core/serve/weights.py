@@ -85,7 +85,7 @@ def load_ipc_weights(engine: RolloutEngine, descriptions: list[str], version: st
     """Copy the tensors of the trainer's CUDA memory (one JSON description each) into the engine.
     `wait`: answer only once the copies are done, so the trainer may write there again; else (the
     local channel) once they are queued, with `copied_event` recorded after them for the
-    trainer's stream to wait on (a failure still waits)."""
+    trainer to wait on (a failure still waits)."""
     import torch
 
     if not descriptions:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import math
 import time
 import weakref
 from collections import OrderedDict
@@ -39,6 +40,7 @@ import torch
 from miles_core.config import SyncConfig
 from miles_core.engine.protocol import RolloutEngine
 from miles_core.errors import MilesError, Refused
+from miles_core.models.kept_weights import KeptWeights
 from miles_core.sync.flat import FlatStaging, signature
 from miles_core.sync.ipc_format import ALIGN, LOAD_FORMAT, IpcTensor, describe, reference
 from miles_core.sync.ipc_mapping import device_uuid
@@ -198,6 +200,8 @@ class CudaIpcSync:
         self._direct_bytes: tuple[str | None, int] = (None, 0)
         self._events: dict[str, torch.cuda.Event] = {}
         """The servers' copied events, opened once each."""
+        self._last_taken: tuple[KeptWeights, list[Named], list[tuple]] | None = None
+        """The `KeptWeights` of the last push that found every weight known, and what it took."""
 
     @property
     def buffer(self) -> torch.Tensor | None:
@@ -211,7 +215,7 @@ class CudaIpcSync:
         the answer, is bounded by `sync.timeout_s`) and anything else through `run` (`TimedSync`:
         on its thread, under its deadline), saving a direct push two thread hand-offs."""
         start = time.perf_counter()
-        known, layout, rest = self._take_known(iter(weights))
+        known, layout, rest = self._take(weights)
         if rest is None and known and getattr(self.engine, "weight_channels_open", bool)():
             counts = self._send_direct(known, layout, version)
         else:
@@ -224,11 +228,23 @@ class CudaIpcSync:
         if rest is None and known:
             return self._send_direct(known, layout, version)
         noted: dict = {}
+        self._last_taken = None  # the storages known change
         counts = send_paused(self.engine, self._noting(known, rest or iter(()), noted), self.bucket_bytes,
                              lambda bucket, last, alone: self._send_staged(bucket, version if last else None, alone))
         self.descriptions.exports.remember(noted)  # the next push goes direct if they stay where they are
         self.descriptions.forget_direct()  # a storage at a known address may be a new one
         return counts
+
+    def _take(self, weights: Iterable[Named]) -> tuple[list[Named], list[tuple], Iterator[Named] | None]:
+        """`_take_known`; for the very `KeptWeights` whose weights all lay where the push before
+        found them, what it took then (its views keep those storages alive, unmoved)."""
+        last = self._last_taken
+        if last is not None and last[0] is weights:
+            return last[1], last[2], None
+        known, layout, rest = self._take_known(iter(weights))
+        kept = rest is None and known and isinstance(weights, KeptWeights)
+        self._last_taken = (weights, known, layout) if kept else None
+        return known, layout, rest
 
     def _take_known(self, weights: Iterator[Named]) -> tuple[list[Named], list[tuple], Iterator[Named] | None]:
         """The weights while every one lies where the last push found it, on one device, with their
@@ -270,14 +286,14 @@ class CudaIpcSync:
         _, offsets = self.staging.pack_with_offsets(tensors)
         torch.cuda.synchronize(device)  # the server reads the buffer from its own stream
         text = self.descriptions.staged(self.staging.buffer, [name for name, _ in bucket], tensors, offsets)
-        # the next pack waits (on this stream) until every server has copied the bucket out
+        # `_update` returns once every server has copied the bucket out: the next pack may follow
         self._update(text, device, version=version, flush=version is not None, abort_all=alone)
 
     def _update(self, text: str, device: torch.device, **options) -> None:
         """Send the description over each server's local weight channel (HTTP where it has none),
         as its reference once the servers have it (a server that lost it answers 409: then the
-        whole text, which every server applies alike); then this thread's stream waits for the
-        servers' copies (an answer over HTTP comes after them)."""
+        whole text, which every server applies alike); then wait for the servers' copies (an
+        answer over HTTP comes after them)."""
         timeout = self.cfg.timeout_s or None
         sent = self._delivered.get(text)
         answers = None
@@ -298,14 +314,23 @@ class CudaIpcSync:
         self._wait_copied(answers, device)
 
     def _wait_copied(self, answers: list[dict], device: torch.device) -> None:
-        """This thread's current stream waits on each server's `copied_event` (the trainer's next
-        writes, and the next pack into the staging buffer, come after the servers' copies)."""
-        stream = None
+        """Wait on the host, at most `sync.timeout_s`, for each server's `copied_event`: the push
+        returns once every server has copied the weights out, so the trainer may write them (or
+        the next bucket into the staging buffer) at once. Not this process's stream waiting on
+        the event: that costs the GPU a switch between the two processes' contexts, ~0.25 ms of a
+        0.6B push on an H200 (`bench/results/weight_sync.md`, run 17)."""
+        limit = self.cfg.timeout_s
+        deadline = time.monotonic() + limit if limit > 0 else math.inf
         for answer in answers:
             handle = answer.get("copied_event") if isinstance(answer, dict) else None
-            if handle:
-                stream = stream or torch.cuda.current_stream(device)
-                stream.wait_event(self._copied_event(handle, device))
+            if not handle:
+                continue
+            event = self._copied_event(handle, device)
+            while not event.query():  # a few microseconds a poll; the GIL is let go between polls
+                if time.monotonic() > deadline:
+                    raise MilesError(f"cuda_ipc: a server's copies of the weights did not finish within "
+                                     f"sync.timeout_s = {limit:g} s (its GPU is stuck or busy)")
+                time.sleep(0)
 
     def _copied_event(self, handle: str, device: torch.device) -> torch.cuda.Event:
         event = self._events.get(handle)

@@ -74,8 +74,8 @@ class IpcMapping:
 
     def record_copied(self, device: torch.device) -> str:
         """Record, on `device`'s current stream, that the copies queued so far are done reading the
-        trainer's memory; returns the interprocess event's handle (base64), which the trainer's
-        stream waits on instead of this side synchronising (`local_channel`)."""
+        trainer's memory; returns the interprocess event's handle (base64), which the trainer
+        waits on instead of this side synchronising (`local_channel`)."""
         if self._copied is None or self._copied[0].device != device:
             event = torch.cuda.Event(interprocess=True)
             event.record(torch.cuda.current_stream(device))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from miles_core.errors import MilesError
 from miles_core.algo.mismatch import MismatchSums
 from miles_core.checkpoint.loading import DTYPES
 from miles_core.utils.device import to_device
-from miles_core.models.base import named_weights
+from miles_core.models.kept_weights import KeptWeights, WeightExport
 from miles_core.quant.formats import QuantSpec
 from miles_core.quant.fp8_train import apply_fp8_training
 from miles_core.quant.qat import apply_int4_qat
@@ -92,6 +92,7 @@ class NativeTrainer:
         self._bad_samples: list[int] = []
         self._positions: list[int] = []
         self._casts = CastCache()  # the policy's compute-dtype weights, cast once per optimizer step
+        self._export = WeightExport(model)
         self.qat_modules = _apply_qat(model, cfg)
         self.fp8_modules = apply_fp8_training(model) if cfg.precision == "fp8" else []
         apply_speed_options(model, activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
@@ -309,9 +310,9 @@ class NativeTrainer:
             mismatch.add(log_probs, pad(batch.rollout_log_probs), mask)
         return {k: v for k, v in metrics.items() if k not in _POLICY_LOSS_DUPLICATES}
 
-    def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in named_weights(self.model):  # shared (tied) parameters appear once
-            yield name, tensor.detach()
+    def export_weights(self) -> KeptWeights:
+        """The same tuple push after push while the parameters stay in place (`kept_weights.py`)."""
+        return self._export.current()
 
     def offload_optimizer(self) -> int:
         """Move the optimizer state (the critic's too) to host memory while a colocated engine

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -39,8 +39,9 @@ class TrainBackend(Protocol):
     def update_reference(self) -> None:
         """Copy the policy's current weights into the reference model."""
 
-    def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Current weights with HF names (tied weights once), for sync and checkpoints."""
+    def export_weights(self) -> Iterable[tuple[str, torch.Tensor]]:
+        """Current weights with HF names (tied weights once), for sync and checkpoints; may be
+        the same `KeptWeights` tuple push after push (`models/kept_weights.py`)."""
 
     def save(self, directory: Path) -> None:
         """Trainer state for resuming: weights, optimizer, schedule, reference and critic

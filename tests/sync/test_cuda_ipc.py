@@ -106,6 +106,52 @@ def test_a_storage_is_known_while_it_is_the_same_and_only_then():
     assert not exports.knows(fresh)
 
 
+def test_a_kept_tuple_of_known_weights_is_taken_once():
+    from miles_core.models.kept_weights import KeptWeights
+    from miles_core.sync.cuda_ipc import CudaIpcSync, IpcDescriptions
+
+    sync = object.__new__(CudaIpcSync)  # its trainer-side bookkeeping only (no GPU, no server)
+    sync.descriptions, sync._last_taken = IpcDescriptions(StorageExports(device_type="cpu")), None
+    kept = KeptWeights([("a", torch.ones(8)), ("b", torch.zeros(4))])
+    assert sync._take(kept)[2] is not None and sync._last_taken is None  # unknown storages: staged
+    noted: dict = {}
+    for _, tensor in kept:
+        sync.descriptions.exports.note(tensor, noted)
+    sync.descriptions.exports.remember(noted)
+    known, layout, rest = sync._take(kept)
+    assert rest is None and [name for name, _ in known] == ["a", "b"]
+    assert sync._take(kept)[:2] == (known, layout) and sync._take(kept)[0] is known  # no weight looked at again
+    listed = list(kept)  # not a kept tuple: looked at every push
+    assert sync._take(listed)[0] is not known and sync._last_taken is None
+
+
+class _Event:
+    """A server's copied event, done after `polls` queries (never, with None)."""
+
+    def __init__(self, polls: int | None) -> None:
+        self.polls, self.queries = polls, 0
+
+    def query(self) -> bool:
+        self.queries += 1
+        return self.polls is not None and self.queries > self.polls
+
+
+def test_the_trainer_waits_on_the_servers_copied_events_within_the_timeout():
+    from miles_core.config import SyncConfig
+    from miles_core.sync.cuda_ipc import CudaIpcSync
+
+    sync = object.__new__(CudaIpcSync)  # its wait only (no GPU, no server)
+    sync.cfg = SyncConfig(transport="cuda_ipc", timeout_s=0.2)
+    events = {"a": _Event(3), "b": _Event(0), "stuck": _Event(None)}
+    sync._copied_event = lambda handle, device: events[handle]
+    sync._wait_copied([{"copied_event": "a"}, {"copied_event": "b"}, {"success": True}], torch.device("cpu"))
+    assert (events["a"].queries, events["b"].queries) == (4, 1)  # polled until each is done
+    with pytest.raises(MilesError, match=r"cuda_ipc: a server's copies of the weights did not finish within "
+                                         r"sync.timeout_s = 0.2 s"):
+        sync._wait_copied([{"copied_event": "stuck"}], torch.device("cpu"))
+    assert events["stuck"].queries > 1
+
+
 def _checked_ipc_sync(server):
     """A `cuda_ipc` sync to `server`, checked bitwise after every push, staging 100 kB buckets:
     (engine, sync, the transport inside its guards)."""
@@ -172,6 +218,36 @@ def test_pushes_of_the_trainers_own_weights_go_direct_in_one_call():
         assert sync.push(weights, version="3b").num_buckets == 1 and inner.num_direct == 3
         fresh = [(n, t.clone()) for n, t in weights]  # made afresh (FSDP's gathered weights): staged again
         assert sync.push(fresh, version="4").num_buckets > 1 and inner.num_direct == 3
+    finally:
+        server.stop()
+
+
+@pytest.mark.gpu
+def test_a_trainers_kept_tuple_goes_direct_without_a_look_at_its_weights():
+    """The native trainer's export (`KeptWeights`, the same tuple while its parameters stay in
+    place): staged once, then direct, the pushes after the first direct one reusing what it took;
+    the server holds every step's weights bitwise."""
+    from miles_core.checkpoint.loading import load_model
+    from miles_core.config import ModelConfig, SyncConfig
+    from miles_core.models.kept_weights import WeightExport
+    from miles_core.sync import build_weight_sync
+    from miles_core.sync.group import tensor_sha256
+    from tests.sync.servers import ServeProcess, client_engine, digests, version_of
+
+    model = load_model(ModelConfig(source="tiny-qwen3", device="cpu")).model.cuda()
+    server = ServeProcess(device="cuda:0").wait_ready()
+    try:
+        sync = build_weight_sync(SyncConfig(transport="cuda_ipc", timeout_s=120), client_engine(server))
+        inner, export = sync.inner, WeightExport(model)
+        for step in (1, 2, 3):
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.add_(0.125 * step)  # the optimizer's step, in place
+            sync.push(export.current(), version=str(step))
+            held = digests(server.url, [name for name, _ in export.current()])
+            for name, tensor in export.current():
+                assert held[name]["sha256"] == tensor_sha256(tensor.to(getattr(torch, held[name]["dtype"]))), name
+        assert version_of(server.url) == "3" and inner.num_direct == 2 and inner._last_taken[0] is export.current()
     finally:
         server.stop()
 

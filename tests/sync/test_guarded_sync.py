@@ -44,8 +44,8 @@ def test_check_catches_a_tensor_the_engine_did_not_take(setup, transport, monkey
     engine, trained, context = setup
     original = engine.update_weights
 
-    def drops_one(named, version):  # a transport bug: one tensor never arrives
-        original([(n, t) for n, t in named if n != "model.norm.weight"], version)
+    def drops_one(named, version, **waits):  # a transport bug: one tensor never arrives
+        original([(n, t) for n, t in named if n != "model.norm.weight"], version, **waits)
 
     monkeypatch.setattr(engine, "update_weights", drops_one)
     sync = build_weight_sync(SyncConfig(transport=transport, check_weight_update_equal=True), engine, context)
@@ -57,23 +57,59 @@ def test_check_catches_a_tensor_the_engine_did_not_take(setup, transport, monkey
     assert not torch.equal(engine.get_weights_by_name("model.norm.weight"), trained.model.norm.weight)
 
 
+class _Unbounded:
+    """An in-process engine whose waits take no bound: its pushes run under the deadline's thread."""
+
+    bounded_waits = False
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def update_weights(self, named, version):
+        self.engine.update_weights(named, version)
+
+
 def test_a_stuck_engine_is_an_error_not_a_hang(setup, monkeypatch):
     engine, trained, context = setup
-    release, original = threading.Event(), engine.update_weights
+    engine = _Unbounded(engine)
+    release = threading.Event()
     monkeypatch.setattr(engine, "update_weights", lambda named, version: release.wait())
     sync = build_weight_sync(SyncConfig(timeout_s=0.2), engine, context)
     try:
         with pytest.raises(MilesError, match=r"weight sync of version 7 did not finish within sync.timeout_s = 0.2 s"):
             sync.push(trained.named_parameters(), version="7")
-        monkeypatch.setattr(engine, "update_weights", original)  # the engine recovers: the next push gets
-        sync.push(trained.named_parameters(), version="8")     # a fresh thread, not the stuck one's queue
+        monkeypatch.undo()  # the engine recovers: the next push gets a fresh thread, not the stuck one's queue
+        sync.push(trained.named_parameters(), version="8")
         assert engine.weight_version == "8"
     finally:
         release.set()
 
 
-def test_pushes_share_one_worker_thread(setup, monkeypatch):
+def test_a_native_engine_stuck_in_a_step_is_an_error_on_the_callers_thread(setup):
     engine, trained, context = setup
+    sync = build_weight_sync(SyncConfig(timeout_s=0.2), engine, context)
+    before = {name: tensor.clone() for name, tensor in engine.weights._tensors().items()}
+    assert engine._step_lock.acquire()  # a step that does not end
+    try:
+        with pytest.raises(MilesError, match=r"update_weights: the engine's running step did not end within 0.2 s "
+                                             r"\(sync.timeout_s\); the engine is stuck"):
+            sync.push(trained.named_parameters(), version="7")
+        assert engine.health()  # resumed after the failed push, and nothing was written
+        assert all(torch.equal(before[name], tensor) for name, tensor in engine.weights._tensors().items())
+        assert engine.weight_version != "7"
+    finally:
+        engine._step_lock.release()
+    sync.push(trained.named_parameters(), version="8")
+    assert engine.weight_version == "8"
+    assert torch.equal(engine.get_weights_by_name("model.norm.weight"), trained.model.norm.weight)
+
+
+def test_pushes_to_an_unbounded_engine_share_one_worker_thread(setup, monkeypatch):
+    engine, trained, context = setup
+    engine = _Unbounded(engine)
     threads, original = [], engine.update_weights
 
     def recorded(named, version):
@@ -86,6 +122,23 @@ def test_pushes_share_one_worker_thread(setup, monkeypatch):
         sync.push(trained.named_parameters(), version=version)
     assert len(threads) >= 3 and len(set(threads)) == 1 and threads[0] != threading.get_ident()
     sync.close()
+
+
+def test_pushes_to_a_native_engine_run_on_the_callers_thread(setup, monkeypatch):
+    engine, trained, context = setup
+    threads, original = [], engine.update_weights
+
+    def recorded(named, version, timeout_s):
+        threads.append((threading.get_ident(), timeout_s))
+        original(named, version, timeout_s=timeout_s)
+
+    monkeypatch.setattr(engine, "update_weights", recorded)
+    sync = build_weight_sync(SyncConfig(timeout_s=30, bucket_mb=1), engine, context)
+    sync.push(trained.named_parameters(), version="1")
+    assert threads and set(threads) == {(threading.get_ident(), 30.0)}
+    unlimited = build_weight_sync(SyncConfig(timeout_s=0, bucket_mb=1), engine, context)
+    unlimited.push(trained.named_parameters(), version="2")
+    assert threads[-1] == (threading.get_ident(), None) and engine.weight_version == "2"
 
 
 def test_errors_of_the_transport_reach_the_caller_through_the_deadline(setup, monkeypatch):

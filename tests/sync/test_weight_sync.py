@@ -146,3 +146,48 @@ def test_native_engine_holds_the_trainer_weights_bitwise_after_a_push(tmp_path, 
     assert engine.weight_version == "3" and engine.health()
     for (name, a), (_, b) in zip(loaded.model.named_parameters(), trained.named_parameters()):
         assert torch.equal(a, b), name
+
+
+def test_a_kept_tuple_pushed_again_hands_the_engine_the_same_buckets(tmp_path, monkeypatch):
+    from miles_core.models.kept_weights import WeightExport
+
+    monkeypatch.setenv("MILES_CACHE", str(tmp_path))
+    loaded = load_model(ModelConfig(source="tiny-qwen3", device="cpu"))
+    engine = build_engine(EngineConfig(), loaded)
+    trained = copy.deepcopy(loaded.model)
+    export = WeightExport(trained)
+    handed, original = [], engine.update_weights
+    monkeypatch.setattr(engine, "update_weights",
+                        lambda named, version, **waits: (handed.append(named), original(named, version, **waits)))
+    sync = build_weight_sync(SyncConfig(bucket_mb=1), engine)
+    for step in (1, 2):
+        with torch.no_grad():
+            for p in trained.parameters():
+                p.add_(torch.randn_like(p))  # the optimizer's step, in place: the same tuple is handed out
+        stats = sync.push(export.current(), version=str(step))
+        assert engine.weight_version == str(step) and stats.num_tensors == len(export.current())
+        for name, tensor in export.current():
+            assert torch.equal(engine.get_weights_by_name(name), tensor), name
+    first, second = handed[:stats.num_buckets], handed[stats.num_buckets:]
+    assert len(first) == len(second) and all(a is b for a, b in zip(first, second))  # known again by identity
+    trained.model.norm.weight.data = trained.model.norm.weight.data + 1  # moved: a new tuple, bucketed afresh
+    sync.push(export.current(), version="3")
+    assert all(a is not b for a, b in zip(first, handed[-stats.num_buckets:]))
+    assert torch.equal(engine.get_weights_by_name("model.norm.weight"), trained.model.norm.weight)
+
+
+def test_weights_from_a_generator_are_sent_a_bucket_at_a_time():
+    engine = RecordingEngine()
+    made = []
+
+    def gathered():  # FSDP's full tensors, made one by one: never all held at once
+        for name in ("a", "b", "c"):
+            made.append(name)
+            yield name, torch.zeros(1 << 18)  # 1 MiB: a bucket each
+
+    sync = build_weight_sync(SyncConfig(bucket_mb=1), engine)
+    original = engine.update_weights
+    seen = []
+    engine.update_weights = lambda named, version: (seen.append(list(made)), original(named, version))
+    sync.push(gathered(), version="1")
+    assert seen == [["a", "b"], ["a", "b", "c"], ["a", "b", "c"]]  # the first sent before "c" was made

@@ -20,7 +20,8 @@ With `engine.overlap` a decode step is read one step late (`overlap.py`).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -118,15 +119,33 @@ class NativeEngine(MemoryControl):
         return self.pool.keys[0].device
 
     # -- control ---------------------------------------------------------------------------
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> None:
+    bounded_waits = True
+    """`update_weights` and `flush_cache` take `timeout_s`, the longest wait for a running step: an
+    in-process weight sync runs on the trainer's thread under that bound (`InProcessSync`)."""
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str, *,
+                       timeout_s: float | None = None) -> None:
+        """Replace weights and stamp `version`; also drops the prefix cache. Waits at most
+        `timeout_s` seconds (None: as long as it takes) for the running step to end."""
         self._check_weights_mapped("update_weights")
         targets, sources, key = self.weights.checked_updates(named_tensors)  # all checked before any is written
-        with self._step_lock, torch.no_grad():
+        with self._stepping(timeout_s, "update_weights"), torch.no_grad():
             self._settle()  # tokens of the old weights finish their requests under the old version
             if targets:  # one launch instead of one per tensor (~300 at 0.6B)
                 self.weights.write(targets, sources, key)
             self.blocks.flush()  # cached K/V were computed by the old weights
-        self._weight_version = str(version)
+            self._weight_version = str(version)  # before any step runs on the new weights
+
+    @contextmanager
+    def _stepping(self, timeout_s: float | None, what: str) -> Iterator[None]:
+        """Hold the step lock, waiting at most `timeout_s` seconds for it."""
+        if not self._step_lock.acquire(timeout=-1 if timeout_s is None else timeout_s):
+            raise MilesError(f"{what}: the engine's running step did not end within {timeout_s:g} s "
+                             "(sync.timeout_s); the engine is stuck")
+        try:
+            yield
+        finally:
+            self._step_lock.release()
 
     def get_weights_by_name(self, name: str) -> torch.Tensor:
         """The tensor the engine computes with under HF name `name` (SGLang's `/get_weights_by_name`)."""
@@ -146,9 +165,9 @@ class NativeEngine(MemoryControl):
         self._paused.clear()
         self._notify()
 
-    def flush_cache(self) -> None:
+    def flush_cache(self, *, timeout_s: float | None = None) -> None:
         """Drop the prefix cache (blocks in use stay with their sequences)."""
-        with self._step_lock:
+        with self._stepping(timeout_s, "flush_cache"):
             self.blocks.flush()
 
     def health(self) -> bool:
