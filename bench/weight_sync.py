@@ -8,7 +8,7 @@ in place: a transport reuses what it worked out for it), and as a plain iterator
 tensor) pairs (gathered or generated weights: every weight looked at each push). Transports:
 
 - `inprocess`: a native engine in this process on GPU 0 (one multi-tensor copy a bucket);
-- `cuda_ipc`: a `miles serve` process on GPU 0 (colocated): the warm-up push is staged (buckets
+- `cuda_ipc`: a `miles serve` process on GPU 0 (colocated): the first warm-up push is staged (buckets
   through one shared buffer), the timed ones go direct (the server maps the pushed tensors where
   they lie, since they stay in place as a trainer's parameters do: one call, one copy), each
   call over the server's local weight channel (a Unix socket beside its HTTP API);
@@ -20,7 +20,7 @@ Bounds, measured here: the device-to-device copy of the same bytes on GPU 0 (`co
 all-reduce bus bandwidth between GPU 0 and GPU 1 (two NCCL ranks, 1 GiB, busbw = 2(n-1)/n x
 bytes / time). Goals (many-GPU issue): in-process and CUDA IPC within 2x of the copy bound, NCCL
 within 2x of the bus bandwidth. Every push ends with the engine serving the new version; times
-are the median of `--repeats` pushes after one warm-up push (which also sets up the NCCL group).
+are the median of `--repeats` pushes after three warm-up pushes (which also set up the NCCL group).
 
 GPU (2 GPUs for nccl/disk):  python bench/weight_sync.py --out bench/results/weight_sync.md
 """
@@ -114,25 +114,30 @@ def start_server(model_dir: Path, gpu: int, log: Path) -> tuple[subprocess.Popen
     raise RuntimeError(f"miles serve on GPU {gpu} did not come up: {log.read_text()[-2000:]}")
 
 
+WARMUP = 3
+"""Pushes before the timed ones: a first `cuda_ipc` push is staged, the first direct one maps the
+trainer's memory, and a copy plan's launch is captured in a CUDA graph on its second run."""
+
+
 def timed_pushes(sync, weights, repeats: int, profile: bool = False, *, kept: bool, first_version: int = 1) -> float:
-    """Median seconds of `repeats` pushes after a warm-up one: `weights` (a `KeptWeights`) itself
+    """Median seconds of `repeats` pushes after `WARMUP` ones: `weights` (a `KeptWeights`) itself
     each push if `kept`, else a fresh iterator over it."""
     times = []
-    for version in range(first_version, first_version + repeats + 1):
+    for version in range(first_version, first_version + repeats + WARMUP):
         torch.cuda.synchronize()
         start = time.perf_counter()
         sync.push(weights if kept else iter(weights), version=str(version))
         torch.cuda.synchronize()  # an in-process push returns once its copies are queued
         times.append(time.perf_counter() - start)
     if profile:
-        print_push_profile(sync, weights if kept else iter(weights), version=f"{first_version + repeats + 1}p")
-    return statistics.median(times[1:])
+        print_push_profile(sync, weights if kept else iter(weights), version=f"{first_version + repeats + WARMUP}p")
+    return statistics.median(times[WARMUP:])
 
 
 def timed_both_ways(sync, weights, repeats: int, profile: bool) -> tuple[float, float]:
     """(seconds handed as the kept tuple, seconds handed as an iterator) on the same engine."""
     kept = timed_pushes(sync, weights, repeats, profile, kept=True)
-    return kept, timed_pushes(sync, weights, repeats, profile, kept=False, first_version=repeats + 3)
+    return kept, timed_pushes(sync, weights, repeats, profile, kept=False, first_version=repeats + WARMUP + 2)
 
 
 def print_push_profile(sync, weights, version: str) -> None:
@@ -217,7 +222,7 @@ def report(args, bounds: dict, results: dict) -> str:
     lines = ["# Weight sync (weight_sync)", "",
              f"Card: {card} x {torch.cuda.device_count()}; date: {datetime.date.today()}; torch {torch.__version__}; "
              f"command: `python {' '.join(sys.argv)}`. bf16 weights, buckets of {args.bucket_mb} MiB, median of "
-             f"{args.repeats} pushes after a warm-up push.", "",
+             f"{args.repeats} pushes after {WARMUP} warm-up pushes.", "",
              f"Bounds measured in this run: device-to-device copy on GPU 0 {bounds['copy']:.0f} GB/s; "
              f"NCCL all-reduce bus bandwidth GPU 0 <-> GPU 1 {bounds['nccl']:.0f} GB/s.", ""]
     for name, (rows, nbytes) in results.items():
