@@ -94,8 +94,9 @@ def chunk_table(source_at: list[int], destination_at: list[int], words: list[int
 
 def run_plan(plan: CopyPlan, destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
     """Copy every pair as `plan` says (on the current stream). A plan run again and again (a
-    trainer's weights pushed step after step) replays its launch as a CUDA graph: ~10 us of host
-    time where Triton's launcher takes ~90 us on a GPU host (`bench/results/weight_sync.md`)."""
+    trainer's weights pushed step after step) replays its launch as a CUDA graph: ~6 us of host
+    time where Triton's launcher took 26-90 us on GPU hosts (`bench/results/weight_sync.md`: run
+    15's timers, the probes before run 18)."""
     if plan.table is not None:
         with torch.cuda.device(plan.table.device):
             if plan.graph:

@@ -318,7 +318,7 @@ class CudaIpcSync:
         returns once every server has copied the weights out, so the trainer may write them (or
         the next bucket into the staging buffer) at once. Not this process's stream waiting on
         the event: that costs the GPU a switch between the two processes' contexts, ~0.25 ms of a
-        0.6B push on an H200 (`bench/results/weight_sync.md`, run 17)."""
+        0.6B push on an H200 (`bench/results/weight_sync.md`, probes before run 18)."""
         limit = self.cfg.timeout_s
         deadline = time.monotonic() + limit if limit > 0 else math.inf
         for answer in answers:
