@@ -242,7 +242,7 @@ class CudaIpcSync:
         if last is not None and last[0] is weights:
             return last[1], last[2], None
         known, layout, rest = self._take_known(iter(weights))
-        kept = rest is None and known and isinstance(weights, KeptWeights)
+        kept = rest is None and bool(known) and isinstance(weights, KeptWeights)
         self._last_taken = (weights, known, layout) if kept else None
         return known, layout, rest
 

@@ -107,15 +107,3 @@ def send_paused(engine, weights: Iterable[tuple[str, torch.Tensor]], bucket_byte
     finally:
         engine.resume()
     return num_tensors, num_buckets, num_bytes
-
-
-def send_buckets(weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
-                 send: Callable[[list[tuple[str, torch.Tensor]], bool], None]) -> tuple[int, int, int]:
-    """`send(bucket, is_last)` for each bucket of `weights`; returns (tensors, buckets, bytes) sent."""
-    num_tensors = num_buckets = num_bytes = 0
-    for (bucket, size), last in with_last(sized_buckets(weights, bucket_bytes)):
-        send(bucket, last)
-        num_buckets += 1
-        num_tensors += len(bucket)
-        num_bytes += size
-    return num_tensors, num_buckets, num_bytes
