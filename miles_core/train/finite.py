@@ -14,9 +14,22 @@ from miles_core.errors import MilesError
 
 
 def check_finite_weights(named_tensors: Iterable[tuple[str, torch.Tensor]], step: int) -> None:
-    """Raise naming the first tensor holding NaN/Inf after rollout step `step`'s update."""
-    for name, tensor in named_tensors:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    """Raise naming the first tensor holding NaN/Inf after rollout step `step`'s update. One read
+    from the device per (device, dtype), not one per tensor (~300 waits for the GPU a step at
+    0.6B): the L2 norm of every tensor in one multi-tensor call, non-finite exactly when the tensor
+    holds NaN/Inf or its squares overflow; only those tensors are then looked at one by one."""
+    named = [(name, tensor) for name, tensor in named_tensors if tensor.is_floating_point()]
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for index, (_, tensor) in enumerate(named):
+        groups.setdefault((tensor.device, tensor.dtype), []).append(index)
+    suspects = []
+    for indices in groups.values():
+        norms = torch._foreach_norm([named[i][1].detach() for i in indices], 2)
+        finite = torch.isfinite(torch.stack(norms)).tolist()  # the one read for the group
+        suspects += [i for i, ok in zip(indices, finite) if not ok]
+    for index in sorted(suspects):  # in the order given: the first bad one is named
+        name, tensor = named[index]
+        if not bool(torch.isfinite(tensor).all()):  # an overflowing norm of finite weights passes here
             kind = "nan" if bool(torch.isnan(tensor).any()) else "inf"
             raise MilesError(f"step {step}: weight '{name}' holds {kind} after the update; stopped before the "
                              "weight sync and the checkpoint save (lower train.lr or check the rewards)")

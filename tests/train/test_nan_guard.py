@@ -72,3 +72,14 @@ def test_non_finite_weights_are_still_refused_before_sync_and_save():
     weights = [("a", torch.ones(2)), ("b", torch.tensor([1.0, math.inf]))]
     with pytest.raises(MilesError, match="step 3: weight 'b' holds inf after the update; stopped before the weight sync"):
         check_finite_weights(weights, 3)
+
+
+def test_the_first_non_finite_weight_is_named_across_dtypes_and_huge_finite_ones_pass():
+    huge = ("huge", torch.full((4,), 3e38))  # finite, though the squares of its norm overflow
+    check_finite_weights([("a", torch.ones(2)), huge, ("ids", torch.arange(3)), ("empty", torch.zeros(0)),
+                          ("h", torch.ones(2, dtype=torch.bfloat16))], 1)
+    weights = [huge, ("h", torch.tensor([1.0, math.nan], dtype=torch.bfloat16)), ("b", torch.tensor([math.inf]))]
+    with pytest.raises(MilesError, match="step 4: weight 'h' holds nan after the update"):
+        check_finite_weights(weights, 4)
+    with pytest.raises(MilesError, match="step 5: weight 'b' holds inf after the update"):
+        check_finite_weights([huge, ("b", torch.tensor([1.0, -math.inf])), ("c", torch.tensor([math.nan]))], 5)
