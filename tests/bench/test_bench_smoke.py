@@ -67,3 +67,11 @@ def test_engine_host_overhead_runs_on_cpu(tmp_path):
     assert [row.split(" | ")[0] for row in rows] == ["| 3", "| 9"]
     for row in rows:  # every phase is time spent (a phase wrapping a method no longer called reads < 0)
         assert all(float(cell.replace(",", "")) >= 0 for cell in row.strip("| ").split(" | ")[1:]), row
+
+
+def test_finite_check_runs_tiny_on_cpu(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "finite_check.py"), "--shape", "tiny", "--device", "cpu"],
+                          env=child_env(MILES_CACHE=str(tmp_path / "cache")), capture_output=True, text=True,
+                          timeout=600, cwd=ROOT / "bench")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("per tensor (before)") == 2 and done.stdout.count("grouped (now)") == 2
