@@ -13,12 +13,30 @@ import torch
 from miles_core.errors import MilesError
 
 
+WINDOW_BYTES = 512 << 20
+"""Tensors checked together: weights made afresh for the check (FSDP's gathered ones) are held
+this long at most, as a bucket of a weight sync is (`sync.bucket_mb`'s default)."""
+
+
 def check_finite_weights(named_tensors: Iterable[tuple[str, torch.Tensor]], step: int) -> None:
     """Raise naming the first tensor holding NaN/Inf after rollout step `step`'s update. One read
-    from the device per (device, dtype), not one per tensor (~300 waits for the GPU a step at
-    0.6B): the L2 norm of every tensor in one multi-tensor call, non-finite exactly when the tensor
-    holds NaN/Inf or its squares overflow; only those tensors are then looked at one by one."""
-    named = [(name, tensor) for name, tensor in named_tensors if tensor.is_floating_point()]
+    from the device per window of `WINDOW_BYTES` (and dtype), not one per tensor (~300 waits for
+    the GPU a step at 0.6B): the L2 norm of every tensor in one multi-tensor call, non-finite
+    exactly when the tensor holds NaN/Inf or its squares overflow; only those are then looked at
+    one by one."""
+    window: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in named_tensors:
+        if tensor.is_floating_point():
+            window.append((name, tensor))
+            size += tensor.nbytes
+        if size >= WINDOW_BYTES:
+            _check_window(window, step)
+            window, size = [], 0
+    _check_window(window, step)
+
+
+def _check_window(named: list[tuple[str, torch.Tensor]], step: int) -> None:
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for index, (_, tensor) in enumerate(named):
         groups.setdefault((tensor.device, tensor.dtype), []).append(index)

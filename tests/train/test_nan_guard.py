@@ -83,3 +83,19 @@ def test_the_first_non_finite_weight_is_named_across_dtypes_and_huge_finite_ones
         check_finite_weights(weights, 4)
     with pytest.raises(MilesError, match="step 5: weight 'b' holds inf after the update"):
         check_finite_weights([huge, ("b", torch.tensor([1.0, -math.inf])), ("c", torch.tensor([math.nan]))], 5)
+
+
+def test_weights_made_for_the_check_are_checked_a_window_at_a_time(monkeypatch):
+    from miles_core.train import finite
+
+    monkeypatch.setattr(finite, "WINDOW_BYTES", 32)  # two 16-byte tensors a window
+    made = []
+
+    def gathered():  # FSDP's full tensors, made one by one
+        for i in range(6):
+            made.append(i)
+            yield f"w{i}", torch.full((4,), math.nan if i == 1 else 1.0)
+
+    with pytest.raises(MilesError, match="weight 'w1' holds nan"):
+        check_finite_weights(gathered(), 2)
+    assert made == [0, 1]  # stopped at the first window, the rest never made
