@@ -1,8 +1,7 @@
 """The check before every weight sync that no weight holds NaN/Inf (`train/finite.py`): the
 grouped check (a multi-tensor L2 norm per 512 MiB window and dtype, one read from the device each)
-against the
-check it replaced (one read per tensor), in the same run on 0.6B-shaped fp32 weights (what the
-native trainer keeps).
+against the check it replaced (one read per tensor), in the same run on 0.6B-shaped fp32 weights
+(what the native trainer keeps).
 
 GPU:  cd bench && python finite_check.py [--shape 0.6B]     (CPU smoke: --shape tiny --device cpu)
 """
