@@ -111,7 +111,7 @@ class WeightChannelServer:
 
     def _load(self, body: UpdateFromTensorBody) -> dict:
         """Load the body's tensors on this thread (the engine's device made current); CUDA IPC copies
-        are answered once queued, with the event the trainer's stream waits on."""
+        are answered once queued, with the event the trainer waits on."""
         engine = self.state.engine
         with on_device(getattr(engine, "device", torch.device("cpu"))):
             message = load_tensor_weights(engine, body.serialized_named_tensors, body.weight_version,

@@ -11,12 +11,14 @@ Two ways, chosen per push:
 - **staged** (the first push, and weights made afresh for each push: gathered FSDP shards,
   quantised copies): per bucket (`sync.bucket_mb`) the tensors are copied into one reused CUDA
   buffer, each 256-byte aligned (`flat.FlatStaging`), which the server maps once and copies out
-  of; the buffer stays untouched until the server answers, then holds the next bucket.
+  of; the trainer waits until every server has copied a bucket out, then packs the next.
 
 Whether a storage is the same is known without holding it: a weak reference to each storage of
 the last push (torch keeps one Python object per live storage) is alive and the same object only
 if that memory was not freed since. A storage is exported once (each export takes one of torch's
-IPC ref counters and events) and its description built once per (names, layout).
+IPC ref counters and events) and its description built once per (names, layout). The very
+`KeptWeights` tuple of the push before (the native trainer's export) is taken without looking at
+any of its weights again.
 
 A description the servers have travels again as its sha256 (`ipc_format.reference`). A push of
 one call (direct, or one bucket) asks the server to abort what runs and hold new
@@ -45,9 +47,8 @@ from miles_core.sync.flat import FlatStaging, signature
 from miles_core.sync.ipc_format import ALIGN, LOAD_FORMAT, IpcTensor, describe, reference
 from miles_core.sync.ipc_mapping import device_uuid
 from miles_core.sync.nccl import require_weight_routes
-from miles_core.sync.protocol import SyncContext, SyncStats, send_paused
+from miles_core.sync.protocol import Named, SyncContext, SyncStats, send_paused
 
-Named = tuple[str, torch.Tensor]
 
 
 def export_storage(tensor: torch.Tensor) -> dict:

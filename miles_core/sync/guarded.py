@@ -4,9 +4,10 @@ the engine holds exactly what was sent.
 
 The deadline runs the transport on a worker thread (one, kept across pushes) and waits for it; a
 push that has not finished in time is an error naming the version and the limit (the stuck thread
-is left behind: the run stops). A transport with `push_within` (`cuda_ipc`) runs on the caller's
-thread what it bounds itself (a direct push: one answer on a socket with that timeout) and hands
-the rest to the worker thread: two thread hand-offs are a tenth of a 0.6B push. The check reads every tensor back from the engine
+is left behind: the run stops). A transport with `push_within` runs on the caller's thread what
+it bounds itself (`cuda_ipc`: a direct push's answer and copies; `inprocess`: the native engine's
+wait for its running step) and hands the rest to the worker thread: two thread hand-offs were a
+fifth of a 0.6B in-process push. The check reads every tensor back from the engine
 (`get_weights_by_name`, SGLang's name for it) after the push and compares it with the tensor the
 transport was handed, cast to the engine's dtype as the engine's own copy casts it; it also
 checks the version stamp. For engines in

@@ -16,14 +16,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-import torch
-
 from miles_core.config import SyncConfig
 from miles_core.engine.protocol import RolloutEngine
 from miles_core.models.kept_weights import KeptWeights
-from miles_core.sync.protocol import SyncStats, sized_buckets
-
-Named = tuple[str, torch.Tensor]
+from miles_core.sync.protocol import Named, SyncStats, sized_buckets
 
 
 class InProcessSync:

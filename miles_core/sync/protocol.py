@@ -18,6 +18,9 @@ import torch
 
 from miles_core.quant.formats import COMPANION_SUFFIXES
 
+Named = tuple[str, torch.Tensor]
+"""An HF-named tensor, as the trainer exports it."""
+
 
 @dataclass
 class SyncStats:
