@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from miles_core.errors import MilesError
-from miles_core.sync.cuda_ipc import StorageExports
+from miles_core.sync.cuda_ipc import CudaIpcSync, IpcDescriptions, StorageExports
 from miles_core.sync.ipc_format import IpcTensor, describe, digest, layout, parse_description, reference, referenced
 
 FIELDS = {"device_index": 0, "handle": b"\x01handle\xff", "storage_size_bytes": 4096, "storage_offset_bytes": 512,
@@ -108,7 +108,6 @@ def test_a_storage_is_known_while_it_is_the_same_and_only_then():
 
 def test_a_kept_tuple_of_known_weights_is_taken_once():
     from miles_core.models.kept_weights import KeptWeights
-    from miles_core.sync.cuda_ipc import CudaIpcSync, IpcDescriptions
 
     sync = object.__new__(CudaIpcSync)  # its trainer-side bookkeeping only (no GPU, no server)
     sync.descriptions, sync._last_taken = IpcDescriptions(StorageExports(device_type="cpu")), None
@@ -121,8 +120,51 @@ def test_a_kept_tuple_of_known_weights_is_taken_once():
     known, layout, rest = sync._take(kept)
     assert rest is None and [name for name, _ in known] == ["a", "b"]
     assert sync._take(kept)[:2] == (known, layout) and sync._take(kept)[0] is known  # no weight looked at again
-    listed = list(kept)  # not a kept tuple: looked at every push
-    assert sync._take(listed)[0] is not known and sync._last_taken is None
+    listed = list(kept)  # not a kept tuple: its weights are looked at (their layout)
+    assert sync._take(listed)[0] is not known and sync._take(listed)[0] == known
+    assert sync._last_taken[0] is None and sync._take(kept)[0] is not known  # the kept tuple is looked at again
+
+
+def _ipc_bookkeeping(weights: list) -> CudaIpcSync:
+    """A `CudaIpcSync`'s trainer-side bookkeeping (no GPU, no server) that knows `weights`'
+    storages, as after a staged push of them."""
+    sync = object.__new__(CudaIpcSync)
+    sync.descriptions, sync._last_taken = IpcDescriptions(StorageExports(device_type="cpu")), None
+    noted: dict = {}
+    for _, tensor in weights:
+        sync.descriptions.exports.note(tensor, noted)
+    sync.descriptions.exports.remember(noted)
+    return sync
+
+
+def _names(taken) -> list[str]:
+    known, _, rest = taken
+    return [name for name, _ in known] + [name for name, _ in (rest or ())]
+
+
+def test_weights_laid_out_as_the_last_direct_pushs_are_taken_by_their_layout():
+    """An iterator of views of the held weights (FSDP on one rank, Megatron's renamed views) is
+    taken by comparing names, addresses, dtypes and shapes; any difference falls back to the
+    storage checks, and no weight is lost on the way."""
+    a, b, c = torch.ones(4, 4), torch.zeros(8), torch.full((2,), 3.0)
+    sync = _ipc_bookkeeping([("a", a), ("b", b), ("c", c)])
+    known, layout, rest = sync._take(iter([("a", a), ("b", b)]))  # the storage checks: held from now on
+    assert rest is None and sync._last_taken[1] is known and sync._last_taken[2] is layout
+    again = sync._take((name, tensor.detach()) for name, tensor in [("a", a), ("b", b)])
+    assert again[1] is layout and again[2] is None and again[0][1][1] is not b  # the new views, the held layout
+    assert torch.equal(again[0][1][1], b) and sync._last_taken[1] is again[0]
+
+    moved = sync._take(iter([("a", a), ("b", b.clone())]))  # a weight made afresh: staged from it
+    assert _names(moved) == ["a", "b"] and moved[2] is not None and sync._last_taken is None
+    sync._take(iter([("a", a), ("b", b)]))
+    extra = sync._take(iter([("a", a), ("b", b), ("c", c), ("d", torch.ones(2))]))
+    assert _names(extra) == ["a", "b", "c", "d"] and [n for n, _ in extra[0]] == ["a", "b", "c"]
+    sync._take(iter([("a", a), ("b", b)]))
+    fewer = sync._take(iter([("a", a)]))  # a new layout, taken by the storage checks
+    assert fewer[2] is None and fewer[1] == [("a", a.data_ptr(), a.dtype, a.shape)]
+    assert sync._take(iter([("a", a.t())]))[2] is not None  # same address, dtype and shape; not contiguous
+    renamed = sync._take(iter([("a", a)])) and sync._take(iter([("x", a)]))
+    assert renamed[2] is None and renamed[1] == [("x", a.data_ptr(), a.dtype, a.shape)]
 
 
 class _Event:
