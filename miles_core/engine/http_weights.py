@@ -6,20 +6,46 @@ Used by the `nccl` and `cuda_ipc` sync transports and by `sync.check_weight_upda
 miles serve's `/weights_checksum`. Every call goes to every live server at once (threads: a server
 answers `/update_weights_from_distributed` only after it has received the bucket, while the
 caller broadcasts it), and unlike generation a server that fails here is an error, never skipped:
-its weights would fall behind.
+its weights would fall behind. The two update routes go over a `miles serve`'s local weight
+channel (`local_channel.py`) when the caller asks and every server has one.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 from urllib.parse import urlsplit
 
-from miles_core.engine.local_channel import WeightChannel
+from miles_core.engine.local_channel import DISTRIBUTED_ROUTE, TENSOR_ROUTE, WeightChannel
 from miles_core.errors import MilesError, Refused
+from miles_core.utils.threads import background
 
 logger = logging.getLogger(__name__)
+
+
+class Pending(Protocol):
+    """Answers still to come (`concurrent.futures.Future` is one)."""
+
+    def result(self, timeout: float | None = None) -> list[dict]: ...
+
+
+class _ChannelAnswers:
+    """The servers' answers to a body sent over their local channels, read on the first `result`
+    (a timeout given there bounds each read)."""
+
+    def __init__(self, read: Callable[[], list[dict]], channels: list[WeightChannel]) -> None:
+        self._read, self._channels, self._answers = read, channels, None
+
+    def result(self, timeout: float | None = None) -> list[dict]:
+        if self._answers is None:
+            if timeout is not None:
+                for channel in self._channels:
+                    channel.timeout_s = timeout
+            self._answers = self._read()
+        return self._answers
 
 
 class WeightRoutes:
@@ -53,14 +79,25 @@ class WeightRoutes:
 
     def update_weights_from_distributed(self, *, names: list[str], dtypes: list[str], shapes: list[list[int]],
                                         group_name: str, version: str | None, flush: bool,
-                                        load_format: str | None = None, abort_all: bool = False) -> None:
-        """Every server receives one bucket from the group; with `version`, each must then report it.
-        `abort_all`: each aborts its running requests and holds new ones until the bucket is in."""
+                                        load_format: str | None = None, abort_all: bool = False,
+                                        local: bool = False, timeout_s: float | None = None) -> Pending:
+        """Every server starts to receive one bucket from the group: the caller broadcasts it, then
+        calls `result()` on what this returns (every server's answer, each once it holds the
+        bucket; with `version`, each must report it). `abort_all`: each aborts its running
+        requests and holds new ones until the bucket is in. `local`: over the servers' local
+        weight channels when every one takes the route there (sent before this returns: no
+        thread, no HTTP; no answer within `timeout_s`, else `request_timeout_s`, is an error),
+        else over HTTP on a thread."""
         body = {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name, "flush_cache": flush,
                 "weight_version": version, "load_format": load_format, "abort_all_requests": abort_all}
-        answers = self._post_all("/update_weights_from_distributed", [body] * len(self._live()))
-        if version is not None:
-            self._expect_version(version, answers)
+        channels = self._weight_channels() if local else None
+        if channels and all(DISTRIBUTED_ROUTE in channel.routes for channel in channels):
+            self._send_over_channels(channels, body, timeout_s or self.cfg.request_timeout_s, DISTRIBUTED_ROUTE)
+            return _ChannelAnswers(lambda: self._checked(version, self._answers_over_channels(channels)), channels)
+        return background(self._distributed_over_http, body=body, version=version)
+
+    def _distributed_over_http(self, body: dict, version: str | None) -> list[dict]:
+        return self._checked(version, self._post_all(DISTRIBUTED_ROUTE, [body] * len(self._live())))
 
     def destroy_weights_update_group(self, group_name: str) -> None:
         self._post_all("/destroy_weights_update_group", [{"group_name": group_name}] * len(self._live()))
@@ -75,12 +112,11 @@ class WeightRoutes:
                 "weight_version": version, "abort_all_requests": abort_all}
         channels = self._weight_channels() if local else None
         if channels:
-            answers = self._over_channels(channels, body, timeout_s or self.cfg.request_timeout_s)
+            self._send_over_channels(channels, body, timeout_s or self.cfg.request_timeout_s, TENSOR_ROUTE)
+            answers = self._answers_over_channels(channels)
         else:
-            answers = self._post_all("/update_weights_from_tensor", [body] * len(self._live()))
-        if version is not None:
-            self._expect_version(version, answers)
-        return answers
+            answers = self._post_all(TENSOR_ROUTE, [body] * len(self._live()))
+        return self._checked(version, answers)
 
     def weight_channels_open(self) -> bool:
         """Whether every live server's local weight channel is open (an update will make no HTTP call)."""
@@ -111,14 +147,21 @@ class WeightRoutes:
         self._channels = (urls, channels)
         return channels
 
-    def _over_channels(self, channels: list[WeightChannel], body: dict, timeout_s: float) -> list[dict]:
-        """Send to every server, then read every answer (a refusal is raised once all are read);
-        a broken channel drops them all (an answer left unread would be taken for the next)."""
-        answers, refusals = [], []
+    def _send_over_channels(self, channels: list[WeightChannel], body: dict, timeout_s: float, route: str) -> None:
+        """Send `body` to every server; a broken channel drops them all."""
         try:
             for channel in channels:
                 channel.timeout_s = timeout_s
-                channel.send(body)
+                channel.send(body, route)
+        except BaseException:
+            self.close_weight_channels()
+            raise
+
+    def _answers_over_channels(self, channels: list[WeightChannel]) -> list[dict]:
+        """Read every server's answer (a refusal is raised once all are read); a broken channel
+        drops them all (an answer left unread would be taken for the next)."""
+        answers, refusals = [], []
+        try:
             for channel in channels:
                 try:
                     answers.append(channel.receive())
@@ -164,6 +207,12 @@ class WeightRoutes:
         if isinstance(answer, dict) and answer.get("success") is False:
             raise MilesError(f"{server.url}{path} failed: {answer.get('message')}")
         return answer
+
+    def _checked(self, version: str | None, answers: list[dict]) -> list[dict]:
+        """`answers`, once every server reports `version` (if one was set)."""
+        if version is not None:
+            self._expect_version(version, answers)
+        return answers
 
     def _expect_version(self, version: str, answers: list[dict]) -> None:
         """Every server must report `version`: in its answer to the update (`miles serve`), else

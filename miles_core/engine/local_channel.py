@@ -1,13 +1,16 @@
-"""A local weight channel: `/update_weights_from_tensor` of a `miles serve` on this machine over a
-Unix socket kept open from push to push, beside its HTTP API.
+"""A local weight channel: `/update_weights_from_tensor` and `/update_weights_from_distributed` of
+a `miles serve` on this machine over a Unix socket kept open from push to push, beside its HTTP API.
 
 Why not HTTP: a colocated `cuda_ipc` push is one small call (a description's sha256) around a
 copy of ~0.5 ms at 0.6B, and an HTTP round trip through httpx, uvicorn and FastAPI costs the
-same again or more in Python on both ends. The channel carries the same JSON bodies and answers
-as the route, framed (a 4-byte big-endian length, then the JSON), with no per-call headers,
+same again or more in Python on both ends; an `nccl` bucket's call (~300 names, dtypes and
+shapes) stands between the trainer's broadcast and the server's receive. The channel carries the
+same JSON bodies and answers as the routes, framed (a 4-byte big-endian length, then the JSON; a
+route other than `/update_weights_from_tensor` as a line before it), with no per-call headers,
 parsing or event-loop hops; the server runs each between its worker's batches, as the route does
 (`serve/weight_channel.py`), and answers a CUDA IPC update once its copies are queued, with an
-event for the trainer to wait on.
+event for the trainer to wait on. The server's first answer lists the routes it takes (a
+server without `routes` takes tensor updates only).
 
 Who may use it: the socket lies in a folder only the server's user can enter, and a connection
 must first show the token the server handed out on `POST /weight_channel` (a protected route:
@@ -23,6 +26,8 @@ import struct
 
 from miles_core.errors import MilesError, Refused
 
+TENSOR_ROUTE = "/update_weights_from_tensor"
+DISTRIBUTED_ROUTE = "/update_weights_from_distributed"
 HEADER = struct.Struct(">I")
 MAX_ANSWER_BYTES = 1 << 20
 """Largest answer a client reads (answers are a few hundred bytes)."""
@@ -38,6 +43,20 @@ class FrameTooLarge(ValueError):
 
 def send_frame(sock: socket.socket, payload: bytes) -> None:
     sock.sendall(HEADER.pack(len(payload)) + payload)
+
+
+def route_frame(route: str, body: dict) -> bytes:
+    """A body's frame payload: the JSON, after its route's line unless it is `TENSOR_ROUTE`."""
+    text = json.dumps(body).encode()
+    return text if route == TENSOR_ROUTE else route.encode() + b"\n" + text
+
+
+def route_of(payload: bytes) -> tuple[str, bytes]:
+    """(route, JSON body) of a frame payload (`route_frame`'s inverse)."""
+    if payload[:1] != b"/":
+        return TENSOR_ROUTE, payload
+    route, _, text = payload.partition(b"\n")
+    return route.decode(errors="replace"), text
 
 
 def receive_frame(sock: socket.socket, max_bytes: int) -> bytes:
@@ -73,7 +92,8 @@ class WeightChannel:
             except OSError as err:  # another host, or another filesystem namespace (container)
                 raise MilesError(f"{url}: cannot connect to its local weight channel {path}: {err}") from None
             self.send({"token": token})
-            self.receive()
+            self.routes = frozenset(self.receive().get("routes", [TENSOR_ROUTE]))
+            """The routes the server takes over this channel."""
         except BaseException:
             self.close()
             raise
@@ -89,9 +109,9 @@ class WeightChannel:
             self.sock.settimeout(seconds)
             self._timeout_s = seconds
 
-    def send(self, body: dict) -> None:
+    def send(self, body: dict, route: str = TENSOR_ROUTE) -> None:
         try:
-            send_frame(self.sock, json.dumps(body).encode())
+            send_frame(self.sock, route_frame(route, body))
         except OSError as err:
             raise MilesError(f"{self.url}: the local weight channel failed on send: {err}") from None
 

@@ -20,7 +20,7 @@ from miles_core.errors import MilesError
 from miles_core.serve.bodies import parse_body
 from miles_core.serve.schemas import Strict
 from miles_core.serve.state import RequestError, ServeState
-from miles_core.serve.weight_routes import forget_receive_buffers
+from miles_core.serve.distributed_weights import forget_receive_buffers
 from miles_core.serve.weights import forget_ipc_mapping
 
 router = APIRouter()
@@ -60,7 +60,7 @@ async def release_memory_occupation(request: Request):
 
     def forget_sync_buffers() -> None:
         forget_ipc_mapping(state.engine)
-        forget_receive_buffers(getattr(request.app.state, "weight_groups", {}))
+        forget_receive_buffers(state.weight_groups)
 
     freed = await _engine_call(request, "release_memory", then=forget_sync_buffers)
     return {"success": True, "message": "Memory released.", "miles": freed}

@@ -68,6 +68,8 @@ class ServeState:
     facts: ModelFacts
     weight_channel: Any = None
     """The local weight channel's server (`weight_channel.WeightChannelServer`), once asked for."""
+    weight_groups: dict[str, Any] = field(default_factory=dict)
+    """Weight-update groups this server joined, by name (`sync.group.WeightGroup`)."""
 
     def close(self) -> None:
         """Stop the worker and the local weight channel (the server stops)."""

@@ -1,11 +1,13 @@
 """The server's end of the local weight channel (`engine/local_channel.py`): a Unix socket beside
-the HTTP API that takes `/update_weights_from_tensor` bodies and answers as the route does.
+the HTTP API that takes `/update_weights_from_tensor` and `/update_weights_from_distributed`
+bodies and answers as the routes do.
 
 Opened on the first `POST /weight_channel` (a protected route), which answers the socket's path
 and a token; closed with the server. The socket lies in a fresh folder only this user may enter
 (mode 0700), and a connection that does not first show the token is answered 401 and closed.
 Each connection has its own thread, which parses a body exactly as the route does
-(`bodies.parse_bytes`, the same schema and size limit) and runs the update itself, between the
+(`bodies.parse_bytes`, the same schema and size limit; a distributed bucket is checked, received
+and loaded by the route's own `distributed_weights`) and runs the update itself, between the
 batching worker's batches and control items (`BatchingWorker.control_here`: the route's abort and
 hold, under the worker's lock, without two thread hand-offs). A CUDA IPC update is answered once
 its copies are queued, with `copied_event`: the handle of an interprocess event recorded after
@@ -26,8 +28,10 @@ from pathlib import Path
 
 import torch
 
-from miles_core.engine.local_channel import ChannelClosed, FrameTooLarge, receive_frame, send_frame
+from miles_core.engine.local_channel import (DISTRIBUTED_ROUTE, TENSOR_ROUTE, ChannelClosed, FrameTooLarge,
+                                             receive_frame, route_of, send_frame)
 from miles_core.engine.native.engine import EngineReleased
+from miles_core.serve import distributed_weights
 from miles_core.serve.bodies import parse_bytes
 from miles_core.serve.schemas import UpdateFromTensorBody
 from miles_core.serve.state import RequestError, ServeState
@@ -82,7 +86,7 @@ class WeightChannelServer:
             if not secrets.compare_digest(str(hello.get("token", "")).encode(), self.token.encode()):
                 _answer(connection, {"success": False, "message": "wrong token (POST /weight_channel)", "code": 401})
                 return
-            _answer(connection, {"success": True})
+            _answer(connection, {"success": True, "routes": [TENSOR_ROUTE, DISTRIBUTED_ROUTE]})
             while True:
                 _answer(connection, self._update(receive_frame(connection, limit)))
         except FrameTooLarge as err:  # the rest of it is unread: answered, then closed
@@ -97,7 +101,13 @@ class WeightChannelServer:
     def _update(self, raw: bytes) -> dict:
         """The route's answer to one body: success and the version, or the refusal and its code."""
         state = self.state
+        route, raw = route_of(raw)
         try:
+            if route == DISTRIBUTED_ROUTE:
+                return self._receive_bucket(raw)
+            if route != TENSOR_ROUTE:
+                raise RequestError(f"route '{route}' is not taken over the local weight channel; expected "
+                                   f"{TENSOR_ROUTE} or {DISTRIBUTED_ROUTE}", 404)
             body = parse_bytes(raw, UpdateFromTensorBody, state.options.max_request_bytes)
             answer = state.worker.control_here(lambda: self._load(body), alone=body.abort_all_requests)
         except RequestError as err:
@@ -108,6 +118,20 @@ class WeightChannelServer:
             logger.exception("miles serve: an update over the local weight channel failed")
             return {"success": False, "message": f"internal error ({type(err).__name__}): {err}", "code": 500}
         return answer
+
+    def _receive_bucket(self, raw: bytes) -> dict:
+        """`/update_weights_from_distributed`'s answer: the bucket received from the group and loaded
+        on this thread (the engine's device made current), between the worker's batches."""
+        state = self.state
+        body = parse_bytes(raw, distributed_weights.DistributedBody, state.options.max_request_bytes)
+        group, dtypes = distributed_weights.announced(state, body)
+        try:
+            with on_device(getattr(state.engine, "device", torch.device("cpu"))):
+                message = state.worker.control_here(
+                    lambda: distributed_weights.receive_bucket(state, group, body, dtypes), alone=body.abort_all_requests)
+        except distributed_weights.REFUSALS as err:
+            raise distributed_weights.refusal(err, distributed_weights.REFUSED) from None
+        return {"success": True, "message": message, "weight_version": state.engine.weight_version}
 
     def _load(self, body: UpdateFromTensorBody) -> dict:
         """Load the body's tensors on this thread (the engine's device made current); CUDA IPC copies

@@ -4,24 +4,15 @@
 `/weights_checksum` (sha256 of tensors the engine holds, for `sync.check_weight_update_equal`) and
 `/weight_channel` (where the local weight channel listens, `weight_channel.py`).
 A bucket comes as one broadcast per tensor, or with SGLang's `load_format = "flattened_bucket"`
-as one broadcast of all its bytes (`sync.flat`).
+as one broadcast of all its bytes (`sync.flat`); how it is checked, received and loaded is
+`distributed_weights.py`, which the local weight channel shares.
 
 Everything that touches the group or the weights runs on the batching worker's thread, between
-batches. Joining blocks that thread until every rank has joined (as in SGLang). A bucket is
-received whole into tensors of the announced dtypes and shapes on the engine's device before
-anything is checked, so a bucket the engine refuses (unknown name, wrong shape) still takes part
-in every broadcast and the group stays in step; the engine checks every name and shape before it
-writes any, so a refused bucket leaves the old weights in place. A flat bucket lands in one byte
-buffer per group, reused bucket after bucket with its views cached per signature
-(`flat.FlatReceiver`: the engine copies a bucket out before the next is received, and ~300
-per-tensor views cost ~1 ms a bucket); a memory release frees it. A malformed request (unknown
-dtype, lists of different lengths, unknown group) is refused before any broadcast: the sender
-cannot be in step with it anyway.
+batches. Joining blocks that thread until every rank has joined (as in SGLang).
 """
 
 from __future__ import annotations
 
-import weakref
 from typing import Literal
 
 import torch
@@ -30,11 +21,12 @@ from pydantic import Field
 
 from miles_core.errors import MilesError
 from miles_core.serve.bodies import parse_body
+from miles_core.serve.distributed_weights import (REFUSALS, REFUSED, DistributedBody, announced, forget_group,
+                                                  receive_bucket, refusal)
 from miles_core.serve.schemas import Strict
 from miles_core.serve.state import RequestError, ServeState
 from miles_core.serve.weight_channel import WeightChannelServer
-from miles_core.sync import flat as flat_bucket
-from miles_core.sync.group import WeightGroup, dtype_name, parse_dtype, tensor_sha256
+from miles_core.sync.group import WeightGroup, dtype_name, tensor_sha256
 
 router = APIRouter()
 
@@ -44,8 +36,6 @@ GROUP_TIMEOUT_S = 600.0
 ROUTES = frozenset({"/init_weights_update_group", "/update_weights_from_distributed",
                     "/destroy_weights_update_group", "/weight_channel"})
 """Routes that change the weights: they need the api key (see `app.PROTECTED_ROUTES`)."""
-_RECEIVERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-"""Group -> the `FlatReceiver` of its flat buckets (weak: it goes with the group)."""
 
 
 class InitGroupBody(Strict):
@@ -57,20 +47,6 @@ class InitGroupBody(Strict):
     world_size: int = Field(ge=2)
     group_name: str = "weight_update_group"
     backend: Literal["nccl", "gloo"] = "nccl"
-
-
-class DistributedBody(Strict):
-    """SGLang `UpdateWeightsFromDistributedReqInput`."""
-
-    names: list[str]
-    dtypes: list[str]
-    shapes: list[list[int]]
-    group_name: str = "weight_update_group"
-    flush_cache: bool = True
-    abort_all_requests: bool = False
-    weight_version: str | None = None
-    load_format: str | None = None
-    torch_empty_cache: bool = False
 
 
 class DestroyGroupBody(Strict):
@@ -85,12 +61,6 @@ def _state(request: Request) -> ServeState:
     return request.app.state.serve
 
 
-def _groups(request: Request) -> dict[str, WeightGroup]:
-    if not hasattr(request.app.state, "weight_groups"):
-        request.app.state.weight_groups = {}
-    return request.app.state.weight_groups
-
-
 def _device(state: ServeState) -> torch.device:
     return getattr(state.engine, "device", torch.device("cpu"))
 
@@ -101,15 +71,14 @@ async def _on_worker(state: ServeState, fn, *, refused: str, alone: bool = False
     try:  # the version the update left, so the trainer needs no /get_model_info call to check it
         message = await state.worker.control(fn, alone=alone)
         return {"success": True, "message": message, "weight_version": state.engine.weight_version}
-    except (RequestError, MilesError, RuntimeError, ValueError) as err:  # gloo/NCCL failures are RuntimeErrors
-        message = f"{refused}: {err}".replace("\n", " ")
-        raise RequestError(message) from None
+    except REFUSALS as err:
+        raise refusal(err, refused) from None
 
 
 @router.post("/init_weights_update_group")
 async def init_weights_update_group(request: Request):
     state, body = _state(request), await parse_body(request, InitGroupBody)
-    groups = _groups(request)
+    groups = state.weight_groups
     if body.group_name in groups:
         raise RequestError(f"weight-update group '{body.group_name}' exists already; destroy it first", 409)
     if body.rank_offset >= body.world_size:
@@ -129,82 +98,24 @@ async def init_weights_update_group(request: Request):
 @router.post("/update_weights_from_distributed")
 async def update_weights_from_distributed(request: Request):
     state, body = _state(request), await parse_body(request, DistributedBody)
-    group = _groups(request).get(body.group_name)
-    if group is None:
-        raise RequestError(f"no weight-update group '{body.group_name}' (POST /init_weights_update_group first)")
-    dtypes = _announced(body)
-
-    def receive() -> str:
-        tensors = _received(group, _device(state), dtypes, body.shapes, flat=body.load_format == flat_bucket.LOAD_FORMAT)
-        version = state.engine.weight_version if body.weight_version is None else body.weight_version
-        try:
-            state.engine.update_weights(zip(body.names, tensors), version=version)
-        except MilesError as err:
-            raise RequestError(f"{err}; the old weights are kept") from None
-        if body.flush_cache:
-            state.engine.flush_cache()
-        return f"Succeeded to update model weights from the distributed group (weight_version {version})."
-
-    return await _on_worker(state, receive, refused="weights from the distributed group refused",
+    group, dtypes = announced(state, body)
+    return await _on_worker(state, lambda: receive_bucket(state, group, body, dtypes), refused=REFUSED,
                             alone=body.abort_all_requests)
-
-
-def _received(group: WeightGroup, device: torch.device, dtypes: list[torch.dtype], shapes: list[list[int]],
-              *, flat: bool) -> list[torch.Tensor]:
-    """The whole bucket, received before any check (the group must stay in step): one broadcast
-    of its bytes (`flattened_bucket`), or one broadcast per tensor."""
-    if flat:
-        receiver = _RECEIVERS.get(group)
-        if receiver is None or receiver.device != device:
-            receiver = _RECEIVERS[group] = flat_bucket.FlatReceiver(device)
-        buffer, layout = receiver.buffer_for(dtypes, shapes)
-        group.broadcast(buffer)
-        return flat_bucket.unflatten_views(layout, dtypes, shapes)
-    tensors = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in zip(shapes, dtypes)]
-    for tensor in tensors:
-        group.broadcast(tensor)
-    return tensors
-
-
-def _announced(body: DistributedBody) -> list[torch.dtype]:
-    """The dtypes of the bucket, once its three lists agree and every dtype and shape is usable."""
-    if body.load_format not in (None, flat_bucket.LOAD_FORMAT):
-        raise RequestError(f"load_format '{body.load_format}' is not supported here; expected none (a broadcast "
-                           f"per tensor) or '{flat_bucket.LOAD_FORMAT}' (one broadcast of the bucket's bytes)")
-    if not len(body.names) == len(body.dtypes) == len(body.shapes):
-        raise RequestError(f"names, dtypes and shapes have {len(body.names)}, {len(body.dtypes)} and "
-                           f"{len(body.shapes)} entries; expected one each per tensor")
-    dtypes = []
-    for name, dtype, shape in zip(body.names, body.dtypes, body.shapes):
-        try:
-            dtypes.append(parse_dtype(dtype, f"tensor '{name}'"))
-        except MilesError as err:
-            raise RequestError(str(err)) from None
-        if any(size < 0 for size in shape):
-            raise RequestError(f"tensor '{name}' has shape {shape}; sizes must be >= 0")
-    return dtypes
 
 
 @router.post("/destroy_weights_update_group")
 async def destroy_weights_update_group(request: Request):
     state, body = _state(request), await parse_body(request, DestroyGroupBody)
-    group = _groups(request).pop(body.group_name, None)
+    group = state.weight_groups.pop(body.group_name, None)
     if group is None:
         raise RequestError(f"no weight-update group '{body.group_name}'")
 
     def destroy() -> str:
-        _RECEIVERS.pop(group, None)
+        forget_group(group)
         group.destroy()
         return f"Destroyed weight-update group '{body.group_name}'."
 
     return await _on_worker(state, destroy, refused="destroying the weight-update group failed")
-
-
-def forget_receive_buffers(groups: dict[str, WeightGroup]) -> None:
-    """Free the flat-bucket buffers of `groups` (the engine releases its memory); the next bucket
-    allocates again."""
-    for group in groups.values():
-        _RECEIVERS.pop(group, None)
 
 
 @router.post("/weight_channel")

@@ -5,9 +5,11 @@ SGLang servers as well as `miles serve`.
 Once, on the first push: rank 0 hosts the group's store on a free port, asks every server to join
 (`/init_weights_update_group`: server i's `rank_offset` is 1 + the ranks of the servers before it,
 `world_size` 1 + every server rank) and joins as rank 0 meanwhile (`group.WeightGroup`, apart
-from the default process group FSDP uses). Each push, per bucket (`sync.bucket_mb`): POST
-`/update_weights_from_distributed` (names, dtypes, shapes) to every server in threads while
-broadcasting the bucket, and wait for every answer (a server answers once it holds the bucket).
+from the default process group FSDP uses). Each push, per bucket (`sync.bucket_mb`): send
+`/update_weights_from_distributed` (names, dtypes, shapes) to every server, broadcast the bucket,
+and wait for every answer (a server answers once it holds the bucket); to `miles serve` servers on
+this machine over their local weight channels (no HTTP call, no thread), else over HTTP in a
+thread while the bucket is broadcast.
 With `sync.nccl_flatten` (the default) a bucket is one broadcast of its bytes packed into a reused
 staging buffer (SGLang's `flattened_bucket`); without it, one broadcast per tensor, which every
 SGLang release understands; the last bucket stamps the version and flushes the cache. A push of
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import itertools
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -39,6 +40,7 @@ from miles_core.errors import MilesError
 from miles_core.sync import flat
 from miles_core.sync.group import WeightGroup, dtype_name, host_store, resolve_backend
 from miles_core.sync.protocol import SyncContext, SyncStats, send_paused
+from miles_core.utils.threads import background
 
 NO_LIMIT_S = 1800.0
 """Collective timeout when `sync.timeout_s` is 0 (no limit on the push as a whole)."""
@@ -128,7 +130,7 @@ class NcclSync:
         # Packed before the servers are asked: each waits in the broadcast as soon as it reads the request.
         outgoing = [self.staging.pack(tensors)] if self.staging else [
             t.detach().to(self.device).contiguous() for t in tensors]
-        answers = background(self.engine.update_weights_from_distributed, **body)
+        answers = self.engine.update_weights_from_distributed(**body, local=True, timeout_s=self.cfg.timeout_s or None)
         try:
             for tensor in outgoing:
                 self.group.broadcast(tensor)
@@ -146,21 +148,6 @@ def accepts_connections(url: str) -> bool:
             return True
     except OSError:
         return False
-
-
-def background(fn, **kwargs) -> Future:
-    """`fn(**kwargs)` in a daemon thread: a call stuck on a dead peer never holds up the caller's
-    error (an executor's `with` block would wait for it)."""
-    future: Future = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(fn(**kwargs))
-        except BaseException as err:  # noqa: BLE001 - handed to whoever waits on the future
-            future.set_exception(err)
-
-    threading.Thread(target=run, name=f"sync-{getattr(fn, '__name__', 'call')}", daemon=True).start()
-    return future
 
 
 def _error_of(future: Future) -> str:

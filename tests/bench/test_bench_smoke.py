@@ -75,3 +75,15 @@ def test_finite_check_runs_tiny_on_cpu(tmp_path):
                           timeout=600, cwd=ROOT / "bench")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("per tensor (before)") == 2 and done.stdout.count("grouped (now)") == 2
+
+
+def test_sync_call_overhead_runs_on_cpu(tmp_path):
+    out = tmp_path / "result.md"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "sync_call_overhead.py"), "--repeats", "2", "--out", str(out)],
+                          env=child_env(MILES_CACHE=str(tmp_path / "cache")), capture_output=True, text=True,
+                          timeout=600, cwd=ROOT / "bench")
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = out.read_text()
+    assert "command:" in text and "311 tensors" in text
+    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| local") or line.startswith("| HTTP")]
+    assert rows == ["| local weight channel", "| HTTP"]

@@ -30,7 +30,8 @@ from miles_core.serve.schemas import (AbortBody, ChatBody, CompletionBody, Empty
                                       UpdateFromDiskBody, UpdateFromTensorBody)
 from miles_core.serve.memory_routes import ALL_TAGS, MemoryBody
 from miles_core.serve.readback_routes import WeightsByNameBody
-from miles_core.serve.weight_routes import ChecksumBody, DestroyGroupBody, DistributedBody, InitGroupBody
+from miles_core.serve.distributed_weights import DistributedBody
+from miles_core.serve.weight_routes import ChecksumBody, DestroyGroupBody, InitGroupBody
 from tests.serve.conftest import start
 
 MAX_BYTES = 4096

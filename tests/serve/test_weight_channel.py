@@ -1,8 +1,9 @@
 """The local weight channel of `miles serve`: `/update_weights_from_tensor` over a Unix socket kept
 open (CUDA IPC faked by the process's own memory, as in `test_serve_weight_routes`). Updates over
 it are the route's (bitwise, versioned, a 409 for an unknown reference), no HTTP call is made per
-update, bad tokens and bad or oversized messages are refused with one line, a server that stops
-is a clear error, and a server that offers no channel is reached over HTTP."""
+update, bad tokens and bad or oversized messages (an unknown route, a malformed distributed
+bucket) are refused with one line, a server that stops is a clear error, and a server that offers
+no channel is reached over HTTP. Distributed buckets over it: `tests/sync/test_nccl_sync.py`."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import pytest
 
 from miles_core.config import EngineConfig
 from miles_core.engine.http import SGLangHttpEngine
-from miles_core.engine.local_channel import WeightChannel, receive_frame, send_frame
+from miles_core.engine.local_channel import (DISTRIBUTED_ROUTE, TENSOR_ROUTE, WeightChannel, receive_frame, route_frame,
+                                             route_of, send_frame)
 from miles_core.errors import MilesError, Refused
 from miles_core.serve import weight_routes
 from miles_core.sync.cuda_ipc import IpcDescriptions, StorageExports
@@ -98,7 +100,7 @@ def _raw_channel(engine) -> socket.socket:
     sock.settimeout(10)
     sock.connect(where["path"])
     send_frame(sock, json.dumps({"token": where["token"]}).encode())
-    assert json.loads(receive_frame(sock, 1 << 20)) == {"success": True}
+    assert json.loads(receive_frame(sock, 1 << 20)) == {"success": True, "routes": [TENSOR_ROUTE, DISTRIBUTED_ROUTE]}
     return sock
 
 
@@ -124,10 +126,26 @@ def test_bad_messages_are_refused_with_one_line_and_nothing_changes(channel_serv
                           "code": 400}
         answer = _ask(sock, json.dumps({"serialized_named_tensors": [], "load_format": "pickle"}).encode())
         assert answer["code"] == 400 and "load_format 'pickle' is not supported" in answer["message"]
+        answer = _ask(sock, route_frame("/update_weights_from_disk", {"model_path": "/"}))
+        assert answer["code"] == 404 and "route '/update_weights_from_disk' is not taken" in answer["message"]
+        bucket = {"names": ["a"], "dtypes": ["float32"], "shapes": [[2]], "group_name": "none"}
+        answer = _ask(sock, route_frame(DISTRIBUTED_ROUTE, bucket))  # refused before any broadcast, as the route does
+        assert answer["code"] == 400 and "no weight-update group 'none'" in answer["message"]
+        answer = _ask(sock, route_frame(DISTRIBUTED_ROUTE, {**bucket, "dtypes": "float32"}))
+        assert answer["code"] == 400 and answer["message"].startswith("dtypes: Input should be a valid list")
         answer = _ask(sock, b" " * (65 << 10))  # over --max-request-bytes: answered, then closed
         assert answer["code"] == 413 and "65536" in answer["message"]
         assert _closed(sock)
     assert state.engine.weight_version == version
+
+
+def test_a_frame_names_its_route_unless_it_is_a_tensor_update():
+    body = {"names": ["a\nb"], "weight_version": "1"}
+    assert route_frame(TENSOR_ROUTE, body) == json.dumps(body).encode()  # what every server takes
+    framed = route_frame(DISTRIBUTED_ROUTE, body)
+    assert framed.startswith(b"/update_weights_from_distributed\n{")
+    assert route_of(framed) == (DISTRIBUTED_ROUTE, json.dumps(body).encode())
+    assert route_of(json.dumps(body).encode()) == (TENSOR_ROUTE, json.dumps(body).encode())
 
 
 def test_a_stopped_server_is_a_clear_error(monkeypatch):

@@ -1,7 +1,8 @@
 """`sync.transport = "nccl"` end to end over gloo: real `miles serve` subprocesses join the
 weight-update group, receive every bucket by broadcast and end up bitwise equal to the trainer
-(their `/weights_checksum` digests against the trainer's), with the version stamped; two servers
-take ranks 1 and 2; a refused bucket leaves the old weights and the group in step; a server that
+(their `/weights_checksum` digests against the trainer's), with the version stamped, every
+bucket's call over the servers' local weight channels (HTTP where a channel does not take it);
+two servers take ranks 1 and 2; a refused bucket leaves the old weights and the group in step; a server that
 is gone or stuck is a one-line error, not a hang."""
 
 from __future__ import annotations
@@ -81,6 +82,34 @@ def test_push_over_gloo_in_several_buckets_is_bitwise(servers, model, flatten):
     assert answer.status_code == 400 and "load_format 'zip' is not supported" in answer.json()["error"]["message"]
     sync.close()
     assert inner.group is None
+
+
+def test_local_servers_get_their_buckets_over_the_weight_channel(servers, model):
+    """Servers on this machine take every bucket's call over their local weight channels (no HTTP
+    call per bucket), bitwise; where a channel takes tensor updates only (an older server), the
+    buckets go over HTTP."""
+    engine = client_engine(*servers)
+    sync = NcclSync(engine, SyncConfig(transport="nccl", timeout_s=60))
+    sync.bucket_bytes = 100_000  # 5 buckets: the servers are paused around them (over HTTP)
+    paths = []
+    post_one = engine._post_one
+    engine._post_one = lambda server, path, body: (paths.append(path), post_one(server, path, body))[1]
+    for version, seed in (("40", 20), ("41", 21)):
+        weights = trained(model, seed=seed)
+        sync.push(weights, version=version)
+        for server in servers:
+            _assert_holds(server.url, weights)
+            assert version_of(server.url) == version
+    assert "/update_weights_from_distributed" not in paths and paths.count("/weight_channel") == 2
+    assert engine.weight_channels_open()
+    for channel in engine._channels[1]:
+        channel.routes = frozenset({"/update_weights_from_tensor"})
+    weights = trained(model, seed=22)
+    sync.push(weights, version="42")
+    assert paths.count("/update_weights_from_distributed") == 2 * 5
+    for server in servers:
+        _assert_holds(server.url, weights)
+    sync.close()
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int4"])
