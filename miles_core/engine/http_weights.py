@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from miles_core.engine.local_channel import DISTRIBUTED_ROUTE, TENSOR_ROUTE, WeightChannel
+from miles_core.engine.local_channel import DISTRIBUTED_ROUTE, TENSOR_ROUTE, ChannelTimeout, WeightChannel
 from miles_core.errors import MilesError, Refused
 from miles_core.utils.threads import background
 
@@ -33,18 +33,24 @@ class Pending(Protocol):
 
 
 class _ChannelAnswers:
-    """The servers' answers to a body sent over their local channels, read on the first `result`
-    (a timeout given there bounds each read)."""
+    """The servers' answers to a body sent over their local channels, read on the first `result`;
+    a `timeout` given there bounds each read and, as a future's would, raises `TimeoutError`
+    (the channels are dropped: an answer left unread would be taken for the next)."""
 
     def __init__(self, read: Callable[[], list[dict]], channels: list[WeightChannel]) -> None:
         self._read, self._channels, self._answers = read, channels, None
 
     def result(self, timeout: float | None = None) -> list[dict]:
         if self._answers is None:
-            if timeout is not None:
-                for channel in self._channels:
-                    channel.timeout_s = timeout
-            self._answers = self._read()
+            if timeout is None:
+                self._answers = self._read()
+                return self._answers
+            for channel in self._channels:
+                channel.timeout_s = timeout
+            try:
+                self._answers = self._read()
+            except ChannelTimeout:
+                raise TimeoutError from None
         return self._answers
 
 

@@ -37,6 +37,10 @@ class ChannelClosed(Exception):
     """The peer closed the socket before a whole frame came."""
 
 
+class ChannelTimeout(MilesError):
+    """No answer within the channel's timeout."""
+
+
 class FrameTooLarge(ValueError):
     """A frame announced more bytes than the receiver takes."""
 
@@ -120,8 +124,8 @@ class WeightChannel:
         try:
             answer = json.loads(receive_frame(self.sock, MAX_ANSWER_BYTES))
         except TimeoutError:
-            raise MilesError(f"{self.url}: no answer over the local weight channel within {self._timeout_s:g} s "
-                             "(the server is stuck or gone)") from None
+            raise ChannelTimeout(f"{self.url}: no answer over the local weight channel within {self._timeout_s:g} s "
+                                 "(the server is stuck or gone)") from None
         except (OSError, ChannelClosed, ValueError) as err:
             reason = str(err) or type(err).__name__
             raise MilesError(f"{self.url}: the local weight channel failed: {reason}") from None

@@ -17,8 +17,8 @@ import pytest
 
 from miles_core.config import EngineConfig
 from miles_core.engine.http import SGLangHttpEngine
-from miles_core.engine.local_channel import (DISTRIBUTED_ROUTE, TENSOR_ROUTE, WeightChannel, receive_frame, route_frame,
-                                             route_of, send_frame)
+from miles_core.engine.local_channel import (DISTRIBUTED_ROUTE, TENSOR_ROUTE, ChannelTimeout, WeightChannel,
+                                             receive_frame, route_frame, route_of, send_frame)
 from miles_core.errors import MilesError, Refused
 from miles_core.serve import weight_routes
 from miles_core.sync.cuda_ipc import IpcDescriptions, StorageExports
@@ -146,6 +146,29 @@ def test_a_frame_names_its_route_unless_it_is_a_tensor_update():
     assert framed.startswith(b"/update_weights_from_distributed\n{")
     assert route_of(framed) == (DISTRIBUTED_ROUTE, json.dumps(body).encode())
     assert route_of(json.dumps(body).encode()) == (TENSOR_ROUTE, json.dumps(body).encode())
+
+
+def test_answers_over_channels_time_out_as_a_futures_do():
+    """What `update_weights_from_distributed` hands back over channels reads the answers on
+    `result`; with a timeout there (a failed broadcast's brief look for the server's reason) it
+    raises `TimeoutError` as a future does, so the broadcast's own error is reported."""
+    from miles_core.engine.http_weights import _ChannelAnswers
+
+    class _Channel:
+        timeout_s = 60.0
+
+    def stuck() -> list[dict]:
+        raise ChannelTimeout("http://x: no answer over the local weight channel within 5 s")
+
+    channel = _Channel()
+    with pytest.raises(TimeoutError) as caught:
+        _ChannelAnswers(stuck, [channel]).result(timeout=5)
+    assert channel.timeout_s == 5 and not isinstance(caught.value, MilesError)
+    with pytest.raises(ChannelTimeout, match="no answer over the local weight channel"):
+        _ChannelAnswers(stuck, [channel]).result()
+    reads = []
+    answered = _ChannelAnswers(lambda: reads.append(1) or [{"success": True}], [channel])
+    assert answered.result() == answered.result() == [{"success": True}] and reads == [1]  # read once
 
 
 def test_a_stopped_server_is_a_clear_error(monkeypatch):
