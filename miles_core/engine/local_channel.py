@@ -21,6 +21,7 @@ caller drops the channel and may open a new one.
 from __future__ import annotations
 
 import json
+import select
 import socket
 import struct
 
@@ -133,6 +134,14 @@ class WeightChannel:
             raise Refused(f"{self.url} refused the update over its local weight channel: "
                           f"{answer.get('message')}", int(answer.get("code", 400)))
         return answer
+
+    def peer_open(self) -> bool:
+        """Whether the server's end looks open: nothing to read while no answer is due (a server
+        that stopped, or dropped this channel, leaves it readable: at its end). One `poll`, no
+        round trip; call it only between updates."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+        return not poller.poll(0)
 
     def close(self) -> None:
         self.sock.close()

@@ -17,7 +17,8 @@ one bucket is that one call, which aborts the servers' running requests and hold
 it is in (`abort_all_requests`); a push of several pauses the servers around them
 (`protocol.send_paused`). A server that refuses a bucket (unknown name, wrong shape) has still
 received all of it, so the group stays in step and the next push works; a server that is gone
-(found before each push by a TCP connect, since no pause call goes first) fails the push with one
+(found before each push, since no pause call goes first: its local weight channel has ended,
+or, without one, a TCP connect to it is refused) fails the push with one
 line, and `sync.timeout_s` (`TimedSync`) turns a server that never answers into an error.
 Backend `sync.nccl_backend`: `auto` is nccl for CUDA weights, gloo for CPU ones (tests).
 """
@@ -25,12 +26,10 @@ Backend `sync.nccl_backend`: `auto` is nccl for CUDA weights, gloo for CPU ones 
 from __future__ import annotations
 
 import itertools
-import socket
 import time
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import Future
-from urllib.parse import urlsplit
 
 import torch
 
@@ -116,7 +115,7 @@ class NcclSync:
     def _check_servers(self) -> None:
         """Every server of the group still runs: a push without a pause call would otherwise
         broadcast to a rank that is gone and wait for it until the timeout."""
-        gone = [s.url for s in self._members if not s.alive or not accepts_connections(s.url)]
+        gone = [s.url for s in self._members if not s.alive or not self.engine.listening(s)]
         if gone:
             raise MilesError(f"sync.transport = 'nccl': server {gone[0]} has left; the weight-update group "
                              "needs every server it was built with (restart the run)")
@@ -137,17 +136,6 @@ class NcclSync:
         except Exception as err:  # noqa: BLE001 - gloo/NCCL errors: one line, with what the servers said
             raise MilesError(f"weight broadcast to the servers failed: {_error_of(answers) or err}") from None
         answers.result()
-
-
-def accepts_connections(url: str) -> bool:
-    """Whether something listens at `url`'s host and port (a TCP connect: ~0.1 ms on one machine;
-    a process that is gone refuses at once)."""
-    parts = urlsplit(url)
-    try:
-        with socket.create_connection((parts.hostname, parts.port or 80), timeout=5):
-            return True
-    except OSError:
-        return False
 
 
 def _error_of(future: Future) -> str:

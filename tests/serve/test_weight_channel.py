@@ -16,6 +16,7 @@ import stat
 import pytest
 
 from miles_core.config import EngineConfig
+from miles_core.engine import http_weights
 from miles_core.engine.http import SGLangHttpEngine
 from miles_core.engine.local_channel import (DISTRIBUTED_ROUTE, TENSOR_ROUTE, ChannelTimeout, WeightChannel,
                                              receive_frame, route_frame, route_of, send_frame)
@@ -177,7 +178,15 @@ def test_a_stopped_server_is_a_clear_error(monkeypatch):
         engine = _client(url)
         _push(engine, descriptions.direct(weights), "1")
         folder = os.path.dirname(state.weight_channel.path)
+        channel, connects = engine._channels[1][0], []
+        connect = http_weights.accepts_connections
+        monkeypatch.setattr(http_weights, "accepts_connections", lambda url: connects.append(url) or connect(url))
+        assert channel.peer_open() and engine.listening(engine.servers[0]) and connects == []  # no TCP connect
     assert not os.path.exists(folder)  # the server removed its socket on the way out
+    assert not channel.peer_open()
+    assert not engine.listening(engine.servers[0]) and engine._channels is None  # ended: dropped; nothing listens
+    assert connects == [url]
+    engine._channels = ([engine.servers[0].url], [channel])  # as if still open: the push finds it broken
     with pytest.raises(MilesError, match="local weight channel failed"):
         _push(engine, descriptions.direct(weights), "2")
     assert engine._channels is None  # dropped: the next update asks again
