@@ -24,10 +24,12 @@ from miles_core.errors import MilesError
 from miles_core.serve.schemas import Strict
 from miles_core.serve.state import RequestError, ServeState
 from miles_core.sync import flat as flat_bucket
-from miles_core.sync.group import WeightGroup, parse_dtype
+from miles_core.sync.group import DTYPES, WeightGroup, parse_dtype
 
 REFUSED = "weights from the distributed group refused"
 """How a refused bucket's message begins, over HTTP and over the local channel."""
+_DTYPES = {**DTYPES, **{f"torch.{name}": dtype for name, dtype in DTYPES.items()}}
+"""Every dtype name `parse_dtype` takes."""
 _RECEIVERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """Group -> the `FlatReceiver` of its flat buckets (weak: it goes with the group)."""
 
@@ -58,14 +60,16 @@ def announced(state: ServeState, body: DistributedBody) -> tuple[WeightGroup, li
     if not len(body.names) == len(body.dtypes) == len(body.shapes):
         raise RequestError(f"names, dtypes and shapes have {len(body.names)}, {len(body.dtypes)} and "
                            f"{len(body.shapes)} entries; expected one each per tensor")
-    dtypes = []
-    for name, dtype, shape in zip(body.names, body.dtypes, body.shapes):
+    dtypes = list(map(_DTYPES.get, body.dtypes))  # C-level passes: a bucket has ~300 tensors, each push
+    if None in dtypes:
+        bad = dtypes.index(None)
         try:
-            dtypes.append(parse_dtype(dtype, f"tensor '{name}'"))
+            parse_dtype(body.dtypes[bad], f"tensor '{body.names[bad]}'")
         except MilesError as err:
             raise RequestError(str(err)) from None
-        if any(size < 0 for size in shape):
-            raise RequestError(f"tensor '{name}' has shape {shape}; sizes must be >= 0")
+    if min(map(min, filter(None, body.shapes)), default=0) < 0:
+        name, shape = next((n, s) for n, s in zip(body.names, body.shapes) if s and min(s) < 0)
+        raise RequestError(f"tensor '{name}' has shape {shape}; sizes must be >= 0")
     return group, dtypes
 
 

@@ -26,6 +26,7 @@ from safetensors.torch import save as save_safetensors
 
 from miles_core.serve import ServeOptions
 from miles_core.serve.app import create_app
+from miles_core.serve.state import RequestError
 from miles_core.serve.schemas import (AbortBody, ChatBody, CompletionBody, Empty, GenerateBody, PauseBody,
                                       UpdateFromDiskBody, UpdateFromTensorBody)
 from miles_core.serve.memory_routes import ALL_TAGS, MemoryBody
@@ -301,6 +302,19 @@ FOUND = [
      400, "chat_template_kwargs may not set 'messages'"),
     ("/update_weights_from_tensor", b'{"serialized_named_tensors": ["AAAA"]}', 400, "is not base64 safetensors"),
 ]
+
+
+@pytest.mark.parametrize("body", [b'{"text": "\\uD800"}', '{"text": "\\udfff"}'.encode("utf-16"),
+                                  '{"text": "\\ud800"}'.encode("utf-32-le")], ids=["upper", "utf-16", "utf-32"])
+def test_lone_surrogates_are_refused_in_every_spelling_and_encoding(body):
+    """The closer look (encoding the parsed body again) is skipped only for UTF-8 bodies without a
+    surrogate escape; every other body still gets it."""
+    from miles_core.serve.bodies import parse_bytes
+
+    with pytest.raises(RequestError, match="lone UTF-16 surrogate"):
+        parse_bytes(body, GenerateBody, 1 << 20)
+    pair = parse_bytes(b'{"text": "\\ud83d\\ude00"}', GenerateBody, 1 << 20)  # a pair is one character
+    assert pair.text == "\U0001F600"
 
 
 @pytest.mark.parametrize("path, body, status, message", FOUND, ids=[f"{p} {m[:20]}" for p, _, _, m in FOUND])

@@ -170,3 +170,26 @@ def _known_after_a_staged_push(descriptions, weights):
         descriptions.exports.note(tensor, noted)
     descriptions.exports.remember(noted)
     descriptions.forget_direct()
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"dtypes": ["float32", "complex64"]}, "tensor 'b': unknown dtype 'complex64'; expected one of: float32"),
+    ({"shapes": [[2], [3, -1]]}, "tensor 'b' has shape [3, -1]; sizes must be >= 0"),
+    ({"names": ["a"]}, "names, dtypes and shapes have 1, 2 and 2 entries; expected one each per tensor"),
+    ({"load_format": "zip"}, "load_format 'zip' is not supported here"),
+    ({"group_name": "none"}, "no weight-update group 'none' (POST /init_weights_update_group first)"),
+])
+def test_a_distributed_bucket_is_checked_before_any_broadcast(edit, message):
+    """What the route and the local channel both check before they receive: the first bad
+    tensor named; a good bucket's dtypes (`torch.` prefix or not) in order."""
+    from types import SimpleNamespace
+
+    from miles_core.serve.distributed_weights import DistributedBody, announced
+    from miles_core.serve.state import RequestError
+
+    state = SimpleNamespace(weight_groups={"g": "the group"})
+    good = {"names": ["a", "b"], "dtypes": ["float32", "torch.bfloat16"], "shapes": [[2], []], "group_name": "g"}
+    assert announced(state, DistributedBody(**good)) == ("the group", [torch.float32, torch.bfloat16])
+    with pytest.raises(RequestError) as refused:
+        announced(state, DistributedBody(**{**good, **edit}))
+    assert message in str(refused.value) and refused.value.status == 400
