@@ -128,8 +128,9 @@ class WeightRoutes:
         """Whether `server` still takes connections: its local channel, if open, has not ended
         (a `poll`), else a TCP connect to its port answers (~0.1 ms on one machine; a process
         that is gone refuses at once). A channel that ended is dropped with the others."""
-        if self._channels is not None and server.url in self._channels[0]:
-            if self._channels[1] and self._channels[1][self._channels[0].index(server.url)].peer_open():
+        urls, channels = self._channels or ((), ())
+        if channels and server.url in urls:  # a server without a channel is not asked for one again
+            if channels[urls.index(server.url)].peer_open():
                 return True
             self.close_weight_channels()
         return accepts_connections(server.url)

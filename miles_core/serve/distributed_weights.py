@@ -28,6 +28,8 @@ from miles_core.sync.group import DTYPES, WeightGroup, parse_dtype
 
 REFUSED = "weights from the distributed group refused"
 """How a refused bucket's message begins, over HTTP and over the local channel."""
+REFUSALS = (RequestError, MilesError, RuntimeError, ValueError)
+"""What `refusal` answers; anything else is the server's own failure (500)."""
 _DTYPES = {**DTYPES, **{f"torch.{name}": dtype for name, dtype in DTYPES.items()}}
 """Every dtype name `parse_dtype` takes."""
 _RECEIVERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -92,10 +94,6 @@ def refusal(err: Exception, refused: str) -> RequestError:
     """SGLang's `{success: false, message}` (400) for a failed group or weight call (gloo and NCCL
     failures are RuntimeErrors)."""
     return RequestError(f"{refused}: {err}".replace("\n", " "))
-
-
-REFUSALS = (RequestError, MilesError, RuntimeError, ValueError)
-"""What `refusal` answers; anything else is the server's own failure (500)."""
 
 
 def forget_receive_buffers(groups: dict[str, WeightGroup]) -> None:

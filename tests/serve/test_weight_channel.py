@@ -208,3 +208,6 @@ def test_a_server_without_a_channel_is_updated_over_http(channel_server, monkeyp
     assert "no local weight channel" in caplog.text and "AF_UNIX path too long" in caplog.text
     assert state.engine.weight_version == "2"
     _assert_holds(state.engine, weights)
+    assert engine.listening(engine.servers[0]) and engine._channels[1] == []  # a TCP connect; not asked again
+    _push(engine, reference(text), "2b")
+    assert paths.count("/weight_channel") == 1
