@@ -5,7 +5,6 @@ are actually used."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from miles_core.engine.native import cuda_graphs
 from miles_core.engine.native.cuda_graphs import batch_size_ladder

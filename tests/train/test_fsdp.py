@@ -5,7 +5,6 @@ launched and shut down cleanly (`launch/local.py`)."""
 
 from __future__ import annotations
 
-import copy
 import multiprocessing
 
 import pytest

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from typer.testing import CliRunner
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (the optional [megatron] extra)")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")

@@ -34,7 +34,7 @@ def test_a_nan_advantage_skips_the_step_and_names_the_sample(tiny_model):
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     metrics = trainer.train_rollout(_nan_advantage(_grpo_batch(), 4))
     assert metrics["skipped_step"] == 1.0 and not math.isfinite(metrics["loss"])
-    assert trainer.skipped_notes() == [f"loss nan, grad norm nan; samples 4"]
+    assert trainer.skipped_notes() == ["loss nan, grad norm nan; samples 4"]
     assert trainer.num_optimizer_steps == 0 and trainer.scheduler.last_epoch == 0  # scheduler not stepped
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
     assert all(p.grad is None for p in trainer.model.parameters())  # nothing left to leak into the next step
