@@ -17,13 +17,10 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import torch
 import transformers
 
@@ -32,12 +29,12 @@ from miles_core.checkpoint.sources import resolve_model_source
 from miles_core.config import EngineConfig, SyncConfig
 from miles_core.engine.http import SGLangHttpEngine
 from miles_core.engine.local_channel import TENSOR_ROUTE
-from miles_core.launch.local import free_port
 from miles_core.models.kept_weights import KeptWeights
 from miles_core.sync.nccl import NcclSync
 
 from align_overhead import random_model  # bench/ is on sys.path when run
 from train_throughput import SHAPES
+from weight_sync import launch_serve
 
 NARROW = dict(SHAPES["tiny"], num_hidden_layers=28, hidden_size=16, intermediate_size=32, head_dim=4,
               vocab_size=320)
@@ -50,25 +47,6 @@ def narrow_checkpoint(folder: Path) -> tuple[Path, KeptWeights]:
     config = transformers.Qwen3Config(**{k: v for k, v in NARROW.items() if k != "model_type"})
     save_hf_checkpoint(folder, model.state_dict().items(), config.to_dict(), source_dir=tokenizer)
     return folder, KeptWeights((k, v.detach().clone()) for k, v in model.state_dict().items())
-
-
-def start_server(model_dir: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "miles_cli.app", "serve", "--model", str(model_dir),
-                                "--port", str(port), "--allow-unauthenticated-weight-updates"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None:
-            break
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("miles serve did not start")
 
 
 def median_ms(sync: NcclSync, weights: KeptWeights, repeats: int, first: int) -> float:
@@ -85,8 +63,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--out", default="")
     args = parser.parse_args()
-    model_dir, weights = narrow_checkpoint(Path(tempfile.mkdtemp()) / "narrow")
-    process, url = start_server(model_dir)
+    work = Path(tempfile.mkdtemp())
+    model_dir, weights = narrow_checkpoint(work / "narrow")
+    process, url = launch_serve(model_dir, work / "serve.log", "--allow-unauthenticated-weight-updates",
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         engine = SGLangHttpEngine(EngineConfig(backend="sglang", urls=[url]), urls=[url])
         sync = NcclSync(engine, SyncConfig(transport="nccl", timeout_s=0))  # on this thread: the call alone

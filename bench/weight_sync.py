@@ -94,12 +94,17 @@ def nccl_bus_bandwidth(nbytes: int = 1 << 30) -> float:
 
 def start_server(model_dir: Path, gpu: int, log: Path) -> tuple[subprocess.Popen, str]:
     """`miles serve` on one GPU; returns the process and its URL once it answers /health."""
+    return launch_serve(model_dir, log, "--api-key", API_KEY, "--set", "model.dtype=bfloat16",
+                        "--set", "model.device=cuda", env={**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)})
+
+
+def launch_serve(model_dir: Path, log: Path, *options: str, env: dict) -> tuple[subprocess.Popen, str]:
+    """`miles serve --model model_dir *options` at a free port, its output in `log`; the process
+    and its URL once it answers /health."""
     import httpx
 
     port = free_port()
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
-    command = [sys.executable, "-m", "miles_cli.app", "serve", "--model", str(model_dir), "--port", str(port),
-               "--api-key", API_KEY, "--set", "model.dtype=bfloat16", "--set", "model.device=cuda"]
+    command = [sys.executable, "-m", "miles_cli.app", "serve", "--model", str(model_dir), "--port", str(port), *options]
     process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -111,7 +116,8 @@ def start_server(model_dir: Path, gpu: int, log: Path) -> tuple[subprocess.Popen
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"miles serve on GPU {gpu} did not come up: {log.read_text()[-2000:]}")
+    process.kill()
+    raise RuntimeError(f"miles serve did not come up: {log.read_text()[-2000:]}")
 
 
 WARMUP = 3

@@ -29,11 +29,11 @@ import itertools
 import time
 import uuid
 from collections.abc import Iterable
-from concurrent.futures import Future
 
 import torch
 
 from miles_core.config import SyncConfig
+from miles_core.engine.http_weights import Pending
 from miles_core.engine.protocol import RolloutEngine
 from miles_core.errors import MilesError
 from miles_core.sync import flat
@@ -138,7 +138,7 @@ class NcclSync:
         answers.result()
 
 
-def _error_of(future: Future) -> str:
+def _error_of(future: Pending) -> str:
     """The error a finished call raised, waiting briefly for it (a refusal explains a failed broadcast)."""
     try:
         future.result(timeout=5)
