@@ -18,7 +18,8 @@ checkpoint and prompts for every placement. Placements:
   0, requests are spread over the two engines.
 
 Step time: median of `perf/step_time` over steps 2..N (async: wall time between steps, the
-trainer's view). Scaling efficiency = (T_1 / T_N) / N.
+trainer's view). Scaling efficiency = (T_1 / T_N) / N. Each row also shows where a step's time
+goes: the medians of its rollout, train, sync and colocate (turn-taking) seconds.
 
 GPU:  python bench/multi_gpu_step.py --steps 8 --out bench/results/multi_gpu_step.md
 """
@@ -57,6 +58,18 @@ PLACEMENTS = {
 }
 
 
+PARTS = ("rollout_time", "train_time", "sync_time", "colocate_time")
+"""The parts of `perf/step_time` the report shows (medians over steps 2..N), where the time goes."""
+
+
+def step_parts(metrics_file: Path) -> str:
+    """'rollout 1.10 + train 0.95 + ...' (seconds, medians over steps 2..N) from a run's metrics."""
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()][1:]
+    parts = [(name.removesuffix("_time"), [row[f"perf/{name}"] for row in rows if f"perf/{name}" in row])
+             for name in PARTS]
+    return " + ".join(f"{name} {statistics.median(values):.2f}" for name, values in parts if values)
+
+
 def run_placement(base: Path, work: Path, overrides: list[str]) -> list[float]:
     """Seconds per step as the trainer sees them (wall time between step records)."""
     if FSDP in overrides:
@@ -84,19 +97,20 @@ def run_ranks(base: Path, work: Path, overrides: list[str]) -> list[float]:
     return [row["perf/step_time"] for row in rows if "perf/step_time" in row]
 
 
-def report(args, rows: list[tuple[str, int, float | str]]) -> str:
+def report(args, rows: list[tuple[str, int, float | str, str]]) -> str:
     lines = ["# GRPO step on several GPUs (multi_gpu_step)", "",
              f"Card: {torch.cuda.get_device_name()} x {torch.cuda.device_count()}; date: {datetime.date.today()}; "
              f"torch {torch.__version__}; command: `python {' '.join(sys.argv)}`. {args.prompts} prompts x 8 samples "
              f"x {args.new_tokens} new tokens a step, W1 model; median step time of steps 2..{args.steps}.", "",
-             "| placement | GPUs | s/step | speed-up | scaling efficiency |", "|---|---|---|---|---|"]
-    one = next((t for _, n, t in rows if n == 1 and isinstance(t, float)), None)
-    for label, gpus, seconds in rows:
+             "| placement | GPUs | s/step | speed-up | scaling efficiency | parts of `perf/step_time`, s |",
+             "|---|---|---|---|---|---|"]
+    one = next((t for _, n, t, _ in rows if n == 1 and isinstance(t, float)), None)
+    for label, gpus, seconds, parts in rows:
         if isinstance(seconds, str):
-            lines.append(f"| {label} | {gpus} | {seconds} | | |")
+            lines.append(f"| {label} | {gpus} | {seconds} | | | |")
             continue
         speed = one / seconds if one else float("nan")
-        lines.append(f"| {label} | {gpus} | {seconds:.3f} | {speed:.2f}x | {speed / gpus:.0%} |")
+        lines.append(f"| {label} | {gpus} | {seconds:.3f} | {speed:.2f}x | {speed / gpus:.0%} | {parts} |")
     return "\n".join(lines) + "\n"
 
 
@@ -124,10 +138,11 @@ def main() -> None:
         if gpus > torch.cuda.device_count():
             continue
         try:
-            times = run_placement(base, work / f"run{number}", [*overrides, f"loop.num_rollout={args.steps}"])
-            rows.append((label, gpus, statistics.median(times[1:])))
+            run = work / f"run{number}"
+            times = run_placement(base, run, [*overrides, f"loop.num_rollout={args.steps}"])
+            rows.append((label, gpus, statistics.median(times[1:]), step_parts(run / "metrics.jsonl")))
         except Exception as err:  # noqa: BLE001 - one failing placement is reported, the rest still run
-            rows.append((label, gpus, f"failed: {str(err).splitlines()[0][:200]}"))
+            rows.append((label, gpus, f"failed: {str(err).splitlines()[0][:200]}", ""))
         print(rows[-1], flush=True)
     text = report(args, rows)
     print(text)
