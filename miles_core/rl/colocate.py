@@ -2,7 +2,8 @@
 
 One step: generate (the engine holds its memory; the optimizer state waits in host memory) ->
 the engine releases its memory (KV cache, CUDA graphs, weights to host; `release_memory`) -> the
-trainer reloads its optimizer state and trains -> it offloads the state again -> the engine takes
+trainer trains, reloading its optimizer state as it starts (the copies overlap its first passes:
+`train/offload.py`) -> it offloads the state again -> the engine takes
 its memory back (the same weights) -> the new weights are synced into it. The engine is the
 native one in this process (one GPU shared with trainer rank 0) or launched / external servers,
 through their memory routes.
@@ -37,7 +38,8 @@ class Colocation:
         self._rollout_peak = 0.0
 
     def before_train(self) -> dict[str, float]:
-        """The engine gives its GPU memory away; the trainer takes its optimizer state back."""
+        """The engine gives its GPU memory away (the trainer's `train_rollout` takes its optimizer
+        state back, overlapped with its first passes)."""
         if not self.enabled:
             return {}
         cuda = torch.cuda.is_available()
@@ -49,7 +51,6 @@ class Colocation:
             out["perf/gpu_mem_during_rollout_gb"] = self._rollout_peak
             out["perf/gpu_mem_after_release_gb"] = torch.cuda.memory_allocated() / GIB
             torch.cuda.reset_peak_memory_stats()  # the next peak is the training's
-        self.trainer.reload_optimizer()
         return out
 
     def after_train(self) -> dict[str, float]:

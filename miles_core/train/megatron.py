@@ -91,7 +91,7 @@ from miles_core.train.megatron_model import WeightMap, build_gpt, check_model_pa
 from miles_core.train.megatron_routing import RoutingHooks
 from miles_core.train.megatron_zero import ZeroOptimizer
 from miles_core.train.native import NativeTrainer
-from miles_core.train.offload import OptimizerOffload
+from miles_core.train.offload import OptimizerOffloads
 from miles_core.train.routing_replay import RoutingPlan
 from miles_core.train.optim import build_optimizer, clip_grad_norm
 from miles_core.train.parallelize import broadcast_module
@@ -157,7 +157,7 @@ class MegatronTrainer(megatron_pipeline.PipelineSteps, megatron_data.DataParalle
             if cfg.use_distributed_optimizer else None
         self.optimizer, self.scheduler = (self.zero.optimizer, self.zero.scheduler) if self.zero else \
             build_optimizer(self.model.parameters(), cfg, total_steps)
-        self._offloads = [OptimizerOffload(self.optimizer)]  # unused: engine.colocate refuses this backend
+        self._offloads = OptimizerOffloads([self.optimizer])  # unused: engine.colocate refuses this backend
         self.num_optimizer_steps = 0
         self._pass_metrics: dict[str, float] = {}
         self.guard = BadStepGuard(cfg.max_bad_steps)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -51,7 +50,7 @@ from miles_core.train.batch import (
 )
 from miles_core.train.critic import Critic
 from miles_core.train.finite import BadStepGuard, nonfinite_rows
-from miles_core.train.offload import OptimizerOffload
+from miles_core.train.offload import OptimizerOffloads
 from miles_core.train.optim import build_optimizer, clip_grad_norm
 from miles_core.train.packing import packed_log_probs, packed_micro_batches
 from miles_core.train.speed import CastCache, apply_speed_options
@@ -84,7 +83,7 @@ class NativeTrainer:
         self.reference, self.critic = reference, critic
         self.temperature = temperature if temperature > 0 else 1.0
         self.optimizer, self.scheduler = build_optimizer(model.parameters(), cfg, total_steps)
-        self._offloads = [OptimizerOffload(o) for o in (self.optimizer, critic.optimizer if critic else None) if o]
+        self._offloads = OptimizerOffloads([o for o in (self.optimizer, critic.optimizer if critic else None) if o])
         self.device = next(model.parameters()).device
         self.num_optimizer_steps = 0
         self._pass_metrics: dict[str, float] = {}
@@ -190,7 +189,7 @@ class NativeTrainer:
         """All optimizer steps of one rollout: the rows are split evenly between them."""
         if batch.advantages is None:
             raise ValueError("train_rollout needs batch.advantages (estimate them first)")
-        self.reload_optimizer()  # no-op unless a colocated loop offloaded it (it reloads first)
+        self._offloads.reload(overlap=True)  # if a colocated loop offloaded it: copied while the passes run
         self._fill_missing_inputs(batch)
         # Train/rollout mismatch is measured on the weights that generated the rollout: the old
         # log-probs when computed, else the first (only) optimizer step's own forward.
@@ -250,6 +249,7 @@ class NativeTrainer:
             if self.critic is not None:
                 self.critic.zero_grad()
             return metrics
+        self._offloads.wait_reloaded()  # on the GPU: an overlapped reload's copies come first
         self.optimizer.step()
         self.scheduler.step()
         if self.critic is not None:
@@ -317,20 +317,15 @@ class NativeTrainer:
     def offload_optimizer(self) -> int:
         """Move the optimizer state (the critic's too) to host memory while a colocated engine
         generates (`offload.py`); returns the bytes moved off the GPU (0 on CPU)."""
-        return sum(offload.offload() for offload in self._offloads)
+        return self._offloads.offload()
 
     def reload_optimizer(self) -> None:
         """Put the optimizer state back on its device, bitwise (no-op unless offloaded)."""
-        for offload in self._offloads:
-            offload.reload()
+        self._offloads.reload()
 
-    @contextmanager
     def _optimizer_on_device(self):
         """Checkpoints hold the state as it is on its device, offloaded or not."""
-        with ExitStack() as stack:
-            for offload in self._offloads:
-                stack.enter_context(offload.on_device())
-            yield
+        return self._offloads.on_device()
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from torch.distributed.tensor import DTensor
 from miles_core.config import AlgoConfig, ModelConfig, TrainConfig
 from miles_core.checkpoint.loading import load_model
 from miles_core.train import build_trainer
+from miles_core.train.offload import OptimizerOffload
 from tests.train.test_trainer_math import _grpo_batch
 
 ALGO = AlgoConfig(use_kl_loss=True, kl_loss_coef=0.1)
@@ -95,5 +96,32 @@ def test_gpu_offload_frees_the_state_and_reloads_it_bitwise(tmp_path, monkeypatc
     assert all(t.is_pinned() for t in _state_tensors(offloaded))
     offloaded.reload_optimizer()
     assert plain.train_rollout(_grpo_batch()) == offloaded.train_rollout(_grpo_batch())
+    ours, theirs = _weights(offloaded), _weights(plain)
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+
+
+@pytest.mark.gpu
+def test_gpu_reload_overlapped_with_the_passes_gives_bitwise_the_same_update(tmp_path, monkeypatch):
+    """`train_rollout` reloads an offloaded state on a side stream while its passes run; the
+    optimizer step waits for the copies on the GPU. An offload straight after such a reload (no
+    step between) waits too and moves the same bits."""
+    monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
+    model = load_model(ModelConfig(source="tiny-qwen3", device="cuda")).model
+    plain, offloaded = _trainer("native", model), _trainer("native", model)
+    for trainer in (plain, offloaded):
+        trainer.train_rollout(_grpo_batch())
+    before = [t.clone() for t in _state_tensors(offloaded)]
+    offloaded.offload_optimizer()
+    offload = offloaded._offloads.offloads[0]
+    offload.reload(overlap=True)
+    assert set(offload._reloading) == {before[0].device}  # queued on the side stream, not waited for
+    offloaded.offload_optimizer()
+    assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(_state_tensors(offloaded), before))
+    expected, pending = plain.train_rollout(_grpo_batch()), []
+    waited = OptimizerOffload.wait_reloaded
+    monkeypatch.setattr(OptimizerOffload, "wait_reloaded", lambda self: (pending.append(len(self._reloading)),
+                                                                        waited(self)))
+    assert offloaded.train_rollout(_grpo_batch()) == expected
+    assert pending[0] == 1  # the first optimizer step found the overlapped copies still pending
     ours, theirs = _weights(offloaded), _weights(plain)
     assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
