@@ -12,9 +12,9 @@ path everywhere, nothing freed there; `offload` reports only the bytes moved off
 
 The trainer reloads as it starts training (`reload(overlap=True)`): the copies run on a side
 stream while its first forward passes compute, and the optimizer step waits for them on the GPU
-(`wait_reloaded`), never the host. Memory a colocated server process just gave back is cleared by
-the driver as it is first written, which makes the copy take twice its bus time: 236 ms a step
-for 3.7 GB of AdamW state (0.6B-shaped model, H200), against 73 ms for the offload
+(`wait_reloaded`), never the host. The first copy into memory a colocated server process has just
+given back runs at half the bus speed (presumably the driver clearing that process's pages): 236
+ms a step for 3.7 GB of AdamW state (0.6B-shaped model, H200) against 73 ms for the offload
 (`bench/results/multi_gpu_step.md`, run 5). Anything that reads or frees the state waits first.
 """
 
