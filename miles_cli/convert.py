@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from miles_cli.common import DebugOption, cli_errors, console, print_table, staged_progress
+from miles_cli.common import DebugOption, cli_errors, print_table, staged_progress
 
 app = typer.Typer(no_args_is_help=True, help="Convert checkpoints: HF <-> Megatron torch_dist (GGUF in).")
 

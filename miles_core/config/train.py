@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from miles_core.config.sections import MAX_BATCH, DType
 from miles_core.config.tree import check as _check
 
 
