@@ -62,9 +62,14 @@ PARTS = ("rollout_time", "train_time", "sync_time", "colocate_time")
 """The parts of `perf/step_time` the report shows (medians over steps 2..N), where the time goes."""
 
 
+def metric_rows(metrics_file: Path) -> list[dict]:
+    """A run's `metrics.jsonl`, a dict a line."""
+    return [json.loads(line) for line in metrics_file.read_text().splitlines()]
+
+
 def step_parts(metrics_file: Path) -> str:
     """'rollout 1.10 + train 0.95 + ...' (seconds, medians over steps 2..N) from a run's metrics."""
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()][1:]
+    rows = metric_rows(metrics_file)[1:]
     parts = [(name.removesuffix("_time"), [row[f"perf/{name}"] for row in rows if f"perf/{name}" in row])
              for name in PARTS]
     return " + ".join(f"{name} {statistics.median(values):.2f}" for name, values in parts if values)
@@ -93,8 +98,7 @@ def run_ranks(base: Path, work: Path, overrides: list[str]) -> list[float]:
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0:
         raise RuntimeError((result.stdout + result.stderr).strip().splitlines()[-1])
-    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
-    return [row["perf/step_time"] for row in rows if "perf/step_time" in row]
+    return [row["perf/step_time"] for row in metric_rows(work / "metrics.jsonl") if "perf/step_time" in row]
 
 
 def report(args, rows: list[tuple[str, int, float | str, str]]) -> str:

@@ -3,10 +3,9 @@
 One step: generate (the engine holds its memory; the optimizer state waits in host memory) ->
 the engine releases its memory (KV cache, CUDA graphs, weights to host; `release_memory`) -> the
 trainer trains, reloading its optimizer state as it starts (the copies overlap its first passes:
-`train/offload.py`) -> it offloads the state again -> the engine takes
-its memory back (the same weights) -> the new weights are synced into it. The engine is the
-native one in this process (one GPU shared with trainer rank 0) or launched / external servers,
-through their memory routes.
+`train/offload.py`) -> it offloads the state again -> the engine takes its memory back (the same
+weights) -> the new weights are synced into it. The engine is the native one in this process
+(one GPU shared with trainer rank 0) or launched / external servers, through their memory routes.
 
 Metrics, so the saving is measured (all `perf/`, in GiB):
 - `engine_released_gb`: what the engine's release freed on its GPU (the CUDA allocator's drop, in
