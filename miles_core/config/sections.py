@@ -112,8 +112,12 @@ class EngineConfig:
     """With `launch`: seconds every server may take to answer `GET /health` after it is started."""
     colocate: bool = False
     """Engine and trainer share GPUs (slime's `--colocate`): the engine releases its GPU memory (KV
-    cache, CUDA graphs, weights to CPU) while the trainer trains, and the trainer moves its optimizer
+    cache, CUDA graphs, weights) while the trainer trains, and the trainer moves its optimizer
     state to CPU while the engine generates."""
+    weights_cpu_backup: bool = False
+    """`colocate`: copy the engine's weights to host memory at each release and back at the resume
+    (SGLang's `--enable-weights-cpu-backup`); false drops them, as the weight sync after every
+    resume rewrites them all (no copy either way, no host memory of their size)."""
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_batch_size <= MAX_BATCH,

@@ -53,6 +53,8 @@ class _Server:
     alive: bool = True
     outstanding: int = 0
     per_sample_seeds: bool = False
+    miles: bool = False
+    """A `miles serve` server (its `/get_server_info` has a `miles` section)."""
     num_ranks: int = 1
     """Ranks it takes in a weight-update group (SGLang's tp_size; miles serve: 1)."""
 
@@ -109,6 +111,7 @@ class SGLangHttpEngine(WeightRoutes, Submissions):
             for attempt in range(self.cfg.health_retries):
                 if self._healthy(server):
                     info = self._get(server, "/get_server_info")
+                    server.miles = isinstance(info.get("miles"), dict)
                     server.per_sample_seeds = bool((info.get("miles") or {}).get("per_sample_seeds"))
                     server.num_ranks = int(info.get("tp_size") or 1)
                     if info.get("max_context_length"):
@@ -145,12 +148,14 @@ class SGLangHttpEngine(WeightRoutes, Submissions):
         except ServerFailed as err:
             raise MilesError(f"SGLang server failed: {err}") from None
 
-    def _each(self, method: str, path: str, body: dict | None = None) -> list[httpx.Response]:
-        """Call every live server; one that fails is taken out (the rest carry on)."""
+    def _each(self, method: str, path: str, body: dict | Callable[[_Server], dict] | None = None
+              ) -> list[httpx.Response]:
+        """Call every live server (`body`: the same for each, or made for each); one that fails is
+        taken out (the rest carry on)."""
         answers = []
         for server in self._live():
             try:
-                answers.append(self._call(server, method, path, body))
+                answers.append(self._call(server, method, path, body(server) if callable(body) else body))
             except ServerFailed:
                 server.alive = False
         self._live()
@@ -200,18 +205,22 @@ class SGLangHttpEngine(WeightRoutes, Submissions):
                 raise MilesError(f"{server.url} reports weight_version '{reported}' after loading version '{version}'")
         self._weight_version = str(version)
 
-    def release_memory(self) -> dict[str, int]:
+    def release_memory(self, keep_weights: bool = True) -> dict[str, int]:
         """Every server frees its GPU memory for a colocated trainer; the bytes `miles serve`
-        servers report, summed (SGLang reports none)."""
+        servers report, summed (SGLang reports none). `keep_weights=False` tells `miles serve`
+        servers to drop the weights (SGLang drops them unless started with
+        `--enable-weights-cpu-backup`)."""
         totals: dict[str, int] = {}
-        for answer in self._each("POST", "/release_memory_occupation", {}):
+        dropping = {"keep_weights": False}
+        for answer in self._each("POST", "/release_memory_occupation",
+                                 lambda server: dropping if server.miles and not keep_weights else {}):
             report = answer.json() if answer.content else None
             for key, value in ((report or {}).get("miles") or {}).items():
                 totals[key] = totals.get(key, 0) + int(value)
         return totals
 
     def resume_memory(self) -> None:
-        """Every server takes its GPU memory back (the same weights)."""
+        """Every server takes its GPU memory back (the same weights, unless dropped)."""
         self._each("POST", "/resume_memory_occupation", {})
 
     def close(self) -> None:

@@ -70,9 +70,11 @@ class RolloutEngine(Protocol):
 
     def health(self) -> bool: ...
 
-    def release_memory(self) -> dict[str, int]:
-        """`engine.colocate`: give the GPU memory to the trainer (KV cache, graphs, weights to host);
+    def release_memory(self, keep_weights: bool = True) -> dict[str, int]:
+        """`engine.colocate`: give the GPU memory to the trainer (KV cache, graphs, weights to host,
+        or dropped with `keep_weights=False` when a sync rewrites them all after the resume);
         generation is refused until `resume_memory`. Returns the bytes freed by kind (may be empty)."""
 
     def resume_memory(self) -> None:
-        """Take the memory back after `release_memory`, with the same weights."""
+        """Take the memory back after `release_memory`, with the same weights (or, dropped, none
+        until a sync writes them)."""

@@ -1,7 +1,8 @@
 """`engine.colocate`: the rollout engine and the trainer take turns on the same GPUs.
 
 One step: generate (the engine holds its memory; the optimizer state waits in host memory) ->
-the engine releases its memory (KV cache, CUDA graphs, weights to host; `release_memory`) -> the
+the engine releases its memory (KV cache, CUDA graphs, and its weights: dropped, since the sync
+below rewrites them all, or copied to host with `engine.weights_cpu_backup`) -> the
 trainer trains, reloading its optimizer state as it starts (the copies overlap its first passes:
 `train/offload.py`) -> it offloads the state again -> the engine takes its memory back (the same
 weights) -> the new weights are synced into it. The engine is the native one in this process
@@ -31,8 +32,9 @@ GIB = 2**30
 class Colocation:
     """Turn-taking of one run's engine and trainer; does nothing when colocation is off."""
 
-    def __init__(self, engine: RolloutEngine | None = None, trainer: TrainBackend | None = None) -> None:
-        self.engine, self.trainer = engine, trainer
+    def __init__(self, engine: RolloutEngine | None = None, trainer: TrainBackend | None = None,
+                 keep_weights: bool = True) -> None:
+        self.engine, self.trainer, self.keep_weights = engine, trainer, keep_weights
         self.enabled = engine is not None and trainer is not None
         self._rollout_peak = 0.0
 
@@ -43,7 +45,7 @@ class Colocation:
             return {}
         cuda = torch.cuda.is_available()
         self._rollout_peak = torch.cuda.max_memory_allocated() / GIB if cuda else 0.0
-        freed = self.engine.release_memory()
+        freed = self.engine.release_memory(keep_weights=self.keep_weights)
         out = {"perf/engine_released_gb": freed.get("gpu_freed_bytes", 0) / GIB,
                "perf/engine_kv_released_gb": freed.get("kv_cache_bytes", 0) / GIB}
         if cuda:

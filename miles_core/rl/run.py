@@ -96,7 +96,7 @@ class RunComponents:
         save_all = cfg.loop.save_rollout_data or bool(cfg.loop.save_rollout_data_path) or mode == "rollout_only"
         parts = cls(cfg, output_dir, loaded, engine, trainer, rollouts, sync, save_all, eval_sets)
         if cfg.engine.colocate:
-            parts.colocation = Colocation(engine, trainer)
+            parts.colocation = Colocation(engine, trainer, keep_weights=cfg.engine.weights_cpu_backup)
         if cfg.loop.mode == "async" and sync is not None:  # debug modes have nothing to overlap
             parts.rollouts = parts.sync = AsyncRollouts(
                 rollouts, sync, lag=cfg.rollout_lag, steps_per_rollout=cfg.train.num_steps_per_rollout,

@@ -5,7 +5,10 @@ server to release its memory (the native engine frees its KV pool and CUDA graph
 weights to pinned host memory, `NativeEngine.release_memory`) and to resume it before the next
 rollout (the same weights, bitwise). Both run on the batching worker's thread, between batches.
 The native engine releases everything at once: SGLang's `tags` (`weights`, `kv_cache`,
-`cuda_graph`) are accepted only when they name all three (or are left out). Release is refused
+`cuda_graph`) are accepted only when they name all three (or are left out). Beyond SGLang's body,
+`keep_weights: false` drops the weights instead of copying them to the host (what SGLang does
+without `--enable-weights-cpu-backup`): the caller syncs every weight after the resume, and
+generation is refused until it has. Release is refused
 (409) while requests are in flight; generation is refused (409) while released. Beyond SGLang's
 shape, a release answers the bytes it freed under `miles` (the run logs them). A release also lets go
 of what the weight sync keeps between pushes: the mapping of the trainer's CUDA IPC buffer and the
@@ -31,9 +34,11 @@ class MemoryBody(Strict):
     """SGLang `ReleaseMemoryOccupationReqInput` / `ResumeMemoryOccupationReqInput`."""
 
     tags: list[str] | None = None
+    keep_weights: bool = True
+    """miles: false drops the weights at release (a full weight sync follows the resume)."""
 
 
-async def _engine_call(request: Request, name: str, then=None):
+async def _engine_call(request: Request, name: str, then=None, options=lambda body: {}):
     state: ServeState = request.app.state.serve
     body = await parse_body(request, MemoryBody)
     if body.tags is not None and set(body.tags) != ALL_TAGS:
@@ -43,7 +48,7 @@ async def _engine_call(request: Request, name: str, then=None):
     if method is None:
         raise RequestError(f"the served engine ({type(state.engine).__name__}) cannot {name}", 501)
     def call():
-        result = method()
+        result = method(**options(body))
         if then is not None:
             then()
         return result
@@ -62,7 +67,8 @@ async def release_memory_occupation(request: Request):
         forget_ipc_mapping(state.engine)
         forget_receive_buffers(state.weight_groups)
 
-    freed = await _engine_call(request, "release_memory", then=forget_sync_buffers)
+    freed = await _engine_call(request, "release_memory", then=forget_sync_buffers,
+                               options=lambda body: {"keep_weights": body.keep_weights})
     return {"success": True, "message": "Memory released.", "miles": freed}
 
 

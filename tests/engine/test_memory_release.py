@@ -1,7 +1,9 @@
 """`NativeEngine.release_memory` / `resume_memory` (engine.colocate): the KV pool is freed, the
 weights go to host memory and come back bitwise, generations after resume equal those before,
-generation is refused while released, and release waits for no one (refused when busy). The
-GPU tests check what only CUDA shows: the allocator's drop and captured graphs after resume."""
+generation is refused while released, and release waits for no one (refused when busy). A
+release that drops the weights keeps only the RoPE frequencies and refuses generation, naming
+what is missing, until updates wrote every weight again. The GPU tests check what only CUDA
+shows: the allocator's drop and captured graphs after resume."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch
 
 from miles_core.engine.native.engine import EngineReleased
 from miles_core.engine.native.fuse import fuse_projections
+from miles_core.engine.native.stable_memory import unwritten_spans
 from miles_core.errors import MilesError
 from miles_core.models.base import named_weights
 from paged_helpers import model_for, paged, prompts, requests
@@ -65,7 +68,8 @@ def test_release_is_refused_while_requests_are_in_flight_and_twice_is_harmless()
     while not handle.done:
         engine.step()
     first = engine.release_memory()
-    assert engine.release_memory() == {"kv_cache_bytes": 0, "weights_bytes": 0, "gpu_freed_bytes": 0}
+    assert engine.release_memory() == {"kv_cache_bytes": 0, "weights_bytes": 0, "weights_dropped_bytes": 0,
+                                       "gpu_freed_bytes": 0}
     assert first["kv_cache_bytes"] > 0
     engine.resume_memory()
     engine.resume_memory()  # a second resume changes nothing
@@ -97,6 +101,48 @@ def test_tied_embeddings_stay_one_tensor():
     engine.release_memory()
     engine.resume_memory()
     assert engine.model.lm_head.weight is engine.model.model.embed_tokens.weight
+
+
+def _inv_freq_bytes(engine) -> int:
+    return sum(b.numel() * b.element_size() for m in engine.model.modules() for n, b in m._buffers.items()
+               if n in m._non_persistent_buffers_set)
+
+
+def _drop_then_write_back(engine, weights: dict[str, torch.Tensor]) -> None:
+    """Resume after a dropping release; generation is refused, naming the first weight still
+    missing, until every weight was written again (a fused view held back till the end)."""
+    reqs = requests(prompts(1, seed=2), n=1, max_new_tokens=4)
+    with pytest.raises(EngineReleased, match="update_weights: .*call resume_memory first"):
+        engine.update_weights([("lm_head.weight", weights["lm_head.weight"])], version="1")  # nowhere to write yet
+    engine.resume_memory()
+    with pytest.raises(EngineReleased, match=f"{len(weights)} of the engine's weights were dropped at release_memory.*"
+                                             f"first: '{next(iter(weights))}'.*engine.weights_cpu_backup = true"):
+        engine.generate(reqs)
+    last = "model.layers.1.self_attn.k_proj.weight"
+    engine.update_weights([(name, tensor) for name, tensor in weights.items() if name != last], version="1")
+    with pytest.raises(EngineReleased, match=f"request '.*': 1 of the engine's weights .*first: '{last}'"):
+        engine.submit(reqs[0])
+    with pytest.raises(EngineReleased, match=rf"get_weights_by_name\('{last}'\): 1 of"):
+        engine.get_weights_by_name(last)
+    engine.update_weights([(last, weights[last])], version="2")
+
+
+@pytest.mark.parametrize("mode", ["invariant", "fast"])
+def test_a_release_that_drops_the_weights_generates_again_only_once_every_weight_is_written(mode):
+    engine = paged(model_for("qwen3", mode), block_size=16, num_kv_blocks=40, return_routed_experts=False)
+    fuse_projections(engine.model)  # the fused q/k/v are rebuilt from the written views
+    reqs = requests(prompts(3, seed=4), n=2, max_new_tokens=10)
+    before, weights = _tokens(engine, reqs), _state(engine)
+    stats = engine.release_memory(keep_weights=False)
+    assert stats["weights_bytes"] == _inv_freq_bytes(engine) > 0  # only what no sync carries is copied
+    assert stats["weights_dropped_bytes"] == sum(p.numel() * 4 for p in engine.model.parameters())
+    assert all(p.untyped_storage().nbytes() == 4 for p in engine.model.parameters())  # a placeholder each
+    _drop_then_write_back(engine, weights)
+    assert all(torch.equal(_state(engine)[name], weights[name]) for name in weights)
+    assert _tokens(engine, reqs) == before
+    engine.release_memory()  # a release that keeps them afterwards: nothing is missing
+    engine.resume_memory()
+    assert _tokens(engine, reqs) == before
 
 
 @pytest.mark.gpu
@@ -137,6 +183,24 @@ def test_gpu_stable_memory_gives_pages_back_and_keeps_graphs_and_addresses():
     engine.resume_memory()
     assert engine.runner.graphs is graphs and graphs is not None  # no capture on resume
     assert _addresses(engine) == addresses
+    assert _tokens(engine, reqs) == before
+
+
+@pytest.mark.gpu
+def test_gpu_stable_memory_dropping_the_weights_keeps_graphs_and_gives_the_same_tokens_once_written():
+    model = model_for("qwen3", "fast").cuda()
+    engine = paged(model, block_size=64, num_kv_blocks=2048, return_routed_experts=False)
+    reqs = requests(prompts(4, seed=6), n=2, max_new_tokens=16, temperature=0.0)
+    before, weights = _tokens(engine, reqs), {n: t.cuda() for n, t in _state(engine).items()}
+    engine.release_memory()
+    engine.resume_memory()
+    graphs, addresses = engine.runner.graphs, _addresses(engine)
+    free_before = torch.cuda.mem_get_info()[0]
+    stats = engine.release_memory(keep_weights=False)
+    assert torch.cuda.mem_get_info()[0] - free_before >= 0.9 * stats["kv_cache_bytes"]
+    assert stats["weights_bytes"] == _inv_freq_bytes(engine) and stats["weights_dropped_bytes"] > 0
+    _drop_then_write_back(engine, weights)
+    assert engine.runner.graphs is graphs and _addresses(engine) == addresses
     assert _tokens(engine, reqs) == before
 
 
@@ -206,6 +270,33 @@ def test_stable_memory_keeps_every_address_and_brings_back_the_bits(host_regions
         engine.resume_memory()
     assert _addresses(engine) == addresses and len(host_regions.regions) == 2
     assert _tokens(engine, reqs) == before
+
+
+def test_stable_memory_dropping_the_weights_keeps_only_the_rope_frequencies(host_regions):
+    engine = paged(model_for("qwen3", "fast"), block_size=16, num_kv_blocks=40, return_routed_experts=False)
+    engine.model.lm_head.weight = engine.model.model.embed_tokens.weight  # tied: one tensor, two names
+    fuse_projections(engine.model)
+    reqs = requests(prompts(3, seed=4), n=2, max_new_tokens=10)
+    before, weights = _tokens(engine, reqs), _state(engine)
+    engine.release_memory()  # the first release moves everything into the regions
+    engine.resume_memory()
+    stats = engine.release_memory(keep_weights=False)
+    weights_region = host_regions.regions[0]
+    assert not weights_region.mapped
+    assert stats["weights_bytes"] == _inv_freq_bytes(engine) > 0  # the unmapped pages lose the rest (NaN)
+    assert stats["weights_dropped_bytes"] + stats["weights_bytes"] >= sum(p.numel() * 4 for p in engine.model.parameters())
+    _drop_then_write_back(engine, weights)
+    assert _tokens(engine, reqs) == before  # NaN RoPE frequencies would change every token
+
+
+def test_unwritten_spans_are_the_bytes_outside_every_written_tensor():
+    region = torch.zeros(64, dtype=torch.float32)  # 256 bytes
+    base = region.data_ptr()
+    q, k, fused = region[0:8], region[8:16], region[0:16]  # the fused tensor is q and k together
+    rope, gap_rope, strided = region[20:24], region[40:44], region[48:64].view(4, 4)[:, :2]
+    spans = unwritten_spans([fused, q, k, rope, gap_rope, strided], [q, k, strided], base)
+    assert spans == [(80, 16), (160, 16)]  # rope at bytes 80..96, gap_rope at 160..176; the rest is written
+    assert unwritten_spans([region[0:4], region[4:8]], [], base) == [(0, 32)]  # adjacent spans merge
 
 
 def test_stable_memory_failures_say_what_to_set_and_leave_a_working_engine(host_regions):

@@ -1,7 +1,8 @@
 """`engine.colocate` with the in-process native engine (one device shared with the trainer): every
-step releases the engine's memory before training and takes it back before the sync, the optimizer
-state waits in host memory meanwhile, and the run's rollouts and updates equal those of the run
-without colocation bit for bit. On CPU the GPU metrics are absent and the GPU byte counts are 0."""
+step releases the engine's memory before training (dropping its weights, or copying them to host
+with `engine.weights_cpu_backup`) and takes it back before the sync, the optimizer state waits in
+host memory meanwhile, and the run's rollouts and updates equal those of the run without
+colocation bit for bit. On CPU the GPU metrics are absent and the GPU byte counts are 0."""
 
 from __future__ import annotations
 
@@ -17,24 +18,27 @@ COMPARED = ("rollout/raw_reward", "rollout/response_len", "train/loss", "train/p
             "train/entropy_loss")
 
 
-def _calls(monkeypatch, cls, name: str) -> list[int]:
+def _calls(monkeypatch, cls, name: str) -> list[dict]:
     calls, method = [], getattr(cls, name)
 
     def counted(self, *args, **kwargs):
-        calls.append(1)
+        calls.append(kwargs)
         return method(self, *args, **kwargs)
 
     monkeypatch.setattr(cls, name, counted)
     return calls
 
 
-def test_colocated_run_takes_turns_and_changes_no_bit(tmp_path, monkeypatch):
+@pytest.mark.parametrize("backup", [False, True])
+def test_colocated_run_takes_turns_and_changes_no_bit(tmp_path, monkeypatch, backup):
     monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
     plain = run_training(load_config("tiny", LEARN), tmp_path / "plain")
     released, resumed = _calls(monkeypatch, NativeEngine, "release_memory"), _calls(monkeypatch, NativeEngine, "resume_memory")
     offloaded = _calls(monkeypatch, NativeTrainer, "offload_optimizer")
-    colocated = run_training(load_config("tiny", [*LEARN, "engine.colocate=true"]), tmp_path / "colocated")
+    colocated = run_training(load_config("tiny", [*LEARN, "engine.colocate=true", f"engine.weights_cpu_backup={str(backup).lower()}"]),
+                             tmp_path / "colocated")
     assert len(released) == len(resumed) == len(offloaded) == 2  # once per step
+    assert released == [{"keep_weights": backup}] * 2  # dropped: the sync after each resume wrote every weight
     for ours, theirs in zip(colocated.history, plain.history):
         assert {k: ours[k] for k in COMPARED} == {k: theirs[k] for k in COMPARED}
         assert ours["train/grad_norm"] > 0

@@ -15,6 +15,7 @@ import json
 import string
 import types
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import httpx
@@ -33,7 +34,7 @@ from miles_core.serve.memory_routes import ALL_TAGS, MemoryBody
 from miles_core.serve.readback_routes import WeightsByNameBody
 from miles_core.serve.distributed_weights import DistributedBody
 from miles_core.serve.weight_routes import ChecksumBody, DestroyGroupBody, InitGroupBody
-from tests.serve.conftest import start
+from tests.serve.conftest import start, with_options
 
 MAX_BYTES = 4096
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH"]
@@ -148,7 +149,8 @@ def _tensor_bodies(state) -> st.SearchStrategy:
 
 def specs(state) -> dict[str, Spec]:
     info = Spec(no_body, None)
-    memory = Spec(st.fixed_dictionaries({}, optional={"tags": st.just(sorted(ALL_TAGS))}), MemoryBody,
+    memory = Spec(st.fixed_dictionaries({}, optional={"tags": st.just(sorted(ALL_TAGS)), "keep_weights": st.booleans()}),
+                  MemoryBody,
                   frozenset({400}))
     weight = st.fixed_dictionaries({"name": st.sampled_from(["model.norm.weight", "lm_head.weight"])},
                                    optional={"truncate_size": st.integers(1, 3)})
@@ -226,6 +228,19 @@ def send(http: httpx.Client, method: str, path: str, body: bytes | None, chunked
             http.post("/resume_memory_occupation")
 
 
+def rewrite_if_dropped(http: httpx.Client, state, answer: httpx.Response) -> None:
+    """A valid body may ask to drop the weights (`keep_weights: false`): write them back from the
+    checkpoint, as a run's sync would, so the routes fuzzed next find a working server."""
+    if not answer.json()["miles"]["weights_dropped_bytes"]:
+        return
+    with_options(state, allowed_model_roots=(str(Path(state.facts.model_path).parent),))
+    try:
+        body = {"model_path": state.facts.model_path, "weight_version": state.engine.weight_version}
+        assert http.post("/update_weights_from_disk", json=body).status_code == 200
+    finally:
+        with_options(state, allowed_model_roots=())
+
+
 def check(answer: httpx.Response, kind: str, path: str, spec: Spec, chunked: bool) -> None:
     status = answer.status_code
     context = (kind, path, status, answer.text[:300])
@@ -268,6 +283,8 @@ def test_random_bodies_get_only_documented_codes(fuzzed, path):
         kind, method, body, chunked = request
         answer = send(http, method, path, body, chunked)
         check(answer, kind, path, spec, chunked)
+        if path == "/release_memory_occupation" and answer.status_code == 200:
+            rewrite_if_dropped(http, state, answer)
         seen[kind, answer.status_code] = seen.get((kind, answer.status_code), 0) + 1
 
     fuzz()

@@ -91,14 +91,14 @@ def test_a_stuck_engine_is_an_error_not_a_hang(setup, monkeypatch):
 def test_a_native_engine_stuck_in_a_step_is_an_error_on_the_callers_thread(setup):
     engine, trained, context = setup
     sync = build_weight_sync(SyncConfig(timeout_s=0.2), engine, context)
-    before = {name: tensor.clone() for name, tensor in engine.weights._tensors().items()}
+    before = {name: tensor.clone() for name, tensor in engine.weights.tensors().items()}
     assert engine._step_lock.acquire()  # a step that does not end
     try:
         with pytest.raises(MilesError, match=r"update_weights: the engine's running step did not end within 0.2 s "
                                              r"\(sync.timeout_s\); the engine is stuck"):
             sync.push(trained.named_parameters(), version="7")
         assert engine.health()  # resumed after the failed push, and nothing was written
-        assert all(torch.equal(before[name], tensor) for name, tensor in engine.weights._tensors().items())
+        assert all(torch.equal(before[name], tensor) for name, tensor in engine.weights.tensors().items())
         assert engine.weight_version != "7"
     finally:
         engine._step_lock.release()

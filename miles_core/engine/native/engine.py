@@ -150,12 +150,16 @@ class NativeEngine(MemoryControl):
     def get_weights_by_name(self, name: str) -> torch.Tensor:
         """The tensor the engine computes with under HF name `name` (SGLang's `/get_weights_by_name`)."""
         self._check_weights_mapped("get_weights_by_name")
-        return self.weights.get(name, "get_weights_by_name").detach()
+        tensor = self.weights.get(name, "get_weights_by_name").detach()
+        if name in self.weights.unwritten():
+            self.check_weights_written(f"get_weights_by_name('{name}')")
+        return tensor
 
     def _check_weights_mapped(self, what: str) -> None:
         """Released fixed-address weights have no pages under them: a read or write there would
-        be an illegal address on the device, which ends the CUDA context."""
-        if self._stable_released:
+        be an illegal address on the device, which ends the CUDA context. Dropped weights lie on
+        no device until the resume: a write there would be lost."""
+        if self._stable_released or (self._host is not None and self._host.dropped_bytes):
             raise EngineReleased(f"{what}: the engine's memory is released (engine.colocate); call resume_memory first")
 
     def pause(self) -> None:
@@ -201,6 +205,7 @@ class NativeEngine(MemoryControl):
         if self.released:
             raise EngineReleased(f"request '{request.rid}': the engine's memory is released (engine.colocate: the "
                                  "trainer is using the GPU); call resume_memory() (POST /resume_memory_occupation) first")
+        self.check_weights_written(f"request '{request.rid}'")
         return new_handle(request, on_progress, max_context_len=self.max_context_len,
                           eos_token_ids=self.eos_token_ids, blocks=self.blocks)
 

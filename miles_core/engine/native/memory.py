@@ -12,6 +12,11 @@ are unfused first: views moved one by one would become separate copies, and the 
 would stay behind on the GPU. They are fused again after the weights are back, which rebuilds the
 layout the engine started with (`fuse_projections` is deterministic: a concatenation).
 
+A release may drop the weights instead (`keep_weights=False`, when a weight sync rewrites them
+right after the resume, as every colocated step does): each parameter and persistent buffer
+becomes a host placeholder of its shape (one element, expanded: no copy, no host memory) and comes
+back as fresh, unwritten device memory; only the non-persistent buffers, which no sync carries, are copied.
+
 On a CPU engine the same copies happen (host to host; nothing is freed) so that one code path
 runs everywhere and CPU tests cover it.
 """
@@ -34,29 +39,46 @@ class HostWeights:
     device: torch.device
     fused: bool
     num_bytes: int
+    """Bytes copied to host memory."""
+    dropped_bytes: int = 0
+    """Bytes dropped (`keep_weights=False`): they come back unwritten."""
+    dropped: frozenset = frozenset()
+    """(id of the holder, buffer name or None) of each tensor dropped."""
 
 
-def weights_to_host(model: nn.Module) -> HostWeights:
-    """Move every parameter and buffer of `model` to host memory (pinned when on CUDA)."""
+def weights_to_host(model: nn.Module, keep_weights: bool = True) -> HostWeights:
+    """Move every parameter and buffer of `model` to host memory (pinned when on CUDA); with
+    `keep_weights=False` only the non-persistent buffers, the rest dropped (module docstring)."""
     device = model.lm_head.weight.device
     fused = _unfuse(model)
-    num_bytes = 0
+    num_bytes = dropped_bytes = 0
+    dropped = set()
     with torch.no_grad():
         for holder, name, tensor in _tensors(model):
+            nbytes = tensor.numel() * tensor.element_size()
+            if not keep_weights and _is_weight(holder, name):
+                _set(holder, name, torch.zeros((), dtype=tensor.dtype).expand(tensor.shape))
+                dropped.add((id(holder), name))
+                dropped_bytes += nbytes
+                continue
             host = torch.empty_like(tensor, device="cpu", pin_memory=tensor.is_cuda)
             host.copy_(tensor, non_blocking=tensor.is_cuda)
             _set(holder, name, host)
-            num_bytes += tensor.numel() * tensor.element_size()
+            num_bytes += nbytes
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the copies must land before the GPU memory is reused
-    return HostWeights(device, fused, num_bytes)
+    return HostWeights(device, fused, num_bytes, dropped_bytes, frozenset(dropped))
 
 
 def weights_to_device(model: nn.Module, moved: HostWeights) -> None:
-    """Undo `weights_to_host`: the same bits back on `moved.device`, fused again if they were."""
+    """Undo `weights_to_host`: the same bits back on `moved.device` (dropped tensors as fresh,
+    unwritten memory), fused again if they were."""
     with torch.no_grad():
         for holder, name, tensor in _tensors(model):
-            _set(holder, name, tensor.to(moved.device, non_blocking=tensor.is_pinned()))
+            if (id(holder), name) in moved.dropped:
+                _set(holder, name, torch.empty(tensor.shape, dtype=tensor.dtype, device=moved.device))
+            else:
+                _set(holder, name, tensor.to(moved.device, non_blocking=tensor.is_pinned()))
     if moved.device.type == "cuda":
         torch.cuda.synchronize(moved.device)
     if moved.fused:
@@ -98,6 +120,12 @@ def _tensors(model: nn.Module):
         for name, buffer in module._buffers.items():
             if buffer is not None:
                 yield module, name, buffer
+
+
+def _is_weight(holder, name: str | None) -> bool:
+    """Whether a `_tensors` entry is one a weight sync writes: a parameter or a persistent buffer
+    (what `models.base.named_weights` yields)."""
+    return name is None or name not in holder._non_persistent_buffers_set
 
 
 def _set(holder, name: str | None, tensor: torch.Tensor) -> None:

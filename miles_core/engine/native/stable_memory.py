@@ -15,15 +15,17 @@ freed and the pool's K/V laid out as views of the pool region. The graphs captur
 move are dropped and captured once more at the next resume; after that, never.
 
 A release copies the weights region to one pinned host buffer (kept for the run) and unmaps both
-regions; a resume maps them, copies the weights back (the same bits) and marks every KV block as
+regions, or, when a weight sync rewrites the weights right after the resume (`keep_weights=False`),
+copies only the bytes no sync writes (`unwritten_spans`: the RoPE frequencies) and drops the rest; a resume maps them, copies the weights back (the same bits) and marks every KV block as
 never used, so each is zeroed when first handed out (`KVPool.forget_contents`: fresh pages hold
 anything). The graphs' own memory pool and static inputs stay allocated (small next to the pool).
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -85,6 +87,36 @@ def relocate(layout, region: torch.Tensor) -> None:
                 tensor.set_(target, offset, tensor.size(), tensor.stride())
 
 
+def byte_range(tensor: torch.Tensor) -> tuple[int, int]:
+    """[first, end) device addresses of the bytes `tensor` reads (its strides, not its storage)."""
+    if tensor.numel() == 0:
+        return tensor.data_ptr(), tensor.data_ptr()
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    return tensor.data_ptr(), tensor.data_ptr() + extent * tensor.element_size()
+
+
+def unwritten_spans(tensors: list[torch.Tensor], written: list[torch.Tensor], base: int) -> list[tuple[int, int]]:
+    """(offset from `base`, bytes) of each of `tensors` not lying wholly within the bytes of
+    `written` (a fused q/k/v weight is covered by its q, k and v), adjacent spans merged."""
+    covered: list[list[int]] = []
+    for start, end in sorted(byte_range(t) for t in written):
+        if covered and start <= covered[-1][1]:
+            covered[-1][1] = max(covered[-1][1], end)
+        else:
+            covered.append([start, end])
+    starts = [start for start, _ in covered]
+    spans: list[list[int]] = []
+    for start, end in sorted(byte_range(t) for t in tensors):
+        at = bisect.bisect_right(starts, start) - 1
+        if at >= 0 and end <= covered[at][1] or start == end:
+            continue
+        if spans and start <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], end)
+        else:
+            spans.append([start, end])
+    return [(start - base, end - start) for start, end in spans]
+
+
 @dataclass
 class StableMemory:
     """The regions of one engine and the host copy of its weights while released."""
@@ -95,6 +127,9 @@ class StableMemory:
     pool: object
     """Region holding the KV pool's K/V tensors."""
     host: torch.Tensor | None = None
+    """The whole weights region's bytes while released (kept for the run once made)."""
+    kept: tuple[list[tuple[int, int]], torch.Tensor] | None = field(default=None, repr=False)
+    """(spans, their bytes) while released with the weights dropped."""
 
     @classmethod
     def adopt(cls, model: nn.Module, pool: KVPool, device: torch.device,
@@ -121,12 +156,20 @@ class StableMemory:
     def pool_bytes(self) -> int:
         return self.pool.nbytes
 
-    def release(self) -> int:
-        """Weights to the host, both regions' pages back to the driver; returns the bytes unmapped."""
-        if self.host is None:
-            self.host = torch.empty(self.weights_bytes, dtype=torch.uint8, pin_memory=self.weights.device.type == "cuda")
-        self.host.copy_(self.weights.tensor[:self.weights_bytes], non_blocking=True)
-        if self.weights.device.type == "cuda":
+    def release(self, kept_spans: list[tuple[int, int]] | None = None) -> int:
+        """Weights to the host (or only `kept_spans` of them, (offset, bytes) each: the rest is
+        dropped), both regions' pages back to the driver; returns the bytes unmapped."""
+        pinned = self.weights.device.type == "cuda"
+        if kept_spans is None:
+            if self.host is None:
+                self.host = torch.empty(self.weights_bytes, dtype=torch.uint8, pin_memory=pinned)
+            self.host.copy_(self.weights.tensor[:self.weights_bytes], non_blocking=True)
+        else:
+            host = torch.empty(sum(n for _, n in kept_spans), dtype=torch.uint8, pin_memory=pinned)
+            for (offset, nbytes), start in zip(kept_spans, _starts(kept_spans)):
+                host[start:start + nbytes].copy_(self.weights.tensor[offset:offset + nbytes], non_blocking=True)
+            self.kept = (kept_spans, host)
+        if pinned:
             torch.cuda.synchronize(self.weights.device)  # the copy lands before the pages go
         self.weights.unmap()
         self.pool.unmap()
@@ -136,7 +179,19 @@ class StableMemory:
         """Pages under both regions again, the weights' bits copied back, every KV block unused."""
         self.weights.map()
         self.pool.map()
-        self.weights.tensor[:self.weights_bytes].copy_(self.host, non_blocking=True)
+        if self.kept is None:
+            self.weights.tensor[:self.weights_bytes].copy_(self.host, non_blocking=True)
+        else:
+            spans, host = self.kept
+            for (offset, nbytes), start in zip(spans, _starts(spans)):
+                self.weights.tensor[offset:offset + nbytes].copy_(host[start:start + nbytes], non_blocking=True)
         pool.forget_contents()
         if self.weights.device.type == "cuda":
             torch.cuda.synchronize(self.weights.device)
+        self.kept = None
+
+
+
+def _starts(spans: list[tuple[int, int]]) -> list[int]:
+    """Where each span's bytes start in one buffer holding them back to back."""
+    return aligned_offsets([nbytes for _, nbytes in spans], 1)[0]

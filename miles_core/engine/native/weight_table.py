@@ -8,6 +8,10 @@ buckets push after push, so the targets of the last `MAX_CHECKED` checked (name,
 lists that need no (de)quantisation are kept, and a list seen before skips every per-name step.
 The very tuple of the last update (a `cuda_ipc` server hands out the same views push after push)
 skips even building that list's key (~0.1 ms at 0.6B).
+
+After a release that dropped the weights (`release_memory(keep_weights=False)`) the table counts
+which weights no update has rewritten yet (`expect_rewrite`, `unwritten`): the engine refuses to
+generate from any of them.
 """
 
 from __future__ import annotations
@@ -39,21 +43,42 @@ class WeightTable:
         """(the tuple of (name, tensor) last passed, its targets, its sources, its key): immutable,
         so the same object is the same update."""
         self.copier = BatchedCopier()
+        self._unwritten: set[str] = set()
+        """Names of the weights dropped at a release and not written by any update since (kept
+        across `invalidate`: a name stays a name when its tensor moves)."""
+        self._names_by_id: dict[int, list[str]] | None = None
 
     def invalidate(self) -> None:
         """The weights moved (a memory release or resume): forget every name, list and copy plan."""
         self._by_name = None
         self._checked.clear()
         self._last = None
+        self._names_by_id = None
         self.copier.clear()
 
     def write(self, targets: list[torch.Tensor], sources: list[torch.Tensor], key: tuple | None) -> None:
         """Copy `checked_updates`' sources into its targets: one launch on CUDA (`kernels.batched_copy`)."""
         self.copier.copy(targets, sources, key)
+        if self._unwritten:  # only between a release that dropped the weights and a full update
+            if self._names_by_id is None:
+                self._names_by_id = {}
+                for name, tensor in self.tensors().items():  # tied weights: one tensor, two names
+                    self._names_by_id.setdefault(id(tensor), []).append(name)
+            for target in targets:
+                self._unwritten.difference_update(self._names_by_id.get(id(target), ()))
+
+    def expect_rewrite(self) -> None:
+        """Every weight lost its contents (dropped at a release): each counts as unwritten until
+        an update writes it."""
+        self._unwritten = set(self.tensors())
+
+    def unwritten(self) -> list[str]:
+        """Names of the weights dropped at a release that no update has written since."""
+        return [name for name in self.tensors() if name in self._unwritten] if self._unwritten else []
 
     def get(self, name: str, where: str) -> torch.Tensor:
         """The tensor the engine computes with under HF name `name` (parameter or persistent buffer)."""
-        tensors = self._tensors()
+        tensors = self.tensors()
         if name not in tensors:
             raise MilesError(f"{where}: unknown parameter '{name}'")
         return tensors[name]
@@ -75,7 +100,7 @@ class WeightTable:
             key, targets = kept  # the kept key object: the copier knows it without hashing it again
             self._remember(named_tensors, targets, key)
             return list(targets), [tensor for _, tensor in named], key
-        tensors = self._tensors()
+        tensors = self.tensors()
         updates = dense_updates(tensors, named)
         if self._has_quantized:
             updates = list(quantize_updates(self.model, updates))
@@ -99,7 +124,8 @@ class WeightTable:
         else:
             self._last = None
 
-    def _tensors(self) -> dict[str, torch.Tensor]:
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The engine's tensors by HF name (tied weights: one tensor under each name)."""
         if self._by_name is None:
             self._by_name = dict(named_weights(self.model, remove_duplicate=False))
             self._has_quantized = any(isinstance(m, QuantLinear) for m in self.model.modules())
