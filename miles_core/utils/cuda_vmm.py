@@ -13,6 +13,8 @@ The driver API is reached through ctypes (libcuda ships with every driver; no ex
 copy); tensors placed in it (`Tensor.set_`) keep their objects. Contents do not survive `unmap`:
 callers copy what they need to the host first. Touching the range while unmapped is an illegal
 address on the device (it ends the CUDA context), so the owner must refuse all work until `map`.
+The range and its pages go back to the driver when the last tensor over them is gone (an engine
+dropped in a long-lived process leaves no memory behind).
 """
 
 from __future__ import annotations
@@ -70,92 +72,119 @@ def _prop(device_index: int) -> _AllocationProp:
     return prop
 
 
-class _Range:
-    """`__cuda_array_interface__` of the reserved range as bytes, for a zero-copy torch tensor."""
+class _Pages:
+    """A reserved range and the physical pages under it, exposed as bytes through
+    `__cuda_array_interface__`. The zero-copy tensor over the range holds this object (torch
+    keeps it as the storage's owner), so the range and its pages are given back when the last
+    tensor viewing them is gone, never while one could still read there."""
 
-    def __init__(self, pointer: int, nbytes: int) -> None:
-        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (pointer, False),
+    def __init__(self, device: torch.device, nbytes: int) -> None:
+        self.device, self.nbytes, self.handle = device, nbytes, None
+        pointer = ctypes.c_uint64()
+        with _bound(device):
+            _check(_driver().cuMemAddressReserve(ctypes.byref(pointer), ctypes.c_size_t(nbytes),
+                                                 ctypes.c_size_t(0), ctypes.c_uint64(0), ctypes.c_uint64(0)),
+                   "cuMemAddressReserve")
+        self.pointer = pointer.value
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (self.pointer, False),
                                          "version": 3, "strides": None}
+
+    def map(self) -> None:
+        if self.handle is None:
+            with _bound(self.device):
+                self.handle = _map_pages(self.pointer, self.nbytes, self.device.index)
+
+    def unmap(self) -> None:
+        if self.handle is None:
+            return
+        with _bound(self.device):  # it synchronises: no queued kernel may still read the pages
+            _check(_driver().cuMemUnmap(ctypes.c_uint64(self.pointer), ctypes.c_size_t(self.nbytes)), "cuMemUnmap")
+            _check(_driver().cuMemRelease(ctypes.c_uint64(self.handle)), "cuMemRelease")
+        self.handle = None
+
+    def free(self) -> None:
+        """Pages and range back to the driver; only once nothing views the range."""
+        if self.pointer is None:
+            return
+        self.unmap()
+        with _bound(self.device):
+            _driver().cuMemAddressFree(ctypes.c_uint64(self.pointer), ctypes.c_size_t(self.nbytes))
+        self.pointer = None
+
+    def __del__(self) -> None:
+        try:
+            self.free()
+        except Exception:  # noqa: BLE001 - at interpreter exit the driver or torch may be gone already
+            pass
+
+
+def _map_pages(pointer: int, nbytes: int, device_index: int) -> int:
+    """Create `nbytes` of physical pages, map them at `pointer` and allow access; their handle."""
+    handle, prop = ctypes.c_uint64(), _prop(device_index)
+    _check(_driver().cuMemCreate(ctypes.byref(handle), ctypes.c_size_t(nbytes), ctypes.byref(prop),
+                                 ctypes.c_uint64(0)), f"cuMemCreate of {nbytes / 2**30:.2f} GiB")
+    try:
+        _check(_driver().cuMemMap(ctypes.c_uint64(pointer), ctypes.c_size_t(nbytes), ctypes.c_size_t(0),
+                                  handle, ctypes.c_uint64(0)), "cuMemMap")
+    except MilesError:
+        _driver().cuMemRelease(handle)
+        raise
+    access = _AccessDesc(_Location(_DEVICE_LOCATION, device_index), _READ_WRITE)
+    result = _driver().cuMemSetAccess(ctypes.c_uint64(pointer), ctypes.c_size_t(nbytes),
+                                      ctypes.byref(access), ctypes.c_size_t(1))
+    if result != 0:
+        _driver().cuMemUnmap(ctypes.c_uint64(pointer), ctypes.c_size_t(nbytes))
+        _driver().cuMemRelease(handle)
+        _check(result, "cuMemSetAccess")
+    return handle.value
+
+
+@contextlib.contextmanager
+def _bound(device: torch.device):
+    """Driver calls act on the thread's current context: make the device's primary context
+    current (the runtime binds it on its first call in a thread) for the block."""
+    with torch.cuda.device(device):
+        torch.cuda.synchronize(device)
+        yield
 
 
 class Region:
     """`nbytes` (rounded up to the driver's granularity) of device memory at a fixed address on
-    `device`, mapped on creation."""
+    `device`, mapped on creation. Given back to the driver once neither `tensor` nor any tensor
+    placed in it is left (`_Pages`)."""
 
     def __init__(self, nbytes: int, device: torch.device) -> None:
         if device.type != "cuda":
             raise MilesError(f"CUDA virtual memory needs a CUDA device, got {device}")
         self.device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
-        with self._bound():
-            self._reserve(nbytes)
-        self._handle: int | None = None
+        self.nbytes = _granular(nbytes, self.device.index)
+        pages = _Pages(self.device, self.nbytes)
         try:
-            self.map()
-            self.tensor = torch.as_tensor(_Range(self.pointer, self.nbytes), device=self.device)
+            pages.map()
         except Exception:
-            self.close()
+            pages.free()
             raise
-
-    def _reserve(self, nbytes: int) -> None:
-        prop, granularity = _prop(self.device.index), ctypes.c_size_t()
-        _check(_driver().cuMemGetAllocationGranularity(ctypes.byref(granularity), ctypes.byref(prop), 0),
-               "cuMemGetAllocationGranularity")
-        step = granularity.value
-        self.nbytes = max(step, -(-nbytes // step) * step)
-        pointer = ctypes.c_uint64()
-        _check(_driver().cuMemAddressReserve(ctypes.byref(pointer), ctypes.c_size_t(self.nbytes),
-                                             ctypes.c_size_t(0), ctypes.c_uint64(0), ctypes.c_uint64(0)),
-               "cuMemAddressReserve")
-        self.pointer = pointer.value
+        self.tensor = torch.as_tensor(pages, device=self.device)
+        self._pages = pages
+        self.pointer = pages.pointer
 
     @property
     def mapped(self) -> bool:
-        return self._handle is not None
+        return self._pages.handle is not None
 
     def map(self) -> None:
         """Put fresh physical pages (contents undefined) under the range."""
-        if self.mapped:
-            return
-        with self._bound():
-            self._handle = self._map_pages()
-
-    def _map_pages(self) -> int:
-        handle, prop = ctypes.c_uint64(), _prop(self.device.index)
-        _check(_driver().cuMemCreate(ctypes.byref(handle), ctypes.c_size_t(self.nbytes), ctypes.byref(prop),
-                                     ctypes.c_uint64(0)), f"cuMemCreate of {self.nbytes / 2**30:.2f} GiB")
-        try:
-            _check(_driver().cuMemMap(ctypes.c_uint64(self.pointer), ctypes.c_size_t(self.nbytes), ctypes.c_size_t(0),
-                                      handle, ctypes.c_uint64(0)), "cuMemMap")
-        except MilesError:
-            _driver().cuMemRelease(handle)
-            raise
-        access = _AccessDesc(_Location(_DEVICE_LOCATION, self.device.index), _READ_WRITE)
-        result = _driver().cuMemSetAccess(ctypes.c_uint64(self.pointer), ctypes.c_size_t(self.nbytes),
-                                          ctypes.byref(access), ctypes.c_size_t(1))
-        if result != 0:
-            _driver().cuMemUnmap(ctypes.c_uint64(self.pointer), ctypes.c_size_t(self.nbytes))
-            _driver().cuMemRelease(handle)
-            _check(result, "cuMemSetAccess")
-        return handle.value
+        self._pages.map()
 
     def unmap(self) -> None:
         """Give the physical pages back to the driver (the range stays reserved)."""
-        if not self.mapped:
-            return
-        with self._bound():  # it synchronises: no queued kernel may still read the pages
-            _check(_driver().cuMemUnmap(ctypes.c_uint64(self.pointer), ctypes.c_size_t(self.nbytes)), "cuMemUnmap")
-            _check(_driver().cuMemRelease(ctypes.c_uint64(self._handle)), "cuMemRelease")
-        self._handle = None
+        self._pages.unmap()
 
-    def close(self) -> None:
-        self.unmap()
-        with self._bound():
-            _driver().cuMemAddressFree(ctypes.c_uint64(self.pointer), ctypes.c_size_t(self.nbytes))
 
-    @contextlib.contextmanager
-    def _bound(self):
-        """Driver calls act on the thread's current context: make the device's primary context
-        current (the runtime binds it on its first call in a thread) for the block."""
-        with torch.cuda.device(self.device):
-            torch.cuda.synchronize(self.device)
-            yield
+def _granular(nbytes: int, device_index: int) -> int:
+    """`nbytes` rounded up to the driver's allocation granularity (at least one granule)."""
+    prop, granularity = _prop(device_index), ctypes.c_size_t()
+    _check(_driver().cuMemGetAllocationGranularity(ctypes.byref(granularity), ctypes.byref(prop), 0),
+           "cuMemGetAllocationGranularity")
+    step = granularity.value
+    return max(step, -(-nbytes // step) * step)
