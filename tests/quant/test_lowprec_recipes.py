@@ -61,14 +61,17 @@ def test_qwen3_moe_fp8_needs_a_checkpoint_and_gpus(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_int4_qat_with_engine_holding_int4_weights_is_bitwise_on_policy(tmp_path, reward):
+@pytest.mark.parametrize("colocate", ["false", "true"])
+def test_int4_qat_with_engine_holding_int4_weights_is_bitwise_on_policy(tmp_path, reward, colocate):
     # The engine holds the packed INT4 experts (engine.weights = "quantized") of a checkpoint made by
     # `miles quantize --only experts`; the sync hands it the trainer's quantised tensors as they are.
+    # Colocated, the engine drops every weight at each release: the sync must write all of them.
     source = tmp_path / "int4"
     result = runner.invoke(app, ["quantize", "tiny-qwen3-moe", str(source), "--format", "int4", "--group-size", "32",
                                  "--only", "*.mlp.experts.*"])
     assert result.exit_code == 0, result.output
-    steps = run(tmp_path, reward, "tiny-moe-int4-qat", f'model.source="{source}"', 'engine.weights="quantized"')
+    steps = run(tmp_path, reward, "tiny-moe-int4-qat", f'model.source="{source}"', 'engine.weights="quantized"',
+                f"engine.colocate={colocate}")
     assert len(steps) == 2
     for record in steps:
         assert record["train/train_rollout_logprob_bitwise_equal"] == 1.0
