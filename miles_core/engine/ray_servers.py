@@ -2,6 +2,10 @@
 actor in a placement group of its own, one bundle per server (`{"GPU": engine.num_gpus_per_engine,
 "CPU": 1}` on a cluster with GPUs, else `{"CPU": 1}`; PACK), on whichever nodes Ray finds room.
 
+Colocated (`engine.colocate`): no group of their own; server i goes into trainer rank i's bundle
+of the run's group (`launch/ray_launch.py` made it one CPU larger) and takes the rest of that
+rank's GPU, so both see the same device and take turns on it. One GPU per server there.
+
 Rank 0 of the run is itself a Ray actor then: it sees only its own GPU, so it cannot start servers
 on the GPUs after it as `engine/servers.py` does on one machine. It asks Ray instead. Inside its
 actor, each server is launched exactly as on one machine (`launch_servers`: the same command line,
@@ -93,24 +97,13 @@ def launch_ray_servers(cfg: EngineConfig, model_path: str, *, dtype: str, on_gpu
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    if cfg.colocate:
-        raise MilesError("engine.colocate under --ray is not supported yet (servers would need the trainer's "
-                         "bundles); run colocated without --ray, or drop engine.colocate")
     if cfg.server == "miles" and not cfg.api_key:  # their weight and memory routes need one
         cfg = dataclasses.replace(cfg, api_key=secrets.token_hex(16))
     count = num_servers(cfg)
-    bundle = {"GPU": cfg.num_gpus_per_engine, "CPU": 1} if on_gpu else {"CPU": 1}
-    group = ray.util.placement_group([dict(bundle) for _ in range(count)], strategy="PACK")
-    ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
-    fleet = RayFleet([], group, [])
-    if not ready:
-        fleet.stop()
-        have = {key: ray.cluster_resources().get(key, 0) for key in bundle}
-        raise MilesError(f"Ray cannot place {count} rollout servers of {bundle} each within "
-                         f"{PLACEMENT_TIMEOUT_S:.0f} s beside the trainer ranks: the cluster has {have}")
+    fleet, group, gpus = _colocated_group(cfg, count, on_gpu) if cfg.colocate else _own_group(cfg, count, on_gpu)
     actor_class = ray.remote(ServerActor)
     fleet.actors = [actor_class.options(
-        num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
+        num_cpus=1, num_gpus=gpus,
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
     ).remote() for index in range(count)]
     try:
@@ -121,3 +114,36 @@ def launch_ray_servers(cfg: EngineConfig, model_path: str, *, dtype: str, on_gpu
         raise MilesError(f"a rollout server placed by Ray failed to start: {str(cause).strip().splitlines()[-1]}") \
             from None
     return cfg, fleet
+
+
+def _own_group(cfg: EngineConfig, count: int, on_gpu: bool) -> tuple[RayFleet, object, float]:
+    """A placement group for the servers alone (the fleet owns it); the GPUs of each server."""
+    import ray
+
+    bundle = {"GPU": cfg.num_gpus_per_engine, "CPU": 1} if on_gpu else {"CPU": 1}
+    group = ray.util.placement_group([dict(bundle) for _ in range(count)], strategy="PACK")
+    ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
+    fleet = RayFleet([], group, [])
+    if not ready:
+        fleet.stop()
+        have = {key: ray.cluster_resources().get(key, 0) for key in bundle}
+        raise MilesError(f"Ray cannot place {count} rollout servers of {bundle} each within "
+                         f"{PLACEMENT_TIMEOUT_S:.0f} s beside the trainer ranks: the cluster has {have}")
+    return fleet, group, bundle.get("GPU", 0)
+
+
+def _colocated_group(cfg: EngineConfig, count: int, on_gpu: bool) -> tuple[RayFleet, object, float]:
+    """The run's own placement group (not the fleet's to remove): server i in rank i's bundle,
+    with the share of its GPU the rank left."""
+    import ray
+
+    from miles_core.launch.ray_launch import COLOCATED_GPU_SHARE
+
+    if cfg.num_gpus_per_engine != 1:
+        raise MilesError(f"engine.colocate under --ray puts each rollout server on one trainer rank's GPU: "
+                         f"engine.num_gpus_per_engine must be 1, got {cfg.num_gpus_per_engine}")
+    group = ray.util.get_current_placement_group()
+    if group is None or len(group.bundle_specs) < count:
+        raise MilesError(f"engine.colocate under --ray: {count} rollout servers need the bundles of as many "
+                         "trainer ranks, and this process is not a trainer rank placed by `miles train --ray`")
+    return RayFleet([], None, []), group, (1 - COLOCATED_GPU_SHARE) if on_gpu else 0

@@ -4,6 +4,10 @@ GPUs, else `{"CPU": 1}`; PACK: a node is filled before the next). They join one 
 (NCCL with one GPU per rank, else gloo) at rank 0's node address and run the same code as local
 ranks: rank 0 `leader` (the whole loop), the others `worker`.
 
+Colocated rollout servers (`engine.colocate` with `engine.launch`): server i shares trainer rank
+i's bundle and GPU, so that bundle holds one CPU more and the rank takes `COLOCATED_GPU_SHARE` of
+its GPU, the server the rest (Ray gives both actors the same device).
+
 Rank 0 is an actor, not this driver process: a driver holds no Ray resources, so Ray could hand
 rank 0's GPU to another rank, and on a cluster the driver's node need not have one; and the driver
 stays free to supervise. It waits on every rank at once, and the moment one fails it kills all
@@ -33,6 +37,9 @@ from miles_core.launch.local import TIMEOUT, free_port
 T = TypeVar("T")
 PLACEMENT_TIMEOUT_S = 120.0
 """How long to wait for Ray to find room for every rank before giving up with an error."""
+COLOCATED_GPU_SHARE = 0.5
+"""Of a GPU shared by a trainer rank and a colocated server, the rank's share (the server's is the
+rest): Ray only counts it; the two take turns on the memory (`engine.colocate`)."""
 _POLL_S = 0.2
 
 
@@ -96,21 +103,26 @@ class _Stopped:
 
 def run_ray_ranks(num_ranks: int, leader: Callable[..., T], worker: Callable[..., None],
                   worker_args: tuple[Any, ...], *, on_step: Callable[[int, dict], None] | None = None,
-                  should_stop: Callable[[], bool] = lambda: False, num_servers: int = 0) -> T:
+                  should_stop: Callable[[], bool] = lambda: False, num_servers: int = 0,
+                  colocated: bool = False) -> T:
     """`leader(on_step=, should_stop=)` as rank 0 and `worker(*worker_args)` as ranks 1..N-1, each
     a Ray actor; `leader`'s result once every rank returned. Both must pickle (module-level
     functions, `functools.partial`). `num_servers`: rollout servers rank 0 will ask Ray for
-    (`engine/ray_servers.py`), counted when this call starts a local Ray."""
+    (`engine/ray_servers.py`), counted when this call starts a local Ray; `colocated`: in the
+    bundles of ranks 0..num_servers-1 (module docstring)."""
+    if colocated and num_servers > num_ranks:
+        raise MilesError(f"engine.colocate under --ray places each rollout server on a trainer rank's GPU: "
+                         f"{num_servers} servers need at least {num_servers} trainer ranks, got {num_ranks}")
     ray = import_ray()
     started = not ray.is_initialized()
     if started:
         _start_ray(ray, num_ranks + num_servers)
     group, actors = None, []
     try:
-        group, bundle = _placement_group(ray, num_ranks)
-        actors = _start_actors(ray, group, bundle, num_ranks)
+        group, bundles = _placement_group(ray, num_ranks, num_servers if colocated else 0)
+        actors = _start_actors(ray, group, bundles)
         host, port = ray.get(actors[0].address.remote())
-        init_method, backend = f"tcp://{host}:{port}", "nccl" if "GPU" in bundle else "gloo"
+        init_method, backend = f"tcp://{host}:{port}", "nccl" if "GPU" in bundles[0] else "gloo"
         refs = {actors[0].lead.remote(num_ranks, init_method, backend, leader): 0}
         refs.update({actor.run.remote(rank, num_ranks, init_method, backend, worker, worker_args): rank
                      for rank, actor in enumerate(actors) if rank > 0})
@@ -131,27 +143,34 @@ def _start_ray(ray, num_actors: int) -> None:
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_actors), include_dashboard=False)
 
 
-def _placement_group(ray, num_ranks: int):
+def _placement_group(ray, num_ranks: int, num_colocated: int = 0) -> tuple[object, list[dict]]:
+    """The ranks' placement group and its bundles: `{"GPU": 1, "CPU": 1}` each (`{"CPU": 1}`
+    without GPUs), one CPU more in the first `num_colocated` (a colocated server's)."""
     use_gpus = ray.cluster_resources().get("GPU", 0) > 0
-    bundle = {"GPU": 1, "CPU": 1} if use_gpus else {"CPU": 1}
-    group = ray.util.placement_group([dict(bundle) for _ in range(num_ranks)], strategy="PACK")
+    bundles = [{"GPU": 1, "CPU": 1 + (rank < num_colocated)} if use_gpus else {"CPU": 1 + (rank < num_colocated)}
+               for rank in range(num_ranks)]
+    group = ray.util.placement_group(bundles, strategy="PACK")
     ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
     if not ready:
         ray.util.remove_placement_group(group)
-        have = {key: ray.cluster_resources().get(key, 0) for key in bundle}
-        raise MilesError(f"Ray cannot place {num_ranks} trainer ranks of {bundle} each within "
+        have = {key: ray.cluster_resources().get(key, 0) for key in bundles[0]}
+        raise MilesError(f"Ray cannot place {num_ranks} trainer ranks of {bundles[-1]} each"
+                         f"{f' ({num_colocated} with a colocated server)' if num_colocated else ''} within "
                          f"{PLACEMENT_TIMEOUT_S:.0f} s: the cluster has {have}")
-    return group, bundle
+    return group, bundles
 
 
-def _start_actors(ray, group, bundle: dict, num_ranks: int) -> list:
+def _start_actors(ray, group, bundles: list[dict]) -> list:
+    """One rank actor per bundle: one CPU, and its GPU (`COLOCATED_GPU_SHARE` of it when the bundle
+    also holds a colocated server)."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     actor_class = ray.remote(RankActor)
     return [actor_class.options(
-        num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), max_concurrency=2,
+        num_cpus=1, num_gpus=bundle.get("GPU", 0) * (COLOCATED_GPU_SHARE if bundle["CPU"] > 1 else 1),
+        max_concurrency=2,
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
-    ).remote() for rank in range(num_ranks)]
+    ).remote() for rank, bundle in enumerate(bundles)]
 
 
 def _supervise(ray, refs: dict, lead_actor, on_step, should_stop) -> Any:

@@ -49,7 +49,8 @@ def run_training_ranks(cfg: MilesConfig, output_dir: Path, num_ranks: int, *, us
         on_step, should_stop = kwargs.pop("on_step", None), kwargs.pop("should_stop", lambda: False)
         return run_ray_ranks(num_ranks, partial(lead_run, cfg, output_dir, **kwargs), follow_rank_zero, (cfg,),
                              on_step=on_step, should_stop=should_stop,
-                             num_servers=num_servers(cfg.engine) if cfg.engine.launch else 0)
+                             num_servers=num_servers(cfg.engine) if cfg.engine.launch else 0,
+                             colocated=cfg.engine.colocate and cfg.engine.launch)
     return run_ranks(num_ranks, partial(lead_run, cfg, output_dir, **kwargs), follow_rank_zero, (cfg,))
 
 

@@ -195,3 +195,28 @@ def test_launched_servers_are_ray_actors_and_none_outlives_the_run(ray_home):
     got, expected = read_metrics(two / "metrics.jsonl"), read_metrics(one / "metrics.jsonl")
     assert without_noise(got) == without_noise(expected)
     assert not any(noise_differences(got, expected))
+
+
+def test_colocated_servers_share_the_ranks_bundles_and_change_no_metric(ray_home):
+    """`engine.colocate` under --ray: the server goes into rank 0's bundle (one CPU larger), is
+    released while the trainer trains and synced after; the run gives the one-process metrics."""
+    one, two = ray_home / "one", ray_home / "two"
+    colocated = ["--set", "engine.backend=sglang", "--set", "engine.launch=true", "--set", "engine.server=miles",
+                 "--set", "engine.colocate=true"]
+    assert runner.invoke(app, [*COMMON, "--output-dir", str(one)]).exit_code == 0
+    result = runner.invoke(app, [*COMMON, "--output-dir", str(two), "--ray", *colocated])
+    assert result.exit_code == 0, result.output
+    got, expected = read_metrics(two / "metrics.jsonl"), read_metrics(one / "metrics.jsonl")
+    assert without_noise(got) == without_noise(expected)
+    trained = [m for m in got if "train/loss" in m]
+    assert len(trained) == 2 and all(m["perf/engine_kv_released_gb"] > 0 for m in trained)  # the server released
+    assert not ray.is_initialized()
+
+
+def test_colocated_servers_need_as_many_trainer_ranks(ray_home):
+    result = runner.invoke(app, [*COMMON, "--output-dir", str(ray_home / "run"), "--ray", "--set", "engine.backend=sglang",
+                                 "--set", "engine.launch=true", "--set", "engine.server=miles", "--set",
+                                 "engine.colocate=true", "--set", "engine.num_gpus=2"])
+    assert result.exit_code == 2
+    assert "engine.colocate under --ray places each rollout server on a trainer rank's GPU: 2 servers need at " \
+           "least 2 trainer ranks, got 1" in " ".join(result.output.split())
