@@ -142,7 +142,7 @@ def _colocated_group(cfg: EngineConfig, count: int, on_gpu: bool) -> tuple[RayFl
     if cfg.num_gpus_per_engine != 1:
         raise MilesError(f"engine.colocate under --ray puts each rollout server on one trainer rank's GPU: "
                          f"engine.num_gpus_per_engine must be 1, got {cfg.num_gpus_per_engine}")
-    group = ray.util.get_current_placement_group()
+    group = ray.util.get_current_placement_group() if ray.is_initialized() else None  # it would start a Ray
     if group is None or len(group.bundle_specs) < count:
         raise MilesError(f"engine.colocate under --ray: {count} rollout servers need the bundles of as many "
                          "trainer ranks, and this process is not a trainer rank placed by `miles train --ray`")

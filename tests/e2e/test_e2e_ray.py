@@ -220,3 +220,17 @@ def test_colocated_servers_need_as_many_trainer_ranks(ray_home):
     assert result.exit_code == 2
     assert "engine.colocate under --ray places each rollout server on a trainer rank's GPU: 2 servers need at " \
            "least 2 trainer ranks, got 1" in " ".join(result.output.split())
+
+
+def test_colocated_servers_take_one_gpu_each_and_only_in_a_trainer_ranks_bundle():
+    from miles_core.config import EngineConfig
+    from miles_core.engine.ray_servers import _colocated_group
+
+    wide = EngineConfig(backend="sglang", launch=True, server="sglang", colocate=True, num_gpus=2, num_gpus_per_engine=2)
+    with pytest.raises(MilesError, match="^engine.colocate under --ray puts each rollout server on one trainer "
+                                         "rank's GPU: engine.num_gpus_per_engine must be 1, got 2$"):
+        _colocated_group(wide, 1, on_gpu=True)
+    one = EngineConfig(backend="sglang", launch=True, server="miles", colocate=True)
+    with pytest.raises(MilesError, match="1 rollout servers need the bundles of as many trainer ranks, and this "
+                                         "process is not a trainer rank placed by `miles train --ray`"):
+        _colocated_group(one, 1, on_gpu=False)  # this test process is in no placement group
