@@ -14,8 +14,9 @@ layout the engine started with (`fuse_projections` is deterministic: a concatena
 
 A release may drop the weights instead (`keep_weights=False`, when a weight sync rewrites them
 right after the resume, as every colocated step does): each parameter and persistent buffer
-becomes a host placeholder of its shape (one element, expanded: no copy, no host memory) and comes
-back as fresh, unwritten device memory; only the non-persistent buffers, which no sync carries, are copied.
+becomes a host placeholder of its shape (one element, expanded: no copy, no host memory) and
+comes back as fresh, unwritten device memory; only the non-persistent buffers, which no sync
+carries, are copied.
 
 On a CPU engine the same copies happen (host to host; nothing is freed) so that one code path
 runs everywhere and CPU tests cover it.

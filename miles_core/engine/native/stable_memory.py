@@ -15,10 +15,11 @@ freed and the pool's K/V laid out as views of the pool region. The graphs captur
 move are dropped and captured once more at the next resume; after that, never.
 
 A release copies the weights region to one pinned host buffer (kept for the run) and unmaps both
-regions, or, when a weight sync rewrites the weights right after the resume (`keep_weights=False`),
-copies only the bytes no sync writes (`unwritten_spans`: the RoPE frequencies) and drops the rest; a resume maps them, copies the weights back (the same bits) and marks every KV block as
-never used, so each is zeroed when first handed out (`KVPool.forget_contents`: fresh pages hold
-anything). The graphs' own memory pool and static inputs stay allocated (small next to the pool).
+regions; when a weight sync rewrites the weights right after the resume (`keep_weights=False`) it
+copies only the bytes no sync writes (`unwritten_spans`: the RoPE frequencies) and drops the
+rest. A resume maps them, copies back what was copied out (the same bits) and marks every KV
+block as never used, so each is zeroed when first handed out (`KVPool.forget_contents`: fresh
+pages hold anything). The graphs' own memory pool and static inputs stay allocated (small next to the pool).
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def unwritten_spans(tensors: list[torch.Tensor], written: list[torch.Tensor], ba
     spans: list[list[int]] = []
     for start, end in sorted(byte_range(t) for t in tensors):
         at = bisect.bisect_right(starts, start) - 1
-        if at >= 0 and end <= covered[at][1] or start == end:
+        if start == end or (at >= 0 and end <= covered[at][1]):
             continue
         if spans and start <= spans[-1][1]:
             spans[-1][1] = max(spans[-1][1], end)
@@ -189,7 +190,6 @@ class StableMemory:
         if self.weights.device.type == "cuda":
             torch.cuda.synchronize(self.weights.device)
         self.kept = None
-
 
 
 def _starts(spans: list[tuple[int, int]]) -> list[int]:
