@@ -10,8 +10,11 @@ checkpoint and prompts for every placement. Placements:
   weights over NCCL (`sync.transport = "nccl"`); async overlaps the next step's generation with
   training (`loop.mode = "async"`, TIS on);
 - `1 GPU, colocated`: a `miles serve` engine on GPU 0 beside the trainer (`engine.colocate`):
-  weights by CUDA IPC, the engine releases its memory while the trainer trains and the trainer
-  moves its optimizer state to the host while the engine generates;
+  weights by CUDA IPC, the engine releases its memory (dropping its weights: the sync rewrites
+  them) while the trainer trains and the trainer moves its optimizer state to the host while the
+  engine generates; two variants at the end of the list: the native engine colocated in the
+  trainer's process, and `miles serve` keeping its weights in host memory while released
+  (`engine.weights_cpu_backup`), what the drop saves;
 - `2 GPUs (FSDP)`: `miles train --nproc-per-node 2` (two trainer ranks, NCCL, the engine in rank
   0's process); its time is the run's `perf/step_time`, not the wall time between steps;
 - `3 GPUs (2 engines on GPUs 1-2), async` (machines with 3 or more GPUs): the trainer keeps GPU
@@ -56,6 +59,9 @@ PLACEMENTS = {
                                                        "algo.use_tis=true"]),
     "3 GPUs (2 engines on GPUs 1-2), async": (3, [*APART, "engine.num_gpus=2", "loop.mode=async",
                                                   "algo.use_tis=true"]),
+    "1 GPU (engine in the trainer's process, colocated: memory released while training)": (1, ["engine.colocate=true"]),
+    "1 GPU (miles serve colocated, weights copied to host memory while released)":
+        (1, [*COLOCATED, "engine.weights_cpu_backup=true"]),
 }
 
 
