@@ -113,6 +113,8 @@ class _Pages:
 
     def __del__(self) -> None:
         try:
+            if torch.cuda.is_current_stream_capturing():  # its synchronize would break a graph capture
+                return  # the range is lost to this process instead
             self.free()
         except Exception:  # noqa: BLE001 - at interpreter exit the driver or torch may be gone already
             pass
@@ -166,7 +168,6 @@ class Region:
             raise
         self.tensor = torch.as_tensor(pages, device=self.device)
         self._pages = pages
-        self.pointer = pages.pointer
 
     @property
     def mapped(self) -> bool:
