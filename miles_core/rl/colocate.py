@@ -4,8 +4,9 @@ One step: generate (the engine holds its memory; the optimizer state waits in ho
 the engine releases its memory (KV cache, CUDA graphs, and its weights: dropped, since the sync
 below rewrites them all, or copied to host with `engine.weights_cpu_backup`) -> the
 trainer trains, reloading its optimizer state as it starts (the copies overlap its first passes:
-`train/offload.py`) -> it offloads the state again -> the engine takes its memory back (the same
-weights) -> the new weights are synced into it. The engine is the native one in this process
+`train/offload.py`) -> it offloads the state again -> the engine takes its memory back (its
+weights copied back, or left for the sync) -> the new weights are synced into it, every one of
+them (the engine refuses to generate until they are). The engine is the native one in this process
 (one GPU shared with trainer rank 0) or launched / external servers, through their memory routes.
 
 Metrics, so the saving is measured (all `perf/`, in GiB):
@@ -30,7 +31,9 @@ GIB = 2**30
 
 
 class Colocation:
-    """Turn-taking of one run's engine and trainer; does nothing when colocation is off."""
+    """Turn-taking of one run's engine and trainer; does nothing when colocation is off.
+    `keep_weights=False` lets the engine drop its weights at each release: the run's loop syncs
+    every weight right after each resume."""
 
     def __init__(self, engine: RolloutEngine | None = None, trainer: TrainBackend | None = None,
                  keep_weights: bool = True) -> None:
