@@ -116,8 +116,8 @@ class EngineConfig:
     state to CPU while the engine generates."""
     weights_cpu_backup: bool = False
     """`colocate`: copy the engine's weights to host memory at each release and back at the resume
-    (SGLang's `--enable-weights-cpu-backup`); false drops them, as the weight sync after every
-    resume rewrites them all (no copy either way, no host memory of their size)."""
+    (SGLang's `--enable-weights-cpu-backup`); false drops them, since the weight sync after every
+    resume rewrites them all: no copy out and back, no host memory of their size."""
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_batch_size <= MAX_BATCH,
