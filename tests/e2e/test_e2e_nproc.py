@@ -1,6 +1,6 @@
 """`miles train --nproc-per-node 2 --set train.backend=fsdp` end to end on CPU (gloo): the same
-train metrics as one process (relative 1e-5), a sharded checkpoint, no rank left running; and the
-clear errors of a launch that cannot work."""
+train metrics as one process (relative 1e-5), colocated or not, a sharded checkpoint, no rank left
+running; and the clear errors of a launch that cannot work."""
 
 from __future__ import annotations
 
@@ -31,14 +31,20 @@ def test_two_ranks_give_the_one_process_metrics(tmp_path, monkeypatch):
     monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
     one = _run(tmp_path / "one")
     two = _run(tmp_path / "two", "--nproc-per-node", "2", "--set", "train.backend=fsdp")
+    # colocated: the engine in rank 0's process drops its weights at each release, the sync of the
+    # gathered FSDP weights writes them all again
+    colocated = _run(tmp_path / "colocated", "--nproc-per-node", "2", "--set", "train.backend=fsdp",
+                     "--set", "engine.colocate=true")
     assert not _ranks_alive()
     trained = [m for m in one if "train/loss" in m]
     assert len(trained) == 2 and all(m["train/grad_norm"] > 0 for m in trained)
-    for a, b in zip(one, two):
+    for a, b, c in zip(one, two, colocated):
         for key in ("train/loss", "train/grad_norm", "train/pg_loss", "train/entropy_loss"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5), key
-        assert b.get("rollout/raw_reward") == a.get("rollout/raw_reward")
+                assert c[key] == b[key], key
+        assert b.get("rollout/raw_reward") == a.get("rollout/raw_reward") == c.get("rollout/raw_reward")
+        assert ("perf/engine_kv_released_gb" in c) == ("train/loss" in c)  # released before each update
     trainer = tmp_path / "two" / "checkpoints" / "step_000002" / "trainer"
     assert (trainer / "dcp" / ".metadata").is_file() and (trainer / "trainer_state.pt").is_file()
 
