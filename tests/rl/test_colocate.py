@@ -29,13 +29,15 @@ def _calls(monkeypatch, cls, name: str) -> list[dict]:
     return calls
 
 
-@pytest.mark.parametrize("backup", [False, True])
-def test_colocated_run_takes_turns_and_changes_no_bit(tmp_path, monkeypatch, backup):
+@pytest.mark.parametrize(("recipe", "backup"), [("tiny", False), ("tiny", True), ("tiny-deepseek", False)])
+def test_colocated_run_takes_turns_and_changes_no_bit(tmp_path, monkeypatch, recipe, backup):
+    """tiny-deepseek: MLA, MoE and MTP weights, every one of them dropped and synced again."""
     monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
-    plain = run_training(load_config("tiny", LEARN), tmp_path / "plain")
+    plain = run_training(load_config(recipe, LEARN), tmp_path / "plain")
     released, resumed = _calls(monkeypatch, NativeEngine, "release_memory"), _calls(monkeypatch, NativeEngine, "resume_memory")
     offloaded = _calls(monkeypatch, NativeTrainer, "offload_optimizer")
-    colocated = run_training(load_config("tiny", [*LEARN, "engine.colocate=true", f"engine.weights_cpu_backup={str(backup).lower()}"]),
+    colocated = run_training(load_config(recipe, [*LEARN, "engine.colocate=true",
+                                                  f"engine.weights_cpu_backup={str(backup).lower()}"]),
                              tmp_path / "colocated")
     assert len(released) == len(resumed) == len(offloaded) == 2  # once per step
     assert released == [{"keep_weights": backup}] * 2  # dropped: the sync after each resume wrote every weight
