@@ -8,9 +8,10 @@ GPUs (`CUDA_VISIBLE_DEVICES`, mapped through this process's own list when it has
 CUDA, `miles` servers run on CPU and no GPU is counted (CPU tests launch several).
 
 Servers: `sglang` (`python -m sglang.launch_server`, `sglang_launch.py`; `--tp-size` above one GPU,
-`--enable-memory-saver` when colocated) or `miles` (`miles serve`: the native engine on the run's
-model folder, dtype, device and alignment mode and the engine section's sizes; a fresh api key
-when none is configured, and the run's weight-sync folder as an allowed model root).
+`--enable-memory-saver` when colocated, `--enable-weights-cpu-backup` with
+`engine.weights_cpu_backup`) or `miles` (`miles serve`: the native engine on the run's model
+folder, dtype, device and alignment mode and the engine section's sizes; a fresh api key when none
+is configured, and the run's weight-sync folder as an allowed model root).
 
 Lifetime: start-up waits until every server answers `GET /health`, and fails with one line naming
 the server that exited (its exit code and the last line of its log) or did not answer within

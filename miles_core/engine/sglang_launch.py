@@ -23,6 +23,8 @@ def launch_command(cfg: EngineConfig, model_path: str, host: str, port: int, *, 
         command += ["--tp-size", str(cfg.num_gpus_per_engine)]
     if cfg.colocate:  # /release_memory_occupation needs SGLang's memory saver
         command.append("--enable-memory-saver")
+        if cfg.weights_cpu_backup:  # else SGLang drops the weights at a release, as the native engine
+            command.append("--enable-weights-cpu-backup")
     if cfg.api_key:
         command += ["--api-key", cfg.api_key]
     if cfg.return_routed_experts:

@@ -97,3 +97,7 @@ def test_launch_command_is_sglangs_launch_server():
         sys.executable, "-m", "sglang.launch_server", "--model-path", "/models/m", "--host", "127.0.0.1",
         "--port", "30001", "--api-key", "k", "--enable-return-routed-experts", "--tp", "2",
         "--mem-fraction-static", "0.7"]
+    colocated = EngineConfig(backend="sglang", launch=True, colocate=True)
+    assert launch_command(colocated, "/m", "h", 1)[-1] == "--enable-memory-saver"  # the weights dropped at release
+    kept = EngineConfig(backend="sglang", launch=True, colocate=True, weights_cpu_backup=True)
+    assert launch_command(kept, "/m", "h", 1)[-2:] == ["--enable-memory-saver", "--enable-weights-cpu-backup"]
