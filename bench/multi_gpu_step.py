@@ -24,6 +24,9 @@ Step time: median of `perf/step_time` over steps 2..N (async: wall time between 
 trainer's view). Scaling efficiency = (T_1 / T_N) / N. Each row also shows where a step's time
 goes: the medians of its rollout, train, sync and colocate (turn-taking) seconds.
 
+`--rounds N` runs the chosen placements N times, interleaved, in one process: an A/B whose
+variants share the host's state (step times on one host moved by 0.3 s between calls).
+
 GPU:  python bench/multi_gpu_step.py --steps 8 --out bench/results/multi_gpu_step.md
 """
 
@@ -133,6 +136,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--tokenizer", default=".gpuassets/smollm2-tok")
     parser.add_argument("--placements", default="", help="comma-separated indices into the placement list")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the chosen placements this many times, interleaved (an A/B in one process)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     args.device, args.pack, args.compile = "cuda", True, False
@@ -145,21 +150,28 @@ def main() -> None:
                     .replace("max_batch_size = 64", f"max_batch_size = {args.prompts * 8}"))
     chosen = [list(PLACEMENTS)[int(i)] for i in args.placements.split(",")] if args.placements else list(PLACEMENTS)
     rows = []
-    for number, label in enumerate(chosen):
+    for number, label in enumerate(chosen * args.rounds):
         gpus, overrides = PLACEMENTS[label]
         if gpus > torch.cuda.device_count():
             continue
         try:
             run = work / f"run{number}"
             times = run_placement(base, run, [*overrides, f"loop.num_rollout={args.steps}"])
-            rows.append((label, gpus, statistics.median(times[1:]), step_parts(run / "metrics.jsonl")))
+            rows.append((_labelled(label, number, len(chosen), args.rounds), gpus, statistics.median(times[1:]),
+                         step_parts(run / "metrics.jsonl")))
         except Exception as err:  # noqa: BLE001 - one failing placement is reported, the rest still run
-            rows.append((label, gpus, f"failed: {str(err).splitlines()[0][:200]}", ""))
+            rows.append((_labelled(label, number, len(chosen), args.rounds), gpus,
+                         f"failed: {str(err).splitlines()[0][:200]}", ""))
         print(rows[-1], flush=True)
     text = report(args, rows)
     print(text)
     if args.out:
         Path(args.out).write_text(text)
+
+
+def _labelled(label: str, number: int, per_round: int, rounds: int) -> str:
+    """The placement's label, with its round when there are several."""
+    return f"{label}, round {number // per_round + 1}" if rounds > 1 else label
 
 
 if __name__ == "__main__":
