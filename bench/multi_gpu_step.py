@@ -154,14 +154,13 @@ def main() -> None:
         gpus, overrides = PLACEMENTS[label]
         if gpus > torch.cuda.device_count():
             continue
+        name = _labelled(label, number, len(chosen), args.rounds)
         try:
             run = work / f"run{number}"
             times = run_placement(base, run, [*overrides, f"loop.num_rollout={args.steps}"])
-            rows.append((_labelled(label, number, len(chosen), args.rounds), gpus, statistics.median(times[1:]),
-                         step_parts(run / "metrics.jsonl")))
+            rows.append((name, gpus, statistics.median(times[1:]), step_parts(run / "metrics.jsonl")))
         except Exception as err:  # noqa: BLE001 - one failing placement is reported, the rest still run
-            rows.append((_labelled(label, number, len(chosen), args.rounds), gpus,
-                         f"failed: {str(err).splitlines()[0][:200]}", ""))
+            rows.append((name, gpus, f"failed: {str(err).splitlines()[0][:200]}", ""))
         print(rows[-1], flush=True)
     text = report(args, rows)
     print(text)

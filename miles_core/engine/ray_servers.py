@@ -28,6 +28,7 @@ from miles_core.config import EngineConfig
 from miles_core.engine.servers import LaunchContext, launch_servers
 from miles_core.errors import MilesError
 from miles_core.launch.local import free_port
+from miles_core.launch.ray_launch import COLOCATED_GPU_SHARE
 
 PLACEMENT_TIMEOUT_S = 120.0
 """How long to wait for Ray to find room for every server before giving up with an error."""
@@ -136,8 +137,6 @@ def _colocated_group(cfg: EngineConfig, count: int, on_gpu: bool) -> tuple[RayFl
     """The run's own placement group (not the fleet's to remove): server i in rank i's bundle,
     with the share of its GPU the rank left."""
     import ray
-
-    from miles_core.launch.ray_launch import COLOCATED_GPU_SHARE
 
     if cfg.num_gpus_per_engine != 1:
         raise MilesError(f"engine.colocate under --ray puts each rollout server on one trainer rank's GPU: "
