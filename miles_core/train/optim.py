@@ -28,8 +28,18 @@ def build_optimizer(params, cfg: TrainConfig, total_steps: int):
     fused = bool(params) and all(p.is_cuda for p in params)
     optimizer = torch.optim.AdamW(params, lr=1.0, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay, fused=fused or None, foreach=not fused)
+    if fused:
+        optimizer.register_step_post_hook(_bump_versions)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg, total_steps))
     return optimizer, scheduler
+
+
+def _bump_versions(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """The fused kernel writes the parameters in place without bumping their version counters (the
+    foreach path bumps them); what caches tensors made from the parameters keys on those counters
+    (`speed.CastCache`: without this, bf16 compute on CUDA kept the first casts after every step)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    torch.autograd.graph.increment_version([getattr(p, "_local_tensor", p) for p in params])
 
 
 def clip_grad_norm(params, cfg: TrainConfig, norm: torch.Tensor | None = None) -> float:
