@@ -16,7 +16,9 @@ checkpoint and prompts for every placement. Placements:
   trainer's process, and `miles serve` keeping its weights in host memory while released
   (`engine.weights_cpu_backup`), what the drop saves;
 - `2 GPUs (FSDP)`: `miles train --nproc-per-node 2` (two trainer ranks, NCCL, the engine in rank
-  0's process); its time is the run's `perf/step_time`, not the wall time between steps;
+  0's process); its time is the run's `perf/step_time`, not the wall time between steps; and at
+  the end of the list `1 GPU (FSDP)`, one rank: what FSDP's sharding machinery costs against the
+  native trainer on the same GPU;
 - `3 GPUs (2 engines on GPUs 1-2), async` (machines with 3 or more GPUs): the trainer keeps GPU
   0, requests are spread over the two engines.
 
@@ -51,12 +53,12 @@ from grpo_step import build_checkpoint, miles_recipe, write_prompts  # bench/ is
 APART = ["engine.backend=sglang", "engine.launch=true", "engine.server=miles", "sync.transport=nccl"]
 COLOCATED = ["engine.backend=sglang", "engine.launch=true", "engine.server=miles", "engine.colocate=true",
              "engine.num_gpus=1", "sync.transport=cuda_ipc"]
-FSDP = "--nproc-per-node 2"
-"""Marks a placement run through the CLI with two trainer ranks (FSDP over NCCL)."""
+RANKS = "--nproc-per-node"
+"""Marks a placement run through the CLI with N trainer ranks (FSDP over NCCL): `RANKS N`."""
 PLACEMENTS = {
     "1 GPU (engine in the trainer's process)": (1, []),
     "1 GPU (miles serve colocated: CUDA IPC sync, memory released while training)": (1, COLOCATED),
-    "2 GPUs (FSDP, 2 trainer ranks; engine in rank 0's process), sync": (2, [FSDP, "train.backend=fsdp"]),
+    "2 GPUs (FSDP, 2 trainer ranks; engine in rank 0's process), sync": (2, [f"{RANKS} 2", "train.backend=fsdp"]),
     "2 GPUs (engine on GPU 1, NCCL sync), sync": (2, [*APART, "engine.num_gpus=1"]),
     "2 GPUs (engine on GPU 1, NCCL sync), async": (2, [*APART, "engine.num_gpus=1", "loop.mode=async",
                                                        "algo.use_tis=true"]),
@@ -65,6 +67,7 @@ PLACEMENTS = {
     "1 GPU (engine in the trainer's process, colocated: memory released while training)": (1, ["engine.colocate=true"]),
     "1 GPU (miles serve colocated, weights copied to host memory while released)":
         (1, [*COLOCATED, "engine.weights_cpu_backup=true"]),
+    "1 GPU (FSDP, 1 trainer rank; engine in its process)": (1, [f"{RANKS} 1", "train.backend=fsdp"]),
 }
 
 
@@ -87,8 +90,9 @@ def step_parts(metrics_file: Path) -> str:
 
 def run_placement(base: Path, work: Path, overrides: list[str]) -> list[float]:
     """Seconds per step as the trainer sees them (wall time between step records)."""
-    if FSDP in overrides:
-        return run_ranks(base, work, [o for o in overrides if o != FSDP])
+    ranks = [o for o in overrides if o.startswith(RANKS)]
+    if ranks:
+        return run_ranks(base, work, int(ranks[0].split()[1]), [o for o in overrides if o not in ranks])
     from miles_core.config import load_config
     from miles_core.rl.loop import run_training
 
@@ -100,10 +104,10 @@ def run_placement(base: Path, work: Path, overrides: list[str]) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
-def run_ranks(base: Path, work: Path, overrides: list[str]) -> list[float]:
-    """`miles train --nproc-per-node 2` in a subprocess; seconds per step from its `perf/step_time`."""
+def run_ranks(base: Path, work: Path, ranks: int, overrides: list[str]) -> list[float]:
+    """`miles train --nproc-per-node N` in a subprocess; seconds per step from its `perf/step_time`."""
     command = [sys.executable, "-m", "miles_cli.app", "train", "--recipe", str(base), "--output-dir", str(work),
-               "--nproc-per-node", "2", *[arg for o in overrides for arg in ("--set", o)]]
+               RANKS, str(ranks), *[arg for o in overrides for arg in ("--set", o)]]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
                                                                      os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)

@@ -79,7 +79,7 @@ class FSDPTrainer(NativeTrainer):
     def __init__(self, model: nn.Module, cfg: TrainConfig, algo: AlgoConfig, *, temperature: float,
                  total_steps: int, reference: nn.Module | None = None) -> None:
         check_fsdp_options(cfg, algo)
-        ensure_process_group()
+        ensure_process_group(next(model.parameters()).device)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         # Calls from rank 0 to the others (`leader.py`) travel on a gloo group of their own.
         self.control_group = dist.new_group(backend="gloo") if self.world_size > 1 else None
@@ -98,7 +98,7 @@ class FSDPTrainer(NativeTrainer):
 
     def _forward(self, model: nn.Module, batch: TrainBatch, indices: list[int], routing=None):
         if model is not self.model:  # the reference: a full copy on every rank, no collectives
-            return super()._forward(model, batch, indices, routing)
+            return self._forward_in(DTYPES[self.compute_dtype], model, batch, indices, routing)  # as native's
         return self.wrapped([batch.tokens[i] for i in indices], [batch.response_lengths[i] for i in indices], None)
 
     def _shares(self, batch: TrainBatch) -> list[list[int]]:

@@ -97,9 +97,14 @@ class NativeTrainer:
         apply_speed_options(model, activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
 
     def _forward(self, model: nn.Module, batch: TrainBatch, indices: list[int], routing: RoutingPlan | None = None):
+        return self._forward_in(DTYPES[self.cfg.compute_dtype], model, batch, indices, routing)
+
+    def _forward_in(self, dtype: torch.dtype, model: nn.Module, batch: TrainBatch, indices: list[int],
+                    routing: RoutingPlan | None):
+        """Response log-probs and entropies of `indices`, every parameter cast to `dtype` for the call."""
         module = _ResponseLogProbs(model, log_prob_forward(self.cfg), self.temperature, self.cfg.logprob_chunk_size)
         args = ([batch.tokens[i] for i in indices], [batch.response_lengths[i] for i in indices], routing)
-        return call_in_dtype(module, args, DTYPES[self.cfg.compute_dtype], self._casts if model is self.model else None)
+        return call_in_dtype(module, args, dtype, self._casts if model is self.model else None)
 
     def _routing_plan(self, batch: TrainBatch, indices: list[int]) -> RoutingPlan | None:
         """What the policy's MoE layers use in this forward (None for dense models)."""
