@@ -239,7 +239,11 @@ class Attention(nn.Module):
 
     fused_qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
     """Inference only (the engine on CUDA): [Wq; Wk; Wv] and their bias, of which the three
-    projections' parameters are views (`engine.native.fuse`); read where `ops.fusion_agrees`."""
+    projections' parameters are views (`engine.native.fuse`); read where `reads_fused` and
+    `ops.fusion_agrees`; a copy of the module leaves it behind (`__getstate__`)."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return _without_fused(super().__getstate__())
 
     def forward(self, x_BTE: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 position_ids_BT: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
@@ -257,7 +261,7 @@ class Attention(nn.Module):
 
 
     def _project(self, x_BTE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.fused_qkv is not None:  # one GEMM instead of three, where it gives the same bits
+        if self.fused_qkv is not None and reads_fused(self.fused_qkv[0], self.q_proj, self.k_proj, self.v_proj):
             sizes = (self.num_heads * self.head_dim,) + (self.num_kv_heads * self.head_dim,) * 2
             if self.ops.fusion_agrees(self.fused_qkv[0], sizes):
                 return self.ops.linear(x_BTE, *self.fused_qkv).split(sizes, dim=-1)
@@ -293,10 +297,32 @@ class GatedMLP(nn.Module):
     fused_gate_up: torch.Tensor | None = None
     """Inference only (as `Attention.fused_qkv`): [W_gate; W_up], the two weights being its views."""
 
+    def __getstate__(self) -> dict[str, Any]:
+        return _without_fused(super().__getstate__())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = self.fused_gate_up
-        if fused is not None and self.ops.fusion_agrees(fused, (fused.shape[0] // 2,) * 2):  # one GEMM, not two
+        if (fused is not None and reads_fused(fused, self.gate_proj, self.up_proj)
+                and self.ops.fusion_agrees(fused, (fused.shape[0] // 2,) * 2)):  # one GEMM, not two
             gate, up = self.ops.linear(x, self.fused_gate_up, None).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(self.ops.silu_mul(gate, up))
+
+
+def reads_fused(fused: torch.Tensor, *linears: nn.Module) -> bool:
+    """Whether the engine's fused weight (`engine/native/fuse.py`) may stand for `linears`: only
+    without autograd (it is no parameter, so a gradient would never reach theirs) and while their
+    weights are still its row views (a call with cast weights, `train.batch.call_in_dtype`, reads
+    its own). A trainer that read a stale fused copy trained no q/k/v or gate/up weight."""
+    if torch.is_grad_enabled():
+        return False
+    start = fused.data_ptr()
+    end = start + fused.numel() * fused.element_size()
+    return all(start <= linear.weight.data_ptr() < end for linear in linears)
+
+
+def _without_fused(state: dict[str, Any]) -> dict[str, Any]:
+    """A module's state for a copy or pickle, less the engine's fused weights: the copy's parameters
+    are no views of a copied fused tensor, which would be a stale duplicate of their values."""
+    return {key: value for key, value in state.items() if not key.startswith("fused_")}

@@ -1,7 +1,9 @@
 """Fused q/k/v and gate/up projections (the engine on CUDA): run here on CPU to check the math; the
 parameters stay the fused weight's views, so weight updates reach it; invariant mode reads it only
 where its ops say the fused linear gives each block's bits (never on CPU; on GPUs see
-tests/kernels/test_linear_tiles.py and the zero-KL tests)."""
+tests/kernels/test_linear_tiles.py and the zero-KL tests). The fused weight is the engine's alone:
+a copy (the trainer's model) leaves it behind, and a forward with autograd or with cast weights
+reads the projections' own."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import torch
 
 from miles_core.engine.native.fuse import fuse_projections
 from miles_core.kernels import INVARIANT_OPS, set_alignment_mode
+from miles_core.quant.modules import dense_copy
+from miles_core.train.batch import call_in_dtype
 from paged_helpers import model_for
 
 
@@ -68,3 +72,40 @@ def test_invariant_mode_reads_the_fused_weights_where_its_ops_agree():
     assert asked == [(q, kv, kv), (args.intermediate_size,) * 2] * layers
     assert gemms[:4] == [q + 2 * kv, args.hidden_size, 2 * args.intermediate_size, args.hidden_size]
     assert len(gemms) == 4 * layers + 1  # the lm_head
+
+
+def _grads(model, ids) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model.lm_head(model(ids, torch.arange(ids.shape[1])[None].expand_as(ids))).square().mean().backward()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3-moe"])
+def test_a_model_the_engine_fused_trains_every_weight_itself_and_in_a_copy(family):
+    # The run builds the engine first (which fuses the loaded model on CUDA), then the trainer on a
+    # copy: that copy once kept a stale fused tensor and read it, so no q/k/v or gate/up weight
+    # got a gradient.
+    plain = model_for(family, "fast")
+    engine_model = copy.deepcopy(plain)
+    fuse_projections(engine_model)
+    trainer_model = dense_copy(engine_model)
+    assert all(getattr(m, name, None) is None for m in trainer_model.modules() for name in ("fused_qkv", "fused_gate_up"))
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
+    expected = _grads(plain, ids)
+    for model in (engine_model, trainer_model):
+        grads = _grads(model, ids)
+        assert grads.keys() == expected.keys()
+        for name, grad in expected.items():
+            assert grads[name] is not None, name
+            torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_forward_with_cast_weights_reads_them_not_the_fused_weight():
+    plain, engine_model = model_for("qwen3", "fast"), model_for("qwen3", "fast")
+    engine_model.load_state_dict(plain.state_dict())
+    fuse_projections(engine_model)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(4))
+    args = (ids, torch.arange(ids.shape[1])[None].expand_as(ids))
+    with torch.no_grad():
+        got, expected = (call_in_dtype(m, args, torch.bfloat16) for m in (engine_model, plain))
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
