@@ -109,8 +109,8 @@ class RunComponents:
             self.rollouts.start(first_step)
 
     def close(self) -> None:
-        """Stop background generation (async mode), leave the weight-sync group (`nccl`) and stop
-        the engine (launched servers stop with it)."""
+        """Stop background generation (async mode), leave the weight-sync group (`nccl`), stop
+        the engine (launched servers stop with it) and let the trainer leave a group it started."""
         try:
             if isinstance(self.rollouts, AsyncRollouts):
                 self.rollouts.close()
@@ -119,6 +119,8 @@ class RunComponents:
                 sync.close()
         finally:
             close_engine(self.engine)
+            if callable(getattr(self.trainer, "close", None)):
+                self.trainer.close()
 
     def should_eval(self, step: int) -> bool:
         """Whether the weights after `step` updates are evaluated: before training (step 0),

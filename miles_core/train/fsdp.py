@@ -79,7 +79,7 @@ class FSDPTrainer(NativeTrainer):
     def __init__(self, model: nn.Module, cfg: TrainConfig, algo: AlgoConfig, *, temperature: float,
                  total_steps: int, reference: nn.Module | None = None) -> None:
         check_fsdp_options(cfg, algo)
-        ensure_process_group(next(model.parameters()).device)
+        self._owns_group = ensure_process_group(next(model.parameters()).device)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         # Calls from rank 0 to the others (`leader.py`) travel on a gloo group of their own.
         self.control_group = dist.new_group(backend="gloo") if self.world_size > 1 else None
@@ -202,6 +202,13 @@ class FSDPTrainer(NativeTrainer):
         self.guard.in_row = small["bad_steps_in_row"]
         if self.reference is not None and small["reference"] is not None:
             self.reference.load_state_dict(small["reference"])
+
+    def close(self) -> None:
+        """Destroy the one-rank group this trainer started (a launcher's group is the launcher's):
+        a live NCCL group's watchdog breaks later CUDA graph captures in the same process."""
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self._owns_group = False
 
 
 def _gather(obj) -> list:

@@ -24,18 +24,20 @@ from torch import nn
 from miles_core.train.batch import prompt_groups
 
 
-def ensure_process_group(device: torch.device) -> None:
+def ensure_process_group(device: torch.device) -> bool:
     """A one-rank group when none was started (`train.backend = "fsdp"` in one process): NCCL for
     a model on a GPU (FSDP's collectives take the GPU tensors as they are), else gloo; a launcher
-    (`launch/local.py`) starts the N-rank group before the trainer is built."""
+    (`launch/local.py`) starts the N-rank group before the trainer is built. True when it started
+    one (the caller destroys it when done)."""
     if dist.is_initialized():
-        return
+        return False
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
                             device_id=device if device.type == "cuda" else None)
+    return True
 
 
 def broadcast_module(model: nn.Module) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import multiprocessing
 
 import pytest
+import torch.distributed as dist
 from typer.testing import CliRunner
 
 from miles_cli.app import app
@@ -47,6 +48,15 @@ def test_two_ranks_give_the_one_process_metrics(tmp_path, monkeypatch):
         assert ("perf/engine_kv_released_gb" in c) == ("train/loss" in c)  # released before each update
     trainer = tmp_path / "two" / "checkpoints" / "step_000002" / "trainer"
     assert (trainer / "dcp" / ".metadata").is_file() and (trainer / "trainer_state.pt").is_file()
+
+
+def test_one_fsdp_rank_in_this_process_leaves_no_group_behind(tmp_path, monkeypatch):
+    # The trainer starts its own one-rank group; a live one outlived the run (on a GPU, its NCCL
+    # watchdog then broke the CUDA graph captures of whatever ran next in the process).
+    monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
+    one, fsdp = _run(tmp_path / "one"), _run(tmp_path / "fsdp", "--set", "train.backend=fsdp")
+    assert not dist.is_initialized()
+    assert [m.get("train/loss") for m in fsdp] == pytest.approx([m.get("train/loss") for m in one], rel=1e-5)
 
 
 def test_several_ranks_need_a_multi_rank_backend(tmp_path, monkeypatch):
