@@ -39,15 +39,8 @@ from miles_core.models.kept_weights import KeptWeights, WeightExport
 from miles_core.quant.formats import QuantSpec
 from miles_core.quant.fp8_train import apply_fp8_training
 from miles_core.quant.qat import apply_int4_qat
-from miles_core.train.batch import (
-    TrainBatch,
-    call_in_dtype,
-    micro_batches,
-    pad_ragged,
-    response_log_probs,
-    shared_prefix_log_probs,
-    shared_prefix_micro_batches,
-)
+from miles_core.train.batch import (TrainBatch, call_in_dtype, micro_batches, pad_ragged, response_log_probs,
+                                   shared_prefix_log_probs, shared_prefix_micro_batches)
 from miles_core.train.critic import Critic
 from miles_core.train.finite import BadStepGuard, nonfinite_rows
 from miles_core.train.offload import OptimizerOffloads
