@@ -30,7 +30,7 @@ from miles_core.config import EngineConfig
 from miles_core.engine.native.block_manager import BlockManager
 from miles_core.engine.native.colocation import EngineReleased, MemoryControl
 from miles_core.engine.native.cuda_graphs import DecodeGraphs, capturable
-from miles_core.engine.native.fuse import fuse_projections
+from miles_core.engine.native.fuse import fuse_projections, fuses_on
 from miles_core.engine.native.kv_pool import KVPool, block_bytes, num_kv_blocks
 from miles_core.engine.native.outputs import finish_reason, to_generation
 from miles_core.engine.native.overlap import PendingTokens
@@ -63,7 +63,7 @@ class NativeEngine(MemoryControl):
         # Routing capture (SGLang's --enable-return-routed-experts): MoE models only.
         self.capture_routing = cfg.return_routed_experts and getattr(model, "num_moe_layers", 0) > 0
         self._weight_version = weight_version
-        if self.model.lm_head.weight.device.type == "cuda":
+        if fuses_on(self.model):
             fuse_projections(self.model)  # q/k/v and gate/up GEMMs, one each
         self.pool = self._new_pool()
         self.blocks = BlockManager(self.pool.num_blocks, cfg.block_size, on_first_use=self.pool.zero_block)

@@ -20,6 +20,12 @@ from torch import nn
 from miles_core.models.layers import Attention, GatedMLP, Linear
 
 
+def fuses_on(model: nn.Module) -> bool:
+    """Whether the engine fuses `model` when it starts: on CUDA, where launches and small GEMMs
+    bound a decode step (on CPU the separate GEMMs cost the same; tests force it there)."""
+    return model.lm_head.weight.device.type == "cuda"
+
+
 def fuse_projections(model: nn.Module) -> int:
     """Fuse every attention's q/k/v and every SwiGLU's gate/up; returns how many were fused."""
     fused = 0
