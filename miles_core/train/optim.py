@@ -20,12 +20,14 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(params, cfg: TrainConfig, total_steps: int):
+def build_optimizer(params, cfg: TrainConfig, total_steps: int, *, fused: bool | None = None):
     """AdamW whose lr follows `lr_at` (a LambdaLR over a base lr of 1): the fused kernel on CUDA
     (one launch for all parameters), the multi-tensor `foreach` path elsewhere (on CPU it gave
-    the per-tensor loop's bits in our check, and the recorded runs' metrics are unchanged)."""
+    the per-tensor loop's bits in our check, and the recorded runs' metrics are unchanged);
+    `fused` overrides the choice."""
     params = list(params)
-    fused = bool(params) and all(p.is_cuda for p in params)
+    if fused is None:
+        fused = bool(params) and all(p.is_cuda for p in params)
     optimizer = torch.optim.AdamW(params, lr=1.0, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay, fused=fused or None, foreach=not fused)
     if fused:

@@ -17,7 +17,7 @@ from miles_core.train.batch import (
     shared_prefix_micro_batches,
 )
 from miles_core.train.native import NativeTrainer
-from miles_core.train.optim import lr_at
+from miles_core.train.optim import build_optimizer, lr_at
 from tests.train.conftest import grouped_tokens
 
 
@@ -97,6 +97,21 @@ def test_lr_schedule_warmup_then_cosine():
             1e-4 + 4.5e-4 * (1 + math.cos(3 * math.pi / 4))]
     assert got == pytest.approx(want, rel=1e-12)
     assert lr_at(5, TrainConfig(lr=1e-3), total_steps=6) == 1e-3
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_an_optimizer_step_moves_every_parameters_version(fused):
+    # What caches made from the weights key on (the bf16 casts); the fused kernel (CUDA's choice,
+    # forced here on CPU, where it exists too) does not bump them itself.
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))]
+    for p in params:
+        p.grad = torch.full_like(p, 0.5)
+    optimizer, _ = build_optimizer(params, TrainConfig(lr=1e-3), total_steps=1, fused=fused)
+    before = [p._version for p in params]
+    optimizer.step()
+    assert optimizer.defaults["fused"] is (True if fused else None)
+    assert all(p._version > v for p, v in zip(params, before))
+    assert all(torch.all(p < 1) for p in params)  # the step did move them
 
 
 def test_kl_loss_is_zero_against_an_identical_reference(tiny_model):
