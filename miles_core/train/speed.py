@@ -43,12 +43,14 @@ class _CheckpointedForward:
     """Set as a decoder layer's `forward`: the class forward under non-reentrant checkpointing."""
 
     def __init__(self, layer: nn.Module) -> None:
-        self.layer = layer
+        # The class's forward, unbound, called with the layer: binding it in `__call__`
+        # (`function.__get__`) was a graph break under torch 2.11's dynamo, which traces this call
+        # when the layer is compiled too (2.13 traces it).
+        self.layer, self.class_forward = layer, type(layer).forward
 
     def __call__(self, *args):
-        forward = type(self.layer).forward.__get__(self.layer)
         if not torch.is_grad_enabled() or any(isinstance(a, KVCache) for a in args):
-            return forward(*args)
+            return self.class_forward(self.layer, *args)
         args = tuple(_RouteOnce(a) if isinstance(a, RoutingContext) else a for a in args)
         # The weights this call sees (the bf16 casts that `call_in_dtype` swaps in) are inputs of the
         # checkpointed function: the recomputation in backward runs after the swap has ended and
@@ -57,7 +59,7 @@ class _CheckpointedForward:
 
         def run(*flat):
             with _reparametrize_module(self.layer, dict(zip(names, flat[: len(names)]))):
-                return forward(*flat[len(names):])
+                return self.class_forward(self.layer, *flat[len(names):])
 
         return checkpoint(run, *weights, *args, use_reentrant=False)
 
