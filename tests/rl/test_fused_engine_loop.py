@@ -21,7 +21,7 @@ def test_a_fused_engine_leaves_the_trainer_training_every_weight(tmp_path, monke
     monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("miles_core.engine.native.engine.fuses_on", lambda model: True)
     overrides = [f"train.compute_dtype={compute_dtype}", "train.lr=1e-3", "algo.entropy_coef=0.01",
-                 "loop.num_rollout=3", "eval.datasets=[]"]
+                 "loop.num_rollout=3", "eval.datasets=[]", "sync.check_weight_update_equal=true"]
     run_training(load_config("tiny", overrides), tmp_path / "run")
     start = load_file(resolve_model_source("tiny-qwen3") / "model.safetensors")
     trained = load_file(tmp_path / "run" / "checkpoints" / "step_000003" / "model.safetensors")
