@@ -147,8 +147,7 @@ def _placement_group(ray, num_ranks: int, num_colocated: int = 0) -> tuple[objec
     """The ranks' placement group and its bundles: `{"GPU": 1, "CPU": 1}` each (`{"CPU": 1}`
     without GPUs), one CPU more in the first `num_colocated` (a colocated server's)."""
     use_gpus = ray.cluster_resources().get("GPU", 0) > 0
-    bundles = [{"GPU": 1, "CPU": 1 + (rank < num_colocated)} if use_gpus else {"CPU": 1 + (rank < num_colocated)}
-               for rank in range(num_ranks)]
+    bundles = [{**({"GPU": 1} if use_gpus else {}), "CPU": 1 + (rank < num_colocated)} for rank in range(num_ranks)]
     group = ray.util.placement_group(bundles, strategy="PACK")
     ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
     if not ready:

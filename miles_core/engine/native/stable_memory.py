@@ -99,23 +99,26 @@ def byte_range(tensor: torch.Tensor) -> tuple[int, int]:
 def unwritten_spans(tensors: list[torch.Tensor], written: list[torch.Tensor], base: int) -> list[tuple[int, int]]:
     """(offset from `base`, bytes) of each of `tensors` not lying wholly within the bytes of
     `written` (a fused q/k/v weight is covered by its q, k and v), adjacent spans merged."""
-    covered: list[list[int]] = []
-    for start, end in sorted(byte_range(t) for t in written):
-        if covered and start <= covered[-1][1]:
-            covered[-1][1] = max(covered[-1][1], end)
-        else:
-            covered.append([start, end])
+    covered = _merged(byte_range(t) for t in written)
     starts = [start for start, _ in covered]
-    spans: list[list[int]] = []
-    for start, end in sorted(byte_range(t) for t in tensors):
+
+    def uncovered(start: int, end: int) -> bool:
         at = bisect.bisect_right(starts, start) - 1
-        if start == end or (at >= 0 and end <= covered[at][1]):
-            continue
-        if spans and start <= spans[-1][1]:
-            spans[-1][1] = max(spans[-1][1], end)
-        else:
-            spans.append([start, end])
+        return start != end and not (at >= 0 and end <= covered[at][1])
+
+    spans = _merged(r for r in (byte_range(t) for t in tensors) if uncovered(*r))
     return [(start - base, end - start) for start, end in spans]
+
+
+def _merged(ranges) -> list[list[int]]:
+    """[start, end) ranges sorted, overlapping or adjacent ones joined."""
+    out: list[list[int]] = []
+    for start, end in sorted(ranges):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return out
 
 
 @dataclass
