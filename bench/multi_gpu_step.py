@@ -128,7 +128,10 @@ def report(args, rows: list[tuple[str, int, float | str, str]]) -> str:
         if isinstance(seconds, str):
             lines.append(f"| {label} | {gpus} | {seconds} | | | |")
             continue
-        speed = one / seconds if one else float("nan")
+        if one is None:  # no one-GPU placement in this run: nothing to compare against
+            lines.append(f"| {label} | {gpus} | {seconds:.3f} | | | {parts} |")
+            continue
+        speed = one / seconds
         lines.append(f"| {label} | {gpus} | {seconds:.3f} | {speed:.2f}x | {speed / gpus:.0%} | {parts} |")
     return "\n".join(lines) + "\n"
 
