@@ -128,11 +128,9 @@ def report(args, rows: list[tuple[str, int, float | str, str]]) -> str:
         if isinstance(seconds, str):
             lines.append(f"| {label} | {gpus} | {seconds} | | | |")
             continue
-        if one is None:  # no one-GPU placement in this run: nothing to compare against
-            lines.append(f"| {label} | {gpus} | {seconds:.3f} | | | {parts} |")
-            continue
-        speed = one / seconds
-        lines.append(f"| {label} | {gpus} | {seconds:.3f} | {speed:.2f}x | {speed / gpus:.0%} | {parts} |")
+        # Speed-up and efficiency need a one-GPU placement in this run; blank without one.
+        scaling = f"{one / seconds:.2f}x | {one / seconds / gpus:.0%}" if one else " | "
+        lines.append(f"| {label} | {gpus} | {seconds:.3f} | {scaling} | {parts} |")
     return "\n".join(lines) + "\n"
 
 
