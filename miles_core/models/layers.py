@@ -318,8 +318,7 @@ def reads_fused(fused: torch.Tensor, *linears: nn.Module) -> bool:
     if torch.is_grad_enabled():
         return False
     start = fused.data_ptr()
-    end = start + fused.numel() * fused.element_size()
-    return all(start <= linear.weight.data_ptr() < end for linear in linears)
+    return all(start <= linear.weight.data_ptr() < start + fused.nbytes for linear in linears)
 
 
 def _without_fused(state: dict[str, Any]) -> dict[str, Any]:
