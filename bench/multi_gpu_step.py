@@ -18,7 +18,8 @@ checkpoint and prompts for every placement. Placements:
 - `2 GPUs (FSDP)`: `miles train --nproc-per-node 2` (two trainer ranks, NCCL, the engine in rank
   0's process); its time is the run's `perf/step_time`, not the wall time between steps; and at
   the end of the list `1 GPU (FSDP)`, one rank: what FSDP's sharding machinery costs against the
-  native trainer on the same GPU;
+  native trainer on the same GPU; both once more with `train.fsdp_reshard = "step"` (parameters
+  gathered and gradients unreduced until a step's last backward);
 - `3 GPUs (2 engines on GPUs 1-2), async` (machines with 3 or more GPUs): the trainer keeps GPU
   0, requests are spread over the two engines.
 
@@ -68,6 +69,10 @@ PLACEMENTS = {
     "1 GPU (miles serve colocated, weights copied to host memory while released)":
         (1, [*COLOCATED, "engine.weights_cpu_backup=true"]),
     "1 GPU (FSDP, 1 trainer rank; engine in its process)": (1, [f"{RANKS} 1", "train.backend=fsdp"]),
+    "2 GPUs (FSDP, 2 trainer ranks, parameters gathered through the step), sync":
+        (2, [f"{RANKS} 2", "train.backend=fsdp", "train.fsdp_reshard=step"]),
+    "1 GPU (FSDP, 1 trainer rank, parameters gathered through the step)":
+        (1, [f"{RANKS} 1", "train.backend=fsdp", "train.fsdp_reshard=step"]),
 }
 
 
@@ -143,6 +148,8 @@ def main() -> None:
     parser.add_argument("--placements", default="", help="comma-separated indices into the placement list")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the chosen placements this many times, interleaved (an A/B in one process)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="a config override for every placement (e.g. train.max_tokens_per_micro_batch=16384)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     args.device, args.pack, args.compile = "cuda", True, False
@@ -162,7 +169,7 @@ def main() -> None:
         name = _labelled(label, number, len(chosen), args.rounds)
         try:
             run = work / f"run{number}"
-            times = run_placement(base, run, [*overrides, f"loop.num_rollout={args.steps}"])
+            times = run_placement(base, run, [*overrides, *args.overrides, f"loop.num_rollout={args.steps}"])
             rows.append((name, gpus, statistics.median(times[1:]), step_parts(run / "metrics.jsonl")))
         except Exception as err:  # noqa: BLE001 - one failing placement is reported, the rest still run
             rows.append((name, gpus, f"failed: {str(err).splitlines()[0][:200]}", ""))

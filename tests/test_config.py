@@ -333,6 +333,7 @@ def test_nested_section_validation_names_the_full_section():
     ("algo.eps_clip_c=0.5", "eps_clip_c must be 0 (off) or > 1, got 0.5"),
     ("loop.num_rollout=0", "num_rollout must be >= 1, got 0"),
     ("model.device=tpu", "device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ("train.fsdp_reshard=step", "fsdp_reshard = 'step' needs backend 'fsdp', got 'native'"),
 ])
 def test_range_errors(override, fragment):
     with pytest.raises(MilesError) as err:

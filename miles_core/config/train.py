@@ -86,6 +86,13 @@ class TrainConfig:
     """`megatron` backend: context-parallel ranks (`--context-parallel-size`): each sequence split over them, as megatron splits it; not with EP or PP, nor for MLA."""
     sequence_parallel: bool = False
     """`megatron` backend: megatron's sequence parallelism (`--sequence-parallel`, needs TP > 1)."""
+    fsdp_reshard: Literal["micro_batch", "step"] = "micro_batch"
+    """`fsdp` backend: when each layer's parameters are resharded and its gradients reduce-scattered.
+    `micro_batch` (FSDP's way, ZeRO-3: parameters gathered for every forward and backward, gradients
+    reduced after every backward; the least memory) or `step` (parameters stay gathered and gradients
+    accumulate unsharded over an optimizer step's micro-batches, reduced once after the last: one
+    all-gather and one reduce-scatter a step instead of three collectives a layer a micro-batch,
+    costing each rank a `compute_dtype` copy of the model and an fp32 gradient while it trains)."""
     use_distributed_optimizer: bool = False
     """`megatron` backend: ZeRO-1 AdamW (slime's `--use-distributed-optimizer`): the moments sharded over the data-parallel ranks, gradients reduce-scattered, parameters all-gathered."""
     seed: int = 0
@@ -114,6 +121,8 @@ class TrainConfig:
                     self.expert_model_parallel_size, self.context_parallel_size)
         _check(self.backend == "megatron" or (max(parallel) == 1 and not self.sequence_parallel),
                f"model-parallel sizes {parallel} and sequence_parallel need backend 'megatron', got '{self.backend}'")
+        _check(self.backend == "fsdp" or self.fsdp_reshard == "micro_batch",
+               f"fsdp_reshard = '{self.fsdp_reshard}' needs backend 'fsdp', got '{self.backend}'")
         _check(self.backend == "megatron" or not self.use_distributed_optimizer,
                f"use_distributed_optimizer needs backend 'megatron', got '{self.backend}'")
         _check(self.logprob_chunk_size >= 1, f"logprob_chunk_size must be >= 1, got {self.logprob_chunk_size}")

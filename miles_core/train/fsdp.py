@@ -11,6 +11,12 @@ grad norm within 1e-5 relative of `native`).
 Mixed precision is FSDP's: fp32 sharded masters and AdamW state, parameters all-gathered in
 `train.compute_dtype` for forward and backward, gradients reduced in fp32.
 
+`train.fsdp_reshard = "step"` keeps the parameters gathered and accumulates the gradients
+unsharded (fp32, FSDP's own accumulation) over an optimizer step's micro-batches, reducing them
+once after the last backward. Why: the trainer's steps are host-bound on a GPU (many small
+kernels a layer), and every gather, reshard and reduction is a per-layer hook on the host and, on
+several ranks, a point where the ranks wait for each other; a step then costs one of each a layer.
+
 The log-prob forward, lm_head included, runs inside one FSDP root module (`_ResponseLogProbs`),
 so the root's parameters are unsharded wherever they are used. A rank with fewer micro-batches
 than another runs zero-weight ones (a forward of one sample, loss x 0) so that every rank makes
@@ -36,6 +42,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from miles_core.algo import accumulate_metrics
@@ -94,6 +101,8 @@ class FSDPTrainer(NativeTrainer):
         super().__init__(model, dataclasses.replace(cfg, compute_dtype="float32"), algo, temperature=temperature,
                          total_steps=total_steps, reference=reference)
         self.compute_dtype = cfg.compute_dtype
+        self.reshard_every_micro_batch = cfg.fsdp_reshard == "micro_batch"
+        self._micro_batches_left = 0
         self._step_mismatch: tuple[MismatchSums, MismatchSums] | None = None
 
     def _forward(self, model: nn.Module, batch: TrainBatch, indices: list[int], routing=None):
@@ -114,9 +123,14 @@ class FSDPTrainer(NativeTrainer):
         """This rank's micro-batches, then None (a zero-weight one) up to the busiest rank's count."""
         shares = self._shares(batch)
         mine = shares[self.rank]
-        return mine + [None] * (max(len(s) for s in shares) - len(mine))
+        planned = mine + [None] * (max(len(s) for s in shares) - len(mine))
+        self._micro_batches_left = len(planned)
+        return planned
 
     def _micro_step(self, batch: TrainBatch, indices: list[int] | None, *args) -> dict[str, float]:
+        self._micro_batches_left -= 1
+        if not self.reshard_every_micro_batch:
+            self._gather_through_step(last=self._micro_batches_left == 0)
         if indices is not None:
             return super()._micro_step(batch, indices, *args)
         logps, _ = self._forward(self.model, batch, [0])
@@ -146,7 +160,29 @@ class FSDPTrainer(NativeTrainer):
                    agreement: RoutingAgreement | None = None, *, positions: list[int] | None = None) -> dict[str, float]:
         local = MismatchSums() if mismatch is not None else None
         self._step_mismatch = (local, mismatch) if mismatch is not None else None
-        return super().train_step(batch, local, agreement, positions=positions)
+        try:
+            return super().train_step(batch, local, agreement, positions=positions)
+        finally:
+            if not self.reshard_every_micro_batch:
+                self._reshard_as_fsdp()  # nothing stays gathered between steps, a failed one's neither
+
+    def _gather_through_step(self, last: bool) -> None:
+        """Parameters stay gathered through the step's forwards and backwards; gradients accumulate
+        unsharded until the `last` micro-batch's backward reduce-scatters them and reshards."""
+        self.wrapped.set_reshard_after_forward(False)
+        self.wrapped.set_reshard_after_backward(last)
+        self.wrapped.set_requires_gradient_sync(last)
+
+    def _reshard_as_fsdp(self) -> None:
+        """FSDP's own settings again (layers reshard after forward, the root does not: it is used
+        first in backward), and every parameter resharded."""
+        self.wrapped.set_reshard_after_forward(True)
+        self.wrapped.set_reshard_after_forward(False, recurse=False)
+        self.wrapped.set_reshard_after_backward(True)
+        self.wrapped.set_requires_gradient_sync(True)
+        for module in self.wrapped.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
     def _reduce_step_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Sum (min / max) the ranks' metrics; merge their mismatch sums and bad samples."""

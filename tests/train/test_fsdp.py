@@ -50,10 +50,10 @@ def _train(trainer, share: bool):
     return trainer.train_rollout(batch), {n: t.clone() for n, t in trainer.export_weights()}
 
 
-def _leader(share: bool, folder: str) -> dict:
+def _leader(share: bool, folder: str, reshard: str) -> dict:
     """Rank 0: one rollout, a save, a second rollout; then a fresh trainer loads the save and
     trains the second rollout again."""
-    cfg = TrainConfig(backend="fsdp", share_prompt_prefix=share, **TRAIN)
+    cfg = TrainConfig(backend="fsdp", share_prompt_prefix=share, fsdp_reshard=reshard, **TRAIN)
     trainer = build_trainer(cfg, ALGO, _model(), temperature=1.0, total_steps=4)
     first, weights = _train(trainer, share)
     trainer.save(_path(folder))
@@ -66,8 +66,8 @@ def _leader(share: bool, folder: str) -> dict:
     return {"first": first, "weights": weights, "second": second, "again": again}
 
 
-def _follower(share: bool, folder: str) -> None:
-    cfg = TrainConfig(backend="fsdp", share_prompt_prefix=share, **TRAIN)
+def _follower(share: bool, folder: str, reshard: str) -> None:
+    cfg = TrainConfig(backend="fsdp", share_prompt_prefix=share, fsdp_reshard=reshard, **TRAIN)
     for _ in range(2):
         trainer = build_trainer(cfg, ALGO, _model(), temperature=1.0, total_steps=4)
         follow(trainer, trainer.control_group)
@@ -78,13 +78,14 @@ def _path(folder: str):
     return Path(folder) / "trainer"
 
 
-@pytest.mark.parametrize("share", [True, False])
-def test_two_ranks_match_one_process(tmp_path, monkeypatch, share):
+# `step`: gradients accumulated unsharded over the micro-batches and reduced once, the same sums
+@pytest.mark.parametrize("share, reshard", [(True, "micro_batch"), (False, "micro_batch"), (True, "step")])
+def test_two_ranks_match_one_process(tmp_path, monkeypatch, share, reshard):
     monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
     native = build_trainer(TrainConfig(share_prompt_prefix=share, **TRAIN), ALGO, _model(), temperature=1.0,
                            total_steps=4)
     expected, expected_weights = _train(native, share)
-    out = run_ranks(2, lambda: _leader(share, str(tmp_path)), _follower, (share, str(tmp_path)))
+    out = run_ranks(2, lambda: _leader(share, str(tmp_path), reshard), _follower, (share, str(tmp_path), reshard))
     assert not dist.is_initialized()
     for key in ("loss", "grad_norm", "pg_loss", "kl_loss", "entropy_loss"):
         assert out["first"][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
@@ -111,6 +112,38 @@ def test_one_rank_without_a_launcher_matches_native(tmp_path, monkeypatch, compu
         dist.destroy_process_group()
     for key in ("loss", "grad_norm", "kl_loss"):
         assert got[key] == pytest.approx(expected[key], rel=rel), (key, got[key], expected[key])
+
+
+def test_step_reshard_keeps_the_parameters_gathered_until_the_last_backward(tmp_path, monkeypatch):
+    """`train.fsdp_reshard = "step"`: after a step's first micro-batch the layers' parameters are
+    still gathered (plain tensors, not DTensor shards), after the step every one is a shard again;
+    the step's metrics are those of FSDP's per-micro-batch resharding."""
+    from torch.distributed.tensor import DTensor
+
+    monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
+    got = {}
+    try:
+        for reshard in ("micro_batch", "step"):
+            trainer = build_trainer(TrainConfig(backend="fsdp", fsdp_reshard=reshard, **TRAIN), ALGO, _model(),
+                                    temperature=1.0, total_steps=4)
+            sharded, micro_step = [], trainer._micro_step
+
+            def counted(*args, trainer=trainer, micro_step=micro_step, sharded=sharded):
+                out = micro_step(*args)
+                sharded.append(isinstance(trainer.model.model.layers[0].mlp.up_proj.weight, DTensor))
+                return out
+
+            monkeypatch.setattr(trainer, "_micro_step", counted)
+            got[reshard] = (trainer.train_rollout(_grpo_batch()), sharded,
+                            all(isinstance(p, DTensor) for p in trainer.model.parameters()))
+    finally:
+        dist.destroy_process_group()
+    (metrics, sharded, after), (step_metrics, step_sharded, step_after) = got["micro_batch"], got["step"]
+    assert len(sharded) == len(step_sharded) >= 4  # two optimizer steps of two or more micro-batches
+    assert all(sharded) and after and step_after
+    assert not all(step_sharded) and step_sharded[-1]  # gathered within the step, shards after its last
+    for key in ("loss", "grad_norm", "kl_loss"):
+        assert step_metrics[key] == pytest.approx(metrics[key], rel=1e-6), key
 
 
 def test_unsupported_options_are_refused(tmp_path, monkeypatch):

@@ -40,12 +40,14 @@ def _train(cfg: TrainConfig) -> tuple[dict, dict]:
 # fp32: the same kernels on the same data, only the gradient's path through FSDP differs.
 # bf16: both cast the fp32 masters to bf16 for each forward; FSDP casts the gradients to fp32
 # before its reduction, the native path in autograd's cast: the same values.
-@pytest.mark.parametrize("compute_dtype, rel", [("float32", 1e-5), ("bfloat16", 1e-3)])
-def test_one_rank_on_cuda_matches_native(tmp_path, monkeypatch, compute_dtype, rel):
+# `step`: FSDP accumulates the unsharded bf16 gradients in fp32, as the native path folds them.
+@pytest.mark.parametrize("compute_dtype, rel, reshard", [("float32", 1e-5, "micro_batch"), ("bfloat16", 1e-3, "micro_batch"),
+                                                         ("bfloat16", 1e-3, "step")])
+def test_one_rank_on_cuda_matches_native(tmp_path, monkeypatch, compute_dtype, rel, reshard):
     monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
     expected, expected_weights = _train(TrainConfig(compute_dtype=compute_dtype, **TRAIN))
     try:
-        got, weights = _train(TrainConfig(backend="fsdp", compute_dtype=compute_dtype, **TRAIN))
+        got, weights = _train(TrainConfig(backend="fsdp", compute_dtype=compute_dtype, fsdp_reshard=reshard, **TRAIN))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
