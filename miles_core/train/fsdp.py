@@ -103,6 +103,7 @@ class FSDPTrainer(NativeTrainer):
         self.compute_dtype = cfg.compute_dtype
         self.reshard_every_micro_batch = cfg.fsdp_reshard == "micro_batch"
         self._micro_batches_left = 0
+        self._resharding = "fsdp"
         self._step_mismatch: tuple[MismatchSums, MismatchSums] | None = None
 
     def _forward(self, model: nn.Module, batch: TrainBatch, indices: list[int], routing=None):
@@ -169,20 +170,27 @@ class FSDPTrainer(NativeTrainer):
     def _gather_through_step(self, last: bool) -> None:
         """Parameters stay gathered through the step's forwards and backwards; gradients accumulate
         unsharded until the `last` micro-batch's backward reduce-scatters them and reshards."""
-        self.wrapped.set_reshard_after_forward(False)
-        self.wrapped.set_reshard_after_backward(last)
-        self.wrapped.set_requires_gradient_sync(last)
+        self._set_resharding("last" if last else "hold")
 
     def _reshard_as_fsdp(self) -> None:
-        """FSDP's own settings again (layers reshard after forward, the root does not: it is used
-        first in backward), and every parameter resharded."""
-        self.wrapped.set_reshard_after_forward(True)
-        self.wrapped.set_reshard_after_forward(False, recurse=False)
-        self.wrapped.set_reshard_after_backward(True)
-        self.wrapped.set_requires_gradient_sync(True)
+        """FSDP's own settings again, and every parameter resharded."""
+        self._set_resharding("fsdp")
         for module in self.wrapped.modules():
             if isinstance(module, FSDPModule):
                 module.reshard()
+
+    def _set_resharding(self, setting: str) -> None:
+        """`hold`: nothing resharded or reduced; `last`: resharded and reduced after backward;
+        `fsdp`: FSDP's own (layers reshard after forward, the root does not: it is used first in
+        backward). Each change walks every module, so only changes are made."""
+        if setting == self._resharding:
+            return
+        self.wrapped.set_reshard_after_forward(setting == "fsdp")
+        if setting == "fsdp":
+            self.wrapped.set_reshard_after_forward(False, recurse=False)
+        self.wrapped.set_reshard_after_backward(setting != "hold")
+        self.wrapped.set_requires_gradient_sync(setting != "hold")
+        self._resharding = setting
 
     def _reduce_step_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Sum (min / max) the ranks' metrics; merge their mismatch sums and bad samples."""
