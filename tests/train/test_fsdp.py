@@ -50,10 +50,10 @@ def _train(trainer, share: bool):
     return trainer.train_rollout(batch), {n: t.clone() for n, t in trainer.export_weights()}
 
 
-def _leader(share: bool, folder: str, reshard: str) -> dict:
+def _leader(share: bool, folder: str, options: dict) -> dict:
     """Rank 0: one rollout, a save, a second rollout; then a fresh trainer loads the save and
     trains the second rollout again."""
-    cfg = TrainConfig(backend="fsdp", share_prompt_prefix=share, fsdp_reshard=reshard, **TRAIN)
+    cfg = TrainConfig(backend="fsdp", share_prompt_prefix=share, **options, **TRAIN)
     trainer = build_trainer(cfg, ALGO, _model(), temperature=1.0, total_steps=4)
     first, weights = _train(trainer, share)
     trainer.save(_path(folder))
@@ -66,8 +66,8 @@ def _leader(share: bool, folder: str, reshard: str) -> dict:
     return {"first": first, "weights": weights, "second": second, "again": again}
 
 
-def _follower(share: bool, folder: str, reshard: str) -> None:
-    cfg = TrainConfig(backend="fsdp", share_prompt_prefix=share, fsdp_reshard=reshard, **TRAIN)
+def _follower(share: bool, folder: str, options: dict) -> None:
+    cfg = TrainConfig(backend="fsdp", share_prompt_prefix=share, **options, **TRAIN)
     for _ in range(2):
         trainer = build_trainer(cfg, ALGO, _model(), temperature=1.0, total_steps=4)
         follow(trainer, trainer.control_group)
@@ -78,14 +78,19 @@ def _path(folder: str):
     return Path(folder) / "trainer"
 
 
-# `step`: gradients accumulated unsharded over the micro-batches and reduced once, the same sums
-@pytest.mark.parametrize("share, reshard", [(True, "micro_batch"), (False, "micro_batch"), (True, "step")])
-def test_two_ranks_match_one_process(tmp_path, monkeypatch, share, reshard):
+# `step`: gradients accumulated unsharded over the micro-batches and reduced once, the same sums;
+# with checkpointed layers on packed rows against the native trainer with the same options.
+SPEED = dict(fsdp_reshard="step", pack_sequences=True, activation_checkpointing=True)
+
+
+@pytest.mark.parametrize("share, options", [(True, {}), (False, {}), (True, SPEED)])
+def test_two_ranks_match_one_process(tmp_path, monkeypatch, share, options):
     monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
-    native = build_trainer(TrainConfig(share_prompt_prefix=share, **TRAIN), ALGO, _model(), temperature=1.0,
-                           total_steps=4)
+    native_options = {k: v for k, v in options.items() if k != "fsdp_reshard"}
+    native = build_trainer(TrainConfig(share_prompt_prefix=share, **native_options, **TRAIN), ALGO, _model(),
+                           temperature=1.0, total_steps=4)
     expected, expected_weights = _train(native, share)
-    out = run_ranks(2, lambda: _leader(share, str(tmp_path), reshard), _follower, (share, str(tmp_path), reshard))
+    out = run_ranks(2, lambda: _leader(share, str(tmp_path), options), _follower, (share, str(tmp_path), options))
     assert not dist.is_initialized()
     for key in ("loss", "grad_norm", "pg_loss", "kl_loss", "entropy_loss"):
         assert out["first"][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
@@ -98,14 +103,20 @@ def test_two_ranks_match_one_process(tmp_path, monkeypatch, share, reshard):
     assert out["again"] == out["second"]  # resumed from the sharded checkpoint: bitwise
 
 
-# bf16: both cast the fp32 masters for each forward, the reference model's too (the KL term)
-@pytest.mark.parametrize("compute_dtype, rel", [("float32", 1e-5), ("bfloat16", 1e-3)])
-def test_one_rank_without_a_launcher_matches_native(tmp_path, monkeypatch, compute_dtype, rel):
+# bf16: both cast the fp32 masters for each forward, the reference model's too (the KL term).
+# Checkpointed layers on packed rows: the same kernels on the same data as the native trainer with
+# the same options, so the same numbers to the bit.
+@pytest.mark.parametrize("options, rel", [
+    (dict(compute_dtype="float32"), 1e-5), (dict(compute_dtype="bfloat16"), 1e-3),
+    (dict(pack_sequences=True, activation_checkpointing=True), 0.0),
+    (dict(pack_sequences=True, activation_checkpointing=True, fsdp_reshard="step"), 0.0),
+])
+def test_one_rank_without_a_launcher_matches_native(tmp_path, monkeypatch, options, rel):
     monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
-    native = build_trainer(TrainConfig(compute_dtype=compute_dtype, **TRAIN), ALGO, _model(), temperature=1.0,
-                           total_steps=4)
-    fsdp = build_trainer(TrainConfig(backend="fsdp", compute_dtype=compute_dtype, **TRAIN), ALGO, _model(),
-                         temperature=1.0, total_steps=4)
+    native_options = {k: v for k, v in options.items() if k != "fsdp_reshard"}
+    native = build_trainer(TrainConfig(**native_options, **TRAIN), ALGO, _model(), temperature=1.0, total_steps=4)
+    fsdp = build_trainer(TrainConfig(backend="fsdp", **options, **TRAIN), ALGO, _model(), temperature=1.0,
+                         total_steps=4)
     try:
         (expected, _), (got, _) = _train(native, True), _train(fsdp, True)
     finally:
@@ -148,9 +159,10 @@ def test_step_reshard_keeps_the_parameters_gathered_until_the_last_backward(tmp_
 
 def test_unsupported_options_are_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(MilesError, match="fsdp' does not support train.compile"):
-        build_trainer(TrainConfig(backend="fsdp", compile=True), AlgoConfig(), _model(), temperature=1.0,
-                      total_steps=1)
+    for options, what in [(dict(qat="int4"), "train.qat = 'int4'"), (dict(compile=True), "train.compile")]:
+        with pytest.raises(MilesError, match=f"fsdp' does not support {what} yet"):
+            build_trainer(TrainConfig(backend="fsdp", **options), AlgoConfig(), _model(), temperature=1.0,
+                          total_steps=1)
 
 
 def _failing_worker() -> None:

@@ -41,13 +41,18 @@ def _train(cfg: TrainConfig) -> tuple[dict, dict]:
 # bf16: both cast the fp32 masters to bf16 for each forward; FSDP casts the gradients to fp32
 # before its reduction, the native path in autograd's cast: the same values.
 # `step`: FSDP accumulates the unsharded bf16 gradients in fp32, as the native path folds them.
-@pytest.mark.parametrize("compute_dtype, rel, reshard", [("float32", 1e-5, "micro_batch"), ("bfloat16", 1e-3, "micro_batch"),
-                                                         ("bfloat16", 1e-3, "step")])
-def test_one_rank_on_cuda_matches_native(tmp_path, monkeypatch, compute_dtype, rel, reshard):
+# Checkpointed layers: the recomputation in backward runs on the weights gathered again.
+@pytest.mark.parametrize("options, rel", [
+    (dict(compute_dtype="float32"), 1e-5), (dict(compute_dtype="bfloat16"), 1e-3),
+    (dict(compute_dtype="bfloat16", fsdp_reshard="step"), 1e-3),
+    (dict(compute_dtype="bfloat16", pack_sequences=True, activation_checkpointing=True), 1e-3),
+])
+def test_one_rank_on_cuda_matches_native(tmp_path, monkeypatch, options, rel):
     monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
-    expected, expected_weights = _train(TrainConfig(compute_dtype=compute_dtype, **TRAIN))
+    expected, expected_weights = _train(TrainConfig(**{k: v for k, v in options.items() if k != "fsdp_reshard"},
+                                                    **TRAIN))
     try:
-        got, weights = _train(TrainConfig(backend="fsdp", compute_dtype=compute_dtype, fsdp_reshard=reshard, **TRAIN))
+        got, weights = _train(TrainConfig(backend="fsdp", **options, **TRAIN))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
