@@ -132,8 +132,8 @@ class FSDPTrainer(NativeTrainer):
 
     def _micro_step(self, batch: TrainBatch, indices: list[int] | None, *args) -> dict[str, float]:
         self._micro_batches_left -= 1
-        if not self.reshard_every_micro_batch:
-            self._gather_through_step(last=self._micro_batches_left == 0)
+        if not self.reshard_every_micro_batch:  # gathered until the last one's backward reduces and reshards
+            self._set_resharding("last" if self._micro_batches_left == 0 else "hold")
         if indices is not None:
             return super()._micro_step(batch, indices, *args)
         logps, _ = self._forward(self.model, batch, [0])
@@ -167,12 +167,7 @@ class FSDPTrainer(NativeTrainer):
             return super().train_step(batch, local, agreement, positions=positions)
         finally:
             if not self.reshard_every_micro_batch:
-                self._reshard_as_fsdp()  # nothing stays gathered between steps, a failed one's neither
-
-    def _gather_through_step(self, last: bool) -> None:
-        """Parameters stay gathered through the step's forwards and backwards; gradients accumulate
-        unsharded until the `last` micro-batch's backward reduce-scatters them and reshards."""
-        self._set_resharding("last" if last else "hold")
+                self._reshard_as_fsdp()  # nothing stays gathered between steps, nor after a failed one
 
     def _reshard_as_fsdp(self) -> None:
         """FSDP's own settings again, and every parameter resharded."""
