@@ -19,7 +19,8 @@ checkpoint and prompts for every placement. Placements:
   0's process); its time is the run's `perf/step_time`, not the wall time between steps; and at
   the end of the list `1 GPU (FSDP)`, one rank: what FSDP's sharding machinery costs against the
   native trainer on the same GPU; both once more with `train.fsdp_reshard = "step"` (parameters
-  gathered and gradients unreduced until a step's last backward);
+  gathered and gradients unreduced until a step's last backward); last, two `step` ranks with an
+  engine in each rank's process (`engine.ranks = "all"`: both GPUs generate);
 - `3 GPUs (2 engines on GPUs 1-2), async` (machines with 3 or more GPUs): the trainer keeps GPU
   0, requests are spread over the two engines.
 
@@ -73,6 +74,8 @@ PLACEMENTS = {
         (2, [f"{RANKS} 2", "train.backend=fsdp", "train.fsdp_reshard=step"]),
     "1 GPU (FSDP, 1 trainer rank, parameters gathered through the step)":
         (1, [f"{RANKS} 1", "train.backend=fsdp", "train.fsdp_reshard=step"]),
+    "2 GPUs (FSDP, 2 trainer ranks gathered through the step, an engine on each rank), sync":
+        (2, [f"{RANKS} 2", "train.backend=fsdp", "train.fsdp_reshard=step", "engine.ranks=all"]),
 }
 
 

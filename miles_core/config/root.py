@@ -56,6 +56,8 @@ class MilesConfig:
                f"({self.sync.quantize_group_size}): the engine must round as the trainer does")
         if self.loop.mode == "async" or self.rollout.partial:
             self._check_off_policy()
+        if self.engine.ranks == "all":
+            self._check_engine_on_every_rank()
         if self.engine.colocate:
             _check(self.loop.mode == "sync", "engine.colocate takes turns on the GPUs (generate, then train): "
                    "needs loop.mode = 'sync', got 'async'")
@@ -97,6 +99,20 @@ class MilesConfig:
             _check(not self.rollout.agentic,
                    "rollout.partial does not apply to generate functions (rollout.generate_function, "
                    "rollout.environment, rollout.tools): continuing an aborted multi-turn sample is not implemented")
+
+    def _check_engine_on_every_rank(self) -> None:
+        """An engine in every trainer rank's process takes FSDP's gathered weights as they come and
+        answers whole generate calls between trainer calls: no launched servers, no streaming
+        generation (partial or agentic rollouts), no background thread (async), no quantised sync."""
+        needs = [("engine.backend", "native", self.engine.backend), ("engine.launch", False, self.engine.launch),
+                 ("train.backend", "fsdp", self.train.backend), ("loop.mode", "sync", self.loop.mode),
+                 ("rollout.partial", False, self.rollout.partial), ("sync.quantize", "off", self.sync.quantize)]
+        for key, wanted, got in needs:
+            _check(got == wanted, f"engine.ranks = 'all' needs {key} = {wanted!r}, got {got!r}")
+        _check(self.sync.transport in ("auto", "inprocess"),
+               f"engine.ranks = 'all' needs sync.transport = 'auto' or 'inprocess', got '{self.sync.transport}'")
+        _check(not self.rollout.agentic, "engine.ranks = 'all' does not apply to generate functions "
+               "(rollout.generate_function, rollout.environment, rollout.tools)")
 
     def _check_true_on_policy(self) -> None:
         """Bitwise-equal log-probs need the same kernels, the same dtype on both sides and an

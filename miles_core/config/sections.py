@@ -118,6 +118,10 @@ class EngineConfig:
     """`colocate`: copy the engine's weights to host memory at each release and back at the resume
     (SGLang's `--enable-weights-cpu-backup`); false drops them, since the weight sync after every
     resume rewrites them all: no copy out and back, no host memory of their size."""
+    ranks: Literal["first", "all"] = "first"
+    """With several trainer ranks (`--nproc-per-node N`): the in-process native engine in rank 0's
+    process only (`first`), or one in every rank's process on its GPU (`all`: rank 0 splits each
+    generation over them; each takes the full weights its rank's FSDP gather makes for the sync)."""
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_batch_size <= MAX_BATCH,

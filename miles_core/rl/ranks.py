@@ -2,7 +2,9 @@
 
 Rank 0 runs the whole loop (`loop.run_training`): the rollout engine, the rollout manager,
 metrics, checkpoints and the weight sync are its own. Ranks 1..N-1 only build the trainer from
-the same config and follow rank 0's trainer calls (`train/leader.py`); all ranks train. Needs a
+the same config and follow rank 0's trainer calls (`train/leader.py`); all ranks train. With
+`engine.ranks = "all"` each of them builds an engine too and generates its share of every
+rollout for rank 0 (`rl/rank_engines.py`). Needs a
 multi-rank trainer: `train.backend = "fsdp"` (data parallel) or `"megatron"` (one rank per
 tensor- or expert-parallel shard, times the data-parallel replicas). The ranks are local processes (`launch/local.py`) or, with
 `--ray`, Ray actors (`launch/ray_launch.py`), whose launched rollout servers are Ray actors too
@@ -16,11 +18,13 @@ from pathlib import Path
 
 from miles_core.checkpoint.loading import load_model
 from miles_core.config import MilesConfig
+from miles_core.engine import build_engine, close_engine
 from miles_core.engine.ray_servers import num_servers
 from miles_core.errors import MilesError, RunStopped
 from miles_core.launch.local import run_ranks
 from miles_core.rl import loop
 from miles_core.rl.loop import RunResult
+from miles_core.rl.rank_engines import EngineFollower
 from miles_core.rl.run import build_run_trainer
 from miles_core.train.leader import follow, release_followers
 
@@ -66,7 +70,13 @@ def lead_run(cfg: MilesConfig, output_dir: Path, **kwargs) -> RunResult:
 
 
 def follow_rank_zero(cfg: MilesConfig) -> None:
-    """A rank other than 0: build the trainer as rank 0 does, then run the calls it sends."""
+    """A rank other than 0: build the trainer (and with `engine.ranks = "all"` the engine) as rank
+    0 does, then run the calls it sends."""
     loaded = load_model(cfg.model, alignment_mode=cfg.alignment.mode)
-    trainer = build_run_trainer(cfg, loaded)
-    follow(trainer, trainer.control_group)
+    engine = build_engine(cfg.engine, loaded) if cfg.engine.ranks == "all" else None
+    try:
+        trainer = build_run_trainer(cfg, loaded)
+        follower = EngineFollower(engine, cfg.sync, trainer.control_group) if engine is not None else None
+        follow(trainer, trainer.control_group, follower)
+    finally:
+        close_engine(engine)

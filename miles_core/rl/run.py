@@ -29,6 +29,7 @@ from miles_core.rl.eval import EvalSet, evaluate, fit_eval_sets, load_eval_sets
 from miles_core.rl.manager import RolloutManager, RolloutSource, SavedRollouts, rollout_data_path
 from miles_core.quant.modules import dense_copy
 from miles_core.rl.partial import PartialRollouts
+from miles_core.rl.rank_engines import engine_of_ranks
 from miles_core.sample import Sample, write_samples_jsonl
 from miles_core.sync import SyncContext, WeightSync, build_weight_sync
 from miles_core.train import build_trainer, needs_reference
@@ -78,14 +79,16 @@ class RunComponents:
     def _create(cls, cfg: MilesConfig, output_dir: Path, mode: str, rollout_data: str | None, resuming: bool,
                 records, eval_sets: list[EvalSet], loaded: LoadedModel, engine: RolloutEngine | None) -> RunComponents:
         trainer = sync = None
+        if mode != "rollout_only":
+            trainer = build_run_trainer(cfg, loaded)
+        if engine is not None:
+            engine = engine_of_ranks(cfg, engine, trainer)  # engine.ranks = "all": one on every rank
         rollouts: RolloutSource = SavedRollouts(rollout_data or "", cfg.sampling, cfg.reward)
         if engine is not None:
             rollouts = RolloutManager(engine, loaded.tokenizer, data=cfg.data, sampling=cfg.sampling, reward=cfg.reward,
                                       algo=cfg.algo, batch_size=cfg.rollout.batch_size, prompts=records,
                                       partial=_partial(cfg), rollout=cfg.rollout)
             eval_sets = fit_eval_sets(eval_sets, engine, loaded.tokenizer, cfg.rollout)  # long prompts fail before step 0
-        if mode != "rollout_only":
-            trainer = build_run_trainer(cfg, loaded)
         if engine is not None and trainer is not None:
             qat_modules = cfg.train.qat_modules if cfg.train.qat != "off" else ()
             context = SyncContext(loaded.hf_config, loaded.path, output_dir / "weight_sync", qat_modules)

@@ -79,18 +79,25 @@ def release_followers() -> None:
         LeaderTrainer.current.release()
 
 
-def follow(trainer: TrainBackend, group) -> None:
-    """Run rank 0's trainer calls on this rank until it releases the followers."""
+def follow(trainer: TrainBackend, group, engine=None) -> None:
+    """Run rank 0's trainer calls on this rank until it releases the followers; with `engine`
+    (`rl/rank_engines.EngineFollower`, `engine.ranks = "all"`) its engine calls too, and the
+    exported weights go into this rank's engine."""
     while True:
         message = [None]
         dist.broadcast_object_list(message, src=0, group=group)
         name, args, kwargs = message[0]
         if name == _STOP:
             return
+        if engine is not None and engine.handle(name, args):
+            continue
         result = getattr(trainer, name)(*args, **kwargs)
         if name == "export_weights":
-            for _ in result:  # the gathers happen as the tensors are drawn
-                pass
+            if engine is not None:
+                engine.take_weights(result)
+            else:
+                for _ in result:  # the gathers happen as the tensors are drawn
+                    pass
 
 
 def lead(trainer) -> TrainBackend:

@@ -50,6 +50,25 @@ def test_two_ranks_give_the_one_process_metrics(tmp_path, monkeypatch):
     assert (trainer / "dcp" / ".metadata").is_file() and (trainer / "trainer_state.pt").is_file()
 
 
+def test_an_engine_on_every_rank_gives_the_one_process_metrics(tmp_path, monkeypatch):
+    """`engine.ranks = "all"`: rank 1's engine generates half of every rollout on the weights its
+    FSDP gathers wrote; colocated, each engine drops its weights at every release, so each must
+    have been rewritten whole before it could generate again."""
+    monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
+    one = _run(tmp_path / "one")
+    ranks = ["--nproc-per-node", "2", "--set", "train.backend=fsdp", "--set", "engine.ranks=all"]
+    every = _run(tmp_path / "every", *ranks)
+    colocated = _run(tmp_path / "colocated", *ranks, "--set", "engine.colocate=true")
+    assert not _ranks_alive()
+    assert sum("train/loss" in m for m in one) == 2
+    for a, b, c in zip(one, every, colocated, strict=True):
+        for key in ("train/loss", "train/grad_norm", "train/pg_loss", "train/entropy_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5), key
+                assert c[key] == b[key], key
+        assert b.get("rollout/raw_reward") == a.get("rollout/raw_reward") == c.get("rollout/raw_reward")
+
+
 def test_one_fsdp_rank_in_this_process_leaves_no_group_behind(tmp_path, monkeypatch):
     # The trainer starts its own one-rank group; a live one outlived the run (on a GPU, its NCCL
     # watchdog then broke the CUDA graph captures of whatever ran next in the process).

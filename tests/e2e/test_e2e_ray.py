@@ -63,21 +63,24 @@ def _alive(pid: int) -> bool:
 
 
 def test_ray_ranks_give_the_one_process_metrics(ray_home):
-    one, two = ray_home / "one", ray_home / "two"
+    """Two Ray ranks, the engine in rank 0's actor or one in each (`engine.ranks = "all"`)."""
+    one, two, every = ray_home / "one", ray_home / "two", ray_home / "every"
     result = runner.invoke(app, [*COMMON, "--output-dir", str(one)])
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, [*COMMON, "--output-dir", str(two), "--ray", "--nproc-per-node", "2",
-                                 "--set", "train.backend=fsdp"])
-    assert result.exit_code == 0, result.output
-    a_metrics, b_metrics = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
+    ranks = ["--ray", "--nproc-per-node", "2", "--set", "train.backend=fsdp"]
+    for folder, extra in ((two, []), (every, ["--set", "engine.ranks=all"])):
+        result = runner.invoke(app, [*COMMON, "--output-dir", str(folder), *ranks, *extra])
+        assert result.exit_code == 0, result.output
+    a_metrics = read_metrics(one / "metrics.jsonl")
     trained = [m for m in a_metrics if "train/loss" in m]
     assert len(trained) == 2 and all(m["train/grad_norm"] > 0 for m in trained)
-    assert len(b_metrics) == len(a_metrics)
-    for a, b in zip(a_metrics, b_metrics):
-        for key in ("train/loss", "train/grad_norm", "train/pg_loss", "train/entropy_loss"):
-            if key in a:
-                assert b[key] == pytest.approx(a[key], rel=1e-5), key
-        assert b.get("rollout/raw_reward") == a.get("rollout/raw_reward")
+    for b_metrics in (read_metrics(two / "metrics.jsonl"), read_metrics(every / "metrics.jsonl")):
+        assert len(b_metrics) == len(a_metrics)
+        for a, b in zip(a_metrics, b_metrics):
+            for key in ("train/loss", "train/grad_norm", "train/pg_loss", "train/entropy_loss"):
+                if key in a:
+                    assert b[key] == pytest.approx(a[key], rel=1e-5), key
+            assert b.get("rollout/raw_reward") == a.get("rollout/raw_reward")
     trainer = two / "checkpoints" / "step_000002" / "trainer"
     assert (trainer / "dcp" / ".metadata").is_file() and (trainer / "trainer_state.pt").is_file()
 
