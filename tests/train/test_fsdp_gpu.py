@@ -2,7 +2,7 @@
 
 One rank without a launcher (the trainer starts its own group), in fp32 and in bf16 compute;
 as many NCCL ranks as the machine has GPUs (two or more) against one process; and the CLI end to
-end with `--nproc-per-node`. The CPU twins of these tests (gloo) are `test_fsdp.py` and
+end with `--nproc-per-node`, the engine in rank 0's process or on every GPU (`engine.ranks`). The CPU twins of these tests (gloo) are `test_fsdp.py` and
 `tests/e2e/test_e2e_nproc.py`.
 """
 
@@ -108,3 +108,21 @@ def test_cli_fsdp_ranks_on_cuda_give_the_one_process_metrics(tmp_path, monkeypat
                 assert b[key] == pytest.approx(a[key], rel=1e-5), (key, b[key], a[key])
     trainer = tmp_path / "fsdp" / "checkpoints" / "step_000002" / "trainer"
     assert (trainer / "dcp" / ".metadata").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("colocate", [False, True])
+def test_cli_an_engine_on_every_gpu_gives_the_one_process_metrics(tmp_path, monkeypatch, colocate):
+    """`engine.ranks = "all"`: each GPU's engine generates half of every rollout on the weights its
+    rank's FSDP gathers wrote. Invariant kernels: a request's tokens do not depend on its batch."""
+    monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
+    extra = ["--set", "alignment.mode=invariant", "--set", f"engine.colocate={str(colocate).lower()}"]
+    one = _cli(tmp_path / "one", *extra)
+    every = _cli(tmp_path / "every", "--nproc-per-node", "2", "--set", "train.backend=fsdp", "--set", "engine.ranks=all",
+                 *extra)
+    assert sum("train/loss" in m for m in one) == 2
+    for a, b in zip(one, every, strict=True):
+        assert b.get("rollout/raw_reward") == a.get("rollout/raw_reward")
+        for key in ("train/loss", "train/grad_norm", "train/pg_loss", "train/entropy_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5), (key, b[key], a[key])
