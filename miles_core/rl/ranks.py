@@ -4,9 +4,9 @@ Rank 0 runs the whole loop (`loop.run_training`): the rollout engine, the rollou
 metrics, checkpoints and the weight sync are its own. Ranks 1..N-1 only build the trainer from
 the same config and follow rank 0's trainer calls (`train/leader.py`); all ranks train. With
 `engine.ranks = "all"` each of them builds an engine too and generates its share of every
-rollout for rank 0 (`rl/rank_engines.py`). Needs a
-multi-rank trainer: `train.backend = "fsdp"` (data parallel) or `"megatron"` (one rank per
-tensor- or expert-parallel shard, times the data-parallel replicas). The ranks are local processes (`launch/local.py`) or, with
+rollout for rank 0 (`rl/rank_engines.py`). Needs a multi-rank trainer: `train.backend = "fsdp"`
+(data parallel) or `"megatron"` (one rank per tensor- or expert-parallel shard, times the
+data-parallel replicas). The ranks are local processes (`launch/local.py`) or, with
 `--ray`, Ray actors (`launch/ray_launch.py`), whose launched rollout servers are Ray actors too
 (`engine/ray_servers.py`); the code each rank runs is the same.
 """

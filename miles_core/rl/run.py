@@ -81,10 +81,9 @@ class RunComponents:
         trainer = sync = None
         if mode != "rollout_only":
             trainer = build_run_trainer(cfg, loaded)
-        if engine is not None:
-            engine = engine_of_ranks(cfg, engine, trainer)  # engine.ranks = "all": one on every rank
         rollouts: RolloutSource = SavedRollouts(rollout_data or "", cfg.sampling, cfg.reward)
         if engine is not None:
+            engine = engine_of_ranks(cfg, engine, trainer)  # engine.ranks = "all": one on every rank
             rollouts = RolloutManager(engine, loaded.tokenizer, data=cfg.data, sampling=cfg.sampling, reward=cfg.reward,
                                       algo=cfg.algo, batch_size=cfg.rollout.batch_size, prompts=records,
                                       partial=_partial(cfg), rollout=cfg.rollout)
