@@ -148,7 +148,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--tokenizer", default=".gpuassets/smollm2-tok")
-    parser.add_argument("--placements", default="", help="comma-separated indices into the placement list")
+    parser.add_argument("--placements", default="",
+                        help="comma-separated indices into the placement list: " +
+                             "; ".join(f"{i} = {label}" for i, label in enumerate(PLACEMENTS)))
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the chosen placements this many times, interleaved (an A/B in one process)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
@@ -156,6 +158,7 @@ def main() -> None:
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     args.device, args.pack, args.compile = "cuda", True, False
+    chosen = [_placement(i) for i in args.placements.split(",")] if args.placements else list(PLACEMENTS)
     work = Path(tempfile.mkdtemp(prefix="multi_gpu_step_"))
     model = build_checkpoint(work / "model", Path(args.tokenizer), tiny=False)
     prompts = work / "prompts.jsonl"
@@ -163,7 +166,6 @@ def main() -> None:
     base = work / "base.toml"
     base.write_text(miles_recipe(model, prompts, args).replace("batch_size = 8", f"batch_size = {args.prompts}")
                     .replace("max_batch_size = 64", f"max_batch_size = {args.prompts * 8}"))
-    chosen = [list(PLACEMENTS)[int(i)] for i in args.placements.split(",")] if args.placements else list(PLACEMENTS)
     rows = []
     for number, label in enumerate(chosen * args.rounds):
         gpus, overrides = PLACEMENTS[label]
@@ -181,6 +183,13 @@ def main() -> None:
     print(text)
     if args.out:
         Path(args.out).write_text(text)
+
+
+def _placement(index: str) -> str:
+    """The label of placement `index`, or a one-line exit naming the bad index."""
+    if not index.strip().isdigit() or int(index) >= len(PLACEMENTS):
+        raise SystemExit(f"--placements: '{index}' is not a placement index (0..{len(PLACEMENTS) - 1}; see --help)")
+    return list(PLACEMENTS)[int(index)]
 
 
 def _labelled(label: str, number: int, per_round: int, rounds: int) -> str:
