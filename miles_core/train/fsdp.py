@@ -103,7 +103,6 @@ class FSDPTrainer(NativeTrainer):
         super().__init__(model, dataclasses.replace(cfg, compute_dtype="float32"), algo, temperature=temperature,
                          total_steps=total_steps, reference=reference)
         self.compute_dtype = cfg.compute_dtype
-        self.reshard_every_micro_batch = cfg.fsdp_reshard == "micro_batch"
         self._micro_batches_left = 0
         self._resharding = "fsdp"
         self._step_mismatch: tuple[MismatchSums, MismatchSums] | None = None
@@ -132,7 +131,7 @@ class FSDPTrainer(NativeTrainer):
 
     def _micro_step(self, batch: TrainBatch, indices: list[int] | None, *args) -> dict[str, float]:
         self._micro_batches_left -= 1
-        if not self.reshard_every_micro_batch:  # gathered until the last one's backward reduces and reshards
+        if self.cfg.fsdp_reshard == "step":  # gathered until the last one's backward reduces and reshards
             self._set_resharding("last" if self._micro_batches_left == 0 else "hold")
         if indices is not None:
             return super()._micro_step(batch, indices, *args)
@@ -166,7 +165,7 @@ class FSDPTrainer(NativeTrainer):
         try:
             return super().train_step(batch, local, agreement, positions=positions)
         finally:
-            if not self.reshard_every_micro_batch:
+            if self.cfg.fsdp_reshard == "step":
                 self._reshard_as_fsdp()  # nothing stays gathered between steps, nor after a failed one
 
     def _reshard_as_fsdp(self) -> None:

@@ -28,18 +28,22 @@ def _run(out, *extra):
     return read_metrics(out / "metrics.jsonl")
 
 
-def test_two_ranks_give_the_one_process_metrics(tmp_path, monkeypatch):
+# `engine.ranks = "all"`: rank 1's engine generates half of every rollout on the weights its FSDP
+# gathers wrote; colocated, each engine drops its weights at every release, so each must have been
+# rewritten whole before it could generate again.
+@pytest.mark.parametrize("engines", [[], ["--set", "engine.ranks=all"]], ids=["engine-on-rank-0", "engine-on-every-rank"])
+def test_two_ranks_give_the_one_process_metrics(tmp_path, monkeypatch, engines):
     monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
     one = _run(tmp_path / "one")
-    two = _run(tmp_path / "two", "--nproc-per-node", "2", "--set", "train.backend=fsdp")
+    ranks = ["--nproc-per-node", "2", "--set", "train.backend=fsdp", *engines]
+    two = _run(tmp_path / "two", *ranks)
     # colocated: the engine in rank 0's process drops its weights at each release, the sync of the
     # gathered FSDP weights writes them all again
-    colocated = _run(tmp_path / "colocated", "--nproc-per-node", "2", "--set", "train.backend=fsdp",
-                     "--set", "engine.colocate=true")
+    colocated = _run(tmp_path / "colocated", *ranks, "--set", "engine.colocate=true")
     assert not _ranks_alive()
     trained = [m for m in one if "train/loss" in m]
     assert len(trained) == 2 and all(m["train/grad_norm"] > 0 for m in trained)
-    for a, b, c in zip(one, two, colocated):
+    for a, b, c in zip(one, two, colocated, strict=True):
         for key in ("train/loss", "train/grad_norm", "train/pg_loss", "train/entropy_loss"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5), key
@@ -48,25 +52,6 @@ def test_two_ranks_give_the_one_process_metrics(tmp_path, monkeypatch):
         assert ("perf/engine_kv_released_gb" in c) == ("train/loss" in c)  # released before each update
     trainer = tmp_path / "two" / "checkpoints" / "step_000002" / "trainer"
     assert (trainer / "dcp" / ".metadata").is_file() and (trainer / "trainer_state.pt").is_file()
-
-
-def test_an_engine_on_every_rank_gives_the_one_process_metrics(tmp_path, monkeypatch):
-    """`engine.ranks = "all"`: rank 1's engine generates half of every rollout on the weights its
-    FSDP gathers wrote; colocated, each engine drops its weights at every release, so each must
-    have been rewritten whole before it could generate again."""
-    monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
-    one = _run(tmp_path / "one")
-    ranks = ["--nproc-per-node", "2", "--set", "train.backend=fsdp", "--set", "engine.ranks=all"]
-    every = _run(tmp_path / "every", *ranks)
-    colocated = _run(tmp_path / "colocated", *ranks, "--set", "engine.colocate=true")
-    assert not _ranks_alive()
-    assert sum("train/loss" in m for m in one) == 2
-    for a, b, c in zip(one, every, colocated, strict=True):
-        for key in ("train/loss", "train/grad_norm", "train/pg_loss", "train/entropy_loss"):
-            if key in a:
-                assert b[key] == pytest.approx(a[key], rel=1e-5), key
-                assert c[key] == b[key], key
-        assert b.get("rollout/raw_reward") == a.get("rollout/raw_reward") == c.get("rollout/raw_reward")
 
 
 def test_one_fsdp_rank_in_this_process_leaves_no_group_behind(tmp_path, monkeypatch):

@@ -83,11 +83,15 @@ def _path(folder: str):
 SPEED = dict(fsdp_reshard="step", pack_sequences=True, activation_checkpointing=True)
 
 
+def native_options(options: dict) -> dict:
+    """`options` without the FSDP-only ones: the native trainer to compare with."""
+    return {key: value for key, value in options.items() if key != "fsdp_reshard"}
+
+
 @pytest.mark.parametrize("share, options", [(True, {}), (False, {}), (True, SPEED)])
 def test_two_ranks_match_one_process(tmp_path, monkeypatch, share, options):
     monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
-    native_options = {k: v for k, v in options.items() if k != "fsdp_reshard"}
-    native = build_trainer(TrainConfig(share_prompt_prefix=share, **native_options, **TRAIN), ALGO, _model(),
+    native = build_trainer(TrainConfig(share_prompt_prefix=share, **native_options(options), **TRAIN), ALGO, _model(),
                            temperature=1.0, total_steps=4)
     expected, expected_weights = _train(native, share)
     out = run_ranks(2, lambda: _leader(share, str(tmp_path), options), _follower, (share, str(tmp_path), options))
@@ -113,8 +117,7 @@ def test_two_ranks_match_one_process(tmp_path, monkeypatch, share, options):
 ])
 def test_one_rank_without_a_launcher_matches_native(tmp_path, monkeypatch, options, rel):
     monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
-    native_options = {k: v for k, v in options.items() if k != "fsdp_reshard"}
-    native = build_trainer(TrainConfig(**native_options, **TRAIN), ALGO, _model(), temperature=1.0, total_steps=4)
+    native = build_trainer(TrainConfig(**native_options(options), **TRAIN), ALGO, _model(), temperature=1.0, total_steps=4)
     fsdp = build_trainer(TrainConfig(backend="fsdp", **options, **TRAIN), ALGO, _model(), temperature=1.0,
                          total_steps=4)
     try:

@@ -20,7 +20,7 @@ from miles_core.launch.local import run_ranks
 from miles_core.metrics import read_metrics
 from miles_core.train import build_trainer
 from miles_core.train.leader import follow, release_followers
-from tests.train.test_fsdp import ALGO, TRAIN
+from tests.train.test_fsdp import ALGO, TRAIN, native_options
 from tests.train.test_trainer_math import _grpo_batch
 
 pytestmark = pytest.mark.gpu
@@ -49,8 +49,7 @@ def _train(cfg: TrainConfig) -> tuple[dict, dict]:
 ])
 def test_one_rank_on_cuda_matches_native(tmp_path, monkeypatch, options, rel):
     monkeypatch.setenv("MILES_CACHE", str(tmp_path / "cache"))
-    expected, expected_weights = _train(TrainConfig(**{k: v for k, v in options.items() if k != "fsdp_reshard"},
-                                                    **TRAIN))
+    expected, expected_weights = _train(TrainConfig(**native_options(options), **TRAIN))
     try:
         got, weights = _train(TrainConfig(backend="fsdp", **options, **TRAIN))
     finally:
